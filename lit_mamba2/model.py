@@ -1,0 +1,412 @@
+"""Mamba-2 and hybrid Mamba-2/attention language models in plain PyTorch.
+
+Parameter names equal mamba_ssm's state dict (`backbone.layers.{i}.mixer.in_proj.weight`, ...), so a published
+state dict loads unchanged. The model knows nothing of ranks or devices: parallelism wraps it from outside, and
+every op's state goes in and out explicitly (`states`), which is what chunked prefill, decoding and context
+parallelism build on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_mamba2 import ops
+from lit_mamba2.config import Mamba2Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(self.weight.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """mamba_ssm's RMSNormGated: norm over groups of channels, gated by silu(z)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: Optional[int] = None, norm_before_gate: bool = False):
+        super().__init__()
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size or dim, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.impl: Optional[str] = None
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x, z=None):
+        return ops.gated_rmsnorm(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate, impl=self.impl)
+
+
+@dataclass
+class Mamba2State:
+    """A Mamba-2 layer's recurrent state: the last d_conv - 1 conv inputs and the SSM state."""
+
+    conv: torch.Tensor  # (batch, conv_dim, d_conv - 1)
+    ssm: torch.Tensor  # (batch, nheads, headdim, d_state), float32
+
+
+class Mamba2Mixer(nn.Module):
+    """in_proj -> [z, x, B, C, dt]; causal conv1d + SiLU over xBC; SSD; D skip; gated RMSNorm; out_proj."""
+
+    def __init__(self, config: Mamba2Config, layer_idx: int = 0):
+        super().__init__()
+        s = config.ssm
+        self.layer_idx = layer_idx
+        self.d_model, self.d_inner, self.d_ssm = config.d_model, config.d_inner, config.d_ssm
+        self.headdim, self.ngroups, self.d_state = s["headdim"], s["ngroups"], s["d_state"]
+        self.nheads = config.nheads
+        self.d_conv, self.chunk_size = s["d_conv"], s["chunk_size"]
+        self.dt_limit = tuple(s["dt_limit"])
+        self.cfg = s
+        self.d_mlp = self.d_inner - self.d_ssm  # channels that skip the SSM (d_ssm < d_inner)
+        self.conv_dim = self.d_ssm + 2 * self.ngroups * self.d_state
+        self.in_proj = nn.Linear(self.d_model, 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads,
+                                 bias=s["bias"])
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim,
+                                padding=self.d_conv - 1, bias=s["conv_bias"])
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.d_ssm if s["D_has_hdim"] else self.nheads))
+        self.norm = (GatedRMSNorm(self.d_ssm, config.norm_epsilon, self.d_ssm // self.ngroups, s["norm_before_gate"])
+                     if s["rmsnorm"] else None)
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=s["bias"])
+        self.impl: Optional[str] = None
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        s = self.cfg
+        self.in_proj.reset_parameters()
+        self.conv1d.reset_parameters()
+        if s["conv_init"] is not None:
+            nn.init.uniform_(self.conv1d.weight, -s["conv_init"], s["conv_init"])
+        self.out_proj.reset_parameters()
+        for lin in (self.in_proj, self.out_proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        # dt log-uniform in [dt_min, dt_max]; dt_bias is its inverse softplus so that softplus(dt_bias) = dt
+        log_lo, log_hi = math.log(s["dt_min"]), math.log(s["dt_max"])
+        dt = torch.exp(torch.rand(self.nheads, device=self.dt_bias.device) * (log_hi - log_lo) + log_lo)
+        dt = dt.clamp(min=s["dt_init_floor"])
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        lo, hi = s["A_init_range"]
+        self.A_log.copy_(torch.log(torch.empty(self.nheads, device=self.A_log.device).uniform_(lo, hi)))
+        nn.init.ones_(self.D)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+
+    def empty_state(self, batch: int, device=None, dtype=None) -> Mamba2State:
+        device = device or self.in_proj.weight.device
+        dtype = dtype or self.in_proj.weight.dtype
+        return Mamba2State(conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+                           ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
+                                           dtype=torch.float32))
+
+    def forward(self, u, seq_idx=None, state: Optional[Mamba2State] = None):
+        """u: (batch, seqlen, d_model). With `state`, it is the state before u, and is replaced by the state after."""
+        b, L, _ = u.shape
+        zxbcdt = self.in_proj(u)
+        z0, x0, z, xBC, dt = torch.split(
+            zxbcdt, [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        conv_out = ops.causal_conv1d(
+            xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx=seq_idx,
+            initial_states=None if state is None else state.conv, return_final_states=state is not None,
+            activation="silu", impl=self.impl)
+        if state is not None:
+            xBC, conv_state = conv_out
+        else:
+            xBC = conv_out
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
+        out = ops.ssd(
+            x.view(b, L, self.nheads, self.headdim), dt, A,
+            B.view(b, L, self.ngroups, self.d_state), C.view(b, L, self.ngroups, self.d_state),
+            self.chunk_size, D=D, z=None if self.norm is not None else z.view(b, L, self.nheads, self.headdim),
+            dt_bias=self.dt_bias, initial_states=None if state is None else state.ssm, seq_idx=seq_idx,
+            dt_softplus=True, dt_limit=self.dt_limit, return_final_states=state is not None, impl=self.impl)
+        if state is not None:
+            y, ssm_state = out
+            state.conv, state.ssm = conv_state.to(state.conv.dtype), ssm_state.float()
+        else:
+            y = out
+        y = y.reshape(b, L, self.d_ssm)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+
+@dataclass
+class KVCache:
+    """An attention layer's keys and values so far (and its conv state when the layer has a short conv)."""
+
+    k: torch.Tensor  # (batch, num_heads_kv, seqlen, head_dim)
+    v: torch.Tensor
+    conv: Optional[torch.Tensor] = None  # (batch, qkv_dim, d_conv - 1)
+
+
+def rotary_positions(seq_idx: Optional[torch.Tensor], b: int, L: int, device) -> torch.Tensor:
+    """Each position's offset inside its own document, so that packing never shifts a document's rotary phases."""
+    pos = torch.arange(L, device=device).expand(b, L)
+    if seq_idx is None:
+        return pos
+    starts = torch.ones(b, L, dtype=torch.bool, device=device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    start_pos = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    return pos - start_pos
+
+
+def apply_rotary(x, pos, dim: int, base: float):
+    """GPT-NeoX (non-interleaved) rotary embedding on the first `dim` channels. x: (b, L, heads, head_dim)."""
+    if dim == 0:
+        return x
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
+    angles = pos.to(torch.float32)[..., None] * inv_freq  # (b, L, dim/2)
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    if x.dtype == torch.float64:
+        angles64 = pos.to(torch.float64)[..., None] * inv_freq.double()
+        cos, sin = angles64.cos()[:, :, None, :], angles64.sin()[:, :, None, :]
+    x_rot, x_pass = x[..., :dim].to(cos.dtype), x[..., dim:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([rotated, x_pass], dim=-1)
+
+
+class Attention(nn.Module):
+    """mamba_ssm's MHA for hybrids: GQA, rotary on the first rotary_emb_dim channels, optional short causal conv
+    over qkv, optional gated MLP sharing in_proj/out_proj; computed with scaled_dot_product_attention."""
+
+    def __init__(self, config: Mamba2Config, layer_idx: int = 0):
+        super().__init__()
+        a = config.attn
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_heads_kv, self.head_dim = a["num_heads"], a["num_heads_kv"], a["head_dim"]
+        self.rotary_dim, self.rotary_base = a["rotary_emb_dim"], a["rotary_emb_base"]
+        self.softmax_scale, self.d_conv = a["softmax_scale"], a["d_conv"]
+        self.mlp_dim = math.ceil(a["mlp_dim"] / 256) * 256
+        self.qkv_dim = self.head_dim * (self.num_heads + 2 * self.num_heads_kv)
+        out_dim = self.head_dim * self.num_heads
+        self.in_proj = nn.Linear(config.d_model, self.qkv_dim + self.mlp_dim, bias=a["qkv_proj_bias"])
+        if self.d_conv > 0:
+            self.conv1d = nn.Conv1d(self.qkv_dim, self.qkv_dim, self.d_conv, padding=self.d_conv - 1,
+                                    groups=self.qkv_dim)
+        self.out_proj = nn.Linear(out_dim + self.mlp_dim // 2, config.d_model, bias=a["out_proj_bias"])
+        self.impl: Optional[str] = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for m in (self.in_proj, self.out_proj):
+            m.reset_parameters()
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        if self.d_conv > 0:
+            self.conv1d.reset_parameters()
+
+    def forward(self, x, seq_idx=None, state: Optional[KVCache] = None):
+        b, L, _ = x.shape
+        qkv = self.in_proj(x)
+        if self.mlp_dim > 0:
+            qkv, x_mlp = qkv.split([self.qkv_dim, self.mlp_dim], dim=-1)
+            up, gate = x_mlp.chunk(2, dim=-1)
+            x_mlp = up * F.silu(gate)
+        offset = 0 if state is None else state.k.shape[2]
+        if self.d_conv > 0:
+            conv_out = ops.causal_conv1d(
+                qkv, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx=seq_idx,
+                initial_states=None if state is None else state.conv, return_final_states=state is not None,
+                activation=None, impl=self.impl)
+            if state is not None:
+                qkv, state.conv = conv_out
+                state.conv = state.conv.to(qkv.dtype)
+            else:
+                qkv = conv_out
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
+                             self.num_heads_kv * self.head_dim], dim=-1)
+        q = q.view(b, L, self.num_heads, self.head_dim)
+        k = k.view(b, L, self.num_heads_kv, self.head_dim)
+        v = v.view(b, L, self.num_heads_kv, self.head_dim)
+        pos = rotary_positions(seq_idx, b, L, x.device) + offset
+        q = apply_rotary(q, pos, self.rotary_dim, self.rotary_base)
+        k = apply_rotary(k, pos, self.rotary_dim, self.rotary_base)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if state is not None:
+            k = torch.cat([state.k, k], dim=2)
+            v = torch.cat([state.v, v], dim=2)
+            state.k, state.v = k, v
+        mask, is_causal = None, True
+        if seq_idx is not None or offset > 0:
+            Lk = k.shape[2]
+            causal = torch.ones(L, Lk, dtype=torch.bool, device=x.device).tril(diagonal=Lk - L)
+            mask = causal[None, None]
+            if seq_idx is not None:
+                if offset > 0:
+                    raise NotImplementedError("seq_idx together with a non-empty KV cache is not supported")
+                mask = mask & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
+            is_causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and L > 1,
+                                             scale=self.softmax_scale,
+                                             enable_gqa=self.num_heads != self.num_heads_kv)
+        out = out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim)
+        if self.mlp_dim > 0:
+            out = torch.cat([out, x_mlp], dim=-1)
+        return self.out_proj(out)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d_model: int, d_intermediate: int, multiple_of: int = 128):
+        super().__init__()
+        hidden = (d_intermediate + multiple_of - 1) // multiple_of * multiple_of
+        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, d_model, bias=False)
+
+    def reset_parameters(self):
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def forward(self, x):
+        y, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(y * F.silu(gate))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: residual += mixer(norm(residual)); then, if present, the same with an MLP."""
+
+    def __init__(self, config: Mamba2Config, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, config.norm_epsilon)
+        self.mixer = (Attention(config, layer_idx) if layer_idx in config.attn_layer_idx
+                      else Mamba2Mixer(config, layer_idx))
+        if config.d_intermediate > 0:
+            self.norm2 = RMSNorm(config.d_model, config.norm_epsilon)
+            self.mlp = GatedMLP(config.d_model, config.d_intermediate)
+        else:
+            self.norm2 = self.mlp = None
+
+    def _add(self, hidden, residual):
+        residual = hidden if residual is None else residual + hidden
+        return residual.float() if self.residual_in_fp32 else residual
+
+    def forward(self, hidden, residual=None, seq_idx=None, state=None):
+        residual = self._add(hidden, residual)
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), seq_idx=seq_idx, state=state)
+        if self.mlp is not None:
+            residual = self._add(hidden, residual)
+            hidden = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
+        return hidden, residual
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_epsilon)
+
+    def forward(self, input_ids, seq_idx=None, states=None):
+        hidden, residual = self.embedding(input_ids), None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, seq_idx=seq_idx, state=None if states is None else states[i])
+        residual = hidden if residual is None else residual + hidden
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+
+class Mamba2LMHeadModel(nn.Module):
+    """A causal language model: embedding, n_layer blocks, final norm, LM head (tied to the embedding by default)."""
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        if not isinstance(config, Mamba2Config):
+            raise TypeError(f"Mamba2LMHeadModel takes a Mamba2Config, got {type(config).__name__}")
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """mamba_ssm's initialisation: embedding N(0, 0.02); out_proj and fc2 rescaled by 1/sqrt(n_residuals · n_layer)."""
+        cfg = self.config
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters") and not isinstance(module, nn.Linear):
+                if isinstance(module, (Mamba2Mixer, Attention, GatedMLP, RMSNorm, GatedRMSNorm, nn.Embedding)):
+                    module.reset_parameters()
+        nn.init.normal_(self.backbone.embedding.weight, std=cfg.initializer_range)
+        if not cfg.tie_embeddings:
+            self.lm_head.reset_parameters()
+        n_residuals = 1 if cfg.d_intermediate == 0 else 2
+        for name, p in self.named_parameters():
+            if name.endswith("out_proj.weight") or name.endswith("fc2.weight"):
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                p /= math.sqrt(n_residuals * cfg.n_layer)
+
+    def set_impl(self, impl: Optional[str]) -> "Mamba2LMHeadModel":
+        """Force the ops' implementation ("torch", "triton") for every layer; None picks by device."""
+        if impl not in ops.IMPLS:
+            raise ValueError(f"impl must be one of {ops.IMPLS}, got {impl!r}")
+        for m in self.modules():
+            if hasattr(m, "impl"):
+                m.impl = impl
+        return self
+
+    def allocate_states(self, batch: int, device=None, dtype=None) -> list:
+        """An empty recurrent state per layer (Mamba2State, or an empty KVCache for attention layers)."""
+        device = device or self.lm_head.weight.device
+        dtype = dtype or self.lm_head.weight.dtype
+        states = []
+        for layer in self.backbone.layers:
+            m = layer.mixer
+            if isinstance(m, Mamba2Mixer):
+                states.append(m.empty_state(batch, device, dtype))
+            else:
+                empty = torch.zeros(batch, m.num_heads_kv, 0, m.head_dim, device=device, dtype=dtype)
+                conv = (torch.zeros(batch, m.qkv_dim, m.d_conv - 1, device=device, dtype=dtype)
+                        if m.d_conv > 0 else None)
+                states.append(KVCache(empty, empty.clone(), conv))
+        return states
+
+    def forward(self, input_ids, seq_idx=None, states=None):
+        """input_ids: (batch, seqlen) int64; seq_idx: optional int32 (batch, seqlen) document ids.
+        Returns logits (batch, seqlen, padded_vocab_size). With `states` (from allocate_states), they carry the
+        recurrent state in and out, for prefill and decoding."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (batch, seqlen) tensor, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        if seq_idx is not None and seq_idx.shape != input_ids.shape:
+            raise ValueError(f"seq_idx shape {tuple(seq_idx.shape)} must equal input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        hidden = self.backbone(input_ids, seq_idx=seq_idx, states=states)
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+
+    def loss(self, input_ids, labels, seq_idx=None, ignore_index: int = -100, reduction: str = "mean"):
+        """Cross-entropy of the logits at each position against labels at the same position (labels are the
+        already-shifted next tokens; ignore_index marks positions that do not count). The one loss entry point."""
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        logits = self(input_ids, seq_idx=seq_idx)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,
+                               reduction=reduction)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

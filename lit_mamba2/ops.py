@@ -1,0 +1,145 @@
+"""The public ops: argument checks where input first enters, then the one place that picks an implementation.
+
+impl=None picks the Triton kernels for CUDA tensors and the PyTorch reference otherwise; impl="triton" forces the
+kernels (on CPU they need TRITON_INTERPRET=1), impl="torch" forces the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from lit_mamba2 import reference
+
+INF = math.inf
+IMPLS = (None, "torch", "triton")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_tensor(name, t, shape, dtypes=_FLOATS, op="ssd"):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    _check(t.dim() == len(shape) and all(s is None or s == ts for s, ts in zip(shape, t.shape)),
+           f"{op}: {name} must have shape ({', '.join('*' if s is None else str(s) for s in shape)}), "
+           f"got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype in {[str(d).split('.')[-1] for d in dtypes]}, got {t.dtype}")
+
+
+def _choose(impl, *tensors, op):
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if impl is None:
+        impl = "triton" if next(iter(devices)).type == "cuda" and triton_available() else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: impl='triton' needs the triton package (pip install 'lit-mamba2[triton]')")
+        if next(iter(devices)).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"{op}: impl='triton' on {next(iter(devices))} tensors needs TRITON_INTERPRET=1 "
+                               "set before triton is imported")
+    return impl
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+        dt_softplus=False, dt_limit=(0.0, INF), return_final_states=False, *, impl=None):
+    """Structured state space duality (Mamba-2's SSM), in `mamba_chunk_scan_combined`'s argument order and layouts.
+
+    x, z: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A: (nheads,) (negative for decay);
+    B, C: (batch, seqlen, ngroups, dstate); D: (nheads,) or (nheads, headdim); dt_bias: (nheads,);
+    initial_states and the final states: (batch, nheads, headdim, dstate), float32 (float64 for float64 inputs);
+    seq_idx: int32 (batch, seqlen), non-decreasing along each row; the state resets where it changes.
+    Returns y like x, and the final states when return_final_states.
+    """
+    _check_tensor("x", x, (None, None, None, None))
+    b, L, h, p = x.shape
+    _check(L > 0 and b > 0, f"ssd: x must have batch and seqlen > 0, got {tuple(x.shape)}")
+    _check_tensor("dt", dt, (b, L, h))
+    _check_tensor("A", A, (h,))
+    _check_tensor("B", B, (b, L, None, None))
+    g, n = B.shape[2], B.shape[3]
+    _check(h % g == 0, f"ssd: nheads ({h}) must be divisible by ngroups ({g}, B's dim 2)")
+    _check_tensor("C", C, (b, L, g, n))
+    _check(isinstance(chunk_size, int) and chunk_size > 0, f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
+    if D is not None:
+        _check_tensor("D", D, (h,) if D.dim() == 1 else (h, p))
+    if z is not None:
+        _check_tensor("z", z, (b, L, h, p))
+    if dt_bias is not None:
+        _check_tensor("dt_bias", dt_bias, (h,))
+    if initial_states is not None:
+        _check_tensor("initial_states", initial_states, (b, h, p, n))
+    if seq_idx is not None:
+        _check_tensor("seq_idx", seq_idx, (b, L), dtypes=(torch.int32,))
+        if not torch.compiler.is_compiling() and seq_idx.device.type == "cpu" and L > 1:
+            _check(bool((seq_idx[:, 1:] >= seq_idx[:, :-1]).all()), "ssd: seq_idx must be non-decreasing along each row")
+    _check(len(dt_limit) == 2 and 0.0 <= dt_limit[0] < dt_limit[1],
+           f"ssd: dt_limit must be (low, high) with 0 <= low < high, got {dt_limit}")
+    impl = _choose(impl, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, op="ssd")
+    args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, tuple(dt_limit),
+            return_final_states)
+    if impl == "triton":
+        from lit_mamba2.kernels import ssd as ssd_kernels
+
+        return ssd_kernels.ssd(*args)
+    return reference.ssd_chunked(*args)
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                  activation="silu", *, impl=None):
+    """Depthwise causal conv1d. x: (batch, seqlen, dim); weight: (dim, width); states: (batch, dim, width - 1)."""
+    op = "causal_conv1d"
+    _check_tensor("x", x, (None, None, None), op=op)
+    b, L, d = x.shape
+    _check_tensor("weight", weight, (d, None), op=op)
+    w = weight.shape[1]
+    _check(w >= 1, f"{op}: weight width must be >= 1")
+    if bias is not None:
+        _check_tensor("bias", bias, (d,), op=op)
+    if seq_idx is not None:
+        _check_tensor("seq_idx", seq_idx, (b, L), dtypes=(torch.int32,), op=op)
+    if initial_states is not None:
+        _check_tensor("initial_states", initial_states, (b, d, w - 1), op=op)
+    _check(activation in (None, "silu"), f"{op}: activation must be 'silu' or None, got {activation!r}")
+    impl = _choose(impl, x, weight, bias, seq_idx, initial_states, op=op)
+    args = (x, weight, bias, seq_idx, initial_states, return_final_states, activation)
+    if impl == "triton":
+        from lit_mamba2.kernels import conv1d
+
+        return conv1d.causal_conv1d(*args)
+    return reference.causal_conv1d(*args)
+
+
+def gated_rmsnorm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=False, *, impl=None):
+    """RMSNorm over groups of channels, gated by silu(z). x, z: (..., dim); weight: (dim,)."""
+    op = "gated_rmsnorm"
+    _check(isinstance(x, torch.Tensor) and x.dim() >= 1, f"{op}: x must be a tensor with a last dimension")
+    d = x.shape[-1]
+    _check_tensor("weight", weight, (d,), op=op)
+    if z is not None:
+        _check(z.shape == x.shape, f"{op}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
+    gs = d if group_size is None else group_size
+    _check(gs > 0 and d % gs == 0, f"{op}: dim {d} is not divisible by group_size {gs}")
+    impl = _choose(impl, x, z, weight, op=op)
+    if impl == "triton":
+        from lit_mamba2.kernels import rmsnorm_gated
+
+        return rmsnorm_gated.gated_rmsnorm(x, z, weight, eps, gs, norm_before_gate)
+    return reference.gated_rmsnorm(x, z, weight, eps, gs, norm_before_gate)
