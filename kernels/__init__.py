@@ -1,0 +1,1 @@
+"""Triton kernels (installed as lit_mamba2.kernels)."""

@@ -1,0 +1,1 @@
+"""Lightning training: the LightningModule, DataModules, tokenizers and callbacks."""
