@@ -459,6 +459,18 @@ def _check_inputs(x, chunk_size):
         raise ValueError(f"lit_mamba2.kernels.ssd: headdim must be at most 128, got {x.shape[3]}")
 
 
+STATS: dict = {}  # kernel name -> (registers, spills, shared bytes), filled when LIT_MAMBA2_KERNEL_STATS=1
+
+
+def _launch(kernel, grid, *args, **kw):
+    handle = kernel[grid](*args, **kw)
+    if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1" and handle is not None and not _INTERPRET:
+        key = (kernel.fn.__name__, kw.get("BN"), kw.get("CS"))
+        STATS.setdefault(key, (getattr(handle, "n_regs", None), getattr(handle, "n_spills", None),
+                               getattr(handle.metadata, "shared", None) if hasattr(handle, "metadata") else None))
+    return handle
+
+
 def _c(t):
     return None if t is None else t.contiguous()
 
@@ -491,7 +503,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     BP1, BN1 = _state_blocks(P, N)
     npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     dummy = x
-    _fwd_state_kernel[(npb * nnb, b * H)](
+    _launch(_fwd_state_kernel, (npb * nnb, b * H),
         x, dt, A, B, dt_bias if dt_bias is not None else dummy, initial_states if initial_states is not None else dummy,
         seq_idx if seq_idx is not None else dummy, dtp, cum, states, final,
         L, H, G, P, N, NC, nnb, float(dt_lo), float(min(dt_hi, 3.0e38)),
@@ -501,7 +513,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
     BM = min(cs, 64)
     BP, BN = _pow2(P), _pow2(N)
-    _fwd_out_kernel[(NC * (cs // BM), b * H)](
+    _launch(_fwd_out_kernel, (NC * (cs // BM), b * H),
         x, B, C, D if D is not None else dummy, z if z is not None else dummy, seq_idx if seq_idx is not None else dummy,
         dtp, cum, states, out, ypre if z is not None else dummy,
         L, H, G, P, N, NC,
@@ -557,7 +569,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dstates = torch.empty_like(states)
     dinit = torch.empty(b, H, P, N, device=dev, dtype=f32)
     dcl = torch.empty(b, H, NC, npb * nnb, device=dev, dtype=f32)
-    _bwd_state_kernel[(npb * nnb, b * H)](
+    _launch(_bwd_state_kernel, (npb * nnb, b * H),
         dy, C, seq_idx if seq_idx is not None else dummy, cum, states, dfinal if dfinal is not None else dummy,
         dstates, dinit, dcl, L, H, G, P, N, NC, nnb,
         CS=cs, BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
@@ -572,7 +584,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dcum_a = torch.empty(b, H, Lp, device=dev, dtype=f32)
     vbuf = torch.empty(b, H, Lp, device=dev, dtype=f32)
     dD_part = torch.empty(b, NC * NM, H, P, device=dev, dtype=f32) if D is not None else x.new_empty(0)
-    _bwd_dx_kernel[(NC * NM, b * G)](
+    _launch(_bwd_dx_kernel, (NC * NM, b * G),
         x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dstates,
         dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy,
         L, H, G, P, N, NC,
@@ -581,7 +593,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     # 3. dC, t-side of d cum
     dC = torch.empty_like(C)
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
-    _bwd_dc_kernel[(NC * NM, b * G)](
+    _launch(_bwd_dc_kernel, (NC * NM, b * G),
         x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dC, dcum_b,
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN))
@@ -589,7 +601,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(b, NC, H, device=dev, dtype=f32)
     dbias_part = torch.empty(b, NC, H, device=dev, dtype=f32) if dt_bias is not None else x.new_empty(0)
-    _bwd_dt_kernel[(NC, b * H)](
+    _launch(_bwd_dt_kernel, (NC, b * H),
         dt, dt_bias if dt_bias is not None else dummy, A, dtp, ddt_direct, dcum_a, dcum_b, vbuf, dcl,
         ddt, dA_part, dbias_part if dt_bias is not None else dummy,
         L, H, NC, npb * nnb, float(dt_lo), float(min(dt_hi, 3.0e38)),
