@@ -77,11 +77,24 @@ def _doc(seq_ptr, b, t, L):
 # Forward
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dtb_ptr, init_ptr, seq_ptr,
-                      dtp_ptr, cum_ptr, states_ptr, final_ptr,
-                      L, H, G, P, N, NC, NNB, lo, hi,
-                      CS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+def _dt_kernel(dt_ptr, A_ptr, dtb_ptr, dtp_ptr, cum_ptr, L, H, NC, lo, hi,
+               CS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """Processed dt and its in-chunk cumsum (times A), per (batch, head, chunk), for every later kernel to read."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    hh = pid_bh % H
+    t = c * CS + tl.arange(0, CS)
+    dt = _load_dt(dt_ptr, dtb_ptr, b, t, hh, L, H, lo, hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+    cum = tl.cumsum(dt * tl.load(A_ptr + hh).to(tl.float32), 0)
+    tl.store(dtp_ptr + (b * H + hh) * NC * CS + t, dt)
+    tl.store(cum_ptr + (b * H + hh) * NC * CS + t, cum)
+
+
+@triton.jit
+def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr,
+                      L, H, G, P, N, NC, NNB,
+                      CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                       HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -91,40 +104,37 @@ def _fwd_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dtb_ptr, init_ptr, seq_ptr,
     Lp = NC * CS
     offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
     offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
-    mpn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
     pn = offs_p[:, None] * N + offs_n[None, :]
-    idx = tl.arange(0, CS)
-    A = tl.load(A_ptr + hh).to(tl.float32)
     if HAS_INIT:
         state = tl.load(init_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BP, BN), dtype=tl.float32)
     if HAS_SEQ:
         state_doc = tl.load(seq_ptr + b * L)
-    write_dt = (idx * 0 + pid_pn) == 0  # one program per (batch, head) writes dt and cum
     for c in range(NC):
-        t = c * CS + idx
-        valid = t < L
-        dt = _load_dt(dt_ptr, dtb_ptr, b, t, hh, L, H, lo, hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
-        cum = tl.cumsum(dt * A, 0)
-        tl.store(dtp_ptr + (b * H + hh) * Lp + t, dt, mask=write_dt)
-        tl.store(cum_ptr + (b * H + hh) * Lp + t, cum, mask=write_dt)
-        cum_last = tl.sum(tl.where(idx == CS - 1, cum, 0.0), 0)
-        w = tl.exp(cum_last - cum) * dt
+        cum_last = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1)
         decay = tl.exp(cum_last)
         if HAS_SEQ:
-            doc = _doc(seq_ptr, b, t, L)
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
-            w = tl.where(doc == doc_last, w, 0.0)
             decay = tl.where(doc_last == state_doc, decay, 0.0)
             state_doc = doc_last
         tl.store(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, state.to(states_ptr.dtype.element_ty), mask=mpn)
-        x = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                    mask=valid[:, None] & (offs_p[None, :] < P), other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                     mask=valid[:, None] & (offs_n[None, :] < N), other=0.0).to(DT)
-        xw = (x * w[:, None]).to(DT)
-        state = state * decay + tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
+        state = state * decay
+        for k in tl.static_range(CS // BK):
+            t = c * CS + k * BK + tl.arange(0, BK)
+            valid = t < L
+            w = tl.exp(cum_last - tl.load(cum_ptr + (b * H + hh) * Lp + t)) * tl.load(dtp_ptr + (b * H + hh) * Lp + t)
+            if HAS_SEQ:
+                w = tl.where(_doc(seq_ptr, b, t, L) == doc_last, w, 0.0)
+            x = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                        mask=valid[:, None] & mp[None, :], other=0.0)
+            Bt = tl.load(B_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                         mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
+            xw = (x * w[:, None]).to(DT)
+            state += tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
     tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
 
 
@@ -196,7 +206,7 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
 @triton.jit
 def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dcl_ptr,
                       L, H, G, P, N, NC, NNB,
-                      CS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                      CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                       HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -207,35 +217,37 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
     Lp = NC * CS
     offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
     offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
-    mpn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
     pn = offs_p[:, None] * N + offs_n[None, :]
-    idx = tl.arange(0, CS)
     if HAS_DFINAL:
         gst = tl.load(dfinal_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     else:
         gst = tl.zeros((BP, BN), dtype=tl.float32)
     for ci in range(NC):
         c = NC - 1 - ci
-        t = c * CS + idx
-        valid = t < L
         # gst: gradient of the state leaving chunk c
         tl.store(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, gst.to(dstates_ptr.dtype.element_ty), mask=mpn)
-        cum = tl.load(cum_ptr + (b * H + hh) * Lp + t)
-        cum_last = tl.sum(tl.where(idx == CS - 1, cum, 0.0), 0)
-        e = tl.exp(cum)
-        decay = tl.exp(cum_last)
+        decay = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1))
         if HAS_SEQ:
             hdoc = tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
-            e = tl.where(_doc(seq_ptr, b, t, L) == hdoc, e, 0.0)
             decay = tl.where(doc_last == hdoc, decay, 0.0)
         h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
         tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(tl.sum(gst * h_in, 1), 0))
-        dy = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                     mask=valid[:, None] & (offs_p[None, :] < P), other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                     mask=valid[:, None] & (offs_n[None, :] < N), other=0.0).to(DT)
-        gst = gst * decay + tl.dot(tl.trans((dy * e[:, None]).to(DT)), Ct, input_precision=DOT_PREC)
+        gst = gst * decay
+        for k in tl.static_range(CS // BK):
+            t = c * CS + k * BK + tl.arange(0, BK)
+            valid = t < L
+            e = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t))
+            if HAS_SEQ:
+                e = tl.where(_doc(seq_ptr, b, t, L) == hdoc, e, 0.0)
+            dy = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                         mask=valid[:, None] & mp[None, :], other=0.0)
+            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                         mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
+            gst += tl.dot(tl.trans((dy * e[:, None]).to(DT)), Ct, input_precision=DOT_PREC)
     tl.store(dinit_ptr + (b * H + hh) * P * N + pn, gst, mask=mpn)
 
 
@@ -426,10 +438,24 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
 # ---------------------------------------------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------------------------------------------
-def _state_blocks(P: int, N: int):
-    """Blocks of the sequential state kernels: small enough that batch × heads × blocks fills the GPU."""
+# Launch settings, fixed (no autotuning: it is slow under the interpreter and in CI). benchmarks/bench_ssd.py --sweep
+# overrides them to compare variants in one run.
+CONFIG = dict(
+    state_bk=64,  # positions per tl.dot inside the sequential state kernels
+    state_bn=64,  # dstate block of the sequential state kernels
+    state_min_programs=264,  # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this
+    out_bm=64, out_warps=None,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
+    bwd_bm=64, bwd_warps=None,  # backward dx/dB and dC kernels
+    stages=2,
+)
+
+
+def _state_blocks(b: int, H: int, P: int, N: int):
+    """Blocks of the sequential state kernels: smaller headdim blocks when batch × heads alone leaves SMs idle."""
+    BN = min(_pow2(N), CONFIG["state_bn"])
     BP = min(_pow2(P), 64)
-    BN = min(_pow2(N), 64)
+    while BP > 16 and b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN) < CONFIG["state_min_programs"]:
+        BP //= 2
     return BP, BN
 
 
@@ -445,8 +471,19 @@ def _dot_dtype(dtype):
     return tl.float16 if dtype == torch.float16 else tl.float32
 
 
-def _warps(BN: int) -> int:
-    return 4 if _INTERPRET else (8 if BN >= 128 else 4)
+def _warps(BN: int, key: str) -> int:
+    if _INTERPRET:
+        return 4
+    return CONFIG[key] or (8 if BN >= 128 else 4)
+
+
+def _bm(cs: int, key: str, BP: int, BN: int) -> int:
+    # very large (headdim, dstate) tiles need shorter position blocks to fit shared memory
+    return min(cs, CONFIG[key], 32 if BP * BN >= 128 * 256 else 128)
+
+
+def _stages(BP: int, BN: int) -> int:
+    return 1 if BP * BN >= 128 * 256 else CONFIG["stages"]
 
 
 def _check_inputs(x, chunk_size):
@@ -500,25 +537,29 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     has_limit = (dt_lo, dt_hi) != (0.0, INF)
     prec = _dot_prec(x.dtype)
     ddt_ = _dot_dtype(x.dtype)
-    BP1, BN1 = _state_blocks(P, N)
-    npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     dummy = x
+    _launch(_dt_kernel, (NC, b * H), dt, A, dt_bias if dt_bias is not None else dummy, dtp, cum,
+            L, H, NC, float(dt_lo), float(min(dt_hi, 3.0e38)),
+            CS=cs, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
+    BP1, BN1 = _state_blocks(b, H, P, N)
+    npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     _launch(_fwd_state_kernel, (npb * nnb, b * H),
-        x, dt, A, B, dt_bias if dt_bias is not None else dummy, initial_states if initial_states is not None else dummy,
-        seq_idx if seq_idx is not None else dummy, dtp, cum, states, final,
-        L, H, G, P, N, NC, nnb, float(dt_lo), float(min(dt_hi, 3.0e38)),
-        CS=cs, BP=BP1, BN=BN1, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
-        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4)
+            x, B, initial_states if initial_states is not None else dummy, seq_idx if seq_idx is not None else dummy,
+            dtp, cum, states, final, L, H, G, P, N, NC, nnb,
+            CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_INIT=initial_states is not None,
+            HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=CONFIG["stages"])
     out = torch.empty_like(x)
     ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
-    BM = min(cs, 64)
     BP, BN = _pow2(P), _pow2(N)
+    BM = _bm(cs, "out_bm", BP, BN)
     _launch(_fwd_out_kernel, (NC * (cs // BM), b * H),
         x, B, C, D if D is not None else dummy, z if z is not None else dummy, seq_idx if seq_idx is not None else dummy,
         dtp, cum, states, out, ypre if z is not None else dummy,
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN))
+        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
+        num_warps=_warps(BN, "out_warps"),
+        num_stages=_stages(BP, BN))
     return out, final, states, dtp, cum, ypre
 
 
@@ -564,7 +605,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dy = dout
     dummy = x
     # 1. reverse state pass
-    BP1, BN1 = _state_blocks(P, N)
+    BP1, BN1 = _state_blocks(b, H, P, N)
     npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     dstates = torch.empty_like(states)
     dinit = torch.empty(b, H, P, N, device=dev, dtype=f32)
@@ -572,12 +613,12 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     _launch(_bwd_state_kernel, (npb * nnb, b * H),
         dy, C, seq_idx if seq_idx is not None else dummy, cum, states, dfinal if dfinal is not None else dummy,
         dstates, dinit, dcl, L, H, G, P, N, NC, nnb,
-        CS=cs, BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
-        num_warps=4)
+        CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
+        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=CONFIG["stages"])
     # 2. dx, dB, s-side of d cum
-    BM = min(cs, 64)
-    NM = cs // BM
     BP, BN = _pow2(P), _pow2(N)
+    BM = _bm(cs, "bwd_bm", BP, BN)
+    NM = cs // BM
     dx = torch.empty_like(x)
     dB = torch.empty_like(B)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
@@ -589,14 +630,17 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy,
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN))
+        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
+        num_stages=_stages(BP, BN))
     # 3. dC, t-side of d cum
     dC = torch.empty_like(C)
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
     _launch(_bwd_dc_kernel, (NC * NM, b * G),
         x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dC, dcum_b,
         L, H, G, P, N, NC,
-        CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN))
+        CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
+        num_warps=_warps(BN, "bwd_warps"),
+        num_stages=_stages(BP, BN))
     # 4. d cum -> d dt, dA, d dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(b, NC, H, device=dev, dtype=f32)
