@@ -92,6 +92,31 @@ def _dt_kernel(dt_ptr, A_ptr, dtb_ptr, dtp_ptr, cum_ptr, L, H, NC, lo, hi,
 
 
 @triton.jit
+def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
+               CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """C_t·B_s for every (t, s) block of every chunk, once per group (float32): the heads of a group share it."""
+    c = tl.program_id(0)
+    pid_ij = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    NM: tl.constexpr = CS // BM
+    i = pid_ij // NM
+    j = pid_ij % NM
+    t = c * CS + i * BM + tl.arange(0, BM)
+    s = c * CS + j * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    mn = offs_n < N
+    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=(t[:, None] < L) & mn[None, :], other=0.0).to(DT)
+    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=(s[:, None] < L) & mn[None, :], other=0.0).to(DT)
+    cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    tl.store(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
+             + (j * BM + tl.arange(0, BM))[None, :], cb)
+
+
+@triton.jit
 def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr,
                       L, H, G, P, N, NC, NNB,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -139,15 +164,15 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
 
 
 @triton.jit
-def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, out_ptr, ypre_ptr,
-                    L, H, G, P, N, NC,
+def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
+                    ypre_ptr, L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    hh = pid_bh % H
+                    USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    # heads vary fastest across programs, so the heads of a group read B, C (and C·B) from L2, not DRAM
+    hh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     g = hh // (H // G)
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
@@ -172,13 +197,17 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
     for j in range(0, mblk + 1):
         s = c * CS + j * BM + tl.arange(0, BM)
         ms = s < L
-        B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+        if USE_CB:
+            cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
+                         + (j * BM + tl.arange(0, BM))[None, :])
+        else:
+            B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                          mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+            cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
         x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
                       mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
         dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
         cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
-        cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
         mask = t[:, None] >= s[None, :]
         if HAS_SEQ:
             mask &= doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :]
@@ -252,11 +281,12 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
 
 
 @triton.jit
-def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr,
+def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr,
                    dx_ptr, dB_ptr, ddt_ptr, dcum_ptr, v_ptr, dD_ptr,
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                   HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
+                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     NPM = tl.num_programs(0)
@@ -311,7 +341,12 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
             if HAS_SEQ:
                 maskT &= _doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None]
             LT = tl.exp(tl.where(maskT, cum_t[None, :] - cum_s[:, None], -float("inf")))
-            pT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC) * LT  # (s, t): (C_t·B_s) L_ts
+            if USE_CB:
+                cbT = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[None, :] * CS
+                              + (sblk * BM + tl.arange(0, BM))[:, None])
+            else:
+                cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
+            pT = cbT * LT  # (s, t): (C_t·B_s) L_ts
             dxT = tl.dot(xdt_c, tl.trans(dy_t), input_precision=DOT_PREC)  # (s, t): dy_t·x_s dt_s
             acc_dx += tl.dot(pT.to(DT), dy_t, input_precision=DOT_PREC)
             acc_dB += tl.dot((dxT * LT).to(DT), C_t, input_precision=DOT_PREC)
@@ -333,10 +368,10 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
 
 
 @triton.jit
-def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, dC_ptr, dcum_ptr,
+def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, dC_ptr, dcum_ptr,
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                   HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
@@ -385,7 +420,11 @@ def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
             if HAS_SEQ:
                 mask &= doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :]
             Lm = tl.exp(tl.where(mask, cum_t[:, None] - cum_s[None, :], -float("inf")))
-            cb = tl.dot(C_tc, tl.trans(B_s), input_precision=DOT_PREC)
+            if USE_CB:
+                cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
+                             + (j * BM + tl.arange(0, BM))[None, :])
+            else:
+                cb = tl.dot(C_tc, tl.trans(B_s), input_precision=DOT_PREC)
             q = tl.dot(dy_t, tl.trans((x_s * dt_s[:, None]).to(DT)), input_precision=DOT_PREC) * Lm
             acc_dC += tl.dot(q.to(DT), B_s, input_precision=DOT_PREC)
             dcum += tl.sum(cb * q, 1)
@@ -447,7 +486,19 @@ CONFIG = dict(
     out_bm=64, out_warps=None,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
     bwd_bm=64, bwd_warps=None,  # backward dx/dB and dC kernels
     stages=2,
+    cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it
 )
+
+
+def _cb(B, C, cs, NC, prec, ddt_):
+    """(b, NC, G, cs, cs) float32 C·B per chunk, or None when too few heads share it to pay for the memory."""
+    b, L, G, N = B.shape
+    BN = _pow2(N)
+    BM = min(cs, 64 if BN <= 128 else 32)
+    cb = torch.empty(b, NC, G, cs, cs, device=B.device, dtype=torch.float32)
+    _launch(_cb_kernel, (NC, (cs // BM) ** 2, b * G), B, C, cb, L, G, N, NC,
+            CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, num_warps=4)
+    return cb
 
 
 def _state_blocks(b: int, H: int, P: int, N: int):
@@ -552,12 +603,14 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "out_bm", BP, BN)
-    _launch(_fwd_out_kernel, (NC * (cs // BM), b * H),
+    use_cb = H // G >= CONFIG["cb_min_heads_per_group"]
+    cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else None
+    _launch(_fwd_out_kernel, (H, NC * (cs // BM), b),
         x, B, C, D if D is not None else dummy, z if z is not None else dummy, seq_idx if seq_idx is not None else dummy,
-        dtp, cum, states, out, ypre if z is not None else dummy,
+        dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy,
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
+        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
         num_warps=_warps(BN, "out_warps"),
         num_stages=_stages(BP, BN))
     return out, final, states, dtp, cum, ypre
@@ -619,6 +672,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "bwd_bm", BP, BN)
     NM = cs // BM
+    use_cb = H // G >= CONFIG["cb_min_heads_per_group"]
+    cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
     dx = torch.empty_like(x)
     dB = torch.empty_like(B)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
@@ -626,19 +681,19 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     vbuf = torch.empty(b, H, Lp, device=dev, dtype=f32)
     dD_part = torch.empty(b, NC * NM, H, P, device=dev, dtype=f32) if D is not None else x.new_empty(0)
     _launch(_bwd_dx_kernel, (NC * NM, b * G),
-        x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dstates,
+        x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dstates, cb,
         dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy,
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
+        HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
         num_stages=_stages(BP, BN))
     # 3. dC, t-side of d cum
     dC = torch.empty_like(C)
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
     _launch(_bwd_dc_kernel, (NC * NM, b * G),
-        x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dC, dcum_b,
+        x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, cb, dC, dcum_b,
         L, H, G, P, N, NC,
-        CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
+        CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
         num_warps=_warps(BN, "bwd_warps"),
         num_stages=_stages(BP, BN))
     # 4. d cum -> d dt, dA, d dt_bias
