@@ -106,13 +106,18 @@ def bench(args):
     print(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     rows = []
     h, p, g, cs = args.nheads, args.headdim, 1, args.chunk_size
+    from lit_mamba2.kernels import ssd as kernels
+
+    base = dict(kernels.CONFIG)
     for n in args.dstate:
+        kernels.CONFIG.clear()
+        kernels.CONFIG.update(base, **BEST.get(n, {}))
         for L in args.seqlens:
             b = TOKENS // L
             inp = make_inputs(b, L, h, p, g, n)
             gy = torch.randn_like(inp["x"])
             leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
-            row = dict(dstate=n, seqlen=L, batch=b)
+            row = dict(dstate=n, seqlen=L, batch=b, config=BEST.get(n, {}))
 
             def call(fn, t):
                 return fn(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, D=t["D"], dt_bias=t["dt_bias"],
@@ -174,6 +179,8 @@ def bench(args):
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             del inp, leaves, gy
             torch.cuda.empty_cache()
+    kernels.CONFIG.clear()
+    kernels.CONFIG.update(base)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 copy_TBps=bw / 1e12, matmul_TFLOPs=mm / 1e12, nheads=h, headdim=p, ngroups=g, chunk_size=cs,
                 tokens=TOKENS)
@@ -190,17 +197,15 @@ def bench(args):
 
 SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of lit_mamba2.kernels.ssd.CONFIG)
     {},
-    {"cb_min_heads_per_group": 10 ** 9},
-    {"bwd_bm": 32},
     {"bwd_warps": 4},
-    {"bwd_warps": 8},
-    {"out_bm": 128, "out_warps": 8},
     {"out_warps": 4},
-    {"stages": 3},
     {"stages": 1},
-    {"state_bn": 128},
-    {"state_min_programs": 10 ** 9},
+    {"bwd_split_db": False},
+    {"cb_min_heads_per_group": 10 ** 9},
+    {"bwd_warps": 4, "out_warps": 4, "stages": 1},
+    {"bwd_warps": 8, "out_warps": 4, "stages": 1},
 ]
+BEST = {}  # dstate -> the sweep's fastest variant (by forward+backward), applied by bench() when --sweep ran
 
 
 def sweep(args):
@@ -223,6 +228,7 @@ def sweep(args):
             def fb():
                 torch.autograd.grad(f(leaves), list(leaves.values()), gy)
 
+            best = None
             for var in SWEEP:
                 kernels.CONFIG.clear()
                 kernels.CONFIG.update(base, **var)
@@ -232,10 +238,14 @@ def sweep(args):
                     tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, return_mode="median")
                     print(f"sweep dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms",
                           flush=True)
+                    if best is None or tfb < best[0]:
+                        best = (tfb, var)
                 except Exception as e:  # noqa: BLE001
                     print(f"sweep dstate {n} seqlen {L} {var}: failed {e!r}"[:300], flush=True)
+            BEST[n] = best[1] if best else {}
+            print(f"sweep dstate {n}: best {BEST[n] or 'default'}")
             kernels.CONFIG.clear()
-            kernels.CONFIG.update(base)
+            kernels.CONFIG.update(base, **BEST[n])
             from torch.profiler import ProfilerActivity, profile
 
             fb()
@@ -245,8 +255,10 @@ def sweep(args):
                     fb()
                 torch.cuda.synchronize()
             print(f"profile dstate {n} seqlen {L} (5 x fwd+bwd), per-call ms:")
-            for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:14]:
+            for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]:
                 print(f"  {ev.key[:60]:60s} {ev.device_time_total / 5e3:8.3f} ms  x{ev.count // 5}")
+            kernels.CONFIG.clear()
+            kernels.CONFIG.update(base)
             del inp, leaves, gy
             torch.cuda.empty_cache()
 

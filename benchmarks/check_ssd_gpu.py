@@ -126,12 +126,13 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--mamba-src", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-mamba", action="store_true", help="skip mamba_ssm's errors (saves its autotuning)")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     global DEVICE
     if args.dry_run_cpu:
         DEVICE = "cpu"
-    mamba = load_mamba(args.mamba_src)
+    mamba = None if args.no_mamba else load_mamba(args.mamba_src)
     if DEVICE == "cuda":
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     results = []

@@ -68,6 +68,21 @@ def _load_dt(dt_ptr, dtb_ptr, b, t, hh, L, H, lo, hi,
 
 
 @triton.jit
+def _decay_tile(row, col, cum_a, cum_b, causal, diag, span):
+    """exp(cum_t - cum_s) over a (rows, cols) tile, 0 where not causal, as a row factor times a column factor
+    taken about a reference position between the blocks (both factors <= 1 off the diagonal block): two exps per
+    row/column instead of one per element. On the diagonal block one factor can grow up to exp(span), so a block
+    that decays by more than e^60 takes the exp of differences instead (cum_a - cum_b, one per element)."""
+    d = row[:, None] * col[None, :]
+    if diag:
+        if span > 60.0:
+            d = tl.exp(tl.where(causal, cum_a - cum_b, -float("inf")))
+        else:
+            d = tl.where(causal, d, 0.0)
+    return d
+
+
+@triton.jit
 def _doc(seq_ptr, b, t, L):
     # padding positions belong to the row's last document
     return tl.load(seq_ptr + b * L + tl.minimum(t, L - 1))
@@ -194,6 +209,9 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
         doc_t = _doc(seq_ptr, b, t, L)
         e = tl.where(doc_t == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0)), e, 0.0)
     acc = tl.dot((C_t * e[:, None]).to(DT), tl.trans(h_in), input_precision=DOT_PREC)
+    cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM)  # reference: the block's first position
+    span = cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM + BM - 1)
+    row = tl.exp(cum_t - cum_r)
     for j in range(0, mblk + 1):
         s = c * CS + j * BM + tl.arange(0, BM)
         ms = s < L
@@ -208,10 +226,10 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
                       mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
         dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
         cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
-        mask = t[:, None] >= s[None, :]
+        decay = _decay_tile(row, tl.exp(cum_r - cum_s), cum_t[:, None], cum_s[None, :], t[:, None] >= s[None, :],
+                            j == mblk, span)
         if HAS_SEQ:
-            mask &= doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :]
-        decay = tl.exp(tl.where(mask, cum_t[:, None] - cum_s[None, :], -float("inf")))
+            decay = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], decay, 0.0)
         acc += tl.dot((cb * decay * dt_s[None, :]).to(DT), x_s, input_precision=DOT_PREC)
     xo = ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :]
     mo = mt[:, None] & mp[None, :]
@@ -286,13 +304,25 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
-                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   DO_DX: tl.constexpr, DO_DB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """Source-side gradients for one block of positions s. DO_DX: one program per head (dx, ddt's direct part,
+    the s-side of d cum, dD partials). DO_DB: one program per group, looping over its heads, so dB sums the heads
+    in registers in a fixed order. Both in one program (DO_DX and DO_DB) shares the (s, t) products but needs
+    more registers than the GPU has at dstate >= 64, hence two launches there."""
     pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    pid_b = tl.program_id(1)
     NPM = tl.num_programs(0)
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
     HPG = H // G
+    if DO_DB:
+        b = (pid_b // G).to(tl.int64)
+        g = pid_b % G
+        h_lo = g * HPG
+        h_hi = h_lo + HPG
+    else:
+        b = (pid_b // H).to(tl.int64)
+        h_lo = pid_b % H
+        h_hi = h_lo + 1
+        g = h_lo // HPG
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
     c = pid_m // NM
@@ -303,14 +333,15 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     offs_n = tl.arange(0, BN)
     mp = offs_p < P
     mn = offs_n < N
-    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+    if DO_DX:
+        B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                      mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
     if HAS_SEQ:
         doc_s = _doc(seq_ptr, b, s, L)
         in_last = doc_s == tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
-    acc_dB = tl.zeros((BM, BN), dtype=tl.float32)
-    for hi in range(HPG):
-        hh = g * HPG + hi
+    if DO_DB:
+        acc_dB = tl.zeros((BM, BN), dtype=tl.float32)
+    for hh in range(h_lo, h_hi):
         dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
         cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
         cum_last = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1)
@@ -325,46 +356,57 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
                      mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
         # the chunk state's gradient reaches x, B and cum through w_s dt_s x_s B_s^T
-        acc_dx = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC) * w[:, None]
-        acc_dB += tl.dot((xdt * w[:, None]).to(DT), gs, input_precision=DOT_PREC)
-        v = tl.sum(xdt * acc_dx, 1)
-        dcum = -v
+        if DO_DX:
+            acc_dx = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC) * w[:, None]
+            v = tl.sum(xdt * acc_dx, 1)
+            dcum = -v
+        if DO_DB:
+            acc_dB += tl.dot((xdt * w[:, None]).to(DT), gs, input_precision=DOT_PREC)
+        cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + sblk * BM + BM - 1)  # the s-block's last position
+        span = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + sblk * BM) - cum_r
+        col = tl.exp(cum_r - cum_s)
         for i in range(sblk, NM):
             t = c * CS + i * BM + tl.arange(0, BM)
             mt = t < L
-            C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                          mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
             dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
                            mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
             cum_t = tl.load(cum_ptr + (b * H + hh) * Lp + t)
-            maskT = t[None, :] >= s[:, None]
+            LT = _decay_tile(col, tl.exp(cum_t - cum_r), cum_t[None, :], cum_s[:, None], t[None, :] >= s[:, None],
+                             i == sblk, span)
             if HAS_SEQ:
-                maskT &= _doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None]
-            LT = tl.exp(tl.where(maskT, cum_t[None, :] - cum_s[:, None], -float("inf")))
-            if USE_CB:
-                cbT = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[None, :] * CS
-                              + (sblk * BM + tl.arange(0, BM))[:, None])
-            else:
-                cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
-            pT = cbT * LT  # (s, t): (C_t·B_s) L_ts
+                LT = tl.where(_doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None], LT, 0.0)
             dxT = tl.dot(xdt_c, tl.trans(dy_t), input_precision=DOT_PREC)  # (s, t): dy_t·x_s dt_s
-            acc_dx += tl.dot(pT.to(DT), dy_t, input_precision=DOT_PREC)
-            acc_dB += tl.dot((dxT * LT).to(DT), C_t, input_precision=DOT_PREC)
-            dcum -= tl.sum(pT * dxT, 1)
-        dx = acc_dx * dt_s[:, None]
-        if HAS_D:
-            dy_s = tl.load(dy_ptr + xo, mask=mo, other=0.0).to(tl.float32)
-            if D_PER_P:
-                dx += dy_s * tl.load(D_ptr + hh * P + offs_p, mask=mp, other=0.0).to(tl.float32)[None, :]
-            else:
-                dx += dy_s * tl.load(D_ptr + hh).to(tl.float32)
-            tl.store(dD_ptr + ((b * NPM + pid_m) * H + hh) * P + offs_p, tl.sum(dy_s * x_s, 0), mask=mp)
-        tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mo)
-        tl.store(ddt_ptr + (b * H + hh) * Lp + s, tl.sum(x_s * acc_dx, 1))
-        tl.store(dcum_ptr + (b * H + hh) * Lp + s, dcum)
-        tl.store(v_ptr + (b * H + hh) * Lp + s, v)
-    tl.store(dB_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :], acc_dB.to(dB_ptr.dtype.element_ty),
-             mask=ms[:, None] & mn[None, :])
+            if DO_DB or not USE_CB:
+                C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                              mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
+            if DO_DB:
+                acc_dB += tl.dot((dxT * LT).to(DT), C_t, input_precision=DOT_PREC)
+            if DO_DX:
+                if USE_CB:  # a coalesced (t, s) load, transposed in registers
+                    cbT = tl.trans(tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS
+                                           + (i * BM + tl.arange(0, BM))[:, None] * CS
+                                           + (sblk * BM + tl.arange(0, BM))[None, :]))
+                else:
+                    cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
+                pT = cbT * LT  # (s, t): (C_t·B_s) L_ts
+                acc_dx += tl.dot(pT.to(DT), dy_t, input_precision=DOT_PREC)
+                dcum -= tl.sum(pT * dxT, 1)
+        if DO_DX:
+            dx = acc_dx * dt_s[:, None]
+            if HAS_D:
+                dy_s = tl.load(dy_ptr + xo, mask=mo, other=0.0).to(tl.float32)
+                if D_PER_P:
+                    dx += dy_s * tl.load(D_ptr + hh * P + offs_p, mask=mp, other=0.0).to(tl.float32)[None, :]
+                else:
+                    dx += dy_s * tl.load(D_ptr + hh).to(tl.float32)
+                tl.store(dD_ptr + ((b * NPM + pid_m) * H + hh) * P + offs_p, tl.sum(dy_s * x_s, 0), mask=mp)
+            tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mo)
+            tl.store(ddt_ptr + (b * H + hh) * Lp + s, tl.sum(x_s * acc_dx, 1))
+            tl.store(dcum_ptr + (b * H + hh) * Lp + s, dcum)
+            tl.store(v_ptr + (b * H + hh) * Lp + s, v)
+    if DO_DB:
+        tl.store(dB_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :], acc_dB.to(dB_ptr.dtype.element_ty),
+                 mask=ms[:, None] & mn[None, :])
 
 
 @triton.jit
@@ -407,6 +449,9 @@ def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
         tmp = tl.dot(dy_t, h_in, input_precision=DOT_PREC) * e[:, None]
         dcum = tl.sum(C_t * tmp, 1)
         acc_dC += tmp
+        cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM)
+        span = cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM + BM - 1)
+        row = tl.exp(cum_t - cum_r)
         for j in range(0, mblk + 1):
             s = c * CS + j * BM + tl.arange(0, BM)
             ms = s < L
@@ -416,10 +461,10 @@ def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                           mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
             dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
             cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
-            mask = t[:, None] >= s[None, :]
+            Lm = _decay_tile(row, tl.exp(cum_r - cum_s), cum_t[:, None], cum_s[None, :], t[:, None] >= s[None, :],
+                             j == mblk, span)
             if HAS_SEQ:
-                mask &= doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :]
-            Lm = tl.exp(tl.where(mask, cum_t[:, None] - cum_s[None, :], -float("inf")))
+                Lm = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], Lm, 0.0)
             if USE_CB:
                 cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
                              + (j * BM + tl.arange(0, BM))[None, :])
@@ -486,7 +531,8 @@ CONFIG = dict(
     out_bm=64, out_warps=None,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
     bwd_bm=64, bwd_warps=None,  # backward dx/dB and dC kernels
     stages=2,
-    cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it
+    cb_min_heads_per_group=4,
+    bwd_split_db=True,  # dx per head and dB per group in two launches (fewer registers) instead of one  # precompute C·B once per group when at least this many heads share it
 )
 
 
@@ -553,7 +599,7 @@ STATS: dict = {}  # kernel name -> (registers, spills, shared bytes), filled whe
 def _launch(kernel, grid, *args, **kw):
     handle = kernel[grid](*args, **kw)
     if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1" and handle is not None and not _INTERPRET:
-        key = (kernel.fn.__name__, kw.get("BN"), kw.get("CS"))
+        key = (kernel.fn.__name__, kw.get("BN"), kw.get("CS"), kw.get("DO_DB"))
         STATS.setdefault(key, (getattr(handle, "n_regs", None), getattr(handle, "n_spills", None),
                                getattr(handle.metadata, "shared", None) if hasattr(handle, "metadata") else None))
     return handle
@@ -680,13 +726,16 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dcum_a = torch.empty(b, H, Lp, device=dev, dtype=f32)
     vbuf = torch.empty(b, H, Lp, device=dev, dtype=f32)
     dD_part = torch.empty(b, NC * NM, H, P, device=dev, dtype=f32) if D is not None else x.new_empty(0)
-    _launch(_bwd_dx_kernel, (NC * NM, b * G),
-        x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dstates, cb,
-        dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy,
-        L, H, G, P, N, NC,
-        CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
-        num_stages=_stages(BP, BN))
+    dx_args = (x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
+               dstates, cb, dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC)
+    dx_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
+                 num_stages=_stages(BP, BN))
+    if CONFIG["bwd_split_db"]:
+        _launch(_bwd_dx_kernel, (NC * NM, b * H), *dx_args, DO_DX=True, DO_DB=False, **dx_kw)
+        _launch(_bwd_dx_kernel, (NC * NM, b * G), *dx_args, DO_DX=False, DO_DB=True, **dx_kw)
+    else:
+        _launch(_bwd_dx_kernel, (NC * NM, b * G), *dx_args, DO_DX=True, DO_DB=True, **dx_kw)
     # 3. dC, t-side of d cum
     dC = torch.empty_like(C)
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)

@@ -215,8 +215,10 @@ def test_fake_impl_matches_real_shapes():
         assert r.shape == f.shape and r.dtype == f.dtype
 
 
-@pytest.mark.parametrize("cb_share", [1, 10**9])
-def test_precomputed_and_recomputed_cb_paths(monkeypatch, cb_share):
-    # C·B is precomputed once per group when enough heads share it, else recomputed per head: both must be right
+@pytest.mark.parametrize("cb_share,split", [(1, True), (10**9, True), (1, False), (10**9, False)])
+def test_precomputed_and_recomputed_cb_paths(monkeypatch, cb_share, split):
+    # C·B is precomputed once per group when enough heads share it, else recomputed per head; dx and dB come from
+    # one launch or two: every combination must be right
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_split_db", split)
     _check(32, (2, 75, 4, 16, 2, 16), torch.float32, docs=2)
