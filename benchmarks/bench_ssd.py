@@ -282,6 +282,31 @@ def print_table(meta, rows):
               f"{r(g('ours_fb'), g('mamba_fb'))} {r(g('floor_fb'), g('ours_fb'))}")
 
 
+def markdown(meta, rows):
+    """The BENCHMARKS.md table: times in ms (median), ratios ours / peer (< 1 is faster), floor / ours."""
+    def f(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    def r(a, b):
+        return "–" if a is None or b is None else f"{a / b:.2f}"
+
+    out = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}; measured ceilings: copy "
+           f"{meta['copy_TBps']:.2f} TB/s, bf16 matmul {meta['matmul_TFLOPs']:.0f} TFLOP/s. "
+           f"{meta['tokens']} tokens per call (batch = {meta['tokens']} / seqlen), {meta['nheads']} heads, headdim "
+           f"{meta['headdim']}, ngroups {meta['ngroups']}, chunk {meta['chunk_size']}, bf16, D per head, dt_bias + "
+           "softplus, no z.", "",
+           "| dstate | seqlen | ours fwd | mamba_ssm fwd | fla fwd | SDPA fwd | ours/mamba | ours/fla | floor/ours "
+           "| ours f+b | mamba_ssm f+b | SDPA f+b | ours/mamba | floor/ours |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for w in rows:
+        g = w.get
+        out.append(f"| {w['dstate']} | {w['seqlen']} | {f(g('ours_fwd'))} | {f(g('mamba_fwd'))} | {f(g('fla_fwd'))} | "
+                   f"{f(g('sdpa_fwd'))} | {r(g('ours_fwd'), g('mamba_fwd'))} | {r(g('ours_fwd'), g('fla_fwd'))} | "
+                   f"{r(g('floor_fwd'), g('ours_fwd'))} | {f(g('ours_fb'))} | {f(g('mamba_fb'))} | {f(g('sdpa_fb'))} | "
+                   f"{r(g('ours_fb'), g('mamba_fb'))} | {r(g('floor_fb'), g('ours_fb'))} |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dstate", type=int, nargs="+", default=[64, 128])
@@ -297,7 +322,12 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="compare launch variants of our kernels, then profile")
     ap.add_argument("--sweep-seqlens", type=int, nargs="+", default=[4096])
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--to-markdown", metavar="JSON", help="print a saved run (--out) as the BENCHMARKS.md table")
     args = ap.parse_args()
+    if args.to_markdown:
+        saved = json.loads(Path(args.to_markdown).read_text())
+        print(markdown(saved["meta"], saved["rows"]))
+        return
     if args.sweep:
         sweep(args)
     if not args.no_bench:
