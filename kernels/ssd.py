@@ -6,21 +6,27 @@ across chunks a (headdim, dstate) state is carried. With cum_t the in-chunk cumu
     y_t = Σ_{s≤t, same doc} (C_t·B_s) exp(cum_t - cum_s) dt_s x_s  +  e_t h_in C_t  +  D x_t ,  e_t = exp(cum_t)·reach_t
     h_out = h_in · exp(cum_last)·carry + Σ_s w_s dt_s x_s B_s^T ,  w_s = exp(cum_last - cum_s)·in_last_s
 
-Forward, two launches:
-  1. `_fwd_state_kernel`: one program per (batch, head, headdim block, dstate block) walks the chunks in order:
-     processes dt (bias, softplus, clamp), the in-chunk cumsum, the chunk's state contribution (one tl.dot) and the
-     state passing, so chunk states never go through memory; it stores the state entering each chunk (x's dtype,
-     the operand of the next kernel's dot) and the final state (fp32).
-  2. `_fwd_out_kernel`: one program per (batch, head, block of BM positions) computes the quadratic part over the
-     causal blocks only (no (cs, cs) tensor in memory), adds the entering state's term, D and the z gate.
-Backward, four launches, all deterministic (no atomics; cross-program sums go through buffers summed in fixed order):
-  1. `_bwd_state_kernel`: the reverse state pass (gradient of each chunk's exiting state, of the initial state, and
-     the decay's share of d cum_last).
-  2. `_bwd_dx_kernel`: per (batch, group, block of source positions s), looping over the group's heads: dx, the
-     direct part of ddt, the s-side of d cum, dD partials, and dB summed over the heads of the group in registers.
-  3. `_bwd_dc_kernel`: per (batch, group, block of target positions t), looping over heads: dC and the t-side of d cum.
+Forward (`ssd_fwd`):
+  1. `_dt_kernel`: dt + dt_bias, softplus, clamp, and the in-chunk cumsum of dt·A, per (batch, head, chunk).
+  2. `_fwd_state_kernel`: one program per (batch, head, headdim block, dstate block) walks the chunks in order:
+     each chunk's state contribution (tl.dot over blocks of 64 positions) and the state passing in one pass, so
+     chunk states never go through memory; it stores the state entering each chunk (x's dtype: it is a dot
+     operand next) and the final state (fp32). Headdim blocks shrink when batch × heads alone cannot fill the GPU.
+  3. `_cb_kernel` (dstate >= 128 and >= 4 heads per group): C·B^T per chunk once per group, fp32.
+  4. `_fwd_out_kernel`: one program per (head, block of 64 positions, batch), heads fastest so a group's heads
+     share B and C in L2: the quadratic part over the causal blocks only (no (cs, cs) tensor per head in memory),
+     the entering state's term, D and the z gate.
+Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through buffers reduced in fixed order):
+  1. `_bwd_state_kernel`: the reverse state pass: gradient of each chunk's exiting state, of the initial state,
+     and the decay's share of d cum_last.
+  2. `_bwd_dx_kernel` twice: per (head, source block s): dx, the direct part of ddt, the s-side of d cum, dD
+     partials; per (group, source block s), looping over the group's heads: dB summed over heads in registers.
+  3. `_bwd_dc_kernel`: per (group, target block t), looping over heads: dC and the t-side of d cum.
   4. `_bwd_dt_kernel`: per (batch, head, chunk): reverse in-chunk cumsum of d cum, then the chain through clamp,
      softplus and bias to d dt, with dA and d dt_bias partials.
+The decay exp(cum_t - cum_s) inside a tile is a row factor times a column factor about a position between the two
+blocks (`_decay_tile`), two exps per row and column instead of one per element; the exponentials, not the
+tensor cores, bound these kernels (notes/ssd_kernels.md).
 """
 
 import math
@@ -528,11 +534,12 @@ CONFIG = dict(
     state_bk=64,  # positions per tl.dot inside the sequential state kernels
     state_bn=64,  # dstate block of the sequential state kernels
     state_min_programs=264,  # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this
-    out_bm=64, out_warps=None,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
-    bwd_bm=64, bwd_warps=None,  # backward dx/dB and dC kernels
-    stages=2,
-    cb_min_heads_per_group=4,
-    bwd_split_db=True,  # dx per head and dB per group in two launches (fewer registers) instead of one  # precompute C·B once per group when at least this many heads share it
+    out_bm=64, out_warps=4,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
+    bwd_bm=64, bwd_warps=4,  # backward dx, dB and dC kernels
+    stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
+    cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
+    cb_min_dstate=128,  # ...and dstate is large enough that recomputing it per head costs more than loading it
+    bwd_split_db=True,  # dx per head and dB per group in two launches (fewer registers) instead of one
 )
 
 
@@ -580,7 +587,13 @@ def _bm(cs: int, key: str, BP: int, BN: int) -> int:
 
 
 def _stages(BP: int, BN: int) -> int:
-    return 1 if BP * BN >= 128 * 256 else CONFIG["stages"]
+    if BP * BN >= 128 * 256:
+        return 1
+    return CONFIG["stages"] or (1 if BN >= 128 else 2)
+
+
+def _use_cb(H: int, G: int, N: int) -> bool:
+    return H // G >= CONFIG["cb_min_heads_per_group"] and N >= CONFIG["cb_min_dstate"]
 
 
 def _check_inputs(x, chunk_size):
@@ -644,12 +657,12 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
             x, B, initial_states if initial_states is not None else dummy, seq_idx if seq_idx is not None else dummy,
             dtp, cum, states, final, L, H, G, P, N, NC, nnb,
             CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_INIT=initial_states is not None,
-            HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=CONFIG["stages"])
+            HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=_stages(BP1, _pow2(N)))
     out = torch.empty_like(x)
     ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "out_bm", BP, BN)
-    use_cb = H // G >= CONFIG["cb_min_heads_per_group"]
+    use_cb = _use_cb(H, G, N)
     cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else None
     _launch(_fwd_out_kernel, (H, NC * (cs // BM), b),
         x, B, C, D if D is not None else dummy, z if z is not None else dummy, seq_idx if seq_idx is not None else dummy,
@@ -713,12 +726,12 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dy, C, seq_idx if seq_idx is not None else dummy, cum, states, dfinal if dfinal is not None else dummy,
         dstates, dinit, dcl, L, H, G, P, N, NC, nnb,
         CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
-        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=CONFIG["stages"])
+        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=_stages(BP1, _pow2(N)))
     # 2. dx, dB, s-side of d cum
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "bwd_bm", BP, BN)
     NM = cs // BM
-    use_cb = H // G >= CONFIG["cb_min_heads_per_group"]
+    use_cb = _use_cb(H, G, N)
     cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
     dx = torch.empty_like(x)
     dB = torch.empty_like(B)

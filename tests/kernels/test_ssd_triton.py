@@ -220,5 +220,6 @@ def test_precomputed_and_recomputed_cb_paths(monkeypatch, cb_share, split):
     # C·B is precomputed once per group when enough heads share it, else recomputed per head; dx and dB come from
     # one launch or two: every combination must be right
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_split_db", split)
     _check(32, (2, 75, 4, 16, 2, 16), torch.float32, docs=2)
