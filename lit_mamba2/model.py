@@ -410,3 +410,17 @@ class Mamba2LMHeadModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, revision=None, dtype=None, device=None,
+                        tokenizer=None) -> "Mamba2LMHeadModel":
+        """A mamba_ssm- or transformers-format folder, a Hub repo id, or a training .ckpt (see checkpoints.py)."""
+        from lit_mamba2.checkpoints import from_pretrained
+
+        return from_pretrained(name_or_path, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer)
+
+    def save_pretrained(self, folder, format: str = "hf", tokenizer=None):
+        """Write a folder that transformers ("hf") or mamba_ssm ("mamba_ssm") loads as it is."""
+        from lit_mamba2.checkpoints import save_pretrained
+
+        return save_pretrained(self, folder, format=format, tokenizer=tokenizer)
