@@ -143,3 +143,35 @@ def conv_step(x, conv_state, weight, bias=None, activation="silu", out=None):
         WIDTH=w, HAS_BIAS=bias is not None, SILU=activation == "silu", BLOCK_C=BLOCK_C, num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _add_rmsnorm_kernel(h_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, dim, eps, h_b, r_b, ro_b, o_b,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    m = offs < dim
+    x = tl.load(h_ptr + b * h_b + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(r_ptr + b * r_b + offs, mask=m, other=0.0).to(tl.float32)
+    x = x.to(r_out_ptr.dtype.element_ty)
+    tl.store(r_out_ptr + b * ro_b + offs, x, mask=m)
+    # the block normalises the residual as rounded to the weight's dtype (as Block.forward does)
+    x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * o_b + offs, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def add_rmsnorm(hidden, residual, weight, eps, residual_dtype):
+    """A pre-norm block's entry for one token per row: residual' = residual + hidden (or hidden when residual is
+    None) kept in residual_dtype, and RMSNorm(residual') in weight's dtype. hidden: (batch, dim).
+    Returns (normed, residual')."""
+    b, d = hidden.shape
+    r_out = torch.empty(b, d, device=hidden.device, dtype=residual_dtype)
+    out = torch.empty(b, d, device=hidden.device, dtype=weight.dtype)
+    r = residual if residual is not None else hidden
+    _add_rmsnorm_kernel[(b,)](hidden, r, weight, r_out, out, d, float(eps), hidden.stride(0), r.stride(0),
+                              r_out.stride(0), out.stride(0), HAS_RESIDUAL=residual is not None,
+                              BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 2048 else 8)
+    return out, r_out

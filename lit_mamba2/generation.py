@@ -71,12 +71,17 @@ class Decoder:
     when `cuda_graph` (default: on CUDA). `compile=True` also runs the step through torch.compile."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
-                 compile: bool = False):
+                 compile: bool = False, state_dtype: torch.dtype = torch.float32):
         self.model = model
         weight = model.lm_head.weight
         device = weight.device
         self.batch_size, self.max_len = batch_size, max_len
         self.states = model.allocate_states(batch_size, device=device)
+        # state_dtype: the SSM states' storage (the kernel computes in float32 either way). bfloat16 halves the
+        # bytes a step moves at large batch, as mamba_ssm does for bf16 models, at some accuracy over long outputs.
+        for st in self.states:
+            if isinstance(st, Mamba2State):
+                st.ssm = st.ssm.to(state_dtype)
         for st, layer in zip(self.states, model.backbone.layers):
             if isinstance(st, KVCache):
                 m = layer.mixer
@@ -152,7 +157,7 @@ class Decoder:
 def stream(model: Mamba2LMHeadModel, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
            generator: Optional[torch.Generator] = None, pad_id: int = 0, cuda_graph: Optional[bool] = None,
-           decoder: Optional[Decoder] = None) -> Iterator[torch.Tensor]:
+           decoder: Optional[Decoder] = None, state_dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
     """Yields each new token (batch,) as it is sampled. prompts: (batch, L) ids, or a list of prompts of any
     lengths (left-padded here). Rows that produced a stop token yield pad_id afterwards; generation ends when every
     row has stopped or after max_new_tokens."""
@@ -160,14 +165,15 @@ def stream(model: Mamba2LMHeadModel, prompts: Prompts, max_new_tokens: int, temp
     ids, seq_idx, lengths, pads = pad_prompts(prompts, device, pad_id)
     b, L = ids.shape
     if decoder is None:
-        decoder = Decoder(model, b, L + max_new_tokens, cuda_graph)
+        decoder = Decoder(model, b, L + max_new_tokens, cuda_graph, state_dtype=state_dtype)
     logits = decoder.prefill(ids, seq_idx, lengths, pads)
     vocab = model.config.vocab_size
     stops = torch.tensor(list(stop_tokens), device=device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
         token = sample_next(logits[:, :vocab], temperature, top_k, top_p, generator)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
+        if len(stops):
+            token = torch.where(done, torch.full_like(token, pad_id), token)
         yield token
         if len(stops):
             done |= torch.isin(token, stops)

@@ -426,12 +426,22 @@ class Block(nn.Module):
             hidden = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
         return hidden, residual
 
-    def step(self, hidden, residual, state, pos=None):
+    def _add_norm(self, hidden, residual, norm):
+        """residual += hidden; norm(residual): one fused kernel when decoding on CUDA."""
+        if _step_on_triton(hidden, self.mixer.impl):
+            from lit_mamba2.kernels.state_update import add_rmsnorm
+
+            dtype = torch.float32 if self.residual_in_fp32 else hidden.dtype
+            return add_rmsnorm(hidden, residual, norm.weight, norm.eps, dtype)
         residual = self._add(hidden, residual)
-        hidden = self.mixer.step(self.norm(residual.to(self.norm.weight.dtype)), state, pos)
+        return norm(residual.to(norm.weight.dtype)), residual
+
+    def step(self, hidden, residual, state, pos=None):
+        normed, residual = self._add_norm(hidden, residual, self.norm)
+        hidden = self.mixer.step(normed, state, pos)
         if self.mlp is not None:
-            residual = self._add(hidden, residual)
-            hidden = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
+            normed, residual = self._add_norm(hidden, residual, self.norm2)
+            hidden = self.mlp(normed)
         return hidden, residual
 
 
@@ -453,8 +463,7 @@ class Backbone(nn.Module):
         hidden, residual = self.embedding(input_ids), None
         for layer, state in zip(self.layers, states):
             hidden, residual = layer.step(hidden, residual, state, pos)
-        residual = hidden if residual is None else residual + hidden
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+        return self.layers[-1]._add_norm(hidden, residual, self.norm_f)[0]
 
 
 class Mamba2LMHeadModel(nn.Module):

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from lit_mamba2 import reference  # noqa: E402
-from lit_mamba2.kernels.state_update import conv_step, state_update  # noqa: E402
+from lit_mamba2.kernels.state_update import add_rmsnorm, conv_step, state_update  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -117,3 +117,21 @@ def test_model_decode_step_through_kernels_equals_pytorch_step(preset):
     model.set_impl(None)
     for a, b in zip(outs["torch"], outs["triton"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_residual,residual_dtype,dtype", [(True, torch.float32, torch.bfloat16),
+                                                                (False, torch.float32, torch.float32),
+                                                                (True, torch.bfloat16, torch.bfloat16)])
+def test_add_rmsnorm_equals_residual_add_then_rmsnorm(with_residual, residual_dtype, dtype):
+    g = torch.Generator().manual_seed(4)
+    b, d = 3, 200
+    hidden = torch.randn(b, d, generator=g).to(dtype)
+    residual = torch.randn(b, d, generator=g).to(residual_dtype) if with_residual else None
+    w = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    out, r = add_rmsnorm(hidden.to(DEVICE), None if residual is None else residual.to(DEVICE), w.to(DEVICE), 1e-5,
+                         residual_dtype)
+    r_ref = hidden.double() + (residual.double() if residual is not None else 0)
+    assert r.dtype == residual_dtype and rel(r.cpu(), r_ref) < (1e-6 if residual_dtype == torch.float32 else 1e-2)
+    x = r_ref.to(residual_dtype).to(dtype).double()  # the block normalises the residual in the weight's dtype
+    ref = reference.rmsnorm(x, w.double(), 1e-5)
+    assert out.dtype == dtype and rel(out.cpu(), ref) < (1e-6 if dtype == torch.float32 else 1e-2)
