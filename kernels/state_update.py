@@ -175,3 +175,119 @@ def add_rmsnorm(hidden, residual, weight, eps, residual_dtype):
                               r_out.stride(0), out.stride(0), HAS_RESIDUAL=residual is not None,
                               BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 2048 else 8)
     return out, r_out
+
+
+@triton.jit
+def _mixer_step_kernel(
+    state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
+    nheads, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
+    s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p,
+    WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // nheads
+    h = pid_bh % nheads
+    g = h // heads_per_group
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    slot = tl.load(slot_ptr)  # the ring slot of this token's input; the older inputs sit in the slots before it
+
+    # Causal conv (+ SiLU) of this head's x channels and its group's B and C channels. The ring holds WIDTH
+    # inputs; this token's overwrites the oldest, which no program reads any more, so programs that share B and C
+    # (every head of a group) never race: each reads only the other slots.
+    cx = h * headdim + offs_p
+    cB = d_ssm + g * dstate + offs_n
+    cC = d_ssm + ngroups * dstate + g * dstate + offs_n
+    x_new = tl.load(xbc_ptr + b * xbc_b + cx * xbc_c, mask=mask_p, other=0.0)
+    B_new = tl.load(xbc_ptr + b * xbc_b + cB * xbc_c, mask=mask_n, other=0.0)
+    C_new = tl.load(xbc_ptr + b * xbc_b + cC * xbc_c, mask=mask_n, other=0.0)
+    x = x_new.to(tl.float32) * tl.load(cw_ptr + cx * cw_c + (WIDTH - 1) * cw_w, mask=mask_p, other=0.0).to(tl.float32)
+    Bv = B_new.to(tl.float32) * tl.load(cw_ptr + cB * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = C_new.to(tl.float32) * tl.load(cw_ptr + cC * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+    ring = ring_ptr + b * r_b
+    for k in tl.static_range(WIDTH - 1):
+        s = (slot + (k + 1)) % WIDTH  # oldest first: slot+1 is the oldest kept input
+        x += tl.load(ring + cx * r_c + s * r_w, mask=mask_p, other=0.0).to(tl.float32) * \
+            tl.load(cw_ptr + cx * cw_c + k * cw_w, mask=mask_p, other=0.0).to(tl.float32)
+        Bv += tl.load(ring + cB * r_c + s * r_w, mask=mask_n, other=0.0).to(tl.float32) * \
+            tl.load(cw_ptr + cB * cw_c + k * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+        Cv += tl.load(ring + cC * r_c + s * r_w, mask=mask_n, other=0.0).to(tl.float32) * \
+            tl.load(cw_ptr + cC * cw_c + k * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_CONV_BIAS:
+        x += tl.load(cb_ptr + cx, mask=mask_p, other=0.0).to(tl.float32)
+        Bv += tl.load(cb_ptr + cB, mask=mask_n, other=0.0).to(tl.float32)
+        Cv += tl.load(cb_ptr + cC, mask=mask_n, other=0.0).to(tl.float32)
+    x = x * tl.sigmoid(x)
+    Bv = Bv * tl.sigmoid(Bv)
+    Cv = Cv * tl.sigmoid(Cv)
+    # the conv output is rounded to the activations' dtype, as the unfused path stores it
+    x = x.to(x_new.dtype).to(tl.float32)
+    Bv = tl.where(mask_n, Bv.to(B_new.dtype).to(tl.float32), 0.0)
+    Cv = tl.where(mask_n, Cv.to(C_new.dtype).to(tl.float32), 0.0)
+    slot_slot = slot % WIDTH
+    tl.store(ring + cx * r_c + slot_slot * r_w, x_new.to(ring_ptr.dtype.element_ty), mask=mask_p)
+    if (h % heads_per_group == 0) and (pid_p == 0):  # one program per group writes B and C
+        tl.store(ring + cB * r_c + slot_slot * r_w, B_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(ring + cC * r_c + slot_slot * r_w, C_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
+
+    # the SSM state update, as in _state_update_kernel
+    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dtb_ptr + h).to(tl.float32)
+    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    decay = tl.exp(-tl.exp(tl.load(A_log_ptr + h).to(tl.float32)) * dt)
+    s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
+    mask = mask_p[:, None] & mask_n[None, :]
+    st = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+    st = st * decay + (x * dt)[:, None] * Bv[None, :]
+    tl.store(s_ptrs, st.to(state_ptr.dtype.element_ty), mask=mask)
+    y = tl.sum(st * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
+
+
+def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=None, z=None, dt_bias=None,
+               dt_limit=(0.0, math.inf), ngroups=1):
+    """A Mamba-2 mixer's conv (+ SiLU) and SSM state update for one token, in one launch.
+
+    state: (batch, nheads, headdim, dstate), in place; conv_ring: (batch, conv_dim, width), the last `width`
+    conv inputs as a ring, slot (0-dim int64 tensor) the one this token's input overwrites (its older inputs sit in
+    slots slot+1, ..., slot+width-1, mod width), updated in place for x, B and C; xBC: (batch, conv_dim) with
+    conv_dim = d_ssm + 2 * ngroups * dstate; dt: (batch, nheads); A_log, dt_bias: (nheads,); D: (nheads,) or
+    (nheads, headdim); z: (batch, nheads, headdim) or None. dt goes through softplus. Returns y (batch, nheads,
+    headdim) in xBC's dtype."""
+    b, h, p, n = state.shape
+    width = conv_ring.shape[-1]
+    d_ssm = h * p
+    assert xBC.shape == (b, d_ssm + 2 * ngroups * n) and conv_ring.shape == (b, xBC.shape[1], width), \
+        "mixer_step: xBC / conv_ring shapes disagree with the state"
+    out = torch.empty(b, h, p, device=xBC.device, dtype=xBC.dtype)
+    if D is not None:
+        D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
+    else:
+        D_h = D_p = 0
+    zs = z.stride() if z is not None else (0, 0, 0)
+    BLOCK_N = triton.next_power_of_2(n)
+    BLOCK_P = max(1, min(triton.next_power_of_2(p), max(16, 4096 // BLOCK_N)))
+    grid = (triton.cdiv(p, BLOCK_P), b * h)
+    _mixer_step_kernel[grid](
+        state, conv_ring, slot, xBC, conv_weight, conv_bias if conv_bias is not None else conv_weight, dt, A_log,
+        D if D is not None else A_log, z if z is not None else xBC, dt_bias if dt_bias is not None else A_log, out,
+        h, p, n, h // ngroups, d_ssm, ngroups, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
+        *state.stride(), *conv_ring.stride(), *xBC.stride(), *conv_weight.stride(), *dt.stride(), D_h, D_p, *zs,
+        *out.stride(),
+        WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_DT_BIAS=dt_bias is not None, HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), BLOCK_P=BLOCK_P,
+        BLOCK_N=BLOCK_N, num_warps=4,
+    )
+    return out

@@ -68,10 +68,11 @@ def pad_prompts(prompts: Prompts, device, pad_id: int = 0):
 class Decoder:
     """Static decoding buffers for one batch size and maximum length: per-layer states (fixed-size KV caches for
     attention), the input token and the positions; `step` is one token for every row, replayed from a CUDA graph
-    when `cuda_graph` (default: on CUDA). `compile=True` also runs the step through torch.compile."""
+    when `cuda_graph` (default: on CUDA). `compile=True` also runs the step through torch.compile. `ring_conv`
+    keeps Mamba-2 conv states as rings (see Mamba2State.ring), so that one kernel does conv and state update."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
-                 compile: bool = False, state_dtype: torch.dtype = torch.float32):
+                 compile: bool = False, state_dtype: torch.dtype = torch.float32, ring_conv: bool = True):
         self.model = model
         weight = model.lm_head.weight
         device = weight.device
@@ -82,6 +83,10 @@ class Decoder:
         for st in self.states:
             if isinstance(st, Mamba2State):
                 st.ssm = st.ssm.to(state_dtype)
+                if ring_conv:
+                    st.conv = torch.zeros(*st.conv.shape[:2], st.conv.shape[2] + 1, device=device,
+                                          dtype=st.conv.dtype)
+                    st.ring = True
         for st, layer in zip(self.states, model.backbone.layers):
             if isinstance(st, KVCache):
                 m = layer.mixer
@@ -98,7 +103,7 @@ class Decoder:
         self.filled = 0
 
     def _eager_step(self):
-        logits = self.model.step(self.token, self.states, self.pos if self.has_attention else None)
+        logits = self.model.step(self.token, self.states, self.pos)
         self.pos.advance()
         return logits
 
@@ -128,7 +133,11 @@ class Decoder:
         logits = self.model(ids, seq_idx=seq_idx, states=fresh)[:, -1]
         for st, new in zip(self.states, fresh):
             if isinstance(st, Mamba2State):
-                st.conv.copy_(new.conv)
+                if st.ring:  # oldest input (position L - width + 1) first: slots (L + 1 + k) % width
+                    w = st.conv.shape[-1]
+                    st.conv.index_copy_(-1, (L + 1 + torch.arange(w - 1, device=ids.device)) % w, new.conv)
+                else:
+                    st.conv.copy_(new.conv)
                 st.ssm.copy_(new.ssm)
             else:
                 st.k[:, :, :L].copy_(new.k)

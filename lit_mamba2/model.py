@@ -53,8 +53,11 @@ class GatedRMSNorm(nn.Module):
 class Mamba2State:
     """A Mamba-2 layer's recurrent state: the last d_conv - 1 conv inputs and the SSM state."""
 
-    conv: torch.Tensor  # (batch, conv_dim, d_conv - 1)
+    conv: torch.Tensor  # (batch, conv_dim, d_conv - 1), oldest first
     ssm: torch.Tensor  # (batch, nheads, headdim, d_state), float32
+    # Decoding only (generation.Decoder): conv holds d_conv slots used as a ring, the token at cache position t
+    # writing slot t % d_conv; it saves the shift and lets one kernel do conv and state update without races.
+    ring: bool = False
 
 
 def _step_on_triton(t: torch.Tensor, impl: Optional[str]) -> bool:
@@ -74,6 +77,20 @@ def conv_step(x, conv_state, weight, bias, activation, impl=None):
         out = out + bias.float()
     conv_state.copy_(window[:, :, 1:])
     return (F.silu(out) if activation == "silu" else out).to(x.dtype)
+
+
+def ring_conv_step(x, ring, cache_pos, weight, bias):
+    """conv_step (with SiLU) on a ring of width slots: x (b, dim) goes to slot cache_pos % width; the older
+    inputs are the slots after it, oldest first."""
+    w = ring.shape[-1]
+    slot = cache_pos.view(1) % w
+    older = ring.index_select(-1, (slot + 1 + torch.arange(w - 1, device=x.device)) % w)
+    window = torch.cat([older, x[:, :, None].to(ring.dtype)], dim=-1)
+    out = (window.float() * weight.float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    ring.index_copy_(-1, slot, x[:, :, None].to(ring.dtype))
+    return F.silu(out).to(x.dtype)
 
 
 def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, math.inf), impl=None):
@@ -203,13 +220,23 @@ class Mamba2Mixer(nn.Module):
         b = u.shape[0]
         z0, x0, z, xBC, dt = torch.split(
             self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
-        xBC = conv_step(xBC, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu", self.impl)
-        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
-        y = ssm_step(state.ssm, x.view(b, self.nheads, self.headdim), dt, self.A_log,
-                     B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
-                     z=None if self.norm is not None else z.view(b, self.nheads, self.headdim),
-                     dt_bias=self.dt_bias, dt_limit=self.dt_limit, impl=self.impl)
+        z_gate = None if self.norm is not None else z.view(b, self.nheads, self.headdim)
+        weight = self.conv1d.weight[:, 0, :]
+        if state.ring and _step_on_triton(u, self.impl):
+            from lit_mamba2.kernels.state_update import mixer_step
+
+            y = mixer_step(state.ssm, state.conv, pos.cache_pos, xBC, weight, self.conv1d.bias, dt, self.A_log,
+                           D=D, z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, ngroups=self.ngroups)
+        else:
+            if state.ring:
+                xBC = ring_conv_step(xBC, state.conv, pos.cache_pos, weight, self.conv1d.bias)
+            else:
+                xBC = conv_step(xBC, state.conv, weight, self.conv1d.bias, "silu", self.impl)
+            x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+            y = ssm_step(state.ssm, x.view(b, self.nheads, self.headdim), dt, self.A_log,
+                         B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
+                         z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, impl=self.impl)
         y = y.reshape(b, self.d_ssm)
         if self.norm is not None:
             y = self.norm(y, z)

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from lit_mamba2 import reference  # noqa: E402
-from lit_mamba2.kernels.state_update import add_rmsnorm, conv_step, state_update  # noqa: E402
+from lit_mamba2.kernels.state_update import add_rmsnorm, conv_step, mixer_step, state_update  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -88,8 +88,9 @@ def test_conv_step_equals_causal_conv1d_at_one_position(width, activation, bias)
     torch.testing.assert_close(conv.cpu().double(), ref_state, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("preset", ["mamba2-test", "mamba2attn-test"])
-def test_model_decode_step_through_kernels_equals_pytorch_step(preset):
+@pytest.mark.parametrize("preset,ring_conv", [("mamba2-test", True), ("mamba2-test", False),
+                                              ("mamba2attn-test", True)])
+def test_model_decode_step_through_kernels_equals_pytorch_step(preset, ring_conv):
     """Mamba2LMHeadModel.step with the Triton kernels (impl="triton") against its PyTorch step, from the same
     prefilled state, over a few tokens of a left-padded batch (attention layers: conv kernel without SiLU)."""
     from lit_mamba2 import Mamba2Config
@@ -107,7 +108,7 @@ def test_model_decode_step_through_kernels_equals_pytorch_step(preset):
     for impl in ("torch", "triton"):
         with torch.no_grad():
             model.set_impl("torch")  # prefill: the PyTorch chunked path
-            dec = Decoder(model, 2, 12, cuda_graph=False)
+            dec = Decoder(model, 2, 12, cuda_graph=False, ring_conv=ring_conv)
             dec.prefill(ids, seq_idx, lengths, pads)
             model.set_impl(impl)
             for m in model.modules():  # the gated norm is not part of this kernel file
@@ -135,3 +136,38 @@ def test_add_rmsnorm_equals_residual_add_then_rmsnorm(with_residual, residual_dt
     x = r_ref.to(residual_dtype).to(dtype).double()  # the block normalises the residual in the weight's dtype
     ref = reference.rmsnorm(x, w.double(), 1e-5)
     assert out.dtype == dtype and rel(out.cpu(), ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("ngroups,headdim,dstate,with_z,D_hdim", [(1, 16, 16, False, False), (2, 12, 8, True, True)])
+@pytest.mark.parametrize("slot", [0, 5])
+def test_fused_mixer_step_equals_conv_then_recurrence(ngroups, headdim, dstate, with_z, D_hdim, slot):
+    """Conv over a ring of inputs + SiLU, then one recurrence step: against reference.causal_conv1d (the ring
+    unrolled oldest first) and reference.ssd_recurrent from the same state, over several consecutive tokens."""
+    g = torch.Generator().manual_seed(slot + ngroups)
+    b, h, width = 2, 4, 4
+    conv_dim = h * headdim + 2 * ngroups * dstate
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    state0, ring0 = r(b, h, headdim, dstate), r(b, conv_dim, width)
+    w, cb, A_log, dt_bias = r(conv_dim, width), r(conv_dim), r(h), r(h)
+    D = r(h, headdim) if D_hdim else r(h)
+    state, ring = state0.clone().to(DEVICE), ring0.clone().to(DEVICE)
+    w, cb, A_log, dt_bias, D = (t.to(DEVICE) for t in (w, cb, A_log, dt_bias, D))
+    # the ring's history oldest first: slots slot+1, ..., slot+width-1
+    hist = ring0[:, :, [(slot + 1 + k) % width for k in range(width - 1)]].double()
+    st_ref = state0.double()
+    for t in range(3):
+        xBC, dt, z = r(b, conv_dim), r(b, h), r(b, h, headdim)
+        y = mixer_step(state, ring, torch.tensor(slot + t, device=DEVICE), xBC.to(DEVICE), w, cb, dt.to(DEVICE),
+                       A_log, D=D, z=z.to(DEVICE) if with_z else None, dt_bias=dt_bias, ngroups=ngroups).cpu()
+        w, cb, A_log, dt_bias, D = (t.cpu() for t in (w, cb, A_log, dt_bias, D))
+        conv, hist = reference.causal_conv1d(xBC[:, None].double(), w.double(), cb.double(), initial_states=hist,
+                                             return_final_states=True, activation="silu")
+        x, B, C = conv[:, 0].split([h * headdim, ngroups * dstate, ngroups * dstate], dim=-1)
+        y_ref, st_ref = reference.ssd_recurrent(
+            x.view(b, 1, h, headdim), dt[:, None].double(), -torch.exp(A_log.double()),
+            B.view(b, 1, ngroups, dstate), C.view(b, 1, ngroups, dstate), D=D.double(),
+            z=z[:, None].double() if with_z else None, dt_bias=dt_bias.double(), initial_states=st_ref,
+            dt_softplus=True, return_final_states=True)
+        assert rel(y, y_ref[:, 0]) < 1e-5
+        assert rel(state.cpu(), st_ref) < 1e-5
+        w, cb, A_log, dt_bias, D = (t.to(DEVICE) for t in (w, cb, A_log, dt_bias, D))
