@@ -30,11 +30,13 @@ def greedy_full_forward(model, prompt, n):
     return seq
 
 
-@pytest.mark.parametrize("preset", ["mamba2-test", "mamba2attn-test"])
-def test_cached_greedy_equals_full_forward_greedy(preset):
+@pytest.mark.parametrize("preset,ring_conv", [("mamba2-test", True), ("mamba2-test", False),
+                                              ("mamba2attn-test", True), ("mamba2attn-test", False)])
+def test_cached_greedy_equals_full_forward_greedy(preset, ring_conv):
     model = make_model(preset)
     prompt = torch.randint(1, 256, (2, 19), generator=torch.Generator().manual_seed(3))  # > one SSD chunk (16)
-    out = generate(model, prompt, 14, temperature=0)
+    decoder = Decoder(model, 2, 19 + 14, cuda_graph=False, ring_conv=ring_conv)
+    out = generate(model, prompt, 14, temperature=0, decoder=decoder)
     assert torch.equal(out, greedy_full_forward(model, prompt, 14))
 
 
