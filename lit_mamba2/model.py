@@ -54,7 +54,7 @@ class Mamba2State:
     """A Mamba-2 layer's recurrent state: the last d_conv - 1 conv inputs and the SSM state."""
 
     conv: torch.Tensor  # (batch, conv_dim, d_conv - 1)
-    ssm: torch.Tensor  # (batch, nheads, headdim, d_state), float32
+    ssm: torch.Tensor  # (batch, nheads, headdim, d_state), float32 (float64 for a float64 model)
 
 
 class Mamba2Mixer(nn.Module):
@@ -114,7 +114,7 @@ class Mamba2Mixer(nn.Module):
         dtype = dtype or self.in_proj.weight.dtype
         return Mamba2State(conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
                            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
-                                           dtype=torch.float32))
+                                           dtype=torch.float64 if dtype == torch.float64 else torch.float32))
 
     def forward(self, u, seq_idx=None, state: Optional[Mamba2State] = None):
         """u: (batch, seqlen, d_model). With `state`, it is the state before u, and is replaced by the state after."""
@@ -141,7 +141,7 @@ class Mamba2Mixer(nn.Module):
             dt_softplus=True, dt_limit=self.dt_limit, return_final_states=state is not None, impl=self.impl)
         if state is not None:
             y, ssm_state = out
-            state.conv, state.ssm = conv_state.to(state.conv.dtype), ssm_state.float()
+            state.conv, state.ssm = conv_state.to(state.conv.dtype), ssm_state.to(state.ssm.dtype)
         else:
             y = out
         y = y.reshape(b, L, self.d_ssm)
@@ -405,7 +405,9 @@ class Mamba2LMHeadModel(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         logits = self(input_ids, seq_idx=seq_idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
                                reduction=reduction)
 
     def num_parameters(self) -> int:
