@@ -1,0 +1,258 @@
+"""Depthwise causal conv1d (width 1-4) with optional SiLU, in Triton: forward and backward.
+
+Positions are counted in the "padded" sequence xp = [initial_states, x] of length width - 1 + seqlen, so that the
+initial state, the body and the final state are one indexing scheme: out[t] reads xp[t : t + width], the final
+state is xp[seqlen : seqlen + width - 1], and the initial-state slots belong to the row's first document.
+
+The backward runs one program per tile of padded positions p and gathers dxp[p] = Σ_k w[k] dy[p - k] (same
+document only), recomputing dy from x instead of storing it; the gradient of the initial state is dxp[:width - 1].
+Weight and bias gradients are per-program partial sums, added in a fixed order (deterministic).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_xp(x_ptr, init_ptr, b, q, d, mask, L, sxb, sxl, sxd, sib, sid, sik,
+             W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """xp[b, q, d] for a tile of padded positions q (block rows) and channels d (block columns), in float32."""
+    t = q - (W - 1)
+    body = mask & (t >= 0) & (t < L)
+    v = tl.load(x_ptr + b * sxb + t * sxl + d * sxd, mask=body, other=0.0).to(tl.float32)
+    if HAS_INIT:
+        head = mask & (t < 0) & (q >= 0)
+        v += tl.load(init_ptr + b * sib + d * sid + q * sik, mask=head, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _doc_p(seq_ptr, b, q, L, ssb, ssl, W: tl.constexpr):
+    """The document of padded position q: seq_idx at q - (W - 1), and the first document for initial-state slots."""
+    t = tl.minimum(tl.maximum(q - (W - 1), 0), L - 1)
+    return tl.load(seq_ptr + b * ssb + t * ssl)
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
+                     L, D,
+                     sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sob, sol, sod,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+                     SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tm, dm = t < L, d < D
+    mask = tm[:, None] & dm[None, :]
+    if HAS_SEQ:
+        doc_t = _doc_p(seq_ptr, b, t + (W - 1), L, ssb, ssl, W)
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(W):
+        q = t + k
+        keep = mask
+        if HAS_SEQ:
+            keep = keep & (_doc_p(seq_ptr, b, q, L, ssb, ssl, W) == doc_t)[:, None]
+        xv = _load_xp(x_ptr, init_ptr, b, q[:, None], d[None, :], keep, L, sxb, sxl, sxd, sib, sid, sik, W, HAS_INIT)
+        wk = tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)
+        acc += xv * wk[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b * sob + t[:, None] * sol + d[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal_ptr,
+                     dx_ptr, dinit_ptr, dw_part_ptr, db_part_ptr,
+                     L, D,
+                     sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sgb, sgl, sgd, sfb, sfd, sfk,
+                     sdxb, sdxl, sdxd, sdib, sdid, sdik,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+                     HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    p = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # padded positions this program owns
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = d < D
+    Lp = L + W - 1
+    pm = p < Lp
+    if HAS_SEQ:
+        doc_p = _doc_p(seq_ptr, b, p, L, ssb, ssl, W)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    dxp = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(W):
+        # the output t = p - j reads xp[p] through tap k = j
+        t = p - j
+        tm = (t >= 0) & (t < L)
+        tmask = tm[:, None] & dm[None, :]
+        if HAS_SEQ:
+            doc_t = _doc_p(seq_ptr, b, t + (W - 1), L, ssb, ssl, W)
+        dy = tl.load(dout_ptr + b * sgb + t[:, None] * sgl + d[None, :] * sgd, mask=tmask, other=0.0).to(tl.float32)
+        if SILU or j == 0:
+            y = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+            for k in tl.static_range(W):
+                keep = tmask
+                if HAS_SEQ:
+                    keep = keep & (_doc_p(seq_ptr, b, t + k, L, ssb, ssl, W) == doc_t)[:, None]
+                xv = _load_xp(x_ptr, init_ptr, b, (t + k)[:, None], d[None, :], keep, L, sxb, sxl, sxd,
+                              sib, sid, sik, W, HAS_INIT)
+                wk = tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)
+                y += xv * wk[None, :]
+                if j == 0 and not SILU:
+                    tl.store(dw_part_ptr + ((b * tl.num_programs(1) + pid_l) * W + k) * D + d,
+                             tl.sum(dy * xv, axis=0), mask=dm)
+            if SILU:
+                sig = tl.sigmoid(y)
+                dy = dy * sig * (1.0 + y * (1.0 - sig))
+            if j == 0:
+                if SILU:
+                    # every output t is owned once, by the program whose tile holds p = t (tap j = 0)
+                    for k in tl.static_range(W):
+                        keep = tmask
+                        if HAS_SEQ:
+                            keep = keep & (_doc_p(seq_ptr, b, t + k, L, ssb, ssl, W) == doc_t)[:, None]
+                        xv = _load_xp(x_ptr, init_ptr, b, (t + k)[:, None], d[None, :], keep, L, sxb, sxl, sxd,
+                                      sib, sid, sik, W, HAS_INIT)
+                        tl.store(dw_part_ptr + ((b * tl.num_programs(1) + pid_l) * W + k) * D + d,
+                                 tl.sum(dy * xv, axis=0), mask=dm)
+                if HAS_BIAS:
+                    tl.store(db_part_ptr + (b * tl.num_programs(1) + pid_l) * D + d, tl.sum(dy, axis=0), mask=dm)
+        wj = tl.load(w_ptr + d * swd + j * swk, mask=dm, other=0.0).to(tl.float32)
+        contrib = dy * wj[None, :]
+        if HAS_SEQ:
+            contrib = tl.where((doc_p == doc_t)[:, None], contrib, 0.0)
+        dxp += contrib
+    if HAS_DFINAL:
+        # final[:, :, i] = xp[L + i] when it is in the last document
+        i = p - L
+        fm = (i >= 0) & pm
+        fkeep = fm
+        if HAS_SEQ:
+            fkeep = fkeep & (doc_p == _doc_p(seq_ptr, b, L + W - 2, L, ssb, ssl, W))
+        dxp += tl.load(dfinal_ptr + b * sfb + d[None, :] * sfd + i[:, None] * sfk,
+                       mask=fkeep[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    t = p - (W - 1)
+    body = (t >= 0) & pm
+    tl.store(dx_ptr + b * sdxb + t[:, None] * sdxl + d[None, :] * sdxd, dxp.to(dx_ptr.dtype.element_ty),
+             mask=body[:, None] & dm[None, :])
+    if HAS_INIT:
+        head = (t < 0) & pm
+        tl.store(dinit_ptr + b * sdib + d[None, :] * sdid + p[:, None] * sdik, dxp.to(dinit_ptr.dtype.element_ty),
+                 mask=head[:, None] & dm[None, :])
+
+
+def _blocks(D):
+    return 64, min(128, triton.next_power_of_2(D))
+
+
+def _state_dtype(x, weight):
+    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+
+
+def _final_states(x, weight, seq_idx, initial_states):
+    """xp[:, L : L + W - 1] masked to the last document, as (batch, dim, W - 1), in the compute dtype (exact)."""
+    b, L, D = x.shape
+    W = weight.shape[1]
+    cdt = _state_dtype(x, weight)
+    prev = initial_states.transpose(1, 2).to(cdt) if initial_states is not None else x.new_zeros(b, W - 1, D, dtype=cdt)
+    # [prev (W - 1 rows), the last min(L, W - 1) rows of x]: its last W - 1 rows are the final state
+    tail = torch.cat([prev, x[:, max(0, L - (W - 1)):].to(cdt)], dim=1)[:, min(L, W - 1):]
+    if seq_idx is not None and W > 1:
+        doc = torch.cat([seq_idx[:, :1].expand(b, W - 1), seq_idx], dim=1)[:, -(W - 1):]
+        tail = tail * (doc == seq_idx[:, -1:])[..., None].to(tail.dtype)
+    return tail.transpose(1, 2).contiguous()
+
+
+@torch.library.custom_op("lit_mamba2::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
+              initial_states: torch.Tensor | None, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    b, L, D = x.shape
+    W = weight.shape[1]
+    out = torch.empty(b, L, D, device=x.device, dtype=x.dtype)
+    BL, BD = _blocks(D)
+    init = initial_states if initial_states is not None else x
+    seq = seq_idx if seq_idx is not None else x
+    grid = (b, triton.cdiv(L, BL), triton.cdiv(D, BD))
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq, init, out, L, D,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+        seq.stride(0) if seq_idx is not None else 0, seq.stride(1) if seq_idx is not None else 0,
+        *(initial_states.stride() if initial_states is not None else (0, 0, 0)),
+        out.stride(0), out.stride(1), out.stride(2),
+        W=W, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None,
+        SILU=silu, BLOCK_L=BL, BLOCK_D=BD, num_warps=4)
+    return out, _final_states(x, weight, seq_idx, initial_states)
+
+
+@_conv_fwd.register_fake
+def _(x, weight, bias, seq_idx, initial_states, silu):
+    b, L, D = x.shape
+    return x.new_empty(b, L, D), x.new_empty(b, D, weight.shape[1] - 1, dtype=_state_dtype(x, weight))
+
+
+@torch.library.custom_op("lit_mamba2::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
+              initial_states: torch.Tensor | None, dout: torch.Tensor, dfinal: torch.Tensor | None,
+              silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, L, D = x.shape
+    W = weight.shape[1]
+    BL, BD = _blocks(D)
+    nl = triton.cdiv(L + W - 1, BL)
+    dx = torch.empty(b, L, D, device=x.device, dtype=x.dtype)
+    dinit = (torch.empty(b, D, W - 1, device=x.device, dtype=initial_states.dtype) if initial_states is not None
+             else x.new_empty(0))
+    dw_part = torch.empty(b, nl, W, D, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(b, nl, D, device=x.device, dtype=torch.float32) if bias is not None else dw_part
+    init = initial_states if initial_states is not None else x
+    grid = (b, nl, triton.cdiv(D, BD))
+    _conv_bwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, init, dout,
+        dfinal if dfinal is not None else x, dx, dinit if initial_states is not None else dx, dw_part, db_part,
+        L, D,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+        *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        *(initial_states.stride() if initial_states is not None else (0, 0, 0)),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        *(dfinal.stride() if dfinal is not None else (0, 0, 0)),
+        dx.stride(0), dx.stride(1), dx.stride(2),
+        *(dinit.stride() if initial_states is not None else (0, 0, 0)),
+        W=W, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None,
+        HAS_DFINAL=dfinal is not None, SILU=silu, BLOCK_L=BL, BLOCK_D=BD, num_warps=4)
+    dw = dw_part.sum(dim=(0, 1)).t().to(weight.dtype)
+    db = db_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else weight.new_empty(0)
+    return dx, dw, db, dinit
+
+
+@_conv_bwd.register_fake
+def _(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu):
+    b, L, D = x.shape
+    W = weight.shape[1]
+    return (x.new_empty(b, L, D), weight.new_empty(D, W),
+            bias.new_empty(D) if bias is not None else weight.new_empty(0),
+            initial_states.new_empty(b, D, W - 1) if initial_states is not None else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, seq_idx, initial_states, silu = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
+    ctx.silu = silu
+
+
+def _backward(ctx, dout, dfinal):
+    x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
+    dx, dw, db, dinit = _conv_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal, ctx.silu)
+    return (dx, dw, db if bias is not None else None, None, dinit if initial_states is not None else None, None)
+
+
+_conv_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                  activation="silu"):
+    """`lit_mamba2.reference.causal_conv1d`'s semantics (arguments already checked by `lit_mamba2.ops`)."""
+    out, final = _conv_fwd(x, weight, bias, seq_idx, initial_states, activation == "silu")
+    return (out, final) if return_final_states else out
