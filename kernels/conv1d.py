@@ -5,7 +5,8 @@ initial state, the body and the final state are one indexing scheme: out[t] read
 state is xp[seqlen : seqlen + width - 1], and the initial-state slots belong to the row's first document.
 
 The backward runs one program per tile of padded positions p and gathers dxp[p] = Σ_k w[k] dy[p - k] (same
-document only), recomputing dy from x instead of storing it; the gradient of the initial state is dxp[:width - 1].
+document only), recomputing dy from x instead of storing it: the 2·width - 1 shifted tiles xp[p + m] are loaded once
+and give every pre-activation it needs. The gradient of the initial state is dxp[:width - 1].
 Weight and bias gradients are per-program partial sums, added in a fixed order (deterministic).
 """
 
@@ -64,6 +65,39 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
 
 
 @triton.jit
+def _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, m: tl.constexpr, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+             W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """xp[p + m] (zero outside the padded sequence) and the document of each row p + m."""
+    q = p + m
+    inside = (q >= 0) & (q < L + W - 1)
+    v = _load_xp(x_ptr, init_ptr, b, q[:, None], d[None, :], inside[:, None] & dm[None, :], L, sxb, sxl, sxd,
+                 sib, sid, sik, W, HAS_INIT)
+    doc = q
+    if HAS_SEQ:
+        doc = _doc_p(seq_ptr, b, q, L, ssb, ssl, W)
+    return v, doc
+
+
+@triton.jit
+def _pick(m: tl.constexpr, a3, a2, a1, a0, b1, b2, b3):
+    """The one of seven values at shift m in -3..3 (a static choice)."""
+    r = a0
+    if m == -3:
+        r = a3
+    if m == -2:
+        r = a2
+    if m == -1:
+        r = a1
+    if m == 1:
+        r = b1
+    if m == 2:
+        r = b2
+    if m == 3:
+        r = b3
+    return r
+
+
+@triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal_ptr,
                      dx_ptr, dinit_ptr, dw_part_ptr, db_part_ptr,
                      L, D,
@@ -76,63 +110,68 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal
     p = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # padded positions this program owns
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
-    Lp = L + W - 1
-    pm = p < Lp
-    if HAS_SEQ:
-        doc_p = _doc_p(seq_ptr, b, p, L, ssb, ssl, W)
+    pm = p < L + W - 1
+    part = b * tl.num_programs(1) + pid_l
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    # the 2W - 1 shifted tiles xp[p + m], m in -(W-1)..(W-1), each loaded once (unused shifts alias m = 0)
+    x0, c0 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 0, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                      W, HAS_INIT, HAS_SEQ)
+    xa1, ca1, xa2, ca2, xa3, ca3 = x0, c0, x0, c0, x0, c0
+    xb1, cb1, xb2, cb2, xb3, cb3 = x0, c0, x0, c0, x0, c0
+    if W >= 2:
+        xa1, ca1 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -1, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+        xb1, cb1 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 1, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+    if W >= 3:
+        xa2, ca2 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -2, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+        xb2, cb2 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 2, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+    if W >= 4:
+        xa3, ca3 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -3, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+        xb3, cb3 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 3, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
     dxp = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     for j in tl.static_range(W):
-        # the output t = p - j reads xp[p] through tap k = j
+        # the output t = p - j reads xp[p] through tap j, and xp[t + k] = xp[p + k - j] through tap k
         t = p - j
-        tm = (t >= 0) & (t < L)
-        tmask = tm[:, None] & dm[None, :]
-        if HAS_SEQ:
-            doc_t = _doc_p(seq_ptr, b, t + (W - 1), L, ssb, ssl, W)
+        tmask = ((t >= 0) & (t < L))[:, None] & dm[None, :]
+        doc_t = _pick(W - 1 - j, ca3, ca2, ca1, c0, cb1, cb2, cb3)  # doc(t) = doc_p(t + W - 1)
         dy = tl.load(dout_ptr + b * sgb + t[:, None] * sgl + d[None, :] * sgd, mask=tmask, other=0.0).to(tl.float32)
-        if SILU or j == 0:
+        if SILU:
             y = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
             for k in tl.static_range(W):
-                keep = tmask
+                xv = _pick(k - j, xa3, xa2, xa1, x0, xb1, xb2, xb3)
                 if HAS_SEQ:
-                    keep = keep & (_doc_p(seq_ptr, b, t + k, L, ssb, ssl, W) == doc_t)[:, None]
-                xv = _load_xp(x_ptr, init_ptr, b, (t + k)[:, None], d[None, :], keep, L, sxb, sxl, sxd,
-                              sib, sid, sik, W, HAS_INIT)
+                    xv = tl.where((_pick(k - j, ca3, ca2, ca1, c0, cb1, cb2, cb3) == doc_t)[:, None], xv, 0.0)
                 wk = tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)
                 y += xv * wk[None, :]
-                if j == 0 and not SILU:
-                    tl.store(dw_part_ptr + ((b * tl.num_programs(1) + pid_l) * W + k) * D + d,
-                             tl.sum(dy * xv, axis=0), mask=dm)
-            if SILU:
-                sig = tl.sigmoid(y)
-                dy = dy * sig * (1.0 + y * (1.0 - sig))
-            if j == 0:
-                if SILU:
-                    # every output t is owned once, by the program whose tile holds p = t (tap j = 0)
-                    for k in tl.static_range(W):
-                        keep = tmask
-                        if HAS_SEQ:
-                            keep = keep & (_doc_p(seq_ptr, b, t + k, L, ssb, ssl, W) == doc_t)[:, None]
-                        xv = _load_xp(x_ptr, init_ptr, b, (t + k)[:, None], d[None, :], keep, L, sxb, sxl, sxd,
-                                      sib, sid, sik, W, HAS_INIT)
-                        tl.store(dw_part_ptr + ((b * tl.num_programs(1) + pid_l) * W + k) * D + d,
-                                 tl.sum(dy * xv, axis=0), mask=dm)
-                if HAS_BIAS:
-                    tl.store(db_part_ptr + (b * tl.num_programs(1) + pid_l) * D + d, tl.sum(dy, axis=0), mask=dm)
+            sig = tl.sigmoid(y)
+            dy = dy * sig * (1.0 + y * (1.0 - sig))
+        if j == 0:
+            # every output t is owned once, by the program whose tile holds p = t
+            for k in tl.static_range(W):
+                xv = _pick(k, xa3, xa2, xa1, x0, xb1, xb2, xb3)
+                if HAS_SEQ:
+                    xv = tl.where((_pick(k, ca3, ca2, ca1, c0, cb1, cb2, cb3) == doc_t)[:, None], xv, 0.0)
+                tl.store(dw_part_ptr + (part * W + k) * D + d, tl.sum(dy * xv, axis=0), mask=dm)
+            if HAS_BIAS:
+                tl.store(db_part_ptr + part * D + d, tl.sum(dy, axis=0), mask=dm)
         wj = tl.load(w_ptr + d * swd + j * swk, mask=dm, other=0.0).to(tl.float32)
         contrib = dy * wj[None, :]
         if HAS_SEQ:
-            contrib = tl.where((doc_p == doc_t)[:, None], contrib, 0.0)
+            contrib = tl.where((c0 == doc_t)[:, None], contrib, 0.0)
         dxp += contrib
     if HAS_DFINAL:
         # final[:, :, i] = xp[L + i] when it is in the last document
         i = p - L
-        fm = (i >= 0) & pm
-        fkeep = fm
+        fkeep = (i >= 0) & pm
         if HAS_SEQ:
-            fkeep = fkeep & (doc_p == _doc_p(seq_ptr, b, L + W - 2, L, ssb, ssl, W))
+            fkeep = fkeep & (c0 == _doc_p(seq_ptr, b, L + W - 2, L, ssb, ssl, W))
         dxp += tl.load(dfinal_ptr + b * sfb + d[None, :] * sfd + i[:, None] * sfk,
                        mask=fkeep[:, None] & dm[None, :], other=0.0).to(tl.float32)
     t = p - (W - 1)
@@ -146,7 +185,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal
 
 
 def _blocks(D):
-    return 64, min(128, triton.next_power_of_2(D))
+    """(BLOCK_L, BLOCK_D) of the forward and of the backward kernel (the backward holds 2W - 1 tiles)."""
+    return (64, min(128, triton.next_power_of_2(D))), (32, min(64, triton.next_power_of_2(D)))
 
 
 def _state_dtype(x, weight):
@@ -169,11 +209,11 @@ def _final_states(x, weight, seq_idx, initial_states):
 
 @torch.library.custom_op("lit_mamba2::causal_conv1d_fwd", mutates_args=())
 def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
-              initial_states: torch.Tensor | None, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              initial_states: torch.Tensor | None, silu: bool, final: bool) -> tuple[torch.Tensor, torch.Tensor]:
     b, L, D = x.shape
     W = weight.shape[1]
     out = torch.empty(b, L, D, device=x.device, dtype=x.dtype)
-    BL, BD = _blocks(D)
+    BL, BD = _blocks(D)[0]
     init = initial_states if initial_states is not None else x
     seq = seq_idx if seq_idx is not None else x
     grid = (b, triton.cdiv(L, BL), triton.cdiv(D, BD))
@@ -185,13 +225,16 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         out.stride(0), out.stride(1), out.stride(2),
         W=W, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None,
         SILU=silu, BLOCK_L=BL, BLOCK_D=BD, num_warps=4)
+    if not final:
+        return out, x.new_empty(0, dtype=_state_dtype(x, weight))
     return out, _final_states(x, weight, seq_idx, initial_states)
 
 
 @_conv_fwd.register_fake
-def _(x, weight, bias, seq_idx, initial_states, silu):
+def _(x, weight, bias, seq_idx, initial_states, silu, final):
     b, L, D = x.shape
-    return x.new_empty(b, L, D), x.new_empty(b, D, weight.shape[1] - 1, dtype=_state_dtype(x, weight))
+    shape = (b, D, weight.shape[1] - 1) if final else (0,)
+    return x.new_empty(b, L, D), x.new_empty(shape, dtype=_state_dtype(x, weight))
 
 
 @torch.library.custom_op("lit_mamba2::causal_conv1d_bwd", mutates_args=())
@@ -200,7 +243,7 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
               silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, L, D = x.shape
     W = weight.shape[1]
-    BL, BD = _blocks(D)
+    BL, BD = _blocks(D)[1]
     nl = triton.cdiv(L + W - 1, BL)
     dx = torch.empty(b, L, D, device=x.device, dtype=x.dtype)
     dinit = (torch.empty(b, D, W - 1, device=x.device, dtype=initial_states.dtype) if initial_states is not None
@@ -237,15 +280,17 @@ def _(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, seq_idx, initial_states, silu = inputs
+    x, weight, bias, seq_idx, initial_states, silu, final = inputs
     ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
-    ctx.silu = silu
+    ctx.silu, ctx.final = silu, final
 
 
 def _backward(ctx, dout, dfinal):
     x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
-    dx, dw, db, dinit = _conv_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal, ctx.silu)
-    return (dx, dw, db if bias is not None else None, None, dinit if initial_states is not None else None, None)
+    dx, dw, db, dinit = _conv_bwd(x, weight, bias, seq_idx, initial_states, dout,
+                                  dfinal if ctx.final else None, ctx.silu)
+    return (dx, dw, db if bias is not None else None, None, dinit if initial_states is not None else None, None,
+            None)
 
 
 _conv_fwd.register_autograd(_backward, setup_context=_setup)
@@ -254,5 +299,5 @@ _conv_fwd.register_autograd(_backward, setup_context=_setup)
 def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
                   activation="silu"):
     """`lit_mamba2.reference.causal_conv1d`'s semantics (arguments already checked by `lit_mamba2.ops`)."""
-    out, final = _conv_fwd(x, weight, bias, seq_idx, initial_states, activation == "silu")
+    out, final = _conv_fwd(x, weight, bias, seq_idx, initial_states, activation == "silu", bool(return_final_states))
     return (out, final) if return_final_states else out

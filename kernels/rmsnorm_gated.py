@@ -6,6 +6,8 @@ with rstd over each group of `group_size` channels. The backward recomputes rstd
 it, and sums the weight gradient as per-program partials added in a fixed order (deterministic).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -81,6 +83,11 @@ def _rows(t, D):
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _blocks(gs):
     BLOCK_N = triton.next_power_of_2(gs)
     BLOCK_M = max(1, min(16, 2048 // BLOCK_N))
@@ -121,7 +128,7 @@ def _norm_bwd(dout: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weigh
     dz = torch.empty(M, D, device=x.device, dtype=z.dtype) if z is not None else x.new_empty(0)
     BLOCK_M, BLOCK_N, nw = _blocks(group_size)
     if x.device.type == "cuda":
-        n_prog = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        n_prog = 4 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
     else:
         n_prog = 4
     rows_per_prog = triton.cdiv(triton.cdiv(M, n_prog), BLOCK_M) * BLOCK_M
