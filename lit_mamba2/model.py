@@ -57,6 +57,49 @@ class Mamba2State:
     ssm: torch.Tensor  # (batch, nheads, headdim, d_state), float32 (float64 for a float64 model)
 
 
+def _step_on_triton(t: torch.Tensor, impl: Optional[str]) -> bool:
+    """The one-token kernels run on CUDA unless impl="torch"; impl="triton" forces them (CPU: TRITON_INTERPRET=1)."""
+    return impl == "triton" or (impl is None and t.is_cuda and ops.triton_available())
+
+
+def conv_step(x, conv_state, weight, bias, activation, impl=None):
+    """One input of a depthwise causal conv: x (b, dim); conv_state (b, dim, width - 1) shifted in place."""
+    if _step_on_triton(x, impl):
+        from lit_mamba2.kernels.state_update import conv_step as conv_step_triton
+
+        return conv_step_triton(x, conv_state, weight, bias, activation)
+    window = torch.cat([conv_state, x[:, :, None].to(conv_state.dtype)], dim=-1)
+    out = (window.float() * weight.float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    conv_state.copy_(window[:, :, 1:])
+    return (F.silu(out) if activation == "silu" else out).to(x.dtype)
+
+
+def ssm_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, math.inf), impl=None):
+    """One token of the SSD recurrence: state (b, h, p, n) float32 updated in place; returns y (b, h, p)."""
+    if _step_on_triton(x, impl):
+        from lit_mamba2.kernels.state_update import state_update
+
+        return state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
+    h = state.shape[1]
+    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+    dt = F.softplus(dt)
+    if tuple(dt_limit) != (0.0, math.inf):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    Bh = B.float().repeat_interleave(h // B.shape[1], dim=1)
+    Ch = C.float().repeat_interleave(h // C.shape[1], dim=1)
+    xf = x.float()
+    new = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]
+    state.copy_(new)
+    y = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    if D is not None:
+        y = y + xf * (D.float()[:, None] if D.dim() == 1 else D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)
+
+
 class Mamba2Mixer(nn.Module):
     """in_proj -> [z, x, B, C, dt]; causal conv1d + SiLU over xBC; SSD; D skip; gated RMSNorm; out_proj."""
 
@@ -150,6 +193,45 @@ class Mamba2Mixer(nn.Module):
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
+
+    def step(self, u, state: Mamba2State, pos=None):
+        """One token per row, u: (batch, d_model) -> (batch, d_model), advancing `state` in place (so that a
+        CUDA graph can capture it). Equal to forward on a length-1 sequence with the same state."""
+        b = u.shape[0]
+        z0, x0, z, xBC, dt = torch.split(
+            self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        xBC = conv_step(xBC, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu", self.impl)
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
+        y = ssm_step(state.ssm, x.view(b, self.nheads, self.headdim), dt, A,
+                     B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
+                     z=None if self.norm is not None else z.view(b, self.nheads, self.headdim),
+                     dt_bias=self.dt_bias, dt_limit=self.dt_limit, impl=self.impl)
+        y = y.reshape(b, self.d_ssm)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+
+@dataclass
+class DecodePositions:
+    """Where each row stands while decoding with fixed-size KV caches (what attention layers' `step` needs).
+
+    cache_pos: () int64, the KV slot the next token writes (equal for all rows: prompts are left-padded);
+    positions: (batch,) int64, the next token's rotary position within its own prompt; kv_start: (batch,) int64,
+    each row's first real KV slot (slots before it hold padding and are masked out). `advance` moves on by one
+    token in place, so a captured CUDA graph can replay it."""
+
+    cache_pos: torch.Tensor
+    positions: torch.Tensor
+    kv_start: torch.Tensor
+
+    def advance(self):
+        self.cache_pos.add_(1)
+        self.positions.add_(1)
 
 
 @dataclass
@@ -268,6 +350,36 @@ class Attention(nn.Module):
             out = torch.cat([out, x_mlp], dim=-1)
         return self.out_proj(out)
 
+    def step(self, x, state: KVCache, pos: DecodePositions):
+        """One token per row, x: (batch, d_model), into a fixed-size cache (state.k: (batch, heads_kv, max_len,
+        head_dim)) at slot pos.cache_pos; keys before pos.kv_start (left padding) are masked out."""
+        b = x.shape[0]
+        qkv = self.in_proj(x)
+        if self.mlp_dim > 0:
+            qkv, x_mlp = qkv.split([self.qkv_dim, self.mlp_dim], dim=-1)
+            up, gate = x_mlp.chunk(2, dim=-1)
+            x_mlp = up * F.silu(gate)
+        if self.d_conv > 0:
+            qkv = conv_step(qkv, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, None, self.impl)
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
+                             self.num_heads_kv * self.head_dim], dim=-1)
+        p = pos.positions[:, None]
+        q = apply_rotary(q.view(b, 1, self.num_heads, self.head_dim), p, self.rotary_dim, self.rotary_base)
+        k = apply_rotary(k.view(b, 1, self.num_heads_kv, self.head_dim), p, self.rotary_dim, self.rotary_base)
+        v = v.view(b, 1, self.num_heads_kv, self.head_dim)
+        slot = pos.cache_pos.view(1)
+        state.k.index_copy_(2, slot, k.transpose(1, 2).to(state.k.dtype))
+        state.v.index_copy_(2, slot, v.transpose(1, 2).to(state.v.dtype))
+        ar = torch.arange(state.k.shape[2], device=x.device)
+        mask = (ar[None, :] >= pos.kv_start[:, None]) & (ar[None, :] <= pos.cache_pos)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k, state.v, attn_mask=mask[:, None, None, :],
+                                             scale=self.softmax_scale,
+                                             enable_gqa=self.num_heads != self.num_heads_kv)
+        out = out.transpose(1, 2).reshape(b, self.num_heads * self.head_dim)
+        if self.mlp_dim > 0:
+            out = torch.cat([out, x_mlp], dim=-1)
+        return self.out_proj(out)
+
 
 class GatedMLP(nn.Module):
     def __init__(self, d_model: int, d_intermediate: int, multiple_of: int = 128):
@@ -312,6 +424,14 @@ class Block(nn.Module):
             hidden = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
         return hidden, residual
 
+    def step(self, hidden, residual, state, pos=None):
+        residual = self._add(hidden, residual)
+        hidden = self.mixer.step(self.norm(residual.to(self.norm.weight.dtype)), state, pos)
+        if self.mlp is not None:
+            residual = self._add(hidden, residual)
+            hidden = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
+        return hidden, residual
+
 
 class Backbone(nn.Module):
     def __init__(self, config: Mamba2Config):
@@ -324,6 +444,13 @@ class Backbone(nn.Module):
         hidden, residual = self.embedding(input_ids), None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, seq_idx=seq_idx, state=None if states is None else states[i])
+        residual = hidden if residual is None else residual + hidden
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def step(self, input_ids, states, pos=None):
+        hidden, residual = self.embedding(input_ids), None
+        for layer, state in zip(self.layers, states):
+            hidden, residual = layer.step(hidden, residual, state, pos)
         residual = hidden if residual is None else residual + hidden
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
@@ -399,6 +526,12 @@ class Mamba2LMHeadModel(nn.Module):
         hidden = self.backbone(input_ids, seq_idx=seq_idx, states=states)
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 
+    def step(self, input_ids, states, pos: Optional[DecodePositions] = None):
+        """One decoding step: input_ids (batch,) -> logits (batch, padded_vocab_size). `states` are advanced in
+        place; attention layers need fixed-size caches and `pos` (see generation.py, which prepares both)."""
+        hidden = self.backbone.step(input_ids, states, pos)
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+
     def loss(self, input_ids, labels, seq_idx=None, ignore_index: int = -100, reduction: str = "mean"):
         """Cross-entropy of the logits at each position against labels at the same position (labels are the
         already-shifted next tokens; ignore_index marks positions that do not count). The one loss entry point."""
@@ -412,3 +545,17 @@ class Mamba2LMHeadModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, revision=None, dtype=None, device=None,
+                        tokenizer=None) -> "Mamba2LMHeadModel":
+        """A mamba_ssm- or transformers-format folder, a Hub repo id, or a training .ckpt (see checkpoints.py)."""
+        from lit_mamba2.checkpoints import from_pretrained
+
+        return from_pretrained(name_or_path, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer)
+
+    def save_pretrained(self, folder, format: str = "hf", tokenizer=None):
+        """Write a folder that transformers ("hf") or mamba_ssm ("mamba_ssm") loads as it is."""
+        from lit_mamba2.checkpoints import save_pretrained
+
+        return save_pretrained(self, folder, format=format, tokenizer=tokenizer)

@@ -1,0 +1,141 @@
+"""One decoding step of a Mamba-2 mixer in Triton: the short causal conv and the SSM state update, in place.
+
+`state_update` advances each head's state h (headdim, dstate) by one token and reads out y:
+
+    dt = clamp(softplus(dt + dt_bias)) ;  h = exp(dt * A) * h + dt * x B^T ;  y = h C + D * x ;  y *= silu(z)
+
+One program owns a (batch, head, block of headdim rows) tile of the state: it is read once and written once, so
+the step moves the state's bytes twice and nothing else of size. `conv_step` shifts the (batch, dim, width - 1)
+conv window by one input and returns the convolved (and SiLU-activated) value; each program owns its channels, so
+the in-place shift has no race. Both accept strided views (the slices of in_proj's output) without copies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
+    nheads, headdim, dstate, heads_per_group, dt_min, dt_max,
+    s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p,
+    o_b, o_h, o_p,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // nheads
+    h = pid_bh % nheads
+    g = h // heads_per_group
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+
+    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dtb_ptr + h).to(tl.float32)
+    if DT_SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # F.softplus with its threshold
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    decay = tl.exp(tl.load(A_ptr + h).to(tl.float32) * dt)
+
+    x = tl.load(x_ptr + b * x_b + h * x_h + offs_p * x_p, mask=mask_p, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + b * B_b + g * B_g + offs_n * B_n, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * C_b + g * C_g + offs_n * C_n, mask=mask_n, other=0.0).to(tl.float32)
+    s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
+    mask = mask_p[:, None] & mask_n[None, :]
+    s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+    s = s * decay + (x * dt)[:, None] * Bv[None, :]
+    tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
+
+    y = tl.sum(s * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
+
+
+def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                 dt_limit=(0.0, math.inf), out=None):
+    """state: (batch, nheads, headdim, dstate), updated in place; x, z: (batch, nheads, headdim); dt: (batch,
+    nheads); A, dt_bias: (nheads,); B, C: (batch, ngroups, dstate); D: (nheads,) or (nheads, headdim).
+    Returns y (batch, nheads, headdim) in x's dtype (or written into `out`)."""
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    assert x.shape == (b, h, p) and dt.shape == (b, h) and A.shape == (h,), "state_update: shapes disagree"
+    assert B.shape == (b, g, n) and C.shape == (b, g, n) and h % g == 0, "state_update: B/C shapes disagree"
+    if out is None:
+        out = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
+    if D is not None:
+        D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
+    else:
+        D_h = D_p = 0
+    zs = z.stride() if z is not None else (0, 0, 0)
+    has_limit = tuple(dt_limit) != (0.0, math.inf)
+    BLOCK_N = triton.next_power_of_2(n)
+    BLOCK_P = max(1, min(triton.next_power_of_2(p), max(16, 4096 // BLOCK_N)))
+    grid = (triton.cdiv(p, BLOCK_P), b * h)
+    _state_update_kernel[grid](
+        state, x, dt, A, B, C, D if D is not None else A, z if z is not None else x,
+        dt_bias if dt_bias is not None else A, out,
+        h, p, n, h // g, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
+        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), D_h, D_p, *zs, *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+        HAS_LIMIT=has_limit, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _conv_step_kernel(
+    x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, dim,
+    x_b, x_c, s_b, s_c, s_w, w_c, w_w, o_b, o_c,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = offs < dim
+    x = tl.load(x_ptr + b * x_b + offs * x_c, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc = tl.load(bias_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s_base = state_ptr + b * s_b + offs * s_c
+    for k in tl.static_range(WIDTH - 1):
+        prev = tl.load(s_base + k * s_w, mask=m, other=0.0)
+        acc += prev.to(tl.float32) * tl.load(w_ptr + offs * w_c + k * w_w, mask=m, other=0.0).to(tl.float32)
+        if k > 0:
+            tl.store(s_base + (k - 1) * s_w, prev, mask=m)  # slot k-1 was already read
+    acc += x * tl.load(w_ptr + offs * w_c + (WIDTH - 1) * w_w, mask=m, other=0.0).to(tl.float32)
+    tl.store(s_base + (WIDTH - 2) * s_w, x.to(state_ptr.dtype.element_ty), mask=m)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b * o_b + offs * o_c, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def conv_step(x, conv_state, weight, bias=None, activation="silu", out=None):
+    """x: (batch, dim), the new input; conv_state: (batch, dim, width - 1), oldest first, shifted in place;
+    weight: (dim, width). Returns the conv output (batch, dim) in x's dtype."""
+    b, d = x.shape
+    w = weight.shape[1]
+    assert conv_state.shape == (b, d, w - 1) and w >= 2, "conv_step: shapes disagree"
+    if out is None:
+        out = torch.empty_like(x)
+    BLOCK_C = 256
+    grid = (triton.cdiv(d, BLOCK_C), b)
+    _conv_step_kernel[grid](
+        x, conv_state, weight, bias if bias is not None else weight, out, d,
+        *x.stride(), *conv_state.stride(), *weight.stride(), *out.stride(),
+        WIDTH=w, HAS_BIAS=bias is not None, SILU=activation == "silu", BLOCK_C=BLOCK_C, num_warps=4,
+    )
+    return out
