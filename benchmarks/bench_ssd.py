@@ -188,6 +188,69 @@ def bench(args):
     return meta, rows
 
 
+SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of lit_mamba2.kernels.ssd.CONFIG)
+    {},
+    {"cb_min_heads_per_group": 10 ** 9},
+    {"bwd_bm": 32},
+    {"bwd_warps": 4},
+    {"bwd_warps": 8},
+    {"out_bm": 128, "out_warps": 8},
+    {"out_warps": 4},
+    {"stages": 3},
+    {"stages": 1},
+    {"state_bn": 128},
+    {"state_min_programs": 10 ** 9},
+]
+
+
+def sweep(args):
+    """Our forward and forward+backward under each launch variant, plus a per-kernel profile of the default."""
+    from lit_mamba2.kernels import ssd as kernels
+
+    base = dict(kernels.CONFIG)
+    h, p, cs = args.nheads, args.headdim, args.chunk_size
+    for n in args.dstate:
+        for L in args.sweep_seqlens:
+            b = TOKENS // L
+            inp = make_inputs(b, L, h, p, 1, n)
+            gy = torch.randn_like(inp["x"])
+            leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
+
+            def f(t):
+                return kernels.ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, t["D"], None, t["dt_bias"], None,
+                                   None, True, (0.0, math.inf), False)
+
+            def fb():
+                torch.autograd.grad(f(leaves), list(leaves.values()), gy)
+
+            for var in SWEEP:
+                kernels.CONFIG.clear()
+                kernels.CONFIG.update(base, **var)
+                try:
+                    with torch.no_grad():
+                        tf = do_bench(lambda: f(inp), warmup=args.warmup, rep=args.rep, return_mode="median")
+                    tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, return_mode="median")
+                    print(f"sweep dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms",
+                          flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"sweep dstate {n} seqlen {L} {var}: failed {e!r}"[:300], flush=True)
+            kernels.CONFIG.clear()
+            kernels.CONFIG.update(base)
+            from torch.profiler import ProfilerActivity, profile
+
+            fb()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fb()
+                torch.cuda.synchronize()
+            print(f"profile dstate {n} seqlen {L} (5 x fwd+bwd), per-call ms:")
+            for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:14]:
+                print(f"  {ev.key[:60]:60s} {ev.device_time_total / 5e3:8.3f} ms  x{ev.count // 5}")
+            del inp, leaves, gy
+            torch.cuda.empty_cache()
+
+
 def print_table(meta, rows):
     def f(v):
         return "-" if v is None else f"{v:.3f}"
@@ -219,7 +282,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=25)
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--out", default=None)
-    bench(ap.parse_args())
+    ap.add_argument("--sweep", action="store_true", help="compare launch variants of our kernels, then profile")
+    ap.add_argument("--sweep-seqlens", type=int, nargs="+", default=[4096])
+    ap.add_argument("--no-bench", action="store_true")
+    args = ap.parse_args()
+    if args.sweep:
+        sweep(args)
+    if not args.no_bench:
+        bench(args)
 
 
 if __name__ == "__main__":

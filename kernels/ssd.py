@@ -77,11 +77,49 @@ def _doc(seq_ptr, b, t, L):
 # Forward
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dtb_ptr, init_ptr, seq_ptr,
-                      dtp_ptr, cum_ptr, states_ptr, final_ptr,
-                      L, H, G, P, N, NC, NNB, lo, hi,
-                      CS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+def _dt_kernel(dt_ptr, A_ptr, dtb_ptr, dtp_ptr, cum_ptr, L, H, NC, lo, hi,
+               CS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """Processed dt and its in-chunk cumsum (times A), per (batch, head, chunk), for every later kernel to read."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    hh = pid_bh % H
+    t = c * CS + tl.arange(0, CS)
+    dt = _load_dt(dt_ptr, dtb_ptr, b, t, hh, L, H, lo, hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+    cum = tl.cumsum(dt * tl.load(A_ptr + hh).to(tl.float32), 0)
+    tl.store(dtp_ptr + (b * H + hh) * NC * CS + t, dt)
+    tl.store(cum_ptr + (b * H + hh) * NC * CS + t, cum)
+
+
+@triton.jit
+def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
+               CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """C_t·B_s for every (t, s) block of every chunk, once per group (float32): the heads of a group share it."""
+    c = tl.program_id(0)
+    pid_ij = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    NM: tl.constexpr = CS // BM
+    i = pid_ij // NM
+    j = pid_ij % NM
+    t = c * CS + i * BM + tl.arange(0, BM)
+    s = c * CS + j * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    mn = offs_n < N
+    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=(t[:, None] < L) & mn[None, :], other=0.0).to(DT)
+    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=(s[:, None] < L) & mn[None, :], other=0.0).to(DT)
+    cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    tl.store(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
+             + (j * BM + tl.arange(0, BM))[None, :], cb)
+
+
+@triton.jit
+def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr,
+                      L, H, G, P, N, NC, NNB,
+                      CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                       HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -91,53 +129,50 @@ def _fwd_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dtb_ptr, init_ptr, seq_ptr,
     Lp = NC * CS
     offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
     offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
-    mpn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
     pn = offs_p[:, None] * N + offs_n[None, :]
-    idx = tl.arange(0, CS)
-    A = tl.load(A_ptr + hh).to(tl.float32)
     if HAS_INIT:
         state = tl.load(init_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BP, BN), dtype=tl.float32)
     if HAS_SEQ:
         state_doc = tl.load(seq_ptr + b * L)
-    write_dt = (idx * 0 + pid_pn) == 0  # one program per (batch, head) writes dt and cum
     for c in range(NC):
-        t = c * CS + idx
-        valid = t < L
-        dt = _load_dt(dt_ptr, dtb_ptr, b, t, hh, L, H, lo, hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
-        cum = tl.cumsum(dt * A, 0)
-        tl.store(dtp_ptr + (b * H + hh) * Lp + t, dt, mask=write_dt)
-        tl.store(cum_ptr + (b * H + hh) * Lp + t, cum, mask=write_dt)
-        cum_last = tl.sum(tl.where(idx == CS - 1, cum, 0.0), 0)
-        w = tl.exp(cum_last - cum) * dt
+        cum_last = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1)
         decay = tl.exp(cum_last)
         if HAS_SEQ:
-            doc = _doc(seq_ptr, b, t, L)
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
-            w = tl.where(doc == doc_last, w, 0.0)
             decay = tl.where(doc_last == state_doc, decay, 0.0)
             state_doc = doc_last
         tl.store(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, state.to(states_ptr.dtype.element_ty), mask=mpn)
-        x = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                    mask=valid[:, None] & (offs_p[None, :] < P), other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                     mask=valid[:, None] & (offs_n[None, :] < N), other=0.0).to(DT)
-        xw = (x * w[:, None]).to(DT)
-        state = state * decay + tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
+        state = state * decay
+        for k in tl.static_range(CS // BK):
+            t = c * CS + k * BK + tl.arange(0, BK)
+            valid = t < L
+            w = tl.exp(cum_last - tl.load(cum_ptr + (b * H + hh) * Lp + t)) * tl.load(dtp_ptr + (b * H + hh) * Lp + t)
+            if HAS_SEQ:
+                w = tl.where(_doc(seq_ptr, b, t, L) == doc_last, w, 0.0)
+            x = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                        mask=valid[:, None] & mp[None, :], other=0.0)
+            Bt = tl.load(B_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                         mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
+            xw = (x * w[:, None]).to(DT)
+            state += tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
     tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
 
 
 @triton.jit
-def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, out_ptr, ypre_ptr,
-                    L, H, G, P, N, NC,
+def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
+                    ypre_ptr, L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    hh = pid_bh % H
+                    USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    # heads vary fastest across programs, so the heads of a group read B, C (and C·B) from L2, not DRAM
+    hh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     g = hh // (H // G)
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
@@ -162,13 +197,17 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
     for j in range(0, mblk + 1):
         s = c * CS + j * BM + tl.arange(0, BM)
         ms = s < L
-        B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+        if USE_CB:
+            cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
+                         + (j * BM + tl.arange(0, BM))[None, :])
+        else:
+            B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                          mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+            cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
         x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
                       mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
         dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
         cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
-        cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
         mask = t[:, None] >= s[None, :]
         if HAS_SEQ:
             mask &= doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :]
@@ -196,7 +235,7 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
 @triton.jit
 def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dcl_ptr,
                       L, H, G, P, N, NC, NNB,
-                      CS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                      CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                       HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -207,44 +246,47 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
     Lp = NC * CS
     offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
     offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
-    mpn = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
     pn = offs_p[:, None] * N + offs_n[None, :]
-    idx = tl.arange(0, CS)
     if HAS_DFINAL:
         gst = tl.load(dfinal_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     else:
         gst = tl.zeros((BP, BN), dtype=tl.float32)
     for ci in range(NC):
         c = NC - 1 - ci
-        t = c * CS + idx
-        valid = t < L
         # gst: gradient of the state leaving chunk c
         tl.store(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, gst.to(dstates_ptr.dtype.element_ty), mask=mpn)
-        cum = tl.load(cum_ptr + (b * H + hh) * Lp + t)
-        cum_last = tl.sum(tl.where(idx == CS - 1, cum, 0.0), 0)
-        e = tl.exp(cum)
-        decay = tl.exp(cum_last)
+        decay = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1))
         if HAS_SEQ:
             hdoc = tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
-            e = tl.where(_doc(seq_ptr, b, t, L) == hdoc, e, 0.0)
             decay = tl.where(doc_last == hdoc, decay, 0.0)
         h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
         tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(tl.sum(gst * h_in, 1), 0))
-        dy = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                     mask=valid[:, None] & (offs_p[None, :] < P), other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                     mask=valid[:, None] & (offs_n[None, :] < N), other=0.0).to(DT)
-        gst = gst * decay + tl.dot(tl.trans((dy * e[:, None]).to(DT)), Ct, input_precision=DOT_PREC)
+        gst = gst * decay
+        for k in tl.static_range(CS // BK):
+            t = c * CS + k * BK + tl.arange(0, BK)
+            valid = t < L
+            e = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t))
+            if HAS_SEQ:
+                e = tl.where(_doc(seq_ptr, b, t, L) == hdoc, e, 0.0)
+            dy = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                         mask=valid[:, None] & mp[None, :], other=0.0)
+            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                         mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
+            gst += tl.dot(tl.trans((dy * e[:, None]).to(DT)), Ct, input_precision=DOT_PREC)
     tl.store(dinit_ptr + (b * H + hh) * P * N + pn, gst, mask=mpn)
 
 
 @triton.jit
-def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr,
+def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr,
                    dx_ptr, dB_ptr, ddt_ptr, dcum_ptr, v_ptr, dD_ptr,
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                   HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
+                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     NPM = tl.num_programs(0)
@@ -299,7 +341,12 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
             if HAS_SEQ:
                 maskT &= _doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None]
             LT = tl.exp(tl.where(maskT, cum_t[None, :] - cum_s[:, None], -float("inf")))
-            pT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC) * LT  # (s, t): (C_t·B_s) L_ts
+            if USE_CB:
+                cbT = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[None, :] * CS
+                              + (sblk * BM + tl.arange(0, BM))[:, None])
+            else:
+                cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
+            pT = cbT * LT  # (s, t): (C_t·B_s) L_ts
             dxT = tl.dot(xdt_c, tl.trans(dy_t), input_precision=DOT_PREC)  # (s, t): dy_t·x_s dt_s
             acc_dx += tl.dot(pT.to(DT), dy_t, input_precision=DOT_PREC)
             acc_dB += tl.dot((dxT * LT).to(DT), C_t, input_precision=DOT_PREC)
@@ -321,10 +368,10 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
 
 
 @triton.jit
-def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, dC_ptr, dcum_ptr,
+def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, dC_ptr, dcum_ptr,
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                   HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
@@ -373,7 +420,11 @@ def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
             if HAS_SEQ:
                 mask &= doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :]
             Lm = tl.exp(tl.where(mask, cum_t[:, None] - cum_s[None, :], -float("inf")))
-            cb = tl.dot(C_tc, tl.trans(B_s), input_precision=DOT_PREC)
+            if USE_CB:
+                cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
+                             + (j * BM + tl.arange(0, BM))[None, :])
+            else:
+                cb = tl.dot(C_tc, tl.trans(B_s), input_precision=DOT_PREC)
             q = tl.dot(dy_t, tl.trans((x_s * dt_s[:, None]).to(DT)), input_precision=DOT_PREC) * Lm
             acc_dC += tl.dot(q.to(DT), B_s, input_precision=DOT_PREC)
             dcum += tl.sum(cb * q, 1)
@@ -426,10 +477,36 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
 # ---------------------------------------------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------------------------------------------
-def _state_blocks(P: int, N: int):
-    """Blocks of the sequential state kernels: small enough that batch × heads × blocks fills the GPU."""
+# Launch settings, fixed (no autotuning: it is slow under the interpreter and in CI). benchmarks/bench_ssd.py --sweep
+# overrides them to compare variants in one run.
+CONFIG = dict(
+    state_bk=64,  # positions per tl.dot inside the sequential state kernels
+    state_bn=64,  # dstate block of the sequential state kernels
+    state_min_programs=264,  # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this
+    out_bm=64, out_warps=None,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
+    bwd_bm=64, bwd_warps=None,  # backward dx/dB and dC kernels
+    stages=2,
+    cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it
+)
+
+
+def _cb(B, C, cs, NC, prec, ddt_):
+    """(b, NC, G, cs, cs) float32 C·B per chunk, or None when too few heads share it to pay for the memory."""
+    b, L, G, N = B.shape
+    BN = _pow2(N)
+    BM = min(cs, 64 if BN <= 128 else 32)
+    cb = torch.empty(b, NC, G, cs, cs, device=B.device, dtype=torch.float32)
+    _launch(_cb_kernel, (NC, (cs // BM) ** 2, b * G), B, C, cb, L, G, N, NC,
+            CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, num_warps=4)
+    return cb
+
+
+def _state_blocks(b: int, H: int, P: int, N: int):
+    """Blocks of the sequential state kernels: smaller headdim blocks when batch × heads alone leaves SMs idle."""
+    BN = min(_pow2(N), CONFIG["state_bn"])
     BP = min(_pow2(P), 64)
-    BN = min(_pow2(N), 64)
+    while BP > 16 and b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN) < CONFIG["state_min_programs"]:
+        BP //= 2
     return BP, BN
 
 
@@ -445,8 +522,19 @@ def _dot_dtype(dtype):
     return tl.float16 if dtype == torch.float16 else tl.float32
 
 
-def _warps(BN: int) -> int:
-    return 4 if _INTERPRET else (8 if BN >= 128 else 4)
+def _warps(BN: int, key: str) -> int:
+    if _INTERPRET:
+        return 4
+    return CONFIG[key] or (8 if BN >= 128 else 4)
+
+
+def _bm(cs: int, key: str, BP: int, BN: int) -> int:
+    # very large (headdim, dstate) tiles need shorter position blocks to fit shared memory
+    return min(cs, CONFIG[key], 32 if BP * BN >= 128 * 256 else 128)
+
+
+def _stages(BP: int, BN: int) -> int:
+    return 1 if BP * BN >= 128 * 256 else CONFIG["stages"]
 
 
 def _check_inputs(x, chunk_size):
@@ -500,25 +588,31 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     has_limit = (dt_lo, dt_hi) != (0.0, INF)
     prec = _dot_prec(x.dtype)
     ddt_ = _dot_dtype(x.dtype)
-    BP1, BN1 = _state_blocks(P, N)
-    npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     dummy = x
+    _launch(_dt_kernel, (NC, b * H), dt, A, dt_bias if dt_bias is not None else dummy, dtp, cum,
+            L, H, NC, float(dt_lo), float(min(dt_hi, 3.0e38)),
+            CS=cs, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
+    BP1, BN1 = _state_blocks(b, H, P, N)
+    npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     _launch(_fwd_state_kernel, (npb * nnb, b * H),
-        x, dt, A, B, dt_bias if dt_bias is not None else dummy, initial_states if initial_states is not None else dummy,
-        seq_idx if seq_idx is not None else dummy, dtp, cum, states, final,
-        L, H, G, P, N, NC, nnb, float(dt_lo), float(min(dt_hi, 3.0e38)),
-        CS=cs, BP=BP1, BN=BN1, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
-        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4)
+            x, B, initial_states if initial_states is not None else dummy, seq_idx if seq_idx is not None else dummy,
+            dtp, cum, states, final, L, H, G, P, N, NC, nnb,
+            CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_INIT=initial_states is not None,
+            HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=CONFIG["stages"])
     out = torch.empty_like(x)
     ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
-    BM = min(cs, 64)
     BP, BN = _pow2(P), _pow2(N)
-    _launch(_fwd_out_kernel, (NC * (cs // BM), b * H),
+    BM = _bm(cs, "out_bm", BP, BN)
+    use_cb = H // G >= CONFIG["cb_min_heads_per_group"]
+    cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else None
+    _launch(_fwd_out_kernel, (H, NC * (cs // BM), b),
         x, B, C, D if D is not None else dummy, z if z is not None else dummy, seq_idx if seq_idx is not None else dummy,
-        dtp, cum, states, out, ypre if z is not None else dummy,
+        dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy,
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN))
+        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
+        num_warps=_warps(BN, "out_warps"),
+        num_stages=_stages(BP, BN))
     return out, final, states, dtp, cum, ypre
 
 
@@ -564,7 +658,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dy = dout
     dummy = x
     # 1. reverse state pass
-    BP1, BN1 = _state_blocks(P, N)
+    BP1, BN1 = _state_blocks(b, H, P, N)
     npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     dstates = torch.empty_like(states)
     dinit = torch.empty(b, H, P, N, device=dev, dtype=f32)
@@ -572,12 +666,14 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     _launch(_bwd_state_kernel, (npb * nnb, b * H),
         dy, C, seq_idx if seq_idx is not None else dummy, cum, states, dfinal if dfinal is not None else dummy,
         dstates, dinit, dcl, L, H, G, P, N, NC, nnb,
-        CS=cs, BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
-        num_warps=4)
+        CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
+        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=CONFIG["stages"])
     # 2. dx, dB, s-side of d cum
-    BM = min(cs, 64)
-    NM = cs // BM
     BP, BN = _pow2(P), _pow2(N)
+    BM = _bm(cs, "bwd_bm", BP, BN)
+    NM = cs // BM
+    use_cb = H // G >= CONFIG["cb_min_heads_per_group"]
+    cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
     dx = torch.empty_like(x)
     dB = torch.empty_like(B)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
@@ -585,18 +681,21 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     vbuf = torch.empty(b, H, Lp, device=dev, dtype=f32)
     dD_part = torch.empty(b, NC * NM, H, P, device=dev, dtype=f32) if D is not None else x.new_empty(0)
     _launch(_bwd_dx_kernel, (NC * NM, b * G),
-        x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dstates,
+        x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dstates, cb,
         dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy,
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN))
+        HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
+        num_stages=_stages(BP, BN))
     # 3. dC, t-side of d cum
     dC = torch.empty_like(C)
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
     _launch(_bwd_dc_kernel, (NC * NM, b * G),
-        x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dC, dcum_b,
+        x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, cb, dC, dcum_b,
         L, H, G, P, N, NC,
-        CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN))
+        CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
+        num_warps=_warps(BN, "bwd_warps"),
+        num_stages=_stages(BP, BN))
     # 4. d cum -> d dt, dA, d dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(b, NC, H, device=dev, dtype=f32)

@@ -213,3 +213,10 @@ def test_fake_impl_matches_real_shapes():
         fake = torch.ops.lit_mamba2.ssd_fwd(*fake_in[:5], 16, *fake_in[5:], None, True, 0.0, math.inf)
     for r, f in zip(real, fake):
         assert r.shape == f.shape and r.dtype == f.dtype
+
+
+@pytest.mark.parametrize("cb_share", [1, 10**9])
+def test_precomputed_and_recomputed_cb_paths(monkeypatch, cb_share):
+    # C·B is precomputed once per group when enough heads share it, else recomputed per head: both must be right
+    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
+    _check(32, (2, 75, 4, 16, 2, 16), torch.float32, docs=2)
