@@ -33,7 +33,7 @@ from lit_mamba2.kernels import conv1d, cross_entropy, rmsnorm_gated  # noqa: E40
 
 DEV = "cpu" if SMOKE else "cuda"
 DT = torch.bfloat16
-ROWS = []  # (section, shape, impl, fwd_ms, fwdbwd_ms, peak_mib, note)
+ROWS = []  # (section, shape, impl, fwd_ms, fwdbwd_ms, fwd_graph_ms, fwdbwd_graph_ms, peak_mib)
 ERRS = []  # (section, shape, quantity, ours, unfused)
 
 
@@ -43,6 +43,22 @@ def bench(fn):
         fn()
         return (time.perf_counter() - t) * 1e3
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench_graph(fn):
+    """GPU time alone: the calls captured in a CUDA graph and replayed, so the host's launch overhead drops out."""
+    if SMOKE:
+        return float("nan")
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"graph capture failed: {type(e).__name__}: {e}")
+        return float("nan")
+
+
+def timings(fn, grad_fn):
+    """(fwd, fwd+bwd) eagerly, then the same two in a CUDA graph."""
+    return bench(fn), bench(grad_fn), bench_graph(fn), bench_graph(grad_fn)
 
 
 def peak_mib(fn):
@@ -114,18 +130,17 @@ def bench_conv(name, batch, L, d_inner, conv_dim, nheads, W=4):
         "reference (torch)": lambda: reference.causal_conv1d(x, w, b),
     }
     for impl, f in variants.items():
-        fwd = bench(lambda: f())
-        fb = bench(lambda: torch.autograd.grad(f(), (x, w, b), g))
-        ROWS.append(("conv1d", shape, impl, fwd, fb, float("nan"), ""))
+        ROWS.append(("conv1d", shape, impl, *timings(f, lambda: torch.autograd.grad(f(), (x, w, b), g)),
+                     float("nan")))
     if not SMOKE and name.endswith("2.7b"):  # tile sweep, to pick the default
         default = conv1d._blocks
         for bl, bd in ((32, 32), (16, 64), (64, 64), (32, 128), (64, 32)):
             conv1d._blocks = lambda D, bl=bl, bd=bd: ((64, 128), (bl, bd))
             try:
                 f = variants["triton"]
-                fwd = bench(lambda: f())
-                fb = bench(lambda: torch.autograd.grad(f(), (x, w, b), g))
-                ROWS.append(("conv1d", shape, f"triton, backward tile {bl}x{bd}", fwd, fb, float("nan"), ""))
+                fb, fbg = (t(lambda: torch.autograd.grad(f(), (x, w, b), g)) for t in (bench, bench_graph))
+                ROWS.append(("conv1d", shape, f"triton, backward tile {bl}x{bd}", float("nan"), fb, float("nan"),
+                             fbg, float("nan")))
             finally:
                 conv1d._blocks = default
 
@@ -178,9 +193,8 @@ def bench_norm(name, M, d_ssm, ngroups, d_in_proj, peer_fn):
         pout = variants["mamba_ssm rmsnorm_fn"]()
         ERRS.append(("gated_rmsnorm", name, "mamba_ssm out vs ours", rel(pout, variants["triton"]()), float("nan")))
     for impl, f in variants.items():
-        fwd = bench(lambda: f())
-        fb = bench(lambda: torch.autograd.grad(f(), (x, z, w), g))
-        ROWS.append(("gated_rmsnorm", shape, impl, fwd, fb, float("nan"), ""))
+        ROWS.append(("gated_rmsnorm", shape, impl, *timings(f, lambda: torch.autograd.grad(f(), (x, z, w), g)),
+                     float("nan")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,7 +231,7 @@ def bench_ce(name, N, d, V):
             fwd = bench(lambda: f(h, w, labels))
         fb = bench(lambda: torch.autograd.grad(f(h, w, labels), (h, w)))
         mem = peak_mib(lambda: torch.autograd.grad(f(h, w, labels), (h, w)))
-        ROWS.append(("cross_entropy", shape, impl, fwd, fb, mem, ""))
+        ROWS.append(("cross_entropy", shape, impl, fwd, fb, float("nan"), float("nan"), mem))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,10 +278,12 @@ def main():
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / "bench_small_kernels.json", "w") as f:
         json.dump({"env": env, "rows": ROWS, "errors": ERRS}, f, indent=1)
-    print("\n| op | shape | impl | fwd ms | fwd+bwd ms | peak MiB (fwd+bwd) |")
-    print("|---|---|---|---:|---:|---:|")
-    for sec, shape, impl, fwd, fb, mem, _ in ROWS:
-        print(f"| {sec} | {shape} | {impl} | {fwd:.3f} | {fb:.3f} | {mem:.0f} |")
+    env["fp32_addmm"] = {str(k): v for k, v in cross_entropy._FP32_ADDMM.items()}
+    print(env)
+    print("\n| op | shape | impl | fwd ms | fwd+bwd ms | fwd ms (graph) | fwd+bwd ms (graph) | peak MiB (fwd+bwd) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for sec, shape, impl, fwd, fb, fg, fbg, mem in ROWS:
+        print(f"| {sec} | {shape} | {impl} | {fwd:.3f} | {fb:.3f} | {fg:.3f} | {fbg:.3f} | {mem:.0f} |")
     print("\n| op | model | quantity | ours | unfused bf16 path |")
     print("|---|---|---|---:|---:|")
     for sec, name, q, a, u in ERRS:

@@ -133,6 +133,9 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduc
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: labels must have shape ({hidden.shape[0]},), got {tuple(labels.shape)}")
+    if torch.is_autocast_enabled(hidden.device.type):  # as autocast would run the LM head's matmul
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     N, V = hidden.shape[0], weight.shape[0]
@@ -140,6 +143,7 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduc
         n_chunks = max(1, triton.cdiv(N * V, CHUNK_ELEMENTS))
         chunk_rows = max(1, triton.cdiv(N, n_chunks))
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    loss, _, _ = _lce_fwd(hidden, weight, labels, int(ignore_index), reduction == "mean", compute_grad,
-                          int(chunk_rows))
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, _, _ = _lce_fwd(hidden, weight, labels, int(ignore_index), reduction == "mean", compute_grad,
+                              int(chunk_rows))
     return loss

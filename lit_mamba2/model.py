@@ -537,7 +537,16 @@ class Mamba2LMHeadModel(nn.Module):
         already-shifted next tokens; ignore_index marks positions that do not count). The one loss entry point."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-        logits = self(input_ids, seq_idx=seq_idx)
+        hidden = self.backbone(input_ids, seq_idx=seq_idx).to(self.lm_head.weight.dtype)
+        # the LM head fused with the loss (never the full float32 logits) where the Triton kernels run; the
+        # layers' impl (set_impl) forces either path
+        impl = next((m.impl for m in self.modules() if hasattr(m, "impl")), None)
+        if ops._choose(impl, hidden, op="loss") == "triton":
+            from lit_mamba2.kernels.cross_entropy import linear_cross_entropy
+
+            return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                        ignore_index=ignore_index, reduction=reduction)
+        logits = self.lm_head(hidden)
         if logits.dtype != torch.float64:
             logits = logits.float()
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
