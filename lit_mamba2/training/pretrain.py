@@ -12,7 +12,7 @@ import time
 import typing
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -129,8 +129,9 @@ def default_loggers(out_dir: str) -> list:
     return loggers
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
-    """Train as the config says; returns a summary (final losses, tokens, time, checkpoint path, sample)."""
+def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
+    """Train as the config says (extra Lightning `callbacks` join the built-in ones); returns a summary: final
+    losses, time, checkpoint path, sample."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
@@ -170,7 +171,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=tc.save_every_n_steps, save_top_k=0,
                                    save_last=True),
                    CheckpointOnSigterm(ckpt_dir / "last.ckpt"), TokenThroughput(),
-                   LearningRateMonitor(logging_interval="step")] + ([TQDMProgressBar()] if tc.progress_bar else []),
+                   LearningRateMonitor(logging_interval="step"),
+                   *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
     )
     if trainer.is_global_zero:
         print(f"model: {model_config.d_model=} {model_config.n_layer=} vocab={model_config.padded_vocab_size}, "
