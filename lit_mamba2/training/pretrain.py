@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import time
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -140,6 +141,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     from lit_mamba2.training.module import LanguageModel
 
     cfg = copy.deepcopy(cfg)
+    # Lightning cannot see that LMDataModule's sampler restarts at the restored batch count by itself
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     tc = apply_launcher_env(cfg.trainer)
     ckpt_path = resume_path(cfg.resume, tc.out_dir)
     L.seed_everything(tc.seed, verbose=False)

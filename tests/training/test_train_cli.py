@@ -163,7 +163,8 @@ def test_torchrun_two_processes(tmp_path):
 
 def test_fabric_run_two_processes(tmp_path):
     entry = str(Path(lit_mamba2.__file__).parent / "__main__.py")
-    out = _run([sys.executable, "-m", "lightning.fabric.cli", "run", "--accelerator", "cpu", "--devices", "2",
+    # `python -m lightning.fabric.cli` is the `fabric run` command itself (the console script's `run` verb)
+    out = _run([sys.executable, "-m", "lightning.fabric.cli", "--accelerator", "cpu", "--devices", "2",
                 "--precision", "64-true", "--main-port", str(_free_port()), entry, "pretrain",
                 *tiny_args(tmp_path, steps=2), "--trainer.devices", "1", "--trainer.precision", "32-true",
                 "--sample.max_new_tokens", "0"], tmp_path)
