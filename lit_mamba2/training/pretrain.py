@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import time
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -129,8 +130,9 @@ def default_loggers(out_dir: str) -> list:
     return loggers
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
-    """Train as the config says; returns a summary (final losses, tokens, time, checkpoint path, sample)."""
+def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
+    """Train as the config says (extra Lightning `callbacks` join the built-in ones); returns a summary: final
+    losses, time, checkpoint path, sample."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
@@ -139,6 +141,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from lit_mamba2.training.module import LanguageModel
 
     cfg = copy.deepcopy(cfg)
+    # Lightning cannot see that LMDataModule's sampler restarts at the restored batch count by itself
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     tc = apply_launcher_env(cfg.trainer)
     ckpt_path = resume_path(cfg.resume, tc.out_dir)
     L.seed_everything(tc.seed, verbose=False)
@@ -170,7 +174,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=tc.save_every_n_steps, save_top_k=0,
                                    save_last=True),
                    CheckpointOnSigterm(ckpt_dir / "last.ckpt"), TokenThroughput(),
-                   LearningRateMonitor(logging_interval="step")] + ([TQDMProgressBar()] if tc.progress_bar else []),
+                   LearningRateMonitor(logging_interval="step"),
+                   *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
     )
     if trainer.is_global_zero:
         print(f"model: {model_config.d_model=} {model_config.n_layer=} vocab={model_config.padded_vocab_size}, "
