@@ -90,6 +90,7 @@ class Decoder:
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self._fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
         self.graph, self.logits = None, None
+        self.filled = 0
 
     def _eager_step(self):
         logits = self.model.step(self.token, self.states, self.pos if self.has_attention else None)
@@ -129,6 +130,7 @@ class Decoder:
                 st.v[:, :, :L].copy_(new.v)
                 if st.conv is not None:
                     st.conv.copy_(new.conv)
+        self.filled = L  # host-side count of KV slots used, so that step() needs no device sync to check it
         self.pos.cache_pos.fill_(L)
         self.pos.positions.copy_(lengths if lengths is not None else torch.full((b,), L))
         self.pos.kv_start.copy_(pads if pads is not None else torch.zeros(b))
@@ -136,8 +138,9 @@ class Decoder:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token (batch,) -> logits (batch, padded_vocab) for the next position."""
-        if int(self.pos.cache_pos) >= self.max_len and self.has_attention:
+        if self.filled >= self.max_len and self.has_attention:
             raise ValueError(f"decoder is full: max_len {self.max_len} reached")
+        self.filled += 1
         self.token.copy_(token)
         if self.graph is not None:
             self.graph.replay()

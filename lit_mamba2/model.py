@@ -76,12 +76,15 @@ def conv_step(x, conv_state, weight, bias, activation, impl=None):
     return (F.silu(out) if activation == "silu" else out).to(x.dtype)
 
 
-def ssm_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, math.inf), impl=None):
-    """One token of the SSD recurrence: state (b, h, p, n) float32 updated in place; returns y (b, h, p)."""
+def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, math.inf), impl=None):
+    """One token of the SSD recurrence with A = -exp(A_log): state (b, h, p, n) float32 updated in place;
+    returns y (b, h, p)."""
     if _step_on_triton(x, impl):
         from lit_mamba2.kernels.state_update import state_update
 
-        return state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
+        return state_update(state, x, dt, A_log, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                            dt_limit=dt_limit, A_is_log=True)
+    A = -torch.exp(A_log.float())
     h = state.shape[1]
     dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
     dt = F.softplus(dt)
@@ -202,9 +205,8 @@ class Mamba2Mixer(nn.Module):
             self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
         xBC = conv_step(xBC, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu", self.impl)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        A = -torch.exp(self.A_log.float())
         D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
-        y = ssm_step(state.ssm, x.view(b, self.nheads, self.headdim), dt, A,
+        y = ssm_step(state.ssm, x.view(b, self.nheads, self.headdim), dt, self.A_log,
                      B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
                      z=None if self.norm is not None else z.view(b, self.nheads, self.headdim),
                      dt_bias=self.dt_bias, dt_limit=self.dt_limit, impl=self.impl)
