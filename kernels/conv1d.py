@@ -186,7 +186,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal
 
 def _blocks(D):
     """(BLOCK_L, BLOCK_D) of the forward and of the backward kernel (the backward holds 2W - 1 tiles)."""
-    return (64, min(128, triton.next_power_of_2(D))), (32, min(64, triton.next_power_of_2(D)))
+    return (64, min(128, triton.next_power_of_2(D))), (64, min(64, triton.next_power_of_2(D)))
 
 
 def _state_dtype(x, weight):
