@@ -79,10 +79,10 @@ def main():
         torch.cuda.empty_cache()
     a, b = results["triton"]["losses"], results["torch"]["losses"]
     diffs = [abs(x - y) for x, y in zip(a, b)]
-    report = dict(preset=args.preset, device=torch.cuda.get_device_name(), torch=torch.__version__,
+    report = dict(preset=args.preset, device=torch.cuda.get_device_name(), torch_version=torch.__version__,
                   batch=args.batch, seqlen=args.seqlen, steps=args.steps, chain_entropy=entropy,
                   ln_vocab=math.log(args.vocab), max_abs_loss_diff=max(diffs),
-                  mean_abs_loss_diff=sum(diffs) / len(diffs), **{k: v for k, v in results.items()})
+                  mean_abs_loss_diff=sum(diffs) / len(diffs), runs=results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
