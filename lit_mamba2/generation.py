@@ -74,7 +74,8 @@ class Decoder:
     (as mamba_ssm does for bf16 models): about 30% less time per step at batch 64, some accuracy lost."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
-                 compile: bool = False, state_dtype: torch.dtype = torch.float32, ring_conv: Optional[bool] = None):
+                 compile: bool = False, state_dtype: Optional[torch.dtype] = None,
+                 ring_conv: Optional[bool] = None):
         self.model = model
         weight = model.lm_head.weight
         device = weight.device
@@ -86,7 +87,7 @@ class Decoder:
         # bytes a step moves at large batch, as mamba_ssm does for bf16 models, at some accuracy over long outputs.
         for st in self.states:
             if isinstance(st, Mamba2State):
-                st.ssm = st.ssm.to(state_dtype)
+                st.ssm = st.ssm.to(state_dtype or st.ssm.dtype)  # default: float32 (float64 for float64 models)
                 if ring_conv:
                     st.conv = torch.zeros(*st.conv.shape[:2], st.conv.shape[2] + 1, device=device,
                                           dtype=st.conv.dtype)
@@ -170,7 +171,7 @@ class Decoder:
 def stream(model: Mamba2LMHeadModel, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
            generator: Optional[torch.Generator] = None, pad_id: int = 0, cuda_graph: Optional[bool] = None,
-           decoder: Optional[Decoder] = None, state_dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+           decoder: Optional[Decoder] = None, state_dtype: Optional[torch.dtype] = None) -> Iterator[torch.Tensor]:
     """Yields each new token (batch,) as it is sampled. prompts: (batch, L) ids, or a list of prompts of any
     lengths (left-padded here). Rows that produced a stop token yield pad_id afterwards; generation ends when every
     row has stopped or after max_new_tokens."""

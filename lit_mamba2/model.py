@@ -54,7 +54,7 @@ class Mamba2State:
     """A Mamba-2 layer's recurrent state: the last d_conv - 1 conv inputs and the SSM state."""
 
     conv: torch.Tensor  # (batch, conv_dim, d_conv - 1), oldest first
-    ssm: torch.Tensor  # (batch, nheads, headdim, d_state), float32
+    ssm: torch.Tensor  # (batch, nheads, headdim, d_state), float32 (float64 for a float64 model)
     # Decoding only (generation.Decoder): conv holds d_conv slots used as a ring, the token at cache position t
     # writing slot t % d_conv; it saves the shift and lets one kernel do conv and state update without races.
     ring: bool = False
@@ -101,22 +101,23 @@ def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_limit=(
 
         return state_update(state, x, dt, A_log, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
                             dt_limit=dt_limit, A_is_log=True)
-    A = -torch.exp(A_log.float())
+    cdt = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
+    A = -torch.exp(A_log.to(cdt))
     h = state.shape[1]
-    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+    dt = dt.to(cdt) + (dt_bias.to(cdt) if dt_bias is not None else 0.0)
     dt = F.softplus(dt)
     if tuple(dt_limit) != (0.0, math.inf):
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    Bh = B.float().repeat_interleave(h // B.shape[1], dim=1)
-    Ch = C.float().repeat_interleave(h // C.shape[1], dim=1)
-    xf = x.float()
-    new = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]
+    Bh = B.to(cdt).repeat_interleave(h // B.shape[1], dim=1)
+    Ch = C.to(cdt).repeat_interleave(h // C.shape[1], dim=1)
+    xf = x.to(cdt)
+    new = state.to(cdt) * torch.exp(dt * A)[..., None, None] + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]
     state.copy_(new)
     y = torch.einsum("bhpn,bhn->bhp", new, Ch)
     if D is not None:
-        y = y + xf * (D.float()[:, None] if D.dim() == 1 else D.float())
+        y = y + xf * (D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt))
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(cdt))
     return y.to(x.dtype)
 
 
@@ -177,7 +178,7 @@ class Mamba2Mixer(nn.Module):
         dtype = dtype or self.in_proj.weight.dtype
         return Mamba2State(conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
                            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
-                                           dtype=torch.float32))
+                                           dtype=torch.float64 if dtype == torch.float64 else torch.float32))
 
     def forward(self, u, seq_idx=None, state: Optional[Mamba2State] = None):
         """u: (batch, seqlen, d_model). With `state`, it is the state before u, and is replaced by the state after."""
@@ -204,7 +205,7 @@ class Mamba2Mixer(nn.Module):
             dt_softplus=True, dt_limit=self.dt_limit, return_final_states=state is not None, impl=self.impl)
         if state is not None:
             y, ssm_state = out
-            state.conv, state.ssm = conv_state.to(state.conv.dtype), ssm_state.float()
+            state.conv, state.ssm = conv_state.to(state.conv.dtype), ssm_state.to(state.ssm.dtype)
         else:
             y = out
         y = y.reshape(b, L, self.d_ssm)
@@ -575,8 +576,19 @@ class Mamba2LMHeadModel(nn.Module):
         already-shifted next tokens; ignore_index marks positions that do not count). The one loss entry point."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-        logits = self(input_ids, seq_idx=seq_idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,
+        hidden = self.backbone(input_ids, seq_idx=seq_idx).to(self.lm_head.weight.dtype)
+        # the LM head fused with the loss (never the full float32 logits) where the Triton kernels run; the
+        # layers' impl (set_impl) forces either path
+        impl = next((m.impl for m in self.modules() if hasattr(m, "impl")), None)
+        if ops._choose(impl, hidden, op="loss") == "triton":
+            from lit_mamba2.kernels.cross_entropy import linear_cross_entropy
+
+            return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                        ignore_index=ignore_index, reduction=reduction)
+        logits = self.lm_head(hidden)
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
                                reduction=reduction)
 
     def num_parameters(self) -> int:

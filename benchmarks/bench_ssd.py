@@ -1,0 +1,296 @@
+"""Time the SSD op forward and forward+backward on the GPU, side by side with its peers, in one run.
+
+    python benchmarks/bench_ssd.py [--dstate 64 128] [--seqlens 512 ... 65536] [--out bench_ssd.json]
+
+Peers, each when importable: mamba_ssm's `mamba_chunk_scan_combined` (its Triton files, loaded from a source checkout
+given by --mamba-src or $MAMBA_SSM_SRC without its compiled extensions), fla's `chunk_simple_gla` (the same
+recurrence with q=C and k=B expanded per head, v=x·dt, g=A·dt, scale=1; forward only) and causal
+`scaled_dot_product_attention` on the FlashAttention backend at the same batch × seqlen × heads × headdim.
+Every call sees 65,536 tokens (batch = 65536 / seqlen). The two ceilings (copy bandwidth, bf16 matmul rate) are
+measured in the same run; "floor" is max(bytes / bandwidth, flops / matmul rate) for the minimum bytes and flops.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+TOKENS = 65536
+
+
+def load_mamba(src=None):
+    """mamba_ssm's `mamba_chunk_scan_combined` from a source tree, skipping the package __init__ (which imports
+    compiled CUDA extensions); its SSD path is pure Triton."""
+    src = src or os.environ.get("MAMBA_SSM_SRC")
+    if not src or not (Path(src) / "mamba_ssm").is_dir():
+        return None
+    if "mamba_ssm" not in sys.modules:
+        pkg = types.ModuleType("mamba_ssm")
+        pkg.__path__ = [str(Path(src) / "mamba_ssm")]
+        sys.modules["mamba_ssm"] = pkg
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:  # noqa: BLE001 - a peer that does not import is reported, not fatal
+        print(f"mamba_ssm not importable: {e!r}")
+        return None
+    return mamba_chunk_scan_combined
+
+
+def load_fla():
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as e:  # noqa: BLE001
+        print(f"fla not importable: {e!r}")
+        return None
+    return chunk_simple_gla
+
+
+def make_inputs(b, L, h, p, g, n, dtype=torch.bfloat16, device="cuda", seed=0):
+    """Mamba-2-like inputs: dt through dt_bias + softplus (bias initialised as mamba_ssm does, dt in [1e-3, 0.1]),
+    A = -exp(U(log 1, log 16)), D per head."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(b, L, h, p, device=device, dtype=dtype, generator=gen)
+    dt = torch.randn(b, L, h, device=device, dtype=dtype, generator=gen)
+    dt0 = torch.exp(torch.rand(h, device=device, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt_bias = dt0 + torch.log(-torch.expm1(-dt0))
+    A = -torch.exp(torch.rand(h, device=device, generator=gen) * math.log(16))
+    B = torch.randn(b, L, g, n, device=device, dtype=dtype, generator=gen)
+    C = torch.randn(b, L, g, n, device=device, dtype=dtype, generator=gen)
+    D = torch.randn(h, device=device, generator=gen)
+    return dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias)
+
+
+def ceilings():
+    n = 1 << 28  # 512 MiB of bf16
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+    t = do_bench(lambda: c.copy_(a), warmup=25, rep=200, return_mode="median")
+    bw = 2 * a.numel() * a.element_size() / (t * 1e-3)
+    del a, c
+    m = 8192
+    x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    t = do_bench(lambda: x @ y, warmup=25, rep=200, return_mode="median")
+    return bw, 2 * m ** 3 / (t * 1e-3)
+
+
+def floors(b, L, h, p, g, n, cs):
+    """Minimum bytes and flops of the chunked algorithm (causal halves counted once, C·B^T once per group)."""
+    tok = b * L
+    nch = b * math.ceil(L / cs)
+    e = 2  # bf16
+    fwd_bytes = tok * (2 * h * p * e + 2 * g * n * e + h * e)  # x in, y out, B, C, dt
+    bwd_bytes = tok * (3 * h * p * e + 4 * g * n * e + 2 * h * e)  # x, dy in, dx out; B, C in, dB, dC out; dt, ddt
+    quad = nch * cs * cs  # C·B^T or score·x over a full chunk, halved by causality and x2 flops per MAC
+    lin = 2 * b * L * p * n  # one (cs x p) by (cs x n) product per chunk, per head
+    fwd_flops = g * quad * n + h * (quad * p + 2 * lin)
+    bwd_flops = g * quad * n + h * (2 * quad * p + 2 * quad * n + 4 * lin)
+    return fwd_bytes, fwd_bytes + bwd_bytes, fwd_flops, fwd_flops + bwd_flops
+
+
+def bench(args):
+    from lit_mamba2.kernels.ssd import ssd as ours
+
+    mamba = load_mamba(args.mamba_src)
+    fla = load_fla()
+    bw, mm = ceilings()
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    rows = []
+    h, p, g, cs = args.nheads, args.headdim, 1, args.chunk_size
+    for n in args.dstate:
+        for L in args.seqlens:
+            b = TOKENS // L
+            inp = make_inputs(b, L, h, p, g, n)
+            gy = torch.randn_like(inp["x"])
+            leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
+            row = dict(dstate=n, seqlen=L, batch=b)
+
+            def call(fn, t):
+                return fn(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, D=t["D"], dt_bias=t["dt_bias"],
+                          dt_softplus=True)
+
+            def ours_call(t):
+                return ours(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, t["D"], None, t["dt_bias"], None, None,
+                            True, (0.0, math.inf), False)
+
+            def fb(f):
+                def run():
+                    y = f(leaves)
+                    torch.autograd.grad(y, list(leaves.values()), gy)
+                return run
+
+            def timed(key, fn):
+                try:
+                    row[key] = do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+                except Exception as e:  # noqa: BLE001 - one failing peer must not lose the others' numbers
+                    print(f"{key} failed at dstate {n} seqlen {L}: {e!r}"[:400])
+
+            with torch.no_grad():
+                timed("ours_fwd", lambda: ours_call(inp))
+            timed("ours_fb", fb(ours_call))
+            if mamba is not None:
+                with torch.no_grad():
+                    timed("mamba_fwd", lambda: call(mamba, inp))
+                timed("mamba_fb", fb(lambda t: call(mamba, t)))
+            if fla is not None:
+                dtp = F.softplus(inp["dt"].float() + inp["dt_bias"])
+                q = inp["C"].expand(b, L, h, n).contiguous()
+                k = inp["B"].expand(b, L, h, n).contiguous()
+                v = (inp["x"] * dtp[..., None]).to(torch.bfloat16)
+                gl = (dtp * inp["A"]).contiguous()
+                with torch.no_grad():
+                    timed("fla_fwd", lambda: fla(q, k, v, g=gl, scale=1.0))
+                del q, k, v, gl
+            if not args.no_sdpa:
+                qa = torch.randn(b, h, L, p, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                ka = torch.randn_like(qa, requires_grad=True)
+                va = torch.randn_like(qa, requires_grad=True)
+                go = torch.randn_like(qa)
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    with torch.no_grad():
+                        timed("sdpa_fwd", lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True))
+
+                    def sdpa_fb():
+                        o = F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
+                        torch.autograd.grad(o, (qa, ka, va), go)
+
+                    timed("sdpa_fb", sdpa_fb)
+                del qa, ka, va, go
+            fb_bytes = floors(b, L, h, p, g, n, cs)
+            row["floor_fwd"] = max(fb_bytes[0] / bw, fb_bytes[2] / mm) * 1e3
+            row["floor_fb"] = max(fb_bytes[1] / bw, fb_bytes[3] / mm) * 1e3
+            rows.append(row)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            del inp, leaves, gy
+            torch.cuda.empty_cache()
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                copy_TBps=bw / 1e12, matmul_TFLOPs=mm / 1e12, nheads=h, headdim=p, ngroups=g, chunk_size=cs,
+                tokens=TOKENS)
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print_table(meta, rows)
+    if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1":
+        from lit_mamba2.kernels import ssd as kernels
+
+        for k, v in kernels.STATS.items():
+            print(f"{k}: registers {v[0]}, spills {v[1]}, shared {v[2]}")
+    return meta, rows
+
+
+SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of lit_mamba2.kernels.ssd.CONFIG)
+    {},
+    {"cb_min_heads_per_group": 10 ** 9},
+    {"bwd_bm": 32},
+    {"bwd_warps": 4},
+    {"bwd_warps": 8},
+    {"out_bm": 128, "out_warps": 8},
+    {"out_warps": 4},
+    {"stages": 3},
+    {"stages": 1},
+    {"state_bn": 128},
+    {"state_min_programs": 10 ** 9},
+]
+
+
+def sweep(args):
+    """Our forward and forward+backward under each launch variant, plus a per-kernel profile of the default."""
+    from lit_mamba2.kernels import ssd as kernels
+
+    base = dict(kernels.CONFIG)
+    h, p, cs = args.nheads, args.headdim, args.chunk_size
+    for n in args.dstate:
+        for L in args.sweep_seqlens:
+            b = TOKENS // L
+            inp = make_inputs(b, L, h, p, 1, n)
+            gy = torch.randn_like(inp["x"])
+            leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
+
+            def f(t):
+                return kernels.ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, t["D"], None, t["dt_bias"], None,
+                                   None, True, (0.0, math.inf), False)
+
+            def fb():
+                torch.autograd.grad(f(leaves), list(leaves.values()), gy)
+
+            for var in SWEEP:
+                kernels.CONFIG.clear()
+                kernels.CONFIG.update(base, **var)
+                try:
+                    with torch.no_grad():
+                        tf = do_bench(lambda: f(inp), warmup=args.warmup, rep=args.rep, return_mode="median")
+                    tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, return_mode="median")
+                    print(f"sweep dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms",
+                          flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"sweep dstate {n} seqlen {L} {var}: failed {e!r}"[:300], flush=True)
+            kernels.CONFIG.clear()
+            kernels.CONFIG.update(base)
+            from torch.profiler import ProfilerActivity, profile
+
+            fb()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fb()
+                torch.cuda.synchronize()
+            print(f"profile dstate {n} seqlen {L} (5 x fwd+bwd), per-call ms:")
+            for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:14]:
+                print(f"  {ev.key[:60]:60s} {ev.device_time_total / 5e3:8.3f} ms  x{ev.count // 5}")
+            del inp, leaves, gy
+            torch.cuda.empty_cache()
+
+
+def print_table(meta, rows):
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    def r(a, b):
+        return "-" if a is None or b is None else f"{a / b:.2f}"
+
+    print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | copy {meta['copy_TBps']:.2f} TB/s"
+          f" | bf16 mm {meta['matmul_TFLOPs']:.0f} TFLOP/s | h={meta['nheads']} p={meta['headdim']} g=1 cs=256")
+    print("dstate seqlen | ours fwd  mamba  fla   sdpa | ours/mamba ours/fla floor/ours | ours f+b  mamba   sdpa"
+          " | ours/mamba floor/ours")
+    for w in rows:
+        g = w.get
+        print(f"{w['dstate']:>6} {w['seqlen']:>6} | {f(g('ours_fwd'))} {f(g('mamba_fwd'))} {f(g('fla_fwd'))} "
+              f"{f(g('sdpa_fwd'))} | {r(g('ours_fwd'), g('mamba_fwd'))} {r(g('ours_fwd'), g('fla_fwd'))} "
+              f"{r(g('floor_fwd'), g('ours_fwd'))} | {f(g('ours_fb'))} {f(g('mamba_fb'))} {f(g('sdpa_fb'))} | "
+              f"{r(g('ours_fb'), g('mamba_fb'))} {r(g('floor_fb'), g('ours_fb'))}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dstate", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    ap.add_argument("--nheads", type=int, default=32)
+    ap.add_argument("--headdim", type=int, default=64)
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--mamba-src", default=None)
+    ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--warmup", type=int, default=25)
+    ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true", help="compare launch variants of our kernels, then profile")
+    ap.add_argument("--sweep-seqlens", type=int, nargs="+", default=[4096])
+    ap.add_argument("--no-bench", action="store_true")
+    args = ap.parse_args()
+    if args.sweep:
+        sweep(args)
+    if not args.no_bench:
+        bench(args)
+
+
+if __name__ == "__main__":
+    main()

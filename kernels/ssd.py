@@ -1,0 +1,759 @@
+"""Chunked SSD (Mamba-2's state space dual) in Triton, forward and backward, as a torch.library custom op.
+
+Per head, positions are cut into chunks of `chunk_size`; inside a chunk the output is the masked quadratic form,
+across chunks a (headdim, dstate) state is carried. With cum_t the in-chunk cumulative sum of dt·A:
+
+    y_t = Σ_{s≤t, same doc} (C_t·B_s) exp(cum_t - cum_s) dt_s x_s  +  e_t h_in C_t  +  D x_t ,  e_t = exp(cum_t)·reach_t
+    h_out = h_in · exp(cum_last)·carry + Σ_s w_s dt_s x_s B_s^T ,  w_s = exp(cum_last - cum_s)·in_last_s
+
+Forward, two launches:
+  1. `_fwd_state_kernel`: one program per (batch, head, headdim block, dstate block) walks the chunks in order:
+     processes dt (bias, softplus, clamp), the in-chunk cumsum, the chunk's state contribution (one tl.dot) and the
+     state passing, so chunk states never go through memory; it stores the state entering each chunk (x's dtype,
+     the operand of the next kernel's dot) and the final state (fp32).
+  2. `_fwd_out_kernel`: one program per (batch, head, block of BM positions) computes the quadratic part over the
+     causal blocks only (no (cs, cs) tensor in memory), adds the entering state's term, D and the z gate.
+Backward, four launches, all deterministic (no atomics; cross-program sums go through buffers summed in fixed order):
+  1. `_bwd_state_kernel`: the reverse state pass (gradient of each chunk's exiting state, of the initial state, and
+     the decay's share of d cum_last).
+  2. `_bwd_dx_kernel`: per (batch, group, block of source positions s), looping over the group's heads: dx, the
+     direct part of ddt, the s-side of d cum, dD partials, and dB summed over the heads of the group in registers.
+  3. `_bwd_dc_kernel`: per (batch, group, block of target positions t), looping over heads: dC and the t-side of d cum.
+  4. `_bwd_dt_kernel`: per (batch, head, chunk): reverse in-chunk cumsum of d cum, then the chain through clamp,
+     softplus and bias to d dt, with dA and d dt_bias partials.
+"""
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+INF = math.inf
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _softplus(v):
+    # log1p(exp(v)) written as max(v, 0) + log1p(exp(-|v|)), with log1p accurate for small arguments; torch's
+    # threshold (v > 20 -> v) kept so both sides agree exactly there
+    u = tl.exp(-tl.abs(v))
+    w = 1.0 + u
+    l1p = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + l1p)
+
+
+@triton.jit
+def _load_dt(dt_ptr, dtb_ptr, b, t, hh, L, H, lo, hi,
+             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    valid = t < L
+    v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(dtb_ptr + hh).to(tl.float32)
+    if SOFTPLUS:
+        v = _softplus(v)
+    if HAS_LIMIT:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    return tl.where(valid, v, 0.0)  # padding: dt = 0, no decay and no input
+
+
+@triton.jit
+def _doc(seq_ptr, b, t, L):
+    # padding positions belong to the row's last document
+    return tl.load(seq_ptr + b * L + tl.minimum(t, L - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dt_kernel(dt_ptr, A_ptr, dtb_ptr, dtp_ptr, cum_ptr, L, H, NC, lo, hi,
+               CS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """Processed dt and its in-chunk cumsum (times A), per (batch, head, chunk), for every later kernel to read."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    hh = pid_bh % H
+    t = c * CS + tl.arange(0, CS)
+    dt = _load_dt(dt_ptr, dtb_ptr, b, t, hh, L, H, lo, hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+    cum = tl.cumsum(dt * tl.load(A_ptr + hh).to(tl.float32), 0)
+    tl.store(dtp_ptr + (b * H + hh) * NC * CS + t, dt)
+    tl.store(cum_ptr + (b * H + hh) * NC * CS + t, cum)
+
+
+@triton.jit
+def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
+               CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """C_t·B_s for every (t, s) block of every chunk, once per group (float32): the heads of a group share it."""
+    c = tl.program_id(0)
+    pid_ij = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    NM: tl.constexpr = CS // BM
+    i = pid_ij // NM
+    j = pid_ij % NM
+    t = c * CS + i * BM + tl.arange(0, BM)
+    s = c * CS + j * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    mn = offs_n < N
+    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=(t[:, None] < L) & mn[None, :], other=0.0).to(DT)
+    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=(s[:, None] < L) & mn[None, :], other=0.0).to(DT)
+    cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    tl.store(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
+             + (j * BM + tl.arange(0, BM))[None, :], cb)
+
+
+@triton.jit
+def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr,
+                      L, H, G, P, N, NC, NNB,
+                      CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                      HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    pid_pn = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    hh = pid_bh % H
+    g = hh // (H // G)
+    Lp = NC * CS
+    offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
+    offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    if HAS_INIT:
+        state = tl.load(init_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BP, BN), dtype=tl.float32)
+    if HAS_SEQ:
+        state_doc = tl.load(seq_ptr + b * L)
+    for c in range(NC):
+        cum_last = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1)
+        decay = tl.exp(cum_last)
+        if HAS_SEQ:
+            doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
+            decay = tl.where(doc_last == state_doc, decay, 0.0)
+            state_doc = doc_last
+        tl.store(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, state.to(states_ptr.dtype.element_ty), mask=mpn)
+        state = state * decay
+        for k in tl.static_range(CS // BK):
+            t = c * CS + k * BK + tl.arange(0, BK)
+            valid = t < L
+            w = tl.exp(cum_last - tl.load(cum_ptr + (b * H + hh) * Lp + t)) * tl.load(dtp_ptr + (b * H + hh) * Lp + t)
+            if HAS_SEQ:
+                w = tl.where(_doc(seq_ptr, b, t, L) == doc_last, w, 0.0)
+            x = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                        mask=valid[:, None] & mp[None, :], other=0.0)
+            Bt = tl.load(B_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                         mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
+            xw = (x * w[:, None]).to(DT)
+            state += tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
+    tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
+
+
+@triton.jit
+def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
+                    ypre_ptr, L, H, G, P, N, NC,
+                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+                    USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    # heads vary fastest across programs, so the heads of a group read B, C (and C·B) from L2, not DRAM
+    hh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = hh // (H // G)
+    Lp = NC * CS
+    NM: tl.constexpr = CS // BM
+    c = pid_m // NM
+    mblk = pid_m % NM
+    t = c * CS + mblk * BM + tl.arange(0, BM)
+    mt = t < L
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    cum_t = tl.load(cum_ptr + (b * H + hh) * Lp + t)
+    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
+    h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                   mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
+    e = tl.exp(cum_t)
+    if HAS_SEQ:
+        doc_t = _doc(seq_ptr, b, t, L)
+        e = tl.where(doc_t == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0)), e, 0.0)
+    acc = tl.dot((C_t * e[:, None]).to(DT), tl.trans(h_in), input_precision=DOT_PREC)
+    for j in range(0, mblk + 1):
+        s = c * CS + j * BM + tl.arange(0, BM)
+        ms = s < L
+        if USE_CB:
+            cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
+                         + (j * BM + tl.arange(0, BM))[None, :])
+        else:
+            B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                          mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+            cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                      mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
+        dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
+        cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
+        mask = t[:, None] >= s[None, :]
+        if HAS_SEQ:
+            mask &= doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :]
+        decay = tl.exp(tl.where(mask, cum_t[:, None] - cum_s[None, :], -float("inf")))
+        acc += tl.dot((cb * decay * dt_s[None, :]).to(DT), x_s, input_precision=DOT_PREC)
+    xo = ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :]
+    mo = mt[:, None] & mp[None, :]
+    if HAS_D:
+        x_t = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
+        if D_PER_P:
+            Dv = tl.load(D_ptr + hh * P + offs_p, mask=mp, other=0.0).to(tl.float32)
+            acc += x_t * Dv[None, :]
+        else:
+            acc += x_t * tl.load(D_ptr + hh).to(tl.float32)
+    if HAS_Z:
+        tl.store(ypre_ptr + xo, acc.to(ypre_ptr.dtype.element_ty), mask=mo)
+        zv = tl.load(z_ptr + xo, mask=mo, other=0.0).to(tl.float32)
+        acc = acc * zv * tl.sigmoid(zv)
+    tl.store(out_ptr + xo, acc.to(out_ptr.dtype.element_ty), mask=mo)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dcl_ptr,
+                      L, H, G, P, N, NC, NNB,
+                      CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                      HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    pid_pn = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    NPN = tl.num_programs(0)
+    b = (pid_bh // H).to(tl.int64)
+    hh = pid_bh % H
+    g = hh // (H // G)
+    Lp = NC * CS
+    offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
+    offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    if HAS_DFINAL:
+        gst = tl.load(dfinal_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+    else:
+        gst = tl.zeros((BP, BN), dtype=tl.float32)
+    for ci in range(NC):
+        c = NC - 1 - ci
+        # gst: gradient of the state leaving chunk c
+        tl.store(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, gst.to(dstates_ptr.dtype.element_ty), mask=mpn)
+        decay = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1))
+        if HAS_SEQ:
+            hdoc = tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
+            doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
+            decay = tl.where(doc_last == hdoc, decay, 0.0)
+        h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+        tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(tl.sum(gst * h_in, 1), 0))
+        gst = gst * decay
+        for k in tl.static_range(CS // BK):
+            t = c * CS + k * BK + tl.arange(0, BK)
+            valid = t < L
+            e = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t))
+            if HAS_SEQ:
+                e = tl.where(_doc(seq_ptr, b, t, L) == hdoc, e, 0.0)
+            dy = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                         mask=valid[:, None] & mp[None, :], other=0.0)
+            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                         mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
+            gst += tl.dot(tl.trans((dy * e[:, None]).to(DT)), Ct, input_precision=DOT_PREC)
+    tl.store(dinit_ptr + (b * H + hh) * P * N + pn, gst, mask=mpn)
+
+
+@triton.jit
+def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr,
+                   dx_ptr, dB_ptr, ddt_ptr, dcum_ptr, v_ptr, dD_ptr,
+                   L, H, G, P, N, NC,
+                   CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                   HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
+                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    NPM = tl.num_programs(0)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    HPG = H // G
+    Lp = NC * CS
+    NM: tl.constexpr = CS // BM
+    c = pid_m // NM
+    sblk = pid_m % NM
+    s = c * CS + sblk * BM + tl.arange(0, BM)
+    ms = s < L
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+    if HAS_SEQ:
+        doc_s = _doc(seq_ptr, b, s, L)
+        in_last = doc_s == tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
+    acc_dB = tl.zeros((BM, BN), dtype=tl.float32)
+    for hi in range(HPG):
+        hh = g * HPG + hi
+        dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
+        cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
+        cum_last = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1)
+        w = tl.exp(cum_last - cum_s)
+        if HAS_SEQ:
+            w = tl.where(in_last, w, 0.0)
+        xo = ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :]
+        mo = ms[:, None] & mp[None, :]
+        x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
+        xdt = x_s * dt_s[:, None]
+        xdt_c = xdt.to(DT)
+        gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                     mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
+        # the chunk state's gradient reaches x, B and cum through w_s dt_s x_s B_s^T
+        acc_dx = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC) * w[:, None]
+        acc_dB += tl.dot((xdt * w[:, None]).to(DT), gs, input_precision=DOT_PREC)
+        v = tl.sum(xdt * acc_dx, 1)
+        dcum = -v
+        for i in range(sblk, NM):
+            t = c * CS + i * BM + tl.arange(0, BM)
+            mt = t < L
+            C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                          mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
+            dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                           mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
+            cum_t = tl.load(cum_ptr + (b * H + hh) * Lp + t)
+            maskT = t[None, :] >= s[:, None]
+            if HAS_SEQ:
+                maskT &= _doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None]
+            LT = tl.exp(tl.where(maskT, cum_t[None, :] - cum_s[:, None], -float("inf")))
+            if USE_CB:
+                cbT = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[None, :] * CS
+                              + (sblk * BM + tl.arange(0, BM))[:, None])
+            else:
+                cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
+            pT = cbT * LT  # (s, t): (C_t·B_s) L_ts
+            dxT = tl.dot(xdt_c, tl.trans(dy_t), input_precision=DOT_PREC)  # (s, t): dy_t·x_s dt_s
+            acc_dx += tl.dot(pT.to(DT), dy_t, input_precision=DOT_PREC)
+            acc_dB += tl.dot((dxT * LT).to(DT), C_t, input_precision=DOT_PREC)
+            dcum -= tl.sum(pT * dxT, 1)
+        dx = acc_dx * dt_s[:, None]
+        if HAS_D:
+            dy_s = tl.load(dy_ptr + xo, mask=mo, other=0.0).to(tl.float32)
+            if D_PER_P:
+                dx += dy_s * tl.load(D_ptr + hh * P + offs_p, mask=mp, other=0.0).to(tl.float32)[None, :]
+            else:
+                dx += dy_s * tl.load(D_ptr + hh).to(tl.float32)
+            tl.store(dD_ptr + ((b * NPM + pid_m) * H + hh) * P + offs_p, tl.sum(dy_s * x_s, 0), mask=mp)
+        tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mo)
+        tl.store(ddt_ptr + (b * H + hh) * Lp + s, tl.sum(x_s * acc_dx, 1))
+        tl.store(dcum_ptr + (b * H + hh) * Lp + s, dcum)
+        tl.store(v_ptr + (b * H + hh) * Lp + s, v)
+    tl.store(dB_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :], acc_dB.to(dB_ptr.dtype.element_ty),
+             mask=ms[:, None] & mn[None, :])
+
+
+@triton.jit
+def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, dC_ptr, dcum_ptr,
+                   L, H, G, P, N, NC,
+                   CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                   HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    HPG = H // G
+    Lp = NC * CS
+    NM: tl.constexpr = CS // BM
+    c = pid_m // NM
+    mblk = pid_m % NM
+    t = c * CS + mblk * BM + tl.arange(0, BM)
+    mt = t < L
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=mt[:, None] & mn[None, :], other=0.0).to(tl.float32)
+    C_tc = C_t.to(DT)
+    if HAS_SEQ:
+        doc_t = _doc(seq_ptr, b, t, L)
+        reach = doc_t == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
+    acc_dC = tl.zeros((BM, BN), dtype=tl.float32)
+    for hi in range(HPG):
+        hh = g * HPG + hi
+        cum_t = tl.load(cum_ptr + (b * H + hh) * Lp + t)
+        e = tl.exp(cum_t)
+        if HAS_SEQ:
+            e = tl.where(reach, e, 0.0)
+        dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                       mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
+        h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                       mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
+        tmp = tl.dot(dy_t, h_in, input_precision=DOT_PREC) * e[:, None]
+        dcum = tl.sum(C_t * tmp, 1)
+        acc_dC += tmp
+        for j in range(0, mblk + 1):
+            s = c * CS + j * BM + tl.arange(0, BM)
+            ms = s < L
+            B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                          mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                          mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
+            cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
+            mask = t[:, None] >= s[None, :]
+            if HAS_SEQ:
+                mask &= doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :]
+            Lm = tl.exp(tl.where(mask, cum_t[:, None] - cum_s[None, :], -float("inf")))
+            if USE_CB:
+                cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
+                             + (j * BM + tl.arange(0, BM))[None, :])
+            else:
+                cb = tl.dot(C_tc, tl.trans(B_s), input_precision=DOT_PREC)
+            q = tl.dot(dy_t, tl.trans((x_s * dt_s[:, None]).to(DT)), input_precision=DOT_PREC) * Lm
+            acc_dC += tl.dot(q.to(DT), B_s, input_precision=DOT_PREC)
+            dcum += tl.sum(cb * q, 1)
+        tl.store(dcum_ptr + (b * H + hh) * Lp + t, dcum)
+    tl.store(dC_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :], acc_dC.to(dC_ptr.dtype.element_ty),
+             mask=mt[:, None] & mn[None, :])
+
+
+@triton.jit
+def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_ptr, v_ptr, dcl_ptr,
+                   ddt_out_ptr, dA_part_ptr, dbias_part_ptr,
+                   L, H, NC, NPN, lo, hi,
+                   CS: tl.constexpr, BPN: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    hh = pid_bh % H
+    Lp = NC * CS
+    idx = tl.arange(0, CS)
+    t = c * CS + idx
+    base = (b * H + hh) * Lp + t
+    dcum = tl.load(dcuma_ptr + base) + tl.load(dcumb_ptr + base)
+    offs = tl.arange(0, BPN)
+    dcl = tl.load(dcl_ptr + ((b * H + hh) * NC + c) * NPN + offs, mask=offs < NPN, other=0.0)
+    dcum_last = tl.sum(tl.load(v_ptr + base), 0) + tl.sum(dcl, 0)
+    dcum += tl.where(idx == CS - 1, dcum_last, 0.0)
+    da = tl.sum(dcum, 0) - tl.cumsum(dcum, 0) + dcum  # cum_t = Σ_{r≤t} a_r  =>  da_r = Σ_{t≥r} dcum_t
+    A = tl.load(A_ptr + hh).to(tl.float32)
+    dtp = tl.load(dtp_ptr + base)
+    tl.store(dA_part_ptr + (b * NC + c) * H + hh, tl.sum(dtp * da, 0))
+    gd = tl.load(ddt_ptr + base) + A * da
+    valid = t < L
+    raw = tl.load(dt_ptr + (b * L + t) * H + hh, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(dtb_ptr + hh).to(tl.float32)
+    if HAS_LIMIT:
+        v = raw
+        if SOFTPLUS:
+            v = _softplus(raw)
+        gd = tl.where((v >= lo) & (v <= hi), gd, 0.0)
+    if SOFTPLUS:
+        gd = tl.where(raw > 20.0, gd, gd * tl.sigmoid(raw))
+    gd = tl.where(valid, gd, 0.0)
+    tl.store(ddt_out_ptr + (b * L + t) * H + hh, gd.to(ddt_out_ptr.dtype.element_ty), mask=valid)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + (b * NC + c) * H + hh, tl.sum(gd, 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------------------------------
+# Launch settings, fixed (no autotuning: it is slow under the interpreter and in CI). benchmarks/bench_ssd.py --sweep
+# overrides them to compare variants in one run.
+CONFIG = dict(
+    state_bk=64,  # positions per tl.dot inside the sequential state kernels
+    state_bn=64,  # dstate block of the sequential state kernels
+    state_min_programs=264,  # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this
+    out_bm=64, out_warps=None,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
+    bwd_bm=64, bwd_warps=None,  # backward dx/dB and dC kernels
+    stages=2,
+    cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it
+)
+
+
+def _cb(B, C, cs, NC, prec, ddt_):
+    """(b, NC, G, cs, cs) float32 C·B per chunk, or None when too few heads share it to pay for the memory."""
+    b, L, G, N = B.shape
+    BN = _pow2(N)
+    BM = min(cs, 64 if BN <= 128 else 32)
+    cb = torch.empty(b, NC, G, cs, cs, device=B.device, dtype=torch.float32)
+    _launch(_cb_kernel, (NC, (cs // BM) ** 2, b * G), B, C, cb, L, G, N, NC,
+            CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, num_warps=4)
+    return cb
+
+
+def _state_blocks(b: int, H: int, P: int, N: int):
+    """Blocks of the sequential state kernels: smaller headdim blocks when batch × heads alone leaves SMs idle."""
+    BN = min(_pow2(N), CONFIG["state_bn"])
+    BP = min(_pow2(P), 64)
+    while BP > 16 and b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN) < CONFIG["state_min_programs"]:
+        BP //= 2
+    return BP, BN
+
+
+def _dot_prec(dtype):
+    # float32 inputs get float32 products (tf32 would cost ~1e-3 relative error); half inputs use their own type
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_dtype(dtype):
+    # the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): give it float32 operands there
+    if dtype == torch.bfloat16:
+        return tl.float32 if _INTERPRET else tl.bfloat16
+    return tl.float16 if dtype == torch.float16 else tl.float32
+
+
+def _warps(BN: int, key: str) -> int:
+    if _INTERPRET:
+        return 4
+    return CONFIG[key] or (8 if BN >= 128 else 4)
+
+
+def _bm(cs: int, key: str, BP: int, BN: int) -> int:
+    # very large (headdim, dstate) tiles need shorter position blocks to fit shared memory
+    return min(cs, CONFIG[key], 32 if BP * BN >= 128 * 256 else 128)
+
+
+def _stages(BP: int, BN: int) -> int:
+    return 1 if BP * BN >= 128 * 256 else CONFIG["stages"]
+
+
+def _check_inputs(x, chunk_size):
+    if x.dtype == torch.float64:
+        raise TypeError("lit_mamba2.kernels.ssd: float64 inputs are not supported by the Triton kernels; "
+                        "use impl='torch' for float64 or cast to float32")
+    if chunk_size not in (16, 32, 64, 128, 256):
+        raise ValueError(f"lit_mamba2.kernels.ssd: chunk_size must be one of 16, 32, 64, 128, 256, got {chunk_size}")
+    if x.shape[3] > 128:
+        raise ValueError(f"lit_mamba2.kernels.ssd: headdim must be at most 128, got {x.shape[3]}")
+
+
+STATS: dict = {}  # kernel name -> (registers, spills, shared bytes), filled when LIT_MAMBA2_KERNEL_STATS=1
+
+
+def _launch(kernel, grid, *args, **kw):
+    handle = kernel[grid](*args, **kw)
+    if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1" and handle is not None and not _INTERPRET:
+        key = (kernel.fn.__name__, kw.get("BN"), kw.get("CS"))
+        STATS.setdefault(key, (getattr(handle, "n_regs", None), getattr(handle, "n_spills", None),
+                               getattr(handle.metadata, "shared", None) if hasattr(handle, "metadata") else None))
+    return handle
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The custom ops
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("lit_mamba2::ssd_fwd", mutates_args=())
+def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Optional[Tensor],
+            z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
+            seq_idx: Optional[Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, final_states, entering states, processed dt, in-chunk cumsum, pre-gate y or empty)."""
+    _check_inputs(x, chunk_size)
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = map(
+        _c, (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx))
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    cs = chunk_size
+    NC = triton.cdiv(L, cs)
+    Lp = NC * cs
+    f32 = torch.float32
+    dtp = torch.empty(b, H, Lp, device=x.device, dtype=f32)
+    cum = torch.empty(b, H, Lp, device=x.device, dtype=f32)
+    states = torch.empty(b, NC, H, P, N, device=x.device, dtype=x.dtype)
+    final = torch.empty(b, H, P, N, device=x.device, dtype=f32)
+    has_limit = (dt_lo, dt_hi) != (0.0, INF)
+    prec = _dot_prec(x.dtype)
+    ddt_ = _dot_dtype(x.dtype)
+    dummy = x
+    _launch(_dt_kernel, (NC, b * H), dt, A, dt_bias if dt_bias is not None else dummy, dtp, cum,
+            L, H, NC, float(dt_lo), float(min(dt_hi, 3.0e38)),
+            CS=cs, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
+    BP1, BN1 = _state_blocks(b, H, P, N)
+    npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
+    _launch(_fwd_state_kernel, (npb * nnb, b * H),
+            x, B, initial_states if initial_states is not None else dummy, seq_idx if seq_idx is not None else dummy,
+            dtp, cum, states, final, L, H, G, P, N, NC, nnb,
+            CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_INIT=initial_states is not None,
+            HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=CONFIG["stages"])
+    out = torch.empty_like(x)
+    ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
+    BP, BN = _pow2(P), _pow2(N)
+    BM = _bm(cs, "out_bm", BP, BN)
+    use_cb = H // G >= CONFIG["cb_min_heads_per_group"]
+    cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else None
+    _launch(_fwd_out_kernel, (H, NC * (cs // BM), b),
+        x, B, C, D if D is not None else dummy, z if z is not None else dummy, seq_idx if seq_idx is not None else dummy,
+        dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy,
+        L, H, G, P, N, NC,
+        CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
+        num_warps=_warps(BN, "out_warps"),
+        num_stages=_stages(BP, BN))
+    return out, final, states, dtp, cum, ypre
+
+
+@ssd_fwd.register_fake
+def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_lo, dt_hi):
+    b, L, H, P = x.shape
+    N = B.shape[3]
+    NC = -(-L // chunk_size)
+    Lp = NC * chunk_size
+    f32 = torch.float32
+    return (torch.empty_like(x), x.new_empty(b, H, P, N, dtype=f32), x.new_empty(b, NC, H, P, N),
+            x.new_empty(b, H, Lp, dtype=f32), x.new_empty(b, H, Lp, dtype=f32),
+            torch.empty_like(x) if z is not None else x.new_empty(0))
+
+
+@torch.library.custom_op("lit_mamba2::ssd_bwd", mutates_args=())
+def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+            chunk_size: int, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+            initial_states: Optional[Tensor], seq_idx: Optional[Tensor], dt_softplus: bool, dt_lo: float,
+            dt_hi: float, states: Tensor, dtp: Tensor, cum: Tensor, ypre: Tensor
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); empty tensors for absent inputs."""
+    dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx = map(
+        _c, (dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx))
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    cs = chunk_size
+    NC = triton.cdiv(L, cs)
+    Lp = NC * cs
+    f32 = torch.float32
+    dev = x.device
+    prec = _dot_prec(x.dtype)
+    ddt_ = _dot_dtype(x.dtype)
+    has_limit = (dt_lo, dt_hi) != (0.0, INF)
+    if z is not None:  # out = y * silu(z): the kernels take dy, the gradient of y
+        zf = z.float()
+        sz = torch.sigmoid(zf)
+        doutf = dout.float()
+        dz = (doutf * ypre.float() * sz * (1 + zf * (1 - sz))).to(z.dtype)
+        dy = (doutf * zf * sz).to(x.dtype)
+    else:
+        dz = x.new_empty(0)
+        dy = dout
+    dummy = x
+    # 1. reverse state pass
+    BP1, BN1 = _state_blocks(b, H, P, N)
+    npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
+    dstates = torch.empty_like(states)
+    dinit = torch.empty(b, H, P, N, device=dev, dtype=f32)
+    dcl = torch.empty(b, H, NC, npb * nnb, device=dev, dtype=f32)
+    _launch(_bwd_state_kernel, (npb * nnb, b * H),
+        dy, C, seq_idx if seq_idx is not None else dummy, cum, states, dfinal if dfinal is not None else dummy,
+        dstates, dinit, dcl, L, H, G, P, N, NC, nnb,
+        CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
+        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=CONFIG["stages"])
+    # 2. dx, dB, s-side of d cum
+    BP, BN = _pow2(P), _pow2(N)
+    BM = _bm(cs, "bwd_bm", BP, BN)
+    NM = cs // BM
+    use_cb = H // G >= CONFIG["cb_min_heads_per_group"]
+    cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
+    dx = torch.empty_like(x)
+    dB = torch.empty_like(B)
+    ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
+    dcum_a = torch.empty(b, H, Lp, device=dev, dtype=f32)
+    vbuf = torch.empty(b, H, Lp, device=dev, dtype=f32)
+    dD_part = torch.empty(b, NC * NM, H, P, device=dev, dtype=f32) if D is not None else x.new_empty(0)
+    _launch(_bwd_dx_kernel, (NC * NM, b * G),
+        x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dstates, cb,
+        dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy,
+        L, H, G, P, N, NC,
+        CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+        HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
+        num_stages=_stages(BP, BN))
+    # 3. dC, t-side of d cum
+    dC = torch.empty_like(C)
+    dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
+    _launch(_bwd_dc_kernel, (NC * NM, b * G),
+        x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, cb, dC, dcum_b,
+        L, H, G, P, N, NC,
+        CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
+        num_warps=_warps(BN, "bwd_warps"),
+        num_stages=_stages(BP, BN))
+    # 4. d cum -> d dt, dA, d dt_bias
+    ddt = torch.empty_like(dt)
+    dA_part = torch.empty(b, NC, H, device=dev, dtype=f32)
+    dbias_part = torch.empty(b, NC, H, device=dev, dtype=f32) if dt_bias is not None else x.new_empty(0)
+    _launch(_bwd_dt_kernel, (NC, b * H),
+        dt, dt_bias if dt_bias is not None else dummy, A, dtp, ddt_direct, dcum_a, dcum_b, vbuf, dcl,
+        ddt, dA_part, dbias_part if dt_bias is not None else dummy,
+        L, H, NC, npb * nnb, float(dt_lo), float(min(dt_hi, 3.0e38)),
+        CS=cs, BPN=_pow2(npb * nnb, 2), HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+        HAS_LIMIT=has_limit, num_warps=4)
+    dA = dA_part.sum((0, 1)).to(A.dtype)
+    ddt_bias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else x.new_empty(0)
+    if D is not None:
+        dDf = dD_part.sum((0, 1))
+        dD = (dDf if D.dim() == 2 else dDf.sum(-1)).to(D.dtype)
+    else:
+        dD = x.new_empty(0)
+    dinit_out = dinit.to(initial_states.dtype) if initial_states is not None else x.new_empty(0)
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit_out
+
+
+@ssd_bwd.register_fake
+def _(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_lo, dt_hi,
+      states, dtp, cum, ypre):
+    e = x.new_empty(0)
+    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
+            torch.empty_like(D) if D is not None else e, torch.empty_like(z) if z is not None else e,
+            torch.empty_like(dt_bias) if dt_bias is not None else e,
+            torch.empty_like(initial_states) if initial_states is not None else e)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_lo, dt_hi = inputs
+    _, _, states, dtp, cum, ypre = output
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, states, dtp, cum, ypre)
+    ctx.args = (chunk_size, dt_softplus, dt_lo, dt_hi)
+
+
+def _backward(ctx, dout, dfinal, *unused):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, states, dtp, cum, ypre = ctx.saved_tensors
+    chunk_size, dt_softplus, dt_lo, dt_hi = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(x)
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = torch.ops.lit_mamba2.ssd_bwd(
+        dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_lo, dt_hi,
+        states, dtp, cum, ypre)
+    return (dx, ddt, dA, dB, dC, None, dD if D is not None else None, dz if z is not None else None,
+            ddt_bias if dt_bias is not None else None, dinit if initial_states is not None else None,
+            None, None, None, None)
+
+
+ssd_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+        dt_softplus=False, dt_limit=(0.0, INF), return_final_states=False):
+    """`lit_mamba2.ssd` on the Triton kernels (arguments already checked by `lit_mamba2.ops.ssd`)."""
+    out, final, *_ = torch.ops.lit_mamba2.ssd_fwd(
+        x, dt, A, B, C, int(chunk_size), D, z, dt_bias, initial_states, seq_idx, bool(dt_softplus),
+        float(dt_limit[0]), float(dt_limit[1]))
+    return (out, final) if return_final_states else out
