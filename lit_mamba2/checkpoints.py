@@ -290,15 +290,18 @@ def load_folder(folder: str | os.PathLike, dtype=None, device=None) -> tuple[Mam
 
 
 def load_training_checkpoint(path: str | os.PathLike, dtype=None, device=None) -> Mamba2LMHeadModel:
-    """A Lightning .ckpt from training: the model config and tokenizer are stored in it, either under a top-level
-    "lit_mamba2" key or in "hyper_parameters", as {"model_config": dict, "tokenizer": ...}; the weights are
-    `state_dict` with the LightningModule's "model." prefix."""
+    """A Lightning .ckpt from training: the model config and tokenizer are stored in it as top-level
+    "model_config" and "tokenizer" entries (what `lit-mamba2 pretrain` writes), or under a "lit_mamba2" key or
+    "hyper_parameters" as {"model_config": dict, "tokenizer": ...}; the weights are `state_dict` with the
+    LightningModule's "model." prefix."""
     path = Path(path)
     ckpt = _load_torch(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
-    meta = None
+    meta = ckpt if "model_config" in ckpt else None  # what LanguageModel.on_save_checkpoint writes
     for where in ("lit_mamba2", "hyper_parameters"):
+        if meta is not None:
+            break
         block = ckpt.get(where)
         if isinstance(block, dict) and isinstance(block.get("lit_mamba2"), dict):
             block = block["lit_mamba2"]
@@ -321,7 +324,7 @@ def load_training_checkpoint(path: str | os.PathLike, dtype=None, device=None) -
     if not sd:
         raise CheckpointError(f"{path}: state_dict has no 'model.'-prefixed keys")
     model = build_model(config, sd, str(path), dtype, device)
-    model.tokenizer = tokenizer_from_checkpoint_state(meta.get("tokenizer"))
+    model.tokenizer = tokenizer_from_checkpoint_state(meta.get("tokenizer", ckpt.get("tokenizer")))
     return model
 
 

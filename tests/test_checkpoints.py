@@ -258,7 +258,10 @@ def write_ckpt(path, model, tokenizer_state, layout):
     meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer_state}
     ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 1, "global_step": 10}
     ckpt["state_dict"]["train_metric.total"] = torch.zeros(())  # not the model's: ignored
-    if layout == "hyper_parameters":
+    if layout == "top_level":  # LanguageModel.on_save_checkpoint; hyper_parameters hold the config too
+        ckpt.update(meta)
+        ckpt["hyper_parameters"] = {"model_config": meta["model_config"], "optim": {"lr": 3e-4}}
+    elif layout == "hyper_parameters":
         ckpt["hyper_parameters"] = {"lr": 3e-4, **meta}
     else:
         ckpt["lit_mamba2"] = meta
@@ -271,7 +274,7 @@ def tokenizer_state(tok, tmp_path):
     return {"kind": "hf", "name": "test-words", "files": {p.name: p.read_bytes() for p in d.iterdir()}}
 
 
-@pytest.mark.parametrize("layout", ["hyper_parameters", "lit_mamba2"])
+@pytest.mark.parametrize("layout", ["top_level", "hyper_parameters", "lit_mamba2"])
 def test_convert_training_checkpoint_to_both_formats(tmp_path, layout):
     from transformers import Mamba2ForCausalLM
 
