@@ -37,8 +37,22 @@ def pretrain_command(argv: list[str]) -> None:
     pretrain(cfg)
 
 
+def convert_command(argv: list[str]) -> Optional[int]:
+    from lit_mamba2.checkpoints import convert_main
+
+    return convert_main(argv)
+
+
+def generate_command(argv: list[str]) -> Optional[int]:
+    from lit_mamba2.generation import generate_main
+
+    return generate_main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], Optional[int]], str]] = {
     "pretrain": (pretrain_command, "pretrain a model from a recipe (no arguments: the built-in CPU default)"),
+    "convert": (convert_command, "convert a checkpoint (folder, Hub id or .ckpt) to the hf or mamba_ssm format"),
+    "generate": (generate_command, "generate text from a checkpoint (folder, Hub id or .ckpt)"),
 }
 
 
