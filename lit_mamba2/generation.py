@@ -1,13 +1,24 @@
-"""Text generation with the recurrent state cache: the prompt goes through the chunked SSD path once (prefill),
-then one token at a time reuses each layer's conv/SSM state or KV cache."""
+"""Text generation with the recurrent state cache.
+
+The prompts go through the chunked path once (prefill: SSD and conv return their final states, attention its keys
+and values); then each new token runs `model.step`, which advances every layer's conv/SSM state or KV cache in place.
+Prompts of different lengths are left-padded and the padding is its own document (seq_idx 0 before each row's
+prompt, 1 over it), so no pad token, conv tap or state reaches a prompt; attention masks the padded KV slots
+while decoding. On CUDA the step uses the Triton state-update kernels and is captured once as a CUDA graph over
+static buffers (states, token, positions), then replayed for each token.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import argparse
+import sys
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from lit_mamba2.model import Mamba2LMHeadModel
+from lit_mamba2.model import DecodePositions, KVCache, Mamba2LMHeadModel, Mamba2State
+
+Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -21,37 +32,283 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest prefix reaching top_p
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def pad_prompts(prompts: Prompts, device, pad_id: int = 0):
+    """Left-pad prompts into (batch, L) ids. Returns ids, seq_idx (int32, or None when no row is padded),
+    lengths (batch,) and pads (batch,) as int64 tensors."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts[None] if prompts.dim() == 1 else prompts
+        rows = list(prompts)
+    else:
+        rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    if not rows:
+        raise ValueError("no prompts given")
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    if int(lengths.min()) == 0:
+        raise ValueError(f"prompt {int(lengths.argmin())} is empty; every prompt needs at least one token")
+    L = int(lengths.max())
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r.to(torch.long)
+    pads = L - lengths
+    seq_idx = None
+    if int(pads.max()) > 0:
+        seq_idx = (torch.arange(L)[None, :] >= pads[:, None]).to(torch.int32)
+        seq_idx = seq_idx.to(device)
+    return ids.to(device), seq_idx, lengths.to(device), pads.to(device)
+
+
+class Decoder:
+    """Static decoding buffers for one batch size and maximum length: per-layer states (fixed-size KV caches for
+    attention), the input token and the positions; `step` is one token for every row, replayed from a CUDA graph
+    when `cuda_graph` (default: on CUDA). `compile=True` also runs the step through torch.compile. `ring_conv`
+    keeps Mamba-2 conv states as rings (see Mamba2State.ring), so that one kernel does conv and state update
+    (default: below batch 16, where it measured faster). `state_dtype=torch.bfloat16` stores SSM states in bf16
+    (as mamba_ssm does for bf16 models): about 30% less time per step at batch 64, some accuracy lost."""
+
+    def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
+                 compile: bool = False, state_dtype: Optional[torch.dtype] = None,
+                 ring_conv: Optional[bool] = None):
+        self.model = model
+        weight = model.lm_head.weight
+        device = weight.device
+        self.batch_size, self.max_len = batch_size, max_len
+        if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
+            ring_conv = batch_size < 16
+        self.states = model.allocate_states(batch_size, device=device)
+        # state_dtype: the SSM states' storage (the kernel computes in float32 either way). bfloat16 halves the
+        # bytes a step moves at large batch, as mamba_ssm does for bf16 models, at some accuracy over long outputs.
+        for st in self.states:
+            if isinstance(st, Mamba2State):
+                st.ssm = st.ssm.to(state_dtype or st.ssm.dtype)  # default: float32 (float64 for float64 models)
+                if ring_conv:
+                    st.conv = torch.zeros(*st.conv.shape[:2], st.conv.shape[2] + 1, device=device,
+                                          dtype=st.conv.dtype)
+                    st.ring = True
+        for st, layer in zip(self.states, model.backbone.layers):
+            if isinstance(st, KVCache):
+                m = layer.mixer
+                st.k = torch.zeros(batch_size, m.num_heads_kv, max_len, m.head_dim, device=device, dtype=weight.dtype)
+                st.v = torch.zeros_like(st.k)
+        self.has_attention = any(isinstance(st, KVCache) for st in self.states)
+        zeros = dict(device=device, dtype=torch.long)
+        self.pos = DecodePositions(torch.zeros((), **zeros), torch.zeros(batch_size, **zeros),
+                                   torch.zeros(batch_size, **zeros))
+        self.token = torch.zeros(batch_size, **zeros)
+        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self._fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
+        self.graph, self.logits = None, None
+        self.filled = 0
+
+    def _eager_step(self):
+        logits = self.model.step(self.token, self.states, self.pos)
+        self.pos.advance()
+        return logits
+
+    def capture(self):
+        """Warm up (compiles the kernels) on a side stream, then capture one step. The states it scribbles on are
+        overwritten by the next prefill."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._fn()
+        torch.cuda.synchronize()
+
+    def prefill(self, ids: torch.Tensor, seq_idx=None, lengths=None, pads=None) -> torch.Tensor:
+        """Run the prompts (left-padded, (batch, L)) through the chunked path; returns the last position's logits."""
+        b, L = ids.shape
+        if b != self.batch_size or L >= self.max_len:
+            raise ValueError(f"prefill: ids {tuple(ids.shape)} do not fit the decoder (batch {self.batch_size}, "
+                             f"max_len {self.max_len})")
+        if self.cuda_graph and self.graph is None:
+            self.capture()
+        fresh = self.model.allocate_states(b, device=ids.device)
+        logits = self.model(ids, seq_idx=seq_idx, states=fresh)[:, -1]
+        for st, new in zip(self.states, fresh):
+            if isinstance(st, Mamba2State):
+                if st.ring:  # oldest input (position L - width + 1) first: slots (L + 1 + k) % width
+                    w = st.conv.shape[-1]
+                    st.conv.index_copy_(-1, (L + 1 + torch.arange(w - 1, device=ids.device)) % w, new.conv)
+                else:
+                    st.conv.copy_(new.conv)
+                st.ssm.copy_(new.ssm)
+            else:
+                st.k[:, :, :L].copy_(new.k)
+                st.v[:, :, :L].copy_(new.v)
+                if st.conv is not None:
+                    st.conv.copy_(new.conv)
+        self.filled = L  # host-side count of KV slots used, so that step() needs no device sync to check it
+        self.pos.cache_pos.fill_(L)
+        self.pos.positions.copy_(lengths if lengths is not None else torch.full((b,), L))
+        self.pos.kv_start.copy_(pads if pads is not None else torch.zeros(b))
+        return logits
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token (batch,) -> logits (batch, padded_vocab) for the next position."""
+        if self.filled >= self.max_len and self.has_attention:
+            raise ValueError(f"decoder is full: max_len {self.max_len} reached")
+        self.filled += 1
+        self.token.copy_(token)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return self._fn()
+
+
 @torch.inference_mode()
-def stream(model: Mamba2LMHeadModel, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-           top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: tuple = (),
-           generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
-    """Yields each new token (batch,) as it is sampled. prompt_ids: (batch, prompt_len), all rows the same length."""
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids[None]
-    states = model.allocate_states(prompt_ids.shape[0], device=prompt_ids.device)
-    logits = model(prompt_ids, states=states)[:, -1, : model.config.vocab_size]
-    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+def stream(model: Mamba2LMHeadModel, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
+           top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
+           generator: Optional[torch.Generator] = None, pad_id: int = 0, cuda_graph: Optional[bool] = None,
+           decoder: Optional[Decoder] = None, state_dtype: Optional[torch.dtype] = None) -> Iterator[torch.Tensor]:
+    """Yields each new token (batch,) as it is sampled. prompts: (batch, L) ids, or a list of prompts of any
+    lengths (left-padded here). Rows that produced a stop token yield pad_id afterwards; generation ends when every
+    row has stopped or after max_new_tokens."""
+    device = model.lm_head.weight.device
+    ids, seq_idx, lengths, pads = pad_prompts(prompts, device, pad_id)
+    b, L = ids.shape
+    if decoder is None:
+        decoder = Decoder(model, b, L + max_new_tokens, cuda_graph, state_dtype=state_dtype)
+    logits = decoder.prefill(ids, seq_idx, lengths, pads)
+    vocab = model.config.vocab_size
+    stops = torch.tensor(list(stop_tokens), device=device, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        token = sample_next(logits[:, :vocab], temperature, top_k, top_p, generator)
+        if len(stops):
+            token = torch.where(done, torch.full_like(token, pad_id), token)
         yield token
-        if stop_tokens:
-            done |= torch.isin(token, torch.tensor(stop_tokens, device=token.device))
+        if len(stops):
+            done |= torch.isin(token, stops)
             if bool(done.all()):
                 return
-        logits = model(token[:, None], states=states)[:, -1, : model.config.vocab_size]
+        if i + 1 < max_new_tokens:
+            logits = decoder.step(token)
 
 
-def generate(model: Mamba2LMHeadModel, prompt_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-    """The prompt followed by up to max_new_tokens sampled tokens: (batch, prompt_len + new)."""
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids[None]
-    new = list(stream(model, prompt_ids, max_new_tokens, **kwargs))
-    return torch.cat([prompt_ids, torch.stack(new, dim=1)], dim=1) if new else prompt_ids
+def generate(model: Mamba2LMHeadModel, prompts: Prompts, max_new_tokens: int, **kwargs):
+    """A (batch, L) tensor of prompts: returns (batch, L + new) with the new tokens appended. A list of prompts:
+    returns a list with each prompt's new tokens (up to and including its stop token)."""
+    new = list(stream(model, prompts, max_new_tokens, **kwargs))
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts[None] if prompts.dim() == 1 else prompts
+        return torch.cat([prompts, torch.stack(new, dim=1).to(prompts.device)], dim=1) if new else prompts
+    out = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]
+    stops = set(kwargs.get("stop_tokens", ()))
+    result = []
+    for row in out:
+        cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+        result.append(row[:cut])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lit-mamba2 generate
+# ---------------------------------------------------------------------------------------------------------------
+class _ByteCodec:
+    """The built-in byte tokenizer of training (id = UTF-8 byte, 0 ends a document)."""
+
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", errors="replace")
+
+
+def generate_main(argv: Optional[list[str]] = None) -> int:
+    from lit_mamba2.checkpoints import DTYPES, CheckpointError, from_pretrained, load_hf_tokenizer
+
+    parser = argparse.ArgumentParser(
+        prog="lit-mamba2 generate",
+        description="Generate text from a checkpoint (a mamba_ssm or transformers folder, a Hub repo id, or a "
+                    "training .ckpt), streaming tokens as they come.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, Hub repo id or training .ckpt")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="prompt text; repeat for a batch of prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--stop", action="append", default=None,
+                        help="stop text (its first token) or #ID for a token id; default: the tokenizer's eos")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer name or folder, or 'byte' (default: the "
+                        "checkpoint's own)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA")
+    parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="storage of the SSM states while decoding (bfloat16: faster at large batch)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        model = from_pretrained(args.checkpoint, dtype=dtype, device=device,
+                                tokenizer=args.tokenizer if args.tokenizer not in (None, "byte") else None)
+    except (CheckpointError, FileNotFoundError) as e:
+        parser.exit(2, f"lit-mamba2 generate: error: {e}\n")
+    tok = getattr(model, "tokenizer", None)
+    if args.tokenizer == "byte" or tok == "byte":
+        tok = _ByteCodec()
+    elif args.tokenizer:
+        tok = tok or load_hf_tokenizer(args.tokenizer)
+    if tok is None:
+        parser.exit(2, "lit-mamba2 generate: error: the checkpoint has no tokenizer; pass --tokenizer NAME\n")
+    model.eval()
+    stops = []
+    for s in args.stop or []:
+        if s.startswith("#") and s[1:].isdigit():
+            stops.append(int(s[1:]))
+        else:
+            enc = tok.encode(s, add_special_tokens=False)
+            if enc:
+                stops.append(enc[0])
+    if args.stop is None and getattr(tok, "eos_token_id", None) is not None:
+        stops.append(int(tok.eos_token_id))
+    prompts = [tok.encode(p, add_special_tokens=False) for p in args.prompt]
+    if any(len(p) == 0 for p in prompts):
+        parser.error("every --prompt must encode to at least one token")
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    single = len(prompts) == 1
+    rows: list[list[int]] = [[] for _ in prompts]
+    printed = ""
+    if single:
+        sys.stdout.write(args.prompt[0])
+        sys.stdout.flush()
+    for token in stream(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, stop_tokens=stops, generator=generator,
+                        cuda_graph=False if args.no_cuda_graph else None, state_dtype=DTYPES[args.state_dtype]):
+        for r, t in zip(rows, token.tolist()):
+            if not (r and r[-1] in stops):
+                r.append(t)
+        if single:
+            text = tok.decode([t for t in rows[0] if t not in stops])
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    if single:
+        sys.stdout.write("\n")
+    else:
+        for p, r in zip(args.prompt, rows):
+            print(f"--- {p!r}\n{p}{tok.decode([t for t in r if t not in stops])}")
+    return 0

@@ -53,8 +53,72 @@ class GatedRMSNorm(nn.Module):
 class Mamba2State:
     """A Mamba-2 layer's recurrent state: the last d_conv - 1 conv inputs and the SSM state."""
 
-    conv: torch.Tensor  # (batch, conv_dim, d_conv - 1)
-    ssm: torch.Tensor  # (batch, nheads, headdim, d_state), float32
+    conv: torch.Tensor  # (batch, conv_dim, d_conv - 1), oldest first
+    ssm: torch.Tensor  # (batch, nheads, headdim, d_state), float32 (float64 for a float64 model)
+    # Decoding only (generation.Decoder): conv holds d_conv slots used as a ring, the token at cache position t
+    # writing slot t % d_conv; it saves the shift and lets one kernel do conv and state update without races.
+    ring: bool = False
+
+
+def _step_on_triton(t: torch.Tensor, impl: Optional[str]) -> bool:
+    """The one-token kernels run on CUDA unless impl="torch"; impl="triton" forces them (CPU: TRITON_INTERPRET=1)."""
+    return impl == "triton" or (impl is None and t.is_cuda and ops.triton_available())
+
+
+def conv_step(x, conv_state, weight, bias, activation, impl=None):
+    """One input of a depthwise causal conv: x (b, dim); conv_state (b, dim, width - 1) shifted in place."""
+    if _step_on_triton(x, impl):
+        from lit_mamba2.kernels.state_update import conv_step as conv_step_triton
+
+        return conv_step_triton(x, conv_state, weight, bias, activation)
+    window = torch.cat([conv_state, x[:, :, None].to(conv_state.dtype)], dim=-1)
+    out = (window.float() * weight.float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    conv_state.copy_(window[:, :, 1:])
+    return (F.silu(out) if activation == "silu" else out).to(x.dtype)
+
+
+def ring_conv_step(x, ring, cache_pos, weight, bias):
+    """conv_step (with SiLU) on a ring of width slots: x (b, dim) goes to slot cache_pos % width; the older
+    inputs are the slots after it, oldest first."""
+    w = ring.shape[-1]
+    slot = cache_pos.view(1) % w
+    older = ring.index_select(-1, (slot + 1 + torch.arange(w - 1, device=x.device)) % w)
+    window = torch.cat([older, x[:, :, None].to(ring.dtype)], dim=-1)
+    out = (window.float() * weight.float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    ring.index_copy_(-1, slot, x[:, :, None].to(ring.dtype))
+    return F.silu(out).to(x.dtype)
+
+
+def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, math.inf), impl=None):
+    """One token of the SSD recurrence with A = -exp(A_log): state (b, h, p, n) float32 updated in place;
+    returns y (b, h, p)."""
+    if _step_on_triton(x, impl):
+        from lit_mamba2.kernels.state_update import state_update
+
+        return state_update(state, x, dt, A_log, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                            dt_limit=dt_limit, A_is_log=True)
+    cdt = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
+    A = -torch.exp(A_log.to(cdt))
+    h = state.shape[1]
+    dt = dt.to(cdt) + (dt_bias.to(cdt) if dt_bias is not None else 0.0)
+    dt = F.softplus(dt)
+    if tuple(dt_limit) != (0.0, math.inf):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    Bh = B.to(cdt).repeat_interleave(h // B.shape[1], dim=1)
+    Ch = C.to(cdt).repeat_interleave(h // C.shape[1], dim=1)
+    xf = x.to(cdt)
+    new = state.to(cdt) * torch.exp(dt * A)[..., None, None] + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]
+    state.copy_(new)
+    y = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    if D is not None:
+        y = y + xf * (D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt))
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y.to(x.dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -114,7 +178,7 @@ class Mamba2Mixer(nn.Module):
         dtype = dtype or self.in_proj.weight.dtype
         return Mamba2State(conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
                            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
-                                           dtype=torch.float32))
+                                           dtype=torch.float64 if dtype == torch.float64 else torch.float32))
 
     def forward(self, u, seq_idx=None, state: Optional[Mamba2State] = None):
         """u: (batch, seqlen, d_model). With `state`, it is the state before u, and is replaced by the state after."""
@@ -141,7 +205,7 @@ class Mamba2Mixer(nn.Module):
             dt_softplus=True, dt_limit=self.dt_limit, return_final_states=state is not None, impl=self.impl)
         if state is not None:
             y, ssm_state = out
-            state.conv, state.ssm = conv_state.to(state.conv.dtype), ssm_state.float()
+            state.conv, state.ssm = conv_state.to(state.conv.dtype), ssm_state.to(state.ssm.dtype)
         else:
             y = out
         y = y.reshape(b, L, self.d_ssm)
@@ -150,6 +214,54 @@ class Mamba2Mixer(nn.Module):
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
+
+    def step(self, u, state: Mamba2State, pos=None):
+        """One token per row, u: (batch, d_model) -> (batch, d_model), advancing `state` in place (so that a
+        CUDA graph can capture it). Equal to forward on a length-1 sequence with the same state."""
+        b = u.shape[0]
+        z0, x0, z, xBC, dt = torch.split(
+            self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
+        z_gate = None if self.norm is not None else z.view(b, self.nheads, self.headdim)
+        weight = self.conv1d.weight[:, 0, :]
+        if state.ring and _step_on_triton(u, self.impl):
+            from lit_mamba2.kernels.state_update import mixer_step
+
+            y = mixer_step(state.ssm, state.conv, pos.cache_pos, xBC, weight, self.conv1d.bias, dt, self.A_log,
+                           D=D, z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, ngroups=self.ngroups)
+        else:
+            if state.ring:
+                xBC = ring_conv_step(xBC, state.conv, pos.cache_pos, weight, self.conv1d.bias)
+            else:
+                xBC = conv_step(xBC, state.conv, weight, self.conv1d.bias, "silu", self.impl)
+            x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+            y = ssm_step(state.ssm, x.view(b, self.nheads, self.headdim), dt, self.A_log,
+                         B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
+                         z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, impl=self.impl)
+        y = y.reshape(b, self.d_ssm)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+
+@dataclass
+class DecodePositions:
+    """Where each row stands while decoding with fixed-size KV caches (what attention layers' `step` needs).
+
+    cache_pos: () int64, the KV slot the next token writes (equal for all rows: prompts are left-padded);
+    positions: (batch,) int64, the next token's rotary position within its own prompt; kv_start: (batch,) int64,
+    each row's first real KV slot (slots before it hold padding and are masked out). `advance` moves on by one
+    token in place, so a captured CUDA graph can replay it."""
+
+    cache_pos: torch.Tensor
+    positions: torch.Tensor
+    kv_start: torch.Tensor
+
+    def advance(self):
+        self.cache_pos.add_(1)
+        self.positions.add_(1)
 
 
 @dataclass
@@ -268,6 +380,36 @@ class Attention(nn.Module):
             out = torch.cat([out, x_mlp], dim=-1)
         return self.out_proj(out)
 
+    def step(self, x, state: KVCache, pos: DecodePositions):
+        """One token per row, x: (batch, d_model), into a fixed-size cache (state.k: (batch, heads_kv, max_len,
+        head_dim)) at slot pos.cache_pos; keys before pos.kv_start (left padding) are masked out."""
+        b = x.shape[0]
+        qkv = self.in_proj(x)
+        if self.mlp_dim > 0:
+            qkv, x_mlp = qkv.split([self.qkv_dim, self.mlp_dim], dim=-1)
+            up, gate = x_mlp.chunk(2, dim=-1)
+            x_mlp = up * F.silu(gate)
+        if self.d_conv > 0:
+            qkv = conv_step(qkv, state.conv, self.conv1d.weight[:, 0, :], self.conv1d.bias, None, self.impl)
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
+                             self.num_heads_kv * self.head_dim], dim=-1)
+        p = pos.positions[:, None]
+        q = apply_rotary(q.view(b, 1, self.num_heads, self.head_dim), p, self.rotary_dim, self.rotary_base)
+        k = apply_rotary(k.view(b, 1, self.num_heads_kv, self.head_dim), p, self.rotary_dim, self.rotary_base)
+        v = v.view(b, 1, self.num_heads_kv, self.head_dim)
+        slot = pos.cache_pos.view(1)
+        state.k.index_copy_(2, slot, k.transpose(1, 2).to(state.k.dtype))
+        state.v.index_copy_(2, slot, v.transpose(1, 2).to(state.v.dtype))
+        ar = torch.arange(state.k.shape[2], device=x.device)
+        mask = (ar[None, :] >= pos.kv_start[:, None]) & (ar[None, :] <= pos.cache_pos)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k, state.v, attn_mask=mask[:, None, None, :],
+                                             scale=self.softmax_scale,
+                                             enable_gqa=self.num_heads != self.num_heads_kv)
+        out = out.transpose(1, 2).reshape(b, self.num_heads * self.head_dim)
+        if self.mlp_dim > 0:
+            out = torch.cat([out, x_mlp], dim=-1)
+        return self.out_proj(out)
+
 
 class GatedMLP(nn.Module):
     def __init__(self, d_model: int, d_intermediate: int, multiple_of: int = 128):
@@ -312,6 +454,24 @@ class Block(nn.Module):
             hidden = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
         return hidden, residual
 
+    def _add_norm(self, hidden, residual, norm):
+        """residual += hidden; norm(residual): one fused kernel when decoding on CUDA."""
+        if _step_on_triton(hidden, self.mixer.impl):
+            from lit_mamba2.kernels.state_update import add_rmsnorm
+
+            dtype = torch.float32 if self.residual_in_fp32 else hidden.dtype
+            return add_rmsnorm(hidden, residual, norm.weight, norm.eps, dtype)
+        residual = self._add(hidden, residual)
+        return norm(residual.to(norm.weight.dtype)), residual
+
+    def step(self, hidden, residual, state, pos=None):
+        normed, residual = self._add_norm(hidden, residual, self.norm)
+        hidden = self.mixer.step(normed, state, pos)
+        if self.mlp is not None:
+            normed, residual = self._add_norm(hidden, residual, self.norm2)
+            hidden = self.mlp(normed)
+        return hidden, residual
+
 
 class Backbone(nn.Module):
     def __init__(self, config: Mamba2Config):
@@ -326,6 +486,12 @@ class Backbone(nn.Module):
             hidden, residual = layer(hidden, residual, seq_idx=seq_idx, state=None if states is None else states[i])
         residual = hidden if residual is None else residual + hidden
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def step(self, input_ids, states, pos=None):
+        hidden, residual = self.embedding(input_ids), None
+        for layer, state in zip(self.layers, states):
+            hidden, residual = layer.step(hidden, residual, state, pos)
+        return self.layers[-1]._add_norm(hidden, residual, self.norm_f)[0]
 
 
 class Mamba2LMHeadModel(nn.Module):
@@ -399,14 +565,45 @@ class Mamba2LMHeadModel(nn.Module):
         hidden = self.backbone(input_ids, seq_idx=seq_idx, states=states)
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 
+    def step(self, input_ids, states, pos: Optional[DecodePositions] = None):
+        """One decoding step: input_ids (batch,) -> logits (batch, padded_vocab_size). `states` are advanced in
+        place; attention layers need fixed-size caches and `pos` (see generation.py, which prepares both)."""
+        hidden = self.backbone.step(input_ids, states, pos)
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+
     def loss(self, input_ids, labels, seq_idx=None, ignore_index: int = -100, reduction: str = "mean"):
         """Cross-entropy of the logits at each position against labels at the same position (labels are the
         already-shifted next tokens; ignore_index marks positions that do not count). The one loss entry point."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-        logits = self(input_ids, seq_idx=seq_idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,
+        hidden = self.backbone(input_ids, seq_idx=seq_idx).to(self.lm_head.weight.dtype)
+        # the LM head fused with the loss (never the full float32 logits) where the Triton kernels run; the
+        # layers' impl (set_impl) forces either path
+        impl = next((m.impl for m in self.modules() if hasattr(m, "impl")), None)
+        if ops._choose(impl, hidden, op="loss") == "triton":
+            from lit_mamba2.kernels.cross_entropy import linear_cross_entropy
+
+            return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                        ignore_index=ignore_index, reduction=reduction)
+        logits = self.lm_head(hidden)
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
                                reduction=reduction)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, revision=None, dtype=None, device=None,
+                        tokenizer=None) -> "Mamba2LMHeadModel":
+        """A mamba_ssm- or transformers-format folder, a Hub repo id, or a training .ckpt (see checkpoints.py)."""
+        from lit_mamba2.checkpoints import from_pretrained
+
+        return from_pretrained(name_or_path, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer)
+
+    def save_pretrained(self, folder, format: str = "hf", tokenizer=None):
+        """Write a folder that transformers ("hf") or mamba_ssm ("mamba_ssm") loads as it is."""
+        from lit_mamba2.checkpoints import save_pretrained
+
+        return save_pretrained(self, folder, format=format, tokenizer=tokenizer)

@@ -221,7 +221,7 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, retur
     if not return_final_states:
         return out
     final = xp[:, -(w - 1):] if w > 1 else xp[:, :0]  # (b, w-1, d)
-    if seq_idx is not None:
+    if seq_idx is not None and w > 1:
         doc_tail = torch.cat([seq_idx[:, :1].expand(b, w - 1), seq_idx], dim=1)[:, -(w - 1):]
         final = final * (doc_tail == seq_idx[:, -1:]).to(cdt)[..., None]
     return out, final.transpose(1, 2).contiguous()

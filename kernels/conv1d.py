@@ -1,0 +1,303 @@
+"""Depthwise causal conv1d (width 1-4) with optional SiLU, in Triton: forward and backward.
+
+Positions are counted in the "padded" sequence xp = [initial_states, x] of length width - 1 + seqlen, so that the
+initial state, the body and the final state are one indexing scheme: out[t] reads xp[t : t + width], the final
+state is xp[seqlen : seqlen + width - 1], and the initial-state slots belong to the row's first document.
+
+The backward runs one program per tile of padded positions p and gathers dxp[p] = Σ_k w[k] dy[p - k] (same
+document only), recomputing dy from x instead of storing it: the 2·width - 1 shifted tiles xp[p + m] are loaded once
+and give every pre-activation it needs. The gradient of the initial state is dxp[:width - 1].
+Weight and bias gradients are per-program partial sums, added in a fixed order (deterministic).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_xp(x_ptr, init_ptr, b, q, d, mask, L, sxb, sxl, sxd, sib, sid, sik,
+             W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """xp[b, q, d] for a tile of padded positions q (block rows) and channels d (block columns), in float32."""
+    t = q - (W - 1)
+    body = mask & (t >= 0) & (t < L)
+    v = tl.load(x_ptr + b * sxb + t * sxl + d * sxd, mask=body, other=0.0).to(tl.float32)
+    if HAS_INIT:
+        head = mask & (t < 0) & (q >= 0)
+        v += tl.load(init_ptr + b * sib + d * sid + q * sik, mask=head, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _doc_p(seq_ptr, b, q, L, ssb, ssl, W: tl.constexpr):
+    """The document of padded position q: seq_idx at q - (W - 1), and the first document for initial-state slots."""
+    t = tl.minimum(tl.maximum(q - (W - 1), 0), L - 1)
+    return tl.load(seq_ptr + b * ssb + t * ssl)
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
+                     L, D,
+                     sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sob, sol, sod,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+                     SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tm, dm = t < L, d < D
+    mask = tm[:, None] & dm[None, :]
+    if HAS_SEQ:
+        doc_t = _doc_p(seq_ptr, b, t + (W - 1), L, ssb, ssl, W)
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(W):
+        q = t + k
+        keep = mask
+        if HAS_SEQ:
+            keep = keep & (_doc_p(seq_ptr, b, q, L, ssb, ssl, W) == doc_t)[:, None]
+        xv = _load_xp(x_ptr, init_ptr, b, q[:, None], d[None, :], keep, L, sxb, sxl, sxd, sib, sid, sik, W, HAS_INIT)
+        wk = tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)
+        acc += xv * wk[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b * sob + t[:, None] * sol + d[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, m: tl.constexpr, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+             W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """xp[p + m] (zero outside the padded sequence) and the document of each row p + m."""
+    q = p + m
+    inside = (q >= 0) & (q < L + W - 1)
+    v = _load_xp(x_ptr, init_ptr, b, q[:, None], d[None, :], inside[:, None] & dm[None, :], L, sxb, sxl, sxd,
+                 sib, sid, sik, W, HAS_INIT)
+    doc = q
+    if HAS_SEQ:
+        doc = _doc_p(seq_ptr, b, q, L, ssb, ssl, W)
+    return v, doc
+
+
+@triton.jit
+def _pick(m: tl.constexpr, a3, a2, a1, a0, b1, b2, b3):
+    """The one of seven values at shift m in -3..3 (a static choice)."""
+    r = a0
+    if m == -3:
+        r = a3
+    if m == -2:
+        r = a2
+    if m == -1:
+        r = a1
+    if m == 1:
+        r = b1
+    if m == 2:
+        r = b2
+    if m == 3:
+        r = b3
+    return r
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal_ptr,
+                     dx_ptr, dinit_ptr, dw_part_ptr, db_part_ptr,
+                     L, D,
+                     sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sgb, sgl, sgd, sfb, sfd, sfk,
+                     sdxb, sdxl, sdxd, sdib, sdid, sdik,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+                     HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    p = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # padded positions this program owns
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = d < D
+    pm = p < L + W - 1
+    part = b * tl.num_programs(1) + pid_l
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    # the 2W - 1 shifted tiles xp[p + m], m in -(W-1)..(W-1), each loaded once (unused shifts alias m = 0)
+    x0, c0 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 0, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                      W, HAS_INIT, HAS_SEQ)
+    xa1, ca1, xa2, ca2, xa3, ca3 = x0, c0, x0, c0, x0, c0
+    xb1, cb1, xb2, cb2, xb3, cb3 = x0, c0, x0, c0, x0, c0
+    if W >= 2:
+        xa1, ca1 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -1, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+        xb1, cb1 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 1, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+    if W >= 3:
+        xa2, ca2 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -2, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+        xb2, cb2 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 2, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+    if W >= 4:
+        xa3, ca3 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -3, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+        xb3, cb3 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 3, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
+                            W, HAS_INIT, HAS_SEQ)
+    dxp = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(W):
+        # the output t = p - j reads xp[p] through tap j, and xp[t + k] = xp[p + k - j] through tap k
+        t = p - j
+        tmask = ((t >= 0) & (t < L))[:, None] & dm[None, :]
+        doc_t = _pick(W - 1 - j, ca3, ca2, ca1, c0, cb1, cb2, cb3)  # doc(t) = doc_p(t + W - 1)
+        dy = tl.load(dout_ptr + b * sgb + t[:, None] * sgl + d[None, :] * sgd, mask=tmask, other=0.0).to(tl.float32)
+        if SILU:
+            y = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+            for k in tl.static_range(W):
+                xv = _pick(k - j, xa3, xa2, xa1, x0, xb1, xb2, xb3)
+                if HAS_SEQ:
+                    xv = tl.where((_pick(k - j, ca3, ca2, ca1, c0, cb1, cb2, cb3) == doc_t)[:, None], xv, 0.0)
+                wk = tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)
+                y += xv * wk[None, :]
+            sig = tl.sigmoid(y)
+            dy = dy * sig * (1.0 + y * (1.0 - sig))
+        if j == 0:
+            # every output t is owned once, by the program whose tile holds p = t
+            for k in tl.static_range(W):
+                xv = _pick(k, xa3, xa2, xa1, x0, xb1, xb2, xb3)
+                if HAS_SEQ:
+                    xv = tl.where((_pick(k, ca3, ca2, ca1, c0, cb1, cb2, cb3) == doc_t)[:, None], xv, 0.0)
+                tl.store(dw_part_ptr + (part * W + k) * D + d, tl.sum(dy * xv, axis=0), mask=dm)
+            if HAS_BIAS:
+                tl.store(db_part_ptr + part * D + d, tl.sum(dy, axis=0), mask=dm)
+        wj = tl.load(w_ptr + d * swd + j * swk, mask=dm, other=0.0).to(tl.float32)
+        contrib = dy * wj[None, :]
+        if HAS_SEQ:
+            contrib = tl.where((c0 == doc_t)[:, None], contrib, 0.0)
+        dxp += contrib
+    if HAS_DFINAL:
+        # final[:, :, i] = xp[L + i] when it is in the last document
+        i = p - L
+        fkeep = (i >= 0) & pm
+        if HAS_SEQ:
+            fkeep = fkeep & (c0 == _doc_p(seq_ptr, b, L + W - 2, L, ssb, ssl, W))
+        dxp += tl.load(dfinal_ptr + b * sfb + d[None, :] * sfd + i[:, None] * sfk,
+                       mask=fkeep[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    t = p - (W - 1)
+    body = (t >= 0) & pm
+    tl.store(dx_ptr + b * sdxb + t[:, None] * sdxl + d[None, :] * sdxd, dxp.to(dx_ptr.dtype.element_ty),
+             mask=body[:, None] & dm[None, :])
+    if HAS_INIT:
+        head = (t < 0) & pm
+        tl.store(dinit_ptr + b * sdib + d[None, :] * sdid + p[:, None] * sdik, dxp.to(dinit_ptr.dtype.element_ty),
+                 mask=head[:, None] & dm[None, :])
+
+
+def _blocks(D):
+    """(BLOCK_L, BLOCK_D) of the forward and of the backward kernel (the backward holds 2W - 1 tiles)."""
+    return (64, min(128, triton.next_power_of_2(D))), (64, min(64, triton.next_power_of_2(D)))
+
+
+def _state_dtype(x, weight):
+    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+
+
+def _final_states(x, weight, seq_idx, initial_states):
+    """xp[:, L : L + W - 1] masked to the last document, as (batch, dim, W - 1), in the compute dtype (exact)."""
+    b, L, D = x.shape
+    W = weight.shape[1]
+    cdt = _state_dtype(x, weight)
+    prev = initial_states.transpose(1, 2).to(cdt) if initial_states is not None else x.new_zeros(b, W - 1, D, dtype=cdt)
+    # [prev (W - 1 rows), the last min(L, W - 1) rows of x]: its last W - 1 rows are the final state
+    tail = torch.cat([prev, x[:, max(0, L - (W - 1)):].to(cdt)], dim=1)[:, min(L, W - 1):]
+    if seq_idx is not None and W > 1:
+        doc = torch.cat([seq_idx[:, :1].expand(b, W - 1), seq_idx], dim=1)[:, -(W - 1):]
+        tail = tail * (doc == seq_idx[:, -1:])[..., None].to(tail.dtype)
+    return tail.transpose(1, 2).contiguous()
+
+
+@torch.library.custom_op("lit_mamba2::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
+              initial_states: torch.Tensor | None, silu: bool, final: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    b, L, D = x.shape
+    W = weight.shape[1]
+    out = torch.empty(b, L, D, device=x.device, dtype=x.dtype)
+    BL, BD = _blocks(D)[0]
+    init = initial_states if initial_states is not None else x
+    seq = seq_idx if seq_idx is not None else x
+    grid = (b, triton.cdiv(L, BL), triton.cdiv(D, BD))
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq, init, out, L, D,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+        seq.stride(0) if seq_idx is not None else 0, seq.stride(1) if seq_idx is not None else 0,
+        *(initial_states.stride() if initial_states is not None else (0, 0, 0)),
+        out.stride(0), out.stride(1), out.stride(2),
+        W=W, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None,
+        SILU=silu, BLOCK_L=BL, BLOCK_D=BD, num_warps=4)
+    if not final:
+        return out, x.new_empty(0, dtype=_state_dtype(x, weight))
+    return out, _final_states(x, weight, seq_idx, initial_states)
+
+
+@_conv_fwd.register_fake
+def _(x, weight, bias, seq_idx, initial_states, silu, final):
+    b, L, D = x.shape
+    shape = (b, D, weight.shape[1] - 1) if final else (0,)
+    return x.new_empty(b, L, D), x.new_empty(shape, dtype=_state_dtype(x, weight))
+
+
+@torch.library.custom_op("lit_mamba2::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
+              initial_states: torch.Tensor | None, dout: torch.Tensor, dfinal: torch.Tensor | None,
+              silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, L, D = x.shape
+    W = weight.shape[1]
+    BL, BD = _blocks(D)[1]
+    nl = triton.cdiv(L + W - 1, BL)
+    dx = torch.empty(b, L, D, device=x.device, dtype=x.dtype)
+    dinit = (torch.empty(b, D, W - 1, device=x.device, dtype=initial_states.dtype) if initial_states is not None
+             else x.new_empty(0))
+    dw_part = torch.empty(b, nl, W, D, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(b, nl, D, device=x.device, dtype=torch.float32) if bias is not None else dw_part
+    init = initial_states if initial_states is not None else x
+    grid = (b, nl, triton.cdiv(D, BD))
+    _conv_bwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, init, dout,
+        dfinal if dfinal is not None else x, dx, dinit if initial_states is not None else dx, dw_part, db_part,
+        L, D,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+        *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        *(initial_states.stride() if initial_states is not None else (0, 0, 0)),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        *(dfinal.stride() if dfinal is not None else (0, 0, 0)),
+        dx.stride(0), dx.stride(1), dx.stride(2),
+        *(dinit.stride() if initial_states is not None else (0, 0, 0)),
+        W=W, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None,
+        HAS_DFINAL=dfinal is not None, SILU=silu, BLOCK_L=BL, BLOCK_D=BD, num_warps=4)
+    dw = dw_part.sum(dim=(0, 1)).t().to(weight.dtype)
+    db = db_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else weight.new_empty(0)
+    return dx, dw, db, dinit
+
+
+@_conv_bwd.register_fake
+def _(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu):
+    b, L, D = x.shape
+    W = weight.shape[1]
+    return (x.new_empty(b, L, D), weight.new_empty(D, W),
+            bias.new_empty(D) if bias is not None else weight.new_empty(0),
+            initial_states.new_empty(b, D, W - 1) if initial_states is not None else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, seq_idx, initial_states, silu, final = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
+    ctx.silu, ctx.final = silu, final
+
+
+def _backward(ctx, dout, dfinal):
+    x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
+    dx, dw, db, dinit = _conv_bwd(x, weight, bias, seq_idx, initial_states, dout,
+                                  dfinal if ctx.final else None, ctx.silu)
+    return (dx, dw, db if bias is not None else None, None, dinit if initial_states is not None else None, None,
+            None)
+
+
+_conv_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                  activation="silu"):
+    """`lit_mamba2.reference.causal_conv1d`'s semantics (arguments already checked by `lit_mamba2.ops`)."""
+    out, final = _conv_fwd(x, weight, bias, seq_idx, initial_states, activation == "silu", bool(return_final_states))
+    return (out, final) if return_final_states else out

@@ -1,0 +1,293 @@
+"""One decoding step of a Mamba-2 mixer in Triton: the short causal conv and the SSM state update, in place.
+
+`state_update` advances each head's state h (headdim, dstate) by one token and reads out y:
+
+    dt = clamp(softplus(dt + dt_bias)) ;  h = exp(dt * A) * h + dt * x B^T ;  y = h C + D * x ;  y *= silu(z)
+
+One program owns a (batch, head, block of headdim rows) tile of the state: it is read once and written once, so
+the step moves the state's bytes twice and nothing else of size. `conv_step` shifts the (batch, dim, width - 1)
+conv window by one input and returns the convolved (and SiLU-activated) value; each program owns its channels, so
+the in-place shift has no race. Both accept strided views (the slices of in_proj's output) without copies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
+    nheads, headdim, dstate, heads_per_group, dt_min, dt_max,
+    s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p,
+    o_b, o_h, o_p,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // nheads
+    h = pid_bh % nheads
+    g = h // heads_per_group
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+
+    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dtb_ptr + h).to(tl.float32)
+    if DT_SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # F.softplus with its threshold
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)  # the parameter A_log: saves the model two tiny launches per layer and step
+    decay = tl.exp(A * dt)
+
+    x = tl.load(x_ptr + b * x_b + h * x_h + offs_p * x_p, mask=mask_p, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + b * B_b + g * B_g + offs_n * B_n, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * C_b + g * C_g + offs_n * C_n, mask=mask_n, other=0.0).to(tl.float32)
+    s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
+    mask = mask_p[:, None] & mask_n[None, :]
+    s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+    s = s * decay + (x * dt)[:, None] * Bv[None, :]
+    tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
+
+    y = tl.sum(s * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
+
+
+def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                 dt_limit=(0.0, math.inf), out=None, A_is_log=False):
+    """state: (batch, nheads, headdim, dstate), updated in place; x, z: (batch, nheads, headdim); dt: (batch,
+    nheads); A, dt_bias: (nheads,); B, C: (batch, ngroups, dstate); D: (nheads,) or (nheads, headdim).
+    A_is_log: A holds A_log, and A = -exp(A_log) is taken in the kernel.
+    Returns y (batch, nheads, headdim) in x's dtype (or written into `out`)."""
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    assert x.shape == (b, h, p) and dt.shape == (b, h) and A.shape == (h,), "state_update: shapes disagree"
+    assert B.shape == (b, g, n) and C.shape == (b, g, n) and h % g == 0, "state_update: B/C shapes disagree"
+    if out is None:
+        out = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
+    if D is not None:
+        D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
+    else:
+        D_h = D_p = 0
+    zs = z.stride() if z is not None else (0, 0, 0)
+    has_limit = tuple(dt_limit) != (0.0, math.inf)
+    BLOCK_N = triton.next_power_of_2(n)
+    BLOCK_P = max(1, min(triton.next_power_of_2(p), max(16, 4096 // BLOCK_N)))
+    grid = (triton.cdiv(p, BLOCK_P), b * h)
+    _state_update_kernel[grid](
+        state, x, dt, A, B, C, D if D is not None else A, z if z is not None else x,
+        dt_bias if dt_bias is not None else A, out,
+        h, p, n, h // g, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
+        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), D_h, D_p, *zs, *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _conv_step_kernel(
+    x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, dim,
+    x_b, x_c, s_b, s_c, s_w, w_c, w_w, o_b, o_c,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = offs < dim
+    x = tl.load(x_ptr + b * x_b + offs * x_c, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc = tl.load(bias_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s_base = state_ptr + b * s_b + offs * s_c
+    for k in tl.static_range(WIDTH - 1):
+        prev = tl.load(s_base + k * s_w, mask=m, other=0.0)
+        acc += prev.to(tl.float32) * tl.load(w_ptr + offs * w_c + k * w_w, mask=m, other=0.0).to(tl.float32)
+        if k > 0:
+            tl.store(s_base + (k - 1) * s_w, prev, mask=m)  # slot k-1 was already read
+    acc += x * tl.load(w_ptr + offs * w_c + (WIDTH - 1) * w_w, mask=m, other=0.0).to(tl.float32)
+    tl.store(s_base + (WIDTH - 2) * s_w, x.to(state_ptr.dtype.element_ty), mask=m)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b * o_b + offs * o_c, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def conv_step(x, conv_state, weight, bias=None, activation="silu", out=None):
+    """x: (batch, dim), the new input; conv_state: (batch, dim, width - 1), oldest first, shifted in place;
+    weight: (dim, width). Returns the conv output (batch, dim) in x's dtype."""
+    b, d = x.shape
+    w = weight.shape[1]
+    assert conv_state.shape == (b, d, w - 1) and w >= 2, "conv_step: shapes disagree"
+    if out is None:
+        out = torch.empty_like(x)
+    BLOCK_C = 256
+    grid = (triton.cdiv(d, BLOCK_C), b)
+    _conv_step_kernel[grid](
+        x, conv_state, weight, bias if bias is not None else weight, out, d,
+        *x.stride(), *conv_state.stride(), *weight.stride(), *out.stride(),
+        WIDTH=w, HAS_BIAS=bias is not None, SILU=activation == "silu", BLOCK_C=BLOCK_C, num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _add_rmsnorm_kernel(h_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, dim, eps, h_b, r_b, ro_b, o_b,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    m = offs < dim
+    x = tl.load(h_ptr + b * h_b + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(r_ptr + b * r_b + offs, mask=m, other=0.0).to(tl.float32)
+    x = x.to(r_out_ptr.dtype.element_ty)
+    tl.store(r_out_ptr + b * ro_b + offs, x, mask=m)
+    # the block normalises the residual as rounded to the weight's dtype (as Block.forward does)
+    x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * o_b + offs, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def add_rmsnorm(hidden, residual, weight, eps, residual_dtype):
+    """A pre-norm block's entry for one token per row: residual' = residual + hidden (or hidden when residual is
+    None) kept in residual_dtype, and RMSNorm(residual') in weight's dtype. hidden: (batch, dim).
+    Returns (normed, residual')."""
+    b, d = hidden.shape
+    r_out = torch.empty(b, d, device=hidden.device, dtype=residual_dtype)
+    out = torch.empty(b, d, device=hidden.device, dtype=weight.dtype)
+    r = residual if residual is not None else hidden
+    _add_rmsnorm_kernel[(b,)](hidden, r, weight, r_out, out, d, float(eps), hidden.stride(0), r.stride(0),
+                              r_out.stride(0), out.stride(0), HAS_RESIDUAL=residual is not None,
+                              BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 2048 else 8)
+    return out, r_out
+
+
+@triton.jit
+def _mixer_step_kernel(
+    state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
+    nheads, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
+    s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p,
+    WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // nheads
+    h = pid_bh % nheads
+    g = h // heads_per_group
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    slot = tl.load(slot_ptr)  # the ring slot of this token's input; the older inputs sit in the slots before it
+
+    # Causal conv (+ SiLU) of this head's x channels and its group's B and C channels. The ring holds WIDTH
+    # inputs; this token's overwrites the oldest, which no program reads any more, so programs that share B and C
+    # (every head of a group) never race: each reads only the other slots.
+    cx = h * headdim + offs_p
+    cB = d_ssm + g * dstate + offs_n
+    cC = d_ssm + ngroups * dstate + g * dstate + offs_n
+    x_new = tl.load(xbc_ptr + b * xbc_b + cx * xbc_c, mask=mask_p, other=0.0)
+    B_new = tl.load(xbc_ptr + b * xbc_b + cB * xbc_c, mask=mask_n, other=0.0)
+    C_new = tl.load(xbc_ptr + b * xbc_b + cC * xbc_c, mask=mask_n, other=0.0)
+    x = x_new.to(tl.float32) * tl.load(cw_ptr + cx * cw_c + (WIDTH - 1) * cw_w, mask=mask_p, other=0.0).to(tl.float32)
+    Bv = B_new.to(tl.float32) * tl.load(cw_ptr + cB * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = C_new.to(tl.float32) * tl.load(cw_ptr + cC * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+    ring = ring_ptr + b * r_b
+    for k in tl.static_range(WIDTH - 1):
+        s = (slot + (k + 1)) % WIDTH  # oldest first: slot+1 is the oldest kept input
+        x += tl.load(ring + cx * r_c + s * r_w, mask=mask_p, other=0.0).to(tl.float32) * \
+            tl.load(cw_ptr + cx * cw_c + k * cw_w, mask=mask_p, other=0.0).to(tl.float32)
+        Bv += tl.load(ring + cB * r_c + s * r_w, mask=mask_n, other=0.0).to(tl.float32) * \
+            tl.load(cw_ptr + cB * cw_c + k * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+        Cv += tl.load(ring + cC * r_c + s * r_w, mask=mask_n, other=0.0).to(tl.float32) * \
+            tl.load(cw_ptr + cC * cw_c + k * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_CONV_BIAS:
+        x += tl.load(cb_ptr + cx, mask=mask_p, other=0.0).to(tl.float32)
+        Bv += tl.load(cb_ptr + cB, mask=mask_n, other=0.0).to(tl.float32)
+        Cv += tl.load(cb_ptr + cC, mask=mask_n, other=0.0).to(tl.float32)
+    x = x * tl.sigmoid(x)
+    Bv = Bv * tl.sigmoid(Bv)
+    Cv = Cv * tl.sigmoid(Cv)
+    # the conv output is rounded to the activations' dtype, as the unfused path stores it
+    x = x.to(x_new.dtype).to(tl.float32)
+    Bv = tl.where(mask_n, Bv.to(B_new.dtype).to(tl.float32), 0.0)
+    Cv = tl.where(mask_n, Cv.to(C_new.dtype).to(tl.float32), 0.0)
+    slot_slot = slot % WIDTH
+    tl.store(ring + cx * r_c + slot_slot * r_w, x_new.to(ring_ptr.dtype.element_ty), mask=mask_p)
+    if (h % heads_per_group == 0) and (pid_p == 0):  # one program per group writes B and C
+        tl.store(ring + cB * r_c + slot_slot * r_w, B_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(ring + cC * r_c + slot_slot * r_w, C_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
+
+    # the SSM state update, as in _state_update_kernel
+    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dtb_ptr + h).to(tl.float32)
+    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    decay = tl.exp(-tl.exp(tl.load(A_log_ptr + h).to(tl.float32)) * dt)
+    s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
+    mask = mask_p[:, None] & mask_n[None, :]
+    st = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+    st = st * decay + (x * dt)[:, None] * Bv[None, :]
+    tl.store(s_ptrs, st.to(state_ptr.dtype.element_ty), mask=mask)
+    y = tl.sum(st * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
+
+
+def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=None, z=None, dt_bias=None,
+               dt_limit=(0.0, math.inf), ngroups=1):
+    """A Mamba-2 mixer's conv (+ SiLU) and SSM state update for one token, in one launch.
+
+    state: (batch, nheads, headdim, dstate), in place; conv_ring: (batch, conv_dim, width), the last `width`
+    conv inputs as a ring, slot (0-dim int64 tensor) the one this token's input overwrites (its older inputs sit in
+    slots slot+1, ..., slot+width-1, mod width), updated in place for x, B and C; xBC: (batch, conv_dim) with
+    conv_dim = d_ssm + 2 * ngroups * dstate; dt: (batch, nheads); A_log, dt_bias: (nheads,); D: (nheads,) or
+    (nheads, headdim); z: (batch, nheads, headdim) or None. dt goes through softplus. Returns y (batch, nheads,
+    headdim) in xBC's dtype."""
+    b, h, p, n = state.shape
+    width = conv_ring.shape[-1]
+    d_ssm = h * p
+    assert xBC.shape == (b, d_ssm + 2 * ngroups * n) and conv_ring.shape == (b, xBC.shape[1], width), \
+        "mixer_step: xBC / conv_ring shapes disagree with the state"
+    out = torch.empty(b, h, p, device=xBC.device, dtype=xBC.dtype)
+    if D is not None:
+        D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
+    else:
+        D_h = D_p = 0
+    zs = z.stride() if z is not None else (0, 0, 0)
+    BLOCK_N = triton.next_power_of_2(n)
+    BLOCK_P = max(1, min(triton.next_power_of_2(p), max(16, 4096 // BLOCK_N)))
+    grid = (triton.cdiv(p, BLOCK_P), b * h)
+    _mixer_step_kernel[grid](
+        state, conv_ring, slot, xBC, conv_weight, conv_bias if conv_bias is not None else conv_weight, dt, A_log,
+        D if D is not None else A_log, z if z is not None else xBC, dt_bias if dt_bias is not None else A_log, out,
+        h, p, n, h // ngroups, d_ssm, ngroups, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
+        *state.stride(), *conv_ring.stride(), *xBC.stride(), *conv_weight.stride(), *dt.stride(), D_h, D_p, *zs,
+        *out.stride(),
+        WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_DT_BIAS=dt_bias is not None, HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), BLOCK_P=BLOCK_P,
+        BLOCK_N=BLOCK_N, num_warps=4,
+    )
+    return out

@@ -1,0 +1,512 @@
+"""Published checkpoints in and out: mamba_ssm's and transformers' formats, Lightning training checkpoints, the Hub.
+
+Formats, told apart by config.json:
+- mamba_ssm: `d_model`, `n_layer`, `ssm_cfg`, `attn_layer_idx`, ... (MambaConfig) + pytorch_model.bin (or
+  safetensors). Parameter names are ours already.
+- transformers: `model_type: "mamba2"` (hidden_size, num_heads, state_size, ...) + model.safetensors (single or
+  sharded with model.safetensors.index.json). Names differ only in `backbone.embeddings` (ours: `embedding`).
+- a Lightning `.ckpt` from `lit-mamba2 pretrain`: the model config and tokenizer stored beside `state_dict`.
+
+Weights are read by safetensors or `torch.load(weights_only=True)`: nothing arbitrary is unpickled. Every key is
+checked before any is used: a missing, unexpected or wrongly shaped tensor, or an unreadable file, stops the load
+with a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lit_mamba2.config import SSM_DEFAULTS, ConfigError, Mamba2Config
+from lit_mamba2.model import Mamba2LMHeadModel
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_NAME = "pytorch_model.bin"
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json")
+# The tokenizer every published state-spaces Mamba-2 checkpoint was trained with (vocabulary 50277).
+PUBLISHED_TOKENIZER = "EleutherAI/gpt-neox-20b"
+PUBLISHED_VOCAB_SIZE = 50277
+FORMATS = ("hf", "mamba_ssm")
+# mamba_ssm's MambaConfig fields: the only keys its from_pretrained accepts
+_MAMBA_SSM_FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
+                     "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")
+_MAMBA_SSM_PAD_DEFAULT = 8  # MambaConfig's default, not ours
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded or written; the message names the file and key."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------------------------------
+def detect_format(config: dict, where: str = CONFIG_NAME) -> str:
+    """"hf" for transformers' Mamba-2 config, "mamba_ssm" for mamba_ssm's (and ours, a superset of it)."""
+    if "model_type" in config:
+        if config["model_type"] != "mamba2":
+            raise CheckpointError(f"{where}: unknown model_type {config['model_type']!r}; only 'mamba2' "
+                                  "(transformers' Mamba2ForCausalLM) or a mamba_ssm config (d_model, n_layer, ssm_cfg) "
+                                  "can be loaded")
+        return "hf"
+    if "d_model" in config and "n_layer" in config:
+        return "mamba_ssm"
+    raise CheckpointError(f"{where}: neither a transformers Mamba-2 config (model_type 'mamba2') nor a mamba_ssm "
+                          f"config (d_model, n_layer, ssm_cfg); keys present: {sorted(config)[:12]}")
+
+
+def _json_float(v, what: str) -> float:
+    """A float as JSON writers spell it: a number, "Infinity"/"inf", or transformers 5's {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{what}: {v!r} is not a number") from None
+
+
+def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> Mamba2Config:
+    """transformers' Mamba2Config (as JSON) -> ours. Defaults are transformers' where a key is absent."""
+    def get(key, default):
+        return hf.get(key, default)
+
+    hidden, expand = get("hidden_size", 4096), get("expand", 2)
+    num_heads, head_dim = get("num_heads", 128), get("head_dim", 64)
+    if num_heads * head_dim != int(expand * hidden):
+        raise CheckpointError(f"{where}: num_heads * head_dim = {num_heads * head_dim} must equal expand * hidden_size "
+                              f"= {int(expand * hidden)}")
+    if get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (Mamba-2 uses 'silu')")
+    limit = tuple(_json_float(v, f"{where}: time_step_limit") for v in get("time_step_limit", (0.0, math.inf)))
+    ssm_cfg = {"layer": "Mamba2", "d_state": get("state_size", 128), "d_conv": get("conv_kernel", 4),
+               "expand": expand, "headdim": head_dim, "ngroups": get("n_groups", 8),
+               "chunk_size": get("chunk_size", 256), "bias": get("use_bias", False),
+               "conv_bias": get("use_conv_bias", True), "dt_min": get("time_step_min", 0.001),
+               "dt_max": get("time_step_max", 0.1), "dt_init_floor": get("time_step_floor", 1e-4)}
+    if limit != (0.0, math.inf):
+        ssm_cfg["dt_limit"] = limit
+    try:
+        # transformers always gates before a grouped norm, with D per head: the mamba_ssm defaults, kept as they are
+        return Mamba2Config(d_model=hidden, n_layer=get("num_hidden_layers", 64), vocab_size=get("vocab_size", 32768),
+                            d_intermediate=0, ssm_cfg=ssm_cfg, residual_in_fp32=get("residual_in_fp32", True),
+                            pad_vocab_size_multiple=1, tie_embeddings=get("tie_word_embeddings", False),
+                            norm_epsilon=get("layer_norm_epsilon", 1e-5),
+                            initializer_range=get("initializer_range", 0.02))
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def config_to_hf(config: Mamba2Config, dtype: torch.dtype, eos_token_id: Optional[int] = None) -> dict:
+    """Ours -> transformers' Mamba2Config JSON; refuses what Mamba2ForCausalLM cannot express."""
+    s = config.ssm
+    problems = []
+    if config.attn_layer_idx:
+        problems.append(f"attention layers (attn_layer_idx = {config.attn_layer_idx})")
+    if config.d_intermediate:
+        problems.append(f"MLP blocks (d_intermediate = {config.d_intermediate})")
+    if config.d_ssm != config.d_inner:
+        problems.append(f"d_ssm = {config.d_ssm} < d_inner = {config.d_inner}")
+    if s["D_has_hdim"]:
+        problems.append("D_has_hdim = True")
+    if not s["rmsnorm"] or s["norm_before_gate"]:
+        problems.append("a mixer norm other than gate-then-RMSNorm (rmsnorm / norm_before_gate)")
+    if problems:
+        raise CheckpointError("format 'hf' (transformers' Mamba2ForCausalLM) cannot express this model: "
+                              + "; ".join(problems) + ". Save with format='mamba_ssm' instead")
+    hf = {
+        "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
+        "hidden_size": config.d_model, "num_hidden_layers": config.n_layer, "vocab_size": config.padded_vocab_size,
+        "num_heads": config.nheads, "head_dim": s["headdim"], "state_size": s["d_state"], "n_groups": s["ngroups"],
+        "expand": s["expand"], "conv_kernel": s["d_conv"], "chunk_size": s["chunk_size"],
+        "time_step_limit": list(s["dt_limit"]), "time_step_min": s["dt_min"], "time_step_max": s["dt_max"],
+        "time_step_floor": s["dt_init_floor"], "use_bias": s["bias"], "use_conv_bias": s["conv_bias"],
+        "hidden_act": "silu", "layer_norm_epsilon": config.norm_epsilon, "residual_in_fp32": config.residual_in_fp32,
+        "rms_norm": True, "norm_before_gate": False, "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.initializer_range, "dtype": str(dtype).removeprefix("torch."),
+    }
+    if eos_token_id is not None:
+        hf["eos_token_id"] = hf["bos_token_id"] = eos_token_id
+    return hf
+
+
+def config_from_mamba_ssm(d: dict, where: str = CONFIG_NAME) -> Mamba2Config:
+    d = dict(d)
+    d.setdefault("pad_vocab_size_multiple", _MAMBA_SSM_PAD_DEFAULT)
+    try:
+        return Mamba2Config.from_dict(d)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def config_to_mamba_ssm(config: Mamba2Config) -> dict:
+    if config.norm_epsilon != 1e-5:
+        raise CheckpointError(f"format 'mamba_ssm' fixes the norm epsilon at 1e-5; this model has norm_epsilon = "
+                              f"{config.norm_epsilon}")
+    ssm_cfg = {"layer": "Mamba2", **{k: list(v) if isinstance(v, tuple) else v for k, v in config.ssm_cfg.items()}}
+    if tuple(config.ssm["dt_limit"]) == SSM_DEFAULTS["dt_limit"]:
+        ssm_cfg.pop("dt_limit", None)  # the default; JSON has no infinity that every reader accepts
+    d = {k: getattr(config, k) for k in _MAMBA_SSM_FIELDS}
+    d["ssm_cfg"] = ssm_cfg
+    return json.loads(json.dumps(d))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading weights
+# ---------------------------------------------------------------------------------------------------------------
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} (truncated or not a safetensors file): {e}") from None
+
+
+def _load_torch(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        kind = type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"{path} holds Python objects other than tensors, which are not unpickled for "
+                                  f"safety ({kind}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"cannot read {path} (truncated or not a PyTorch file): {kind}: {e}") from None
+
+
+def _plain_tensors(sd: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds a {type(sd).__name__}, expected a dict of tensors (a state dict)")
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entry {bad[0]!r} is a {type(sd[bad[0]]).__name__}, not a tensor")
+    return sd
+
+
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """All tensors of a checkpoint folder, and the file (or index) they came from."""
+    for index_name, loader in ((SAFETENSORS_INDEX_NAME, _load_safetensors), (TORCH_INDEX_NAME, _load_torch)):
+        index = folder / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+            sd: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).exists():
+                    raise CheckpointError(f"{index} names shard {shard!r}, which is missing from {folder}")
+                part = _plain_tensors(loader(folder / shard), folder / shard)
+                sd.update(part)
+            absent = [k for k in weight_map if k not in sd]
+            if absent:
+                raise CheckpointError(f"{index}: key {absent[0]!r} is listed for shard {weight_map[absent[0]]!r} "
+                                      "but that shard does not hold it")
+            return sd, str(index)
+    if (folder / SAFETENSORS_NAME).exists():
+        return _load_safetensors(folder / SAFETENSORS_NAME), str(folder / SAFETENSORS_NAME)
+    if (folder / TORCH_NAME).exists():
+        return _plain_tensors(_load_torch(folder / TORCH_NAME), folder / TORCH_NAME), str(folder / TORCH_NAME)
+    raise CheckpointError(f"{folder} has no weights: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or "
+                          f"{TORCH_NAME}")
+
+
+def hf_to_ours(name: str) -> str:
+    return name.replace("backbone.embeddings.", "backbone.embedding.", 1)
+
+
+def ours_to_hf(name: str) -> str:
+    return name.replace("backbone.embedding.", "backbone.embeddings.", 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building the model
+# ---------------------------------------------------------------------------------------------------------------
+def build_model(config: Mamba2Config, state_dict: dict[str, torch.Tensor], source: str,
+                dtype: Optional[torch.dtype] = None, device=None) -> Mamba2LMHeadModel:
+    """A model holding exactly `state_dict` (our names). Every key and shape is checked before anything is
+    assigned; a tied lm_head.weight may be absent (and is ignored when present)."""
+    with torch.device("meta"):
+        model = Mamba2LMHeadModel(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    sd = dict(state_dict)
+    if config.tie_embeddings:
+        head = sd.pop("lm_head.weight", None)
+        emb = sd.get("backbone.embedding.weight")
+        if head is not None and emb is not None and head.shape == emb.shape and not torch.equal(head, emb):
+            warnings.warn(f"{source}: lm_head.weight differs from the embedding but the config ties them "
+                          "(tie_embeddings); the embedding is used for both")
+        expected.pop("lm_head.weight")
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]!r}" +
+                              (f" (and {len(missing) - 1} more: {missing[1:4]}...)" if len(missing) > 1 else ""))
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r}" +
+                              (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "") +
+                              "; the config does not describe these weights")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            raise CheckpointError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)}, the config expects "
+                                  f"{tuple(shape)}")
+    dtype = dtype or torch.float32
+    flags = {n: dict(p.__dict__) for n, p in model.named_parameters()}  # e.g. _no_weight_decay
+    sd = {k: v.to(device=device or "cpu", dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embedding.weight
+    for n, p in model.named_parameters():
+        p.__dict__.update(flags.get(n, {}))
+    return model
+
+
+def load_folder(folder: str | os.PathLike, dtype=None, device=None) -> tuple[Mamba2LMHeadModel, str]:
+    folder = Path(folder)
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    fmt = detect_format(raw, str(cfg_path))
+    config = config_from_hf(raw, str(cfg_path)) if fmt == "hf" else config_from_mamba_ssm(raw, str(cfg_path))
+    sd, source = read_weights(folder)
+    if fmt == "hf":
+        sd = {hf_to_ours(k): v for k, v in sd.items()}
+    return build_model(config, sd, source, dtype, device), fmt
+
+
+def load_training_checkpoint(path: str | os.PathLike, dtype=None, device=None) -> Mamba2LMHeadModel:
+    """A Lightning .ckpt from training: the model config and tokenizer are stored in it as top-level
+    "model_config" and "tokenizer" entries (what `lit-mamba2 pretrain` writes), or under a "lit_mamba2" key or
+    "hyper_parameters" as {"model_config": dict, "tokenizer": ...}; the weights are `state_dict` with the
+    LightningModule's "model." prefix."""
+    path = Path(path)
+    ckpt = _load_torch(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
+    meta = ckpt if "model_config" in ckpt else None  # what LanguageModel.on_save_checkpoint writes
+    for where in ("lit_mamba2", "hyper_parameters"):
+        if meta is not None:
+            break
+        block = ckpt.get(where)
+        if isinstance(block, dict) and isinstance(block.get("lit_mamba2"), dict):
+            block = block["lit_mamba2"]
+        if isinstance(block, dict) and "model_config" in block:
+            meta = block
+            break
+    if meta is None:
+        raise CheckpointError(f"{path}: no model config found (expected 'model_config' under the top-level "
+                              "'lit_mamba2' key or under 'hyper_parameters')")
+    mc = meta["model_config"]
+    try:
+        config = mc if isinstance(mc, Mamba2Config) else Mamba2Config.from_dict(dict(mc))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: model_config: {e}") from None
+    sd = {}
+    for k, v in ckpt["state_dict"].items():
+        if not k.startswith("model."):
+            continue  # metrics and other module state, not the model
+        sd[k[len("model."):].replace("_orig_mod.", "")] = v
+    if not sd:
+        raise CheckpointError(f"{path}: state_dict has no 'model.'-prefixed keys")
+    model = build_model(config, sd, str(path), dtype, device)
+    model.tokenizer = tokenizer_from_checkpoint_state(meta.get("tokenizer", ckpt.get("tokenizer")))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizers
+# ---------------------------------------------------------------------------------------------------------------
+def has_tokenizer_files(folder: Path) -> bool:
+    return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
+
+
+def load_hf_tokenizer(name_or_path: str):
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ImportError("loading a tokenizer needs transformers: pip install 'lit-mamba2[hf]'") from None
+    return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def tokenizer_from_checkpoint_state(state):
+    """The tokenizer stored by training: None, a Hub name / folder (str), "byte", or a dict
+    {"kind": "byte"} / {"kind": "hf", "name": ..., "files": {filename: bytes}} (its files, no network needed)."""
+    if state is None:
+        return None
+    if isinstance(state, str):
+        return "byte" if state == "byte" else load_hf_tokenizer(state)
+    if isinstance(state, dict):
+        kind = state.get("kind")
+        if kind == "byte":
+            return "byte"
+        if kind == "hf" and state.get("files"):
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as d:
+                for fname, data in state["files"].items():
+                    Path(d, fname).write_bytes(data if isinstance(data, bytes) else str(data).encode())
+                return load_hf_tokenizer(d)
+        if kind == "hf" and state.get("name"):
+            return load_hf_tokenizer(state["name"])
+    warnings.warn(f"unrecognised tokenizer entry in the checkpoint ({type(state).__name__}); no tokenizer attached")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Hub
+# ---------------------------------------------------------------------------------------------------------------
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> Path:
+    """A local folder as it is; otherwise a Hub repo id, downloaded (config, weights, tokenizer files) into
+    huggingface_hub's cache, or found there alone when HF_HUB_OFFLINE=1. HF_TOKEN is used for private repos."""
+    p = Path(os.path.expanduser(str(name_or_path)))
+    if p.is_dir():
+        return p
+    s = str(name_or_path)
+    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") > 1:
+        raise CheckpointError(f"{s}: not a checkpoint folder (and not a Hub repo id 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError("loading from the Hub needs huggingface_hub: pip install huggingface-hub") from None
+    offline = _env_flag("HF_HUB_OFFLINE")
+    patterns = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, "pytorch_model*.bin", TORCH_INDEX_NAME,
+                *TOKENIZER_FILES]
+    try:
+        folder = snapshot_download(s, revision=revision, allow_patterns=patterns,
+                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=offline,
+                                   token=os.environ.get("HF_TOKEN") or None)
+    except Exception as e:  # noqa: BLE001 - network, auth and cache errors come in many types
+        hint = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if offline else ""
+        raise CheckpointError(f"cannot fetch {s!r} (revision {revision or 'main'}) from the Hugging Face Hub{hint}: "
+                              f"{type(e).__name__}: {e}") from None
+    return Path(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public entry points
+# ---------------------------------------------------------------------------------------------------------------
+def from_pretrained(name_or_path: str | os.PathLike, *, revision: Optional[str] = None,
+                    dtype: Optional[torch.dtype] = None, device=None, tokenizer=None) -> Mamba2LMHeadModel:
+    """Load a mamba_ssm- or transformers-format checkpoint (folder or Hub repo id), or a Lightning .ckpt.
+
+    dtype: the parameters' dtype (default float32). tokenizer: a name or folder to attach, False for none; by
+    default the folder's own tokenizer files, else for the published vocabulary the GPT-NeoX tokenizer.
+    The result carries `.tokenizer` (a transformers tokenizer, "byte", or None) and `.source_format`.
+    """
+    if str(name_or_path).endswith(".ckpt") and Path(name_or_path).is_file():
+        model = load_training_checkpoint(name_or_path, dtype, device)
+        model.source_format = "ckpt"
+        if tokenizer:
+            model.tokenizer = load_hf_tokenizer(tokenizer) if tokenizer != "byte" else "byte"
+        return model
+    folder = resolve(name_or_path, revision)
+    model, fmt = load_folder(folder, dtype, device)
+    model.source_format = fmt
+    model.tokenizer = None
+    if tokenizer is False:
+        return model
+    if tokenizer:
+        model.tokenizer = "byte" if tokenizer == "byte" else load_hf_tokenizer(tokenizer)
+    elif has_tokenizer_files(folder):
+        model.tokenizer = load_hf_tokenizer(str(folder))
+    elif model.config.vocab_size == PUBLISHED_VOCAB_SIZE:
+        try:
+            model.tokenizer = load_hf_tokenizer(PUBLISHED_TOKENIZER)
+        except Exception as e:  # noqa: BLE001 - offline or not installed: the model is still usable
+            warnings.warn(f"no tokenizer in {folder}, and {PUBLISHED_TOKENIZER} could not be loaded ({e}); "
+                          "pass tokenizer=NAME")
+    return model
+
+
+def save_pretrained(model: Mamba2LMHeadModel, folder: str | os.PathLike, format: str = "hf",
+                    tokenizer=None) -> Path:
+    """Write `folder` for the other tool: "hf" = config.json + model.safetensors for transformers'
+    Mamba2ForCausalLM (pure Mamba-2 only); "mamba_ssm" = config.json + pytorch_model.bin for mamba_ssm's
+    MambaLMHeadModel. The tokenizer (given, or the model's `.tokenizer`) is saved beside them."""
+    if format not in FORMATS:
+        raise CheckpointError(f"format must be one of {FORMATS}, got {format!r}")
+    config = model.config
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    dtype = model.lm_head.weight.dtype
+    # Validate before writing anything, so that a refused format leaves no half-written folder.
+    if format == "hf":
+        eos = getattr(tok, "eos_token_id", None)
+        cfg = config_to_hf(config, dtype, eos)
+    else:
+        cfg = config_to_mamba_ssm(config)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if format == "hf":
+        from safetensors.torch import save_file
+
+        if config.tie_embeddings:
+            sd.pop("lm_head.weight")  # transformers ties it back; safetensors refuses shared tensors
+        save_file({ours_to_hf(k): v for k, v in sd.items()}, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
+    else:
+        torch.save(sd, folder / TORCH_NAME)  # lm_head.weight included: mamba_ssm loads strictly
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+    if tok is not None and hasattr(tok, "save_pretrained"):
+        tok.save_pretrained(str(folder))
+    elif tok == "byte":
+        warnings.warn("the model's tokenizer is the built-in byte tokenizer: no tokenizer files are written "
+                      "(generate with --tokenizer byte)")
+    return folder
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def convert(src: str, dst: str, to: str, dtype: Optional[torch.dtype] = None, tokenizer=None) -> Path:
+    if to not in FORMATS:
+        raise CheckpointError(f"--to must be one of {FORMATS}, got {to!r}")
+    if Path(dst).exists() and any(Path(dst).iterdir()):
+        raise CheckpointError(f"{dst} exists and is not empty; choose a new folder")
+    # validate the target format before the (possibly long) load
+    model = from_pretrained(src, dtype=dtype, tokenizer=tokenizer if tokenizer is not None else None)
+    try:
+        return save_pretrained(model, dst, to)
+    except CheckpointError:
+        if Path(dst).exists() and not any(Path(dst).iterdir()):
+            shutil.rmtree(dst)
+        raise
+
+
+def convert_main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lit-mamba2 convert",
+        description="Convert a checkpoint (mamba_ssm folder, transformers folder, Hub repo id or Lightning .ckpt) "
+                    "into a folder that transformers ('hf') or mamba_ssm ('mamba_ssm') loads as it is.")
+    parser.add_argument("src", help="checkpoint folder, Hub repo id (org/name) or training .ckpt")
+    parser.add_argument("dst", help="output folder (new or empty)")
+    parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="parameter dtype to write (default: float32)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer name or folder to copy in (default: the source's own)")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.src, args.dst, args.to, DTYPES.get(args.dtype), args.tokenizer)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        parser.exit(2, f"lit-mamba2 convert: error: {e}\n")
+    print(f"wrote {args.to} checkpoint to {out}")
+    return 0

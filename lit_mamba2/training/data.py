@@ -1,0 +1,380 @@
+"""Data for causal-LM training: packed token streams (pre-tokenized shards or cached text) and synthetic MQAR.
+
+On-disk token format: a directory of shards `*.bin` holding raw little-endian uint16 or uint32 token ids (no header),
+and beside them one `meta.json`: {"dtype": "uint16" | "uint32", "eos_id": <int>}. Every document ends with eos_id.
+Shards are read by np.memmap and concatenated in name order into one stream.
+
+Packing: the stream is cut into rows of seq_len + 1 tokens that overlap by one: row i covers stream[i*L : i*L + L + 1],
+input_ids = its first L tokens, labels = its last L (so a row's last position takes the next token of the stream).
+seq_idx numbers the documents inside a row from 0: the position after an eos starts a new document. The last rows
+of the stream are the validation split.
+
+Training order: one seeded permutation of the training rows per pass, passes concatenated; rank r of w takes every
+w-th sample. The sampler starts where a resumed run left off, so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Iterator, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lit_mamba2.training.tokenizers import ByteTokenizer, Tokenizer
+
+IGNORE_INDEX = -100
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+CACHE_FORMAT = 1
+
+
+@dataclass
+class MQARConfig:
+    """Multi-query associative recall (Zoology; Mamba-2 paper §9.1): key-value pairs, then the keys are queried."""
+
+    vocab_size: int = 8192  # keys come from [1, vocab/2), values from [vocab/2, vocab); 0 fills the gaps
+    num_kv_pairs: int = 16
+    num_train: int = 100_000
+    num_val: int = 1_000
+
+
+@dataclass
+class DataConfig:
+    kind: str = "text"  # "text": raw text files, tokenized once and cached; "tokens": token shards; "mqar": synthetic
+    paths: list = field(default_factory=lambda: ["{stdlib}"])  # files or directories; "{stdlib}" = Python's stdlib
+    include: str = "*.py"  # text: which files inside directories are read
+    exclude: list = field(default_factory=lambda: ["site-packages/*", "test/*", "idlelib/*", "lib2to3/*"])
+    max_bytes: Optional[int] = 3_000_000  # text: read whole files in sorted order until this many bytes
+    cache_dir: str = "~/.cache/lit-mamba2/tokens"
+    seq_len: int = 256
+    batch_size: int = 8  # per device
+    val_fraction: float = 0.02  # of the packed rows, taken from the end of the stream
+    seed: int = 1234
+    num_workers: int = 0
+    mqar: MQARConfig = field(default_factory=MQARConfig)
+
+    def __post_init__(self):
+        if self.kind not in ("text", "tokens", "mqar"):
+            raise ValueError(f"data.kind must be 'text', 'tokens' or 'mqar', got {self.kind!r}")
+        for name in ("seq_len", "batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
+
+
+# ---- token shards ---------------------------------------------------------------------------------------------------
+
+def write_token_shard(directory: str | os.PathLike, name: str, ids, dtype: str, eos_id: int) -> Path:
+    """Write ids as one shard `<directory>/<name>.bin` (and meta.json). Atomic: a crash leaves no partial shard."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(ids)
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(DTYPES[dtype]).max):
+        raise ValueError(f"token ids in [{arr.min()}, {arr.max()}] do not fit {dtype}")
+    path = directory / f"{name}.bin"
+    tmp = path.with_suffix(".bin.tmp")
+    arr.astype(DTYPES[dtype]).tofile(tmp)
+    os.replace(tmp, path)
+    _write_json_atomic(directory / "meta.json", {"dtype": dtype, "eos_id": int(eos_id)})
+    return path
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class TokenStream:
+    """Token shards read as one stream through np.memmap (nothing is loaded until it is sliced)."""
+
+    def __init__(self, paths: list[str | os.PathLike]):
+        shards, metas = [], set()
+        for p in map(lambda p: Path(os.path.expanduser(str(p))), paths):
+            if not p.exists():
+                raise FileNotFoundError(f"data path {str(p)!r} does not exist")
+            files = sorted(p.glob("*.bin")) if p.is_dir() else [p]
+            if not files:
+                raise FileNotFoundError(f"no token shards (*.bin) in {str(p)!r}")
+            meta_path = (p if p.is_dir() else p.parent) / "meta.json"
+            if not meta_path.exists():
+                raise FileNotFoundError(f"{str(meta_path)!r} is missing: token shards need a meta.json beside them "
+                                        f'giving {{"dtype": "uint16" or "uint32", "eos_id": <int>}}')
+            meta = json.loads(meta_path.read_text())
+            if meta.get("dtype") not in DTYPES or not isinstance(meta.get("eos_id"), int):
+                raise ValueError(f"{meta_path}: needs dtype in {sorted(DTYPES)} and an integer eos_id, got {meta}")
+            metas.add((meta["dtype"], meta["eos_id"]))
+            shards += [(f, meta["dtype"]) for f in files]
+        if len(metas) > 1:
+            raise ValueError(f"token shards disagree on dtype/eos_id: {sorted(metas)}")
+        (dtype, self.eos_id), = metas
+        self.dtype = DTYPES[dtype]
+        self.shards = [np.memmap(f, dtype=self.dtype, mode="r") for f, _ in shards if os.path.getsize(f) > 0]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """stream[start:stop] as int64, across shard boundaries."""
+        parts = []
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        for k in range(first, len(self.shards)):
+            lo, hi = self.offsets[k], self.offsets[k + 1]
+            if lo >= stop:
+                break
+            parts.append(self.shards[k][max(start - lo, 0): min(stop, hi) - lo])
+        return np.concatenate(parts).astype(np.int64)
+
+
+class PackedRows(Dataset):
+    """Rows [row_start, row_stop) of a packed stream: {input_ids, labels, seq_idx}."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, row_start: int, row_stop: int):
+        self.stream, self.seq_len, self.row_start, self.row_stop = stream, seq_len, row_start, row_stop
+
+    def __len__(self) -> int:
+        return self.row_stop - self.row_start
+
+    def __getitem__(self, i: int) -> dict:
+        L = self.seq_len
+        start = (self.row_start + i) * L
+        x = self.stream.read(start, start + L + 1)
+        inputs = x[:-1]
+        seq_idx = np.zeros(L, dtype=np.int32)
+        seq_idx[1:] = np.cumsum(inputs[:-1] == self.stream.eos_id)
+        return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(x[1:].copy()),
+                "seq_idx": torch.from_numpy(seq_idx)}
+
+
+def split_rows(num_tokens: int, seq_len: int, val_fraction: float) -> tuple[range, range]:
+    rows = (num_tokens - 1) // seq_len
+    n_val = 0 if val_fraction == 0 else max(1, int(rows * val_fraction))
+    if rows - n_val < 1:
+        raise ValueError(f"{num_tokens} tokens give {rows} rows of seq_len={seq_len}: too few for a training split "
+                         f"and {n_val} validation rows; add data or lower data.seq_len")
+    return range(0, rows - n_val), range(rows - n_val, rows)
+
+
+def unigram_entropy(ids: np.ndarray) -> float:
+    """Entropy (nats) of the token frequencies in ids: the loss of the best model that ignores context."""
+    counts = np.bincount(np.asarray(ids).ravel())
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# ---- raw text, tokenized once and cached ---------------------------------------------------------------------------
+
+def expand_path(p: str) -> Path:
+    return Path(os.path.expanduser(p.format(stdlib=sysconfig.get_paths()["stdlib"])))
+
+
+def find_text_files(paths: list[str], include: str, exclude: list[str], max_bytes: Optional[int]) -> list[Path]:
+    """Files named directly, plus those under directories matching `include` and no `exclude` pattern (relative
+    paths), in sorted order, whole files until max_bytes is reached."""
+    files = []
+    for raw in paths:
+        p = expand_path(raw)
+        if not p.exists():
+            raise FileNotFoundError(f"data path {raw!r} ({str(p)!r}) does not exist")
+        if p.is_file():
+            files.append(p)
+            continue
+        for f in sorted(p.rglob(include)):
+            rel = f.relative_to(p).as_posix()
+            if f.is_file() and not any(fnmatch(rel, pat) for pat in exclude):
+                files.append(f)
+    if not files:
+        raise FileNotFoundError(f"no files matching {include!r} under data.paths {paths}")
+    if max_bytes is not None:
+        chosen, total = [], 0
+        for f in files:
+            if total >= max_bytes:
+                break
+            chosen.append(f)
+            total += f.stat().st_size
+        files = chosen
+    return files
+
+
+def text_cache_key(files: list[Path], tokenizer: Tokenizer) -> str:
+    """Changes when any file is added, removed, resized or touched, or when the tokenizer changes."""
+    h = hashlib.sha256(f"format={CACHE_FORMAT};tokenizer={tokenizer.identity}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"\n{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def tokenize_text_files(files: list[Path], tokenizer: Tokenizer, cache_dir: str | os.PathLike,
+                        progress: bool = True) -> Path:
+    """Tokenize the files (one document each, eos-terminated) into `<cache_dir>/<key>/`, unless already there.
+    Returns that directory, a valid token-shard directory."""
+    out = Path(os.path.expanduser(str(cache_dir))) / text_cache_key(files, tokenizer)
+    if (out / "meta.json").exists():
+        return out
+    from tqdm.auto import tqdm
+
+    dtype = "uint16" if tokenizer.vocab_size <= 2 ** 16 else "uint32"
+    chunks = []
+    for f in tqdm(files, desc=f"tokenizing {len(files)} files", unit="file", disable=not progress):
+        if isinstance(tokenizer, ByteTokenizer):
+            ids = np.frombuffer(tokenizer.encode_bytes(f.read_bytes()), dtype=np.uint8)
+        else:
+            ids = np.asarray(tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
+        chunks += [ids.astype(DTYPES[dtype]), np.array([tokenizer.eos_id], dtype=DTYPES[dtype])]
+    write_token_shard(out, "tokens", np.concatenate(chunks), dtype, tokenizer.eos_id)
+    _write_json_atomic(out / "sources.json", {"tokenizer": tokenizer.identity, "files": [str(f) for f in files]})
+    return out
+
+
+# ---- MQAR -----------------------------------------------------------------------------------------------------------
+
+class MQARDataset(Dataset):
+    """Example i (of a split) is a pure function of (seed, split, i): [k1 v1 ... kN vN | queries], where each key
+    is queried once at a random even offset of the query region followed by its value. Labels are the values at the
+    query positions and ignore_index elsewhere, so the loss and accuracy count recall only."""
+
+    def __init__(self, num_examples: int, seq_len: int, cfg: MQARConfig, seed: int, split: int):
+        n, V = cfg.num_kv_pairs, cfg.vocab_size
+        if seq_len < 4 * n:
+            raise ValueError(f"data.seq_len = {seq_len} is too short for {n} key-value pairs (needs >= {4 * n})")
+        if V // 2 - 1 < n:
+            raise ValueError(f"data.mqar.vocab_size = {V} has too few keys for {n} pairs (needs >= {2 * n + 2})")
+        self.num_examples, self.seq_len, self.cfg, self.seed, self.split = num_examples, seq_len, cfg, seed, split
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, i: int) -> dict:
+        n, V, L = self.cfg.num_kv_pairs, self.cfg.vocab_size, self.seq_len
+        rng = np.random.default_rng([self.seed, self.split, i])
+        keys = rng.choice(np.arange(1, V // 2), size=n, replace=False)
+        values = rng.integers(V // 2, V, size=n)
+        x = np.zeros(L + 1, dtype=np.int64)
+        x[0: 2 * n: 2], x[1: 2 * n: 2] = keys, values
+        slots = rng.choice((L + 1 - 2 * n) // 2, size=n, replace=False)
+        pos = 2 * n + 2 * slots
+        order = rng.permutation(n)
+        x[pos], x[pos + 1] = keys[order], values[order]
+        labels = np.full(L, IGNORE_INDEX, dtype=np.int64)
+        keep = pos < L  # a query whose answer falls at position L (the next row) is dropped
+        labels[pos[keep]] = values[order][keep]
+        return {"input_ids": torch.from_numpy(x[:L]), "labels": torch.from_numpy(labels)}
+
+
+# ---- sampling and the DataModule ------------------------------------------------------------------------------------
+
+class ResumableSampler(Sampler[int]):
+    """Rank `rank`'s share of an endless, seeded sequence of permutations of range(n), from sample `start` on.
+
+    `__len__` is the full length, also when resuming: Lightning counts the batches it restored as already fetched."""
+
+    def __init__(self, n: int, length: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.n, self.length, self.seed, self.rank, self.world_size, self.start = n, length, seed, rank, world_size, start
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perm_cache[epoch]
+
+    def __iter__(self) -> Iterator[int]:
+        for p in range(self.start, self.length):
+            g = p * self.world_size + self.rank
+            yield int(self._perm(g // self.n)[g % self.n])
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class ShardSampler(Sampler[int]):
+    """Validation: rank r takes rows r, r + w, r + 2w, ... in order."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class LMDataModule(L.LightningDataModule):
+    """Text, token shards or MQAR, as DataConfig.kind says; batches of {input_ids, labels[, seq_idx]}."""
+
+    def __init__(self, config: DataConfig, tokenizer: Optional[Tokenizer] = None, max_steps: int = 1,
+                 accumulate_grad_batches: int = 1):
+        super().__init__()
+        self.config, self.tokenizer = config, tokenizer
+        self.max_steps, self.accumulate = max_steps, accumulate_grad_batches
+        self.train_set = self.val_set = None
+        if config.kind == "text" and tokenizer is None:
+            raise ValueError("data.kind 'text' needs a tokenizer")
+
+    # text is tokenized once per node (rank 0 of each node; the others wait), into a cache keyed by content
+    def prepare_data(self) -> None:
+        if self.config.kind == "text":
+            self.token_dir()
+
+    def token_dir(self) -> Path:
+        c = self.config
+        files = find_text_files(c.paths, c.include, c.exclude, c.max_bytes)
+        return tokenize_text_files(files, self.tokenizer, c.cache_dir)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        c = self.config
+        if c.kind == "mqar":
+            self.train_set = MQARDataset(c.mqar.num_train, c.seq_len, c.mqar, c.seed, split=0)
+            self.val_set = MQARDataset(c.mqar.num_val, c.seq_len, c.mqar, c.seed, split=1)
+            return
+        self.stream = TokenStream([self.token_dir()] if c.kind == "text" else c.paths)
+        if self.tokenizer is not None and self.stream.eos_id != self.tokenizer.eos_id:
+            raise ValueError(f"token shards end documents with eos_id {self.stream.eos_id}, but the tokenizer's eos "
+                             f"is {self.tokenizer.eos_id}")
+        train_rows, val_rows = split_rows(len(self.stream), c.seq_len, c.val_fraction)
+        self.train_set = PackedRows(self.stream, c.seq_len, train_rows.start, train_rows.stop)
+        self.val_set = PackedRows(self.stream, c.seq_len, val_rows.start, val_rows.stop) if len(val_rows) else None
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        c = self.config
+        batches = self.max_steps * self.accumulate  # per rank: the whole run is one pass of this loader
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed if self.trainer is not None else 0
+        sampler = ResumableSampler(len(self.train_set), batches * c.batch_size, c.seed, rank, world,
+                                   start=done * c.batch_size)
+        return DataLoader(self.train_set, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers,
+                          drop_last=True, persistent_workers=c.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            return []
+        rank, world = self._rank_world()
+        return DataLoader(self.val_set, batch_size=self.config.batch_size,
+                          sampler=ShardSampler(len(self.val_set), rank, world), num_workers=self.config.num_workers)
+
+    def val_tokens(self) -> np.ndarray:
+        """The validation split's input tokens (for the unigram-entropy baseline)."""
+        if self.val_set is None or not isinstance(self.val_set, PackedRows):
+            return np.zeros(0, dtype=np.int64)
+        L = self.config.seq_len
+        return self.stream.read(self.val_set.row_start * L, self.val_set.row_stop * L)

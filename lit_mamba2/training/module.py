@@ -1,0 +1,164 @@
+"""The LightningModule for causal-LM training of a Mamba2LMHeadModel, and loading a model back from a checkpoint."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import lightning as L
+import torch
+import torchmetrics
+
+from lit_mamba2.config import Mamba2Config
+from lit_mamba2.model import Mamba2LMHeadModel
+from lit_mamba2.training.data import IGNORE_INDEX
+from lit_mamba2.training.tokenizers import Tokenizer, tokenizer_from_state
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1  # not applied to A_log, D, dt_bias, norm weights and biases
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    schedule: str = "cosine"  # "cosine": warmup then cosine to min_lr; "wsd": warmup, stable, decay; "constant"
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # final lr / peak lr
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ValueError(f"optim.schedule must be 'cosine', 'wsd' or 'constant', got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction must lie in (0, 1], got {self.decay_fraction}")
+        self.betas = tuple(self.betas)
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    lo = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = total_steps - int(cfg.decay_fraction * total_steps)
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    return 1 - (1 - lo) * progress
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: parameters marked `_no_weight_decay` (A_log, D, dt_bias) and every 1-D
+    parameter (norm weights, biases) go to a group without it."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if getattr(p, "_no_weight_decay", False) or p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TokenWeightedMeanLoss(torchmetrics.Metric):
+    """Mean loss per counted token over all batches and ranks; `perplexity()` is its exp."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.loss_sum += loss_sum.detach().double()
+        self.tokens += tokens.detach()
+
+    def compute(self) -> torch.Tensor:
+        return (self.loss_sum / self.tokens).float()
+
+
+class LanguageModel(L.LightningModule):
+    """Next-token training of a Mamba2LMHeadModel. The model is built in `configure_model`, so that a sharding
+    strategy can build it on its own devices; the config and the tokenizer travel inside every checkpoint."""
+
+    def __init__(self, model_config: dict, optim: Optional[dict] = None, tokenizer: Optional[Tokenizer] = None,
+                 accuracy: bool = False):
+        super().__init__()
+        self.save_hyperparameters({"model_config": model_config, "optim": optim or {}, "accuracy": accuracy})
+        self.config = Mamba2Config.from_dict(model_config)
+        self.optim = OptimConfig(**(optim or {}))
+        self.tokenizer = tokenizer
+        self.accuracy = accuracy  # also log argmax accuracy on the labelled positions (MQAR recall)
+        self.model: Optional[Mamba2LMHeadModel] = None
+        self.val_loss = TokenWeightedMeanLoss()
+        self.val_acc = torchmetrics.MeanMetric()
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = Mamba2LMHeadModel(self.config)
+
+    def forward(self, input_ids, seq_idx=None):
+        return self.model(input_ids, seq_idx=seq_idx)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"),
+                               ignore_index=IGNORE_INDEX)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        labels = batch["labels"]
+        loss_sum = self.model.loss(batch["input_ids"], labels, seq_idx=batch.get("seq_idx"),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        counted = labels != IGNORE_INDEX
+        self.val_loss.update(loss_sum, counted.sum())
+        if self.accuracy:
+            pred = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx")).argmax(-1)
+            self.val_acc.update((pred == labels)[counted].float())
+
+    def on_validation_epoch_end(self) -> None:
+        mean = self.val_loss.compute()
+        self.log_dict({"val/loss": mean, "val/ppl": mean.exp()}, prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+        if self.accuracy:
+            self.log("val/acc", self.val_acc.compute(), prog_bar=True)
+            self.val_acc.reset()
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(param_groups(self.model, self.optim.weight_decay), lr=self.optim.lr,
+                                betas=self.optim.betas, eps=self.optim.eps)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, self.optim))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["model_config"] = self.config.to_dict()
+        if self.tokenizer is not None:
+            checkpoint["tokenizer"] = self.tokenizer.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.tokenizer is None and "tokenizer" in checkpoint:
+            self.tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
+
+
+def load_model_from_checkpoint(path: str, map_location="cpu") -> tuple[Mamba2LMHeadModel, Optional[Tokenizer]]:
+    """(model, tokenizer) from a training checkpoint alone; the model is in eval mode on `map_location`."""
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if "model_config" not in ckpt:
+        raise ValueError(f"{path!r} is not a lit-mamba2 training checkpoint (it has no 'model_config')")
+    model = Mamba2LMHeadModel(Mamba2Config.from_dict(ckpt["model_config"]))
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if "tokenizer" in ckpt else None
+    return model.to(map_location).eval(), tokenizer

@@ -1,0 +1,229 @@
+"""`lit-mamba2 pretrain`: the recipe's dataclasses and the run they describe.
+
+A recipe YAML maps 1:1 onto PretrainConfig: top-level keys model, tokenizer, data, optim, trainer, sample, resume.
+The defaults below are the built-in default run (recipes/default.yaml writes them out): a small Mamba-2 trained
+with the byte tokenizer on the Python standard library's own sources, on CPU in a few minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import typing
+import warnings
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from lit_mamba2.config import Mamba2Config
+from lit_mamba2.launch import apply_launcher_env
+from lit_mamba2.training.data import DataConfig, TokenStream, find_text_files
+from lit_mamba2.training.module import OptimConfig
+from lit_mamba2.training.tokenizers import check_vocab_fits, load_tokenizer
+
+# model: a preset `name` (Mamba2Config.from_name), and/or any Mamba2Config field; given fields override the
+# preset's (ssm_cfg / attn_cfg are merged key by key). name: null builds the model from the fields alone.
+ModelArgs = make_dataclass(
+    "ModelArgs",
+    [("name", Optional[str], field(default="mamba2-tiny"))]
+    + [(f.name, Optional[typing.get_type_hints(Mamba2Config)[f.name]], field(default=None))
+       for f in fields(Mamba2Config)],
+)
+ModelArgs.__doc__ = "A preset name and/or Mamba2Config fields (given fields override the preset's)."
+
+
+def build_model_config(args) -> Mamba2Config:
+    given = {k: v for k, v in asdict(args).items() if k != "name" and v is not None}
+    if args.name is None:
+        return Mamba2Config.from_dict(given)
+    base = Mamba2Config.from_name(args.name).to_dict()
+    for key in ("ssm_cfg", "attn_cfg"):
+        if key in given:
+            given[key] = {**base[key], **given[key]}
+    return Mamba2Config.from_dict({**base, **given})
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Union[int, str] = "auto"  # per node
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: Optional[str] = None  # None: bf16-mixed on GPUs with bf16, else 32-true
+    max_steps: int = 300  # optimizer steps
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    val_every_n_steps: int = 100
+    limit_val_batches: int = 25  # per rank and validation
+    log_every_n_steps: int = 10
+    save_every_n_steps: int = 100  # checkpoints/last.ckpt; also written at the end and on SIGTERM
+    seed: int = 1234
+    out_dir: str = "runs/pretrain"  # checkpoints/ and logs/ go here
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "accumulate_grad_batches", "val_every_n_steps", "save_every_n_steps",
+                     "log_every_n_steps", "num_nodes"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"trainer.{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+@dataclass
+class SampleConfig:
+    """The sample generated from the final checkpoint (text data only)."""
+
+    prompt: str = "def "
+    max_new_tokens: int = 200  # 0: no sample
+    temperature: float = 0.8
+    top_k: Optional[int] = 20
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    tokenizer: str = "byte"  # "byte", or a Hugging Face tokenizer name or directory (unused for MQAR)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    resume: Union[bool, str] = False  # true: <out_dir>/checkpoints/last.ckpt; or a checkpoint path
+
+
+def resolve_precision(precision: Optional[str], accelerator: str) -> str:
+    if precision is not None:
+        return precision
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def resume_path(resume: Union[bool, str], out_dir: str) -> Optional[str]:
+    if resume is False or resume is None:
+        return None
+    path = Path(out_dir, "checkpoints", "last.ckpt") if resume is True else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
+    return str(path)
+
+
+def check_data_paths(data: DataConfig) -> None:
+    """Fail before any process group or model exists when the data is not there."""
+    if data.kind == "text":
+        find_text_files(data.paths, data.include, data.exclude, data.max_bytes)
+    elif data.kind == "tokens":
+        TokenStream(data.paths)
+
+
+def default_loggers(out_dir: str) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(out_dir, name="logs")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        import tensorboard  # noqa: F401  (TensorBoardLogger also works with tensorboardX; we only add it if present)
+
+        loggers.append(TensorBoardLogger(out_dir, name="tb"))
+    except ImportError:
+        pass
+    return loggers
+
+
+def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
+    """Train as the config says (extra Lightning `callbacks` join the built-in ones); returns a summary: final
+    losses, time, checkpoint path, sample."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+
+    from lit_mamba2.training.callbacks import CheckpointOnSigterm, TokenThroughput
+    from lit_mamba2.training.data import LMDataModule, unigram_entropy
+    from lit_mamba2.training.module import LanguageModel
+
+    cfg = copy.deepcopy(cfg)
+    # Lightning cannot see that LMDataModule's sampler restarts at the restored batch count by itself
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    tc = apply_launcher_env(cfg.trainer)
+    ckpt_path = resume_path(cfg.resume, tc.out_dir)
+    L.seed_everything(tc.seed, verbose=False)
+
+    model_config = build_model_config(cfg.model)
+    tokenizer = None
+    if cfg.data.kind == "mqar":
+        if cfg.data.mqar.vocab_size > model_config.vocab_size:
+            raise ValueError(f"model.vocab_size = {model_config.vocab_size} is smaller than data.mqar.vocab_size = "
+                             f"{cfg.data.mqar.vocab_size}")
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        check_vocab_fits(tokenizer, model_config.vocab_size)
+    check_data_paths(cfg.data)
+
+    datamodule = LMDataModule(cfg.data, tokenizer, tc.max_steps, tc.accumulate_grad_batches)
+    module = LanguageModel(model_config.to_dict(), asdict(cfg.optim), tokenizer, accuracy=cfg.data.kind == "mqar")
+    ckpt_dir = Path(tc.out_dir, "checkpoints")
+    batches = tc.max_steps * tc.accumulate_grad_batches
+    trainer = L.Trainer(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
+        precision=resolve_precision(tc.precision, tc.accelerator), max_steps=tc.max_steps,
+        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
+        val_check_interval=min(tc.val_every_n_steps * tc.accumulate_grad_batches, batches),
+        check_val_every_n_epoch=None, limit_val_batches=tc.limit_val_batches, num_sanity_val_steps=0,
+        log_every_n_steps=tc.log_every_n_steps, use_distributed_sampler=False,
+        enable_progress_bar=tc.progress_bar, enable_model_summary=tc.progress_bar,
+        logger=default_loggers(tc.out_dir), default_root_dir=tc.out_dir,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=tc.save_every_n_steps, save_top_k=0,
+                                   save_last=True),
+                   CheckpointOnSigterm(ckpt_dir / "last.ckpt"), TokenThroughput(),
+                   LearningRateMonitor(logging_interval="step"),
+                   *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
+    )
+    if trainer.is_global_zero:
+        print(f"model: {model_config.d_model=} {model_config.n_layer=} vocab={model_config.padded_vocab_size}, "
+              f"tokenizer: {tokenizer!r}, data: {cfg.data.kind}, world size {trainer.world_size}, "
+              f"precision {trainer.precision}", flush=True)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    train_time = time.perf_counter() - start
+    if trainer.global_step % tc.val_every_n_steps != 0 and datamodule.val_set is not None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary = {"step": trainer.global_step, "train_loss": metrics.get("train/loss"),
+               "val_loss": metrics.get("val/loss"), "val_ppl": metrics.get("val/ppl"), "val_acc": metrics.get("val/acc"),
+               "train_time_s": train_time, "checkpoint": str(ckpt_dir / "last.ckpt"),
+               "params": sum(p.numel() for p in module.model.parameters())}
+    if cfg.data.kind != "mqar":
+        summary["val_unigram_entropy"] = unigram_entropy(datamodule.val_tokens()) if datamodule.val_set else None
+    if trainer.is_global_zero:
+        if cfg.sample.max_new_tokens > 0 and tokenizer is not None:
+            summary["sample"] = sample_from_checkpoint(summary["checkpoint"], cfg.sample)
+        print_summary(summary)
+    return summary
+
+
+def sample_from_checkpoint(path: str, sc: SampleConfig) -> str:
+    """Load the checkpoint alone (model config and tokenizer are inside) and continue sc.prompt."""
+    from lit_mamba2.generation import generate
+    from lit_mamba2.training.module import load_model_from_checkpoint
+
+    model, tokenizer = load_model_from_checkpoint(path)
+    prompt = torch.tensor([tokenizer.encode(sc.prompt)], dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    out = generate(model, prompt, sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k,
+                   stop_tokens=(tokenizer.eos_id,), generator=gen)
+    return tokenizer.decode(out[0].tolist())
+
+
+def print_summary(s: dict) -> None:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    print(f"\nfinished at step {s['step']} in {s['train_time_s']:.1f} s ({s['params']:,} parameters)")
+    print(f"train loss {fmt(s['train_loss'])} | val loss {fmt(s['val_loss'])} nats/token | val ppl {fmt(s['val_ppl'])}"
+          + (f" | val acc {fmt(s['val_acc'])}" if s.get("val_acc") is not None else ""))
+    if s.get("val_unigram_entropy") is not None:
+        print(f"unigram entropy of the validation tokens: {s['val_unigram_entropy']:.4f} nats "
+              f"(the loss of a model that ignores context)")
+    print(f"checkpoint: {s['checkpoint']}")
+    if "sample" in s:
+        print("sample:\n" + "-" * 60 + f"\n{s['sample']}\n" + "-" * 60, flush=True)

@@ -1,0 +1,351 @@
+"""Checkpoints in and out, against independent implementations: transformers' Mamba2ForCausalLM (its PyTorch path
+on CPU) in both directions, mamba_ssm-format folders written here by hand, Lightning .ckpt files built by hand, the
+Hub cache offline, and every refusal with a message naming the key or file."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_mamba2 import Mamba2Config
+from lit_mamba2.checkpoints import CheckpointError, convert_main, from_pretrained, save_pretrained
+from lit_mamba2.model import Mamba2LMHeadModel
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(tie=False, n_groups=2, limit=(0.0, math.inf), seed=0):
+    from transformers import Mamba2Config as HFConfig, Mamba2ForCausalLM
+
+    cfg = HFConfig(hidden_size=64, num_heads=8, head_dim=16, state_size=16, n_groups=n_groups, expand=2,
+                   num_hidden_layers=2, vocab_size=96, chunk_size=8, conv_kernel=4, tie_word_embeddings=tie,
+                   time_step_limit=limit, use_conv_bias=True, layer_norm_epsilon=1e-5)
+    torch.manual_seed(seed)
+    model = Mamba2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers' init leaves A_log, D, dt_bias and the norms trivial: randomise all
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def randomise(model: Mamba2LMHeadModel, seed=0) -> Mamba2LMHeadModel:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def ids(vocab, b=2, L=21, seed=1):
+    return torch.randint(0, vocab, (b, L), generator=torch.Generator().manual_seed(seed))
+
+
+def write_mamba_ssm_folder(model: Mamba2LMHeadModel, folder: Path) -> Path:
+    """mamba_ssm's own layout: config.json with MambaConfig's fields, pytorch_model.bin = state_dict()."""
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    cfg = {k: getattr(c, k) for k in ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg",
+                                      "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32",
+                                      "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")}
+    cfg["ssm_cfg"] = {"layer": "Mamba2", **{k: list(v) if isinstance(v, tuple) else v for k, v in c.ssm_cfg.items()}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(40)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers' format
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie,limit", [(False, (0.0, math.inf)), (True, (0.01, 0.5))])
+def test_transformers_folder_loads_with_equal_logits(tmp_path, tie, limit):
+    ref_model = hf_model(tie=tie, limit=limit)
+    ref_model.save_pretrained(tmp_path)
+    x = ids(96)
+    with torch.no_grad():
+        ref = ref_model(x).logits
+        model = Mamba2LMHeadModel.from_pretrained(tmp_path, tokenizer=False)
+        assert model.source_format == "hf"
+        out = model(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_sharded_transformers_folder_loads(tmp_path):
+    ref_model = hf_model()
+    ref_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    x = ids(96)
+    with torch.no_grad():
+        diff = (from_pretrained(tmp_path, tokenizer=False)(x) - ref_model(x).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "ssm_cfg": {
+    "d_state": 16, "headdim": 16, "ngroups": 4, "chunk_size": 8, "dt_limit": (0.01, 0.3)}}])
+def test_our_hf_folder_loads_in_transformers_with_equal_logits(tmp_path, overrides):
+    from transformers import Mamba2ForCausalLM
+
+    model = randomise(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test", **overrides)))
+    model.save_pretrained(tmp_path, format="hf")
+    theirs = Mamba2ForCausalLM.from_pretrained(tmp_path).eval()
+    x = ids(model.config.vocab_size, L=19)
+    with torch.no_grad():
+        diff = (theirs(x).logits - model(x)).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_hf_format_refuses_attention_and_writes_nothing(tmp_path):
+    model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2attn-test"))
+    with pytest.raises(CheckpointError, match=r"cannot express.*attention layers.*mamba_ssm"):
+        save_pretrained(model, tmp_path / "out", format="hf")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mamba_ssm's format
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["mamba2-test", "mamba2attn-test"])
+def test_mamba_ssm_folder_loads_and_matches(tmp_path, preset):
+    src = randomise(Mamba2LMHeadModel(Mamba2Config.from_name(preset)))
+    write_mamba_ssm_folder(src, tmp_path)
+    loaded = from_pretrained(tmp_path, tokenizer=False)
+    assert loaded.source_format == "mamba_ssm"
+    assert loaded.config.attn_layer_idx == src.config.attn_layer_idx
+    x = ids(256)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), src(x), rtol=0, atol=0)
+    assert loaded.lm_head.weight is loaded.backbone.embedding.weight  # tying survives loading
+
+
+@pytest.mark.parametrize("preset", ["mamba2-test", "mamba2attn-test"])
+def test_save_mamba_ssm_format_is_what_mamba_ssm_reads(tmp_path, preset):
+    src = randomise(Mamba2LMHeadModel(Mamba2Config.from_name(preset)))
+    save_pretrained(src, tmp_path, format="mamba_ssm")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    # mamba_ssm builds MambaConfig(**config): no other keys may appear
+    assert set(cfg) <= {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                        "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                        "tie_embeddings"}
+    assert cfg["ssm_cfg"]["layer"] == "Mamba2"
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    assert set(sd) == set(src.state_dict())  # strict load in mamba_ssm: lm_head.weight included
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    x = ids(256)
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(tmp_path, tokenizer=False)(x), src(x), rtol=0, atol=0)
+
+
+def test_mamba_ssm_config_without_pad_multiple_uses_mamba_ssm_default(tmp_path):
+    src = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test", vocab_size=250, pad_vocab_size_multiple=8))
+    write_mamba_ssm_folder(src, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["pad_vocab_size_multiple"]  # MambaConfig's default (8) applies, not ours (16)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert from_pretrained(tmp_path, tokenizer=False).config.padded_vocab_size == 256
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def mamba_ssm_folder(tmp_path):
+    return write_mamba_ssm_folder(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")), tmp_path / "ckpt")
+
+
+def _edit_weights(folder, fn):
+    sd = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    fn(sd)
+    torch.save(sd, folder / "pytorch_model.bin")
+
+
+def test_missing_key_is_named(mamba_ssm_folder):
+    _edit_weights(mamba_ssm_folder, lambda sd: sd.pop("backbone.layers.1.mixer.A_log"))
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*missing key 'backbone\.layers\.1\.mixer\.A_log'"):
+        from_pretrained(mamba_ssm_folder, tokenizer=False)
+
+
+def test_unexpected_key_is_named(mamba_ssm_folder):
+    _edit_weights(mamba_ssm_folder, lambda sd: sd.__setitem__("backbone.layers.7.mixer.D", torch.ones(8)))
+    with pytest.raises(CheckpointError, match=r"unexpected key 'backbone\.layers\.7\.mixer\.D'"):
+        from_pretrained(mamba_ssm_folder, tokenizer=False)
+
+
+def test_shape_mismatch_is_named(mamba_ssm_folder):
+    _edit_weights(mamba_ssm_folder, lambda sd: sd.__setitem__("backbone.norm_f.weight", torch.ones(65)))
+    with pytest.raises(CheckpointError, match=r"'backbone\.norm_f\.weight' has shape \(65,\).*\(64,\)"):
+        from_pretrained(mamba_ssm_folder, tokenizer=False)
+
+
+def test_tied_lm_head_may_be_absent(mamba_ssm_folder):
+    _edit_weights(mamba_ssm_folder, lambda sd: sd.pop("lm_head.weight"))
+    model = from_pretrained(mamba_ssm_folder, tokenizer=False)
+    assert model.lm_head.weight is model.backbone.embedding.weight
+
+
+def test_untied_lm_head_must_be_present(tmp_path):
+    ref_model = hf_model(tie=False)
+    ref_model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["lm_head.weight"]
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing key 'lm_head\.weight'"):
+        from_pretrained(tmp_path, tokenizer=False)
+
+
+def test_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(CheckpointError, match=r"config\.json: unknown model_type 'llama'"):
+        from_pretrained(tmp_path, tokenizer=False)
+
+
+def test_truncated_safetensors_is_named(tmp_path):
+    hf_model().save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors \(truncated"):
+        from_pretrained(tmp_path, tokenizer=False)
+
+
+def test_truncated_torch_file_is_named(mamba_ssm_folder):
+    f = mamba_ssm_folder / "pytorch_model.bin"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin \(truncated"):
+        from_pretrained(mamba_ssm_folder, tokenizer=False)
+
+
+def test_missing_shard_is_named(tmp_path):
+    hf_model().save_pretrained(tmp_path, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"names shard '{shard.name}', which is missing"):
+        from_pretrained(tmp_path, tokenizer=False)
+
+
+def test_pickled_objects_are_not_unpickled(mamba_ssm_folder):
+    sd = torch.load(mamba_ssm_folder / "pytorch_model.bin", weights_only=True)
+    torch.save({"weights": sd, "extra": Path("x")}, mamba_ssm_folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin holds Python objects"):
+        from_pretrained(mamba_ssm_folder, tokenizer=False)
+
+
+def test_folder_without_weights_or_config(tmp_path):
+    with pytest.raises(CheckpointError, match=r"has no config\.json"):
+        from_pretrained(tmp_path, tokenizer=False)
+    (tmp_path / "config.json").write_text(json.dumps(Mamba2Config.from_name("mamba2-test").to_dict()))
+    with pytest.raises(CheckpointError, match=r"has no weights"):
+        from_pretrained(tmp_path, tokenizer=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lightning .ckpt, tokenizer, convert
+# ---------------------------------------------------------------------------------------------------------------
+def write_ckpt(path, model, tokenizer_state, layout):
+    meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer_state}
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 1, "global_step": 10}
+    ckpt["state_dict"]["train_metric.total"] = torch.zeros(())  # not the model's: ignored
+    if layout == "top_level":  # LanguageModel.on_save_checkpoint; hyper_parameters hold the config too
+        ckpt.update(meta)
+        ckpt["hyper_parameters"] = {"model_config": meta["model_config"], "optim": {"lr": 3e-4}}
+    elif layout == "hyper_parameters":
+        ckpt["hyper_parameters"] = {"lr": 3e-4, **meta}
+    else:
+        ckpt["lit_mamba2"] = meta
+    torch.save(ckpt, path)
+
+
+def tokenizer_state(tok, tmp_path):
+    d = tmp_path / "tokfiles"
+    tok.save_pretrained(d)
+    return {"kind": "hf", "name": "test-words", "files": {p.name: p.read_bytes() for p in d.iterdir()}}
+
+
+@pytest.mark.parametrize("layout", ["top_level", "hyper_parameters", "lit_mamba2"])
+def test_convert_training_checkpoint_to_both_formats(tmp_path, layout):
+    from transformers import Mamba2ForCausalLM
+
+    src = randomise(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")))
+    tok = make_tokenizer()
+    write_ckpt(tmp_path / "last.ckpt", src, tokenizer_state(tok, tmp_path), layout)
+    x = ids(256)
+    with torch.no_grad():
+        want = src(x)
+    assert convert_main([str(tmp_path / "last.ckpt"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert convert_main([str(tmp_path / "last.ckpt"), str(tmp_path / "ms"), "--to", "mamba_ssm"]) == 0
+    with torch.no_grad():
+        assert (Mamba2ForCausalLM.from_pretrained(tmp_path / "hf")(x).logits - want).abs().max() < 1e-4
+        ms = from_pretrained(tmp_path / "ms")
+        torch.testing.assert_close(ms(x), want, rtol=0, atol=0)
+    # the tokenizer travelled into both folders and is found again
+    assert ms.tokenizer.encode("w3 w5", add_special_tokens=False) == tok.encode("w3 w5", add_special_tokens=False)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_convert_hybrid_ckpt_to_hf_is_refused_clearly(tmp_path, capsys):
+    src = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2attn-test"))
+    write_ckpt(tmp_path / "a.ckpt", src, None, "lit_mamba2")
+    with pytest.raises(SystemExit) as e:
+        convert_main([str(tmp_path / "a.ckpt"), str(tmp_path / "hf"), "--to", "hf"])
+    assert e.value.code == 2
+    assert "attention layers" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+
+def test_ckpt_without_model_config_is_refused(tmp_path):
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "x.ckpt")
+    with pytest.raises(CheckpointError, match=r"x\.ckpt: no model config found"):
+        from_pretrained(tmp_path / "x.ckpt")
+
+
+def test_tokenizer_files_are_found_and_copied(tmp_path):
+    model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))
+    tok = make_tokenizer()
+    save_pretrained(model, tmp_path / "a", format="mamba_ssm", tokenizer=tok)
+    loaded = from_pretrained(tmp_path / "a")
+    assert loaded.tokenizer is not None and loaded.tokenizer.eos_token == "<eos>"
+    save_pretrained(loaded, tmp_path / "b", format="hf")  # the model's own tokenizer goes along
+    assert (tmp_path / "b" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["eos_token_id"] == 0
+    # a named tokenizer (a folder here; a Hub name works the same) overrides
+    assert from_pretrained(tmp_path / "b", tokenizer=str(tmp_path / "a")).tokenizer.eos_token == "<eos>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Hub, offline
+# ---------------------------------------------------------------------------------------------------------------
+def test_offline_load_from_prepopulated_hub_cache(tmp_path, monkeypatch):
+    src = randomise(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")))
+    cache = tmp_path / "hub"
+    repo = cache / "models--some-org--tiny-mamba2"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / rev
+    save_pretrained(src, snap, format="hf")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = from_pretrained("some-org/tiny-mamba2", tokenizer=False)
+    x = ids(256)
+    with torch.no_grad():
+        assert (model(x) - src(x)).abs().max() < 1e-6
+    with pytest.raises(CheckpointError, match=r"'some-org/absent'.*HF_HUB_OFFLINE=1"):
+        from_pretrained("some-org/absent", tokenizer=False)
+
+
+def test_local_path_that_is_not_a_folder(tmp_path):
+    with pytest.raises(CheckpointError, match=r"not a checkpoint folder"):
+        from_pretrained(str(tmp_path / "nope"), tokenizer=False)

@@ -1,0 +1,171 @@
+"""The CLI end to end: recipes, errors, a short pretrain run, SIGTERM + resume, torchrun and fabric run."""
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import lit_mamba2
+from lit_mamba2.cli import main, parse_recipe
+from lit_mamba2.launch import apply_launcher_env
+from lit_mamba2.training.module import load_model_from_checkpoint
+from lit_mamba2.training.pretrain import PretrainConfig, TrainerConfig, build_model_config, pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = REPO / "recipes"
+
+
+def tiny_args(tmp_path, out="run", steps=8):
+    """The built-in default, shrunk: a test-sized model on 60 kB of the standard library."""
+    return ["--model.name", "mamba2-test", "--data.max_bytes", "60000", "--data.seq_len", "64",
+            "--data.batch_size", "4", "--data.val_fraction", "0.1", "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.max_steps", str(steps), "--trainer.val_every_n_steps", "4", "--trainer.limit_val_batches", "2",
+            "--trainer.save_every_n_steps", "4", "--trainer.log_every_n_steps", "1", "--trainer.progress_bar", "false",
+            "--trainer.accelerator", "cpu", "--trainer.out_dir", str(tmp_path / out), "--optim.warmup_steps", "2"]
+
+
+def test_default_recipe_is_the_builtin_default():
+    assert parse_recipe(PretrainConfig, ["--config", str(RECIPES / "default.yaml")], "t") == PretrainConfig()
+    assert parse_recipe(PretrainConfig, [], "t") == PretrainConfig()
+
+
+@pytest.mark.parametrize("recipe", ["default.yaml", "mqar.yaml", "pretrain/mamba2-130m.yaml"])
+def test_recipes_parse_and_build_their_model(recipe):
+    cfg = parse_recipe(PretrainConfig, ["--config", str(RECIPES / recipe)], "t")
+    model_config = build_model_config(cfg.model)
+    if cfg.data.kind == "mqar":
+        assert model_config.vocab_size >= cfg.data.mqar.vocab_size
+    if recipe.endswith("130m.yaml"):
+        assert model_config.d_model == 768 and model_config.n_layer == 24
+        assert cfg.trainer.precision == "bf16-mixed" and cfg.tokenizer == "EleutherAI/gpt-neox-20b"
+
+
+def test_overrides_apply_over_the_recipe_and_preset():
+    cfg = parse_recipe(PretrainConfig, ["--config", str(RECIPES / "default.yaml"), "--trainer.max_steps", "20",
+                                        "--model.name", "mamba2-test", "--model.ssm_cfg", "{d_state: 8}"], "t")
+    assert cfg.trainer.max_steps == 20
+    mc = build_model_config(cfg.model)
+    assert mc.d_model == 64 and mc.ssm["d_state"] == 8 and mc.ssm["headdim"] == 16  # preset's other keys kept
+
+
+def test_bad_yaml_key_names_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_stepz: 5\n")
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--config", str(bad)])
+    assert e.value.code == 2
+    assert "max_stepz" in capsys.readouterr().err
+
+
+def test_unknown_and_planned_commands(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert main(["evaluate"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-dir")
+    assert main(["pretrain", *tiny_args(tmp_path), "--data.paths", f"[{missing}]"]) == 2
+    assert missing in capsys.readouterr().err
+    assert main(["pretrain", *tiny_args(tmp_path), "--data.kind", "tokens", "--data.paths", f"[{missing}]"]) == 2
+    assert missing in capsys.readouterr().err
+
+
+def test_launcher_environment_overrides():
+    tc = TrainerConfig(accelerator="cpu", devices=1, num_nodes=1, precision="32-true", strategy="auto")
+    assert apply_launcher_env(tc, {}) == tc
+    fabric = {"LT_DEVICES": "4", "LT_NUM_NODES": "2", "LT_ACCELERATOR": "cuda", "LT_PRECISION": "bf16-mixed",
+              "LT_STRATEGY": "fsdp", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}
+    out = apply_launcher_env(tc, fabric)
+    assert (out.devices, out.num_nodes, out.accelerator, out.precision, out.strategy) == (4, 2, "cuda", "bf16-mixed",
+                                                                                         "fsdp")
+    # fabric run always sets LT_DEVICES/LT_NUM_NODES ("auto" if not given): then torchrun's counts decide
+    out = apply_launcher_env(tc, {"LT_DEVICES": "auto", "LT_NUM_NODES": "1", "LOCAL_WORLD_SIZE": "2",
+                                  "WORLD_SIZE": "2"})
+    assert (out.devices, out.num_nodes, out.accelerator, out.precision) == (2, 1, "cpu", "32-true")
+    assert apply_launcher_env(tc, {"LT_DEVICES": "0,1"}).devices == "0,1"  # GPU ids pass through
+    out = apply_launcher_env(tc, {"LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "32"})  # plain torchrun, 4 nodes
+    assert (out.devices, out.num_nodes) == (8, 4)
+    slurm = {"SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "train"}
+    out = apply_launcher_env(tc, slurm)
+    assert (out.devices, out.num_nodes) == (8, 2)
+    assert apply_launcher_env(tc, {**slurm, "SLURM_JOB_NAME": "bash"}) == tc  # an interactive shell is no launch
+
+
+class SigtermAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_pretrain_default_checkpoint_sigterm_and_resume(tmp_path, capsys):
+    # one uninterrupted run: loss falls, checkpoint and sample written, logs have loss and tokens/s
+    full = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "full"), "--sample.max_new_tokens", "16"], "t")
+    summary = pretrain(full)
+    out = capsys.readouterr().out
+    assert summary["step"] == 8 and "unigram entropy" in out and "sample:" in out
+    assert summary["sample"].startswith("def ")
+    rows = list(csv.DictReader(open(tmp_path / "full" / "logs" / "version_0" / "metrics.csv")))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses[-1] < losses[0] and any(r.get("train/tokens_per_s") for r in rows)
+    assert any(r.get("val/ppl") for r in rows)
+    model, tok = load_model_from_checkpoint(summary["checkpoint"])
+    assert model.config.d_model == 64 and tok.eos_id == 0
+
+    # the same run, stopped by SIGTERM after step 4, then resumed: it ends exactly where the full run ended
+    part = parse_recipe(PretrainConfig, tiny_args(tmp_path, "part"), "t")
+    part.sample.max_new_tokens = 0
+    with pytest.raises(SystemExit):
+        pretrain(part, callbacks=[SigtermAt(4)])
+    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    part.resume = True
+    resumed = pretrain(part)
+    assert resumed["step"] == 8
+    a, _ = load_model_from_checkpoint(summary["checkpoint"])
+    b, _ = load_model_from_checkpoint(resumed["checkpoint"])
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port()), "-m", "lit_mamba2", "pretrain",
+                *tiny_args(tmp_path, steps=4), "--sample.max_new_tokens", "0"], tmp_path)
+    assert "world size 2" in out
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_fabric_run_two_processes(tmp_path):
+    entry = str(Path(lit_mamba2.__file__).parent / "__main__.py")
+    # `python -m lightning.fabric.cli` is the `fabric run` command itself (the console script's `run` verb)
+    out = _run([sys.executable, "-m", "lightning.fabric.cli", "--accelerator", "cpu", "--devices", "2",
+                "--precision", "64-true", "--main-port", str(_free_port()), entry, "pretrain",
+                *tiny_args(tmp_path, steps=2), "--trainer.devices", "1", "--trainer.precision", "32-true",
+                "--sample.max_new_tokens", "0"], tmp_path)
+    assert "world size 2" in out and "precision 64-true" in out  # LT_DEVICES / LT_PRECISION beat the recipe
