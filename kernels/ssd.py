@@ -25,8 +25,8 @@ Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through
   4. `_bwd_dt_kernel`: per (batch, head, chunk): reverse in-chunk cumsum of d cum, then the chain through clamp,
      softplus and bias to d dt, with dA and d dt_bias partials.
 The decay exp(cum_t - cum_s) inside a tile is a row factor times a column factor about a position between the two
-blocks (`_decay_tile`), two exps per row and column instead of one per element; the exponentials, not the
-tensor cores, bound these kernels (notes/ssd_kernels.md).
+blocks (`_decay_tile`), two exps per row and column instead of one per element. Elementwise work and register
+pressure, not tensor-core throughput or bandwidth, bound these kernels today (notes/ssd_kernels.md).
 """
 
 import math
