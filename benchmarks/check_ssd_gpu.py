@@ -158,7 +158,8 @@ def main():
         print(json.dumps(r, default=str), flush=True)
     for fn, kw in ((deterministic, {}), (long_finite, {})):
         if args.dry_run_cpu:
-            kw = dict(shape=(1, 40, 2, 16, 1, 16), cs=16) if fn is deterministic else dict(L=100, h=2, p=16, n=16, cs=16)
+            kw = (dict(shape=(1, 40, 2, 16, 1, 16), cs=16) if fn is deterministic
+                  else dict(L=100, h=2, p=16, n=16, cs=16))
         try:
             r = fn(**kw)
         except Exception as e:  # noqa: BLE001

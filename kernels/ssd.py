@@ -3,7 +3,7 @@
 Per head, positions are cut into chunks of `chunk_size`; inside a chunk the output is the masked quadratic form,
 across chunks a (headdim, dstate) state is carried. With cum_t the in-chunk cumulative sum of dt·A:
 
-    y_t = Σ_{s≤t, same doc} (C_t·B_s) exp(cum_t - cum_s) dt_s x_s  +  e_t h_in C_t  +  D x_t ,  e_t = exp(cum_t)·reach_t
+    y_t = Σ_{s≤t, same doc} (C_t·B_s) exp(cum_t - cum_s) dt_s x_s + e_t h_in C_t + D x_t,  e_t = exp(cum_t)·reach_t
     h_out = h_in · exp(cum_last)·carry + Σ_s w_s dt_s x_s B_s^T ,  w_s = exp(cum_last - cum_s)·in_last_s
 
 Forward (`ssd_fwd`):
@@ -665,7 +665,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     use_cb = _use_cb(H, G, N)
     cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else None
     _launch(_fwd_out_kernel, (H, NC * (cs // BM), b),
-        x, B, C, D if D is not None else dummy, z if z is not None else dummy, seq_idx if seq_idx is not None else dummy,
+        x, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        seq_idx if seq_idx is not None else dummy,
         dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy,
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,

@@ -1,7 +1,7 @@
 """The Triton SSD kernels (interpreted on CPU) against the float64 chunked reference: forward and every gradient.
 
-Tolerances are on ‖out − ref‖ / ‖ref‖. float32 inputs: the kernels do float32 arithmetic with ieee products, which
-lands near 1e-7, so 1e-4 leaves room for summation order without hiding a wrong term (a missing term moves the
+Tolerances are on ‖out − ref‖ / ‖ref‖. float32 inputs: the kernels do float32 arithmetic with ieee products,
+which lands near 1e-7, so 1e-4 leaves room for summation order without hiding a wrong term (a missing term moves the
 error to O(1)). bfloat16 inputs: outputs and gradients are rounded to bfloat16 (2^-9 ≈ 2e-3 relative per element)
 and so are the dot operands inside; 3e-2 is a few of those roundings compounded. The interpreter multiplies bfloat16
 operands in float32 (it cannot multiply bfloat16), so the kernels' bfloat16 loads, stores and casts are exercised
@@ -141,6 +141,11 @@ def test_documents_at_chunk_edges():
 ])
 def test_bfloat16_matches_reference(cs, shape, kw):
     _check(cs, shape, torch.bfloat16, **kw)
+
+
+def test_float16_matches_reference():
+    # float16 keeps 3 more mantissa bits than bfloat16; the same 3e-2 bound is loose for it but catches any wrong term
+    _check(32, (1, 70, 2, 32, 1, 32), torch.float16, docs=1, D="headdim")
 
 
 def test_large_decay_and_dt_limit_stay_finite():
