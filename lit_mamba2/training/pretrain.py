@@ -56,7 +56,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = 1.0
     val_every_n_steps: int = 100
-    limit_val_batches: int = 25  # per rank and validation
+    limit_val_batches: int = 10  # per rank and validation
     log_every_n_steps: int = 10
     save_every_n_steps: int = 100  # checkpoints/last.ckpt; also written at the end and on SIGTERM
     seed: int = 1234

@@ -38,9 +38,9 @@ def test_schedules():
         OptimConfig(schedule="linear")
 
 
-def test_validation_perplexity_is_token_weighted():
+def test_validation_perplexity_and_accuracy_are_token_weighted():
     torch.manual_seed(0)
-    module = LanguageModel(Mamba2Config.from_name("mamba2-test").to_dict())
+    module = LanguageModel(Mamba2Config.from_name("mamba2-test").to_dict(), accuracy=True)
     module.configure_model()
     module.eval()
     batches = []
@@ -49,7 +49,7 @@ def test_validation_perplexity_is_token_weighted():
         y = torch.randint(0, 256, (b, L_))
         y[torch.rand(b, L_) > keep] = -100
         batches.append((x, y))
-    nll, count = 0.0, 0
+    nll, count, correct = 0.0, 0, 0
     with torch.no_grad():
         for i, (x, y) in enumerate(batches):
             module.validation_step({"input_ids": x, "labels": y}, i)
@@ -58,10 +58,12 @@ def test_validation_perplexity_is_token_weighted():
                 for t in range(x.shape[1]):
                     if y[bi, t] != -100:
                         nll -= logp[bi, t, y[bi, t]].item()
+                        correct += int(logp[bi, t].argmax().item() == y[bi, t].item())
                         count += 1
     mean = module.val_loss.compute()
     assert mean.item() == pytest.approx(nll / count, rel=1e-5)
     assert mean.exp().item() == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert module.val_acc.compute().item() == pytest.approx(correct / count, abs=1e-6)
 
 
 def test_mqar_training_drives_the_loss_down(tmp_path):
