@@ -178,8 +178,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
                    *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
     )
     if trainer.is_global_zero:
-        print(f"model: {model_config.d_model=} {model_config.n_layer=} vocab={model_config.padded_vocab_size}, "
-              f"tokenizer: {tokenizer!r}, data: {cfg.data.kind}, world size {trainer.world_size}, "
+        print(f"model: d_model={model_config.d_model} n_layer={model_config.n_layer} "
+              f"vocab={model_config.padded_vocab_size}, tokenizer: {tokenizer!r}, data: {cfg.data.kind}, world size {trainer.world_size}, "
               f"precision {trainer.precision}", flush=True)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
