@@ -1,3 +1,4 @@
+import io
 import math
 
 import lightning as L
@@ -101,8 +102,10 @@ def test_hf_tokenizer_by_path_and_from_checkpoint_state(hf_tokenizer_dir):
     tok = load_tokenizer(path)
     assert tok.encode("def x ( ) : return y") == [vocab[w] for w in "def x ( ) : return y".split()]
     assert tok.eos_id == vocab["<eos>"] and tok.vocab_size == len(vocab)
-    state = tok.state_dict()
-    rebuilt = tokenizer_from_state(state)
+    buffer = io.BytesIO()
+    torch.save({"tokenizer": tok.state_dict()}, buffer)  # as inside a checkpoint
+    buffer.seek(0)
+    rebuilt = tokenizer_from_state(torch.load(buffer, weights_only=True)["tokenizer"])
     assert rebuilt.encode("print hello world") == [vocab["print"], vocab["hello"], vocab["world"]]
     assert rebuilt.identity == tok.identity
     check_vocab_fits(tok, 16)
