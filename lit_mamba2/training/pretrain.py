@@ -179,8 +179,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     )
     if trainer.is_global_zero:
         print(f"model: d_model={model_config.d_model} n_layer={model_config.n_layer} "
-              f"vocab={model_config.padded_vocab_size}, tokenizer: {tokenizer!r}, data: {cfg.data.kind}, world size {trainer.world_size}, "
-              f"precision {trainer.precision}", flush=True)
+              f"vocab={model_config.padded_vocab_size}, tokenizer: {tokenizer!r}, data: {cfg.data.kind}, "
+              f"world size {trainer.world_size}, precision {trainer.precision}", flush=True)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     train_time = time.perf_counter() - start

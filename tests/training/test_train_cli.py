@@ -162,6 +162,23 @@ def test_pretrain_default_checkpoint_sigterm_and_resume(tmp_path, capsys):
     assert_same_weights(summary["checkpoint"], resumed["checkpoint"])
 
 
+def test_pretrain_with_a_hf_tokenizer_keeps_it_in_the_checkpoint(tmp_path, hf_tokenizer_dir):
+    path, vocab = hf_tokenizer_dir
+    words = [w for w in vocab if not w.startswith("<")]
+    rng = __import__("random").Random(0)
+    (tmp_path / "text").mkdir()
+    for k in range(3):
+        (tmp_path / "text" / f"doc{k}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)))
+    cfg = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, steps=3), "--tokenizer", path,
+                                        "--data.paths", f"[{tmp_path / 'text'}]", "--data.include", "*.txt",
+                                        "--data.seq_len", "16", "--sample.prompt", "def x",
+                                        "--sample.max_new_tokens", "5"], "t")
+    summary = pretrain(cfg)
+    assert summary["sample"].startswith("def x")
+    model, tok = load_model_from_checkpoint(summary["checkpoint"])
+    assert tok.encode("return y") == [vocab["return"], vocab["y"]] and tok.eos_id == vocab["<eos>"]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
