@@ -24,7 +24,7 @@ class OptimConfig:
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     schedule: str = "cosine"  # "cosine": warmup then cosine to min_lr; "wsd": warmup, stable, decay; "constant"
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # final lr / peak lr
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
 

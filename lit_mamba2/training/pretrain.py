@@ -52,7 +52,7 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: Optional[str] = None  # None: bf16-mixed on GPUs with bf16, else 32-true
-    max_steps: int = 300  # optimizer steps
+    max_steps: int = 200  # optimizer steps
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = 1.0
     val_every_n_steps: int = 100
