@@ -27,6 +27,9 @@ class TokenThroughput(L.Callback):
         self.times.clear()
         self.tokens.clear()
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.on_train_start(trainer, pl_module)  # the window measures training only
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.total += batch["input_ids"].numel() * trainer.world_size
         self.times.append(time.perf_counter())

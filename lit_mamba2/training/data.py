@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sysconfig
 from dataclasses import dataclass, field
@@ -359,7 +358,9 @@ class LMDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         c = self.config
         batches = self.max_steps * self.accumulate  # per rank: the whole run is one pass of this loader
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed if self.trainer is not None else 0
+        # batches already trained when resuming ("processed": a checkpoint written in on_train_batch_end has not
+        # counted its batch as completed yet; Lightning does that only after this loader is built)
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer is not None else 0
         sampler = ResumableSampler(len(self.train_set), batches * c.batch_size, c.seed, rank, world,
                                    start=done * c.batch_size)
         return DataLoader(self.train_set, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers,

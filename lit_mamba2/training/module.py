@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import lightning as L
@@ -23,7 +24,7 @@ class OptimConfig:
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     schedule: str = "cosine"  # "cosine": warmup then cosine to min_lr; "wsd": warmup, stable, decay; "constant"
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # final lr / peak lr
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
 
@@ -149,11 +150,9 @@ class LanguageModel(L.LightningModule):
 
 def load_model_from_checkpoint(path: str, map_location="cpu") -> tuple[Mamba2LMHeadModel, Optional[Tokenizer]]:
     """(model, tokenizer) from a training checkpoint alone; the model is in eval mode on `map_location`."""
-    import os
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)  # tensors, numbers, strings, bytes only
     if "model_config" not in ckpt:
         raise ValueError(f"{path!r} is not a lit-mamba2 training checkpoint (it has no 'model_config')")
     model = Mamba2LMHeadModel(Mamba2Config.from_dict(ckpt["model_config"]))

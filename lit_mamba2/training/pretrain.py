@@ -52,11 +52,11 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: Optional[str] = None  # None: bf16-mixed on GPUs with bf16, else 32-true
-    max_steps: int = 300  # optimizer steps
+    max_steps: int = 200  # optimizer steps
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = 1.0
     val_every_n_steps: int = 100
-    limit_val_batches: int = 25  # per rank and validation
+    limit_val_batches: int = 10  # per rank and validation
     log_every_n_steps: int = 10
     save_every_n_steps: int = 100  # checkpoints/last.ckpt; also written at the end and on SIGTERM
     seed: int = 1234
@@ -178,9 +178,9 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
                    *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
     )
     if trainer.is_global_zero:
-        print(f"model: {model_config.d_model=} {model_config.n_layer=} vocab={model_config.padded_vocab_size}, "
-              f"tokenizer: {tokenizer!r}, data: {cfg.data.kind}, world size {trainer.world_size}, "
-              f"precision {trainer.precision}", flush=True)
+        print(f"model: d_model={model_config.d_model} n_layer={model_config.n_layer} "
+              f"vocab={model_config.padded_vocab_size}, tokenizer: {tokenizer!r}, data: {cfg.data.kind}, "
+              f"world size {trainer.world_size}, precision {trainer.precision}", flush=True)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     train_time = time.perf_counter() - start

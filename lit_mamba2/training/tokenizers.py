@@ -53,6 +53,7 @@ class HFTokenizer:
                                  f"tokenizer files): {e}") from None
         self.name = name_or_path
         self.hf = _hf
+        self.hf.model_max_length = 2 ** 62  # whole files are encoded and then packed: no per-text length limit
         eos = _hf.eos_token_id
         if eos is None:
             raise ValueError(f"tokenizer {name_or_path!r} has no eos token; documents need one to mark their end")

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,6 +110,24 @@ class SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class KeepCheckpoint(L.Callback):
+    """Copies last.ckpt aside one step after it was written (by the periodic save)."""
+
+    def __init__(self, src, dst, step):
+        self.src, self.dst, self.step = src, dst, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            shutil.copy(self.src, self.dst)
+
+
+def assert_same_weights(path_a, path_b):
+    a, _ = load_model_from_checkpoint(path_a)
+    b, _ = load_model_from_checkpoint(path_b)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_pretrain_default_checkpoint_sigterm_and_resume(tmp_path, capsys):
     # one uninterrupted run: loss falls, checkpoint and sample written, logs have loss and tokens/s
     full = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "full"), "--sample.max_new_tokens", "16"], "t")
@@ -123,21 +142,41 @@ def test_pretrain_default_checkpoint_sigterm_and_resume(tmp_path, capsys):
     model, tok = load_model_from_checkpoint(summary["checkpoint"])
     assert model.config.d_model == 64 and tok.eos_id == 0
 
-    # the same run, stopped by SIGTERM after step 4, then resumed: it ends exactly where the full run ended
+    # the same run, saved periodically at step 4 and stopped by SIGTERM after step 6
     part = parse_recipe(PretrainConfig, tiny_args(tmp_path, "part"), "t")
     part.sample.max_new_tokens = 0
+    last, step4 = tmp_path / "part" / "checkpoints" / "last.ckpt", tmp_path / "step4.ckpt"
     with pytest.raises(SystemExit):
-        pretrain(part, callbacks=[SigtermAt(4)])
-    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+        pretrain(part, callbacks=[KeepCheckpoint(last, step4, 5), SigtermAt(6)])
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert torch.load(step4, weights_only=True)["global_step"] == 4
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    # resumed from either, it ends exactly where the uninterrupted run ended (same batches, optimizer, schedule)
     part.resume = True
-    resumed = pretrain(part)
+    assert pretrain(part)["step"] == 8
+    assert_same_weights(summary["checkpoint"], last)
+    again = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "again"), "--resume", str(step4)], "t")
+    again.sample.max_new_tokens = 0
+    resumed = pretrain(again)
     assert resumed["step"] == 8
-    a, _ = load_model_from_checkpoint(summary["checkpoint"])
-    b, _ = load_model_from_checkpoint(resumed["checkpoint"])
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(summary["checkpoint"], resumed["checkpoint"])
+
+
+def test_pretrain_with_a_hf_tokenizer_keeps_it_in_the_checkpoint(tmp_path, hf_tokenizer_dir):
+    path, vocab = hf_tokenizer_dir
+    words = [w for w in vocab if not w.startswith("<")]
+    rng = __import__("random").Random(0)
+    (tmp_path / "text").mkdir()
+    for k in range(3):
+        (tmp_path / "text" / f"doc{k}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)))
+    cfg = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, steps=3), "--tokenizer", path,
+                                        "--data.paths", f"[{tmp_path / 'text'}]", "--data.include", "*.txt",
+                                        "--data.seq_len", "16", "--sample.prompt", "def x",
+                                        "--sample.max_new_tokens", "5"], "t")
+    summary = pretrain(cfg)
+    assert summary["sample"].startswith("def x")
+    model, tok = load_model_from_checkpoint(summary["checkpoint"])
+    assert tok.encode("return y") == [vocab["return"], vocab["y"]] and tok.eos_id == vocab["<eos>"]
 
 
 def _free_port():
@@ -156,9 +195,12 @@ def _run(cmd, tmp_path):
 def test_torchrun_two_processes(tmp_path):
     out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(_free_port()), "-m", "lit_mamba2", "pretrain",
-                *tiny_args(tmp_path, steps=4), "--sample.max_new_tokens", "0"], tmp_path)
+                *tiny_args(tmp_path, steps=4), "--trainer.accumulate_grad_batches", "2",
+                "--sample.max_new_tokens", "0"], tmp_path)
     assert "world size 2" in out
-    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4  # optimizer steps
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 8  # 2 batches a step
 
 
 def test_fabric_run_two_processes(tmp_path):

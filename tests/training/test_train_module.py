@@ -1,3 +1,4 @@
+import io
 import math
 
 import lightning as L
@@ -38,9 +39,9 @@ def test_schedules():
         OptimConfig(schedule="linear")
 
 
-def test_validation_perplexity_is_token_weighted():
+def test_validation_perplexity_and_accuracy_are_token_weighted():
     torch.manual_seed(0)
-    module = LanguageModel(Mamba2Config.from_name("mamba2-test").to_dict())
+    module = LanguageModel(Mamba2Config.from_name("mamba2-test").to_dict(), accuracy=True)
     module.configure_model()
     module.eval()
     batches = []
@@ -49,7 +50,7 @@ def test_validation_perplexity_is_token_weighted():
         y = torch.randint(0, 256, (b, L_))
         y[torch.rand(b, L_) > keep] = -100
         batches.append((x, y))
-    nll, count = 0.0, 0
+    nll, count, correct = 0.0, 0, 0
     with torch.no_grad():
         for i, (x, y) in enumerate(batches):
             module.validation_step({"input_ids": x, "labels": y}, i)
@@ -58,10 +59,12 @@ def test_validation_perplexity_is_token_weighted():
                 for t in range(x.shape[1]):
                     if y[bi, t] != -100:
                         nll -= logp[bi, t, y[bi, t]].item()
+                        correct += int(logp[bi, t].argmax().item() == y[bi, t].item())
                         count += 1
     mean = module.val_loss.compute()
     assert mean.item() == pytest.approx(nll / count, rel=1e-5)
     assert mean.exp().item() == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert module.val_acc.compute().item() == pytest.approx(correct / count, abs=1e-6)
 
 
 def test_mqar_training_drives_the_loss_down(tmp_path):
@@ -99,8 +102,10 @@ def test_hf_tokenizer_by_path_and_from_checkpoint_state(hf_tokenizer_dir):
     tok = load_tokenizer(path)
     assert tok.encode("def x ( ) : return y") == [vocab[w] for w in "def x ( ) : return y".split()]
     assert tok.eos_id == vocab["<eos>"] and tok.vocab_size == len(vocab)
-    state = tok.state_dict()
-    rebuilt = tokenizer_from_state(state)
+    buffer = io.BytesIO()
+    torch.save({"tokenizer": tok.state_dict()}, buffer)  # as inside a checkpoint
+    buffer.seek(0)
+    rebuilt = tokenizer_from_state(torch.load(buffer, weights_only=True)["tokenizer"])
     assert rebuilt.encode("print hello world") == [vocab["print"], vocab["hello"], vocab["world"]]
     assert rebuilt.identity == tok.identity
     check_vocab_fits(tok, 16)
