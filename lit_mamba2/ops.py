@@ -39,8 +39,9 @@ def _choose(impl, *tensors, op):
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    if impl is None:
-        impl = "triton" if next(iter(devices)).type == "cuda" and triton_available() else "torch"
+    if impl is None:  # the kernels compute in float32: float64 work (checks, oracles) stays on the reference
+        float64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
+        impl = "triton" if next(iter(devices)).type == "cuda" and not float64 and triton_available() else "torch"
     if impl == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: impl='triton' needs the triton package (pip install 'lit-mamba2[triton]')")
