@@ -141,8 +141,10 @@ class TokenStream:
 class PackedRows(Dataset):
     """Rows [row_start, row_stop) of a packed stream: {input_ids, labels, seq_idx}."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, row_start: int, row_stop: int):
+    def __init__(self, stream: TokenStream, seq_len: int, row_start: int, row_stop: int,
+                 vocab_size: Optional[int] = None):
         self.stream, self.seq_len, self.row_start, self.row_stop = stream, seq_len, row_start, row_stop
+        self.vocab_size = vocab_size  # ids at or above it are refused here, not as an IndexError inside the model
 
     def __len__(self) -> int:
         return self.row_stop - self.row_start
@@ -151,6 +153,11 @@ class PackedRows(Dataset):
         L = self.seq_len
         start = (self.row_start + i) * L
         x = self.stream.read(start, start + L + 1)
+        if self.vocab_size is not None and x.max() >= self.vocab_size:
+            at = start + int(np.argmax(x >= self.vocab_size))
+            raise ValueError(f"token id {int(x.max())} at position {at:,} of the token stream is outside the model's "
+                             f"vocabulary (model.vocab_size = {self.vocab_size}): the data was tokenized for "
+                             "another vocabulary")
         inputs = x[:-1]
         seq_idx = np.zeros(L, dtype=np.int32)
         seq_idx[1:] = np.cumsum(inputs[:-1] == self.stream.eos_id)
@@ -316,9 +323,9 @@ class LMDataModule(L.LightningDataModule):
     """Text, token shards or MQAR, as DataConfig.kind says; batches of {input_ids, labels[, seq_idx]}."""
 
     def __init__(self, config: DataConfig, tokenizer: Optional[Tokenizer] = None, max_steps: int = 1,
-                 accumulate_grad_batches: int = 1):
+                 accumulate_grad_batches: int = 1, vocab_size: Optional[int] = None):
         super().__init__()
-        self.config, self.tokenizer = config, tokenizer
+        self.config, self.tokenizer, self.vocab_size = config, tokenizer, vocab_size
         self.max_steps, self.accumulate = max_steps, accumulate_grad_batches
         self.train_set = self.val_set = None
         if config.kind == "text" and tokenizer is None:
@@ -347,8 +354,9 @@ class LMDataModule(L.LightningDataModule):
             raise ValueError(f"token shards end documents with eos_id {self.stream.eos_id}, but the tokenizer's eos "
                              f"is {self.tokenizer.eos_id}")
         train_rows, val_rows = split_rows(len(self.stream), c.seq_len, c.val_fraction)
-        self.train_set = PackedRows(self.stream, c.seq_len, train_rows.start, train_rows.stop)
-        self.val_set = PackedRows(self.stream, c.seq_len, val_rows.start, val_rows.stop) if len(val_rows) else None
+        self.train_set = PackedRows(self.stream, c.seq_len, train_rows.start, train_rows.stop, self.vocab_size)
+        self.val_set = (PackedRows(self.stream, c.seq_len, val_rows.start, val_rows.stop, self.vocab_size)
+                        if len(val_rows) else None)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

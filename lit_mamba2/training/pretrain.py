@@ -158,7 +158,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
         check_vocab_fits(tokenizer, model_config.vocab_size)
     check_data_paths(cfg.data)
 
-    datamodule = LMDataModule(cfg.data, tokenizer, tc.max_steps, tc.accumulate_grad_batches)
+    datamodule = LMDataModule(cfg.data, tokenizer, tc.max_steps, tc.accumulate_grad_batches,
+                              vocab_size=model_config.vocab_size)
     module = LanguageModel(model_config.to_dict(), asdict(cfg.optim), tokenizer, accuracy=cfg.data.kind == "mqar")
     ckpt_dir = Path(tc.out_dir, "checkpoints")
     batches = tc.max_steps * tc.accumulate_grad_batches

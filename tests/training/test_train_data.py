@@ -173,3 +173,14 @@ def test_datamodule_tokens_split_and_batches(tmp_path, write_raw_shard):
     val_row = dm.val_set[0]["input_ids"].tolist()
     start = len(dm.train_set) * 32
     assert val_row == ids[start:start + 32]
+
+
+def test_token_ids_outside_the_model_vocabulary_are_refused_clearly(tmp_path, write_raw_shard):
+    ids = [1, 2, 3, 0] * 20 + [300, 0] + [1, 2, 3, 0] * 20
+    write_raw_shard(tmp_path / "tok", "s0", ids, "uint16", 0)
+    cfg = DataConfig(kind="tokens", paths=[str(tmp_path / "tok")], seq_len=16, batch_size=2, val_fraction=0.0)
+    dm = LMDataModule(cfg, tokenizer=None, max_steps=3, vocab_size=256)
+    dm.setup("fit")
+    assert dm.train_set[0]["input_ids"].max() < 256  # rows without the bad id pass
+    with pytest.raises(ValueError, match=r"token id 300 at position 80 .*model\.vocab_size = 256"):
+        dm.train_set[80 // 16]
