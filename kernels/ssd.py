@@ -89,6 +89,23 @@ def _decay_tile(row, col, cum_a, cum_b, causal, diag, span):
 
 
 @triton.jit
+def _cb_tile(cb_ptr, B_ptr, C_t, b, c, g, i, j, L, G, N, NC,
+             CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr,
+             DT: tl.constexpr):
+    """C_t·B_s (float32) for t block i and s block j of chunk c: loaded (precomputed per group) or recomputed."""
+    if USE_CB:
+        cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
+                     + (j * BM + tl.arange(0, BM))[None, :])
+    else:
+        s = c * CS + j * BM + tl.arange(0, BM)
+        offs_n = tl.arange(0, BN)
+        B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                      mask=(s < L)[:, None] & (offs_n < N)[None, :], other=0.0).to(DT)
+        cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    return cb
+
+
+@triton.jit
 def _doc(seq_ptr, b, t, L):
     # padding positions belong to the row's last document
     return tl.load(seq_ptr + b * L + tl.minimum(t, L - 1))
@@ -189,7 +206,7 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
                     ypre_ptr, L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                    USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     # heads vary fastest across programs, so the heads of a group read B, C (and C·B) from L2, not DRAM
     hh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -218,7 +235,21 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
     cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM)  # reference: the block's first position
     span = cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM + BM - 1)
     row = tl.exp(cum_t - cum_r)
-    for j in range(0, mblk + 1):
+    j0 = 0
+    if FOLD:
+        # off-diagonal blocks (no documents): the decay is row_t · col_s with both factors <= 1, so col_s dt_s
+        # scales x_s and row_t the sum afterwards: the C·B tile needs no elementwise pass but its cast
+        acc_off = tl.zeros((BM, BP), dtype=tl.float32)
+        for j in range(0, mblk):
+            s = c * CS + j * BM + tl.arange(0, BM)
+            cb = _cb_tile(cb_ptr, B_ptr, C_t, b, c, g, mblk, j, L, G, N, NC, CS, BM, BN, USE_CB, DOT_PREC, DT)
+            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                          mask=(s < L)[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            colw = tl.exp(cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + s)) * tl.load(dtp_ptr + (b * H + hh) * Lp + s)
+            acc_off += tl.dot(cb.to(DT), (x_s * colw[:, None]).to(DT), input_precision=DOT_PREC)
+        acc += acc_off * row[:, None]
+        j0 = mblk
+    for j in range(j0, mblk + 1):
         s = c * CS + j * BM + tl.arange(0, BM)
         ms = s < L
         if USE_CB:
@@ -310,8 +341,8 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
-                   DO_DX: tl.constexpr, DO_DB: tl.constexpr, QUAD_DCUM: tl.constexpr, DOT_PREC: tl.constexpr,
-                   DT: tl.constexpr):
+                   DO_DX: tl.constexpr, DO_DB: tl.constexpr, QUAD_DCUM: tl.constexpr, FOLD: tl.constexpr,
+                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """Source-side gradients for one block of positions s. DO_DX: one program per head (dx, ddt's direct part,
     the s-side of d cum, dD partials). DO_DB: one program per group, looping over its heads, so dB sums the heads
     in registers in a fixed order. Both in one program (DO_DX and DO_DB) shares the (s, t) products but needs
@@ -374,7 +405,26 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + sblk * BM + BM - 1)  # the s-block's last position
         span = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + sblk * BM) - cum_r
         col = tl.exp(cum_r - cum_s)
-        for i in range(sblk, NM):
+        i_hi = NM
+        if FOLD and DO_DX and not DO_DB and not QUAD_DCUM:
+            # off-diagonal blocks (no documents): decay = col_s · row_t, folded into dy_t and the sum (as forward)
+            acc_q = tl.zeros((BM, BP), dtype=tl.float32)
+            for i in range(sblk + 1, NM):
+                t = c * CS + i * BM + tl.arange(0, BM)
+                dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                               mask=(t < L)[:, None] & mp[None, :], other=0.0).to(tl.float32)
+                roww = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t) - cum_r)
+                if USE_CB:
+                    cbT = tl.trans(_cb_tile(cb_ptr, B_ptr, B_s, b, c, g, i, sblk, L, G, N, NC, CS, BM, BN, USE_CB,
+                                            DOT_PREC, DT))
+                else:
+                    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                                  mask=(t < L)[:, None] & mn[None, :], other=0.0).to(DT)
+                    cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
+                acc_q += tl.dot(cbT.to(DT), (dy_t * roww[:, None]).to(DT), input_precision=DOT_PREC)
+            acc_dx += acc_q * col[:, None]
+            i_hi = sblk + 1
+        for i in range(sblk, i_hi):
             t = c * CS + i * BM + tl.arange(0, BM)
             mt = t < L
             dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
@@ -701,6 +751,7 @@ CONFIG = dict(
     cb_min_dstate=128,  # ...and dstate is large enough that recomputing it per head costs more than loading it
     bwd_split_db=True,  # dx per head and dB per group in two launches (fewer registers) instead of one
     bwd_dcb=True,  # backward through dCB summed over a group's heads (dB, dC once per group) instead of per head
+    fold_decay=True,  # off-diagonal blocks without documents: decay folded into the operands (fwd out, bwd dx)
     dcb_warps=4, bc_warps=None,  # warps of _bwd_dcb_kernel and _bwd_bc_kernel (None: 8 if dstate >= 128)
 )
 
@@ -832,7 +883,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
         dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy,
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
+        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb,
+        FOLD=CONFIG["fold_decay"] and seq_idx is None, DOT_PREC=prec, DT=ddt_,
         num_warps=_warps(BN, "out_warps"),
         num_stages=_stages(BP, BN))
     return out, final, states, dtp, cum, ypre
@@ -905,7 +957,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dx_args = (x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
                dstates, cb, dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC)
     dx_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
+                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=CONFIG["fold_decay"] and seq_idx is None,
+                 DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
                  num_stages=_stages(BP, BN))
     dcb_mode = CONFIG["bwd_dcb"]
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)

@@ -232,10 +232,15 @@ def test_precomputed_and_recomputed_cb_paths(monkeypatch, cb_share, split, dcb):
     _check(32, (2, 75, 4, 16, 2, 16), torch.float32, docs=2)
 
 
-@pytest.mark.parametrize("dcb,A_scale", [(True, 1.0), (True, 8.0), (False, 8.0)])
-def test_many_blocks_per_chunk_with_documents(monkeypatch, dcb, A_scale):
-    # chunk 256 = 4 blocks of 64: off-diagonal tiles, the tile-pair order of the dCB kernel and its per-tile d cum
-    # slots, 2 heads per group; documents cut inside and across blocks; A_scale 8: |A| dt large enough that the
-    # diagonal blocks take the exact decay path
+@pytest.mark.parametrize("dcb,fold,cb_share,docs,A_scale", [
+    (True, True, 1, 3, 1.0), (True, True, 1, 0, 1.0), (True, True, 10**9, 0, 1.0), (True, False, 1, 0, 1.0),
+    (True, True, 1, 0, 8.0), (False, True, 1, 3, 8.0)])
+def test_many_blocks_per_chunk(monkeypatch, dcb, fold, cb_share, docs, A_scale):
+    # chunk 256 = 4 blocks of 64: off-diagonal tiles (decay folded into the operands or not, C·B loaded or
+    # recomputed), the tile-pair order of the dCB kernel and its per-tile d cum slots, 2 heads per group;
+    # documents cut inside and across blocks; A_scale 8: |A| dt large enough that diagonal blocks take the exact path
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_dcb", dcb)
-    _check(256, (1, 300, 4, 16, 2, 16), torch.float32, docs=3, A_scale=A_scale, conditioning=A_scale > 1)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
+    _check(256, (1, 300, 4, 16, 2, 16), torch.float32, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
