@@ -197,7 +197,8 @@ def bench(args):
 
 SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of lit_mamba2.kernels.ssd.CONFIG)
     {},
-    {"fold_decay": False},  # v4: dCB backward, decay as a tile
+    {"fold_decay": True},  # decay folded into the operands off the diagonal (default: at dstate >= 128 only)
+    {"fold_decay": False},
     {"bwd_dcb": False, "fold_decay": False},  # v3: dB, dC per head
     {"dcb_warps": 8},
     {"bwd_warps": 8},

@@ -19,14 +19,21 @@ Forward (`ssd_fwd`):
 Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through buffers reduced in fixed order):
   1. `_bwd_state_kernel`: the reverse state pass: gradient of each chunk's exiting state, of the initial state,
      and the decay's share of d cum_last.
-  2. `_bwd_dx_kernel` twice: per (head, source block s): dx, the direct part of ddt, the s-side of d cum, dD
-     partials; per (group, source block s), looping over the group's heads: dB summed over heads in registers.
-  3. `_bwd_dc_kernel`: per (group, target block t), looping over heads: dC and the t-side of d cum.
-  4. `_bwd_dt_kernel`: per (batch, head, chunk): reverse in-chunk cumsum of d cum, then the chain through clamp,
-     softplus and bias to d dt, with dA and d dt_bias partials.
+  2. `_bwd_dcb_kernel`: per (group, causal tile pair (t block, s block) of a chunk), looping over the group's
+     heads: dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s summed in registers (bf16 out), and each head's quadratic d cum
+     (t side and s side) into per-tile slots.
+  3. `_bwd_dx_kernel` per (head, source block s): dx (one dot per tile), the direct part of ddt, the state's share
+     of d cum, dD partials.
+  4. `_bwd_bc_kernel` twice, per (group, block): dC (state term head by head, with its d cum; then Σ_s dCB B_s once
+     for all heads) and dB (state term head by head; then Σ_t dCB^T C_t).
+  (CONFIG bwd_dcb=False keeps the previous backward: dx with the s side of d cum, dB per group recomputing every
+  head's tile, and `_bwd_dc_kernel` for dC and the t side, in place of 2-4.)
+  5. `_bwd_dt_kernel`: per (batch, head, chunk): the d cum parts summed in fixed order, their reverse in-chunk
+     cumsum, then the chain through clamp, softplus and bias to d dt, with dA and d dt_bias partials.
 The decay exp(cum_t - cum_s) inside a tile is a row factor times a column factor about a position between the two
-blocks (`_decay_tile`), two exps per row and column instead of one per element. Elementwise work and register
-pressure, not tensor-core throughput or bandwidth, bound these kernels today (notes/ssd_kernels.md).
+blocks (`_decay_tile`), two exps per row and column instead of one per element; on off-diagonal blocks without
+documents the two factors can instead scale the operands and the sum (CONFIG fold_decay). Elementwise work and
+register pressure, not tensor-core throughput or bandwidth, bound these kernels today (notes/ssd_kernels.md).
 """
 
 import math
@@ -751,7 +758,9 @@ CONFIG = dict(
     cb_min_dstate=128,  # ...and dstate is large enough that recomputing it per head costs more than loading it
     bwd_split_db=True,  # dx per head and dB per group in two launches (fewer registers) instead of one
     bwd_dcb=True,  # backward through dCB summed over a group's heads (dB, dC once per group) instead of per head
-    fold_decay=True,  # off-diagonal blocks without documents: decay folded into the operands (fwd out, bwd dx)
+    # off-diagonal blocks without documents: decay folded into the operands (fwd out, bwd dx); None: at dstate >= 128
+    # only (run 4: -1 % f+b there; at dstate 64 the forward kernel's registers go 157 -> 228 and it is 8 % slower)
+    fold_decay=None,
     dcb_warps=4, bc_warps=None,  # warps of _bwd_dcb_kernel and _bwd_bc_kernel (None: 8 if dstate >= 128)
 )
 
@@ -807,6 +816,12 @@ def _stages(BP: int, BN: int) -> int:
 
 def _use_cb(H: int, G: int, N: int) -> bool:
     return H // G >= CONFIG["cb_min_heads_per_group"] and N >= CONFIG["cb_min_dstate"]
+
+
+def _fold(N: int, seq_idx) -> bool:
+    # documents can cut an off-diagonal block, which then needs the masked tile
+    fold = CONFIG["fold_decay"]
+    return seq_idx is None and (N >= 128 if fold is None else bool(fold))
 
 
 def _check_inputs(x, chunk_size):
@@ -884,7 +899,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
         HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb,
-        FOLD=CONFIG["fold_decay"] and seq_idx is None, DOT_PREC=prec, DT=ddt_,
+        FOLD=_fold(N, seq_idx), DOT_PREC=prec, DT=ddt_,
         num_warps=_warps(BN, "out_warps"),
         num_stages=_stages(BP, BN))
     return out, final, states, dtp, cum, ypre
@@ -957,7 +972,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dx_args = (x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
                dstates, cb, dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC)
     dx_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=CONFIG["fold_decay"] and seq_idx is None,
+                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx),
                  DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
                  num_stages=_stages(BP, BN))
     dcb_mode = CONFIG["bwd_dcb"]
@@ -1001,8 +1016,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dt, dt_bias if dt_bias is not None else dummy, A, dtp, ddt_direct, dcum_a, dcum_b, vbuf, dcl, part,
         ddt, dA_part, dbias_part if dt_bias is not None else dummy,
         L, H, NC, npb * nnb, float(dt_lo), float(min(dt_hi, 3.0e38)),
-        CS=cs, BPN=_pow2(npb * nnb, 2), PART_BM=BM if dcb_mode else 0, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        HAS_LIMIT=has_limit, num_warps=4)
+        CS=cs, BPN=_pow2(npb * nnb, 2), PART_BM=BM if dcb_mode else 0, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
     dA = dA_part.sum((0, 1)).to(A.dtype)
     ddt_bias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else x.new_empty(0)
     if D is not None:
