@@ -197,13 +197,11 @@ def bench(args):
 
 SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of lit_mamba2.kernels.ssd.CONFIG)
     {},
-    {"bwd_warps": 4},
-    {"out_warps": 4},
-    {"stages": 1},
-    {"bwd_split_db": False},
-    {"cb_min_heads_per_group": 10 ** 9},
-    {"bwd_warps": 4, "out_warps": 4, "stages": 1},
-    {"bwd_warps": 8, "out_warps": 4, "stages": 1},
+    {"fold_decay": True},  # decay folded into the operands off the diagonal (default: at dstate >= 128 only)
+    {"fold_decay": False},
+    {"bwd_dcb": False, "fold_decay": False},  # v3: dB, dC per head
+    {"dcb_warps": 8},
+    {"bwd_warps": 8},
 ]
 BEST = {}  # dstate -> the sweep's fastest variant (by forward+backward), applied by bench() when --sweep ran
 

@@ -19,14 +19,21 @@ Forward (`ssd_fwd`):
 Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through buffers reduced in fixed order):
   1. `_bwd_state_kernel`: the reverse state pass: gradient of each chunk's exiting state, of the initial state,
      and the decay's share of d cum_last.
-  2. `_bwd_dx_kernel` twice: per (head, source block s): dx, the direct part of ddt, the s-side of d cum, dD
-     partials; per (group, source block s), looping over the group's heads: dB summed over heads in registers.
-  3. `_bwd_dc_kernel`: per (group, target block t), looping over heads: dC and the t-side of d cum.
-  4. `_bwd_dt_kernel`: per (batch, head, chunk): reverse in-chunk cumsum of d cum, then the chain through clamp,
-     softplus and bias to d dt, with dA and d dt_bias partials.
+  2. `_bwd_dcb_kernel`: per (group, causal tile pair (t block, s block) of a chunk), looping over the group's
+     heads: dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s summed in registers (bf16 out), and each head's quadratic d cum
+     (t side and s side) into per-tile slots.
+  3. `_bwd_dx_kernel` per (head, source block s): dx (one dot per tile), the direct part of ddt, the state's share
+     of d cum, dD partials.
+  4. `_bwd_bc_kernel` twice, per (group, block): dC (state term head by head, with its d cum; then Σ_s dCB B_s once
+     for all heads) and dB (state term head by head; then Σ_t dCB^T C_t).
+  (CONFIG bwd_dcb=False keeps the previous backward: dx with the s side of d cum, dB per group recomputing every
+  head's tile, and `_bwd_dc_kernel` for dC and the t side, in place of 2-4.)
+  5. `_bwd_dt_kernel`: per (batch, head, chunk): the d cum parts summed in fixed order, their reverse in-chunk
+     cumsum, then the chain through clamp, softplus and bias to d dt, with dA and d dt_bias partials.
 The decay exp(cum_t - cum_s) inside a tile is a row factor times a column factor about a position between the two
-blocks (`_decay_tile`), two exps per row and column instead of one per element. Elementwise work and register
-pressure, not tensor-core throughput or bandwidth, bound these kernels today (notes/ssd_kernels.md).
+blocks (`_decay_tile`), two exps per row and column instead of one per element; on off-diagonal blocks without
+documents the two factors can instead scale the operands and the sum (CONFIG fold_decay). Elementwise work and
+register pressure, not tensor-core throughput or bandwidth, bound these kernels today (notes/ssd_kernels.md).
 """
 
 import math
@@ -86,6 +93,23 @@ def _decay_tile(row, col, cum_a, cum_b, causal, diag, span):
         else:
             d = tl.where(causal, d, 0.0)
     return d
+
+
+@triton.jit
+def _cb_tile(cb_ptr, B_ptr, C_t, b, c, g, i, j, L, G, N, NC,
+             CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr,
+             DT: tl.constexpr):
+    """C_t·B_s (float32) for t block i and s block j of chunk c: loaded (precomputed per group) or recomputed."""
+    if USE_CB:
+        cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
+                     + (j * BM + tl.arange(0, BM))[None, :])
+    else:
+        s = c * CS + j * BM + tl.arange(0, BM)
+        offs_n = tl.arange(0, BN)
+        B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                      mask=(s < L)[:, None] & (offs_n < N)[None, :], other=0.0).to(DT)
+        cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    return cb
 
 
 @triton.jit
@@ -189,7 +213,7 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
                     ypre_ptr, L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                    USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     # heads vary fastest across programs, so the heads of a group read B, C (and C·B) from L2, not DRAM
     hh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -218,7 +242,21 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
     cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM)  # reference: the block's first position
     span = cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM + BM - 1)
     row = tl.exp(cum_t - cum_r)
-    for j in range(0, mblk + 1):
+    j0 = 0
+    if FOLD:
+        # off-diagonal blocks (no documents): the decay is row_t · col_s with both factors <= 1, so col_s dt_s
+        # scales x_s and row_t the sum afterwards: the C·B tile needs no elementwise pass but its cast
+        acc_off = tl.zeros((BM, BP), dtype=tl.float32)
+        for j in range(0, mblk):
+            s = c * CS + j * BM + tl.arange(0, BM)
+            cb = _cb_tile(cb_ptr, B_ptr, C_t, b, c, g, mblk, j, L, G, N, NC, CS, BM, BN, USE_CB, DOT_PREC, DT)
+            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                          mask=(s < L)[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            colw = tl.exp(cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + s)) * tl.load(dtp_ptr + (b * H + hh) * Lp + s)
+            acc_off += tl.dot(cb.to(DT), (x_s * colw[:, None]).to(DT), input_precision=DOT_PREC)
+        acc += acc_off * row[:, None]
+        j0 = mblk
+    for j in range(j0, mblk + 1):
         s = c * CS + j * BM + tl.arange(0, BM)
         ms = s < L
         if USE_CB:
@@ -310,11 +348,14 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
-                   DO_DX: tl.constexpr, DO_DB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   DO_DX: tl.constexpr, DO_DB: tl.constexpr, QUAD_DCUM: tl.constexpr, FOLD: tl.constexpr,
+                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """Source-side gradients for one block of positions s. DO_DX: one program per head (dx, ddt's direct part,
     the s-side of d cum, dD partials). DO_DB: one program per group, looping over its heads, so dB sums the heads
     in registers in a fixed order. Both in one program (DO_DX and DO_DB) shares the (s, t) products but needs
-    more registers than the GPU has at dstate >= 64, hence two launches there."""
+    more registers than the GPU has at dstate >= 64, hence two launches there. QUAD_DCUM False: the s-side of
+    d cum's quadratic part is left to `_bwd_dcb_kernel` (which forms dy_t·x_s once per tile anyway), so this
+    kernel's tile loop has one dot instead of two."""
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     NPM = tl.num_programs(0)
@@ -371,7 +412,26 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + sblk * BM + BM - 1)  # the s-block's last position
         span = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + sblk * BM) - cum_r
         col = tl.exp(cum_r - cum_s)
-        for i in range(sblk, NM):
+        i_hi = NM
+        if FOLD and DO_DX and not DO_DB and not QUAD_DCUM:
+            # off-diagonal blocks (no documents): decay = col_s · row_t, folded into dy_t and the sum (as forward)
+            acc_q = tl.zeros((BM, BP), dtype=tl.float32)
+            for i in range(sblk + 1, NM):
+                t = c * CS + i * BM + tl.arange(0, BM)
+                dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                               mask=(t < L)[:, None] & mp[None, :], other=0.0).to(tl.float32)
+                roww = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t) - cum_r)
+                if USE_CB:
+                    cbT = tl.trans(_cb_tile(cb_ptr, B_ptr, B_s, b, c, g, i, sblk, L, G, N, NC, CS, BM, BN, USE_CB,
+                                            DOT_PREC, DT))
+                else:
+                    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                                  mask=(t < L)[:, None] & mn[None, :], other=0.0).to(DT)
+                    cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
+                acc_q += tl.dot(cbT.to(DT), (dy_t * roww[:, None]).to(DT), input_precision=DOT_PREC)
+            acc_dx += acc_q * col[:, None]
+            i_hi = sblk + 1
+        for i in range(sblk, i_hi):
             t = c * CS + i * BM + tl.arange(0, BM)
             mt = t < L
             dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
@@ -381,7 +441,8 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                              i == sblk, span)
             if HAS_SEQ:
                 LT = tl.where(_doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None], LT, 0.0)
-            dxT = tl.dot(xdt_c, tl.trans(dy_t), input_precision=DOT_PREC)  # (s, t): dy_t·x_s dt_s
+            if DO_DB or QUAD_DCUM:
+                dxT = tl.dot(xdt_c, tl.trans(dy_t), input_precision=DOT_PREC)  # (s, t): dy_t·x_s dt_s
             if DO_DB or not USE_CB:
                 C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                               mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
@@ -396,7 +457,8 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                     cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
                 pT = cbT * LT  # (s, t): (C_t·B_s) L_ts
                 acc_dx += tl.dot(pT.to(DT), dy_t, input_precision=DOT_PREC)
-                dcum -= tl.sum(pT * dxT, 1)
+                if QUAD_DCUM:
+                    dcum -= tl.sum(pT * dxT, 1)
         if DO_DX:
             dx = acc_dx * dt_s[:, None]
             if HAS_D:
@@ -485,10 +547,157 @@ def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
 
 
 @triton.jit
-def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_ptr, v_ptr, dcl_ptr,
+def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr,
+                    L, H, G, P, N, NC,
+                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """Gradient of C_t·B_s for one causal (t block i, s block j) tile of a chunk, summed over the group's heads:
+    dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s. dB and dC then follow once per group (`_bwd_bc_kernel`) instead of
+    once per head. Each head's d cum (t side: row sums of dCB_h ⊙ C·B, s side: minus the column sums) goes to
+    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later."""
+    pid_c = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    HPG = H // G
+    Lp = NC * CS
+    NM: tl.constexpr = CS // BM
+    NPAIR: tl.constexpr = NM * (NM + 1) // 2
+    c = pid_c // NPAIR
+    k = pid_c % NPAIR
+    # k -> (i, j), j <= i, in row order: (0,0), (1,0), (1,1), (2,0), ...
+    i = 0
+    for ii in tl.static_range(1, NM):
+        i += (k >= ii * (ii + 1) // 2).to(tl.int32)
+    j = k - i * (i + 1) // 2
+    t = c * CS + i * BM + tl.arange(0, BM)
+    s = c * CS + j * BM + tl.arange(0, BM)
+    mt = t < L
+    ms = s < L
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
+    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+    cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    causal = t[:, None] >= s[None, :]
+    if HAS_SEQ:
+        same_doc = _doc(seq_ptr, b, t, L)[:, None] == _doc(seq_ptr, b, s, L)[None, :]
+    acc = tl.zeros((BM, BM), dtype=tl.float32)
+    for hi in range(HPG):
+        hh = g * HPG + hi
+        base = (b * H + hh) * Lp
+        cum_t = tl.load(cum_ptr + base + t)
+        cum_s = tl.load(cum_ptr + base + s)
+        dt_s = tl.load(dtp_ptr + base + s)
+        cum_r = tl.load(cum_ptr + base + c * CS + i * BM)  # reference: the t block's first position
+        span = cum_r - tl.load(cum_ptr + base + c * CS + i * BM + BM - 1)
+        Lm = _decay_tile(tl.exp(cum_t - cum_r), tl.exp(cum_r - cum_s) * dt_s, cum_t[:, None], cum_s[None, :],
+                         causal, i == j, span)
+        if i == j:
+            if span > 60.0:  # _decay_tile's exact fallback does not carry the column factor's dt_s
+                Lm = Lm * dt_s[None, :]
+        if HAS_SEQ:
+            Lm = tl.where(same_doc, Lm, 0.0)
+        dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                       mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
+        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                      mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
+        q = tl.dot(dy_t, tl.trans(x_s), input_precision=DOT_PREC) * Lm
+        acc += q
+        r = q * cb
+        tl.store(part_ptr + ((b * H + hh) * 2 * NM + j) * Lp + t, tl.sum(r, 1))
+        tl.store(part_ptr + ((b * H + hh) * 2 * NM + NM + i) * Lp + s, -tl.sum(r, 0))
+    tl.store(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
+             + (j * BM + tl.arange(0, BM))[None, :], acc.to(dcb_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, dstates_ptr, dcb_ptr,
+                   dB_ptr, dC_ptr, dcum_ptr,
+                   L, H, G, P, N, NC,
+                   CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """dC (DO_DC) or dB of one block of positions u, per group: the state terms head by head (dC: e_u dy_u h_in,
+    also each head's d cum from it; dB: w_u dt_u x_u dstate_out), then the quadratic term once for all heads
+    from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t)."""
+    pid_m = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    HPG = H // G
+    Lp = NC * CS
+    NM: tl.constexpr = CS // BM
+    c = pid_m // NM
+    mblk = pid_m % NM
+    u = c * CS + mblk * BM + tl.arange(0, BM)
+    mu = u < L
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if DO_DC:
+        C_u = tl.load(C_ptr + ((b * L + u[:, None]) * G + g) * N + offs_n[None, :],
+                      mask=mu[:, None] & mn[None, :], other=0.0)  # input dtype: fewer registers across the loop
+        if HAS_SEQ:
+            reach = _doc(seq_ptr, b, u, L) == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
+        for hi in range(HPG):
+            hh = g * HPG + hi
+            e = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + u))
+            if HAS_SEQ:
+                e = tl.where(reach, e, 0.0)
+            dy_u = tl.load(dy_ptr + ((b * L + u[:, None]) * H + hh) * P + offs_p[None, :],
+                           mask=mu[:, None] & mp[None, :], other=0.0).to(DT)
+            h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                           mask=mpn, other=0.0).to(DT)
+            tmp = tl.dot(dy_u, h_in, input_precision=DOT_PREC) * e[:, None]
+            tl.store(dcum_ptr + (b * H + hh) * Lp + u, tl.sum(C_u.to(tl.float32) * tmp, 1))
+            acc += tmp
+        for j in range(0, mblk + 1):
+            s = c * CS + j * BM + tl.arange(0, BM)
+            B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                          mask=(s < L)[:, None] & mn[None, :], other=0.0).to(DT)
+            d = tl.load(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
+                        + (j * BM + tl.arange(0, BM))[None, :]).to(DT)
+            acc += tl.dot(d, B_s, input_precision=DOT_PREC)
+        tl.store(dC_ptr + ((b * L + u[:, None]) * G + g) * N + offs_n[None, :], acc.to(dC_ptr.dtype.element_ty),
+                 mask=mu[:, None] & mn[None, :])
+    else:
+        if HAS_SEQ:
+            in_last = _doc(seq_ptr, b, u, L) == tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
+        for hi in range(HPG):
+            hh = g * HPG + hi
+            cum_u = tl.load(cum_ptr + (b * H + hh) * Lp + u)
+            w = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1) - cum_u) \
+                * tl.load(dtp_ptr + (b * H + hh) * Lp + u)
+            if HAS_SEQ:
+                w = tl.where(in_last, w, 0.0)
+            x_u = tl.load(x_ptr + ((b * L + u[:, None]) * H + hh) * P + offs_p[None, :],
+                          mask=mu[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                         mask=mpn, other=0.0).to(DT)
+            acc += tl.dot((x_u * w[:, None]).to(DT), gs, input_precision=DOT_PREC)
+        for i in range(mblk, NM):
+            t = c * CS + i * BM + tl.arange(0, BM)
+            C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                          mask=(t < L)[:, None] & mn[None, :], other=0.0).to(DT)
+            d = tl.load(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
+                        + (mblk * BM + tl.arange(0, BM))[None, :]).to(DT)
+            acc += tl.dot(tl.trans(d), C_t, input_precision=DOT_PREC)
+        tl.store(dB_ptr + ((b * L + u[:, None]) * G + g) * N + offs_n[None, :], acc.to(dB_ptr.dtype.element_ty),
+                 mask=mu[:, None] & mn[None, :])
+
+
+@triton.jit
+def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_ptr, v_ptr, dcl_ptr, part_ptr,
                    ddt_out_ptr, dA_part_ptr, dbias_part_ptr,
                    L, H, NC, NPN, lo, hi,
-                   CS: tl.constexpr, BPN: tl.constexpr,
+                   CS: tl.constexpr, BPN: tl.constexpr, PART_BM: tl.constexpr,
                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -499,6 +708,14 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
     t = c * CS + idx
     base = (b * H + hh) * Lp + t
     dcum = tl.load(dcuma_ptr + base) + tl.load(dcumb_ptr + base)
+    if PART_BM > 0:  # _bwd_dcb_kernel's per-tile d cum: slot j (t side, j <= own block), NM + i (s side, i >= own)
+        NMQ: tl.constexpr = CS // PART_BM
+        blk = idx // PART_BM
+        pbase = (b * H + hh) * 2 * NMQ * Lp + t
+        for q in tl.static_range(NMQ):
+            dcum += tl.load(part_ptr + pbase + q * Lp, mask=blk >= q, other=0.0)
+        for q in tl.static_range(NMQ):
+            dcum += tl.load(part_ptr + pbase + (NMQ + q) * Lp, mask=blk <= q, other=0.0)
     offs = tl.arange(0, BPN)
     dcl = tl.load(dcl_ptr + ((b * H + hh) * NC + c) * NPN + offs, mask=offs < NPN, other=0.0)
     dcum_last = tl.sum(tl.load(v_ptr + base), 0) + tl.sum(dcl, 0)
@@ -540,6 +757,11 @@ CONFIG = dict(
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
     cb_min_dstate=128,  # ...and dstate is large enough that recomputing it per head costs more than loading it
     bwd_split_db=True,  # dx per head and dB per group in two launches (fewer registers) instead of one
+    bwd_dcb=True,  # backward through dCB summed over a group's heads (dB, dC once per group) instead of per head
+    # off-diagonal blocks without documents: decay folded into the operands (fwd out, bwd dx); None: at dstate >= 128
+    # only (run 4: -1 % f+b there; at dstate 64 the forward kernel's registers go 157 -> 228 and it is 8 % slower)
+    fold_decay=None,
+    dcb_warps=4, bc_warps=None,  # warps of _bwd_dcb_kernel and _bwd_bc_kernel (None: 8 if dstate >= 128)
 )
 
 
@@ -594,6 +816,12 @@ def _stages(BP: int, BN: int) -> int:
 
 def _use_cb(H: int, G: int, N: int) -> bool:
     return H // G >= CONFIG["cb_min_heads_per_group"] and N >= CONFIG["cb_min_dstate"]
+
+
+def _fold(N: int, seq_idx) -> bool:
+    # documents can cut an off-diagonal block, which then needs the masked tile
+    fold = CONFIG["fold_decay"]
+    return seq_idx is None and (N >= 128 if fold is None else bool(fold))
 
 
 def _check_inputs(x, chunk_size):
@@ -670,7 +898,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
         dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy,
         L, H, G, P, N, NC,
         CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
+        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb,
+        FOLD=_fold(N, seq_idx), DOT_PREC=prec, DT=ddt_,
         num_warps=_warps(BN, "out_warps"),
         num_stages=_stages(BP, BN))
     return out, final, states, dtp, cum, ypre
@@ -743,32 +972,52 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dx_args = (x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
                dstates, cb, dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC)
     dx_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
+                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx),
+                 DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
                  num_stages=_stages(BP, BN))
-    if CONFIG["bwd_split_db"]:
-        _launch(_bwd_dx_kernel, (NC * NM, b * H), *dx_args, DO_DX=True, DO_DB=False, **dx_kw)
-        _launch(_bwd_dx_kernel, (NC * NM, b * G), *dx_args, DO_DX=False, DO_DB=True, **dx_kw)
-    else:
-        _launch(_bwd_dx_kernel, (NC * NM, b * G), *dx_args, DO_DX=True, DO_DB=True, **dx_kw)
-    # 3. dC, t-side of d cum
-    dC = torch.empty_like(C)
+    dcb_mode = CONFIG["bwd_dcb"]
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
-    _launch(_bwd_dc_kernel, (NC * NM, b * G),
-        x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, cb, dC, dcum_b,
-        L, H, G, P, N, NC,
-        CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
-        num_warps=_warps(BN, "bwd_warps"),
-        num_stages=_stages(BP, BN))
+    dC = torch.empty_like(C)
+    if dcb_mode:
+        # 2a. dCB per group and tile pair, heads summed; each head's quadratic d cum by tile
+        dcb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype == torch.bfloat16 else f32)
+        part = torch.empty(b, H, 2 * NM, Lp, device=dev, dtype=f32)
+        _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
+                x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, L, H, G, P, N, NC,
+                CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
+                num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN))
+        # 2b. dx per head (one dot per tile); 3. dB and dC per group from dCB
+        _launch(_bwd_dx_kernel, (NC * NM, b * H), *dx_args, DO_DX=True, DO_DB=False, QUAD_DCUM=False, **dx_kw)
+        bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
+                   dB, dC, dcum_b, L, H, G, P, N, NC)
+        bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
+                     num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN))
+        _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, **bc_kw)
+        _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, **bc_kw)
+    else:
+        part = dummy
+        if CONFIG["bwd_split_db"]:
+            _launch(_bwd_dx_kernel, (NC * NM, b * H), *dx_args, DO_DX=True, DO_DB=False, QUAD_DCUM=True, **dx_kw)
+            _launch(_bwd_dx_kernel, (NC * NM, b * G), *dx_args, DO_DX=False, DO_DB=True, QUAD_DCUM=True, **dx_kw)
+        else:
+            _launch(_bwd_dx_kernel, (NC * NM, b * G), *dx_args, DO_DX=True, DO_DB=True, QUAD_DCUM=True, **dx_kw)
+        # 3. dC, t-side of d cum
+        _launch(_bwd_dc_kernel, (NC * NM, b * G),
+            x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, cb, dC, dcum_b,
+            L, H, G, P, N, NC,
+            CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
+            num_warps=_warps(BN, "bwd_warps"),
+            num_stages=_stages(BP, BN))
     # 4. d cum -> d dt, dA, d dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(b, NC, H, device=dev, dtype=f32)
     dbias_part = torch.empty(b, NC, H, device=dev, dtype=f32) if dt_bias is not None else x.new_empty(0)
     _launch(_bwd_dt_kernel, (NC, b * H),
-        dt, dt_bias if dt_bias is not None else dummy, A, dtp, ddt_direct, dcum_a, dcum_b, vbuf, dcl,
+        dt, dt_bias if dt_bias is not None else dummy, A, dtp, ddt_direct, dcum_a, dcum_b, vbuf, dcl, part,
         ddt, dA_part, dbias_part if dt_bias is not None else dummy,
         L, H, NC, npb * nnb, float(dt_lo), float(min(dt_hi, 3.0e38)),
-        CS=cs, BPN=_pow2(npb * nnb, 2), HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        HAS_LIMIT=has_limit, num_warps=4)
+        CS=cs, BPN=_pow2(npb * nnb, 2), PART_BM=BM if dcb_mode else 0, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
     dA = dA_part.sum((0, 1)).to(A.dtype)
     ddt_bias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else x.new_empty(0)
     if D is not None:
