@@ -113,6 +113,13 @@ def _cb_tile(cb_ptr, B_ptr, C_t, b, c, g, i, j, L, G, N, NC,
 
 
 @triton.jit
+def _cbt_tile(cbt_ptr, b, c, g, i, j, G, NC, CS: tl.constexpr, BM: tl.constexpr):
+    """(C·B)^T of t block i and s block j of chunk c, as (s, t), from the transposed copy `_bwd_dcb_kernel` stores."""
+    return tl.load(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
+                   + (i * BM + tl.arange(0, BM))[None, :])
+
+
+@triton.jit
 def _doc(seq_ptr, b, t, L):
     # padding positions belong to the row's last document
     return tl.load(seq_ptr + b * L + tl.minimum(t, L - 1))
@@ -349,13 +356,14 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
                    DO_DX: tl.constexpr, DO_DB: tl.constexpr, QUAD_DCUM: tl.constexpr, FOLD: tl.constexpr,
-                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   DOT_PREC: tl.constexpr, DT: tl.constexpr, CB_T: tl.constexpr = False):
     """Source-side gradients for one block of positions s. DO_DX: one program per head (dx, ddt's direct part,
     the s-side of d cum, dD partials). DO_DB: one program per group, looping over its heads, so dB sums the heads
     in registers in a fixed order. Both in one program (DO_DX and DO_DB) shares the (s, t) products but needs
     more registers than the GPU has at dstate >= 64, hence two launches there. QUAD_DCUM False: the s-side of
     d cum's quadratic part is left to `_bwd_dcb_kernel` (which forms dy_t·x_s once per tile anyway), so this
-    kernel's tile loop has one dot instead of two."""
+    kernel's tile loop has one dot instead of two. CB_T: cb_ptr holds C·B already transposed, (s, t) per tile, in
+    the input dtype, as `_bwd_dcb_kernel` stores it (STORE_CBT), in place of loading (USE_CB) or recomputing it."""
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     NPM = tl.num_programs(0)
@@ -421,7 +429,9 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                 dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
                                mask=(t < L)[:, None] & mp[None, :], other=0.0).to(tl.float32)
                 roww = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t) - cum_r)
-                if USE_CB:
+                if CB_T:
+                    cbT = _cbt_tile(cb_ptr, b, c, g, i, sblk, G, NC, CS, BM)
+                elif USE_CB:
                     cbT = tl.trans(_cb_tile(cb_ptr, B_ptr, B_s, b, c, g, i, sblk, L, G, N, NC, CS, BM, BN, USE_CB,
                                             DOT_PREC, DT))
                 else:
@@ -443,13 +453,15 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                 LT = tl.where(_doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None], LT, 0.0)
             if DO_DB or QUAD_DCUM:
                 dxT = tl.dot(xdt_c, tl.trans(dy_t), input_precision=DOT_PREC)  # (s, t): dy_t·x_s dt_s
-            if DO_DB or not USE_CB:
+            if DO_DB or not (USE_CB or CB_T):
                 C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                               mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
             if DO_DB:
                 acc_dB += tl.dot((dxT * LT).to(DT), C_t, input_precision=DOT_PREC)
             if DO_DX:
-                if USE_CB:  # a coalesced (t, s) load, transposed in registers
+                if CB_T:
+                    cbT = _cbt_tile(cb_ptr, b, c, g, i, sblk, G, NC, CS, BM).to(tl.float32)
+                elif USE_CB:  # a coalesced (t, s) load, transposed in registers
                     cbT = tl.trans(tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS
                                            + (i * BM + tl.arange(0, BM))[:, None] * CS
                                            + (sblk * BM + tl.arange(0, BM))[None, :]))
@@ -547,10 +559,10 @@ def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
 
 
 @triton.jit
-def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr,
+def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr, cbt_ptr,
                     L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """Gradient of C_t·B_s for one causal (t block i, s block j) tile of a chunk, summed over the group's heads:
     dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s. dB and dC then follow once per group (`_bwd_bc_kernel`) instead of
     once per head. Each head's d cum (t side: row sums of dCB_h ⊙ C·B, s side: minus the column sums) goes to
@@ -583,6 +595,9 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
     B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
                   mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
     cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    if STORE_CBT:  # for the dx kernel, which reads it as (s, t): no C·B pass of its own, half the bytes in bf16
+        tl.store(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
+                 + (i * BM + tl.arange(0, BM))[None, :], tl.trans(cb).to(cbt_ptr.dtype.element_ty))
     causal = t[:, None] >= s[None, :]
     if HAS_SEQ:
         same_doc = _doc(seq_ptr, b, t, L)[:, None] == _doc(seq_ptr, b, s, L)[None, :]
@@ -762,6 +777,10 @@ CONFIG = dict(
     # only (run 4: -1 % f+b there; at dstate 64 the forward kernel's registers go 157 -> 228 and it is 8 % slower)
     fold_decay=None,
     dcb_warps=4, bc_warps=None,  # warps of _bwd_dcb_kernel and _bwd_bc_kernel (None: 8 if dstate >= 128)
+    # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn
+    dcb_stages=None, bc_stages=None, dx_stages=None,
+    bwd_cbt=False,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
+    bwd_state_warps=None, bwd_state_stages=None, bwd_state_bn=None,
 )
 
 
@@ -776,9 +795,9 @@ def _cb(B, C, cs, NC, prec, ddt_):
     return cb
 
 
-def _state_blocks(b: int, H: int, P: int, N: int):
+def _state_blocks(b: int, H: int, P: int, N: int, bn_key: str = "state_bn"):
     """Blocks of the sequential state kernels: smaller headdim blocks when batch × heads alone leaves SMs idle."""
-    BN = min(_pow2(N), CONFIG["state_bn"])
+    BN = min(_pow2(N), CONFIG[bn_key] or CONFIG["state_bn"])
     BP = min(_pow2(P), 64)
     while BP > 16 and b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN) < CONFIG["state_min_programs"]:
         BP //= 2
@@ -803,15 +822,19 @@ def _warps(BN: int, key: str) -> int:
     return CONFIG[key] or (8 if BN >= 128 else 4)
 
 
+def _bwd_state_warps() -> int:
+    return 4 if _INTERPRET else (CONFIG["bwd_state_warps"] or 4)
+
+
 def _bm(cs: int, key: str, BP: int, BN: int) -> int:
     # very large (headdim, dstate) tiles need shorter position blocks to fit shared memory
     return min(cs, CONFIG[key], 32 if BP * BN >= 128 * 256 else 128)
 
 
-def _stages(BP: int, BN: int) -> int:
+def _stages(BP: int, BN: int, key: Optional[str] = None) -> int:
     if BP * BN >= 128 * 256:
         return 1
-    return CONFIG["stages"] or (1 if BN >= 128 else 2)
+    return (CONFIG[key] if key else None) or CONFIG["stages"] or (1 if BN >= 128 else 2)
 
 
 def _use_cb(H: int, G: int, N: int) -> bool:
@@ -947,7 +970,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dy = dout
     dummy = x
     # 1. reverse state pass
-    BP1, BN1 = _state_blocks(b, H, P, N)
+    BP1, BN1 = _state_blocks(b, H, P, N, "bwd_state_bn")
     npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     dstates = torch.empty_like(states)
     dinit = torch.empty(b, H, P, N, device=dev, dtype=f32)
@@ -956,13 +979,19 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dy, C, seq_idx if seq_idx is not None else dummy, cum, states, dfinal if dfinal is not None else dummy,
         dstates, dinit, dcl, L, H, G, P, N, NC, nnb,
         CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
-        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=_stages(BP1, _pow2(N)))
+        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_bwd_state_warps(),
+        num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
     # 2. dx, dB, s-side of d cum
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "bwd_bm", BP, BN)
     NM = cs // BM
-    use_cb = _use_cb(H, G, N)
-    cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
+    dcb_mode = CONFIG["bwd_dcb"]
+    cb_t = bool(dcb_mode and CONFIG["bwd_cbt"])
+    use_cb = _use_cb(H, G, N) and not cb_t
+    if cb_t:  # filled by the dCB kernel before dx reads it
+        cb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype != f32 else f32)
+    else:
+        cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
     dx = torch.empty_like(x)
     dB = torch.empty_like(B)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
@@ -972,10 +1001,9 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dx_args = (x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
                dstates, cb, dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC)
     dx_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx),
+                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx), CB_T=cb_t,
                  DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
-                 num_stages=_stages(BP, BN))
-    dcb_mode = CONFIG["bwd_dcb"]
+                 num_stages=_stages(BP, BN, "dx_stages"))
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
     dC = torch.empty_like(C)
     if dcb_mode:
@@ -983,15 +1011,15 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dcb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype == torch.bfloat16 else f32)
         part = torch.empty(b, H, 2 * NM, Lp, device=dev, dtype=f32)
         _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
-                x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, L, H, G, P, N, NC,
-                CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
-                num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN))
+                x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
+                CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
+                num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"))
         # 2b. dx per head (one dot per tile); 3. dB and dC per group from dCB
         _launch(_bwd_dx_kernel, (NC * NM, b * H), *dx_args, DO_DX=True, DO_DB=False, QUAD_DCUM=False, **dx_kw)
         bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
                    dB, dC, dcum_b, L, H, G, P, N, NC)
         bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
-                     num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN))
+                     num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"))
         _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, **bc_kw)
         _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, **bc_kw)
     else:
