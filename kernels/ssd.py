@@ -412,7 +412,8 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                      mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
         # the chunk state's gradient reaches x, B and cum through w_s dt_s x_s B_s^T
         if DO_DX:
-            acc_dx = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC) * w[:, None]
+            S = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC)
+            acc_dx = S * w[:, None]
             v = tl.sum(xdt * acc_dx, 1)
             dcum = -v
         if DO_DB:
@@ -422,8 +423,9 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         col = tl.exp(cum_r - cum_s)
         i_hi = NM
         if FOLD and DO_DX and not DO_DB and not QUAD_DCUM:
-            # off-diagonal blocks (no documents): decay = col_s · row_t, folded into dy_t and the sum (as forward)
-            acc_q = tl.zeros((BM, BP), dtype=tl.float32)
+            # off-diagonal blocks (no documents): decay = col_s · row_t, folded into dy_t and the sum (as forward);
+            # w_s = col_s · exp(cum_last - cum_r) (<= 1), so the state term shares the accumulator and the scaling
+            acc_dx = S * tl.exp(cum_last - cum_r)
             for i in range(sblk + 1, NM):
                 t = c * CS + i * BM + tl.arange(0, BM)
                 dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
@@ -438,8 +440,8 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                     C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                                   mask=(t < L)[:, None] & mn[None, :], other=0.0).to(DT)
                     cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
-                acc_q += tl.dot(cbT.to(DT), (dy_t * roww[:, None]).to(DT), input_precision=DOT_PREC)
-            acc_dx += acc_q * col[:, None]
+                acc_dx = tl.dot(cbT.to(DT), (dy_t * roww[:, None]).to(DT), acc_dx, input_precision=DOT_PREC)
+            acc_dx = acc_dx * col[:, None]
             i_hi = sblk + 1
         for i in range(sblk, i_hi):
             t = c * CS + i * BM + tl.arange(0, BM)
@@ -472,6 +474,8 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                 if QUAD_DCUM:
                     dcum -= tl.sum(pT * dxT, 1)
         if DO_DX:
+            if not DO_DB and not QUAD_DCUM:  # reloaded (from L1/L2) rather than held in registers across the loops
+                x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
             dx = acc_dx * dt_s[:, None]
             if HAS_D:
                 dy_s = tl.load(dy_ptr + xo, mask=mo, other=0.0).to(tl.float32)
