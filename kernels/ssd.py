@@ -303,11 +303,18 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dcl_ptr,
-                      L, H, G, P, N, NC, NNB,
+                      seg_ptr, segdecay_ptr, L, H, G, P, N, NC, NNB, SEG,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                      HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                      HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr,
+                      DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """The reverse state pass over the chunks of one segment (program_id 2; SEG chunks each). MODE 0: one segment,
+    from dfinal. MODE 1 (two-level, first pass): from zero, storing only the gradient leaving the segment's first
+    chunk and the segment's decay product (`_bwd_state_combine_kernel` then chains the segments). MODE 2 (second
+    pass): from the segment's true exiting gradient (seg_ptr), storing every chunk's gradient and d cum_last."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    seg = tl.program_id(2)
+    NSEG = tl.num_programs(2)
     NPN = tl.num_programs(0)
     b = (pid_bh // H).to(tl.int64)
     hh = pid_bh % H
@@ -319,21 +326,32 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
     mn = offs_n < N
     mpn = mp[:, None] & mn[None, :]
     pn = offs_p[:, None] * N + offs_n[None, :]
-    if HAS_DFINAL:
+    segpn = ((b * NSEG + seg) * H + hh) * P * N + pn
+    if MODE == 2:
+        gst = tl.load(seg_ptr + segpn, mask=mpn, other=0.0)
+    elif MODE == 0 and HAS_DFINAL:
         gst = tl.load(dfinal_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     else:
         gst = tl.zeros((BP, BN), dtype=tl.float32)
-    for ci in range(NC):
-        c = NC - 1 - ci
+    c_lo = seg * SEG
+    c_hi = tl.minimum(c_lo + SEG, NC)
+    prod = 1.0
+    for ci in range(c_hi - c_lo):
+        c = c_hi - 1 - ci
         # gst: gradient of the state leaving chunk c
-        tl.store(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, gst.to(dstates_ptr.dtype.element_ty), mask=mpn)
+        if MODE != 1:
+            tl.store(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, gst.to(dstates_ptr.dtype.element_ty),
+                     mask=mpn)
         decay = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1))
         if HAS_SEQ:
             hdoc = tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
             decay = tl.where(doc_last == hdoc, decay, 0.0)
-        h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
-        tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(tl.sum(gst * h_in, 1), 0))
+        if MODE == 1:
+            prod = prod * decay
+        else:
+            h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+            tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(tl.sum(gst * h_in, 1), 0))
         gst = gst * decay
         for k in tl.static_range(CS // BK):
             t = c * CS + k * BK + tl.arange(0, BK)
@@ -346,7 +364,36 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
             Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                          mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
             gst += tl.dot(tl.trans((dy * e[:, None]).to(DT)), Ct, input_precision=DOT_PREC)
-    tl.store(dinit_ptr + (b * H + hh) * P * N + pn, gst, mask=mpn)
+    if MODE == 1:
+        tl.store(seg_ptr + segpn, gst, mask=mpn)
+        if pid_pn == 0:
+            tl.store(segdecay_ptr + (b * NSEG + seg) * H + hh, prod)
+    elif seg == 0:
+        tl.store(dinit_ptr + (b * H + hh) * P * N + pn, gst, mask=mpn)
+
+
+@triton.jit
+def _bwd_state_combine_kernel(seg_ptr, segdecay_ptr, dfinal_ptr, H, PN, NSEG,
+                              BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr):
+    """Chains the segments of the two-level reverse state pass, last to first: the gradient leaving segment k is
+    G_k = D_{k+1} G_{k+1} + l_{k+1} (l: the segment's own part from its first pass, D: its decay product). In place:
+    slot k holds l_k until G_k replaces it."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    hh = pid_bh % H
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    if HAS_DFINAL:
+        gk = tl.load(dfinal_ptr + (b * H + hh) * PN + offs, mask=m, other=0.0).to(tl.float32)
+    else:
+        gk = tl.zeros((BLOCK,), dtype=tl.float32)
+    for ki in range(NSEG):
+        k = NSEG - 1 - ki
+        ptr = seg_ptr + ((b * NSEG + k) * H + hh) * PN + offs
+        lk = tl.load(ptr, mask=m, other=0.0)
+        tl.store(ptr, gk, mask=m)
+        gk = tl.load(segdecay_ptr + (b * NSEG + k) * H + hh) * gk + lk
 
 
 @triton.jit
@@ -785,6 +832,9 @@ CONFIG = dict(
     dcb_stages=None, bc_stages=None, dx_stages=None,
     bwd_cbt=False,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
     bwd_state_warps=None, bwd_state_stages=None, bwd_state_bn=None,
+    # two-level reverse state pass when batch × heads × blocks < seg_below programs: segments of >= seg_chunks
+    # chunks, about seg_target programs; bwd_state_segments forces a number (1: one sequential pass)
+    bwd_state_segments=None, bwd_state_seg_below=256, bwd_state_seg_target=1024, bwd_state_seg_chunks=8,
 )
 
 
@@ -824,6 +874,22 @@ def _warps(BN: int, key: str) -> int:
     if _INTERPRET:
         return 4
     return CONFIG[key] or (8 if BN >= 128 else 4)
+
+
+def _bwd_state_segments(b: int, H: int, P: int, N: int, NC: int):
+    """(segments, chunks per segment) of the reverse state pass: one segment while batch × heads × blocks fill the
+    GPU, else enough segments (at least CONFIG bwd_state_seg_chunks chunks each) to reach bwd_state_seg_target
+    programs: the two-level pass does the chunk products twice but runs the sequential part in parallel."""
+    nseg = CONFIG["bwd_state_segments"]
+    if nseg is None:
+        base = b * H * triton.cdiv(P, min(_pow2(P), 64)) * triton.cdiv(N, min(_pow2(N), CONFIG["bwd_state_bn"]
+                                                                              or CONFIG["state_bn"]))
+        nseg = 1
+        if base < CONFIG["bwd_state_seg_below"]:
+            nseg = min(triton.cdiv(CONFIG["bwd_state_seg_target"], base), NC // CONFIG["bwd_state_seg_chunks"])
+    nseg = max(1, min(nseg, NC))
+    seg_len = triton.cdiv(NC, nseg)
+    return triton.cdiv(NC, seg_len), seg_len
 
 
 def _bwd_state_warps() -> int:
@@ -974,17 +1040,32 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dy = dout
     dummy = x
     # 1. reverse state pass
-    BP1, BN1 = _state_blocks(b, H, P, N, "bwd_state_bn")
+    nseg, seg_len = _bwd_state_segments(b, H, P, N, NC)
+    if nseg > 1:  # two-level: every segment's own part in parallel, chained, then each segment from its true start
+        BN1 = min(_pow2(N), CONFIG["bwd_state_bn"] or CONFIG["state_bn"])
+        BP1 = min(_pow2(P), 64)
+    else:
+        BP1, BN1 = _state_blocks(b, H, P, N, "bwd_state_bn")
     npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     dstates = torch.empty_like(states)
     dinit = torch.empty(b, H, P, N, device=dev, dtype=f32)
     dcl = torch.empty(b, H, NC, npb * nnb, device=dev, dtype=f32)
-    _launch(_bwd_state_kernel, (npb * nnb, b * H),
-        dy, C, seq_idx if seq_idx is not None else dummy, cum, states, dfinal if dfinal is not None else dummy,
-        dstates, dinit, dcl, L, H, G, P, N, NC, nnb,
-        CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
-        HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_bwd_state_warps(),
-        num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
+    segbuf = torch.empty(b, nseg, H, P, N, device=dev, dtype=f32) if nseg > 1 else dummy
+    segdecay = torch.empty(b, nseg, H, device=dev, dtype=f32) if nseg > 1 else dummy
+    state_args = (dy, C, seq_idx if seq_idx is not None else dummy, cum, states,
+                  dfinal if dfinal is not None else dummy, dstates, dinit, dcl, segbuf, segdecay,
+                  L, H, G, P, N, NC, nnb, seg_len)
+    state_kw = dict(CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
+                    HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_bwd_state_warps(),
+                    num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
+    if nseg > 1:
+        _launch(_bwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, MODE=1, **state_kw)
+        _launch(_bwd_state_combine_kernel, (triton.cdiv(P * N, 1024), b * H), segbuf, segdecay,
+                dfinal if dfinal is not None else dummy, H, P * N, nseg,
+                BLOCK=1024, HAS_DFINAL=dfinal is not None, num_warps=4)
+        _launch(_bwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, MODE=2, **state_kw)
+    else:
+        _launch(_bwd_state_kernel, (npb * nnb, b * H, 1), *state_args, MODE=0, **state_kw)
     # 2. dx, dB, s-side of d cum
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "bwd_bm", BP, BN)

@@ -30,3 +30,26 @@ def test_dx_reads_cb_transposed_from_dcb_kernel(monkeypatch, fold, cb_share, doc
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
     _check(256, (1, 300, 4, 16, 2, 16), dtype, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
+
+
+@pytest.mark.parametrize("nseg,cs,shape,kw", [
+    (3, 16, (2, 150, 2, 16, 1, 32), dict(docs=3)),  # 10 chunks in segments of 4, 4, 2; documents across them
+    (4, 32, (1, 200, 4, 16, 2, 16), dict(docs=0, init=True)),  # 7 chunks in 2, 2, 2, 1; initial state's gradient
+    (2, 16, (1, 40, 2, 16, 1, 16), dict(docs=0, init=False)),
+])
+def test_two_level_reverse_state_pass(monkeypatch, nseg, cs, shape, kw):
+    # the segmented reverse state pass (chosen on the GPU when batch × heads leaves SMs idle, e.g. batch 1 × 64K)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
+    _check(cs, shape, torch.float32, **kw)
+
+
+def test_two_level_reverse_state_pass_without_final_state_gradient(monkeypatch):
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", 3)
+    _check(16, (1, 100, 2, 16, 1, 16), torch.float32, final=False, docs=1)
+
+
+def test_segments_are_chosen_when_batch_times_heads_is_small():
+    # batch 1 × 32 heads × 2 dstate blocks, 256 chunks: segmented; batch 16: one pass
+    nseg, seg_len = ssd_kernels._bwd_state_segments(1, 32, 64, 128, 256)
+    assert nseg > 1 and seg_len >= ssd_kernels.CONFIG["bwd_state_seg_chunks"] and nseg * seg_len >= 256
+    assert ssd_kernels._bwd_state_segments(16, 32, 64, 128, 16) == (1, 16)
