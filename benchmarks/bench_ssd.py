@@ -203,6 +203,24 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
     {"dcb_warps": 8},
     {"bwd_warps": 8},
 ]
+# --- backward variants (helper "bwd", v6; keys of CONFIG added for the backward) -----------------------------------
+V5_BWD = {"bwd_cbt": False, "bwd_state_segments": 1}  # the backward as run 4 measured it (v5)
+SWEEP_BWD = [
+    {},
+    V5_BWD,
+    {"bwd_cbt": True},  # dCB kernel stores C·B^T for dx (no C·B launch, bf16 tiles)
+    {"dcb_stages": 2},
+    {"bc_stages": 2},
+    {"bwd_state_stages": 2},
+    {"bwd_state_warps": 8, "bwd_state_stages": 2},
+    {"dx_maxnreg": 168},
+    {"dcb_maxnreg": 168},
+    {"bwd_state_segments": 1},  # two-level reverse state pass off
+    {"bwd_state_seg_target": 2048},
+    {"bwd_cbt": True, "dcb_stages": 2, "bc_stages": 2, "bwd_state_warps": 8, "bwd_state_stages": 2},
+]
+SWEEP_SETS = {"all": SWEEP + SWEEP_BWD[1:], "bwd": SWEEP_BWD, "v5-vs-default": [{}, V5_BWD]}
+# --------------------------------------------------------------------------------------------------------------------
 BEST = {}  # dstate -> the sweep's fastest variant (by forward+backward), applied by bench() when --sweep ran
 
 
@@ -212,7 +230,10 @@ def sweep(args):
 
     base = dict(kernels.CONFIG)
     h, p, cs = args.nheads, args.headdim, args.chunk_size
+    variants = SWEEP_SETS[args.sweep_set]
+    results = []
     for n in args.dstate:
+        totals = [0.0] * len(variants)
         for L in args.sweep_seqlens:
             b = TOKENS // L
             inp = make_inputs(b, L, h, p, 1, n)
@@ -226,8 +247,7 @@ def sweep(args):
             def fb():
                 torch.autograd.grad(f(leaves), list(leaves.values()), gy)
 
-            best = None
-            for var in SWEEP:
+            for vi, var in enumerate(variants):
                 kernels.CONFIG.clear()
                 kernels.CONFIG.update(base, **var)
                 try:
@@ -236,14 +256,22 @@ def sweep(args):
                     tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, return_mode="median")
                     print(f"sweep dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms",
                           flush=True)
-                    if best is None or tfb < best[0]:
-                        best = (tfb, var)
+                    totals[vi] += tfb
+                    results.append(dict(dstate=n, seqlen=L, variant=var, fwd=tf, fb=tfb))
                 except Exception as e:  # noqa: BLE001
+                    totals[vi] = math.inf
                     print(f"sweep dstate {n} seqlen {L} {var}: failed {e!r}"[:300], flush=True)
-            BEST[n] = best[1] if best else {}
+            # the best over all swept seqlens so far (summed forward+backward times)
+            BEST[n] = variants[min(range(len(variants)), key=totals.__getitem__)]
             print(f"sweep dstate {n}: best {BEST[n] or 'default'}")
             kernels.CONFIG.clear()
             kernels.CONFIG.update(base, **BEST[n])
+            if args.no_profile:
+                kernels.CONFIG.clear()
+                kernels.CONFIG.update(base)
+                del inp, leaves, gy
+                torch.cuda.empty_cache()
+                continue
             from torch.profiler import ProfilerActivity, profile
 
             fb()
@@ -259,6 +287,13 @@ def sweep(args):
             kernels.CONFIG.update(base)
             del inp, leaves, gy
             torch.cuda.empty_cache()
+    if args.sweep_out:
+        Path(args.sweep_out).write_text(json.dumps(results, indent=1))
+    print("\nsweep (fwd / fwd+bwd ms):")
+    for n in args.dstate:
+        for vi, var in enumerate(variants):
+            cells = [f"{r['fwd']:.3f}/{r['fb']:.3f}" for r in results if r["dstate"] == n and r["variant"] == var]
+            print(f"  n={n} v{vi} {json.dumps(var) if var else 'default':70s} " + " ".join(cells))
 
 
 def print_table(meta, rows):
@@ -319,6 +354,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true", help="compare launch variants of our kernels, then profile")
     ap.add_argument("--sweep-seqlens", type=int, nargs="+", default=[4096])
+    ap.add_argument("--sweep-set", choices=sorted(SWEEP_SETS), default="all", help="which variants --sweep compares")
+    ap.add_argument("--sweep-out", default=None, help="write the sweep's numbers (JSON)")
+    ap.add_argument("--no-profile", action="store_true", help="--sweep without the per-kernel profile")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--to-markdown", metavar="JSON", help="print a saved run (--out) as the BENCHMARKS.md table")
     args = ap.parse_args()

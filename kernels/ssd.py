@@ -830,6 +830,7 @@ CONFIG = dict(
     dcb_warps=4, bc_warps=None,  # warps of _bwd_dcb_kernel and _bwd_bc_kernel (None: 8 if dstate >= 128)
     # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn
     dcb_stages=None, bc_stages=None, dx_stages=None,
+    dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,  # register caps (None: the compiler's choice)
     bwd_cbt=False,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
     bwd_state_warps=None, bwd_state_stages=None, bwd_state_bn=None,
     # two-level reverse state pass when batch × heads × blocks < seg_below programs: segments of >= seg_chunks
@@ -890,6 +891,11 @@ def _bwd_state_segments(b: int, H: int, P: int, N: int, NC: int):
     nseg = max(1, min(nseg, NC))
     seg_len = triton.cdiv(NC, nseg)
     return triton.cdiv(NC, seg_len), seg_len
+
+
+def _maxnreg(key: str) -> dict:
+    # a register cap per thread: 168 lets 3 four-warp programs share an SM (255: 2), at the price of a few spills
+    return {} if _INTERPRET or not CONFIG[key] else {"maxnreg": CONFIG[key]}
 
 
 def _bwd_state_warps() -> int:
@@ -1088,7 +1094,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dx_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
                  HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx), CB_T=cb_t,
                  DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
-                 num_stages=_stages(BP, BN, "dx_stages"))
+                 num_stages=_stages(BP, BN, "dx_stages"), **_maxnreg("dx_maxnreg"))
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
     dC = torch.empty_like(C)
     if dcb_mode:
@@ -1098,13 +1104,15 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
                 x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
                 CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
-                num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"))
+                num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"),
+                **_maxnreg("dcb_maxnreg"))
         # 2b. dx per head (one dot per tile); 3. dB and dC per group from dCB
         _launch(_bwd_dx_kernel, (NC * NM, b * H), *dx_args, DO_DX=True, DO_DB=False, QUAD_DCUM=False, **dx_kw)
         bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
                    dB, dC, dcum_b, L, H, G, P, N, NC)
         bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
-                     num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"))
+                     num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"),
+                     **_maxnreg("bc_maxnreg"))
         _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, **bc_kw)
         _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, **bc_kw)
     else:
