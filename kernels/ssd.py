@@ -403,17 +403,24 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
                    DO_DX: tl.constexpr, DO_DB: tl.constexpr, QUAD_DCUM: tl.constexpr, FOLD: tl.constexpr,
-                   DOT_PREC: tl.constexpr, DT: tl.constexpr, CB_T: tl.constexpr = False):
+                   DOT_PREC: tl.constexpr, DT: tl.constexpr, CB_T: tl.constexpr = False,
+                   HEADS_FASTEST: tl.constexpr = False):
     """Source-side gradients for one block of positions s. DO_DX: one program per head (dx, ddt's direct part,
     the s-side of d cum, dD partials). DO_DB: one program per group, looping over its heads, so dB sums the heads
     in registers in a fixed order. Both in one program (DO_DX and DO_DB) shares the (s, t) products but needs
     more registers than the GPU has at dstate >= 64, hence two launches there. QUAD_DCUM False: the s-side of
     d cum's quadratic part is left to `_bwd_dcb_kernel` (which forms dy_t·x_s once per tile anyway), so this
     kernel's tile loop has one dot instead of two. CB_T: cb_ptr holds C·B already transposed, (s, t) per tile, in
-    the input dtype, as `_bwd_dcb_kernel` stores it (STORE_CBT), in place of loading (USE_CB) or recomputing it."""
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    NPM = tl.num_programs(0)
+    the input dtype, as `_bwd_dcb_kernel` stores it (STORE_CBT), in place of loading (USE_CB) or recomputing it.
+    HEADS_FASTEST: grid (batch·heads, blocks), so the heads sharing a C·B tile run together and read it from L2."""
+    if HEADS_FASTEST:
+        pid_m = tl.program_id(1)
+        pid_b = tl.program_id(0)
+        NPM = tl.num_programs(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_b = tl.program_id(1)
+        NPM = tl.num_programs(0)
     HPG = H // G
     if DO_DB:
         b = (pid_b // G).to(tl.int64)
@@ -832,6 +839,7 @@ CONFIG = dict(
     dcb_stages=None, bc_stages=None, dx_stages=None,
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,  # register caps (None: the compiler's choice)
     bwd_cbt=False,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
+    dx_heads_fastest=False,  # dx grid with heads fastest: a C·B tile read once from DRAM, then from L2 by each head
     bwd_state_warps=None, bwd_state_stages=None, bwd_state_bn=None,
     # two-level reverse state pass when batch × heads × blocks < seg_below programs: segments of >= seg_chunks
     # chunks, about seg_target programs; bwd_state_segments forces a number (1: one sequential pass)
@@ -1107,7 +1115,9 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
                 num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"),
                 **_maxnreg("dcb_maxnreg"))
         # 2b. dx per head (one dot per tile); 3. dB and dC per group from dCB
-        _launch(_bwd_dx_kernel, (NC * NM, b * H), *dx_args, DO_DX=True, DO_DB=False, QUAD_DCUM=False, **dx_kw)
+        heads_fast = bool(CONFIG["dx_heads_fastest"])
+        _launch(_bwd_dx_kernel, (b * H, NC * NM) if heads_fast else (NC * NM, b * H), *dx_args,
+                DO_DX=True, DO_DB=False, QUAD_DCUM=False, HEADS_FASTEST=heads_fast, **dx_kw)
         bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
                    dB, dC, dcum_b, L, H, G, P, N, NC)
         bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,

@@ -53,3 +53,11 @@ def test_segments_are_chosen_when_batch_times_heads_is_small():
     nseg, seg_len = ssd_kernels._bwd_state_segments(1, 32, 64, 128, 256)
     assert nseg > 1 and seg_len >= ssd_kernels.CONFIG["bwd_state_seg_chunks"] and nseg * seg_len >= 256
     assert ssd_kernels._bwd_state_segments(16, 32, 64, 128, 16) == (1, 16)
+
+
+@pytest.mark.parametrize("docs,dtype", [(0, torch.float32), (2, torch.bfloat16)])
+def test_dx_grid_with_heads_fastest(monkeypatch, docs, dtype):
+    # dx_heads_fastest: grid (batch·heads, blocks), ngroups 2, batch 2
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dx_heads_fastest", True)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", True)
+    _check(256, (2, 300, 4, 16, 2, 16), dtype, docs=docs)
