@@ -306,11 +306,13 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
                       seg_ptr, segdecay_ptr, L, H, G, P, N, NC, NNB, SEG,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                       HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr,
-                      DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                      DCL_ROWS: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """The reverse state pass over the chunks of one segment (program_id 2; SEG chunks each). MODE 0: one segment,
     from dfinal. MODE 1 (two-level, first pass): from zero, storing only the gradient leaving the segment's first
     chunk and the segment's decay product (`_bwd_state_combine_kernel` then chains the segments). MODE 2 (second
-    pass): from the segment's true exiting gradient (seg_ptr), storing every chunk's gradient and d cum_last."""
+    pass): from the segment's true exiting gradient (seg_ptr), storing every chunk's gradient and d cum_last
+    (DCL_ROWS: as BP row sums, summed later by `_bwd_dt_kernel`, so the sequential loop has no reduction across
+    warps)."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -351,7 +353,11 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
             prod = prod * decay
         else:
             h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
-            tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(tl.sum(gst * h_in, 1), 0))
+            if DCL_ROWS:
+                tl.store(dcl_ptr + (((b * H + hh) * NC + c) * NPN + pid_pn) * BP + tl.arange(0, BP),
+                         decay * tl.sum(gst * h_in, 1))
+            else:
+                tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(tl.sum(gst * h_in, 1), 0))
         gst = gst * decay
         for k in tl.static_range(CS // BK):
             t = c * CS + k * BK + tl.arange(0, BK)
@@ -841,6 +847,7 @@ CONFIG = dict(
     bwd_cbt=False,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
     dx_heads_fastest=False,  # dx grid with heads fastest: a C·B tile read once from DRAM, then from L2 by each head
     bwd_state_warps=None, bwd_state_stages=None, bwd_state_bn=None,
+    bwd_state_dcl_rows=False,  # d cum_last as row sums per chunk (no cross-warp reduction in the sequential loop)
     # two-level reverse state pass when batch × heads × blocks < seg_below programs: segments of >= seg_chunks
     # chunks, about seg_target programs; bwd_state_segments forces a number (1: one sequential pass)
     bwd_state_segments=None, bwd_state_seg_below=256, bwd_state_seg_target=1024, bwd_state_seg_chunks=8,
@@ -1063,14 +1070,17 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     dstates = torch.empty_like(states)
     dinit = torch.empty(b, H, P, N, device=dev, dtype=f32)
-    dcl = torch.empty(b, H, NC, npb * nnb, device=dev, dtype=f32)
+    dcl_rows = bool(CONFIG["bwd_state_dcl_rows"])
+    ndcl = npb * nnb * (BP1 if dcl_rows else 1)  # d cum_last partials per chunk
+    dcl = torch.empty(b, H, NC, ndcl, device=dev, dtype=f32)
     segbuf = torch.empty(b, nseg, H, P, N, device=dev, dtype=f32) if nseg > 1 else dummy
     segdecay = torch.empty(b, nseg, H, device=dev, dtype=f32) if nseg > 1 else dummy
     state_args = (dy, C, seq_idx if seq_idx is not None else dummy, cum, states,
                   dfinal if dfinal is not None else dummy, dstates, dinit, dcl, segbuf, segdecay,
                   L, H, G, P, N, NC, nnb, seg_len)
     state_kw = dict(CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
-                    HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=_bwd_state_warps(),
+                    HAS_SEQ=seq_idx is not None, DCL_ROWS=dcl_rows, DOT_PREC=prec, DT=ddt_,
+                    num_warps=_bwd_state_warps(),
                     num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
     if nseg > 1:
         _launch(_bwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, MODE=1, **state_kw)
@@ -1146,8 +1156,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     _launch(_bwd_dt_kernel, (NC, b * H),
         dt, dt_bias if dt_bias is not None else dummy, A, dtp, ddt_direct, dcum_a, dcum_b, vbuf, dcl, part,
         ddt, dA_part, dbias_part if dt_bias is not None else dummy,
-        L, H, NC, npb * nnb, float(dt_lo), float(min(dt_hi, 3.0e38)),
-        CS=cs, BPN=_pow2(npb * nnb, 2), PART_BM=BM if dcb_mode else 0, HAS_BIAS=dt_bias is not None,
+        L, H, NC, ndcl, float(dt_lo), float(min(dt_hi, 3.0e38)),
+        CS=cs, BPN=_pow2(ndcl, 2), PART_BM=BM if dcb_mode else 0, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
     dA = dA_part.sum((0, 1)).to(A.dtype)
     ddt_bias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else x.new_empty(0)

@@ -61,3 +61,11 @@ def test_dx_grid_with_heads_fastest(monkeypatch, docs, dtype):
     monkeypatch.setitem(ssd_kernels.CONFIG, "dx_heads_fastest", True)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", True)
     _check(256, (2, 300, 4, 16, 2, 16), dtype, docs=docs)
+
+
+@pytest.mark.parametrize("nseg", [1, 3])
+def test_dcum_last_as_row_sums(monkeypatch, nseg):
+    # bwd_state_dcl_rows: the reverse state pass leaves d cum_last as per-row partials, summed by the dt kernel
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_dcl_rows", True)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
+    _check(16, (2, 100, 2, 16, 1, 32), torch.float32, docs=2)
