@@ -142,6 +142,11 @@ def bench(args):
             with torch.no_grad():
                 timed("ours_fwd", lambda: ours_call(inp))
             timed("ours_fb", fb(ours_call))
+            if args.before_after:  # the same op under the backward settings of v5 (run 4), in the same process
+                kernels.CONFIG.update(V5_BWD)
+                timed("ours_v5_fb", fb(ours_call))
+                kernels.CONFIG.clear()
+                kernels.CONFIG.update(base, **BEST.get(n, {}))
             if mamba is not None:
                 with torch.no_grad():
                     timed("mamba_fwd", lambda: call(mamba, inp))
@@ -187,6 +192,14 @@ def bench(args):
     if args.out:
         Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print_table(meta, rows)
+    if args.before_after:
+        print("\nforward+backward, ours now vs the v5 backward settings (same process), ms:")
+        for w in rows:
+            a, v = w.get("ours_fb"), w.get("ours_v5_fb")
+            if a and v:
+                print(f"  dstate {w['dstate']:>4} seqlen {w['seqlen']:>6}: {a:.3f} vs {v:.3f} ({a / v - 1:+.1%})"
+                      + (f"; mamba_ssm {w['mamba_fb']:.3f}, ratio {a / w['mamba_fb']:.2f} (v5 {v / w['mamba_fb']:.2f})"
+                         if w.get("mamba_fb") else ""))
     if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1":
         from lit_mamba2.kernels import ssd as kernels
 
@@ -204,22 +217,24 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
     {"bwd_warps": 8},
 ]
 # --- backward variants (helper "bwd", v6; keys of CONFIG added for the backward) -----------------------------------
-V5_BWD = {"bwd_cbt": False, "bwd_state_segments": 1}  # the backward as run 4 measured it (v5)
+V5_BWD = {"bwd_cbt": False, "bwd_state_segments": 1, "dcb_stages": None, "bwd_state_stages": None, "dx_maxnreg": 0,
+          "dx_heads_fastest": False, "bwd_state_dcl_rows": False, "bwd_state_bk": None, "bwd_state_bn": None,
+          "bwd_state_warps": None, "bc_maxnreg": None}  # the backward's launch settings as run 4 measured them (v5)
 SWEEP_BWD = [
     {},
     V5_BWD,
-    {"bwd_cbt": True},  # dCB kernel stores C·B^T for dx (no C·B launch, bf16 tiles)
-    {"dcb_stages": 2},
-    {"bc_stages": 2},
-    {"bwd_state_stages": 2},
-    {"bwd_state_warps": 8, "bwd_state_stages": 2},
+    {"dx_heads_fastest": False},
+    {"bwd_cbt": False},  # dx loads C·B (fp32, from a C·B launch) or recomputes it, as v5
+    {"bwd_state_dcl_rows": True},
+    {"dx_maxnreg": 0},
     {"dx_maxnreg": 168},
-    {"dcb_maxnreg": 168},
-    {"bwd_state_segments": 1},  # two-level reverse state pass off
-    {"bwd_state_seg_target": 2048},
-    {"bwd_cbt": True, "dcb_stages": 2, "bc_stages": 2, "bwd_state_warps": 8, "bwd_state_stages": 2},
+    {"bc_maxnreg": 128},
+    {"bc_maxnreg": 168},
+    {"bwd_state_bk": 128},
+    {"bwd_state_bn": 128, "bwd_state_warps": 8},
+    {"bwd_state_seg_chunks": 16},
 ]
-SWEEP_SETS = {"all": SWEEP + SWEEP_BWD[1:], "bwd": SWEEP_BWD, "v5-vs-default": [{}, V5_BWD]}
+SWEEP_SETS = {"all": SWEEP + SWEEP_BWD[1:], "bwd": SWEEP_BWD}
 # --------------------------------------------------------------------------------------------------------------------
 BEST = {}  # dstate -> the sweep's fastest variant (by forward+backward), applied by bench() when --sweep ran
 
@@ -357,6 +372,8 @@ def main():
     ap.add_argument("--sweep-set", choices=sorted(SWEEP_SETS), default="all", help="which variants --sweep compares")
     ap.add_argument("--sweep-out", default=None, help="write the sweep's numbers (JSON)")
     ap.add_argument("--no-profile", action="store_true", help="--sweep without the per-kernel profile")
+    ap.add_argument("--before-after", action="store_true",
+                    help="also time forward+backward under the v5 backward settings (V5_BWD)")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--to-markdown", metavar="JSON", help="print a saved run (--out) as the BENCHMARKS.md table")
     args = ap.parse_args()

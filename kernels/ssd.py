@@ -841,12 +841,15 @@ CONFIG = dict(
     # only (run 4: -1 % f+b there; at dstate 64 the forward kernel's registers go 157 -> 228 and it is 8 % slower)
     fold_decay=None,
     dcb_warps=4, bc_warps=None,  # warps of _bwd_dcb_kernel and _bwd_bc_kernel (None: 8 if dstate >= 128)
-    # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn
-    dcb_stages=None, bc_stages=None, dx_stages=None,
+    # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (call 1, L 4096 and
+    # 65536): 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (same as before at
+    # 64); a 168-register cap on dx, -0.1 ms at dstate 64 (None: 168 at dstate <= 64, no cap above; 0: no cap)
+    dcb_stages=2, bc_stages=None, dx_stages=None,
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,  # register caps (None: the compiler's choice)
-    bwd_cbt=False,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
-    dx_heads_fastest=False,  # dx grid with heads fastest: a C·B tile read once from DRAM, then from L2 by each head
-    bwd_state_warps=None, bwd_state_stages=None, bwd_state_bn=None,
+    bwd_cbt=True,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
+    dx_heads_fastest=True,  # dx grid with heads fastest: a C·B tile read once from DRAM, then from L2 by each head
+    bwd_state_warps=None, bwd_state_stages=2, bwd_state_bn=None,
+    bwd_state_bk=None,  # positions per dot in the reverse state pass (None: state_bk)
     bwd_state_dcl_rows=False,  # d cum_last as row sums per chunk (no cross-warp reduction in the sequential loop)
     # two-level reverse state pass when batch × heads × blocks < seg_below programs: segments of >= seg_chunks
     # chunks, about seg_target programs; bwd_state_segments forces a number (1: one sequential pass)
@@ -908,9 +911,11 @@ def _bwd_state_segments(b: int, H: int, P: int, N: int, NC: int):
     return triton.cdiv(NC, seg_len), seg_len
 
 
-def _maxnreg(key: str) -> dict:
-    # a register cap per thread: 168 lets 3 four-warp programs share an SM (255: 2), at the price of a few spills
-    return {} if _INTERPRET or not CONFIG[key] else {"maxnreg": CONFIG[key]}
+def _maxnreg(key: str, auto: Optional[int] = None) -> dict:
+    # a register cap per thread: 168 lets 3 four-warp programs share an SM (255: 2), at the price of a few spills;
+    # CONFIG None takes `auto`, 0 means no cap
+    cap = auto if CONFIG[key] is None else CONFIG[key]
+    return {} if _INTERPRET or not cap else {"maxnreg": cap}
 
 
 def _bwd_state_warps() -> int:
@@ -1078,7 +1083,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     state_args = (dy, C, seq_idx if seq_idx is not None else dummy, cum, states,
                   dfinal if dfinal is not None else dummy, dstates, dinit, dcl, segbuf, segdecay,
                   L, H, G, P, N, NC, nnb, seg_len)
-    state_kw = dict(CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
+    state_kw = dict(CS=cs, BK=min(cs, CONFIG["bwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
                     HAS_SEQ=seq_idx is not None, DCL_ROWS=dcl_rows, DOT_PREC=prec, DT=ddt_,
                     num_warps=_bwd_state_warps(),
                     num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
@@ -1112,7 +1117,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dx_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
                  HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx), CB_T=cb_t,
                  DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
-                 num_stages=_stages(BP, BN, "dx_stages"), **_maxnreg("dx_maxnreg"))
+                 num_stages=_stages(BP, BN, "dx_stages"), **_maxnreg("dx_maxnreg", 168 if BN <= 64 else None))
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
     dC = torch.empty_like(C)
     if dcb_mode:

@@ -55,10 +55,11 @@ def test_segments_are_chosen_when_batch_times_heads_is_small():
     assert ssd_kernels._bwd_state_segments(16, 32, 64, 128, 16) == (1, 16)
 
 
-@pytest.mark.parametrize("docs,dtype", [(0, torch.float32), (2, torch.bfloat16)])
-def test_dx_grid_with_heads_fastest(monkeypatch, docs, dtype):
-    # dx_heads_fastest: grid (batch·heads, blocks), ngroups 2, batch 2
-    monkeypatch.setitem(ssd_kernels.CONFIG, "dx_heads_fastest", True)
+@pytest.mark.parametrize("heads_fast,docs,dtype", [(True, 0, torch.float32), (True, 2, torch.bfloat16),
+                                                   (False, 2, torch.float32)])
+def test_dx_grid_order(monkeypatch, heads_fast, docs, dtype):
+    # dx_heads_fastest: grid (batch·heads, blocks) or (blocks, batch·heads); ngroups 2, batch 2
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dx_heads_fastest", heads_fast)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", True)
     _check(256, (2, 300, 4, 16, 2, 16), dtype, docs=docs)
 

@@ -229,6 +229,7 @@ def test_precomputed_and_recomputed_cb_paths(monkeypatch, cb_share, split, dcb):
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_split_db", split)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_dcb", dcb)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", False)  # dx loads or recomputes C·B (tests/.../bwd_paths: cbt)
     _check(32, (2, 75, 4, 16, 2, 16), torch.float32, docs=2)
 
 
@@ -243,4 +244,5 @@ def test_many_blocks_per_chunk(monkeypatch, dcb, fold, cb_share, docs, A_scale):
     monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", False)
     _check(256, (1, 300, 4, 16, 2, 16), torch.float32, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
