@@ -228,6 +228,8 @@ SWEEP_BWD = [
     {"bwd_state_dcl_rows": True},
     {"dx_maxnreg": 0},
     {"dx_maxnreg": 168},
+    {"dx_stages": 2},
+    {"dcb_stages": 3},
     {"bc_maxnreg": 128},
     {"bc_maxnreg": 168},
     {"bwd_state_bk": 128},
