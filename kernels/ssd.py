@@ -410,7 +410,7 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
                    DO_DX: tl.constexpr, DO_DB: tl.constexpr, QUAD_DCUM: tl.constexpr, FOLD: tl.constexpr,
                    DOT_PREC: tl.constexpr, DT: tl.constexpr, CB_T: tl.constexpr = False,
-                   HEADS_FASTEST: tl.constexpr = False):
+                   HEADS_FASTEST: tl.constexpr = False, FOLD_DIAG: tl.constexpr = False):
     """Source-side gradients for one block of positions s. DO_DX: one program per head (dx, ddt's direct part,
     the s-side of d cum, dD partials). DO_DB: one program per group, looping over its heads, so dB sums the heads
     in registers in a fixed order. Both in one program (DO_DX and DO_DB) shares the (s, t) products but needs
@@ -418,7 +418,9 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     d cum's quadratic part is left to `_bwd_dcb_kernel` (which forms dy_t·x_s once per tile anyway), so this
     kernel's tile loop has one dot instead of two. CB_T: cb_ptr holds C·B already transposed, (s, t) per tile, in
     the input dtype, as `_bwd_dcb_kernel` stores it (STORE_CBT), in place of loading (USE_CB) or recomputing it.
-    HEADS_FASTEST: grid (batch·heads, blocks), so the heads sharing a C·B tile run together and read it from L2."""
+    HEADS_FASTEST: grid (batch·heads, blocks), so the heads sharing a C·B tile run together and read it from L2.
+    FOLD_DIAG (with FOLD): the diagonal block too, while its decay span is <= 60 (its row factors reach e^span):
+    the tile then needs only the causal mask, and every block is one iteration of the same loop."""
     if HEADS_FASTEST:
         pid_m = tl.program_id(1)
         pid_b = tl.program_id(0)
@@ -482,11 +484,16 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         span = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + sblk * BM) - cum_r
         col = tl.exp(cum_r - cum_s)
         i_hi = NM
+        i_first = sblk
         if FOLD and DO_DX and not DO_DB and not QUAD_DCUM:
             # off-diagonal blocks (no documents): decay = col_s · row_t, folded into dy_t and the sum (as forward);
             # w_s = col_s · exp(cum_last - cum_r) (<= 1), so the state term shares the accumulator and the scaling
             acc_dx = S * tl.exp(cum_last - cum_r)
-            for i in range(sblk + 1, NM):
+            i_lo = sblk + 1
+            if FOLD_DIAG:
+                if span <= 60.0:
+                    i_lo = sblk
+            for i in range(i_lo, NM):
                 t = c * CS + i * BM + tl.arange(0, BM)
                 dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
                                mask=(t < L)[:, None] & mp[None, :], other=0.0).to(tl.float32)
@@ -500,10 +507,13 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                     C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                                   mask=(t < L)[:, None] & mn[None, :], other=0.0).to(DT)
                     cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
+                if FOLD_DIAG:  # causal: true on every block after the diagonal one
+                    cbT = tl.where(t[None, :] >= s[:, None], cbT, 0.0)
                 acc_dx = tl.dot(cbT.to(DT), (dy_t * roww[:, None]).to(DT), acc_dx, input_precision=DOT_PREC)
             acc_dx = acc_dx * col[:, None]
             i_hi = sblk + 1
-        for i in range(sblk, i_hi):
+            i_first = 2 * sblk + 1 - i_lo  # sblk + 1 when the diagonal block went through the loop
+        for i in range(i_first, i_hi):
             t = c * CS + i * BM + tl.arange(0, BM)
             mt = t < L
             dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
@@ -847,6 +857,8 @@ CONFIG = dict(
     dcb_stages=2, bc_stages=None, dx_stages=None,
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,  # register caps (None: the compiler's choice)
     bwd_cbt=True,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
+    bwd_fold=None,  # decay folded into the operands in dx (None: as fold_decay) ...
+    bwd_fold_diag=False,  # ... the diagonal blocks too (span <= 60; not for float16)
     dx_heads_fastest=True,  # dx grid with heads fastest: a C·B tile read once from DRAM, then from L2 by each head
     bwd_state_warps=None, bwd_state_stages=2, bwd_state_bn=None,
     bwd_state_bk=None,  # positions per dot in the reverse state pass (None: state_bk)
@@ -1101,6 +1113,9 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     NM = cs // BM
     dcb_mode = CONFIG["bwd_dcb"]
     cb_t = bool(dcb_mode and CONFIG["bwd_cbt"])
+    bwd_fold = _fold(N, seq_idx) if CONFIG["bwd_fold"] is None else bool(CONFIG["bwd_fold"]) and seq_idx is None
+    # float16 could overflow under the diagonal block's row factors (up to e^60)
+    fold_diag = bool(dcb_mode and bwd_fold and CONFIG["bwd_fold_diag"] and x.dtype != torch.float16)
     use_cb = _use_cb(H, G, N) and not cb_t
     if cb_t:  # filled by the dCB kernel before dx reads it
         cb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype != f32 else f32)
@@ -1115,7 +1130,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dx_args = (x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
                dstates, cb, dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC)
     dx_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx), CB_T=cb_t,
+                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=bwd_fold, CB_T=cb_t,
                  DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
                  num_stages=_stages(BP, BN, "dx_stages"), **_maxnreg("dx_maxnreg", 168 if BN <= 64 else None))
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
@@ -1132,7 +1147,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         # 2b. dx per head (one dot per tile); 3. dB and dC per group from dCB
         heads_fast = bool(CONFIG["dx_heads_fastest"])
         _launch(_bwd_dx_kernel, (b * H, NC * NM) if heads_fast else (NC * NM, b * H), *dx_args,
-                DO_DX=True, DO_DB=False, QUAD_DCUM=False, HEADS_FASTEST=heads_fast, **dx_kw)
+                DO_DX=True, DO_DB=False, QUAD_DCUM=False, HEADS_FASTEST=heads_fast, FOLD_DIAG=fold_diag, **dx_kw)
         bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
                    dB, dC, dcum_b, L, H, G, P, N, NC)
         bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
