@@ -219,7 +219,8 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
 # --- backward variants (helper "bwd", v6; keys of CONFIG added for the backward) -----------------------------------
 V5_BWD = {"bwd_cbt": False, "bwd_state_segments": 1, "dcb_stages": None, "bwd_state_stages": None, "dx_maxnreg": 0,
           "dx_heads_fastest": False, "bwd_state_dcl_rows": False, "bwd_state_bk": None, "bwd_state_bn": None,
-          "bwd_state_warps": None, "bc_maxnreg": None, "bwd_fold": None, "bwd_fold_diag": False}  # the backward's launch settings as run 4 measured them (v5)
+          "bwd_state_warps": None, "bc_maxnreg": None, "bwd_fold": None, "bwd_fold_diag": False,
+          "dc_two_dots": False}  # the backward's launch settings as run 4 measured them (v5)
 SWEEP_BWD = [
     {},
     V5_BWD,
@@ -238,6 +239,8 @@ SWEEP_BWD = [
     {"bwd_fold_diag": True},  # dstate 128: the diagonal block folded too
     {"bwd_fold": True},  # dstate 64: dx folds off-diagonal blocks (the forward keeps fold_decay's choice)
     {"bwd_fold": True, "bwd_fold_diag": True},
+    {"dc_two_dots": True},  # dC's state term accumulated by the dot, d cum from a second dot
+    {"dc_two_dots": True, "bc_maxnreg": 128},
 ]
 SWEEP_SETS = {"all": SWEEP + SWEEP_BWD[1:], "bwd": SWEEP_BWD}
 # --------------------------------------------------------------------------------------------------------------------

@@ -709,7 +709,8 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                    dB_ptr, dC_ptr, dcum_ptr,
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
+                   DC_TWO_DOTS: tl.constexpr = False):
     """dC (DO_DC) or dB of one block of positions u, per group: the state terms head by head (dC: e_u dy_u h_in,
     also each head's d cum from it; dB: w_u dt_u x_u dstate_out), then the quadratic term once for all heads
     from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t)."""
@@ -744,9 +745,16 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                            mask=mu[:, None] & mp[None, :], other=0.0).to(DT)
             h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
                            mask=mpn, other=0.0).to(DT)
-            tmp = tl.dot(dy_u, h_in, input_precision=DOT_PREC) * e[:, None]
-            tl.store(dcum_ptr + (b * H + hh) * Lp + u, tl.sum(C_u.to(tl.float32) * tmp, 1))
-            acc += tmp
+            if DC_TWO_DOTS:
+                # e folded into dy before the dot, which accumulates in place; d cum from (C_u h_in^T) · dy_u
+                # instead: a second (smaller-tile) dot for half the elementwise work on (u, p) tiles not (u, n)
+                acc = tl.dot((dy_u.to(tl.float32) * e[:, None]).to(DT), h_in, acc, input_precision=DOT_PREC)
+                Y = tl.dot(C_u.to(DT), tl.trans(h_in), input_precision=DOT_PREC)
+                tl.store(dcum_ptr + (b * H + hh) * Lp + u, e * tl.sum(dy_u.to(tl.float32) * Y, 1))
+            else:
+                tmp = tl.dot(dy_u, h_in, input_precision=DOT_PREC) * e[:, None]
+                tl.store(dcum_ptr + (b * H + hh) * Lp + u, tl.sum(C_u.to(tl.float32) * tmp, 1))
+                acc += tmp
         for j in range(0, mblk + 1):
             s = c * CS + j * BM + tl.arange(0, BM)
             B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
@@ -860,6 +868,7 @@ CONFIG = dict(
     bwd_fold=None,  # decay folded into the operands in dx (None: as fold_decay) ...
     bwd_fold_diag=False,  # ... the diagonal blocks too (span <= 60; not for float16)
     dx_heads_fastest=True,  # dx grid with heads fastest: a C·B tile read once from DRAM, then from L2 by each head
+    dc_two_dots=False,  # dC's state term: e folded into dy, d cum from a second dot (C h_in^T)·dy
     bwd_state_warps=None, bwd_state_stages=2, bwd_state_bn=None,
     bwd_state_bk=None,  # positions per dot in the reverse state pass (None: state_bk)
     bwd_state_dcl_rows=False,  # d cum_last as row sums per chunk (no cross-warp reduction in the sequential loop)
@@ -1153,7 +1162,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
                      num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"),
                      **_maxnreg("bc_maxnreg"))
-        _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, **bc_kw)
+        _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, DC_TWO_DOTS=bool(CONFIG["dc_two_dots"]),
+                **bc_kw)
         _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, **bc_kw)
     else:
         part = dummy

@@ -80,3 +80,10 @@ def test_dx_with_the_diagonal_block_folded(monkeypatch, A_scale, dtype):
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_fold", True)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_fold_diag", True)
     _check(256, (1, 300, 4, 16, 2, 16), dtype, docs=0, A_scale=A_scale, conditioning=A_scale > 1)
+
+
+@pytest.mark.parametrize("docs,dtype", [(2, torch.float32), (0, torch.bfloat16)])
+def test_dc_state_term_with_two_dots(monkeypatch, docs, dtype):
+    # dc_two_dots: dC's state term accumulated by the dot itself (e folded into dy), its d cum from (C h_in^T)·dy
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dc_two_dots", True)
+    _check(64, (2, 150, 4, 16, 2, 32), dtype, docs=docs)
