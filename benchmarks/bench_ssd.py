@@ -234,13 +234,15 @@ SWEEP_BWD = [
     {"bc_maxnreg": 128},
     {"bc_maxnreg": 168},
     {"bwd_state_bk": 128},
-    {"bwd_state_bn": 128, "bwd_state_warps": 8},
     {"bwd_state_seg_chunks": 16},
     {"bwd_fold_diag": True},  # dstate 128: the diagonal block folded too
     {"bwd_fold": True},  # dstate 64: dx folds off-diagonal blocks (the forward keeps fold_decay's choice)
     {"bwd_fold": True, "bwd_fold_diag": True},
     {"dc_two_dots": True},  # dC's state term accumulated by the dot, d cum from a second dot
     {"dc_two_dots": True, "bc_maxnreg": 128},
+    {"dc_two_dots": True, "bwd_state_dcl_rows": True},
+    {"dc_two_dots": True, "bwd_state_dcl_rows": True, "bwd_fold_diag": True},
+    {"dc_two_dots": True, "bwd_state_dcl_rows": True, "bwd_fold": True, "bwd_fold_diag": True},
 ]
 SWEEP_SETS = {"all": SWEEP + SWEEP_BWD[1:], "bwd": SWEEP_BWD}
 # --------------------------------------------------------------------------------------------------------------------
