@@ -18,12 +18,14 @@ Forward (`ssd_fwd`):
      the entering state's term, D and the z gate.
 Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through buffers reduced in fixed order):
   1. `_bwd_state_kernel`: the reverse state pass: gradient of each chunk's exiting state, of the initial state,
-     and the decay's share of d cum_last.
+     and the decay's share of d cum_last. When batch × heads cannot fill the GPU (batch 1-2 at 32K-64K tokens per
+     row) it runs two-level: each segment of chunks from zero in parallel (its own part and decay product),
+     `_bwd_state_combine_kernel` chains the segments, then each segment again from its true exiting gradient.
   2. `_bwd_dcb_kernel`: per (group, causal tile pair (t block, s block) of a chunk), looping over the group's
      heads: dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s summed in registers (bf16 out), and each head's quadratic d cum
-     (t side and s side) into per-tile slots.
-  3. `_bwd_dx_kernel` per (head, source block s): dx (one dot per tile), the direct part of ddt, the state's share
-     of d cum, dD partials.
+     (t side and s side) into per-tile slots; it also stores its C·B tile transposed for dx (CONFIG bwd_cbt).
+  3. `_bwd_dx_kernel` per (head, source block s), heads fastest so a C·B tile is read once from DRAM: dx (one dot
+     per tile), the direct part of ddt, the state's share of d cum, dD partials.
   4. `_bwd_bc_kernel` twice, per (group, block): dC (state term head by head, with its d cum; then Σ_s dCB B_s once
      for all heads) and dB (state term head by head; then Σ_t dCB^T C_t).
   (CONFIG bwd_dcb=False keeps the previous backward: dx with the s side of d cum, dB per group recomputing every
@@ -410,7 +412,7 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
                    DO_DX: tl.constexpr, DO_DB: tl.constexpr, QUAD_DCUM: tl.constexpr, FOLD: tl.constexpr,
                    DOT_PREC: tl.constexpr, DT: tl.constexpr, CB_T: tl.constexpr = False,
-                   HEADS_FASTEST: tl.constexpr = False, FOLD_DIAG: tl.constexpr = False):
+                   HEADS_FASTEST: tl.constexpr = False):
     """Source-side gradients for one block of positions s. DO_DX: one program per head (dx, ddt's direct part,
     the s-side of d cum, dD partials). DO_DB: one program per group, looping over its heads, so dB sums the heads
     in registers in a fixed order. Both in one program (DO_DX and DO_DB) shares the (s, t) products but needs
@@ -418,9 +420,7 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     d cum's quadratic part is left to `_bwd_dcb_kernel` (which forms dy_t·x_s once per tile anyway), so this
     kernel's tile loop has one dot instead of two. CB_T: cb_ptr holds C·B already transposed, (s, t) per tile, in
     the input dtype, as `_bwd_dcb_kernel` stores it (STORE_CBT), in place of loading (USE_CB) or recomputing it.
-    HEADS_FASTEST: grid (batch·heads, blocks), so the heads sharing a C·B tile run together and read it from L2.
-    FOLD_DIAG (with FOLD): the diagonal block too, while its decay span is <= 60 (its row factors reach e^span):
-    the tile then needs only the causal mask, and every block is one iteration of the same loop."""
+    HEADS_FASTEST: grid (batch·heads, blocks), so the heads sharing a C·B tile run together and read it from L2."""
     if HEADS_FASTEST:
         pid_m = tl.program_id(1)
         pid_b = tl.program_id(0)
@@ -484,16 +484,11 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         span = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + sblk * BM) - cum_r
         col = tl.exp(cum_r - cum_s)
         i_hi = NM
-        i_first = sblk
         if FOLD and DO_DX and not DO_DB and not QUAD_DCUM:
             # off-diagonal blocks (no documents): decay = col_s · row_t, folded into dy_t and the sum (as forward);
             # w_s = col_s · exp(cum_last - cum_r) (<= 1), so the state term shares the accumulator and the scaling
             acc_dx = S * tl.exp(cum_last - cum_r)
-            i_lo = sblk + 1
-            if FOLD_DIAG:
-                if span <= 60.0:
-                    i_lo = sblk
-            for i in range(i_lo, NM):
+            for i in range(sblk + 1, NM):
                 t = c * CS + i * BM + tl.arange(0, BM)
                 dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
                                mask=(t < L)[:, None] & mp[None, :], other=0.0).to(tl.float32)
@@ -507,13 +502,10 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                     C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                                   mask=(t < L)[:, None] & mn[None, :], other=0.0).to(DT)
                     cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
-                if FOLD_DIAG:  # causal: true on every block after the diagonal one
-                    cbT = tl.where(t[None, :] >= s[:, None], cbT, 0.0)
                 acc_dx = tl.dot(cbT.to(DT), (dy_t * roww[:, None]).to(DT), acc_dx, input_precision=DOT_PREC)
             acc_dx = acc_dx * col[:, None]
             i_hi = sblk + 1
-            i_first = 2 * sblk + 1 - i_lo  # sblk + 1 when the diagonal block went through the loop
-        for i in range(i_first, i_hi):
+        for i in range(sblk, i_hi):
             t = c * CS + i * BM + tl.arange(0, BM)
             mt = t < L
             dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
@@ -709,8 +701,7 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                    dB_ptr, dC_ptr, dcum_ptr,
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
-                   DC_TWO_DOTS: tl.constexpr = False):
+                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """dC (DO_DC) or dB of one block of positions u, per group: the state terms head by head (dC: e_u dy_u h_in,
     also each head's d cum from it; dB: w_u dt_u x_u dstate_out), then the quadratic term once for all heads
     from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t)."""
@@ -745,16 +736,9 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                            mask=mu[:, None] & mp[None, :], other=0.0).to(DT)
             h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
                            mask=mpn, other=0.0).to(DT)
-            if DC_TWO_DOTS:
-                # e folded into dy before the dot, which accumulates in place; d cum from (C_u h_in^T) · dy_u
-                # instead: a second (smaller-tile) dot for half the elementwise work on (u, p) tiles not (u, n)
-                acc = tl.dot((dy_u.to(tl.float32) * e[:, None]).to(DT), h_in, acc, input_precision=DOT_PREC)
-                Y = tl.dot(C_u.to(DT), tl.trans(h_in), input_precision=DOT_PREC)
-                tl.store(dcum_ptr + (b * H + hh) * Lp + u, e * tl.sum(dy_u.to(tl.float32) * Y, 1))
-            else:
-                tmp = tl.dot(dy_u, h_in, input_precision=DOT_PREC) * e[:, None]
-                tl.store(dcum_ptr + (b * H + hh) * Lp + u, tl.sum(C_u.to(tl.float32) * tmp, 1))
-                acc += tmp
+            tmp = tl.dot(dy_u, h_in, input_precision=DOT_PREC) * e[:, None]
+            tl.store(dcum_ptr + (b * H + hh) * Lp + u, tl.sum(C_u.to(tl.float32) * tmp, 1))
+            acc += tmp
         for j in range(0, mblk + 1):
             s = c * CS + j * BM + tl.arange(0, BM)
             B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
@@ -859,16 +843,14 @@ CONFIG = dict(
     # only (run 4: -1 % f+b there; at dstate 64 the forward kernel's registers go 157 -> 228 and it is 8 % slower)
     fold_decay=None,
     dcb_warps=4, bc_warps=None,  # warps of _bwd_dcb_kernel and _bwd_bc_kernel (None: 8 if dstate >= 128)
-    # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (call 1, L 4096 and
-    # 65536): 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (same as before at
-    # 64); a 168-register cap on dx, -0.1 ms at dstate 64 (None: 168 at dstate <= 64, no cap above; 0: no cap)
+    # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (L 4096 and 65536):
+    # 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (as before at 64); register
+    # caps (0: none): dx 168 at dstate <= 64 (-0.1 ms there, none above), dB/dC 128 at dstate <= 128 (-0.05 to
+    # -0.1 ms at both dstates; 2 programs of 8 warps per SM at dstate 128)
     dcb_stages=2, bc_stages=None, dx_stages=None,
-    dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,  # register caps (None: the compiler's choice)
+    dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,
     bwd_cbt=True,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
-    bwd_fold=None,  # decay folded into the operands in dx (None: as fold_decay) ...
-    bwd_fold_diag=False,  # ... the diagonal blocks too (span <= 60; not for float16)
     dx_heads_fastest=True,  # dx grid with heads fastest: a C·B tile read once from DRAM, then from L2 by each head
-    dc_two_dots=False,  # dC's state term: e folded into dy, d cum from a second dot (C h_in^T)·dy
     bwd_state_warps=None, bwd_state_stages=2, bwd_state_bn=None,
     bwd_state_bk=None,  # positions per dot in the reverse state pass (None: state_bk)
     bwd_state_dcl_rows=False,  # d cum_last as row sums per chunk (no cross-warp reduction in the sequential loop)
@@ -1122,9 +1104,6 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     NM = cs // BM
     dcb_mode = CONFIG["bwd_dcb"]
     cb_t = bool(dcb_mode and CONFIG["bwd_cbt"])
-    bwd_fold = _fold(N, seq_idx) if CONFIG["bwd_fold"] is None else bool(CONFIG["bwd_fold"]) and seq_idx is None
-    # float16 could overflow under the diagonal block's row factors (up to e^60)
-    fold_diag = bool(dcb_mode and bwd_fold and CONFIG["bwd_fold_diag"] and x.dtype != torch.float16)
     use_cb = _use_cb(H, G, N) and not cb_t
     if cb_t:  # filled by the dCB kernel before dx reads it
         cb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype != f32 else f32)
@@ -1139,7 +1118,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dx_args = (x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
                dstates, cb, dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC)
     dx_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=bwd_fold, CB_T=cb_t,
+                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx), CB_T=cb_t,
                  DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
                  num_stages=_stages(BP, BN, "dx_stages"), **_maxnreg("dx_maxnreg", 168 if BN <= 64 else None))
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
@@ -1154,16 +1133,15 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
                 num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"),
                 **_maxnreg("dcb_maxnreg"))
         # 2b. dx per head (one dot per tile); 3. dB and dC per group from dCB
-        heads_fast = bool(CONFIG["dx_heads_fastest"])
+        heads_fast = bool(CONFIG["dx_heads_fastest"]) and NC * NM < 65536  # the grid's second axis is 16-bit
         _launch(_bwd_dx_kernel, (b * H, NC * NM) if heads_fast else (NC * NM, b * H), *dx_args,
-                DO_DX=True, DO_DB=False, QUAD_DCUM=False, HEADS_FASTEST=heads_fast, FOLD_DIAG=fold_diag, **dx_kw)
+                DO_DX=True, DO_DB=False, QUAD_DCUM=False, HEADS_FASTEST=heads_fast, **dx_kw)
         bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
                    dB, dC, dcum_b, L, H, G, P, N, NC)
         bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
                      num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"),
-                     **_maxnreg("bc_maxnreg"))
-        _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, DC_TWO_DOTS=bool(CONFIG["dc_two_dots"]),
-                **bc_kw)
+                     **_maxnreg("bc_maxnreg", 128 if BN <= 128 else None))
+        _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, **bc_kw)
         _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, **bc_kw)
     else:
         part = dummy

@@ -70,20 +70,3 @@ def test_dcum_last_as_row_sums(monkeypatch, nseg):
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_dcl_rows", True)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
     _check(16, (2, 100, 2, 16, 1, 32), torch.float32, docs=2)
-
-
-@pytest.mark.parametrize("A_scale,dtype", [(1.0, torch.float32), (8.0, torch.float32), (1.0, torch.bfloat16),
-                                           (1.0, torch.float16)])
-def test_dx_with_the_diagonal_block_folded(monkeypatch, A_scale, dtype):
-    # bwd_fold_diag: the diagonal block's decay folded too while its span <= 60 (A_scale 8: some blocks exceed it
-    # and take the exact tile; float16 never folds it)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_fold", True)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_fold_diag", True)
-    _check(256, (1, 300, 4, 16, 2, 16), dtype, docs=0, A_scale=A_scale, conditioning=A_scale > 1)
-
-
-@pytest.mark.parametrize("docs,dtype", [(2, torch.float32), (0, torch.bfloat16)])
-def test_dc_state_term_with_two_dots(monkeypatch, docs, dtype):
-    # dc_two_dots: dC's state term accumulated by the dot itself (e folded into dy), its d cum from (C h_in^T)·dy
-    monkeypatch.setitem(ssd_kernels.CONFIG, "dc_two_dots", True)
-    _check(64, (2, 150, 4, 16, 2, 32), dtype, docs=docs)
