@@ -162,12 +162,21 @@ def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
 
 
 @triton.jit
-def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr,
-                      L, H, G, P, N, NC, NNB,
+def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr, seg_ptr, segdec_ptr,
+                      L, H, G, P, N, NC, NNB, SEGC,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                      HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                      HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+                      DT: tl.constexpr):
+    """Walks chunks [seg·SEGC, (seg+1)·SEGC) of one (batch, head, headdim block, dstate block) in order.
+    MODE 0: the whole sequence in one segment (SEGC = NC), from the initial state: stores the entering states and
+    the final state. MODE 1 (two-level pass, first level): from a zero state, stores nothing per chunk, only the
+    segment's exiting state and its total decay, for `_fwd_seg_kernel`. MODE 2 (third level): from the segment's
+    true entering state (written by `_fwd_seg_kernel`): stores the entering states (the final state comes from
+    `_fwd_seg_kernel`). Segments give batch-1 long sequences programs for every SM; modes 1 and 2 read x and B
+    twice, which pays only when the sequential walk is long and the grid small."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    seg = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     hh = pid_bh % H
     g = hh // (H // G)
@@ -178,20 +187,30 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
     mn = offs_n < N
     mpn = mp[:, None] & mn[None, :]
     pn = offs_p[:, None] * N + offs_n[None, :]
-    if HAS_INIT:
+    c0 = seg * SEGC
+    c1 = tl.minimum(c0 + SEGC, NC)
+    NSEG = tl.num_programs(2)
+    if MODE == 2:
+        state = tl.load(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, mask=mpn, other=0.0)
+    elif MODE == 0 and HAS_INIT:
         state = tl.load(init_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BP, BN), dtype=tl.float32)
     if HAS_SEQ:
-        state_doc = tl.load(seq_ptr + b * L)
-    for c in range(NC):
+        # the document of the position before the segment (of position 0 for the first)
+        state_doc = tl.load(seq_ptr + b * L + tl.maximum(c0 * CS - 1, 0))
+    total = tl.full((), 1.0, tl.float32)
+    for c in range(c0, c1):
         cum_last = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1)
         decay = tl.exp(cum_last)
         if HAS_SEQ:
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
             decay = tl.where(doc_last == state_doc, decay, 0.0)
             state_doc = doc_last
-        tl.store(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, state.to(states_ptr.dtype.element_ty), mask=mpn)
+        if MODE != 1:
+            tl.store(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, state.to(states_ptr.dtype.element_ty),
+                     mask=mpn)
+        total = total * decay
         state = state * decay
         for k in tl.static_range(CS // BK):
             t = c * CS + k * BK + tl.arange(0, BK)
@@ -205,31 +224,75 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
                          mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
             xw = (x * w[:, None]).to(DT)
             state += tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
-    tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
+    if MODE == 0:
+        tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
+    if MODE == 1:
+        tl.store(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, state, mask=mpn)
+        if pid_pn == 0:
+            tl.store(segdec_ptr + (b * H + hh) * NSEG + seg, total)
+
+
+@triton.jit
+def _fwd_seg_kernel(init_ptr, seg_ptr, segdec_ptr, final_ptr, H, PN, NSEG,
+                    BLOCK: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Second level of the two-level state pass: a short walk over segments, elementwise. Replaces each segment's
+    exiting local state (from a zero start) by the true state entering it, and writes the final state."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    if HAS_INIT:
+        h = tl.load(init_ptr + bh * PN + offs, mask=m, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(NSEG):
+        ptr = seg_ptr + (bh * NSEG + k) * PN + offs
+        local = tl.load(ptr, mask=m, other=0.0)
+        tl.store(ptr, h, mask=m)
+        h = h * tl.load(segdec_ptr + bh * NSEG + k) + local
+    tl.store(final_ptr + bh * PN + offs, h, mask=m)
+
+
+@triton.jit
+def _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC,
+              CS: tl.constexpr, BM: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """C_t·B_s (float32), rows r0..r0+BM of chunk c against positions s: loaded (precomputed per group) or
+    recomputed from the C_t tile in registers."""
+    if USE_CB:
+        cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (r0 + tl.arange(0, BM))[:, None] * CS
+                     + (s - c * CS)[None, :])
+    else:
+        B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                      mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+        cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    return cb
 
 
 @triton.jit
 def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
                     ypre_ptr, L, H, G, P, N, NC,
-                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    CS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
                     USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """One program per (head, block of BM positions t, batch); the quadratic part walks the causal source blocks
+    of BK positions (BK divides BM): the ones before the t block (no mask) then the BM // BK on its diagonal."""
     # heads vary fastest across programs, so the heads of a group read B, C (and C·B) from L2, not DRAM
     hh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     g = hh // (H // G)
-    Lp = NC * CS
+    row_cum = cum_ptr + (b * H + hh) * NC * CS  # this (batch, head)'s cum and dt rows
+    row_dt = dtp_ptr + (b * H + hh) * NC * CS
     NM: tl.constexpr = CS // BM
     c = pid_m // NM
-    mblk = pid_m % NM
-    t = c * CS + mblk * BM + tl.arange(0, BM)
+    r0 = (pid_m % NM) * BM  # the t block's offset in its chunk
+    t = c * CS + r0 + tl.arange(0, BM)
     mt = t < L
     offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mp = offs_p < P
     mn = offs_n < N
-    cum_t = tl.load(cum_ptr + (b * H + hh) * Lp + t)
+    cum_t = tl.load(row_cum + t)
     C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                   mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
     h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
@@ -239,39 +302,38 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
         doc_t = _doc(seq_ptr, b, t, L)
         e = tl.where(doc_t == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0)), e, 0.0)
     acc = tl.dot((C_t * e[:, None]).to(DT), tl.trans(h_in), input_precision=DOT_PREC)
-    cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM)  # reference: the block's first position
-    span = cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM + BM - 1)
+    cum_r = tl.load(row_cum + c * CS + r0)  # reference: the t block's first position
+    span = cum_r - tl.load(row_cum + c * CS + r0 + BM - 1)
     row = tl.exp(cum_t - cum_r)
+    KD = r0 // BK  # source blocks strictly before the t block
     j0 = 0
     if FOLD:
         # off-diagonal blocks (no documents): the decay is row_t · col_s with both factors <= 1, so col_s dt_s
         # scales x_s and row_t the sum afterwards: the C·B tile needs no elementwise pass but its cast
         acc_off = tl.zeros((BM, BP), dtype=tl.float32)
-        for j in range(0, mblk):
-            s = c * CS + j * BM + tl.arange(0, BM)
-            cb = _cb_tile(cb_ptr, B_ptr, C_t, b, c, g, mblk, j, L, G, N, NC, CS, BM, BN, USE_CB, DOT_PREC, DT)
+        for j in range(0, KD):
+            s = c * CS + j * BK + tl.arange(0, BK)
+            ms = s < L
+            cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
+                           DOT_PREC, DT)
             x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-                          mask=(s < L)[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            colw = tl.exp(cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + s)) * tl.load(dtp_ptr + (b * H + hh) * Lp + s)
+                          mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            colw = tl.exp(cum_r - tl.load(row_cum + s)) * tl.load(row_dt + s)
             acc_off += tl.dot(cb.to(DT), (x_s * colw[:, None]).to(DT), input_precision=DOT_PREC)
         acc += acc_off * row[:, None]
-        j0 = mblk
-    for j in range(j0, mblk + 1):
-        s = c * CS + j * BM + tl.arange(0, BM)
+        j0 = KD
+    for j in range(j0, KD + BM // BK):
+        s = c * CS + j * BK + tl.arange(0, BK)
         ms = s < L
-        if USE_CB:
-            cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
-                         + (j * BM + tl.arange(0, BM))[None, :])
-        else:
-            B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                          mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
-            cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+        cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
+                       DOT_PREC, DT)
         x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
                       mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
-        dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
-        cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
+        dt_s = tl.load(row_dt + s)
+        cum_s = tl.load(row_cum + s)
+        # on the diagonal blocks the column factor exp(cum_r - cum_s) >= 1 (up to e^span): _decay_tile's guard
         decay = _decay_tile(row, tl.exp(cum_r - cum_s), cum_t[:, None], cum_s[None, :], t[:, None] >= s[None, :],
-                            j == mblk, span)
+                            j >= KD, span)
         if HAS_SEQ:
             decay = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], decay, 0.0)
         acc += tl.dot((cb * decay * dt_s[None, :]).to(DT), x_s, input_precision=DOT_PREC)
@@ -752,6 +814,11 @@ CONFIG = dict(
     state_bn=64,  # dstate block of the sequential state kernels
     state_min_programs=264,  # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this
     out_bm=64, out_warps=4,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
+    out_bk=None,  # ...source positions per tile of its quadratic part (None: out_bm; must divide it)
+    out_stages=None,  # ...its pipelining depth (None: as `stages`)
+    # two-level forward state pass when batch × heads × blocks < this many programs (0: always one sequential walk),
+    # with at least state_seg_min_chunks chunks per segment
+    state_seg_programs=0, state_seg_min_chunks=4,
     bwd_bm=64, bwd_warps=4,  # backward dx, dB and dC kernels
     stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
@@ -783,6 +850,23 @@ def _state_blocks(b: int, H: int, P: int, N: int):
     while BP > 16 and b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN) < CONFIG["state_min_programs"]:
         BP //= 2
     return BP, BN
+
+
+def _fwd_state_plan(b: int, H: int, P: int, N: int, NC: int):
+    """(BP, BN, chunks per segment, segments) of the forward state pass: one sequential walk over all chunks, or
+    (long sequences, small batch) segments walked in parallel so that the grid reaches state_seg_programs."""
+    target, min_chunks = CONFIG["state_seg_programs"], CONFIG["state_seg_min_chunks"]
+    BN = min(_pow2(N), CONFIG["state_bn"])
+    BP = min(_pow2(P), 64)
+    base = b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN)
+    if target and base < target and NC >= 2 * min_chunks:
+        nseg = min(triton.cdiv(target, base), NC // min_chunks)
+        segc = triton.cdiv(NC, nseg)
+        nseg = triton.cdiv(NC, segc)
+        if nseg > 1:
+            return BP, BN, segc, nseg
+    BP, BN = _state_blocks(b, H, P, N)
+    return BP, BN, NC, 1
 
 
 def _dot_prec(dtype):
@@ -879,17 +963,33 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     _launch(_dt_kernel, (NC, b * H), dt, A, dt_bias if dt_bias is not None else dummy, dtp, cum,
             L, H, NC, float(dt_lo), float(min(dt_hi, 3.0e38)),
             CS=cs, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
-    BP1, BN1 = _state_blocks(b, H, P, N)
+    BP1, BN1, segc, nseg = _fwd_state_plan(b, H, P, N, NC)
     npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
-    _launch(_fwd_state_kernel, (npb * nnb, b * H),
-            x, B, initial_states if initial_states is not None else dummy, seq_idx if seq_idx is not None else dummy,
-            dtp, cum, states, final, L, H, G, P, N, NC, nnb,
-            CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_INIT=initial_states is not None,
-            HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=_stages(BP1, _pow2(N)))
+    state_args = (x, B, initial_states if initial_states is not None else dummy,
+                  seq_idx if seq_idx is not None else dummy, dtp, cum, states, final)
+    state_kw = dict(CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_INIT=initial_states is not None,
+                    HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4,
+                    num_stages=_stages(BP1, _pow2(N)))
+    if nseg == 1:
+        _launch(_fwd_state_kernel, (npb * nnb, b * H, 1), *state_args, dummy, dummy, L, H, G, P, N, NC, nnb, NC,
+                MODE=0, **state_kw)
+    else:
+        # two-level pass: segments from a zero state in parallel, a short walk over segments, the segments again
+        # from their true entering states
+        seg = torch.empty(b, H, nseg, P, N, device=x.device, dtype=f32)
+        segdec = torch.empty(b, H, nseg, device=x.device, dtype=f32)
+        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, L, H, G, P, N, NC, nnb, segc,
+                MODE=1, **state_kw)
+        _launch(_fwd_seg_kernel, (triton.cdiv(P * N, 1024), b * H),
+                initial_states if initial_states is not None else dummy, seg, segdec, final, H, P * N, nseg,
+                BLOCK=1024, HAS_INIT=initial_states is not None, num_warps=4)
+        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, L, H, G, P, N, NC, nnb, segc,
+                MODE=2, **state_kw)
     out = torch.empty_like(x)
     ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "out_bm", BP, BN)
+    BK = min(BM, CONFIG["out_bk"] or BM)
     use_cb = _use_cb(H, G, N)
     cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else None
     _launch(_fwd_out_kernel, (H, NC * (cs // BM), b),
@@ -897,11 +997,11 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
         seq_idx if seq_idx is not None else dummy,
         dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy,
         L, H, G, P, N, NC,
-        CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+        CS=cs, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
         HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb,
         FOLD=_fold(N, seq_idx), DOT_PREC=prec, DT=ddt_,
         num_warps=_warps(BN, "out_warps"),
-        num_stages=_stages(BP, BN))
+        num_stages=CONFIG["out_stages"] or _stages(BP, BN))
     return out, final, states, dtp, cum, ypre
 
 
