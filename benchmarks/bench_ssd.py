@@ -141,11 +141,13 @@ def bench(args):
 
             with torch.no_grad():
                 timed("ours_fwd", lambda: ours_call(inp))
-            timed("ours_fb", fb(ours_call))
+            if not args.no_fb:
+                timed("ours_fb", fb(ours_call))
             if mamba is not None:
                 with torch.no_grad():
                     timed("mamba_fwd", lambda: call(mamba, inp))
-                timed("mamba_fb", fb(lambda t: call(mamba, t)))
+                if not args.no_fb:
+                    timed("mamba_fb", fb(lambda t: call(mamba, t)))
             if fla is not None:
                 dtp = F.softplus(inp["dt"].float() + inp["dt_bias"])
                 q = inp["C"].expand(b, L, h, n).contiguous()
@@ -203,7 +205,25 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
     {"dcb_warps": 8},
     {"bwd_warps": 8},
 ]
-BEST = {}  # dstate -> the sweep's fastest variant (by forward+backward), applied by bench() when --sweep ran
+# forward-only variants (--sweep-set fwd; kernel version v6-fwd of notes/ssd_kernels.md): the output kernel's tiles,
+# warps, pipelining, register cap and C·B source, the two-level state pass; timed by forward alone
+SWEEP_FWD = [
+    {},
+    {"fold_decay": True}, {"fold_decay": False},
+    {"out_stages": 2}, {"out_stages": 3},
+    {"out_maxnreg": 168}, {"out_maxnreg": 128},
+    {"out_bk": 32},
+    {"out_bm": 128, "out_warps": 8}, {"out_bm": 128, "out_bk": 64, "out_warps": 8},
+    {"out_bm": 128, "out_bk": 64, "out_warps": 8, "out_stages": 2},
+    {"out_bm": 128, "out_bk": 32, "out_warps": 4, "out_stages": 2},
+    {"out_cb_min_dstate": 0}, {"out_cb_min_dstate": 10 ** 9},
+    {"state_seg_programs": 1024}, {"state_seg_programs": 2048}, {"state_seg_programs": 4096},
+    {"state_seg_programs": 2048, "state_seg_min_chunks": 2},
+    {"state_maxnreg": 128},
+]
+SWEEP_SETS = {"default": SWEEP, "fwd": SWEEP_FWD}
+SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
+BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 
 
 def sweep(args):
@@ -227,32 +247,46 @@ def sweep(args):
                 torch.autograd.grad(f(leaves), list(leaves.values()), gy)
 
             best = None
-            for var in SWEEP:
+            for var in SWEEP_SETS[args.sweep_set]:
                 kernels.CONFIG.clear()
                 kernels.CONFIG.update(base, **var)
                 try:
                     with torch.no_grad():
                         tf = do_bench(lambda: f(inp), warmup=args.warmup, rep=args.rep, return_mode="median")
-                    tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, return_mode="median")
-                    print(f"sweep dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms",
-                          flush=True)
-                    if best is None or tfb < best[0]:
-                        best = (tfb, var)
+                    tfb = None if args.sweep_by == "fwd" else do_bench(fb, warmup=args.warmup, rep=args.rep,
+                                                                       return_mode="median")
+                    print(f"sweep dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms"
+                          + ("" if tfb is None else f", fwd+bwd {tfb:.3f} ms"), flush=True)
+                    SWEPT.append(dict(dstate=n, seqlen=L, variant=var, fwd=tf, fb=tfb))
+                    key = tf if tfb is None else tfb
+                    if best is None or key < best[0]:
+                        best = (key, var)
                 except Exception as e:  # noqa: BLE001
                     print(f"sweep dstate {n} seqlen {L} {var}: failed {e!r}"[:300], flush=True)
+            if args.sweep_out:
+                Path(args.sweep_out).write_text(json.dumps(SWEPT, indent=1))
             BEST[n] = best[1] if best else {}
-            print(f"sweep dstate {n}: best {BEST[n] or 'default'}")
+            print(f"sweep dstate {n} seqlen {L}: best {BEST[n] or 'default'}")
+            if args.no_profile:
+                kernels.CONFIG.clear()
+                kernels.CONFIG.update(base)
+                del inp, leaves, gy
+                torch.cuda.empty_cache()
+                continue
             kernels.CONFIG.clear()
             kernels.CONFIG.update(base, **BEST[n])
             from torch.profiler import ProfilerActivity, profile
 
-            fb()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    fb()
+            step = (lambda: f(inp)) if args.sweep_by == "fwd" else fb
+            with torch.no_grad() if args.sweep_by == "fwd" else torch.enable_grad():
+                step()
                 torch.cuda.synchronize()
-            print(f"profile dstate {n} seqlen {L} (5 x fwd+bwd), per-call ms:")
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        step()
+                    torch.cuda.synchronize()
+            print(f"profile dstate {n} seqlen {L} (5 x {'fwd' if args.sweep_by == 'fwd' else 'fwd+bwd'}) "
+                  f"{BEST[n] or 'default'}, per-call ms:")
             for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]:
                 print(f"  {ev.key[:60]:60s} {ev.device_time_total / 5e3:8.3f} ms  x{ev.count // 5}")
             kernels.CONFIG.clear()
@@ -319,13 +353,27 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true", help="compare launch variants of our kernels, then profile")
     ap.add_argument("--sweep-seqlens", type=int, nargs="+", default=[4096])
+    ap.add_argument("--sweep-set", choices=sorted(SWEEP_SETS), default="default",
+                    help="default: launch variants of forward and backward; fwd: forward-only variants")
+    ap.add_argument("--sweep-by", choices=["fb", "fwd"], default="fb",
+                    help="rank variants by forward+backward (default) or forward alone (then f+b is not timed)")
+    ap.add_argument("--sweep-out", default=None, help="JSON of every sweep timing")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile after each sweep")
+    ap.add_argument("--config", default=None,
+                    help="JSON dict of lit_mamba2.kernels.ssd.CONFIG overrides for the whole run (per dstate: "
+                         '{"64": {...}, "128": {...}})')
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--no-fb", action="store_true", help="time forwards only (ours and mamba_ssm)")
     ap.add_argument("--to-markdown", metavar="JSON", help="print a saved run (--out) as the BENCHMARKS.md table")
     args = ap.parse_args()
     if args.to_markdown:
         saved = json.loads(Path(args.to_markdown).read_text())
         print(markdown(saved["meta"], saved["rows"]))
         return
+    if args.config:
+        cfg = json.loads(args.config)
+        for n in args.dstate:
+            BEST[n] = cfg.get(str(n), {})
     if args.sweep:
         sweep(args)
     if not args.no_bench:

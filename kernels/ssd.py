@@ -816,6 +816,8 @@ CONFIG = dict(
     out_bm=64, out_warps=4,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
     out_bk=None,  # ...source positions per tile of its quadratic part (None: out_bm; must divide it)
     out_stages=None,  # ...its pipelining depth (None: as `stages`)
+    out_cb_min_dstate=None,  # the forward's own cb_min_dstate (None: cb_min_dstate)
+    out_maxnreg=None, state_maxnreg=None,  # register caps (ptxas maxnreg) of the forward out / state kernels
     # two-level forward state pass when batch × heads × blocks < this many programs (0: always one sequential walk),
     # with at least state_seg_min_chunks chunks per segment
     state_seg_programs=0, state_seg_min_chunks=4,
@@ -869,6 +871,11 @@ def _fwd_state_plan(b: int, H: int, P: int, N: int, NC: int):
     return BP, BN, NC, 1
 
 
+def _maxnreg(key: str) -> dict:
+    # a register cap trades spills for more programs per SM; the interpreter has no registers
+    return {} if CONFIG[key] is None or _INTERPRET else {"maxnreg": CONFIG[key]}
+
+
 def _dot_prec(dtype):
     # float32 inputs get float32 products (tf32 would cost ~1e-3 relative error); half inputs use their own type
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -898,8 +905,9 @@ def _stages(BP: int, BN: int) -> int:
     return CONFIG["stages"] or (1 if BN >= 128 else 2)
 
 
-def _use_cb(H: int, G: int, N: int) -> bool:
-    return H // G >= CONFIG["cb_min_heads_per_group"] and N >= CONFIG["cb_min_dstate"]
+def _use_cb(H: int, G: int, N: int, min_dstate=None) -> bool:
+    min_dstate = CONFIG["cb_min_dstate"] if min_dstate is None else min_dstate
+    return H // G >= CONFIG["cb_min_heads_per_group"] and N >= min_dstate
 
 
 def _fold(N: int, seq_idx) -> bool:
@@ -969,7 +977,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
                   seq_idx if seq_idx is not None else dummy, dtp, cum, states, final)
     state_kw = dict(CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_INIT=initial_states is not None,
                     HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4,
-                    num_stages=_stages(BP1, _pow2(N)))
+                    num_stages=_stages(BP1, _pow2(N)), **_maxnreg("state_maxnreg"))
     if nseg == 1:
         _launch(_fwd_state_kernel, (npb * nnb, b * H, 1), *state_args, dummy, dummy, L, H, G, P, N, NC, nnb, NC,
                 MODE=0, **state_kw)
@@ -990,7 +998,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "out_bm", BP, BN)
     BK = min(BM, CONFIG["out_bk"] or BM)
-    use_cb = _use_cb(H, G, N)
+    use_cb = _use_cb(H, G, N, CONFIG["out_cb_min_dstate"])
     cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else None
     _launch(_fwd_out_kernel, (H, NC * (cs // BM), b),
         x, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -1001,7 +1009,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
         HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb,
         FOLD=_fold(N, seq_idx), DOT_PREC=prec, DT=ddt_,
         num_warps=_warps(BN, "out_warps"),
-        num_stages=CONFIG["out_stages"] or _stages(BP, BN))
+        num_stages=CONFIG["out_stages"] or _stages(BP, BN), **_maxnreg("out_maxnreg"))
     return out, final, states, dtp, cum, ypre
 
 

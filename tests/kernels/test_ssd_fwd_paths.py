@@ -1,0 +1,67 @@
+"""Forward paths of the Triton SSD that the default CONFIG takes only at large sizes, forced here on small shapes and
+checked (forward and every gradient, since the backward reads the forward's entering states) against the float64
+chunked reference: the two-level state pass (segments walked in parallel, then a walk over segments) and the output
+kernel with tall position blocks over narrower source blocks (out_bm / out_bk), each with documents, an initial
+state, ragged seqlen and strong decay. Tolerances as in test_ssd_triton.py."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from lit_mamba2.kernels import ssd as ssd_kernels  # noqa: E402
+
+from test_ssd_triton import _check  # noqa: E402
+
+
+@pytest.mark.parametrize("cs,shape,min_chunks,kw", [
+    # (batch, seqlen, nheads, headdim, ngroups, dstate); 10 chunks in segments of 2 (the last one ragged)
+    (16, (2, 150, 2, 16, 1, 16), 2, dict(docs=3)),
+    # 7 chunks in segments of 3 + 3 + 1, no initial state, ngroups 2, a headdim that is not a power of two
+    (16, (1, 100, 4, 24, 2, 16), 3, dict(init=False, D="headdim")),
+    # segments of one chunk, decay strong enough that whole segments underflow to 0
+    (32, (1, 160, 2, 16, 1, 32), 1, dict(docs=1, A_scale=20.0)),
+])
+def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw):
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 10**6)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", min_chunks)
+    NC = -(-shape[1] // cs)
+    plan = ssd_kernels._fwd_state_plan(shape[0], shape[2], shape[3], shape[5], NC)
+    assert plan[3] > 1, plan  # the test would not exercise segments otherwise
+    _check(cs, shape, torch.float32, conditioning=kw.get("A_scale", 1.0) > 1, **kw)
+
+
+def test_two_level_state_pass_bfloat16(monkeypatch):
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 10**6)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", 2)
+    _check(16, (1, 90, 2, 32, 1, 32), torch.bfloat16, docs=2)
+
+
+def test_two_level_plan_only_when_the_grid_is_small(monkeypatch):
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 1024)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", 4)
+    # batch 16 x 32 heads x 2 dstate blocks = 1024 programs: one walk; batch 1 at 256 chunks: segments of 16 chunks
+    assert ssd_kernels._fwd_state_plan(16, 32, 64, 128, 16)[2:] == (16, 1)
+    assert ssd_kernels._fwd_state_plan(1, 32, 64, 128, 256)[2:] == (16, 16)
+    # too few chunks to cut: one walk
+    assert ssd_kernels._fwd_state_plan(1, 32, 64, 128, 7)[3] == 1
+
+
+@pytest.mark.parametrize("bm,bk,fold,cb_min_dstate,docs,A_scale", [
+    (128, 64, True, 0, 0, 1.0),  # folded off-diagonal blocks, C·B loaded
+    (128, 32, True, 10**9, 0, 1.0),  # C·B recomputed, 4 source blocks per diagonal
+    (128, 64, False, 0, 3, 1.0),  # documents cut blocks: masked tiles everywhere
+    (64, 32, True, 10**9, 0, 8.0),  # strong decay: the diagonal blocks' exact path, rectangular
+    (128, 128, True, 0, 0, 1.0),  # square 128 tiles: two position blocks per chunk
+])
+def test_out_kernel_blocks(monkeypatch, bm, bk, fold, cb_min_dstate, docs, A_scale):
+    monkeypatch.setitem(ssd_kernels.CONFIG, "out_bm", bm)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "out_bk", bk)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", 1)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "out_cb_min_dstate", cb_min_dstate)
+    _check(256, (1, 300, 4, 16, 2, 16), torch.float32, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
