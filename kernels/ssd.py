@@ -269,7 +269,7 @@ def _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC,
 
 
 @triton.jit
-def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
+def _fwd_out_v5_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
                     ypre_ptr, L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -346,6 +346,110 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
             acc += x_t * Dv[None, :]
         else:
             acc += x_t * tl.load(D_ptr + hh).to(tl.float32)
+    if HAS_Z:
+        tl.store(ypre_ptr + xo, acc.to(ypre_ptr.dtype.element_ty), mask=mo)
+        zv = tl.load(z_ptr + xo, mask=mo, other=0.0).to(tl.float32)
+        acc = acc * zv * tl.sigmoid(zv)
+    tl.store(out_ptr + xo, acc.to(out_ptr.dtype.element_ty), mask=mo)
+
+
+@triton.jit
+def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
+                    ypre_ptr, L, H, G, P, N, NC,
+                    CS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    HPP: tl.constexpr,
+                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+                    USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """One program per (HPP heads of a group, block of BM positions t, batch), one (BM, HPP·headdim) accumulator:
+    the heads sit side by side along its columns (x, y and the states of neighbouring heads are contiguous), so
+    they share C_t, every C·B tile and (off the diagonal) every dot. With row_t = exp(cum_t - cum_r) about the t
+    block's first position r:
+        y_t = row_t · [C_t·(exp(cum_r) h_in)ᵀ reach_t + Σ_{s before the block} C_t·B_s exp(cum_r - cum_s) dt_s x_s]
+              + Σ_{s in the block's diagonal} (C_t·B_s) exp(cum_t - cum_s) dt_s x_s   (per head, masked)
+    Every factor scaling an operand is <= 1. Without FOLD (documents), every source block takes the masked path."""
+    # heads vary fastest across programs, so the groups' heads read B, C (and C·B) from L2, not DRAM
+    hh0 = tl.program_id(0) * HPP
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = hh0 // (H // G)
+    Lp = NC * CS
+    row_cum = cum_ptr + (b * H + hh0) * Lp  # head hh0's cum and dt; head hh0 + k is k·Lp further
+    row_dt = dtp_ptr + (b * H + hh0) * Lp
+    NM: tl.constexpr = CS // BM
+    HQ: tl.constexpr = HPP * BP
+    c = pid_m // NM
+    r0 = (pid_m % NM) * BM  # the t block's offset in its chunk
+    t = c * CS + r0 + tl.arange(0, BM)
+    mt = t < L
+    offs_q = tl.arange(0, HQ)  # (head, headdim) pairs: head hh0 + q // BP, headdim q % BP
+    qh = offs_q // BP
+    qp = offs_q % BP
+    mq = qp < P
+    offs_n = tl.arange(0, BN)
+    mn = offs_n < N
+    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
+    C_s = C_t
+    if HAS_SEQ:
+        doc_t = _doc(seq_ptr, b, t, L)
+        C_s = tl.where((doc_t == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0)))[:, None], C_t, 0.0).to(DT)
+    h_in = tl.load(states_ptr + ((b * NC + c) * H + hh0 + qh[:, None]) * P * N + qp[:, None] * N + offs_n[None, :],
+                   mask=mq[:, None] & mn[None, :], other=0.0).to(tl.float32)
+    sc = tl.exp(tl.load(row_cum + qh * Lp + c * CS + r0))
+    acc = tl.dot(C_s, tl.trans((h_in * sc[:, None]).to(DT)), input_precision=DOT_PREC)
+    KD = r0 // BK  # source blocks strictly before the t block
+    j0 = 0
+    if FOLD:
+        for j in range(0, KD):
+            s = c * CS + j * BK + tl.arange(0, BK)
+            ms = s < L
+            cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
+                           DOT_PREC, DT)
+            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh0 + qh[None, :]) * P + qp[None, :],
+                          mask=ms[:, None] & mq[None, :], other=0.0).to(tl.float32)
+            colw = tl.zeros((BK, HQ), dtype=tl.float32)
+            for k in tl.static_range(HPP):
+                cw = tl.exp(tl.load(row_cum + k * Lp + c * CS + r0) - tl.load(row_cum + k * Lp + s)) \
+                    * tl.load(row_dt + k * Lp + s)
+                colw = tl.where(qh[None, :] == k, cw[:, None], colw)
+            acc = tl.dot(cb.to(DT), (x_s * colw).to(DT), acc, input_precision=DOT_PREC)
+        j0 = KD
+    rows = tl.zeros((BM, HQ), dtype=tl.float32)
+    for k in tl.static_range(HPP):
+        rw = tl.exp(tl.load(row_cum + k * Lp + t) - tl.load(row_cum + k * Lp + c * CS + r0))
+        rows = tl.where(qh[None, :] == k, rw[:, None], rows)
+    acc = acc * rows
+    for j in range(j0, KD + BM // BK):
+        s = c * CS + j * BK + tl.arange(0, BK)
+        ms = s < L
+        cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
+                       DOT_PREC, DT)
+        if HAS_SEQ:
+            cb = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], cb, 0.0)
+        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh0 + qh[None, :]) * P + qp[None, :],
+                      mask=ms[:, None] & mq[None, :], other=0.0).to(DT)
+        for k in tl.static_range(HPP):
+            cum_t = tl.load(row_cum + k * Lp + t)
+            cum_r = tl.load(row_cum + k * Lp + c * CS + r0)
+            span = cum_r - tl.load(row_cum + k * Lp + c * CS + r0 + BM - 1)
+            cum_s = tl.load(row_cum + k * Lp + s)
+            # on the diagonal blocks the column factor exp(cum_r - cum_s) >= 1 (up to e^span): _decay_tile's guard
+            decay = _decay_tile(tl.exp(cum_t - cum_r), tl.exp(cum_r - cum_s), cum_t[:, None], cum_s[None, :],
+                                t[:, None] >= s[None, :], j >= KD, span)
+            pk = (cb * decay * tl.load(row_dt + k * Lp + s)[None, :]).to(DT)
+            if HPP == 1:
+                acc = tl.dot(pk, x_s, acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(pk, tl.where(qh[None, :] == k, x_s, 0.0).to(DT), acc, input_precision=DOT_PREC)
+    xo = ((b * L + t[:, None]) * H + hh0 + qh[None, :]) * P + qp[None, :]
+    mo = mt[:, None] & mq[None, :]
+    if HAS_D:
+        x_t = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
+        if D_PER_P:
+            Dv = tl.load(D_ptr + (hh0 + qh) * P + qp, mask=mq, other=0.0).to(tl.float32)
+        else:
+            Dv = tl.load(D_ptr + hh0 + qh).to(tl.float32)
+        acc += x_t * Dv[None, :]
     if HAS_Z:
         tl.store(ypre_ptr + xo, acc.to(ypre_ptr.dtype.element_ty), mask=mo)
         zv = tl.load(z_ptr + xo, mask=mo, other=0.0).to(tl.float32)
@@ -816,6 +920,9 @@ CONFIG = dict(
     out_bm=64, out_warps=4,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
     out_bk=None,  # ...source positions per tile of its quadratic part (None: out_bm; must divide it)
     out_stages=None,  # ...its pipelining depth (None: as `stages`)
+    out_heads=1,  # heads per program of the output kernel (side by side in one accumulator); halved until it
+    # divides the heads per group
+    out_v5=False,  # the v5 output kernel (one head per program, separate off-diagonal accumulator), for comparison
     out_cb_min_dstate=None,  # the forward's own cb_min_dstate (None: cb_min_dstate)
     out_maxnreg=None, state_maxnreg=None,  # register caps (ptxas maxnreg) of the forward out / state kernels
     # two-level forward state pass when batch × heads × blocks < this many programs (0: always one sequential walk),
@@ -1000,16 +1107,20 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     BK = min(BM, CONFIG["out_bk"] or BM)
     use_cb = _use_cb(H, G, N, CONFIG["out_cb_min_dstate"])
     cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else None
-    _launch(_fwd_out_kernel, (H, NC * (cs // BM), b),
-        x, B, C, D if D is not None else dummy, z if z is not None else dummy,
-        seq_idx if seq_idx is not None else dummy,
-        dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy,
-        L, H, G, P, N, NC,
-        CS=cs, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb,
-        FOLD=_fold(N, seq_idx), DOT_PREC=prec, DT=ddt_,
-        num_warps=_warps(BN, "out_warps"),
-        num_stages=CONFIG["out_stages"] or _stages(BP, BN), **_maxnreg("out_maxnreg"))
+    out_args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy,
+                seq_idx if seq_idx is not None else dummy,
+                dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy, L, H, G, P, N, NC)
+    out_kw = dict(CS=cs, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+                  HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx),
+                  DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "out_warps"),
+                  num_stages=CONFIG["out_stages"] or _stages(BP, BN), **_maxnreg("out_maxnreg"))
+    if CONFIG["out_v5"]:
+        _launch(_fwd_out_v5_kernel, (H, NC * (cs // BM), b), *out_args, **out_kw)
+    else:
+        hpp = CONFIG["out_heads"]
+        while (H // G) % hpp:
+            hpp //= 2
+        _launch(_fwd_out_kernel, (H // hpp, NC * (cs // BM), b), *out_args, HPP=hpp, **out_kw)
     return out, final, states, dtp, cum, ypre
 
 
