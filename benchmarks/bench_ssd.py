@@ -111,7 +111,7 @@ def bench(args):
     base = dict(kernels.CONFIG)
     for n in args.dstate:
         kernels.CONFIG.clear()
-        kernels.CONFIG.update(base, **BEST.get(n, {}))
+        kernels.CONFIG.update({**base, **BEST.get(n, {})})
         for L in args.seqlens:
             b = TOKENS // L
             inp = make_inputs(b, L, h, p, g, n)
@@ -205,94 +205,125 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
     {"dcb_warps": 8},
     {"bwd_warps": 8},
 ]
-# forward-only variants (--sweep-set fwd; kernel version v6-fwd of notes/ssd_kernels.md): the output kernel's tiles,
-# warps, pipelining, register cap and C·B source, the two-level state pass; timed by forward alone
-SWEEP_FWD = [
+# forward-only variants (kernel version v6-fwd of notes/ssd_kernels.md), timed by forward alone. fwd_out: the output
+# kernel's position / source blocks (registers 168 -> 96-126 at source blocks of 32, Triton 3.6 sm_90), warps,
+# pipelining, register cap, heads per program, C·B source and decay folding; fwd_state: the two-level state pass
+SWEEP_FWD_OUT = [
     {},
-    {"fold_decay": True}, {"fold_decay": False},
-    {"out_stages": 2}, {"out_stages": 3},
-    {"out_maxnreg": 168}, {"out_maxnreg": 128},
-    {"out_bk": 32},
-    {"out_bm": 128, "out_warps": 8}, {"out_bm": 128, "out_bk": 64, "out_warps": 8},
-    {"out_bm": 128, "out_bk": 64, "out_warps": 8, "out_stages": 2},
-    {"out_bm": 128, "out_bk": 32, "out_warps": 4, "out_stages": 2},
-    {"out_cb_min_dstate": 0}, {"out_cb_min_dstate": 10 ** 9},
+    {"out_v5": True},  # the v5 output kernel (run 4's), for the before/after in the same run
+    {"out_bk": 32}, {"out_bk": 32, "fold_decay": False}, {"out_bk": 32, "out_cb_min_dstate": 0},
+    {"out_bk": 32, "out_stages": 2}, {"out_bk": 16}, {"out_bm": 32, "out_bk": 32},
+    {"out_bm": 128, "out_bk": 32, "out_warps": 8},
+    {"out_maxnreg": 128},
+    {"fold_decay": False}, {"fold_decay": True},
+    {"out_heads": 2, "out_warps": 8},
+]
+SWEEP_FWD_STATE = [
+    {},
     {"state_seg_programs": 1024}, {"state_seg_programs": 2048}, {"state_seg_programs": 4096},
     {"state_seg_programs": 2048, "state_seg_min_chunks": 2},
-    {"state_maxnreg": 128},
 ]
-SWEEP_SETS = {"default": SWEEP, "fwd": SWEEP_FWD}
+# name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
+SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
+              "fwd_state": (SWEEP_FWD_STATE, [8192, 16384, 32768, 65536], "fwd")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 
 
 def sweep(args):
-    """Our forward and forward+backward under each launch variant, plus a per-kernel profile of the default."""
+    """Our forward (and forward+backward) under each launch variant, then a per-kernel profile of the winner. With
+    several --sweep-set names, each set runs on top of the previous sets' winner; a set's winner has the least
+    total time over its seqlens."""
     from lit_mamba2.kernels import ssd as kernels
 
     base = dict(kernels.CONFIG)
     h, p, cs = args.nheads, args.headdim, args.chunk_size
     for n in args.dstate:
-        for L in args.sweep_seqlens:
-            b = TOKENS // L
-            inp = make_inputs(b, L, h, p, 1, n)
-            gy = torch.randn_like(inp["x"])
-            leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
+        won = dict(BEST.get(n, {}))
+        for set_name in args.sweep_set:
+            variants, seqlens, by = SWEEP_SETS[set_name]
+            seqlens, by = seqlens or args.sweep_seqlens, by or args.sweep_by
+            totals = {}
+            for L in seqlens:
+                b = TOKENS // L
+                inp = make_inputs(b, L, h, p, 1, n)
+                gy = torch.randn_like(inp["x"])
+                leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
 
-            def f(t):
-                return kernels.ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, t["D"], None, t["dt_bias"], None,
-                                   None, True, (0.0, math.inf), False)
+                def f(t):
+                    return kernels.ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, t["D"], None, t["dt_bias"],
+                                       None, None, True, (0.0, math.inf), False)
 
-            def fb():
-                torch.autograd.grad(f(leaves), list(leaves.values()), gy)
+                def fb():
+                    torch.autograd.grad(f(leaves), list(leaves.values()), gy)
 
-            best = None
-            for var in SWEEP_SETS[args.sweep_set]:
-                kernels.CONFIG.clear()
-                kernels.CONFIG.update(base, **var)
-                try:
-                    with torch.no_grad():
-                        tf = do_bench(lambda: f(inp), warmup=args.warmup, rep=args.rep, return_mode="median")
-                    tfb = None if args.sweep_by == "fwd" else do_bench(fb, warmup=args.warmup, rep=args.rep,
-                                                                       return_mode="median")
-                    print(f"sweep dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms"
-                          + ("" if tfb is None else f", fwd+bwd {tfb:.3f} ms"), flush=True)
-                    SWEPT.append(dict(dstate=n, seqlen=L, variant=var, fwd=tf, fb=tfb))
-                    key = tf if tfb is None else tfb
-                    if best is None or key < best[0]:
-                        best = (key, var)
-                except Exception as e:  # noqa: BLE001
-                    print(f"sweep dstate {n} seqlen {L} {var}: failed {e!r}"[:300], flush=True)
-            if args.sweep_out:
-                Path(args.sweep_out).write_text(json.dumps(SWEPT, indent=1))
-            BEST[n] = best[1] if best else {}
-            print(f"sweep dstate {n} seqlen {L}: best {BEST[n] or 'default'}")
-            if args.no_profile:
-                kernels.CONFIG.clear()
-                kernels.CONFIG.update(base)
+                for i, var in enumerate(variants):
+                    kernels.CONFIG.clear()
+                    kernels.CONFIG.update({**base, **won, **var})
+                    try:
+                        with torch.no_grad():
+                            tf = do_bench(lambda: f(inp), warmup=args.warmup, rep=args.rep, return_mode="median")
+                        tfb = None if by == "fwd" else do_bench(fb, warmup=args.warmup, rep=args.rep,
+                                                                return_mode="median")
+                        print(f"sweep {set_name} dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms"
+                              + ("" if tfb is None else f", fwd+bwd {tfb:.3f} ms"), flush=True)
+                        SWEPT.append(dict(set=set_name, dstate=n, seqlen=L, variant=var, on_top_of=won, fwd=tf,
+                                          fb=tfb))
+                        totals[i] = totals.get(i, 0.0) + (tf if tfb is None else tfb)
+                    except Exception as e:  # noqa: BLE001
+                        totals[i] = math.inf
+                        print(f"sweep {set_name} dstate {n} seqlen {L} {var}: failed {e!r}"[:300], flush=True)
+                if args.sweep_out:
+                    Path(args.sweep_out).write_text(json.dumps(SWEPT, indent=1))
                 del inp, leaves, gy
                 torch.cuda.empty_cache()
-                continue
-            kernels.CONFIG.clear()
-            kernels.CONFIG.update(base, **BEST[n])
-            from torch.profiler import ProfilerActivity, profile
+            i_best = min(totals, key=totals.get)
+            won.update(variants[i_best])
+            print(f"sweep {set_name} dstate {n}: best {variants[i_best] or 'default'} -> {won}", flush=True)
+        BEST[n] = won
+        if not args.no_profile:
+            profile_config(args, kernels, base, n, won, args.profile_seqlens)
+        kernels.CONFIG.clear()
+        kernels.CONFIG.update(base)
 
-            step = (lambda: f(inp)) if args.sweep_by == "fwd" else fb
-            with torch.no_grad() if args.sweep_by == "fwd" else torch.enable_grad():
+
+def profile_config(args, kernels, base, n, cfg, seqlens):
+    """Per-kernel device time of our forward (and forward+backward unless --sweep-by fwd) under cfg."""
+    from torch.profiler import ProfilerActivity, profile
+
+    h, p, cs = args.nheads, args.headdim, args.chunk_size
+    kernels.CONFIG.clear()
+    kernels.CONFIG.update({**base, **cfg})
+    for L in seqlens:
+        inp = make_inputs(TOKENS // L, L, h, p, 1, n)
+        leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
+        gy = torch.randn_like(inp["x"])
+
+        def f(t):
+            return kernels.ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, t["D"], None, t["dt_bias"], None,
+                               None, True, (0.0, math.inf), False)
+
+        def fb():
+            torch.autograd.grad(f(leaves), list(leaves.values()), gy)
+
+        steps = [("fwd", lambda: f(inp), torch.no_grad)]
+        if args.sweep_by != "fwd":
+            steps.append(("fwd+bwd", fb, torch.enable_grad))
+        for name, step, mode in steps:
+            with mode():
                 step()
                 torch.cuda.synchronize()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(5):
                         step()
                     torch.cuda.synchronize()
-            print(f"profile dstate {n} seqlen {L} (5 x {'fwd' if args.sweep_by == 'fwd' else 'fwd+bwd'}) "
-                  f"{BEST[n] or 'default'}, per-call ms:")
+            print(f"profile dstate {n} seqlen {L} (5 x {name}) {cfg or 'default'}, per-call ms:")
             for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]:
                 print(f"  {ev.key[:60]:60s} {ev.device_time_total / 5e3:8.3f} ms  x{ev.count // 5}")
-            kernels.CONFIG.clear()
-            kernels.CONFIG.update(base)
-            del inp, leaves, gy
-            torch.cuda.empty_cache()
+        del inp, leaves, gy
+        torch.cuda.empty_cache()
+    kernels.CONFIG.clear()
+    kernels.CONFIG.update(base)
 
 
 def print_table(meta, rows):
@@ -353,8 +384,10 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true", help="compare launch variants of our kernels, then profile")
     ap.add_argument("--sweep-seqlens", type=int, nargs="+", default=[4096])
-    ap.add_argument("--sweep-set", choices=sorted(SWEEP_SETS), default="default",
-                    help="default: launch variants of forward and backward; fwd: forward-only variants")
+    ap.add_argument("--sweep-set", choices=sorted(SWEEP_SETS), nargs="+", default=["default"],
+                    help="default: launch variants of forward and backward; fwd_out, fwd_state: forward-only "
+                         "variants (each set on top of the previous ones' winner)")
+    ap.add_argument("--profile-seqlens", type=int, nargs="+", default=[4096])
     ap.add_argument("--sweep-by", choices=["fb", "fwd"], default="fb",
                     help="rank variants by forward+backward (default) or forward alone (then f+b is not timed)")
     ap.add_argument("--sweep-out", default=None, help="JSON of every sweep timing")

@@ -65,3 +65,27 @@ def test_out_kernel_blocks(monkeypatch, bm, bk, fold, cb_min_dstate, docs, A_sca
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", 1)
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_cb_min_dstate", cb_min_dstate)
     _check(256, (1, 300, 4, 16, 2, 16), torch.float32, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
+
+
+@pytest.mark.parametrize("heads,bk,fold,docs,D", [
+    (2, 64, True, 0, "head"),  # two heads side by side, folded off-diagonal blocks
+    (4, 32, False, 3, "headdim"),  # four heads (all of a group), documents, D per headdim
+    (2, 32, True, 0, None),
+])
+def test_out_kernel_heads_per_program(monkeypatch, heads, bk, fold, docs, D):
+    monkeypatch.setitem(ssd_kernels.CONFIG, "out_heads", heads)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "out_bk", bk)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
+    _check(256, (1, 300, 8, 16, 2, 16), torch.float32, docs=docs, D=D)
+
+
+def test_out_kernel_heads_per_program_falls_back_to_a_divisor(monkeypatch):
+    # 3 heads per group: 4 -> 2 -> 1 head per program
+    monkeypatch.setitem(ssd_kernels.CONFIG, "out_heads", 4)
+    _check(32, (1, 70, 3, 16, 1, 16), torch.float32, docs=1)
+
+
+def test_v5_out_kernel_still_matches(monkeypatch):
+    monkeypatch.setitem(ssd_kernels.CONFIG, "out_v5", True)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", True)
+    _check(256, (1, 300, 2, 16, 1, 16), torch.float32)
