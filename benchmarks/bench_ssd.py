@@ -141,6 +141,15 @@ def bench(args):
 
             with torch.no_grad():
                 timed("ours_fwd", lambda: ours_call(inp))
+            if args.baseline is not None:  # the same op under another CONFIG (e.g. the previous version's kernels)
+                kernels.CONFIG.clear()
+                kernels.CONFIG.update({**base, **json.loads(args.baseline)})
+                with torch.no_grad():
+                    timed("base_fwd", lambda: ours_call(inp))
+                if not args.no_fb:
+                    timed("base_fb", fb(ours_call))
+                kernels.CONFIG.clear()
+                kernels.CONFIG.update({**base, **BEST.get(n, {})})
             if not args.no_fb:
                 timed("ours_fb", fb(ours_call))
             if mamba is not None:
@@ -337,6 +346,10 @@ def print_table(meta, rows):
           f" | bf16 mm {meta['matmul_TFLOPs']:.0f} TFLOP/s | h={meta['nheads']} p={meta['headdim']} g=1 cs=256")
     print("dstate seqlen | ours fwd  mamba  fla   sdpa | ours/mamba ours/fla floor/ours | ours f+b  mamba   sdpa"
           " | ours/mamba floor/ours")
+    if any("base_fwd" in w for w in rows):
+        print("baseline (--baseline) forward / f+b ms and ours/baseline: " + "; ".join(
+            f"{w['dstate']}/{w['seqlen']}: {f(w.get('base_fwd'))} {r(w.get('ours_fwd'), w.get('base_fwd'))}"
+            f" {f(w.get('base_fb'))} {r(w.get('ours_fb'), w.get('base_fb'))}" for w in rows))
     for w in rows:
         g = w.get
         print(f"{w['dstate']:>6} {w['seqlen']:>6} | {f(g('ours_fwd'))} {f(g('mamba_fwd'))} {f(g('fla_fwd'))} "
@@ -397,6 +410,8 @@ def main():
                          '{"64": {...}, "128": {...}})')
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-fb", action="store_true", help="time forwards only (ours and mamba_ssm)")
+    ap.add_argument("--baseline", default=None, metavar="JSON",
+                    help="also time ours under these CONFIG overrides (columns base_fwd, base_fb)")
     ap.add_argument("--to-markdown", metavar="JSON", help="print a saved run (--out) as the BENCHMARKS.md table")
     args = ap.parse_args()
     if args.to_markdown:
