@@ -138,16 +138,24 @@ def _dt_kernel(dt_ptr, A_ptr, dtb_ptr, dtp_ptr, cum_ptr, L, H, NC, lo, hi,
 
 @triton.jit
 def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
-               CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """C_t·B_s for every (t, s) block of every chunk, once per group (float32): the heads of a group share it."""
+               CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
+               CAUSAL: tl.constexpr = False):
+    """C_t·B_s for every (t, s) block of every chunk, once per group (float32): the heads of a group share it.
+    CAUSAL: only the blocks with j <= i (the rest of the tensor is left unwritten)."""
     c = tl.program_id(0)
     pid_ij = tl.program_id(1)
     pid_bg = tl.program_id(2)
     b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
     NM: tl.constexpr = CS // BM
-    i = pid_ij // NM
-    j = pid_ij % NM
+    if CAUSAL:  # pid_ij = i (i + 1) / 2 + j
+        i = pid_ij * 0
+        for q in tl.static_range(1, NM):
+            i += (pid_ij >= q * (q + 1) // 2).to(tl.int32)
+        j = pid_ij - i * (i + 1) // 2
+    else:
+        i = pid_ij // NM
+        j = pid_ij % NM
     t = c * CS + i * BM + tl.arange(0, BM)
     s = c * CS + j * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
@@ -923,7 +931,8 @@ CONFIG = dict(
     out_heads=1,  # heads per program of the output kernel (side by side in one accumulator); halved until it
     # divides the heads per group
     out_v5=False,  # the v5 output kernel (one head per program, separate off-diagonal accumulator), for comparison
-    out_cb_min_dstate=None,  # the forward's own cb_min_dstate (None: cb_min_dstate)
+    out_cb_min_dstate=None,
+    cb_causal=True,  # the forward's C·B kernel computes only the blocks on and below the diagonal  # the forward's own cb_min_dstate (None: cb_min_dstate)
     out_maxnreg=None, state_maxnreg=None,  # register caps (ptxas maxnreg) of the forward out / state kernels
     # two-level forward state pass when batch × heads × blocks < this many programs (0: always one sequential walk),
     # with at least state_seg_min_chunks chunks per segment
@@ -941,14 +950,18 @@ CONFIG = dict(
 )
 
 
-def _cb(B, C, cs, NC, prec, ddt_):
-    """(b, NC, G, cs, cs) float32 C·B per chunk, or None when too few heads share it to pay for the memory."""
+def _cb(B, C, cs, NC, prec, ddt_, causal_upto=0):
+    """(b, NC, G, cs, cs) float32 C·B per chunk. causal_upto: the readers' position blocks (a multiple of this
+    kernel's blocks): blocks above the diagonal are then not computed (their entries are left unwritten), which
+    the forward output kernel never reads when its position blocks are no taller than these."""
     b, L, G, N = B.shape
     BN = _pow2(N)
     BM = min(cs, 64 if BN <= 128 else 32)
     cb = torch.empty(b, NC, G, cs, cs, device=B.device, dtype=torch.float32)
-    _launch(_cb_kernel, (NC, (cs // BM) ** 2, b * G), B, C, cb, L, G, N, NC,
-            CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, num_warps=4)
+    NM = cs // BM
+    causal = 0 < causal_upto <= BM
+    _launch(_cb_kernel, (NC, NM * (NM + 1) // 2 if causal else NM * NM, b * G), B, C, cb, L, G, N, NC,
+            CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, CAUSAL=causal, num_warps=4)
     return cb
 
 
@@ -1106,7 +1119,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     BM = _bm(cs, "out_bm", BP, BN)
     BK = min(BM, CONFIG["out_bk"] or BM)
     use_cb = _use_cb(H, G, N, CONFIG["out_cb_min_dstate"])
-    cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else None
+    cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0) if use_cb else None
     out_args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy,
                 seq_idx if seq_idx is not None else dummy,
                 dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy, L, H, G, P, N, NC)

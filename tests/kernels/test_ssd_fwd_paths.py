@@ -89,3 +89,31 @@ def test_v5_out_kernel_still_matches(monkeypatch):
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_v5", True)
     monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", True)
     _check(256, (1, 300, 2, 16, 1, 16), torch.float32)
+
+
+@pytest.mark.parametrize("bm,bk", [(64, 64), (64, 32), (128, 64)])
+def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk):
+    # every buffer the forward allocates starts as NaN: the causal-only C·B (blocks above the diagonal unwritten),
+    # the segment buffers of the two-level pass and the padded tails must never reach the output
+    import math
+
+    from lit_mamba2 import reference
+
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kw):
+        t = real_empty(*args, **kw)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    for key, v in dict(out_bm=bm, out_bk=bk, cb_min_heads_per_group=1, out_cb_min_dstate=0, fold_decay=True,
+                       state_seg_programs=10**6, state_seg_min_chunks=1).items():
+        monkeypatch.setitem(ssd_kernels.CONFIG, key, v)
+    from test_ssd_triton import _inputs, _rel
+
+    x, dt, A, B, C, D, z, bias, h0, seq = _inputs(1, 300, 2, 16, 1, 16, torch.float32)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    y, fin = ssd_kernels.ssd(x, dt, A, B, C, 256, D, z, bias, h0, seq, True, (0.0, math.inf), True)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    d = [t.double() if t is not None else None for t in (x, dt, A, B, C, D, z, bias, h0)]
+    yr, finr = reference.ssd_chunked(*d[:5], 256, *d[5:], seq, True, (0.0, math.inf), True)
+    assert _rel(y, yr) < 1e-4 and _rel(fin, finr) < 1e-4
