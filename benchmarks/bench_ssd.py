@@ -223,7 +223,7 @@ SWEEP_FWD_OUT = [
     {"out_bk": 32}, {"out_bk": 32, "fold_decay": False}, {"out_bk": 32, "out_cb_min_dstate": 0},
     {"out_bk": 32, "out_stages": 2}, {"out_bk": 16}, {"out_bm": 32, "out_bk": 32},
     {"out_bm": 128, "out_bk": 32, "out_warps": 8},
-    {"out_maxnreg": 128},
+    {"out_maxnreg": 128}, {"cb_causal": False},
     {"fold_decay": False}, {"fold_decay": True},
     {"out_heads": 2, "out_warps": 8},
 ]
