@@ -12,10 +12,13 @@ Forward (`ssd_fwd`):
      each chunk's state contribution (tl.dot over blocks of 64 positions) and the state passing in one pass, so
      chunk states never go through memory; it stores the state entering each chunk (x's dtype: it is a dot
      operand next) and the final state (fp32). Headdim blocks shrink when batch × heads alone cannot fill the GPU.
-  3. `_cb_kernel` (dstate >= 128 and >= 4 heads per group): C·B^T per chunk once per group, fp32.
+     Optionally (CONFIG state_seg_programs) a two-level pass for long sequences at small batch: segments of
+     chunks from a zero state in parallel, `_fwd_seg_kernel`'s short walk over segments, the segments again.
+  3. `_cb_kernel` (>= 4 heads per group): C·B^T per chunk once per group, fp32, blocks on and below the diagonal.
   4. `_fwd_out_kernel`: one program per (head, block of 64 positions, batch), heads fastest so a group's heads
-     share B and C in L2: the quadratic part over the causal blocks only (no (cs, cs) tensor per head in memory),
-     the entering state's term, D and the z gate.
+     share B and C in L2: one accumulator takes the entering state's term and (CONFIG fold_decay) the off-diagonal
+     source blocks with the decay folded into the operands, is scaled by the row factor once, then takes the
+     masked blocks; D and the z gate. Source blocks of 32 at dstate <= 64 and a register cap at dstate 128 fit 4 programs per SM.
 Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through buffers reduced in fixed order):
   1. `_bwd_state_kernel`: the reverse state pass: gradient of each chunk's exiting state, of the initial state,
      and the decay's share of d cum_last.
@@ -925,18 +928,23 @@ CONFIG = dict(
     state_bk=64,  # positions per tl.dot inside the sequential state kernels
     state_bn=64,  # dstate block of the sequential state kernels
     state_min_programs=264,  # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this
-    out_bm=64, out_warps=4,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
-    out_bk=None,  # ...source positions per tile of its quadratic part (None: out_bm; must divide it)
-    out_stages=None,  # ...its pipelining depth (None: as `stages`)
-    out_heads=1,  # heads per program of the output kernel (side by side in one accumulator); halved until it
-    # divides the heads per group
+    # forward output kernel (v6): positions per program, warps (None: 8 if dstate >= 128); source positions per tile
+    # of its quadratic part (None: 32 at dstate <= 64, where 4 programs fit an SM (122 registers), else out_bm);
+    # pipelining depth (None: as `stages`); register cap (None: 128 at dstate 128 with headdim <= 64, 4 programs
+    # per SM instead of 3 at 168 registers; 0: none); C·B precomputed per group from this dstate on (for the backward:
+    # cb_min_dstate). Run 5 sweep at 4096: dstate 64 0.923 -> 0.759 ms (source blocks 32 + C·B precomputed),
+    # dstate 128 0.971 -> 0.921 ms (register cap)
+    out_bm=64, out_warps=4, out_bk=None, out_stages=None, out_maxnreg=None, out_cb_min_dstate=0,
+    out_heads=1,  # heads per program (side by side in one accumulator), halved until it divides the heads per group
     out_v5=False,  # the v5 output kernel (one head per program, separate off-diagonal accumulator), for comparison
-    out_cb_min_dstate=None,
-    cb_causal=True,  # the forward's C·B kernel computes only the blocks on and below the diagonal  # the forward's own cb_min_dstate (None: cb_min_dstate)
-    out_maxnreg=None, state_maxnreg=None,  # register caps (ptxas maxnreg) of the forward out / state kernels
+    cb_causal=True,  # the forward's C·B kernel computes only the blocks on and below the diagonal
+    state_maxnreg=None,  # register cap of the forward state kernel
     # two-level forward state pass when batch × heads × blocks < this many programs (0: always one sequential walk),
     # with at least state_seg_min_chunks chunks per segment
     state_seg_programs=0, state_seg_min_chunks=4,
+    # the forward state pass's own dstate block, grid target and pipelining (None: state_bn, state_min_programs,
+    # `stages`); the backward's state pass keeps the shared keys
+    fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=None,
     bwd_bm=64, bwd_warps=4,  # backward dx, dB and dC kernels
     stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
@@ -975,10 +983,12 @@ def _state_blocks(b: int, H: int, P: int, N: int):
 
 
 def _fwd_state_plan(b: int, H: int, P: int, N: int, NC: int):
-    """(BP, BN, chunks per segment, segments) of the forward state pass: one sequential walk over all chunks, or
-    (long sequences, small batch) segments walked in parallel so that the grid reaches state_seg_programs."""
+    """(BP, BN, chunks per segment, segments) of the forward state pass: one sequential walk over all chunks with
+    headdim blocks shrinking until the grid reaches fwd_state_min_programs, or (long sequences, small batch)
+    segments walked in parallel so that the grid reaches state_seg_programs. The forward's own keys (None: the
+    keys the backward's state pass uses too)."""
     target, min_chunks = CONFIG["state_seg_programs"], CONFIG["state_seg_min_chunks"]
-    BN = min(_pow2(N), CONFIG["state_bn"])
+    BN = min(_pow2(N), CONFIG["fwd_state_bn"] or CONFIG["state_bn"])
     BP = min(_pow2(P), 64)
     base = b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN)
     if target and base < target and NC >= 2 * min_chunks:
@@ -987,13 +997,16 @@ def _fwd_state_plan(b: int, H: int, P: int, N: int, NC: int):
         nseg = triton.cdiv(NC, segc)
         if nseg > 1:
             return BP, BN, segc, nseg
-    BP, BN = _state_blocks(b, H, P, N)
+    min_programs = CONFIG["fwd_state_min_programs"] or CONFIG["state_min_programs"]
+    while BP > 16 and b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN) < min_programs:
+        BP //= 2
     return BP, BN, NC, 1
 
 
-def _maxnreg(key: str) -> dict:
+def _maxnreg(key: str, default=None) -> dict:
     # a register cap trades spills for more programs per SM; the interpreter has no registers
-    return {} if CONFIG[key] is None or _INTERPRET else {"maxnreg": CONFIG[key]}
+    cap = default if CONFIG[key] is None else CONFIG[key]  # 0: no cap
+    return {} if not cap or _INTERPRET else {"maxnreg": cap}
 
 
 def _dot_prec(dtype):
@@ -1097,7 +1110,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
                   seq_idx if seq_idx is not None else dummy, dtp, cum, states, final)
     state_kw = dict(CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_INIT=initial_states is not None,
                     HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4,
-                    num_stages=_stages(BP1, _pow2(N)), **_maxnreg("state_maxnreg"))
+                    num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)), **_maxnreg("state_maxnreg"))
     if nseg == 1:
         _launch(_fwd_state_kernel, (npb * nnb, b * H, 1), *state_args, dummy, dummy, L, H, G, P, N, NC, nnb, NC,
                 MODE=0, **state_kw)
@@ -1117,7 +1130,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "out_bm", BP, BN)
-    BK = min(BM, CONFIG["out_bk"] or BM)
+    BK = min(BM, CONFIG["out_bk"] or (32 if BN <= 64 else BM))
     use_cb = _use_cb(H, G, N, CONFIG["out_cb_min_dstate"])
     cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0) if use_cb else None
     out_args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -1126,7 +1139,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     out_kw = dict(CS=cs, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
                   HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx),
                   DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "out_warps"),
-                  num_stages=CONFIG["out_stages"] or _stages(BP, BN), **_maxnreg("out_maxnreg"))
+                  num_stages=CONFIG["out_stages"] or _stages(BP, BN),
+                  **_maxnreg("out_maxnreg", 128 if BN == 128 and BP <= 64 and BM == BK == 64 else None))
     if CONFIG["out_v5"]:
         _launch(_fwd_out_v5_kernel, (H, NC * (cs // BM), b), *out_args, **out_kw)
     else:
