@@ -228,6 +228,7 @@ SWEEP_FWD_STATE = [  # call 1 tried two-level passes alone: they won only at 64K
     {"fwd_state_stages": 1}, {"fwd_state_stages": 2}, {"fwd_state_stages": 3},
     {"fwd_state_min_programs": 1024, "fwd_state_stages": 2},
     {"state_seg_programs": 1024, "fwd_state_stages": 2},
+    {"fwd_state_bk": 128, "fwd_state_stages": 2}, {"fwd_state_bk": 256, "fwd_state_stages": 2},
 ]
 # the v5 forward (run 4's launch settings) under today's CONFIG keys, for bench --baseline
 V5_FORWARD = {"out_v5": True, "out_bk": 64, "out_cb_min_dstate": 128, "out_maxnreg": 0, "cb_causal": False}

@@ -18,7 +18,8 @@ Forward (`ssd_fwd`):
   4. `_fwd_out_kernel`: one program per (head, block of 64 positions, batch), heads fastest so a group's heads
      share B and C in L2: one accumulator takes the entering state's term and (CONFIG fold_decay) the off-diagonal
      source blocks with the decay folded into the operands, is scaled by the row factor once, then takes the
-     masked blocks; D and the z gate. Source blocks of 32 at dstate <= 64 and a register cap at dstate 128 fit 4 programs per SM.
+     masked blocks; D and the z gate. Source blocks of 32 at dstate <= 64 and a register cap at dstate 128 fit
+     4 programs per SM.
 Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through buffers reduced in fixed order):
   1. `_bwd_state_kernel`: the reverse state pass: gradient of each chunk's exiting state, of the initial state,
      and the decay's share of d cum_last.
@@ -375,7 +376,8 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
     the heads sit side by side along its columns (x, y and the states of neighbouring heads are contiguous), so
     they share C_t, every C·B tile and (off the diagonal) every dot. With row_t = exp(cum_t - cum_r) about the t
     block's first position r:
-        y_t = row_t · [C_t·(exp(cum_r) h_in)ᵀ reach_t + Σ_{s before the block} C_t·B_s exp(cum_r - cum_s) dt_s x_s]
+        y_t = row_t · [C_t·(exp(cum_r) h_in)ᵀ reach_t
+                       + Σ_{s before the block} C_t·B_s exp(cum_r - cum_s) dt_s x_s]
               + Σ_{s in the block's diagonal} (C_t·B_s) exp(cum_t - cum_s) dt_s x_s   (per head, masked)
     Every factor scaling an operand is <= 1. Without FOLD (documents), every source block takes the masked path."""
     # heads vary fastest across programs, so the groups' heads read B, C (and C·B) from L2, not DRAM
@@ -942,9 +944,9 @@ CONFIG = dict(
     # two-level forward state pass when batch × heads × blocks < this many programs (0: always one sequential walk),
     # with at least state_seg_min_chunks chunks per segment
     state_seg_programs=0, state_seg_min_chunks=4,
-    # the forward state pass's own dstate block, grid target and pipelining (None: state_bn, state_min_programs,
-    # `stages`); the backward's state pass keeps the shared keys
-    fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=None,
+    # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
+    # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys
+    fwd_state_bk=None, fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=None,
     bwd_bm=64, bwd_warps=4,  # backward dx, dB and dC kernels
     stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
@@ -1108,9 +1110,9 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     state_args = (x, B, initial_states if initial_states is not None else dummy,
                   seq_idx if seq_idx is not None else dummy, dtp, cum, states, final)
-    state_kw = dict(CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_INIT=initial_states is not None,
-                    HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4,
-                    num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)), **_maxnreg("state_maxnreg"))
+    state_kw = dict(CS=cs, BK=min(cs, CONFIG["fwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1,
+                    HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
+                    num_warps=4, num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)), **_maxnreg("state_maxnreg"))
     if nseg == 1:
         _launch(_fwd_state_kernel, (npb * nnb, b * H, 1), *state_args, dummy, dummy, L, H, G, P, N, NC, nnb, NC,
                 MODE=0, **state_kw)

@@ -117,3 +117,11 @@ def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk):
     d = [t.double() if t is not None else None for t in (x, dt, A, B, C, D, z, bias, h0)]
     yr, finr = reference.ssd_chunked(*d[:5], 256, *d[5:], seq, True, (0.0, math.inf), True)
     assert _rel(y, yr) < 1e-4 and _rel(fin, finr) < 1e-4
+
+
+@pytest.mark.parametrize("bk,min_programs", [(128, 10**6), (256, 0)])
+def test_state_pass_positions_per_dot(monkeypatch, bk, min_programs):
+    # the forward state pass's own dot length (and headdim blocks shrunk to 16 by a large grid target)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "fwd_state_bk", bk)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "fwd_state_min_programs", min_programs)
+    _check(256, (1, 300, 2, 32, 1, 16), torch.float32, docs=2, conditioning=True)  # dA: as with the defaults
