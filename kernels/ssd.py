@@ -1112,7 +1112,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
                   seq_idx if seq_idx is not None else dummy, dtp, cum, states, final)
     state_kw = dict(CS=cs, BK=min(cs, CONFIG["fwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1,
                     HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
-                    num_warps=4, num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)), **_maxnreg("state_maxnreg"))
+                    num_warps=4, num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)),
+                    **_maxnreg("state_maxnreg"))
     if nseg == 1:
         _launch(_fwd_state_kernel, (npb * nnb, b * H, 1), *state_args, dummy, dummy, L, H, G, P, N, NC, nnb, NC,
                 MODE=0, **state_kw)
