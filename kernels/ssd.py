@@ -941,9 +941,12 @@ CONFIG = dict(
     out_v5=False,  # the v5 output kernel (one head per program, separate off-diagonal accumulator), for comparison
     cb_causal=True,  # the forward's C·B kernel computes only the blocks on and below the diagonal
     state_maxnreg=None,  # register cap of the forward state kernel
-    # two-level forward state pass when batch × heads × blocks < this many programs (0: always one sequential walk),
-    # with at least state_seg_min_chunks chunks per segment
-    state_seg_programs=0, state_seg_min_chunks=4,
+    # two-level forward state pass when batch × heads × blocks < state_seg_programs (0: always one sequential walk)
+    # and the walk would be at least state_seg_min_nc chunks, with at least state_seg_min_chunks chunks per segment.
+    # Run 5 (call 1, H100): at 64K tokens in one sequence (256 chunks) 1.596 -> 1.294 ms forward at dstate 128,
+    # 1.102 -> 1.070 at 64; at 128 chunks (2 x 32K) it lost (1.215 -> 1.234, 0.871 -> 1.024): reading x twice
+    # pays only for long walks
+    state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=256,
     # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
     # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys
     fwd_state_bk=None, fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=None,
@@ -993,7 +996,7 @@ def _fwd_state_plan(b: int, H: int, P: int, N: int, NC: int):
     BN = min(_pow2(N), CONFIG["fwd_state_bn"] or CONFIG["state_bn"])
     BP = min(_pow2(P), 64)
     base = b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN)
-    if target and base < target and NC >= 2 * min_chunks:
+    if target and base < target and NC >= max(2 * min_chunks, CONFIG["state_seg_min_nc"]):
         nseg = min(triton.cdiv(target, base), NC // min_chunks)
         segc = triton.cdiv(NC, nseg)
         nseg = triton.cdiv(NC, segc)

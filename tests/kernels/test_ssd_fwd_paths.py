@@ -29,6 +29,7 @@ from test_ssd_triton import _check  # noqa: E402
 def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw):
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 10**6)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", min_chunks)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 0)
     NC = -(-shape[1] // cs)
     plan = ssd_kernels._fwd_state_plan(shape[0], shape[2], shape[3], shape[5], NC)
     assert plan[3] > 1, plan  # the test would not exercise segments otherwise
@@ -38,17 +39,22 @@ def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw):
 def test_two_level_state_pass_bfloat16(monkeypatch):
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 10**6)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", 2)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 0)
     _check(16, (1, 90, 2, 32, 1, 32), torch.bfloat16, docs=2)
 
 
-def test_two_level_plan_only_when_the_grid_is_small(monkeypatch):
+def test_two_level_plan_only_when_the_grid_is_small_and_the_walk_long(monkeypatch):
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 1024)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", 4)
-    # batch 16 x 32 heads x 2 dstate blocks = 1024 programs: one walk; batch 1 at 256 chunks: segments of 16 chunks
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 256)
+    # batch 16 x 32 heads x 2 dstate blocks = 1024 programs: one walk; batch 1 at 256 chunks: 16 segments of 16
     assert ssd_kernels._fwd_state_plan(16, 32, 64, 128, 16)[2:] == (16, 1)
     assert ssd_kernels._fwd_state_plan(1, 32, 64, 128, 256)[2:] == (16, 16)
-    # too few chunks to cut: one walk
-    assert ssd_kernels._fwd_state_plan(1, 32, 64, 128, 7)[3] == 1
+    # batch 2 at 128 chunks: a walk too short to pay for reading x twice
+    assert ssd_kernels._fwd_state_plan(2, 32, 64, 128, 128)[3] == 1
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 0)
+    assert ssd_kernels._fwd_state_plan(2, 32, 64, 128, 128)[2:] == (16, 8)
+    assert ssd_kernels._fwd_state_plan(1, 32, 64, 128, 7)[3] == 1  # too few chunks to cut
 
 
 @pytest.mark.parametrize("bm,bk,fold,cb_min_dstate,docs,A_scale", [
@@ -106,7 +112,7 @@ def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk):
         return t.fill_(math.nan) if t.is_floating_point() else t
 
     for key, v in dict(out_bm=bm, out_bk=bk, cb_min_heads_per_group=1, out_cb_min_dstate=0, fold_decay=True,
-                       state_seg_programs=10**6, state_seg_min_chunks=1).items():
+                       state_seg_programs=10**6, state_seg_min_chunks=1, state_seg_min_nc=0).items():
         monkeypatch.setitem(ssd_kernels.CONFIG, key, v)
     from test_ssd_triton import _inputs, _rel
 
