@@ -4,6 +4,7 @@ chunked reference: the two-level state pass (segments walked in parallel, then a
 kernel with tall position blocks over narrower source blocks (out_bm / out_bk), each with documents, an initial
 state, ragged seqlen and strong decay. Tolerances as in test_ssd_triton.py."""
 
+import math
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -15,7 +16,19 @@ pytest.importorskip("triton")
 
 from lit_mamba2.kernels import ssd as ssd_kernels  # noqa: E402
 
-from test_ssd_triton import _check  # noqa: E402
+from lit_mamba2 import reference  # noqa: E402
+from test_ssd_triton import _check, _inputs, _rel  # noqa: E402
+
+
+def _check_forward(cs, shape, **kw):
+    """Output and final state only (float32, 1e-4 as in _check): for output-kernel paths, which the backward
+    does not read (the pre-gate y it reads is y / silu(z), checked through y)."""
+    x, dt, A, B, C, D, z, bias, h0, seq = _inputs(*shape, torch.float32, **kw)
+    y, fin = ssd_kernels.ssd(x, dt, A, B, C, cs, D, z, bias, h0, seq, True, (0.0, math.inf), True)
+    d = [t.double() if t is not None else None for t in (x, dt, A, B, C, D, z, bias, h0)]
+    yr, finr = reference.ssd_chunked(*d[:5], cs, *d[5:], seq, True, (0.0, math.inf), True)
+    assert torch.isfinite(y).all()
+    assert _rel(y, yr) < 1e-4 and _rel(fin, finr) < 1e-4, (_rel(y, yr), _rel(fin, finr))
 
 
 @pytest.mark.parametrize("cs,shape,min_chunks,kw", [
@@ -70,41 +83,40 @@ def test_out_kernel_blocks(monkeypatch, bm, bk, fold, cb_min_dstate, docs, A_sca
     monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", 1)
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_cb_min_dstate", cb_min_dstate)
-    _check(256, (1, 300, 4, 16, 2, 16), torch.float32, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
+    _check_forward(256, (1, 300, 4, 16, 2, 16), docs=docs, A_scale=A_scale)
 
 
-@pytest.mark.parametrize("heads,bk,fold,docs,D", [
-    (2, 64, True, 0, "head"),  # two heads side by side, folded off-diagonal blocks
-    (4, 32, False, 3, "headdim"),  # four heads (all of a group), documents, D per headdim
-    (2, 32, True, 0, None),
+@pytest.mark.parametrize("heads,bk,fold,docs,D,grads", [
+    (2, 64, True, 0, "head", False),  # two heads side by side, folded off-diagonal blocks
+    (4, 32, False, 3, "headdim", True),  # four heads (all of a group), documents, D per headdim; pre-gate y to dz
+    (2, 32, True, 0, None, False),
 ])
-def test_out_kernel_heads_per_program(monkeypatch, heads, bk, fold, docs, D):
+def test_out_kernel_heads_per_program(monkeypatch, heads, bk, fold, docs, D, grads):
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_heads", heads)
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_bk", bk)
     monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
-    _check(256, (1, 300, 8, 16, 2, 16), torch.float32, docs=docs, D=D)
+    if grads:
+        _check(256, (1, 300, 8, 16, 2, 16), torch.float32, docs=docs, D=D)
+    else:
+        _check_forward(256, (1, 300, 8, 16, 2, 16), docs=docs, D=D)
 
 
 def test_out_kernel_heads_per_program_falls_back_to_a_divisor(monkeypatch):
     # 3 heads per group: 4 -> 2 -> 1 head per program
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_heads", 4)
-    _check(32, (1, 70, 3, 16, 1, 16), torch.float32, docs=1)
+    _check_forward(32, (1, 70, 3, 16, 1, 16), docs=1)
 
 
 def test_v5_out_kernel_still_matches(monkeypatch):
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_v5", True)
     monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", True)
-    _check(256, (1, 300, 2, 16, 1, 16), torch.float32)
+    _check_forward(256, (1, 300, 2, 16, 1, 16))
 
 
 @pytest.mark.parametrize("bm,bk", [(64, 64), (64, 32), (128, 64)])
 def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk):
     # every buffer the forward allocates starts as NaN: the causal-only C·B (blocks above the diagonal unwritten),
     # the segment buffers of the two-level pass and the padded tails must never reach the output
-    import math
-
-    from lit_mamba2 import reference
-
     real_empty = torch.empty
 
     def nan_empty(*args, **kw):
@@ -114,8 +126,6 @@ def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk):
     for key, v in dict(out_bm=bm, out_bk=bk, cb_min_heads_per_group=1, out_cb_min_dstate=0, fold_decay=True,
                        state_seg_programs=10**6, state_seg_min_chunks=1, state_seg_min_nc=0).items():
         monkeypatch.setitem(ssd_kernels.CONFIG, key, v)
-    from test_ssd_triton import _inputs, _rel
-
     x, dt, A, B, C, D, z, bias, h0, seq = _inputs(1, 300, 2, 16, 1, 16, torch.float32)
     monkeypatch.setattr(torch, "empty", nan_empty)
     y, fin = ssd_kernels.ssd(x, dt, A, B, C, 256, D, z, bias, h0, seq, True, (0.0, math.inf), True)
