@@ -1,4 +1,14 @@
-"""Offline sm_90 compile of the forward kernels (registers, spills, shared) for launch variants."""
+"""Offline sm_90 compile of the forward kernels (registers, stack/spills, shared memory) for launch variants, with no
+GPU: Triton 3.6 (the device's version) installed beside the project's (`pip install --no-deps --target /tmp/t36
+triton==3.6.0`), kernels compiled through ASTSource with the divisibility hints the GPU launch would specialise on,
+and the cubin's resource usage read by the cuobjdump Triton ships. Run 5 used it to pick the variants worth device
+time; the counts matched the GPU's (LIT_MAMBA2_KERNEL_STATS=1) exactly.
+
+    TRITON_CACHE_DIR=/tmp/t36cache PYTHONPATH=/tmp/t36 python run5_fwd_offline_regs.py '[{"BN": 128, "BK": 32}]'
+    TRITON_CACHE_DIR=/tmp/t36cache PYTHONPATH=/tmp/t36 python -c "import run5_fwd_offline_regs as r; r.state_variants()"
+
+(a record of how run 5's register numbers were obtained, not part of the package; expects the worktree at
+/work/wt-fwd)"""
 import sys, itertools, json, re
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
