@@ -143,7 +143,7 @@ def bench(args):
                 timed("ours_fwd", lambda: ours_call(inp))
             if args.baseline is not None:  # the same op under another CONFIG (e.g. the previous version's kernels)
                 kernels.CONFIG.clear()
-                kernels.CONFIG.update({**base, **(V5_FORWARD if args.baseline == "v5" else json.loads(args.baseline))})
+                kernels.CONFIG.update({**base, **json.loads(args.baseline)})
                 with torch.no_grad():
                     timed("base_fwd", lambda: ours_call(inp))
                 if not args.no_fb:
@@ -216,22 +216,21 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
 ]
 # forward-only variants (kernel version v6-fwd of notes/ssd_kernels.md), timed by forward alone. fwd_out: the output
 # kernel's position / source blocks (registers 168 -> 96-126 at source blocks of 32, Triton 3.6 sm_90), warps,
-# pipelining, register cap, heads per program, C·B source and decay folding; fwd_state: the two-level state pass
-SWEEP_FWD_OUT = [  # run 5 call 1 compared 14 variants at 4096 (notes/ssd_runs/run5_fwd_call1_*); call 2 these
+# pipelining, register cap, heads per program, C·B source and decay folding; fwd_state: the state pass's
+# pipelining, dot length, grid and the two-level pass
+SWEEP_FWD_OUT = [  # run 5 call 1 compared 14 variants at 4096 (notes/ssd_runs/run5_fwd_call1_*); not yet run:
     {},
     {"out_maxnreg": 112}, {"out_maxnreg": 96},
     {"out_bk": 32, "fold_decay": False},
     {"out_bk": 32, "out_stages": 1},
 ]
-SWEEP_FWD_STATE = [  # call 1 tried two-level passes alone: they won only at 64K (dstate 128 1.60 -> 1.29 ms)
+SWEEP_FWD_STATE = [  # run 5 call 1 tried two-level passes alone (won only at 64K); not yet run:
     {},
     {"fwd_state_stages": 1}, {"fwd_state_stages": 2}, {"fwd_state_stages": 3},
     {"fwd_state_min_programs": 1024, "fwd_state_stages": 2},
-    {"state_seg_programs": 1024, "fwd_state_stages": 2},
+    {"state_seg_programs": 0}, {"state_seg_min_nc": 128},  # one walk always; two-level from 128 chunks
     {"fwd_state_bk": 128, "fwd_state_stages": 2}, {"fwd_state_bk": 256, "fwd_state_stages": 2},
 ]
-# the v5 forward (run 4's launch settings) under today's CONFIG keys, for bench --baseline
-V5_FORWARD = {"out_v5": True, "out_bk": 64, "out_cb_min_dstate": 128, "out_maxnreg": 0, "cb_causal": False}
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd")}
@@ -411,8 +410,8 @@ def main():
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-fb", action="store_true", help="time forwards only (ours and mamba_ssm)")
     ap.add_argument("--baseline", default=None, metavar="JSON",
-                    help="also time ours under these CONFIG overrides (columns base_fwd, base_fb); 'v5': the v5 "
-                         "forward")
+                    help="also time ours under these CONFIG overrides (columns base_fwd, base_fb), e.g. the "
+                         "previous launch settings")
     ap.add_argument("--to-markdown", metavar="JSON", help="print a saved run (--out) as the BENCHMARKS.md table")
     args = ap.parse_args()
     if args.to_markdown:

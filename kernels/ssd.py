@@ -122,6 +122,23 @@ def _doc(seq_ptr, b, t, L):
     return tl.load(seq_ptr + b * L + tl.minimum(t, L - 1))
 
 
+@triton.jit
+def _batch_head(pid_bh, H, G):
+    """(batch (int64 for the offsets), head, group) of a program id that runs over batch × heads, heads fastest."""
+    hh = pid_bh % H
+    return (pid_bh // H).to(tl.int64), hh, hh // (H // G)
+
+
+@triton.jit
+def _position_block(pid_m, L, CS: tl.constexpr, BM: tl.constexpr):
+    """Chunk, offset in the chunk, positions and their in-sequence mask of the BM-position block pid_m."""
+    NM: tl.constexpr = CS // BM
+    c = pid_m // NM
+    r0 = (pid_m % NM) * BM
+    t = c * CS + r0 + tl.arange(0, BM)
+    return c, r0, t, t < L
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,9 +147,7 @@ def _dt_kernel(dt_ptr, A_ptr, dtb_ptr, dtp_ptr, cum_ptr, L, H, NC, lo, hi,
                CS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
     """Processed dt and its in-chunk cumsum (times A), per (batch, head, chunk), for every later kernel to read."""
     c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    hh = pid_bh % H
+    b, hh, _ = _batch_head(tl.program_id(1), H, 1)
     t = c * CS + tl.arange(0, CS)
     dt = _load_dt(dt_ptr, dtb_ptr, b, t, hh, L, H, lo, hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
     cum = tl.cumsum(dt * tl.load(A_ptr + hh).to(tl.float32), 0)
@@ -187,11 +202,8 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
     `_fwd_seg_kernel`). Segments give batch-1 long sequences programs for every SM; modes 1 and 2 read x and B
     twice, which pays only when the sequential walk is long and the grid small."""
     pid_pn = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    b, hh, g = _batch_head(tl.program_id(1), H, G)
     seg = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    hh = pid_bh % H
-    g = hh // (H // G)
     Lp = NC * CS
     offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
     offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
@@ -281,91 +293,6 @@ def _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC,
 
 
 @triton.jit
-def _fwd_out_v5_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
-                    ypre_ptr, L, H, G, P, N, NC,
-                    CS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """One program per (head, block of BM positions t, batch); the quadratic part walks the causal source blocks
-    of BK positions (BK divides BM): the ones before the t block (no mask) then the BM // BK on its diagonal."""
-    # heads vary fastest across programs, so the heads of a group read B, C (and C·B) from L2, not DRAM
-    hh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = hh // (H // G)
-    row_cum = cum_ptr + (b * H + hh) * NC * CS  # this (batch, head)'s cum and dt rows
-    row_dt = dtp_ptr + (b * H + hh) * NC * CS
-    NM: tl.constexpr = CS // BM
-    c = pid_m // NM
-    r0 = (pid_m % NM) * BM  # the t block's offset in its chunk
-    t = c * CS + r0 + tl.arange(0, BM)
-    mt = t < L
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    mp = offs_p < P
-    mn = offs_n < N
-    cum_t = tl.load(row_cum + t)
-    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
-    h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                   mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
-    e = tl.exp(cum_t)
-    if HAS_SEQ:
-        doc_t = _doc(seq_ptr, b, t, L)
-        e = tl.where(doc_t == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0)), e, 0.0)
-    acc = tl.dot((C_t * e[:, None]).to(DT), tl.trans(h_in), input_precision=DOT_PREC)
-    cum_r = tl.load(row_cum + c * CS + r0)  # reference: the t block's first position
-    span = cum_r - tl.load(row_cum + c * CS + r0 + BM - 1)
-    row = tl.exp(cum_t - cum_r)
-    KD = r0 // BK  # source blocks strictly before the t block
-    j0 = 0
-    if FOLD:
-        # off-diagonal blocks (no documents): the decay is row_t · col_s with both factors <= 1, so col_s dt_s
-        # scales x_s and row_t the sum afterwards: the C·B tile needs no elementwise pass but its cast
-        acc_off = tl.zeros((BM, BP), dtype=tl.float32)
-        for j in range(0, KD):
-            s = c * CS + j * BK + tl.arange(0, BK)
-            ms = s < L
-            cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
-                           DOT_PREC, DT)
-            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-                          mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            colw = tl.exp(cum_r - tl.load(row_cum + s)) * tl.load(row_dt + s)
-            acc_off += tl.dot(cb.to(DT), (x_s * colw[:, None]).to(DT), input_precision=DOT_PREC)
-        acc += acc_off * row[:, None]
-        j0 = KD
-    for j in range(j0, KD + BM // BK):
-        s = c * CS + j * BK + tl.arange(0, BK)
-        ms = s < L
-        cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
-                       DOT_PREC, DT)
-        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-                      mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
-        dt_s = tl.load(row_dt + s)
-        cum_s = tl.load(row_cum + s)
-        # on the diagonal blocks the column factor exp(cum_r - cum_s) >= 1 (up to e^span): _decay_tile's guard
-        decay = _decay_tile(row, tl.exp(cum_r - cum_s), cum_t[:, None], cum_s[None, :], t[:, None] >= s[None, :],
-                            j >= KD, span)
-        if HAS_SEQ:
-            decay = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], decay, 0.0)
-        acc += tl.dot((cb * decay * dt_s[None, :]).to(DT), x_s, input_precision=DOT_PREC)
-    xo = ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :]
-    mo = mt[:, None] & mp[None, :]
-    if HAS_D:
-        x_t = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
-        if D_PER_P:
-            Dv = tl.load(D_ptr + hh * P + offs_p, mask=mp, other=0.0).to(tl.float32)
-            acc += x_t * Dv[None, :]
-        else:
-            acc += x_t * tl.load(D_ptr + hh).to(tl.float32)
-    if HAS_Z:
-        tl.store(ypre_ptr + xo, acc.to(ypre_ptr.dtype.element_ty), mask=mo)
-        zv = tl.load(z_ptr + xo, mask=mo, other=0.0).to(tl.float32)
-        acc = acc * zv * tl.sigmoid(zv)
-    tl.store(out_ptr + xo, acc.to(out_ptr.dtype.element_ty), mask=mo)
-
-
-@triton.jit
 def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
                     ypre_ptr, L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -388,12 +315,8 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
     Lp = NC * CS
     row_cum = cum_ptr + (b * H + hh0) * Lp  # head hh0's cum and dt; head hh0 + k is k·Lp further
     row_dt = dtp_ptr + (b * H + hh0) * Lp
-    NM: tl.constexpr = CS // BM
     HQ: tl.constexpr = HPP * BP
-    c = pid_m // NM
-    r0 = (pid_m % NM) * BM  # the t block's offset in its chunk
-    t = c * CS + r0 + tl.arange(0, BM)
-    mt = t < L
+    c, r0, t, mt = _position_block(pid_m, L, CS, BM)  # r0: the t block's offset in its chunk
     offs_q = tl.arange(0, HQ)  # (head, headdim) pairs: head hh0 + q // BP, headdim q % BP
     qh = offs_q // BP
     qp = offs_q % BP
@@ -938,7 +861,6 @@ CONFIG = dict(
     # dstate 128 0.971 -> 0.921 ms (register cap)
     out_bm=64, out_warps=4, out_bk=None, out_stages=None, out_maxnreg=None, out_cb_min_dstate=0,
     out_heads=1,  # heads per program (side by side in one accumulator), halved until it divides the heads per group
-    out_v5=False,  # the v5 output kernel (one head per program, separate off-diagonal accumulator), for comparison
     cb_causal=True,  # the forward's C·B kernel computes only the blocks on and below the diagonal
     state_maxnreg=None,  # register cap of the forward state kernel
     # two-level forward state pass when batch × heads × blocks < state_seg_programs (0: always one sequential walk)
@@ -1147,13 +1069,10 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
                   DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "out_warps"),
                   num_stages=CONFIG["out_stages"] or _stages(BP, BN),
                   **_maxnreg("out_maxnreg", 128 if BN == 128 and BP <= 64 and BM == BK == 64 else None))
-    if CONFIG["out_v5"]:
-        _launch(_fwd_out_v5_kernel, (H, NC * (cs // BM), b), *out_args, **out_kw)
-    else:
-        hpp = CONFIG["out_heads"]
-        while (H // G) % hpp:
-            hpp //= 2
-        _launch(_fwd_out_kernel, (H // hpp, NC * (cs // BM), b), *out_args, HPP=hpp, **out_kw)
+    hpp = CONFIG["out_heads"]
+    while (H // G) % hpp:
+        hpp //= 2
+    _launch(_fwd_out_kernel, (H // hpp, NC * (cs // BM), b), *out_args, HPP=hpp, **out_kw)
     return out, final, states, dtp, cum, ypre
 
 

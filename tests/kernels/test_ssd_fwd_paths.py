@@ -107,12 +107,6 @@ def test_out_kernel_heads_per_program_falls_back_to_a_divisor(monkeypatch):
     _check_forward(32, (1, 70, 3, 16, 1, 16), docs=1)
 
 
-def test_v5_out_kernel_still_matches(monkeypatch):
-    monkeypatch.setitem(ssd_kernels.CONFIG, "out_v5", True)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", True)
-    _check_forward(256, (1, 300, 2, 16, 1, 16))
-
-
 @pytest.mark.parametrize("bm,bk", [(64, 64), (64, 32), (128, 64)])
 def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk):
     # every buffer the forward allocates starts as NaN: the causal-only C·B (blocks above the diagonal unwritten),
