@@ -14,7 +14,8 @@ Forward (`ssd_fwd`):
      operand next) and the final state (fp32). Headdim blocks shrink when batch × heads alone cannot fill the GPU.
      Optionally (CONFIG state_seg_programs) a two-level pass for long sequences at small batch: segments of
      chunks from a zero state in parallel, `_fwd_seg_kernel`'s short walk over segments, the segments again.
-  3. `_cb_kernel` (>= 4 heads per group): C·B^T per chunk once per group, fp32, blocks on and below the diagonal.
+  3. `_cb_kernel` (>= 4 heads per group): C·B^T per chunk once per group, fp32, only the blocks on and below the
+     diagonal (the backward computes its own, whole, at dstate >= 128).
   4. `_fwd_out_kernel`: one program per (head, block of 64 positions, batch), heads fastest so a group's heads
      share B and C in L2: one accumulator takes the entering state's term and (CONFIG fold_decay) the off-diagonal
      source blocks with the decay folded into the operands, is scaled by the row factor once, then takes the
