@@ -111,7 +111,7 @@ def bench(args):
     base = dict(kernels.CONFIG)
     for n in args.dstate:
         kernels.CONFIG.clear()
-        kernels.CONFIG.update(base, **BEST.get(n, {}))
+        kernels.CONFIG.update({**base, **BEST.get(n, {})})
         for L in args.seqlens:
             b = TOKENS // L
             inp = make_inputs(b, L, h, p, g, n)
@@ -141,16 +141,22 @@ def bench(args):
 
             with torch.no_grad():
                 timed("ours_fwd", lambda: ours_call(inp))
-            timed("ours_fb", fb(ours_call))
-            if args.before_after:  # the same op under the backward settings of v5 (run 4), in the same process
-                kernels.CONFIG.update(V5_BWD)
-                timed("ours_v5_fb", fb(ours_call))
+            if args.baseline is not None:  # the same op under another CONFIG (e.g. the previous version's kernels)
                 kernels.CONFIG.clear()
-                kernels.CONFIG.update(base, **BEST.get(n, {}))
+                kernels.CONFIG.update({**base, **json.loads(args.baseline)})
+                with torch.no_grad():
+                    timed("base_fwd", lambda: ours_call(inp))
+                if not args.no_fb:
+                    timed("base_fb", fb(ours_call))
+                kernels.CONFIG.clear()
+                kernels.CONFIG.update({**base, **BEST.get(n, {})})
+            if not args.no_fb:
+                timed("ours_fb", fb(ours_call))
             if mamba is not None:
                 with torch.no_grad():
                     timed("mamba_fwd", lambda: call(mamba, inp))
-                timed("mamba_fb", fb(lambda t: call(mamba, t)))
+                if not args.no_fb:
+                    timed("mamba_fb", fb(lambda t: call(mamba, t)))
             if fla is not None:
                 dtp = F.softplus(inp["dt"].float() + inp["dt_bias"])
                 q = inp["C"].expand(b, L, h, n).contiguous()
@@ -192,14 +198,6 @@ def bench(args):
     if args.out:
         Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print_table(meta, rows)
-    if args.before_after:
-        print("\nforward+backward, ours now vs the v5 backward settings (same process), ms:")
-        for w in rows:
-            a, v = w.get("ours_fb"), w.get("ours_v5_fb")
-            if a and v:
-                print(f"  dstate {w['dstate']:>4} seqlen {w['seqlen']:>6}: {a:.3f} vs {v:.3f} ({a / v - 1:+.1%})"
-                      + (f"; mamba_ssm {w['mamba_fb']:.3f}, ratio {a / w['mamba_fb']:.2f} (v5 {v / w['mamba_fb']:.2f})"
-                         if w.get("mamba_fb") else ""))
     if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1":
         from lit_mamba2.kernels import ssd as kernels
 
@@ -216,7 +214,24 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
     {"dcb_warps": 8},
     {"bwd_warps": 8},
 ]
-# --- backward variants (helper "bwd", v6; keys of CONFIG added for the backward) -----------------------------------
+# forward-only variants (kernel version v6-fwd of notes/ssd_kernels.md), timed by forward alone. fwd_out: the output
+# kernel's position / source blocks (registers 168 -> 96-126 at source blocks of 32, Triton 3.6 sm_90), warps,
+# pipelining, register cap, heads per program, C·B source and decay folding; fwd_state: the state pass's
+# pipelining, dot length, grid and the two-level pass
+SWEEP_FWD_OUT = [  # run 5 call 1 compared 14 variants at 4096 (notes/ssd_runs/run5_fwd_call1_*); not yet run:
+    {},
+    {"out_maxnreg": 112}, {"out_maxnreg": 96},
+    {"out_bk": 32, "fold_decay": False},
+    {"out_bk": 32, "out_stages": 1},
+]
+SWEEP_FWD_STATE = [  # run 5 call 1 tried two-level passes alone (won only at 64K); not yet run:
+    {},
+    {"fwd_state_stages": 1}, {"fwd_state_stages": 2}, {"fwd_state_stages": 3},
+    {"fwd_state_min_programs": 1024, "fwd_state_stages": 2},
+    {"state_seg_programs": 0}, {"state_seg_min_nc": 128},  # one walk always; two-level from 128 chunks
+    {"fwd_state_bk": 128, "fwd_state_stages": 2}, {"fwd_state_bk": 256, "fwd_state_stages": 2},
+]
+# backward variants (kernel version v6-bwd), ranked by forward+backward
 V5_BWD = {"bwd_cbt": False, "bwd_state_segments": 1, "dcb_stages": None, "bwd_state_stages": None, "dx_maxnreg": 0,
           "bc_maxnreg": 0, "dx_heads_fastest": False, "bwd_state_dcl_rows": False, "bwd_state_bk": None,
           "bwd_state_bn": None, "bwd_state_warps": None}  # the backward's launch settings as run 4 measured them (v5)
@@ -231,81 +246,107 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
     {"bc_maxnreg": 0},
     {"bwd_state_seg_chunks": 16},
 ]
-SWEEP_SETS = {"all": SWEEP + SWEEP_BWD[1:], "bwd": SWEEP_BWD}
-# --------------------------------------------------------------------------------------------------------------------
-BEST = {}  # dstate -> the sweep's fastest variant (by forward+backward), applied by bench() when --sweep ran
+# name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
+SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
+              "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb")}
+SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
+BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 
 
 def sweep(args):
-    """Our forward and forward+backward under each launch variant, plus a per-kernel profile of the default."""
+    """Our forward (and forward+backward) under each launch variant, then a per-kernel profile of the winner. With
+    several --sweep-set names, each set runs on top of the previous sets' winner; a set's winner has the least
+    total time over its seqlens."""
     from lit_mamba2.kernels import ssd as kernels
 
     base = dict(kernels.CONFIG)
     h, p, cs = args.nheads, args.headdim, args.chunk_size
-    variants = SWEEP_SETS[args.sweep_set]
-    results = []
     for n in args.dstate:
-        totals = [0.0] * len(variants)
-        for L in args.sweep_seqlens:
-            b = TOKENS // L
-            inp = make_inputs(b, L, h, p, 1, n)
-            gy = torch.randn_like(inp["x"])
-            leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
+        won = dict(BEST.get(n, {}))
+        for set_name in args.sweep_set:
+            variants, seqlens, by = SWEEP_SETS[set_name]
+            seqlens, by = seqlens or args.sweep_seqlens, by or args.sweep_by
+            totals = {}
+            for L in seqlens:
+                b = TOKENS // L
+                inp = make_inputs(b, L, h, p, 1, n)
+                gy = torch.randn_like(inp["x"])
+                leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
 
-            def f(t):
-                return kernels.ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, t["D"], None, t["dt_bias"], None,
-                                   None, True, (0.0, math.inf), False)
+                def f(t):
+                    return kernels.ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, t["D"], None, t["dt_bias"],
+                                       None, None, True, (0.0, math.inf), False)
 
-            def fb():
-                torch.autograd.grad(f(leaves), list(leaves.values()), gy)
+                def fb():
+                    torch.autograd.grad(f(leaves), list(leaves.values()), gy)
 
-            for vi, var in enumerate(variants):
-                kernels.CONFIG.clear()
-                kernels.CONFIG.update(base, **var)
-                try:
-                    with torch.no_grad():
-                        tf = do_bench(lambda: f(inp), warmup=args.warmup, rep=args.rep, return_mode="median")
-                    tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, return_mode="median")
-                    print(f"sweep dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms",
-                          flush=True)
-                    totals[vi] += tfb
-                    results.append(dict(dstate=n, seqlen=L, variant=var, fwd=tf, fb=tfb))
-                except Exception as e:  # noqa: BLE001
-                    totals[vi] = math.inf
-                    print(f"sweep dstate {n} seqlen {L} {var}: failed {e!r}"[:300], flush=True)
-            # the best over all swept seqlens so far (summed forward+backward times)
-            BEST[n] = variants[min(range(len(variants)), key=totals.__getitem__)]
-            print(f"sweep dstate {n}: best {BEST[n] or 'default'}")
-            kernels.CONFIG.clear()
-            kernels.CONFIG.update(base, **BEST[n])
-            if args.no_profile:
-                kernels.CONFIG.clear()
-                kernels.CONFIG.update(base)
+                for i, var in enumerate(variants):
+                    kernels.CONFIG.clear()
+                    kernels.CONFIG.update({**base, **won, **var})
+                    try:
+                        with torch.no_grad():
+                            tf = do_bench(lambda: f(inp), warmup=args.warmup, rep=args.rep, return_mode="median")
+                        tfb = None if by == "fwd" else do_bench(fb, warmup=args.warmup, rep=args.rep,
+                                                                return_mode="median")
+                        print(f"sweep {set_name} dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms"
+                              + ("" if tfb is None else f", fwd+bwd {tfb:.3f} ms"), flush=True)
+                        SWEPT.append(dict(set=set_name, dstate=n, seqlen=L, variant=var, on_top_of=won, fwd=tf,
+                                          fb=tfb))
+                        totals[i] = totals.get(i, 0.0) + (tf if tfb is None else tfb)
+                    except Exception as e:  # noqa: BLE001
+                        totals[i] = math.inf
+                        print(f"sweep {set_name} dstate {n} seqlen {L} {var}: failed {e!r}"[:300], flush=True)
+                if args.sweep_out:
+                    Path(args.sweep_out).write_text(json.dumps(SWEPT, indent=1))
                 del inp, leaves, gy
                 torch.cuda.empty_cache()
-                continue
-            from torch.profiler import ProfilerActivity, profile
+            i_best = min(totals, key=totals.get)
+            won.update(variants[i_best])
+            print(f"sweep {set_name} dstate {n}: best {variants[i_best] or 'default'} -> {won}", flush=True)
+        BEST[n] = won
+        if not args.no_profile:
+            profile_config(args, kernels, base, n, won, args.profile_seqlens)
+        kernels.CONFIG.clear()
+        kernels.CONFIG.update(base)
 
-            fb()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    fb()
+
+def profile_config(args, kernels, base, n, cfg, seqlens):
+    """Per-kernel device time of our forward (and forward+backward unless --sweep-by fwd) under cfg."""
+    from torch.profiler import ProfilerActivity, profile
+
+    h, p, cs = args.nheads, args.headdim, args.chunk_size
+    kernels.CONFIG.clear()
+    kernels.CONFIG.update({**base, **cfg})
+    for L in seqlens:
+        inp = make_inputs(TOKENS // L, L, h, p, 1, n)
+        leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
+        gy = torch.randn_like(inp["x"])
+
+        def f(t):
+            return kernels.ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, t["D"], None, t["dt_bias"], None,
+                               None, True, (0.0, math.inf), False)
+
+        def fb():
+            torch.autograd.grad(f(leaves), list(leaves.values()), gy)
+
+        steps = [("fwd", lambda: f(inp), torch.no_grad)]
+        if args.sweep_by != "fwd":
+            steps.append(("fwd+bwd", fb, torch.enable_grad))
+        for name, step, mode in steps:
+            with mode():
+                step()
                 torch.cuda.synchronize()
-            print(f"profile dstate {n} seqlen {L} (5 x fwd+bwd), per-call ms:")
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        step()
+                    torch.cuda.synchronize()
+            print(f"profile dstate {n} seqlen {L} (5 x {name}) {cfg or 'default'}, per-call ms:")
             for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]:
                 print(f"  {ev.key[:60]:60s} {ev.device_time_total / 5e3:8.3f} ms  x{ev.count // 5}")
-            kernels.CONFIG.clear()
-            kernels.CONFIG.update(base)
-            del inp, leaves, gy
-            torch.cuda.empty_cache()
-    if args.sweep_out:
-        Path(args.sweep_out).write_text(json.dumps(results, indent=1))
-    print("\nsweep (fwd / fwd+bwd ms):")
-    for n in args.dstate:
-        for vi, var in enumerate(variants):
-            cells = [f"{r['fwd']:.3f}/{r['fb']:.3f}" for r in results if r["dstate"] == n and r["variant"] == var]
-            print(f"  n={n} v{vi} {json.dumps(var) if var else 'default':70s} " + " ".join(cells))
+        del inp, leaves, gy
+        torch.cuda.empty_cache()
+    kernels.CONFIG.clear()
+    kernels.CONFIG.update(base)
 
 
 def print_table(meta, rows):
@@ -319,6 +360,10 @@ def print_table(meta, rows):
           f" | bf16 mm {meta['matmul_TFLOPs']:.0f} TFLOP/s | h={meta['nheads']} p={meta['headdim']} g=1 cs=256")
     print("dstate seqlen | ours fwd  mamba  fla   sdpa | ours/mamba ours/fla floor/ours | ours f+b  mamba   sdpa"
           " | ours/mamba floor/ours")
+    if any("base_fwd" in w for w in rows):
+        print("baseline (--baseline) forward / f+b ms and ours/baseline: " + "; ".join(
+            f"{w['dstate']}/{w['seqlen']}: {f(w.get('base_fwd'))} {r(w.get('ours_fwd'), w.get('base_fwd'))}"
+            f" {f(w.get('base_fb'))} {r(w.get('ours_fb'), w.get('base_fb'))}" for w in rows))
     for w in rows:
         g = w.get
         print(f"{w['dstate']:>6} {w['seqlen']:>6} | {f(g('ours_fwd'))} {f(g('mamba_fwd'))} {f(g('fla_fwd'))} "
@@ -366,18 +411,32 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true", help="compare launch variants of our kernels, then profile")
     ap.add_argument("--sweep-seqlens", type=int, nargs="+", default=[4096])
-    ap.add_argument("--sweep-set", choices=sorted(SWEEP_SETS), default="all", help="which variants --sweep compares")
-    ap.add_argument("--sweep-out", default=None, help="write the sweep's numbers (JSON)")
-    ap.add_argument("--no-profile", action="store_true", help="--sweep without the per-kernel profile")
-    ap.add_argument("--before-after", action="store_true",
-                    help="also time forward+backward under the v5 backward settings (V5_BWD)")
+    ap.add_argument("--sweep-set", choices=sorted(SWEEP_SETS), nargs="+", default=["default"],
+                    help="default: launch variants of forward and backward; fwd_out, fwd_state: forward-only "
+                         "variants (each set on top of the previous ones' winner)")
+    ap.add_argument("--profile-seqlens", type=int, nargs="+", default=[4096])
+    ap.add_argument("--sweep-by", choices=["fb", "fwd"], default="fb",
+                    help="rank variants by forward+backward (default) or forward alone (then f+b is not timed)")
+    ap.add_argument("--sweep-out", default=None, help="JSON of every sweep timing")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile after each sweep")
+    ap.add_argument("--config", default=None,
+                    help="JSON dict of lit_mamba2.kernels.ssd.CONFIG overrides for the whole run (per dstate: "
+                         '{"64": {...}, "128": {...}})')
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--no-fb", action="store_true", help="time forwards only (ours and mamba_ssm)")
+    ap.add_argument("--baseline", default=None, metavar="JSON",
+                    help="also time ours under these CONFIG overrides (columns base_fwd, base_fb), e.g. the "
+                         "previous launch settings")
     ap.add_argument("--to-markdown", metavar="JSON", help="print a saved run (--out) as the BENCHMARKS.md table")
     args = ap.parse_args()
     if args.to_markdown:
         saved = json.loads(Path(args.to_markdown).read_text())
         print(markdown(saved["meta"], saved["rows"]))
         return
+    if args.config:
+        cfg = json.loads(args.config)
+        for n in args.dstate:
+            BEST[n] = cfg.get(str(n), {})
     if args.sweep:
         sweep(args)
     if not args.no_bench:

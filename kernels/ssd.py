@@ -12,10 +12,15 @@ Forward (`ssd_fwd`):
      each chunk's state contribution (tl.dot over blocks of 64 positions) and the state passing in one pass, so
      chunk states never go through memory; it stores the state entering each chunk (x's dtype: it is a dot
      operand next) and the final state (fp32). Headdim blocks shrink when batch × heads alone cannot fill the GPU.
-  3. `_cb_kernel` (dstate >= 128 and >= 4 heads per group): C·B^T per chunk once per group, fp32.
+     Optionally (CONFIG state_seg_programs) a two-level pass for long sequences at small batch: segments of
+     chunks from a zero state in parallel, `_fwd_seg_kernel`'s short walk over segments, the segments again.
+  3. `_cb_kernel` (>= 4 heads per group): C·B^T per chunk once per group, fp32, only the blocks on and below the
+     diagonal (the backward computes its own, whole, at dstate >= 128).
   4. `_fwd_out_kernel`: one program per (head, block of 64 positions, batch), heads fastest so a group's heads
-     share B and C in L2: the quadratic part over the causal blocks only (no (cs, cs) tensor per head in memory),
-     the entering state's term, D and the z gate.
+     share B and C in L2: one accumulator takes the entering state's term and (CONFIG fold_decay) the off-diagonal
+     source blocks with the decay folded into the operands, is scaled by the row factor once, then takes the
+     masked blocks; D and the z gate. Source blocks of 32 at dstate <= 64 and a register cap at dstate 128 fit
+     4 programs per SM.
 Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through buffers reduced in fixed order):
   1. `_bwd_state_kernel`: the reverse state pass: gradient of each chunk's exiting state, of the initial state,
      and the decay's share of d cum_last. When batch × heads cannot fill the GPU (batch 1-2 at 32K-64K tokens per
@@ -127,6 +132,23 @@ def _doc(seq_ptr, b, t, L):
     return tl.load(seq_ptr + b * L + tl.minimum(t, L - 1))
 
 
+@triton.jit
+def _batch_head(pid_bh, H, G):
+    """(batch (int64 for the offsets), head, group) of a program id that runs over batch × heads, heads fastest."""
+    hh = pid_bh % H
+    return (pid_bh // H).to(tl.int64), hh, hh // (H // G)
+
+
+@triton.jit
+def _position_block(pid_m, L, CS: tl.constexpr, BM: tl.constexpr):
+    """Chunk, offset in the chunk, positions and their in-sequence mask of the BM-position block pid_m."""
+    NM: tl.constexpr = CS // BM
+    c = pid_m // NM
+    r0 = (pid_m % NM) * BM
+    t = c * CS + r0 + tl.arange(0, BM)
+    return c, r0, t, t < L
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,9 +157,7 @@ def _dt_kernel(dt_ptr, A_ptr, dtb_ptr, dtp_ptr, cum_ptr, L, H, NC, lo, hi,
                CS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
     """Processed dt and its in-chunk cumsum (times A), per (batch, head, chunk), for every later kernel to read."""
     c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    hh = pid_bh % H
+    b, hh, _ = _batch_head(tl.program_id(1), H, 1)
     t = c * CS + tl.arange(0, CS)
     dt = _load_dt(dt_ptr, dtb_ptr, b, t, hh, L, H, lo, hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
     cum = tl.cumsum(dt * tl.load(A_ptr + hh).to(tl.float32), 0)
@@ -147,16 +167,24 @@ def _dt_kernel(dt_ptr, A_ptr, dtb_ptr, dtp_ptr, cum_ptr, L, H, NC, lo, hi,
 
 @triton.jit
 def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
-               CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """C_t·B_s for every (t, s) block of every chunk, once per group (float32): the heads of a group share it."""
+               CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
+               CAUSAL: tl.constexpr = False):
+    """C_t·B_s for every (t, s) block of every chunk, once per group (float32): the heads of a group share it.
+    CAUSAL: only the blocks with j <= i (the rest of the tensor is left unwritten)."""
     c = tl.program_id(0)
     pid_ij = tl.program_id(1)
     pid_bg = tl.program_id(2)
     b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
     NM: tl.constexpr = CS // BM
-    i = pid_ij // NM
-    j = pid_ij % NM
+    if CAUSAL:  # pid_ij = i (i + 1) / 2 + j
+        i = pid_ij * 0
+        for q in tl.static_range(1, NM):
+            i += (pid_ij >= q * (q + 1) // 2).to(tl.int32)
+        j = pid_ij - i * (i + 1) // 2
+    else:
+        i = pid_ij // NM
+        j = pid_ij % NM
     t = c * CS + i * BM + tl.arange(0, BM)
     s = c * CS + j * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
@@ -171,15 +199,21 @@ def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
 
 
 @triton.jit
-def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr,
-                      L, H, G, P, N, NC, NNB,
+def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr, seg_ptr, segdec_ptr,
+                      L, H, G, P, N, NC, NNB, SEGC,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                      HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                      HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+                      DT: tl.constexpr):
+    """Walks chunks [seg·SEGC, (seg+1)·SEGC) of one (batch, head, headdim block, dstate block) in order.
+    MODE 0: the whole sequence in one segment (SEGC = NC), from the initial state: stores the entering states and
+    the final state. MODE 1 (two-level pass, first level): from a zero state, stores nothing per chunk, only the
+    segment's exiting state and its total decay, for `_fwd_seg_kernel`. MODE 2 (third level): from the segment's
+    true entering state (written by `_fwd_seg_kernel`): stores the entering states (the final state comes from
+    `_fwd_seg_kernel`). Segments give batch-1 long sequences programs for every SM; modes 1 and 2 read x and B
+    twice, which pays only when the sequential walk is long and the grid small."""
     pid_pn = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    hh = pid_bh % H
-    g = hh // (H // G)
+    b, hh, g = _batch_head(tl.program_id(1), H, G)
+    seg = tl.program_id(2)
     Lp = NC * CS
     offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
     offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
@@ -187,20 +221,30 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
     mn = offs_n < N
     mpn = mp[:, None] & mn[None, :]
     pn = offs_p[:, None] * N + offs_n[None, :]
-    if HAS_INIT:
+    c0 = seg * SEGC
+    c1 = tl.minimum(c0 + SEGC, NC)
+    NSEG = tl.num_programs(2)
+    if MODE == 2:
+        state = tl.load(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, mask=mpn, other=0.0)
+    elif MODE == 0 and HAS_INIT:
         state = tl.load(init_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BP, BN), dtype=tl.float32)
     if HAS_SEQ:
-        state_doc = tl.load(seq_ptr + b * L)
-    for c in range(NC):
+        # the document of the position before the segment (of position 0 for the first)
+        state_doc = tl.load(seq_ptr + b * L + tl.maximum(c0 * CS - 1, 0))
+    total = tl.full((), 1.0, tl.float32)
+    for c in range(c0, c1):
         cum_last = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1)
         decay = tl.exp(cum_last)
         if HAS_SEQ:
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
             decay = tl.where(doc_last == state_doc, decay, 0.0)
             state_doc = doc_last
-        tl.store(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, state.to(states_ptr.dtype.element_ty), mask=mpn)
+        if MODE != 1:
+            tl.store(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, state.to(states_ptr.dtype.element_ty),
+                     mask=mpn)
+        total = total * decay
         state = state * decay
         for k in tl.static_range(CS // BK):
             t = c * CS + k * BK + tl.arange(0, BK)
@@ -214,85 +258,144 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
                          mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
             xw = (x * w[:, None]).to(DT)
             state += tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
-    tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
+    if MODE == 0:
+        tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
+    if MODE == 1:
+        tl.store(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, state, mask=mpn)
+        if pid_pn == 0:
+            tl.store(segdec_ptr + (b * H + hh) * NSEG + seg, total)
+
+
+@triton.jit
+def _fwd_seg_kernel(init_ptr, seg_ptr, segdec_ptr, final_ptr, H, PN, NSEG,
+                    BLOCK: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Second level of the two-level state pass: a short walk over segments, elementwise. Replaces each segment's
+    exiting local state (from a zero start) by the true state entering it, and writes the final state."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    if HAS_INIT:
+        h = tl.load(init_ptr + bh * PN + offs, mask=m, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(NSEG):
+        ptr = seg_ptr + (bh * NSEG + k) * PN + offs
+        local = tl.load(ptr, mask=m, other=0.0)
+        tl.store(ptr, h, mask=m)
+        h = h * tl.load(segdec_ptr + bh * NSEG + k) + local
+    tl.store(final_ptr + bh * PN + offs, h, mask=m)
+
+
+@triton.jit
+def _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC,
+              CS: tl.constexpr, BM: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """C_t·B_s (float32), rows r0..r0+BM of chunk c against positions s: loaded (precomputed per group) or
+    recomputed from the C_t tile in registers."""
+    if USE_CB:
+        cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (r0 + tl.arange(0, BM))[:, None] * CS
+                     + (s - c * CS)[None, :])
+    else:
+        B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                      mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+        cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    return cb
 
 
 @triton.jit
 def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
                     ypre_ptr, L, H, G, P, N, NC,
-                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    CS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    HPP: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
                     USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    # heads vary fastest across programs, so the heads of a group read B, C (and C·B) from L2, not DRAM
-    hh = tl.program_id(0)
+    """One program per (HPP heads of a group, block of BM positions t, batch), one (BM, HPP·headdim) accumulator:
+    the heads sit side by side along its columns (x, y and the states of neighbouring heads are contiguous), so
+    they share C_t, every C·B tile and (off the diagonal) every dot. With row_t = exp(cum_t - cum_r) about the t
+    block's first position r:
+        y_t = row_t · [C_t·(exp(cum_r) h_in)ᵀ reach_t
+                       + Σ_{s before the block} C_t·B_s exp(cum_r - cum_s) dt_s x_s]
+              + Σ_{s in the block's diagonal} (C_t·B_s) exp(cum_t - cum_s) dt_s x_s   (per head, masked)
+    Every factor scaling an operand is <= 1. Without FOLD (documents), every source block takes the masked path."""
+    # heads vary fastest across programs, so the groups' heads read B, C (and C·B) from L2, not DRAM
+    hh0 = tl.program_id(0) * HPP
     pid_m = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    g = hh // (H // G)
+    g = hh0 // (H // G)
     Lp = NC * CS
-    NM: tl.constexpr = CS // BM
-    c = pid_m // NM
-    mblk = pid_m % NM
-    t = c * CS + mblk * BM + tl.arange(0, BM)
-    mt = t < L
-    offs_p = tl.arange(0, BP)
+    row_cum = cum_ptr + (b * H + hh0) * Lp  # head hh0's cum and dt; head hh0 + k is k·Lp further
+    row_dt = dtp_ptr + (b * H + hh0) * Lp
+    HQ: tl.constexpr = HPP * BP
+    c, r0, t, mt = _position_block(pid_m, L, CS, BM)  # r0: the t block's offset in its chunk
+    offs_q = tl.arange(0, HQ)  # (head, headdim) pairs: head hh0 + q // BP, headdim q % BP
+    qh = offs_q // BP
+    qp = offs_q % BP
+    mq = qp < P
     offs_n = tl.arange(0, BN)
-    mp = offs_p < P
     mn = offs_n < N
-    cum_t = tl.load(cum_ptr + (b * H + hh) * Lp + t)
     C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                   mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
-    h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                   mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
-    e = tl.exp(cum_t)
+    C_s = C_t
     if HAS_SEQ:
         doc_t = _doc(seq_ptr, b, t, L)
-        e = tl.where(doc_t == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0)), e, 0.0)
-    acc = tl.dot((C_t * e[:, None]).to(DT), tl.trans(h_in), input_precision=DOT_PREC)
-    cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM)  # reference: the block's first position
-    span = cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM + BM - 1)
-    row = tl.exp(cum_t - cum_r)
+        C_s = tl.where((doc_t == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0)))[:, None], C_t, 0.0).to(DT)
+    h_in = tl.load(states_ptr + ((b * NC + c) * H + hh0 + qh[:, None]) * P * N + qp[:, None] * N + offs_n[None, :],
+                   mask=mq[:, None] & mn[None, :], other=0.0).to(tl.float32)
+    sc = tl.exp(tl.load(row_cum + qh * Lp + c * CS + r0))
+    acc = tl.dot(C_s, tl.trans((h_in * sc[:, None]).to(DT)), input_precision=DOT_PREC)
+    KD = r0 // BK  # source blocks strictly before the t block
     j0 = 0
     if FOLD:
-        # off-diagonal blocks (no documents): the decay is row_t · col_s with both factors <= 1, so col_s dt_s
-        # scales x_s and row_t the sum afterwards: the C·B tile needs no elementwise pass but its cast
-        acc_off = tl.zeros((BM, BP), dtype=tl.float32)
-        for j in range(0, mblk):
-            s = c * CS + j * BM + tl.arange(0, BM)
-            cb = _cb_tile(cb_ptr, B_ptr, C_t, b, c, g, mblk, j, L, G, N, NC, CS, BM, BN, USE_CB, DOT_PREC, DT)
-            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-                          mask=(s < L)[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            colw = tl.exp(cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + s)) * tl.load(dtp_ptr + (b * H + hh) * Lp + s)
-            acc_off += tl.dot(cb.to(DT), (x_s * colw[:, None]).to(DT), input_precision=DOT_PREC)
-        acc += acc_off * row[:, None]
-        j0 = mblk
-    for j in range(j0, mblk + 1):
-        s = c * CS + j * BM + tl.arange(0, BM)
+        for j in range(0, KD):
+            s = c * CS + j * BK + tl.arange(0, BK)
+            ms = s < L
+            cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
+                           DOT_PREC, DT)
+            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh0 + qh[None, :]) * P + qp[None, :],
+                          mask=ms[:, None] & mq[None, :], other=0.0).to(tl.float32)
+            colw = tl.zeros((BK, HQ), dtype=tl.float32)
+            for k in tl.static_range(HPP):
+                cw = tl.exp(tl.load(row_cum + k * Lp + c * CS + r0) - tl.load(row_cum + k * Lp + s)) \
+                    * tl.load(row_dt + k * Lp + s)
+                colw = tl.where(qh[None, :] == k, cw[:, None], colw)
+            acc = tl.dot(cb.to(DT), (x_s * colw).to(DT), acc, input_precision=DOT_PREC)
+        j0 = KD
+    rows = tl.zeros((BM, HQ), dtype=tl.float32)
+    for k in tl.static_range(HPP):
+        rw = tl.exp(tl.load(row_cum + k * Lp + t) - tl.load(row_cum + k * Lp + c * CS + r0))
+        rows = tl.where(qh[None, :] == k, rw[:, None], rows)
+    acc = acc * rows
+    for j in range(j0, KD + BM // BK):
+        s = c * CS + j * BK + tl.arange(0, BK)
         ms = s < L
-        if USE_CB:
-            cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
-                         + (j * BM + tl.arange(0, BM))[None, :])
-        else:
-            B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                          mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
-            cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
-        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-                      mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
-        dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
-        cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
-        decay = _decay_tile(row, tl.exp(cum_r - cum_s), cum_t[:, None], cum_s[None, :], t[:, None] >= s[None, :],
-                            j == mblk, span)
+        cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
+                       DOT_PREC, DT)
         if HAS_SEQ:
-            decay = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], decay, 0.0)
-        acc += tl.dot((cb * decay * dt_s[None, :]).to(DT), x_s, input_precision=DOT_PREC)
-    xo = ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :]
-    mo = mt[:, None] & mp[None, :]
+            cb = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], cb, 0.0)
+        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh0 + qh[None, :]) * P + qp[None, :],
+                      mask=ms[:, None] & mq[None, :], other=0.0).to(DT)
+        for k in tl.static_range(HPP):
+            cum_t = tl.load(row_cum + k * Lp + t)
+            cum_r = tl.load(row_cum + k * Lp + c * CS + r0)
+            span = cum_r - tl.load(row_cum + k * Lp + c * CS + r0 + BM - 1)
+            cum_s = tl.load(row_cum + k * Lp + s)
+            # on the diagonal blocks the column factor exp(cum_r - cum_s) >= 1 (up to e^span): _decay_tile's guard
+            decay = _decay_tile(tl.exp(cum_t - cum_r), tl.exp(cum_r - cum_s), cum_t[:, None], cum_s[None, :],
+                                t[:, None] >= s[None, :], j >= KD, span)
+            pk = (cb * decay * tl.load(row_dt + k * Lp + s)[None, :]).to(DT)
+            if HPP == 1:
+                acc = tl.dot(pk, x_s, acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(pk, tl.where(qh[None, :] == k, x_s, 0.0).to(DT), acc, input_precision=DOT_PREC)
+    xo = ((b * L + t[:, None]) * H + hh0 + qh[None, :]) * P + qp[None, :]
+    mo = mt[:, None] & mq[None, :]
     if HAS_D:
         x_t = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
         if D_PER_P:
-            Dv = tl.load(D_ptr + hh * P + offs_p, mask=mp, other=0.0).to(tl.float32)
-            acc += x_t * Dv[None, :]
+            Dv = tl.load(D_ptr + (hh0 + qh) * P + qp, mask=mq, other=0.0).to(tl.float32)
         else:
-            acc += x_t * tl.load(D_ptr + hh).to(tl.float32)
+            Dv = tl.load(D_ptr + hh0 + qh).to(tl.float32)
+        acc += x_t * Dv[None, :]
     if HAS_Z:
         tl.store(ypre_ptr + xo, acc.to(ypre_ptr.dtype.element_ty), mask=mo)
         zv = tl.load(z_ptr + xo, mask=mo, other=0.0).to(tl.float32)
@@ -832,7 +935,25 @@ CONFIG = dict(
     state_bk=64,  # positions per tl.dot inside the sequential state kernels
     state_bn=64,  # dstate block of the sequential state kernels
     state_min_programs=264,  # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this
-    out_bm=64, out_warps=4,  # forward output kernel: positions per program, warps (None: 8 if dstate >= 128)
+    # forward output kernel (v6): positions per program, warps (None: 8 if dstate >= 128); source positions per tile
+    # of its quadratic part (None: 32 at dstate <= 64, where 4 programs fit an SM (122 registers), else out_bm);
+    # pipelining depth (None: as `stages`); register cap (None: 128 at dstate 128 with headdim <= 64, 4 programs
+    # per SM instead of 3 at 168 registers; 0: none); C·B precomputed per group from this dstate on (for the backward:
+    # cb_min_dstate). Run 5 sweep at 4096: dstate 64 0.923 -> 0.759 ms (source blocks 32 + C·B precomputed),
+    # dstate 128 0.971 -> 0.921 ms (register cap)
+    out_bm=64, out_warps=4, out_bk=None, out_stages=None, out_maxnreg=None, out_cb_min_dstate=0,
+    out_heads=1,  # heads per program (side by side in one accumulator), halved until it divides the heads per group
+    cb_causal=True,  # the forward's C·B kernel computes only the blocks on and below the diagonal
+    state_maxnreg=None,  # register cap of the forward state kernel
+    # two-level forward state pass when batch × heads × blocks < state_seg_programs (0: always one sequential walk)
+    # and the walk would be at least state_seg_min_nc chunks, with at least state_seg_min_chunks chunks per segment.
+    # Run 5 (call 1, H100): at 64K tokens in one sequence (256 chunks) 1.596 -> 1.294 ms forward at dstate 128,
+    # 1.102 -> 1.070 at 64; at 128 chunks (2 x 32K) it lost (1.215 -> 1.234, 0.871 -> 1.024): reading x twice
+    # pays only for long walks
+    state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=256,
+    # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
+    # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys
+    fwd_state_bk=None, fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=None,
     bwd_bm=64, bwd_warps=4,  # backward dx, dB and dC kernels
     stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
@@ -860,14 +981,18 @@ CONFIG = dict(
 )
 
 
-def _cb(B, C, cs, NC, prec, ddt_):
-    """(b, NC, G, cs, cs) float32 C·B per chunk, or None when too few heads share it to pay for the memory."""
+def _cb(B, C, cs, NC, prec, ddt_, causal_upto=0):
+    """(b, NC, G, cs, cs) float32 C·B per chunk. causal_upto: the readers' position blocks (a multiple of this
+    kernel's blocks): blocks above the diagonal are then not computed (their entries are left unwritten), which
+    the forward output kernel never reads when its position blocks are no taller than these."""
     b, L, G, N = B.shape
     BN = _pow2(N)
     BM = min(cs, 64 if BN <= 128 else 32)
     cb = torch.empty(b, NC, G, cs, cs, device=B.device, dtype=torch.float32)
-    _launch(_cb_kernel, (NC, (cs // BM) ** 2, b * G), B, C, cb, L, G, N, NC,
-            CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, num_warps=4)
+    NM = cs // BM
+    causal = 0 < causal_upto <= BM
+    _launch(_cb_kernel, (NC, NM * (NM + 1) // 2 if causal else NM * NM, b * G), B, C, cb, L, G, N, NC,
+            CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, CAUSAL=causal, num_warps=4)
     return cb
 
 
@@ -878,6 +1003,33 @@ def _state_blocks(b: int, H: int, P: int, N: int, bn_key: str = "state_bn"):
     while BP > 16 and b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN) < CONFIG["state_min_programs"]:
         BP //= 2
     return BP, BN
+
+
+def _fwd_state_plan(b: int, H: int, P: int, N: int, NC: int):
+    """(BP, BN, chunks per segment, segments) of the forward state pass: one sequential walk over all chunks with
+    headdim blocks shrinking until the grid reaches fwd_state_min_programs, or (long sequences, small batch)
+    segments walked in parallel so that the grid reaches state_seg_programs. The forward's own keys (None: the
+    keys the backward's state pass uses too)."""
+    target, min_chunks = CONFIG["state_seg_programs"], CONFIG["state_seg_min_chunks"]
+    BN = min(_pow2(N), CONFIG["fwd_state_bn"] or CONFIG["state_bn"])
+    BP = min(_pow2(P), 64)
+    base = b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN)
+    if target and base < target and NC >= max(2 * min_chunks, CONFIG["state_seg_min_nc"]):
+        nseg = min(triton.cdiv(target, base), NC // min_chunks)
+        segc = triton.cdiv(NC, nseg)
+        nseg = triton.cdiv(NC, segc)
+        if nseg > 1:
+            return BP, BN, segc, nseg
+    min_programs = CONFIG["fwd_state_min_programs"] or CONFIG["state_min_programs"]
+    while BP > 16 and b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN) < min_programs:
+        BP //= 2
+    return BP, BN, NC, 1
+
+
+def _maxnreg(key: str, default=None) -> dict:
+    # a register cap trades spills for more programs per SM; the interpreter has no registers
+    cap = default if CONFIG[key] is None else CONFIG[key]  # 0: no cap
+    return {} if not cap or _INTERPRET else {"maxnreg": cap}
 
 
 def _dot_prec(dtype):
@@ -936,8 +1088,9 @@ def _stages(BP: int, BN: int, key: Optional[str] = None) -> int:
     return (CONFIG[key] if key else None) or CONFIG["stages"] or (1 if BN >= 128 else 2)
 
 
-def _use_cb(H: int, G: int, N: int) -> bool:
-    return H // G >= CONFIG["cb_min_heads_per_group"] and N >= CONFIG["cb_min_dstate"]
+def _use_cb(H: int, G: int, N: int, min_dstate=None) -> bool:
+    min_dstate = CONFIG["cb_min_dstate"] if min_dstate is None else min_dstate
+    return H // G >= CONFIG["cb_min_heads_per_group"] and N >= min_dstate
 
 
 def _fold(N: int, seq_idx) -> bool:
@@ -1001,29 +1154,48 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     _launch(_dt_kernel, (NC, b * H), dt, A, dt_bias if dt_bias is not None else dummy, dtp, cum,
             L, H, NC, float(dt_lo), float(min(dt_hi, 3.0e38)),
             CS=cs, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
-    BP1, BN1 = _state_blocks(b, H, P, N)
+    BP1, BN1, segc, nseg = _fwd_state_plan(b, H, P, N, NC)
     npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
-    _launch(_fwd_state_kernel, (npb * nnb, b * H),
-            x, B, initial_states if initial_states is not None else dummy, seq_idx if seq_idx is not None else dummy,
-            dtp, cum, states, final, L, H, G, P, N, NC, nnb,
-            CS=cs, BK=min(cs, CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_INIT=initial_states is not None,
-            HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_, num_warps=4, num_stages=_stages(BP1, _pow2(N)))
+    state_args = (x, B, initial_states if initial_states is not None else dummy,
+                  seq_idx if seq_idx is not None else dummy, dtp, cum, states, final)
+    state_kw = dict(CS=cs, BK=min(cs, CONFIG["fwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1,
+                    HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
+                    num_warps=4, num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)),
+                    **_maxnreg("state_maxnreg"))
+    if nseg == 1:
+        _launch(_fwd_state_kernel, (npb * nnb, b * H, 1), *state_args, dummy, dummy, L, H, G, P, N, NC, nnb, NC,
+                MODE=0, **state_kw)
+    else:
+        # two-level pass: segments from a zero state in parallel, a short walk over segments, the segments again
+        # from their true entering states
+        seg = torch.empty(b, H, nseg, P, N, device=x.device, dtype=f32)
+        segdec = torch.empty(b, H, nseg, device=x.device, dtype=f32)
+        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, L, H, G, P, N, NC, nnb, segc,
+                MODE=1, **state_kw)
+        _launch(_fwd_seg_kernel, (triton.cdiv(P * N, 1024), b * H),
+                initial_states if initial_states is not None else dummy, seg, segdec, final, H, P * N, nseg,
+                BLOCK=1024, HAS_INIT=initial_states is not None, num_warps=4)
+        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, L, H, G, P, N, NC, nnb, segc,
+                MODE=2, **state_kw)
     out = torch.empty_like(x)
     ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "out_bm", BP, BN)
-    use_cb = _use_cb(H, G, N)
-    cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else None
-    _launch(_fwd_out_kernel, (H, NC * (cs // BM), b),
-        x, B, C, D if D is not None else dummy, z if z is not None else dummy,
-        seq_idx if seq_idx is not None else dummy,
-        dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy,
-        L, H, G, P, N, NC,
-        CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb,
-        FOLD=_fold(N, seq_idx), DOT_PREC=prec, DT=ddt_,
-        num_warps=_warps(BN, "out_warps"),
-        num_stages=_stages(BP, BN))
+    BK = min(BM, CONFIG["out_bk"] or (32 if BN <= 64 else BM))
+    use_cb = _use_cb(H, G, N, CONFIG["out_cb_min_dstate"])
+    cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0) if use_cb else None
+    out_args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy,
+                seq_idx if seq_idx is not None else dummy,
+                dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy, L, H, G, P, N, NC)
+    out_kw = dict(CS=cs, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+                  HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx),
+                  DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "out_warps"),
+                  num_stages=CONFIG["out_stages"] or _stages(BP, BN),
+                  **_maxnreg("out_maxnreg", 128 if BN == 128 and BP <= 64 and BM == BK == 64 else None))
+    hpp = CONFIG["out_heads"]
+    while (H // G) % hpp:
+        hpp //= 2
+    _launch(_fwd_out_kernel, (H // hpp, NC * (cs // BM), b), *out_args, HPP=hpp, **out_kw)
     return out, final, states, dtp, cum, ypre
 
 
