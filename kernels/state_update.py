@@ -20,6 +20,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr,
+                  DT_SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr):
+    """One head's step size and decay exp(dt * A), in float32: dt (+ dt_bias), softplus, clamp."""
+    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dtb_ptr + h).to(tl.float32)
+    if DT_SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # F.softplus with its threshold
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)  # the parameter A_log: saves the model two tiny launches per layer and step
+    return dt, tl.exp(A * dt)
+
+
+@triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
     nheads, headdim, dstate, heads_per_group, dt_min, dt_max,
@@ -38,17 +55,8 @@ def _state_update_kernel(
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
 
-    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt += tl.load(dtb_ptr + h).to(tl.float32)
-    if DT_SOFTPLUS:
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # F.softplus with its threshold
-    if HAS_LIMIT:
-        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    if A_IS_LOG:
-        A = -tl.exp(A)  # the parameter A_log: saves the model two tiny launches per layer and step
-    decay = tl.exp(A * dt)
+    dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
+                              HAS_LIMIT, A_IS_LOG)
 
     x = tl.load(x_ptr + b * x_b + h * x_h + offs_p * x_p, mask=mask_p, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * B_b + g * B_g + offs_n * B_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -235,13 +243,8 @@ def _mixer_step_kernel(
         tl.store(ring + cC * r_c + slot_slot * r_w, C_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
 
     # the SSM state update, as in _state_update_kernel
-    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt += tl.load(dtb_ptr + h).to(tl.float32)
-    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-    if HAS_LIMIT:
-        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    decay = tl.exp(-tl.exp(tl.load(A_log_ptr + h).to(tl.float32)) * dt)
+    dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_log_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, True,
+                              HAS_LIMIT, True)
     s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
     mask = mask_p[:, None] & mask_n[None, :]
     st = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)

@@ -70,8 +70,9 @@ class Decoder:
     attention), the input token and the positions; `step` is one token for every row, replayed from a CUDA graph
     when `cuda_graph` (default: on CUDA). `compile=True` also runs the step through torch.compile. `ring_conv`
     keeps Mamba-2 conv states as rings (see Mamba2State.ring), so that one kernel does conv and state update
-    (default: below batch 16, where it measured faster). `state_dtype=torch.bfloat16` stores SSM states in bf16
-    (as mamba_ssm does for bf16 models): about 30% less time per step at batch 64, some accuracy lost."""
+    (default: below batch 16, where it measured faster). `state_dtype`: the SSM states' storage, by default the
+    model's dtype as in mamba_ssm (bf16 for a bf16 model: about 30% less time per step at batch 64 than float32);
+    `state_dtype=torch.float32` keeps them in float32 (closer to exact over long outputs)."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
@@ -83,14 +84,17 @@ class Decoder:
         if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
             ring_conv = batch_size < 16
         self.states = model.allocate_states(batch_size, device=device)
-        # state_dtype: the SSM states' storage (the kernel computes in float32 either way). bfloat16 halves the
-        # bytes a step moves at large batch, as mamba_ssm does for bf16 models, at some accuracy over long outputs.
+        # state_dtype: the SSM states' storage (the kernels compute in float32 either way). The default is the
+        # model's dtype, as mamba_ssm does: bf16 states for a bf16 model halve the bytes a step moves at large
+        # batch; float32 keeps long outputs closer to the float32-state recurrence (BENCHMARKS.md measures the drift).
+        self.state_dtype = state_dtype or weight.dtype
         for st in self.states:
             if isinstance(st, Mamba2State):
-                st.ssm = st.ssm.to(state_dtype or st.ssm.dtype)  # default: float32 (float64 for float64 models)
-                if ring_conv:
-                    st.conv = torch.zeros(*st.conv.shape[:2], st.conv.shape[2] + 1, device=device,
-                                          dtype=st.conv.dtype)
+                st.ssm = st.ssm.to(self.state_dtype)
+                if ring_conv:  # slot-major storage, (batch, width, conv_dim) seen as (batch, conv_dim, width): a
+                    # slot's channels are contiguous, so the kernel's loads of one slot coalesce
+                    b, c, w = st.conv.shape
+                    st.conv = torch.zeros(b, w + 1, c, device=device, dtype=st.conv.dtype).transpose(1, 2)
                     st.ring = True
         for st, layer in zip(self.states, model.backbone.layers):
             if isinstance(st, KVCache):
@@ -251,8 +255,9 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA")
-    parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="storage of the SSM states while decoding (bfloat16: faster at large batch)")
+    parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default=None,
+                        help="storage of the SSM states while decoding; default: the model's dtype, as mamba_ssm "
+                             "(float32: closer to exact over long outputs, slower at large batch)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
@@ -297,7 +302,7 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.flush()
     for token in stream(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, stop_tokens=stops, generator=generator,
-                        cuda_graph=False if args.no_cuda_graph else None, state_dtype=DTYPES[args.state_dtype]):
+                        cuda_graph=False if args.no_cuda_graph else None, state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None):
         for r, t in zip(rows, token.tolist()):
             if not (r and r[-1] in stops):
                 r.append(t)
