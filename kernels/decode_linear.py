@@ -1,0 +1,167 @@
+"""Linear layers for decoding at small batch, each with the norm before it fused into its prologue.
+
+At batch 1 a decode step is bound by kernel launches (a few µs each, even in a CUDA graph), not by bytes: the
+weights of mamba2-130m stream in ~0.1 ms. So a Mamba-2 layer's step is three launches here instead of five:
+
+    [residual add + RMSNorm + in_proj]  [conv + SSM state update (state_update.py)]  [gated RMSNorm + out_proj + residual add]
+
+and the final norm rides in the LM head's prologue. Each program computes BLOCK_N outputs of one row (a GEMV tile)
+and recomputes its row's norm statistics itself (a d_model- or d_inner-long read that stays in L1/L2) instead of
+waiting for another launch to produce them. The weight is read once per row of the batch, so this is for small
+batches only; large batches keep cuBLAS (generation.Decoder picks).
+
+Rounding follows the unfused path: the residual sum is kept in the residual's dtype; RMSNorm's input is that sum
+rounded to the norm weight's dtype, and the normalised vector is rounded to the linear weight's dtype before the
+product (as the unfused path stores it); the output is rounded to the weight's dtype before it is added to the
+residual.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_N, BLOCK_K, num_warps); benchmarks/bench_decode.py --sweep-linear times the alternatives on the GPU
+CONFIG = (16, 256, 4)
+
+
+@triton.jit
+def _norm_linear_kernel(
+    x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, r_out_ptr, out_ptr, acc_ptr,
+    N, K, ngroups, group_size, eps,
+    x_b, r_b, z_b, ro_b, w_n, o_b, a_b,
+    ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for g in range(0, ngroups):
+        # pass 1: the group's sum of squares (program 0 of the row also stores the new residual)
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, group_size, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mk = kk < group_size
+            offs_k = g * group_size + kk
+            u = tl.load(x_ptr + b * x_b + offs_k, mask=mk, other=0.0).to(tl.float32)
+            if ADD_RESIDUAL:
+                u += tl.load(r_ptr + b * r_b + offs_k, mask=mk, other=0.0).to(tl.float32)
+            if WRITE_RESIDUAL:
+                u = u.to(r_out_ptr.dtype.element_ty)
+                if pid_n == 0:
+                    tl.store(r_out_ptr + b * ro_b + offs_k, u, mask=mk)
+            if HAS_Z:
+                if not NORM_BEFORE_GATE:
+                    zv = tl.load(z_ptr + b * z_b + offs_k, mask=mk, other=0.0).to(tl.float32)
+                    u = u.to(tl.float32) * zv * tl.sigmoid(zv)
+            else:
+                u = u.to(nw_ptr.dtype.element_ty)
+            u = u.to(tl.float32)
+            ss += u * u
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / group_size + eps)
+        # pass 2: normalise again chunk by chunk (the row is in cache) and multiply into the weight tile
+        for k0 in range(0, group_size, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mk = kk < group_size
+            offs_k = g * group_size + kk
+            u = tl.load(x_ptr + b * x_b + offs_k, mask=mk, other=0.0).to(tl.float32)
+            if ADD_RESIDUAL:
+                u += tl.load(r_ptr + b * r_b + offs_k, mask=mk, other=0.0).to(tl.float32)
+            if WRITE_RESIDUAL:
+                u = u.to(r_out_ptr.dtype.element_ty)
+            if HAS_Z:
+                zv = tl.load(z_ptr + b * z_b + offs_k, mask=mk, other=0.0).to(tl.float32)
+                u = u.to(tl.float32)
+                if not NORM_BEFORE_GATE:
+                    u = u * zv * tl.sigmoid(zv)
+            else:
+                u = u.to(nw_ptr.dtype.element_ty).to(tl.float32)
+            nrm = u * rstd * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+            if HAS_Z:
+                if NORM_BEFORE_GATE:
+                    nrm = nrm * zv * tl.sigmoid(zv)
+            nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :],
+                        other=0.0)
+            acc += w.to(tl.float32) * nrm[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    out = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * o_b + offs_n, out, mask=mask_n)
+    if ACCUMULATE:  # each program owns its outputs' residual entries: the in-place add has no race
+        a = tl.load(acc_ptr + b * a_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(acc_ptr + b * a_b + offs_n, (a + out.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=mask_n)
+
+
+def _rows(name, t, b, k):
+    if t.dim() != 2 or t.shape != (b, k) or t.stride(1) != 1:
+        raise ValueError(f"{name}: expected a ({b}, {k}) tensor with contiguous rows, got {tuple(t.shape)} "
+                         f"strides {t.stride()}")
+
+
+def _launch(x, weight, norm_weight, eps, *, residual=None, r_out=None, z=None, ngroups=1, norm_before_gate=False,
+            bias=None, accumulate=None, config=None):
+    b, K = x.shape
+    N = weight.shape[0]
+    if weight.shape != (N, K) or weight.stride(1) != 1:
+        raise ValueError(f"norm_linear: weight must be ({N}, {K}) with contiguous rows, got {tuple(weight.shape)}")
+    if K % ngroups:
+        raise ValueError(f"norm_linear: {K} channels do not split into {ngroups} groups")
+    for name, t in (("x", x), ("residual", residual), ("residual out", r_out), ("z", z)):
+        if t is not None:
+            _rows(name, t, b, K)
+    if accumulate is not None:
+        _rows("accumulate", accumulate, b, N)
+    out = torch.empty(b, N, device=x.device, dtype=weight.dtype)
+    BLOCK_N, BLOCK_K, num_warps = config or CONFIG
+    group_size = K // ngroups
+    BLOCK_K = min(BLOCK_K, triton.next_power_of_2(group_size))
+    grid = (triton.cdiv(N, BLOCK_N), b)
+    dummy = x
+    _norm_linear_kernel[grid](
+        x, residual if residual is not None else dummy, z if z is not None else dummy, norm_weight, weight,
+        bias if bias is not None else norm_weight, r_out if r_out is not None else dummy, out,
+        accumulate if accumulate is not None else out,
+        N, K, ngroups, group_size, float(eps),
+        x.stride(0), residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
+        r_out.stride(0) if r_out is not None else 0, weight.stride(0), out.stride(0),
+        accumulate.stride(0) if accumulate is not None else 0,
+        ADD_RESIDUAL=residual is not None, WRITE_RESIDUAL=r_out is not None, HAS_Z=z is not None,
+        NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps,
+    )
+    return out
+
+
+def add_norm_linear(hidden: Optional[torch.Tensor], residual: Optional[torch.Tensor], norm_weight, eps, weight,
+                    bias=None, residual_dtype: Optional[torch.dtype] = None, config=None):
+    """A pre-norm block's entry and its first linear layer, for one token per row.
+
+    residual' = residual + hidden (hidden alone when residual is None; residual alone when hidden is None, as after
+    a fused layer that already added its output), kept in residual_dtype; returns (linear(RMSNorm(residual')),
+    residual'). hidden, residual: (batch, K); weight: (N, K). With residual_dtype None and hidden given, residual'
+    is not stored (returned as None): the LM head needs only the output."""
+    if hidden is None and residual is None:
+        raise ValueError("add_norm_linear: hidden and residual are both None")
+    if hidden is None:
+        return _launch(residual, weight, norm_weight, eps, bias=bias, config=config), residual
+    r_out = None
+    if residual_dtype is not None:
+        r_out = torch.empty(hidden.shape, device=hidden.device, dtype=residual_dtype)
+    out = _launch(hidden, weight, norm_weight, eps, residual=residual, r_out=r_out, bias=bias, config=config)
+    return out, r_out
+
+
+def gated_norm_linear(y, z, norm_weight, eps, ngroups, norm_before_gate, weight, bias=None,
+                      residual: Optional[torch.Tensor] = None, config=None):
+    """out = linear(gated_rmsnorm(y, z)) for one token per row (mamba_ssm's RMSNormGated over `ngroups` groups of
+    channels, then out_proj); with `residual`, also residual += out in place (out rounded to weight's dtype first).
+    y, z: (batch, K); weight: (N, K); residual: (batch, N). Returns out (batch, N) in weight's dtype."""
+    return _launch(y, weight, norm_weight, eps, z=z, ngroups=ngroups, norm_before_gate=norm_before_gate, bias=bias,
+                   accumulate=residual, config=config)
