@@ -7,8 +7,8 @@ weights of mamba2-130m stream in ~0.1 ms. So a Mamba-2 layer's step is three lau
 
 and the final norm rides in the LM head's prologue. Each program computes BLOCK_N outputs of one row (a GEMV tile)
 and recomputes its row's norm statistics itself (a d_model- or d_inner-long read that stays in L1/L2) instead of
-waiting for another launch to produce them. The weight is read once per row of the batch, so this is for small
-batches only; large batches keep cuBLAS (generation.Decoder picks).
+waiting for another launch to produce them. From GEMV_BELOW rows on, a block of up to 64 rows shares each weight
+tile through tl.dot instead, so the weight is read once per 64 rows (batch 64: once).
 
 Rounding follows the unfused path: the residual sum is kept in the residual's dtype; RMSNorm's input is that sum
 rounded to the norm weight's dtype, and the normalised vector is rounded to the linear weight's dtype before the
@@ -18,14 +18,22 @@ residual.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_N, BLOCK_K, num_warps); benchmarks/bench_decode.py --sweep-linear times the alternatives on the GPU
+# Below GEMV_BELOW rows: one row per program (_norm_linear_kernel, tiles CONFIG = (BLOCK_N, BLOCK_K, num_warps));
+# from it on: blocks of up to 64 rows through tl.dot (_norm_matmul_kernel, DOT_CONFIG = (BLOCK_N, BLOCK_K,
+# num_warps, num_stages)). benchmarks/bench_decode.py --sweep times the alternatives on the GPU.
+GEMV_BELOW = 8
+# the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): it gets float32 dot operands (the same
+# products: the operands are rounded to the weight's dtype first)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CONFIG = (16, 256, 4)
+DOT_CONFIG = (64, 128, 4, 3)
 
 
 @triton.jit
@@ -99,6 +107,84 @@ def _norm_linear_kernel(
         tl.store(acc_ptr + b * a_b + offs_n, (a + out.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=mask_n)
 
 
+@triton.jit
+def _norm_matmul_kernel(
+    x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, r_out_ptr, out_ptr, acc_ptr,
+    M, N, K, ngroups, group_size, eps,
+    x_b, r_b, z_b, ro_b, w_n, o_b, a_b,
+    ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """_norm_linear_kernel for a block of BLOCK_M rows at once (tl.dot): the weight tile is read once per block of
+    rows instead of once per row. Same prologue and epilogue, same roundings."""
+    pid_n = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, ngroups):
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, group_size, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            offs_k = g * group_size + kk
+            mk = mask_m[:, None] & (kk < group_size)[None, :]
+            u = tl.load(x_ptr + offs_m[:, None] * x_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
+            if ADD_RESIDUAL:
+                u += tl.load(r_ptr + offs_m[:, None] * r_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
+            if WRITE_RESIDUAL:
+                u = u.to(r_out_ptr.dtype.element_ty)
+                if pid_n == 0:
+                    tl.store(r_out_ptr + offs_m[:, None] * ro_b + offs_k[None, :], u, mask=mk)
+            if HAS_Z:
+                if not NORM_BEFORE_GATE:
+                    zv = tl.load(z_ptr + offs_m[:, None] * z_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
+                    u = u.to(tl.float32) * zv * tl.sigmoid(zv)
+            else:
+                u = u.to(nw_ptr.dtype.element_ty)
+            u = u.to(tl.float32)
+            ss += tl.sum(u * u, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / group_size + eps)
+        for k0 in range(0, group_size, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            offs_k = g * group_size + kk
+            mkk = kk < group_size
+            mk = mask_m[:, None] & mkk[None, :]
+            u = tl.load(x_ptr + offs_m[:, None] * x_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
+            if ADD_RESIDUAL:
+                u += tl.load(r_ptr + offs_m[:, None] * r_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
+            if WRITE_RESIDUAL:
+                u = u.to(r_out_ptr.dtype.element_ty)
+            if HAS_Z:
+                zv = tl.load(z_ptr + offs_m[:, None] * z_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
+                u = u.to(tl.float32)
+                if not NORM_BEFORE_GATE:
+                    u = u * zv * tl.sigmoid(zv)
+            else:
+                u = u.to(nw_ptr.dtype.element_ty).to(tl.float32)
+            nrm = u * rstd[:, None] * tl.load(nw_ptr + offs_k, mask=mkk, other=0.0).to(tl.float32)[None, :]
+            if HAS_Z:
+                if NORM_BEFORE_GATE:
+                    nrm = nrm * zv * tl.sigmoid(zv)
+            w = tl.load(w_ptr + offs_n[None, :] * w_n + offs_k[:, None], mask=mask_n[None, :] & mkk[:, None],
+                        other=0.0)  # (BLOCK_K, BLOCK_N): the weight transposed
+            nrm = nrm.to(w_ptr.dtype.element_ty).to(DOT_DTYPE)
+            if IEEE:
+                acc += tl.dot(nrm, w.to(DOT_DTYPE), input_precision="ieee")
+            else:
+                acc += tl.dot(nrm, w.to(DOT_DTYPE))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(out_ptr.dtype.element_ty)
+    mo = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptr + offs_m[:, None] * o_b + offs_n[None, :], out, mask=mo)
+    if ACCUMULATE:
+        a_ptrs = acc_ptr + offs_m[:, None] * a_b + offs_n[None, :]
+        a = tl.load(a_ptrs, mask=mo, other=0.0).to(tl.float32)
+        tl.store(a_ptrs, (a + out.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=mo)
+
+
 def _rows(name, t, b, k):
     if t.dim() != 2 or t.shape != (b, k) or t.stride(1) != 1:
         raise ValueError(f"{name}: expected a ({b}, {k}) tensor with contiguous rows, got {tuple(t.shape)} "
@@ -119,23 +205,31 @@ def _launch(x, weight, norm_weight, eps, *, residual=None, r_out=None, z=None, n
     if accumulate is not None:
         _rows("accumulate", accumulate, b, N)
     out = torch.empty(b, N, device=x.device, dtype=weight.dtype)
-    BLOCK_N, BLOCK_K, num_warps = config or CONFIG
     group_size = K // ngroups
-    BLOCK_K = min(BLOCK_K, triton.next_power_of_2(group_size))
-    grid = (triton.cdiv(N, BLOCK_N), b)
     dummy = x
-    _norm_linear_kernel[grid](
-        x, residual if residual is not None else dummy, z if z is not None else dummy, norm_weight, weight,
-        bias if bias is not None else norm_weight, r_out if r_out is not None else dummy, out,
-        accumulate if accumulate is not None else out,
-        N, K, ngroups, group_size, float(eps),
-        x.stride(0), residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
-        r_out.stride(0) if r_out is not None else 0, weight.stride(0), out.stride(0),
-        accumulate.stride(0) if accumulate is not None else 0,
-        ADD_RESIDUAL=residual is not None, WRITE_RESIDUAL=r_out is not None, HAS_Z=z is not None,
-        NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps,
-    )
+    args = (x, residual if residual is not None else dummy, z if z is not None else dummy, norm_weight, weight,
+            bias if bias is not None else norm_weight, r_out if r_out is not None else dummy, out,
+            accumulate if accumulate is not None else out)
+    strides = (x.stride(0), residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
+               r_out.stride(0) if r_out is not None else 0, weight.stride(0), out.stride(0),
+               accumulate.stride(0) if accumulate is not None else 0)
+    flags = dict(ADD_RESIDUAL=residual is not None, WRITE_RESIDUAL=r_out is not None, HAS_Z=z is not None,
+                 NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None)
+    if b < GEMV_BELOW:
+        BLOCK_N, BLOCK_K, num_warps = config or CONFIG
+        BLOCK_K = min(BLOCK_K, triton.next_power_of_2(group_size))
+        _norm_linear_kernel[(triton.cdiv(N, BLOCK_N), b)](
+            *args, N, K, ngroups, group_size, float(eps), *strides, **flags,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps)
+    else:
+        BLOCK_N, BLOCK_K, num_warps, num_stages = config or DOT_CONFIG
+        BLOCK_M = min(64, max(16, triton.next_power_of_2(b)))
+        BLOCK_K = max(16, min(BLOCK_K, triton.next_power_of_2(group_size)))
+        _norm_matmul_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(b, BLOCK_M))](
+            *args, b, N, K, ngroups, group_size, float(eps), *strides, **flags, IEEE=weight.dtype == torch.float32,
+            DOT_DTYPE=tl.float32 if _INTERPRET or weight.dtype == torch.float32 else tl.bfloat16
+            if weight.dtype == torch.bfloat16 else tl.float16,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

@@ -19,6 +19,18 @@ import triton
 import triton.language as tl
 
 
+# A program's state tile: BLOCK_P rows of headdim by all of dstate. STATE_TILE = (elements per tile, num_warps);
+# benchmarks/bench_decode.py --sweep times the alternatives on the GPU.
+STATE_TILE = (4096, 4)
+
+
+def _state_tiles(p, n, block_p=None, num_warps=None):
+    BLOCK_N = triton.next_power_of_2(n)
+    if block_p is None:
+        block_p = max(1, min(triton.next_power_of_2(p), max(16, STATE_TILE[0] // BLOCK_N)))
+    return BLOCK_N, block_p, num_warps or STATE_TILE[1]
+
+
 @triton.jit
 def _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr,
                   DT_SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr):
@@ -77,7 +89,7 @@ def _state_update_kernel(
 
 
 def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                 dt_limit=(0.0, math.inf), out=None, A_is_log=False):
+                 dt_limit=(0.0, math.inf), out=None, A_is_log=False, block_p=None, num_warps=None):
     """state: (batch, nheads, headdim, dstate), updated in place; x, z: (batch, nheads, headdim); dt: (batch,
     nheads); A, dt_bias: (nheads,); B, C: (batch, ngroups, dstate); D: (nheads,) or (nheads, headdim).
     A_is_log: A holds A_log, and A = -exp(A_log) is taken in the kernel.
@@ -94,8 +106,7 @@ def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
         D_h = D_p = 0
     zs = z.stride() if z is not None else (0, 0, 0)
     has_limit = tuple(dt_limit) != (0.0, math.inf)
-    BLOCK_N = triton.next_power_of_2(n)
-    BLOCK_P = max(1, min(triton.next_power_of_2(p), max(16, 4096 // BLOCK_N)))
+    BLOCK_N, BLOCK_P, num_warps = _state_tiles(p, n, block_p, num_warps)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     _state_update_kernel[grid](
         state, x, dt, A, B, C, D if D is not None else A, z if z is not None else x,
@@ -103,7 +114,7 @@ def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
         h, p, n, h // g, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), D_h, D_p, *zs, *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4,
+        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
     return out
 
@@ -260,7 +271,7 @@ def _mixer_step_kernel(
 
 
 def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=None, z=None, dt_bias=None,
-               dt_limit=(0.0, math.inf), ngroups=1):
+               dt_limit=(0.0, math.inf), ngroups=1, block_p=None, num_warps=None):
     """A Mamba-2 mixer's conv (+ SiLU) and SSM state update for one token, in one launch.
 
     state: (batch, nheads, headdim, dstate), in place; conv_ring: (batch, conv_dim, width), the last `width`
@@ -280,8 +291,7 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
     else:
         D_h = D_p = 0
     zs = z.stride() if z is not None else (0, 0, 0)
-    BLOCK_N = triton.next_power_of_2(n)
-    BLOCK_P = max(1, min(triton.next_power_of_2(p), max(16, 4096 // BLOCK_N)))
+    BLOCK_N, BLOCK_P, num_warps = _state_tiles(p, n, block_p, num_warps)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     _mixer_step_kernel[grid](
         state, conv_ring, slot, xBC, conv_weight, conv_bias if conv_bias is not None else conv_weight, dt, A_log,
@@ -291,6 +301,6 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
         *out.stride(),
         WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), BLOCK_P=BLOCK_P,
-        BLOCK_N=BLOCK_N, num_warps=4,
+        BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
     return out

@@ -17,7 +17,16 @@ from lit_mamba2.kernels.decode_linear import add_norm_linear, gated_norm_linear 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-SMALL = (8, 32, 4)  # BLOCK_N, BLOCK_K, warps: several K chunks and N tiles at test sizes, with masked tails
+# tiles small enough for several K chunks and N tiles at test sizes, with masked tails: one row per program (batch
+# below GEMV_BELOW) or blocks of rows through tl.dot
+GEMV = (8, 32, 4)  # BLOCK_N, BLOCK_K, warps
+DOT = (16, 32, 4, 1)  # BLOCK_N, BLOCK_K, warps, stages
+
+
+def cfg(batch):
+    from lit_mamba2.kernels.decode_linear import GEMV_BELOW
+
+    return GEMV if batch < GEMV_BELOW else DOT
 
 
 def rel(a, b):
@@ -28,7 +37,7 @@ def tol(dtype):
     return 1e-6 if dtype == torch.float32 else 8e-3  # bf16: the output's own rounding
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 20])
 @pytest.mark.parametrize("case,dtype,residual_dtype", [
     ("hidden+residual", torch.bfloat16, torch.float32), ("hidden", torch.bfloat16, torch.float32),
     ("residual", torch.bfloat16, torch.float32), ("hidden+residual", torch.float32, torch.float32),
@@ -44,7 +53,7 @@ def test_add_norm_linear_equals_add_rmsnorm_then_matmul(batch, case, dtype, resi
     dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     res_d = dev(residual)
     out, r_new = add_norm_linear(dev(hidden), res_d, dev(nw), 1e-5, dev(W), dev(bias) if use_bias else None,
-                                 residual_dtype=residual_dtype, config=SMALL)
+                                 residual_dtype=residual_dtype, config=cfg(batch))
     # reference: residual add in float64, kept in the residual's dtype; RMSNorm of it in the weight's dtype
     r_ref = (hidden.double() if hidden is not None else 0) + (residual.double() if residual is not None else 0)
     if residual_dtype is not None:
@@ -63,7 +72,7 @@ def test_add_norm_linear_equals_add_rmsnorm_then_matmul(batch, case, dtype, resi
         assert rel(r_new.cpu(), r_ref) < (1e-12 if residual_dtype == torch.float32 else 8e-3)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, 9])
 @pytest.mark.parametrize("ngroups,norm_before_gate,dtype", [(1, False, torch.bfloat16), (2, False, torch.float32),
                                                             (2, True, torch.bfloat16), (1, True, torch.float32)])
 @pytest.mark.parametrize("with_residual", [True, False])
@@ -78,7 +87,7 @@ def test_gated_norm_linear_equals_gated_rmsnorm_then_matmul(batch, ngroups, norm
     residual = r(batch, N) if with_residual else None
     res_dev = residual.clone().to(DEVICE) if with_residual else None
     out = gated_norm_linear(y.to(DEVICE), z.to(DEVICE), nw.to(DEVICE), 1e-5, ngroups, norm_before_gate, W.to(DEVICE),
-                            residual=res_dev, config=SMALL)
+                            residual=res_dev, config=cfg(batch))
     n = reference.gated_rmsnorm(y.double(), z.double(), nw.double(), 1e-5, K // ngroups, norm_before_gate)
     ref = n.to(dtype).double() @ W.double().T
     assert out.dtype == dtype and rel(out.cpu(), ref) < tol(dtype)
