@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 SHAPES = {"mamba2-130m": (768, 24), "mamba2-370m": (1024, 48)}
+DEVICE = "cuda"
 
 
 def events_ms(fn, iters: int) -> float:
@@ -238,7 +239,7 @@ STATE_TILES = [(16, 4), (32, 4), (64, 4), (32, 8), (64, 8), (16, 2)]  # (block_p
 
 
 @torch.inference_mode()
-def sweep(args):
+def sweep(args, out: list, save):
     """Each decode kernel alone (graph-replayed), per tile choice; the linear layers against the unfused
     kernels + cuBLAS that they replace, the state update against copying the same bytes."""
     import torch.nn.functional as F
@@ -247,8 +248,7 @@ def sweep(args):
     from lit_mamba2.kernels.rmsnorm_gated import gated_rmsnorm
     from lit_mamba2.kernels.state_update import add_rmsnorm, mixer_step, state_update
 
-    out = []
-    dev, bf = "cuda", torch.bfloat16
+    dev, bf = DEVICE, torch.bfloat16
     for name in args.models[:1]:
         d, _ = SHAPES[name]
         di, n, hd = 2 * d, 128, 64
@@ -283,6 +283,7 @@ def sweep(args):
                     except Exception as e:  # noqa: BLE001
                         row[str(c)] = f"{type(e).__name__}: {str(e)[:120]}"
                 out.append(row)
+                save()
                 print(row, flush=True)
             # the SSM state update (bf16 and float32 states), fused with the ring conv or alone
             for sdt in (torch.bfloat16, torch.float32):
@@ -312,8 +313,54 @@ def sweep(args):
                             row[f"{kname}{(bp, nw_)}"] = f"{type(e).__name__}: {str(e)[:120]}"
                 row["state_bytes_GB_per_s_at_copy"] = nbytes / row["copy_ms"] / 1e6
                 out.append(row)
+                save()
                 print(row, flush=True)
-    return out
+
+
+def apply_tuned(path: Path) -> dict:
+    """Set the kernels' tile constants to a sweep's winners (the linear tiles by the time of a whole step's
+    layers: n_layer x (in_proj + out_proj) + lm_head; the state tiles by mixer_step + state_update in bf16)."""
+    from lit_mamba2.kernels import decode_linear as dl
+    from lit_mamba2.kernels import state_update as su
+
+    rows = json.loads(path.read_text()).get("sweep") or []
+    chosen = {}
+
+    def best(candidates, rs, cost_of):
+        costs = {c: cost_of(c, rs) for c in candidates}
+        costs = {c: v for c, v in costs.items() if v < float("inf")}
+        return min(costs, key=costs.get) if costs else None
+
+    def linear_cost(c, rs):
+        n_layer = SHAPES[rs[0]["model"]][1]
+        weight = {"in_proj": n_layer, "out_proj": n_layer, "lm_head": 1}
+        vals = [r.get(str(c)) for r in rs]
+        if any(not isinstance(v, float) for v in vals):
+            return float("inf")
+        return sum(weight[r["layer"]] * v for r, v in zip(rs, vals))
+
+    for attr, small, configs in (("CONFIG", True, LINEAR_CONFIGS), ("DOT_CONFIG", False, DOT_CONFIGS)):
+        rs = [r for r in rows if r.get("kind") == "linear" and (r["batch"] < dl.GEMV_BELOW) == small]
+        c = best(configs, rs, linear_cost) if rs else None
+        if c is not None:
+            setattr(dl, attr, tuple(c))
+            chosen[attr] = c
+
+    def state_cost(c, rs):
+        vals = [r.get(f"{k}{c}") for r in rs for k in ("mixer_step", "state_update")]
+        if any(not isinstance(v, float) for v in vals):
+            return float("inf")
+        return sum(vals)
+
+    for attr, small in (("STATE_TILE_SMALL_BATCH", True), ("STATE_TILE", False)):
+        rs = [r for r in rows if r.get("kind") == "state" and r["state_dtype"] == "bfloat16" and
+              (r["batch"] < 16) == small]
+        c = best(STATE_TILES, rs, state_cost) if rs else None
+        if c is not None:
+            setattr(su, attr, (c[0] * 128, c[1]))  # block_p rows of dstate 128
+            chosen[attr] = (c[0] * 128, c[1])
+    print(f"[tuned] from {path}: {chosen}", flush=True)
+    return chosen
 
 
 @torch.inference_mode()
@@ -328,13 +375,13 @@ def profile(args):
     tables = {}
     for name in args.models[:1]:
         torch.manual_seed(0)
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             model = Mamba2LMHeadModel(Mamba2Config.from_name(name)).to(torch.bfloat16).eval()
         for batch in args.batches:
             for opts in (dict(), dict(fuse_linear=False, ring_conv=False)):
                 dec = Decoder(model, batch, 64, cuda_graph=False, **opts)
-                dec.prefill(torch.randint(1, 50000, (batch, 8), device="cuda"))
-                token = torch.randint(1, 50000, (batch,), device="cuda")
+                dec.prefill(torch.randint(1, model.config.vocab_size, (batch, 8), device=DEVICE))
+                token = torch.randint(1, model.config.vocab_size, (batch,), device=DEVICE)
                 for _ in range(3):
                     dec.step(token)
                 torch.cuda.synchronize()
@@ -361,10 +408,10 @@ def drift(args, n_tokens: int):
     res = []
     for name in args.models:
         torch.manual_seed(0)
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             model = Mamba2LMHeadModel(Mamba2Config.from_name(name)).to(torch.bfloat16).eval()
         batch = 4
-        prompt = torch.randint(1, 50000, (batch, args.prompt_len), device="cuda")
+        prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device=DEVICE)
         decs = {k: Decoder(model, batch, args.prompt_len + n_tokens + 2, state_dtype=dt)
                 for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
         toks = {k: torch.stack(list(stream(model, prompt, n_tokens, temperature=0, decoder=d)), 1)
@@ -410,6 +457,8 @@ def main():
     p.add_argument("--cc-build", type=Path, default=None,
                    help="folder holding a built causal-conv1d (causal_conv1d/ and causal_conv1d_cuda*.so)")
     p.add_argument("--no-mamba-ssm", action="store_true")
+    p.add_argument("--only-mamba-ssm", action="store_true", help="time mamba_ssm alone (no variant of ours)")
+    p.add_argument("--tuned", type=Path, default=None, help="a --sweep's .extras.json: use its winning tiles")
     p.add_argument("--sweep", action="store_true", help="time the kernels' tile choices alone first")
     p.add_argument("--profile", action="store_true", help="list the kernels of one eager step")
     p.add_argument("--drift", type=int, default=0, help="tokens of bf16- vs float32-state greedy decoding")
@@ -423,24 +472,34 @@ def main():
         if args.out:
             args.out.with_suffix(".extras.json").write_text(json.dumps(extras, indent=2, default=str))
 
-    for flag, fn in (("sweep", sweep), ("profile", profile)):
-        if getattr(args, flag):
-            t0 = time.perf_counter()
-            try:
-                extras[flag] = fn(args)
-            except Exception as e:  # noqa: BLE001
-                extras[flag] = f"{type(e).__name__}: {e}"
-                print(f"[{flag}] failed: {extras[flag]}")
-            print(f"[{flag}] {time.perf_counter() - t0:.0f} s", flush=True)
-            save_extras()
+    if args.sweep:
+        t0 = time.perf_counter()
+        extras["sweep"] = []
+        try:
+            sweep(args, extras["sweep"], save_extras)
+        except Exception as e:  # noqa: BLE001
+            extras["sweep_error"] = f"{type(e).__name__}: {e}"
+            print(f"[sweep] failed: {extras['sweep_error']}")
+        print(f"[sweep] {time.perf_counter() - t0:.0f} s", flush=True)
+        save_extras()
     if args.drift:
+        t0 = time.perf_counter()
         try:
             extras["drift"] = drift(args, args.drift)
         except Exception as e:  # noqa: BLE001
             extras["drift"] = f"{type(e).__name__}: {e}"
             print(f"[drift] failed: {extras['drift']}")
+        print(f"[drift] {time.perf_counter() - t0:.0f} s", flush=True)
         save_extras()
-    if not args.variants:
+    if args.profile:
+        try:
+            extras["profile"] = profile(args)
+        except Exception as e:  # noqa: BLE001
+            extras["profile"] = f"{type(e).__name__}: {e}"
+            print(f"[profile] failed: {extras['profile']}")
+        save_extras()
+    tuned = apply_tuned(args.tuned) if args.tuned and args.tuned.exists() else {}
+    if not args.variants and not args.only_mamba_ssm:
         return
     try:
         if args.no_mamba_ssm:
@@ -451,25 +510,36 @@ def main():
         MambaConfig = MambaLMHeadModel = None
         conv = f"not importable: {type(e).__name__}: {e}"
         print(f"[mamba_ssm] {conv}")
-    variants = args.variants
+    variants = [] if args.only_mamba_ssm else args.variants
     rows = {(name, batch): dict(model=name, batch=batch) for name in args.models for batch in args.batches}
 
     def save():
         if args.out:
             args.out.write_text(json.dumps(dict(
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
-                mamba_ssm_conv=conv, args={k: str(v) for k, v in vars(args).items()}, rows=list(rows.values())),
+                mamba_ssm_conv=conv, tuned=tuned, args={k: str(v) for k, v in vars(args).items()},
+                rows=list(rows.values())),
                 indent=2))
 
+    if args.only_mamba_ssm and MambaLMHeadModel is not None:
+        for (name, batch), row in rows.items():
+            try:
+                row["mamba_ssm"] = theirs(name, batch, args, MambaConfig, MambaLMHeadModel)
+            except Exception as e:  # noqa: BLE001
+                row["mamba_ssm"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(name, batch, "mamba_ssm", row["mamba_ssm"], flush=True)
+            save()
     # compiled variants last: their compile time is the least predictable, and the rest is saved first
     for i, variant in enumerate(variants):
         for (name, batch), row in rows.items():
+            if variant in ("ours_ring", "ours_noring") and (batch < 16) == (variant == "ours_ring"):
+                continue  # the default at this batch size already
             try:
                 row[variant] = ours(name, batch, args, variant)
             except Exception as e:  # noqa: BLE001
                 row[variant] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             print(name, batch, variant, row[variant], flush=True)
-            if i == 0 and MambaLMHeadModel is not None:
+            if i == 0 and MambaLMHeadModel is not None and not args.no_mamba_ssm:
                 try:
                     row["mamba_ssm"] = theirs(name, batch, args, MambaConfig, MambaLMHeadModel)
                 except Exception as e:  # noqa: BLE001

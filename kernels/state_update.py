@@ -19,16 +19,19 @@ import triton
 import triton.language as tl
 
 
-# A program's state tile: BLOCK_P rows of headdim by all of dstate. STATE_TILE = (elements per tile, num_warps);
+# A program's state tile: BLOCK_P rows of headdim by all of dstate, as (elements per tile, num_warps), below batch
+# 16 (few programs: smaller tiles spread them over more SMs) and from it on (bandwidth-bound);
 # benchmarks/bench_decode.py --sweep times the alternatives on the GPU.
+STATE_TILE_SMALL_BATCH = (4096, 4)
 STATE_TILE = (4096, 4)
 
 
-def _state_tiles(p, n, block_p=None, num_warps=None):
+def _state_tiles(b, p, n, block_p=None, num_warps=None):
     BLOCK_N = triton.next_power_of_2(n)
+    elements, warps = STATE_TILE_SMALL_BATCH if b < 16 else STATE_TILE
     if block_p is None:
-        block_p = max(1, min(triton.next_power_of_2(p), max(16, STATE_TILE[0] // BLOCK_N)))
-    return BLOCK_N, block_p, num_warps or STATE_TILE[1]
+        block_p = max(1, min(triton.next_power_of_2(p), max(16, elements // BLOCK_N)))
+    return BLOCK_N, block_p, num_warps or warps
 
 
 @triton.jit
@@ -106,7 +109,7 @@ def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
         D_h = D_p = 0
     zs = z.stride() if z is not None else (0, 0, 0)
     has_limit = tuple(dt_limit) != (0.0, math.inf)
-    BLOCK_N, BLOCK_P, num_warps = _state_tiles(p, n, block_p, num_warps)
+    BLOCK_N, BLOCK_P, num_warps = _state_tiles(b, p, n, block_p, num_warps)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     _state_update_kernel[grid](
         state, x, dt, A, B, C, D if D is not None else A, z if z is not None else x,
@@ -291,7 +294,7 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
     else:
         D_h = D_p = 0
     zs = z.stride() if z is not None else (0, 0, 0)
-    BLOCK_N, BLOCK_P, num_warps = _state_tiles(p, n, block_p, num_warps)
+    BLOCK_N, BLOCK_P, num_warps = _state_tiles(b, p, n, block_p, num_warps)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     _mixer_step_kernel[grid](
         state, conv_ring, slot, xBC, conv_weight, conv_bias if conv_bias is not None else conv_weight, dt, A_log,
