@@ -67,8 +67,8 @@ VARIANTS = {  # name: Decoder options (None: the Decoder's default)
     "ours_fp32_state": dict(state_dtype=torch.float32),
     "ours_ring": dict(ring_conv=True),
     "ours_noring": dict(ring_conv=False),
-    "ours_cublas": dict(fuse_linear=False),  # the previous step: cuBLAS linears, separate norm kernels
-    "ours_cublas_fp32_state": dict(fuse_linear=False, state_dtype=torch.float32),
+    "ours_fused_linear": dict(fuse_linear=True),
+    "ours_cublas": dict(fuse_linear=False),  # cuBLAS linears, separate norm kernels (the previous step)
     "ours_compiled": dict(fuse_linear=False, compile=True),
 }
 
@@ -294,7 +294,8 @@ def sweep(args, out: list, save):
                 cw, cb = torch.randn(conv_dim, 4, device=dev, dtype=bf) / 2, torch.randn(conv_dim, device=dev, dtype=bf)
                 dt, A_log = torch.randn(batch, h, device=dev, dtype=bf), torch.rand(h, device=dev)
                 Dp, dtb = torch.ones(h, device=dev), torch.randn(h, device=dev)
-                x, B, C = xBC[:, :di].view(batch, h, hd), xBC[:, di:di + n].view(batch, 1, n), xBC[:, di + n:].view(batch, 1, n)
+                x = xBC[:, :di].view(batch, h, hd)
+                B, C = xBC[:, di:di + n].view(batch, 1, n), xBC[:, di + n:].view(batch, 1, n)
                 other = torch.empty_like(state)
                 nbytes = 2 * state.numel() * state.element_size()
                 row = dict(kind="state", model=name, batch=batch, state_dtype=str(sdt).replace("torch.", ""),
@@ -450,10 +451,11 @@ def main():
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=["ours", "ours_fp32_state",
                                                                               "ours_cublas"],
-                   help="ours: the Decoder's defaults (states in the model's dtype, linears with fused norms, "
-                        "ring conv below batch 16); ours_fp32_state: float32 SSM states; ours_ring / ours_noring: "
-                        "the conv fused into the state kernel or not; ours_cublas: cuBLAS linears and separate norm "
-                        "kernels (the previous step); ours_compiled: the step through torch.compile (slow to start)")
+                   help="ours: the Decoder's defaults (states in the model's dtype, linears with fused norms "
+                        "below batch 8, ring conv below batch 16); ours_fp32_state: float32 SSM states; "
+                        "ours_ring / ours_noring: the conv fused into the state kernel or not; ours_fused_linear / "
+                        "ours_cublas: the linears with fused norms (Triton), or cuBLAS linears and separate norm "
+                        "kernels; ours_compiled: the step through torch.compile (slow to start)")
     p.add_argument("--cc-build", type=Path, default=None,
                    help="folder holding a built causal-conv1d (causal_conv1d/ and causal_conv1d_cuda*.so)")
     p.add_argument("--no-mamba-ssm", action="store_true")
@@ -532,7 +534,9 @@ def main():
     # compiled variants last: their compile time is the least predictable, and the rest is saved first
     for i, variant in enumerate(variants):
         for (name, batch), row in rows.items():
-            if variant in ("ours_ring", "ours_noring") and (batch < 16) == (variant == "ours_ring"):
+            redundant = {"ours_ring": batch >= 16, "ours_noring": batch < 16, "ours_fused_linear": batch < 8,
+                         "ours_cublas": batch >= 8}
+            if redundant.get(variant, False):
                 continue  # the default at this batch size already
             try:
                 row[variant] = ours(name, batch, args, variant)

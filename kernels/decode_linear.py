@@ -3,12 +3,14 @@
 At batch 1 a decode step is bound by kernel launches (a few µs each, even in a CUDA graph), not by bytes: the
 weights of mamba2-130m stream in ~0.1 ms. So a Mamba-2 layer's step is three launches here instead of five:
 
-    [residual add + RMSNorm + in_proj]  [conv + SSM state update (state_update.py)]  [gated RMSNorm + out_proj + residual add]
+    [residual add + RMSNorm + in_proj]   [conv + SSM state update (state_update.py)]
+    [gated RMSNorm + out_proj + residual add]
 
 and the final norm rides in the LM head's prologue. Each program computes BLOCK_N outputs of one row (a GEMV tile)
 and recomputes its row's norm statistics itself (a d_model- or d_inner-long read that stays in L1/L2) instead of
 waiting for another launch to produce them. From GEMV_BELOW rows on, a block of up to 64 rows shares each weight
-tile through tl.dot instead, so the weight is read once per 64 rows (batch 64: once).
+tile through tl.dot instead, so the weight is read once per 64 rows (batch 64: once); measured slower than
+cuBLAS there so far, it is not the default (see GEMV_BELOW).
 
 Rounding follows the unfused path: the residual sum is kept in the residual's dtype; RMSNorm's input is that sum
 rounded to the norm weight's dtype, and the normalised vector is rounded to the linear weight's dtype before the
@@ -27,13 +29,17 @@ import triton.language as tl
 
 # Below GEMV_BELOW rows: one row per program (_norm_linear_kernel, tiles CONFIG = (BLOCK_N, BLOCK_K, num_warps));
 # from it on: blocks of up to 64 rows through tl.dot (_norm_matmul_kernel, DOT_CONFIG = (BLOCK_N, BLOCK_K,
-# num_warps, num_stages)). benchmarks/bench_decode.py --sweep times the alternatives on the GPU.
+# num_warps, num_stages)). The tiles are the winners of benchmarks/bench_decode.py --sweep on an H100 (run 2,
+# benchmarks/results/decode_run2_*): at batch 1, 4.1 µs for mamba2-130m's [add + norm + in_proj] (cuBLAS alone
+# 3.4, unfused 5.1) and 4.2 µs for [gated norm + out_proj + residual add] (unfused 9.3). The tl.dot kernel is
+# 4-7x slower than cuBLAS at batch 64 as it stands (too few programs, a serial two-pass prologue), so
+# generation.Decoder uses it only when asked (fuse_linear=True at batch >= GEMV_BELOW).
 GEMV_BELOW = 8
 # the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): it gets float32 dot operands (the same
 # products: the operands are rounded to the weight's dtype first)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CONFIG = (16, 256, 4)
-DOT_CONFIG = (64, 128, 4, 3)
+CONFIG = (4, 512, 4)
+DOT_CONFIG = (32, 128, 4, 3)
 
 
 @triton.jit

@@ -20,10 +20,12 @@ import triton.language as tl
 
 
 # A program's state tile: BLOCK_P rows of headdim by all of dstate, as (elements per tile, num_warps), below batch
-# 16 (few programs: smaller tiles spread them over more SMs) and from it on (bandwidth-bound);
-# benchmarks/bench_decode.py --sweep times the alternatives on the GPU.
-STATE_TILE_SMALL_BATCH = (4096, 4)
-STATE_TILE = (4096, 4)
+# 16 (few programs: smaller tiles spread them over more SMs) and from it on (bandwidth-bound). The winners of
+# benchmarks/bench_decode.py --sweep on an H100 (run 2); at batch 64 the sweep's state stays in L2 between calls,
+# so it ranks tiles only roughly (32 and 64 rows tied): in a whole step the state update streams bf16 states at
+# ~2.7 TB/s, ~90% of a device copy.
+STATE_TILE_SMALL_BATCH = (2048, 2)
+STATE_TILE = (8192, 4)
 
 
 def _state_tiles(b, p, n, block_p=None, num_warps=None):

@@ -65,9 +65,10 @@ def pad_prompts(prompts: Prompts, device, pad_id: int = 0):
     return ids.to(device), seq_idx, lengths.to(device), pads.to(device)
 
 
-# Batch size below which Decoder uses the fused conv + state kernel (ring_conv) by default; measured on an H100
-# (BENCHMARKS.md, "Decoding").
+# Batch sizes below which Decoder uses the fused conv + state kernel (ring_conv) and the linear layers with fused
+# norms (fuse_linear) by default; measured on an H100 (BENCHMARKS.md, "Decoding").
 RING_CONV_BELOW = 16
+FUSE_LINEAR_BELOW = 8
 
 
 class Decoder:
@@ -75,10 +76,12 @@ class Decoder:
     attention), the input token and the positions; `step` is one token for every row, replayed from a CUDA graph
     when `cuda_graph` (default: on CUDA). `compile=True` also runs the step through torch.compile. `ring_conv`
     keeps Mamba-2 conv states as rings (see Mamba2State.ring), so that one kernel does conv and state update
-    (default: below batch RING_CONV_BELOW, where it measured faster). `fuse_linear` (default on) runs the linear layers as
-    Triton kernels with the norms before them fused in (three launches per Mamba-2 layer; Triton path only). `state_dtype`: the SSM states' storage, by default the
-    model's dtype as in mamba_ssm (bf16 for a bf16 model: about 30% less time per step at batch 64 than float32);
-    `state_dtype=torch.float32` keeps them in float32 (closer to exact over long outputs)."""
+    (default: below batch RING_CONV_BELOW, where it measured faster). `fuse_linear` runs the linear layers as
+    Triton GEMVs with the norms before them fused in (three launches per Mamba-2 layer; Triton path only;
+    default: below batch FUSE_LINEAR_BELOW, where it measured faster than cuBLAS + separate norm kernels).
+    `state_dtype`: the SSM states' storage, by default the model's dtype as in mamba_ssm (bf16 for a bf16 model:
+    about 30% less time per step at batch 64 than float32); `state_dtype=torch.float32` keeps them in float32
+    (closer to exact over long outputs: BENCHMARKS.md measures the drift)."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
@@ -89,7 +92,9 @@ class Decoder:
         self.batch_size, self.max_len = batch_size, max_len
         if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
             ring_conv = batch_size < RING_CONV_BELOW
-        self.fuse_linear = True if fuse_linear is None else fuse_linear
+        if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md)
+            fuse_linear = batch_size < FUSE_LINEAR_BELOW
+        self.fuse_linear = fuse_linear
         self.states = model.allocate_states(batch_size, device=device)
         # state_dtype: the SSM states' storage (the kernels compute in float32 either way). The default is the
         # model's dtype, as mamba_ssm does: bf16 states for a bf16 model halve the bytes a step moves at large
@@ -309,7 +314,8 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.flush()
     for token in stream(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, stop_tokens=stops, generator=generator,
-                        cuda_graph=False if args.no_cuda_graph else None, state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None):
+                        cuda_graph=False if args.no_cuda_graph else None,
+                        state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None):
         for r, t in zip(rows, token.tolist()):
             if not (r and r[-1] in stops):
                 r.append(t)

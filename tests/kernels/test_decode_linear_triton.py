@@ -132,7 +132,7 @@ def test_model_fused_decode_step_equals_pytorch_step(preset, dtype, ring_conv):
                           state_dtype=torch.float32)
             dec.prefill(ids, seq_idx, lengths, pads)
             model.set_impl(impl)
-            outs[impl] = [dec.step(torch.tensor([t, t + 1])).clone() for t in (3, 40, 7)]
+            outs[impl] = [dec.step(torch.tensor([t, t + 1])).clone() for t in (3, 40)]
     model.set_impl(None)
     for a, b in zip(outs["torch"], outs["triton"]):
         assert rel(b, a) < (1e-5 if dtype == torch.float32 else 2e-2)
