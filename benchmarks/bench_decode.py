@@ -233,8 +233,11 @@ def graph_ms(fn, reps: int = 20, iters: int = 20) -> float:
     return median_ms(graph.replay, iters) / reps
 
 
-LINEAR_CONFIGS = [(8, 256, 4), (16, 256, 4), (32, 128, 4), (16, 512, 8), (4, 512, 4)]
-DOT_CONFIGS = [(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (32, 256, 4, 2)]
+# (BLOCK_N, BLOCK_K, num_warps, single_pass) and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, single_pass)
+LINEAR_CONFIGS = [(4, 512, 4, False), (4, 512, 4, True), (8, 256, 4, False), (8, 256, 4, True), (2, 512, 2, True),
+                  (16, 256, 4, True)]
+DOT_CONFIGS = [(64, 32, 128, 4, 3, False), (16, 32, 128, 4, 3, True), (16, 64, 128, 4, 3, True),
+               (32, 64, 64, 4, 3, True), (16, 128, 64, 4, 3, True), (64, 64, 128, 4, 3, True)]
 STATE_TILES = [(16, 4), (32, 4), (64, 4), (32, 8), (64, 8), (16, 2)]  # (block_p, num_warps)
 
 
@@ -287,7 +290,17 @@ def sweep(args, out: list, save):
                 print(row, flush=True)
             # the SSM state update (bf16 and float32 states), fused with the ring conv or alone
             for sdt in (torch.bfloat16, torch.float32):
-                state = torch.randn(batch, h, hd, n, device=dev).to(sdt)
+                # several states in turn, together larger than the L2 cache (50 MB on an H100), as a step's 24+
+                # layers are: a single state would stay in L2 between calls and flatter the kernel
+                n_bufs = max(1, min(8, int(120e6 // (batch * h * hd * n * torch.finfo(sdt).bits // 8)) or 1))
+                states = [torch.randn(batch, h, hd, n, device=dev).to(sdt) for _ in range(n_bufs)]
+                turn = [0]
+
+                def next_state():
+                    turn[0] = (turn[0] + 1) % n_bufs
+                    return states[turn[0]]
+
+                state = states[0]
                 ring = torch.randn(batch, 4, conv_dim, device=dev, dtype=bf).transpose(1, 2)
                 slot = torch.tensor(3, device=dev)
                 xBC = torch.randn(batch, conv_dim, device=dev, dtype=bf)
@@ -296,18 +309,18 @@ def sweep(args, out: list, save):
                 Dp, dtb = torch.ones(h, device=dev), torch.randn(h, device=dev)
                 x = xBC[:, :di].view(batch, h, hd)
                 B, C = xBC[:, di:di + n].view(batch, 1, n), xBC[:, di + n:].view(batch, 1, n)
-                other = torch.empty_like(state)
                 nbytes = 2 * state.numel() * state.element_size()
                 row = dict(kind="state", model=name, batch=batch, state_dtype=str(sdt).replace("torch.", ""),
                            state_MB=state.numel() * state.element_size() / 1e6,
-                           copy_ms=graph_ms(lambda: other.copy_(state)))
+                           n_state_buffers=n_bufs,
+                           copy_ms=graph_ms(lambda: next_state().copy_(states[(turn[0] + 1) % n_bufs])))
                 for bp, nw_ in STATE_TILES:
                     for kname, fn in (
-                            ("mixer_step", lambda: mixer_step(state, ring, slot, xBC, cw, cb, dt, A_log, D=Dp,
-                                                              dt_bias=dtb, block_p=bp, num_warps=nw_)),
-                            ("state_update", lambda: state_update(state, x, dt, A_log, B, C, D=Dp, dt_bias=dtb,
-                                                                  dt_softplus=True, A_is_log=True, block_p=bp,
-                                                                  num_warps=nw_))):
+                            ("mixer_step", lambda: mixer_step(next_state(), ring, slot, xBC, cw, cb, dt, A_log,
+                                                              D=Dp, dt_bias=dtb, block_p=bp, num_warps=nw_)),
+                            ("state_update", lambda: state_update(next_state(), x, dt, A_log, B, C, D=Dp,
+                                                                  dt_bias=dtb, dt_softplus=True, A_is_log=True,
+                                                                  block_p=bp, num_warps=nw_))):
                         try:
                             row[f"{kname}{(bp, nw_)}"] = graph_ms(fn)
                         except Exception as e:  # noqa: BLE001
@@ -340,8 +353,11 @@ def apply_tuned(path: Path) -> dict:
             return float("inf")
         return sum(weight[r["layer"]] * v for r, v in zip(rs, vals))
 
-    for attr, small, configs in (("CONFIG", True, LINEAR_CONFIGS), ("DOT_CONFIG", False, DOT_CONFIGS)):
-        rs = [r for r in rows if r.get("kind") == "linear" and (r["batch"] < dl.GEMV_BELOW) == small]
+    for attr, small, layers, configs in (("CONFIG", True, ("in_proj", "out_proj"), LINEAR_CONFIGS),
+                                         ("CONFIG_WIDE", True, ("lm_head",), LINEAR_CONFIGS),
+                                         ("DOT_CONFIG", False, ("in_proj", "out_proj", "lm_head"), DOT_CONFIGS)):
+        rs = [r for r in rows if r.get("kind") == "linear" and (r["batch"] < dl.GEMV_BELOW) == small and
+              r["layer"] in layers]
         c = best(configs, rs, linear_cost) if rs else None
         if c is not None:
             setattr(dl, attr, tuple(c))

@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Below GEMV_BELOW rows: one row per program (_norm_linear_kernel, tiles CONFIG = (BLOCK_N, BLOCK_K, num_warps));
-# from it on: blocks of up to 64 rows through tl.dot (_norm_matmul_kernel, DOT_CONFIG = (BLOCK_N, BLOCK_K,
-# num_warps, num_stages)). The tiles are the winners of benchmarks/bench_decode.py --sweep on an H100 (run 2,
+# Below GEMV_BELOW rows: one row per program (_norm_linear_kernel, CONFIG = (BLOCK_N, BLOCK_K, num_warps,
+# single_pass)); from it on: blocks of rows through tl.dot (_norm_matmul_kernel, DOT_CONFIG = (BLOCK_M, BLOCK_N,
+# BLOCK_K, num_warps, num_stages, single_pass)). single_pass: the norm's rstd multiplied in after the product, so
+# the input row is read once instead of twice (not yet measured on the GPU, so off). The tiles are the winners of benchmarks/bench_decode.py --sweep on an H100 (run 2,
 # benchmarks/results/decode_run2_*): at batch 1, 4.1 µs for mamba2-130m's [add + norm + in_proj] (cuBLAS alone
 # 3.4, unfused 5.1) and 4.2 µs for [gated norm + out_proj + residual add] (unfused 9.3). The tl.dot kernel is
 # 4-7x slower than cuBLAS at batch 64 as it stands (too few programs, a serial two-pass prologue), so
@@ -38,8 +39,32 @@ GEMV_BELOW = 8
 # the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): it gets float32 dot operands (the same
 # products: the operands are rounded to the weight's dtype first)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CONFIG = (4, 512, 4)
-DOT_CONFIG = (32, 128, 4, 3)
+CONFIG = (4, 512, 4, False)
+CONFIG_WIDE = (4, 512, 4, False)  # from WIDE_N outputs on (the LM head)
+WIDE_N = 16384
+DOT_CONFIG = (64, 32, 128, 4, 3, False)
+
+
+@triton.jit
+def _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, ox, orr, oz, oro, mask, store,
+                ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr):
+    """One chunk of the norm's input in float32 (x, + residual, rounded as the unfused path rounds it; the new
+    residual stored where `store`), and the gate silu(z) (ones without z). ox...oro: the chunk's offsets."""
+    u = tl.load(x_ptr + ox, mask=mask, other=0.0).to(tl.float32)
+    if ADD_RESIDUAL:
+        u += tl.load(r_ptr + orr, mask=mask, other=0.0).to(tl.float32)
+    if WRITE_RESIDUAL:
+        u = u.to(r_out_ptr.dtype.element_ty)
+        if store:
+            tl.store(r_out_ptr + oro, u, mask=mask)
+    if HAS_Z:
+        zv = tl.load(z_ptr + oz, mask=mask, other=0.0).to(tl.float32)
+        gate = zv * tl.sigmoid(zv)
+        u = u.to(tl.float32)
+    else:
+        gate = tl.zeros_like(u) + 1.0
+        u = u.to(nw_ptr.dtype.element_ty).to(tl.float32)  # RMSNorm reads the residual in its weight's dtype
+    return u, gate
 
 
 @triton.jit
@@ -48,7 +73,8 @@ def _norm_linear_kernel(
     N, K, ngroups, group_size, eps,
     x_b, r_b, z_b, ro_b, w_n, o_b, a_b,
     ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
@@ -56,53 +82,49 @@ def _norm_linear_kernel(
     mask_n = offs_n < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for g in range(0, ngroups):
-        # pass 1: the group's sum of squares (program 0 of the row also stores the new residual)
+        # pass 1: the group's sum of squares (program 0 of the row also stores the new residual). SINGLE_PASS:
+        # also the product with the unnormalised input, scaled by the group's rstd at the end (the row is read
+        # once; the normalised input is then not rounded to the weight's dtype before the product)
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, group_size, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             mk = kk < group_size
             offs_k = g * group_size + kk
-            u = tl.load(x_ptr + b * x_b + offs_k, mask=mk, other=0.0).to(tl.float32)
-            if ADD_RESIDUAL:
-                u += tl.load(r_ptr + b * r_b + offs_k, mask=mk, other=0.0).to(tl.float32)
-            if WRITE_RESIDUAL:
-                u = u.to(r_out_ptr.dtype.element_ty)
-                if pid_n == 0:
-                    tl.store(r_out_ptr + b * ro_b + offs_k, u, mask=mk)
-            if HAS_Z:
-                if not NORM_BEFORE_GATE:
-                    zv = tl.load(z_ptr + b * z_b + offs_k, mask=mk, other=0.0).to(tl.float32)
-                    u = u.to(tl.float32) * zv * tl.sigmoid(zv)
-            else:
-                u = u.to(nw_ptr.dtype.element_ty)
-            u = u.to(tl.float32)
+            u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
+                                  b * z_b + offs_k, b * ro_b + offs_k, mk, pid_n == 0, ADD_RESIDUAL, WRITE_RESIDUAL,
+                                  HAS_Z)
+            if HAS_Z and not NORM_BEFORE_GATE:
+                u = u * gate
             ss += u * u
+            if SINGLE_PASS:
+                v = u * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+                if HAS_Z and NORM_BEFORE_GATE:
+                    v = v * gate
+                w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :],
+                            other=0.0)
+                acc_g += w.to(tl.float32) * v[None, :]
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / group_size + eps)
-        # pass 2: normalise again chunk by chunk (the row is in cache) and multiply into the weight tile
-        for k0 in range(0, group_size, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            mk = kk < group_size
-            offs_k = g * group_size + kk
-            u = tl.load(x_ptr + b * x_b + offs_k, mask=mk, other=0.0).to(tl.float32)
-            if ADD_RESIDUAL:
-                u += tl.load(r_ptr + b * r_b + offs_k, mask=mk, other=0.0).to(tl.float32)
-            if WRITE_RESIDUAL:
-                u = u.to(r_out_ptr.dtype.element_ty)
-            if HAS_Z:
-                zv = tl.load(z_ptr + b * z_b + offs_k, mask=mk, other=0.0).to(tl.float32)
-                u = u.to(tl.float32)
-                if not NORM_BEFORE_GATE:
-                    u = u * zv * tl.sigmoid(zv)
-            else:
-                u = u.to(nw_ptr.dtype.element_ty).to(tl.float32)
-            nrm = u * rstd * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
-            if HAS_Z:
-                if NORM_BEFORE_GATE:
-                    nrm = nrm * zv * tl.sigmoid(zv)
-            nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
-            w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :],
-                        other=0.0)
-            acc += w.to(tl.float32) * nrm[None, :]
+        if SINGLE_PASS:
+            acc += acc_g * rstd
+        else:
+            # pass 2: normalise again chunk by chunk (the row is in cache) and multiply into the weight tile
+            for k0 in range(0, group_size, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                mk = kk < group_size
+                offs_k = g * group_size + kk
+                u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
+                                      b * z_b + offs_k, b * ro_b + offs_k, mk, False, ADD_RESIDUAL, WRITE_RESIDUAL,
+                                      HAS_Z)
+                if HAS_Z and not NORM_BEFORE_GATE:
+                    u = u * gate
+                nrm = u * rstd * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+                if HAS_Z and NORM_BEFORE_GATE:
+                    nrm = nrm * gate
+                nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
+                w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :],
+                            other=0.0)
+                acc += w.to(tl.float32) * nrm[None, :]
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -119,8 +141,8 @@ def _norm_matmul_kernel(
     M, N, K, ngroups, group_size, eps,
     x_b, r_b, z_b, ro_b, w_n, o_b, a_b,
     ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE_PASS: tl.constexpr, IEEE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """_norm_linear_kernel for a block of BLOCK_M rows at once (tl.dot): the weight tile is read once per block of
     rows instead of once per row. Same prologue and epilogue, same roundings."""
@@ -132,54 +154,55 @@ def _norm_matmul_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(0, ngroups):
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, group_size, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            offs_k = g * group_size + kk
-            mk = mask_m[:, None] & (kk < group_size)[None, :]
-            u = tl.load(x_ptr + offs_m[:, None] * x_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
-            if ADD_RESIDUAL:
-                u += tl.load(r_ptr + offs_m[:, None] * r_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
-            if WRITE_RESIDUAL:
-                u = u.to(r_out_ptr.dtype.element_ty)
-                if pid_n == 0:
-                    tl.store(r_out_ptr + offs_m[:, None] * ro_b + offs_k[None, :], u, mask=mk)
-            if HAS_Z:
-                if not NORM_BEFORE_GATE:
-                    zv = tl.load(z_ptr + offs_m[:, None] * z_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
-                    u = u.to(tl.float32) * zv * tl.sigmoid(zv)
-            else:
-                u = u.to(nw_ptr.dtype.element_ty)
-            u = u.to(tl.float32)
-            ss += tl.sum(u * u, axis=1)
-        rstd = 1.0 / tl.sqrt(ss / group_size + eps)
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, group_size, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             offs_k = g * group_size + kk
             mkk = kk < group_size
             mk = mask_m[:, None] & mkk[None, :]
-            u = tl.load(x_ptr + offs_m[:, None] * x_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
-            if ADD_RESIDUAL:
-                u += tl.load(r_ptr + offs_m[:, None] * r_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
-            if WRITE_RESIDUAL:
-                u = u.to(r_out_ptr.dtype.element_ty)
-            if HAS_Z:
-                zv = tl.load(z_ptr + offs_m[:, None] * z_b + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
-                u = u.to(tl.float32)
-                if not NORM_BEFORE_GATE:
-                    u = u * zv * tl.sigmoid(zv)
-            else:
-                u = u.to(nw_ptr.dtype.element_ty).to(tl.float32)
-            nrm = u * rstd[:, None] * tl.load(nw_ptr + offs_k, mask=mkk, other=0.0).to(tl.float32)[None, :]
-            if HAS_Z:
-                if NORM_BEFORE_GATE:
-                    nrm = nrm * zv * tl.sigmoid(zv)
-            w = tl.load(w_ptr + offs_n[None, :] * w_n + offs_k[:, None], mask=mask_n[None, :] & mkk[:, None],
-                        other=0.0)  # (BLOCK_K, BLOCK_N): the weight transposed
-            nrm = nrm.to(w_ptr.dtype.element_ty).to(DOT_DTYPE)
-            if IEEE:
-                acc += tl.dot(nrm, w.to(DOT_DTYPE), input_precision="ieee")
-            else:
-                acc += tl.dot(nrm, w.to(DOT_DTYPE))
+            u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, offs_m[:, None] * x_b + offs_k[None, :],
+                                  offs_m[:, None] * r_b + offs_k[None, :], offs_m[:, None] * z_b + offs_k[None, :],
+                                  offs_m[:, None] * ro_b + offs_k[None, :], mk, pid_n == 0, ADD_RESIDUAL,
+                                  WRITE_RESIDUAL, HAS_Z)
+            if HAS_Z and not NORM_BEFORE_GATE:
+                u = u * gate
+            ss += tl.sum(u * u, axis=1)
+            if SINGLE_PASS:
+                v = u * tl.load(nw_ptr + offs_k, mask=mkk, other=0.0).to(tl.float32)[None, :]
+                if HAS_Z and NORM_BEFORE_GATE:
+                    v = v * gate
+                w = tl.load(w_ptr + offs_n[None, :] * w_n + offs_k[:, None], mask=mask_n[None, :] & mkk[:, None],
+                            other=0.0)  # (BLOCK_K, BLOCK_N): the weight transposed
+                v = v.to(w_ptr.dtype.element_ty).to(DOT_DTYPE)
+                if IEEE:
+                    acc_g += tl.dot(v, w.to(DOT_DTYPE), input_precision="ieee")
+                else:
+                    acc_g += tl.dot(v, w.to(DOT_DTYPE))
+        rstd = 1.0 / tl.sqrt(ss / group_size + eps)
+        if SINGLE_PASS:
+            acc += acc_g * rstd[:, None]
+        else:
+            for k0 in range(0, group_size, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                offs_k = g * group_size + kk
+                mkk = kk < group_size
+                mk = mask_m[:, None] & mkk[None, :]
+                u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr,
+                                      offs_m[:, None] * x_b + offs_k[None, :], offs_m[:, None] * r_b + offs_k[None, :],
+                                      offs_m[:, None] * z_b + offs_k[None, :], offs_m[:, None] * ro_b + offs_k[None, :],
+                                      mk, False, ADD_RESIDUAL, WRITE_RESIDUAL, HAS_Z)
+                if HAS_Z and not NORM_BEFORE_GATE:
+                    u = u * gate
+                nrm = u * rstd[:, None] * tl.load(nw_ptr + offs_k, mask=mkk, other=0.0).to(tl.float32)[None, :]
+                if HAS_Z and NORM_BEFORE_GATE:
+                    nrm = nrm * gate
+                w = tl.load(w_ptr + offs_n[None, :] * w_n + offs_k[:, None], mask=mask_n[None, :] & mkk[:, None],
+                            other=0.0)
+                nrm = nrm.to(w_ptr.dtype.element_ty).to(DOT_DTYPE)
+                if IEEE:
+                    acc += tl.dot(nrm, w.to(DOT_DTYPE), input_precision="ieee")
+                else:
+                    acc += tl.dot(nrm, w.to(DOT_DTYPE))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = acc.to(out_ptr.dtype.element_ty)
@@ -222,17 +245,18 @@ def _launch(x, weight, norm_weight, eps, *, residual=None, r_out=None, z=None, n
     flags = dict(ADD_RESIDUAL=residual is not None, WRITE_RESIDUAL=r_out is not None, HAS_Z=z is not None,
                  NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None)
     if b < GEMV_BELOW:
-        BLOCK_N, BLOCK_K, num_warps = config or CONFIG
+        BLOCK_N, BLOCK_K, num_warps, single_pass = config or (CONFIG_WIDE if N >= WIDE_N else CONFIG)
         BLOCK_K = min(BLOCK_K, triton.next_power_of_2(group_size))
         _norm_linear_kernel[(triton.cdiv(N, BLOCK_N), b)](
-            *args, N, K, ngroups, group_size, float(eps), *strides, **flags,
+            *args, N, K, ngroups, group_size, float(eps), *strides, **flags, SINGLE_PASS=single_pass,
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps)
     else:
-        BLOCK_N, BLOCK_K, num_warps, num_stages = config or DOT_CONFIG
-        BLOCK_M = min(64, max(16, triton.next_power_of_2(b)))
+        BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, single_pass = config or DOT_CONFIG
+        BLOCK_M = min(BLOCK_M, max(16, triton.next_power_of_2(b)))
         BLOCK_K = max(16, min(BLOCK_K, triton.next_power_of_2(group_size)))
         _norm_matmul_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(b, BLOCK_M))](
-            *args, b, N, K, ngroups, group_size, float(eps), *strides, **flags, IEEE=weight.dtype == torch.float32,
+            *args, b, N, K, ngroups, group_size, float(eps), *strides, **flags, SINGLE_PASS=single_pass,
+            IEEE=weight.dtype == torch.float32,
             DOT_DTYPE=tl.float32 if _INTERPRET or weight.dtype == torch.float32 else tl.bfloat16
             if weight.dtype == torch.bfloat16 else tl.float16,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)

@@ -19,14 +19,12 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 # tiles small enough for several K chunks and N tiles at test sizes, with masked tails: one row per program (batch
 # below GEMV_BELOW) or blocks of rows through tl.dot
-GEMV = (8, 32, 4)  # BLOCK_N, BLOCK_K, warps
-DOT = (16, 32, 4, 1)  # BLOCK_N, BLOCK_K, warps, stages
-
-
-def cfg(batch):
+def cfg(batch, single_pass):
     from lit_mamba2.kernels.decode_linear import GEMV_BELOW
 
-    return GEMV if batch < GEMV_BELOW else DOT
+    if batch < GEMV_BELOW:
+        return (8, 32, 4, single_pass)  # BLOCK_N, BLOCK_K, warps
+    return (16, 16, 32, 4, 1, single_pass)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
 
 def rel(a, b):
@@ -37,12 +35,13 @@ def tol(dtype):
     return 1e-6 if dtype == torch.float32 else 8e-3  # bf16: the output's own rounding
 
 
+@pytest.mark.parametrize("single_pass", [False, True])
 @pytest.mark.parametrize("batch", [1, 3, 20])
 @pytest.mark.parametrize("case,dtype,residual_dtype", [
     ("hidden+residual", torch.bfloat16, torch.float32), ("hidden", torch.bfloat16, torch.float32),
     ("residual", torch.bfloat16, torch.float32), ("hidden+residual", torch.float32, torch.float32),
     ("hidden+residual", torch.bfloat16, torch.bfloat16), ("lm_head", torch.bfloat16, None)])
-def test_add_norm_linear_equals_add_rmsnorm_then_matmul(batch, case, dtype, residual_dtype):
+def test_add_norm_linear_equals_add_rmsnorm_then_matmul(batch, case, dtype, residual_dtype, single_pass):
     g = torch.Generator().manual_seed(batch * 7 + len(case))
     K, N = 72, 45  # 72 = 2 chunks of 32 + a masked tail; 45 = 5 tiles of 8 + a tail
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -53,7 +52,7 @@ def test_add_norm_linear_equals_add_rmsnorm_then_matmul(batch, case, dtype, resi
     dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     res_d = dev(residual)
     out, r_new = add_norm_linear(dev(hidden), res_d, dev(nw), 1e-5, dev(W), dev(bias) if use_bias else None,
-                                 residual_dtype=residual_dtype, config=cfg(batch))
+                                 residual_dtype=residual_dtype, config=cfg(batch, single_pass))
     # reference: residual add in float64, kept in the residual's dtype; RMSNorm of it in the weight's dtype
     r_ref = (hidden.double() if hidden is not None else 0) + (residual.double() if residual is not None else 0)
     if residual_dtype is not None:
@@ -75,9 +74,9 @@ def test_add_norm_linear_equals_add_rmsnorm_then_matmul(batch, case, dtype, resi
 @pytest.mark.parametrize("batch", [1, 2, 9])
 @pytest.mark.parametrize("ngroups,norm_before_gate,dtype", [(1, False, torch.bfloat16), (2, False, torch.float32),
                                                             (2, True, torch.bfloat16), (1, True, torch.float32)])
-@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("with_residual,single_pass", [(True, False), (False, True), (True, True)])
 def test_gated_norm_linear_equals_gated_rmsnorm_then_matmul(batch, ngroups, norm_before_gate, dtype,
-                                                            with_residual):
+                                                            with_residual, single_pass):
     g = torch.Generator().manual_seed(ngroups * 10 + batch + 3 * norm_before_gate)
     K, N = 80, 37  # groups of 80 or 40 channels: chunks of 32 with masked tails
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -87,7 +86,7 @@ def test_gated_norm_linear_equals_gated_rmsnorm_then_matmul(batch, ngroups, norm
     residual = r(batch, N) if with_residual else None
     res_dev = residual.clone().to(DEVICE) if with_residual else None
     out = gated_norm_linear(y.to(DEVICE), z.to(DEVICE), nw.to(DEVICE), 1e-5, ngroups, norm_before_gate, W.to(DEVICE),
-                            residual=res_dev, config=cfg(batch))
+                            residual=res_dev, config=cfg(batch, single_pass))
     n = reference.gated_rmsnorm(y.double(), z.double(), nw.double(), 1e-5, K // ngroups, norm_before_gate)
     ref = n.to(dtype).double() @ W.double().T
     assert out.dtype == dtype and rel(out.cpu(), ref) < tol(dtype)
