@@ -4,7 +4,7 @@
 #  1. causal-conv1d built for sm_90 in the background, unless $PEERS/causal-conv1d-build holds a build
 #     (the .so comes back gzipped under $OUT);
 #  2. the kernels' tile sweep, bf16- vs float32-state drift and a kernel profile (sweep.log, sweep.extras.json);
-#  3. our decode variants (bench.json);
+#  3. our decode variants (bench.json), with the sweep's winning tiles when stage 2 ran;
 #  4. mamba_ssm's generate(cg=True) once the build is done (mamba.json), without causal-conv1d if it failed
 #     or is still running MAMBA_S seconds before the end (its Triton kernels take a minute to compile).
 # The causal-conv1d build took more than 230 s on an H100 machine (run 2, still in its backward kernels): give
@@ -51,8 +51,10 @@ if [[ " $STAGES " == *" sweep "* ]]; then
   echo "sweep stage done at ${SECONDS}s"
 fi
 if [[ " $STAGES " == *" ours "* ]]; then
+  TUNED=()  # the sweep's winning tiles, when this run swept (bench.json records which)
+  [ -f "$OUT/sweep.extras.json" ] && TUNED=(--tuned "$OUT/sweep.extras.json")
   timeout $((BUDGET - MAMBA_S - 5 - SECONDS)) python3 benchmarks/bench_decode.py --models $MODELS --no-mamba-ssm \
-    --variants $VARIANTS --gen-len 64 --iters 50 --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+    "${TUNED[@]}" --variants $VARIANTS --gen-len 64 --iters 50 --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
   tail -c 2500 "$OUT/bench.log"
   echo "ours done at ${SECONDS}s"
 fi
