@@ -115,8 +115,9 @@ class Decoder:
                 st.v = torch.zeros_like(st.k)
         self.has_attention = any(isinstance(st, KVCache) for st in self.states)
         zeros = dict(device=device, dtype=torch.long)
-        self.pos = DecodePositions(torch.zeros((), **zeros), torch.zeros(batch_size, **zeros),
-                                   torch.zeros(batch_size, **zeros))
+        # cache_pos and positions are views of one buffer, so that one launch advances both
+        self._advancing = torch.zeros(1 + batch_size, **zeros)
+        self.pos = DecodePositions(self._advancing[0], self._advancing[1:], torch.zeros(batch_size, **zeros))
         self.token = torch.zeros(batch_size, **zeros)
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self._fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
@@ -125,7 +126,7 @@ class Decoder:
 
     def _eager_step(self):
         logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear)
-        self.pos.advance()
+        self._advancing.add_(1)  # = self.pos.advance()
         return logits
 
     def capture(self):

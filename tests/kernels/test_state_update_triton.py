@@ -108,7 +108,8 @@ def test_model_decode_step_through_kernels_equals_pytorch_step(preset, ring_conv
     for impl in ("torch", "triton"):
         with torch.no_grad():
             model.set_impl("torch")  # prefill: the PyTorch chunked path
-            dec = Decoder(model, 2, 12, cuda_graph=False, ring_conv=ring_conv)
+            # the unfused step kernels (fuse_linear: tests/kernels/test_decode_linear_triton.py)
+            dec = Decoder(model, 2, 12, cuda_graph=False, ring_conv=ring_conv, fuse_linear=False)
             dec.prefill(ids, seq_idx, lengths, pads)
             model.set_impl(impl)
             for m in model.modules():  # the gated norm is not part of this kernel file
