@@ -31,6 +31,7 @@ import torch
 
 SHAPES = {"mamba2-130m": (768, 24), "mamba2-370m": (1024, 48)}
 DEVICE = "cuda"
+VOCAB = 50288  # mamba2 checkpoints' padded vocabulary
 
 
 def events_ms(fn, iters: int) -> float:
@@ -257,7 +258,7 @@ def sweep(args, out: list, save):
         di, n, hd = 2 * d, 128, 64
         h = di // hd
         conv_dim = di + 2 * n
-        shapes = dict(in_proj=(2 * di + 2 * n + h, d), out_proj=(d, di), lm_head=(50288, d))
+        shapes = dict(in_proj=(2 * di + 2 * n + h, d), out_proj=(d, di), lm_head=(VOCAB, d))
         for batch in args.batches:
             for lname, (N, K) in shapes.items():
                 W = torch.randn(N, K, device=dev, dtype=bf) / K ** 0.5
