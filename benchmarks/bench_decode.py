@@ -1,14 +1,20 @@
 """Decode speed: ms per step and tokens/s at batch 1 and 64 for the mamba2-130m and -370m shapes (random weights,
-bf16), ours (Triton state-update kernels, CUDA graph, optionally torch.compile) beside mamba_ssm's
-`MambaLMHeadModel` with its CUDA-graph decoding (`generate(cg=True)`), in one run.
+bf16), ours (Triton kernels, CUDA graph) beside mamba_ssm's `MambaLMHeadModel` with its CUDA-graph decoding
+(`generate(cg=True)`), in one run.
 
-    python benchmarks/bench_decode.py --peers .peers --out results.json
+    python benchmarks/bench_decode.py --peers .peers --cc-build .peers/causal-conv1d-build --out results.json \
+        [--sweep] [--profile] [--drift 512]
 
 Two numbers per row: `step` = one captured decode step replayed (the graph alone: what a token costs once the
 prompt is in), and `gen` = a whole `generate` call of --gen-len tokens after a prompt of --prompt-len, divided by
 --gen-len (mamba_ssm's benchmark_generation.py measures this one; it includes prefill and sampling).
 mamba_ssm is imported from its source folder without its package __init__ (which loads compiled CUDA modules);
-without causal_conv1d built its Mamba2 step falls back to a PyTorch conv update (said in the output).
+--cc-build puts a built causal-conv1d (its `causal_conv1d` package and `causal_conv1d_cuda*.so`) first on the path,
+so that mamba_ssm's step uses its CUDA conv update; without it, mamba_ssm falls back to a PyTorch conv update (the
+output says which).
+--sweep times the kernels' tile choices alone (linear layers with fused norms against cuBLAS, the state update
+against a copy of the same bytes); --profile lists the kernels of one eager step; --drift N decodes N tokens greedily
+with bf16 and with float32 SSM states and reports where they part.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from pathlib import Path
 import torch
 
 SHAPES = {"mamba2-130m": (768, 24), "mamba2-370m": (1024, 48)}
+DEVICE = "cuda"
+VOCAB = 50288  # mamba2 checkpoints' padded vocabulary
 
 
 def events_ms(fn, iters: int) -> float:
@@ -55,11 +63,14 @@ def wall_ms(fn, repeats: int = 3) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-VARIANTS = {  # name: Decoder options
-    "ours": dict(state_dtype=torch.float32, ring_conv=True, compile=False),
-    "ours_bf16_state": dict(state_dtype=torch.bfloat16, ring_conv=True, compile=False),
-    "ours_unfused": dict(state_dtype=torch.float32, ring_conv=False, compile=False),
-    "ours_compiled": dict(state_dtype=torch.float32, ring_conv=True, compile=True),
+VARIANTS = {  # name: Decoder options (None: the Decoder's default)
+    "ours": dict(),
+    "ours_fp32_state": dict(state_dtype=torch.float32),
+    "ours_ring": dict(ring_conv=True),
+    "ours_noring": dict(ring_conv=False),
+    "ours_fused_linear": dict(fuse_linear=True),
+    "ours_cublas": dict(fuse_linear=False),  # cuBLAS linears, separate norm kernels (the previous step)
+    "ours_compiled": dict(fuse_linear=False, compile=True),
 }
 
 
@@ -99,6 +110,8 @@ def ours(name, batch, args, variant):
             use(None, norm_impl)
             dec.capture()
         capture_s = time.perf_counter() - t0
+        dec_flags = dict(ring=any(getattr(st, "ring", False) for st in dec.states), fuse=dec.fuse_linear,
+                         state_dtype=str(dec.state_dtype).replace("torch.", ""))
         use(prefill_impl, norm_impl)
         try:
             dec.prefill(prompt)
@@ -115,10 +128,11 @@ def ours(name, batch, args, variant):
                 pass
 
         gen_ms = wall_ms(gen) / args.gen_len
-        # correctness guard: graph steps equal the eager PyTorch steps (float32 states, shifted conv) from the
-        # same prompt, over 8 tokens
+        # correctness guard: graph steps equal the eager PyTorch steps (states in the same dtype, shifted conv,
+        # cuBLAS linears) from the same prompt, over 8 tokens
         dec.prefill(prompt)
-        eager = Decoder(model, batch, args.prompt_len + 16, cuda_graph=False, ring_conv=False)
+        eager = Decoder(model, batch, args.prompt_len + 16, cuda_graph=False, ring_conv=False, fuse_linear=False,
+                        state_dtype=dec.state_dtype)
         use("torch", "torch")
         eager.prefill(prompt)
         errs = []
@@ -130,13 +144,27 @@ def ours(name, batch, args, variant):
     del model, dec, eager
     torch.cuda.empty_cache()
     return dict(step_ms=step_ms, gen_ms=gen_ms, capture_s=capture_s, max_rel_err_vs_torch=max(errs),
+                state_dtype=dec_flags["state_dtype"],
+                ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"],
                 gated_norm="triton" if norm_impl is None else "torch",
                 prefill="triton" if prefill_impl is None else "torch")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def import_mamba_ssm(peers: Path):
-    """mamba_ssm's modules without its package __init__ (which imports compiled CUDA extensions)."""
+def import_mamba_ssm(peers: Path, cc_build: Path = None):
+    """mamba_ssm's modules without its package __init__ (which imports compiled CUDA extensions); a built
+    causal-conv1d from cc_build first on the path."""
+    cc = "causal_conv1d not given"
+    if cc_build is not None:
+        sys.path.insert(0, str(cc_build.resolve()))
+        try:
+            import causal_conv1d
+            import causal_conv1d_cuda  # noqa: F401
+
+            cc = f"causal_conv1d {getattr(causal_conv1d, '__version__', '?')} from {cc_build}"
+        except Exception as e:  # noqa: BLE001
+            cc = f"causal_conv1d not importable from {cc_build}: {type(e).__name__}: {e}"
+    print(f"[mamba_ssm] {cc}")
     pkg = types.ModuleType("mamba_ssm")
     pkg.__path__ = [str(peers / "mamba_ssm")]
     sys.modules["mamba_ssm"] = pkg
@@ -151,8 +179,14 @@ def import_mamba_ssm(peers: Path):
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     import mamba_ssm.modules.mamba2 as m2
 
-    conv = "causal_conv1d built" if getattr(m2, "causal_conv1d_update", None) is not None else \
-        "WITHOUT causal_conv1d (PyTorch conv fallback)"
+    version = getattr(sys.modules["mamba_ssm"], "__version__", None)
+    try:
+        version = version or Path(peers / "mamba_ssm" / "__init__.py").read_text().split("__version__ = ")[1].split()[0]
+    except (OSError, IndexError):
+        version = "?"
+    conv = (f"mamba_ssm {version}, step with causal_conv1d_update ({cc})"
+            if getattr(m2, "causal_conv1d_update", None) is not None else
+            f"mamba_ssm {version} WITHOUT causal_conv1d (PyTorch conv fallback; {cc})")
     return MambaConfig, MambaLMHeadModel, conv
 
 
@@ -184,6 +218,246 @@ def theirs(name, batch, args, MambaConfig, MambaLMHeadModel):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def graph_ms(fn, reps: int = 20, iters: int = 20) -> float:
+    """fn's device time: `reps` calls captured in one CUDA graph, replayed; ms per call (launch gaps as in a
+    decode graph)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return median_ms(graph.replay, iters) / reps
+
+
+# (BLOCK_N, BLOCK_K, num_warps, single_pass) and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, single_pass)
+LINEAR_CONFIGS = [(4, 512, 4, False), (4, 512, 4, True), (8, 256, 4, False), (8, 256, 4, True), (2, 512, 2, True),
+                  (16, 256, 4, True)]
+DOT_CONFIGS = [(64, 32, 128, 4, 3, False), (16, 32, 128, 4, 3, True), (16, 64, 128, 4, 3, True),
+               (32, 64, 64, 4, 3, True), (16, 128, 64, 4, 3, True), (64, 64, 128, 4, 3, True)]
+STATE_TILES = [(16, 4), (32, 4), (64, 4), (32, 8), (64, 8), (16, 2)]  # (block_p, num_warps)
+
+
+@torch.inference_mode()
+def sweep(args, out: list, save):
+    """Each decode kernel alone (graph-replayed), per tile choice; the linear layers against the unfused
+    kernels + cuBLAS that they replace, the state update against copying the same bytes."""
+    import torch.nn.functional as F
+
+    from lit_mamba2.kernels import decode_linear as dl
+    from lit_mamba2.kernels.rmsnorm_gated import gated_rmsnorm
+    from lit_mamba2.kernels.state_update import add_rmsnorm, mixer_step, state_update
+
+    dev, bf = DEVICE, torch.bfloat16
+    for name in args.models[:1]:
+        d, _ = SHAPES[name]
+        di, n, hd = 2 * d, 128, 64
+        h = di // hd
+        conv_dim = di + 2 * n
+        shapes = dict(in_proj=(2 * di + 2 * n + h, d), out_proj=(d, di), lm_head=(VOCAB, d))
+        for batch in args.batches:
+            for lname, (N, K) in shapes.items():
+                W = torch.randn(N, K, device=dev, dtype=bf) / K ** 0.5
+                nw = torch.rand(K, device=dev, dtype=bf) + 0.5
+                hid, res = torch.randn(batch, K, device=dev, dtype=bf), torch.randn(batch, K, device=dev)
+                z = torch.randn(batch, K, device=dev, dtype=bf)
+                acc = torch.randn(batch, N, device=dev)
+                if lname == "out_proj":
+                    base = lambda: acc.add_(F.linear(gated_rmsnorm(hid, z, nw, 1e-5, K, False), W))  # noqa: E731
+                    fused = lambda c: dl.gated_norm_linear(hid, z, nw, 1e-5, 1, False, W, residual=acc,  # noqa: E731
+                                                           config=c)
+                elif lname == "in_proj":
+                    base = lambda: F.linear(add_rmsnorm(hid, res, nw, 1e-5, torch.float32)[0], W)  # noqa: E731
+                    fused = lambda c: dl.add_norm_linear(hid, res, nw, 1e-5, W, None, torch.float32,  # noqa: E731
+                                                         config=c)
+                else:
+                    base = lambda: F.linear(add_rmsnorm(res, None, nw, 1e-5, torch.float32)[0], W)  # noqa: E731
+                    fused = lambda c: dl.add_norm_linear(None, res, nw, 1e-5, W, config=c)  # noqa: E731
+                row = dict(kind="linear", model=name, batch=batch, layer=lname, N=N, K=K,
+                           cublas_linear_alone_ms=graph_ms(lambda: F.linear(hid, W)),
+                           unfused_ms=graph_ms(base), weight_GBps_floor_ms=W.numel() * 2 / 2.97e9 * 1e3)
+                configs = LINEAR_CONFIGS if batch < dl.GEMV_BELOW else DOT_CONFIGS
+                for c in configs:
+                    try:
+                        row[str(c)] = graph_ms(lambda: fused(c))
+                    except Exception as e:  # noqa: BLE001
+                        row[str(c)] = f"{type(e).__name__}: {str(e)[:120]}"
+                out.append(row)
+                save()
+                print(row, flush=True)
+            # the SSM state update (bf16 and float32 states), fused with the ring conv or alone
+            for sdt in (torch.bfloat16, torch.float32):
+                # several states in turn, together larger than the L2 cache (50 MB on an H100), as a step's 24+
+                # layers are: a single state would stay in L2 between calls and flatter the kernel
+                n_bufs = max(1, min(8, int(120e6 // (batch * h * hd * n * torch.finfo(sdt).bits // 8)) or 1))
+                states = [torch.randn(batch, h, hd, n, device=dev).to(sdt) for _ in range(n_bufs)]
+                turn = [0]
+
+                def next_state():
+                    turn[0] = (turn[0] + 1) % n_bufs
+                    return states[turn[0]]
+
+                state = states[0]
+                ring = torch.randn(batch, 4, conv_dim, device=dev, dtype=bf).transpose(1, 2)
+                slot = torch.tensor(3, device=dev)
+                xBC = torch.randn(batch, conv_dim, device=dev, dtype=bf)
+                cw, cb = torch.randn(conv_dim, 4, device=dev, dtype=bf) / 2, torch.randn(conv_dim, device=dev, dtype=bf)
+                dt, A_log = torch.randn(batch, h, device=dev, dtype=bf), torch.rand(h, device=dev)
+                Dp, dtb = torch.ones(h, device=dev), torch.randn(h, device=dev)
+                x = xBC[:, :di].view(batch, h, hd)
+                B, C = xBC[:, di:di + n].view(batch, 1, n), xBC[:, di + n:].view(batch, 1, n)
+                nbytes = 2 * state.numel() * state.element_size()
+                row = dict(kind="state", model=name, batch=batch, state_dtype=str(sdt).replace("torch.", ""),
+                           state_MB=state.numel() * state.element_size() / 1e6,
+                           n_state_buffers=n_bufs,
+                           copy_ms=graph_ms(lambda: next_state().copy_(states[(turn[0] + 1) % n_bufs])))
+                for bp, nw_ in STATE_TILES:
+                    for kname, fn in (
+                            ("mixer_step", lambda: mixer_step(next_state(), ring, slot, xBC, cw, cb, dt, A_log,
+                                                              D=Dp, dt_bias=dtb, block_p=bp, num_warps=nw_)),
+                            ("state_update", lambda: state_update(next_state(), x, dt, A_log, B, C, D=Dp,
+                                                                  dt_bias=dtb, dt_softplus=True, A_is_log=True,
+                                                                  block_p=bp, num_warps=nw_))):
+                        try:
+                            row[f"{kname}{(bp, nw_)}"] = graph_ms(fn)
+                        except Exception as e:  # noqa: BLE001
+                            row[f"{kname}{(bp, nw_)}"] = f"{type(e).__name__}: {str(e)[:120]}"
+                row["state_bytes_GB_per_s_at_copy"] = nbytes / row["copy_ms"] / 1e6
+                out.append(row)
+                save()
+                print(row, flush=True)
+
+
+def apply_tuned(path: Path) -> dict:
+    """Set the kernels' tile constants to a sweep's winners (the linear tiles by the time of a whole step's
+    layers: n_layer x (in_proj + out_proj) + lm_head; the state tiles by mixer_step + state_update in bf16)."""
+    from lit_mamba2.kernels import decode_linear as dl
+    from lit_mamba2.kernels import state_update as su
+
+    rows = json.loads(path.read_text()).get("sweep") or []
+    chosen = {}
+
+    def best(candidates, rs, cost_of):
+        costs = {c: cost_of(c, rs) for c in candidates}
+        costs = {c: v for c, v in costs.items() if v < float("inf")}
+        return min(costs, key=costs.get) if costs else None
+
+    def linear_cost(c, rs):
+        n_layer = SHAPES[rs[0]["model"]][1]
+        weight = {"in_proj": n_layer, "out_proj": n_layer, "lm_head": 1}
+        vals = [r.get(str(c)) for r in rs]
+        if any(not isinstance(v, float) for v in vals):
+            return float("inf")
+        return sum(weight[r["layer"]] * v for r, v in zip(rs, vals))
+
+    for attr, small, layers, configs in (("CONFIG", True, ("in_proj", "out_proj"), LINEAR_CONFIGS),
+                                         ("CONFIG_WIDE", True, ("lm_head",), LINEAR_CONFIGS),
+                                         ("DOT_CONFIG", False, ("in_proj", "out_proj", "lm_head"), DOT_CONFIGS)):
+        rs = [r for r in rows if r.get("kind") == "linear" and (r["batch"] < dl.GEMV_BELOW) == small and
+              r["layer"] in layers]
+        c = best(configs, rs, linear_cost) if rs else None
+        if c is not None:
+            setattr(dl, attr, tuple(c))
+            chosen[attr] = c
+
+    def state_cost(c, rs):
+        vals = [r.get(f"{k}{c}") for r in rs for k in ("mixer_step", "state_update")]
+        if any(not isinstance(v, float) for v in vals):
+            return float("inf")
+        return sum(vals)
+
+    for attr, small in (("STATE_TILE_SMALL_BATCH", True), ("STATE_TILE", False)):
+        rs = [r for r in rows if r.get("kind") == "state" and r["state_dtype"] == "bfloat16" and
+              (r["batch"] < 16) == small]
+        c = best(STATE_TILES, rs, state_cost) if rs else None
+        if c is not None:
+            setattr(su, attr, (c[0] * 128, c[1]))  # block_p rows of dstate 128
+            chosen[attr] = (c[0] * 128, c[1])
+    print(f"[tuned] from {path}: {chosen}", flush=True)
+    return chosen
+
+
+@torch.inference_mode()
+def profile(args):
+    """The kernels of one eager decode step (the Decoder's defaults), by device time."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from lit_mamba2 import Mamba2Config
+    from lit_mamba2.generation import Decoder
+    from lit_mamba2.model import Mamba2LMHeadModel
+
+    tables = {}
+    for name in args.models[:1]:
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = Mamba2LMHeadModel(Mamba2Config.from_name(name)).to(torch.bfloat16).eval()
+        for batch in args.batches:
+            for opts in (dict(), dict(fuse_linear=False, ring_conv=False)):
+                dec = Decoder(model, batch, 64, cuda_graph=False, **opts)
+                dec.prefill(torch.randint(1, model.config.vocab_size, (batch, 8), device=DEVICE))
+                token = torch.randint(1, model.config.vocab_size, (batch,), device=DEVICE)
+                for _ in range(3):
+                    dec.step(token)
+                torch.cuda.synchronize()
+                with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        dec.step(token)
+                    torch.cuda.synchronize()
+                key = f"{name} batch {batch} {opts or 'defaults'}"
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+                tables[key] = table
+                print(f"--- {key}: kernels of 5 eager steps\n{table}", flush=True)
+        del model
+    return tables
+
+
+@torch.inference_mode()
+def drift(args, n_tokens: int):
+    """bf16 against float32 SSM states, greedy, same prompts: free-running (first token where they part) and
+    teacher-forced on the float32 run's tokens (logit differences and argmax agreement per window)."""
+    from lit_mamba2 import Mamba2Config
+    from lit_mamba2.generation import Decoder, stream
+    from lit_mamba2.model import Mamba2LMHeadModel
+
+    res = []
+    for name in args.models:
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = Mamba2LMHeadModel(Mamba2Config.from_name(name)).to(torch.bfloat16).eval()
+        batch = 4
+        prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), device=DEVICE)
+        decs = {k: Decoder(model, batch, args.prompt_len + n_tokens + 2, state_dtype=dt)
+                for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        toks = {k: torch.stack(list(stream(model, prompt, n_tokens, temperature=0, decoder=d)), 1)
+                for k, d in decs.items()}
+        same = toks["fp32"] == toks["bf16"]
+        first = [int((~row).nonzero()[0]) if (~row).any() else None for row in same]
+        # teacher forcing: both decoders fed the float32 run's tokens
+        l32, l16 = decs["fp32"].prefill(prompt).float(), decs["bf16"].prefill(prompt).float()
+        diffs, agree, scale = [], [], []
+        for t in range(n_tokens - 1):
+            diffs.append((l32 - l16).abs().max().item())
+            agree.append((l32.argmax(-1) == l16.argmax(-1)).float().mean().item())
+            scale.append(l32.abs().max().item())
+            tok = toks["fp32"][:, t]
+            l32, l16 = decs["fp32"].step(tok).float().clone(), decs["bf16"].step(tok).float()
+        w = 64
+        windows = [dict(tokens=f"{i}-{min(i + w, len(diffs)) - 1}", max_abs_logit_diff=max(diffs[i:i + w]),
+                        max_abs_logit=max(scale[i:i + w]), argmax_agreement=sum(agree[i:i + w]) / len(agree[i:i + w]))
+                   for i in range(0, len(diffs), w)]
+        row = dict(model=name, batch=batch, tokens=n_tokens, first_divergent_token_per_row=first,
+                   free_running_token_agreement=same.float().mean().item(), teacher_forced=windows)
+        print(row, flush=True)
+        res.append(row)
+        del model, decs
+        torch.cuda.empty_cache()
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", type=Path, default=Path(".peers"), help="folder holding mamba_ssm's source")
@@ -192,41 +466,101 @@ def main():
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["ours", "ours_bf16_state",
-                                                                              "ours_unfused"],
-                   help="ours: fused conv+state kernel, float32 states; ours_bf16_state: states stored in bf16 "
-                        "(as mamba_ssm does for bf16 models); ours_unfused: separate conv and state kernels; "
-                        "ours_compiled: the step through torch.compile (slow to start)")
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=["ours", "ours_fp32_state",
+                                                                              "ours_cublas"],
+                   help="ours: the Decoder's defaults (states in the model's dtype, linears with fused norms "
+                        "below batch 8, ring conv below batch 16); ours_fp32_state: float32 SSM states; "
+                        "ours_ring / ours_noring: the conv fused into the state kernel or not; ours_fused_linear / "
+                        "ours_cublas: the linears with fused norms (Triton), or cuBLAS linears and separate norm "
+                        "kernels; ours_compiled: the step through torch.compile (slow to start)")
+    p.add_argument("--cc-build", type=Path, default=None,
+                   help="folder holding a built causal-conv1d (causal_conv1d/ and causal_conv1d_cuda*.so)")
+    p.add_argument("--no-mamba-ssm", action="store_true")
+    p.add_argument("--only-mamba-ssm", action="store_true", help="time mamba_ssm alone (no variant of ours)")
+    p.add_argument("--tuned", type=Path, default=None, help="a --sweep's .extras.json: use its winning tiles")
+    p.add_argument("--sweep", action="store_true", help="time the kernels' tile choices alone first")
+    p.add_argument("--profile", action="store_true", help="list the kernels of one eager step")
+    p.add_argument("--drift", type=int, default=0, help="tokens of bf16- vs float32-state greedy decoding")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
+    extras = {}
+
+    def save_extras():
+        if args.out:
+            args.out.with_suffix(".extras.json").write_text(json.dumps(extras, indent=2, default=str))
+
+    if args.sweep:
+        t0 = time.perf_counter()
+        extras["sweep"] = []
+        try:
+            sweep(args, extras["sweep"], save_extras)
+        except Exception as e:  # noqa: BLE001
+            extras["sweep_error"] = f"{type(e).__name__}: {e}"
+            print(f"[sweep] failed: {extras['sweep_error']}")
+        print(f"[sweep] {time.perf_counter() - t0:.0f} s", flush=True)
+        save_extras()
+    if args.drift:
+        t0 = time.perf_counter()
+        try:
+            extras["drift"] = drift(args, args.drift)
+        except Exception as e:  # noqa: BLE001
+            extras["drift"] = f"{type(e).__name__}: {e}"
+            print(f"[drift] failed: {extras['drift']}")
+        print(f"[drift] {time.perf_counter() - t0:.0f} s", flush=True)
+        save_extras()
+    if args.profile:
+        try:
+            extras["profile"] = profile(args)
+        except Exception as e:  # noqa: BLE001
+            extras["profile"] = f"{type(e).__name__}: {e}"
+            print(f"[profile] failed: {extras['profile']}")
+        save_extras()
+    tuned = apply_tuned(args.tuned) if args.tuned and args.tuned.exists() else {}
+    if not args.variants and not args.only_mamba_ssm:
+        return
     try:
-        MambaConfig, MambaLMHeadModel, conv = import_mamba_ssm(args.peers)
+        if args.no_mamba_ssm:
+            raise RuntimeError("skipped (--no-mamba-ssm)")
+        MambaConfig, MambaLMHeadModel, conv = import_mamba_ssm(args.peers, args.cc_build)
         print(f"[mamba_ssm] imported from {args.peers}, {conv}")
     except Exception as e:  # noqa: BLE001
         MambaConfig = MambaLMHeadModel = None
         conv = f"not importable: {type(e).__name__}: {e}"
         print(f"[mamba_ssm] {conv}")
-    variants = args.variants
+    variants = [] if args.only_mamba_ssm else args.variants
     rows = {(name, batch): dict(model=name, batch=batch) for name in args.models for batch in args.batches}
 
     def save():
         if args.out:
             args.out.write_text(json.dumps(dict(
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
-                mamba_ssm_conv=conv, args={k: str(v) for k, v in vars(args).items()}, rows=list(rows.values())),
+                mamba_ssm_conv=conv, tuned=tuned, args={k: str(v) for k, v in vars(args).items()},
+                rows=list(rows.values())),
                 indent=2))
 
+    if args.only_mamba_ssm and MambaLMHeadModel is not None:
+        for (name, batch), row in rows.items():
+            try:
+                row["mamba_ssm"] = theirs(name, batch, args, MambaConfig, MambaLMHeadModel)
+            except Exception as e:  # noqa: BLE001
+                row["mamba_ssm"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(name, batch, "mamba_ssm", row["mamba_ssm"], flush=True)
+            save()
     # compiled variants last: their compile time is the least predictable, and the rest is saved first
     for i, variant in enumerate(variants):
         for (name, batch), row in rows.items():
+            redundant = {"ours_ring": batch >= 16, "ours_noring": batch < 16, "ours_fused_linear": batch < 8,
+                         "ours_cublas": batch >= 8}
+            if redundant.get(variant, False):
+                continue  # the default at this batch size already
             try:
                 row[variant] = ours(name, batch, args, variant)
             except Exception as e:  # noqa: BLE001
                 row[variant] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             print(name, batch, variant, row[variant], flush=True)
-            if i == 0 and MambaLMHeadModel is not None:
+            if i == 0 and MambaLMHeadModel is not None and not args.no_mamba_ssm:
                 try:
                     row["mamba_ssm"] = theirs(name, batch, args, MambaConfig, MambaLMHeadModel)
                 except Exception as e:  # noqa: BLE001

@@ -19,6 +19,40 @@ import triton
 import triton.language as tl
 
 
+# A program's state tile: BLOCK_P rows of headdim by all of dstate, as (elements per tile, num_warps), below batch
+# 16 (few programs: smaller tiles spread them over more SMs) and from it on (bandwidth-bound). The winners of
+# benchmarks/bench_decode.py --sweep on an H100 (run 2); at batch 64 the sweep's state stays in L2 between calls,
+# so it ranks tiles only roughly (32 and 64 rows tied): in a whole step the state update streams bf16 states at
+# ~2.7 TB/s, ~90% of a device copy.
+STATE_TILE_SMALL_BATCH = (2048, 2)
+STATE_TILE = (8192, 4)
+
+
+def _state_tiles(b, p, n, block_p=None, num_warps=None):
+    BLOCK_N = triton.next_power_of_2(n)
+    elements, warps = STATE_TILE_SMALL_BATCH if b < 16 else STATE_TILE
+    if block_p is None:
+        block_p = max(1, min(triton.next_power_of_2(p), max(16, elements // BLOCK_N)))
+    return BLOCK_N, block_p, num_warps or warps
+
+
+@triton.jit
+def _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr,
+                  DT_SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr):
+    """One head's step size and decay exp(dt * A), in float32: dt (+ dt_bias), softplus, clamp."""
+    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dtb_ptr + h).to(tl.float32)
+    if DT_SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # F.softplus with its threshold
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)  # the parameter A_log: saves the model two tiny launches per layer and step
+    return dt, tl.exp(A * dt)
+
+
 @triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
@@ -38,17 +72,8 @@ def _state_update_kernel(
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
 
-    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt += tl.load(dtb_ptr + h).to(tl.float32)
-    if DT_SOFTPLUS:
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # F.softplus with its threshold
-    if HAS_LIMIT:
-        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    if A_IS_LOG:
-        A = -tl.exp(A)  # the parameter A_log: saves the model two tiny launches per layer and step
-    decay = tl.exp(A * dt)
+    dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
+                              HAS_LIMIT, A_IS_LOG)
 
     x = tl.load(x_ptr + b * x_b + h * x_h + offs_p * x_p, mask=mask_p, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * B_b + g * B_g + offs_n * B_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -69,7 +94,7 @@ def _state_update_kernel(
 
 
 def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                 dt_limit=(0.0, math.inf), out=None, A_is_log=False):
+                 dt_limit=(0.0, math.inf), out=None, A_is_log=False, block_p=None, num_warps=None):
     """state: (batch, nheads, headdim, dstate), updated in place; x, z: (batch, nheads, headdim); dt: (batch,
     nheads); A, dt_bias: (nheads,); B, C: (batch, ngroups, dstate); D: (nheads,) or (nheads, headdim).
     A_is_log: A holds A_log, and A = -exp(A_log) is taken in the kernel.
@@ -86,8 +111,7 @@ def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
         D_h = D_p = 0
     zs = z.stride() if z is not None else (0, 0, 0)
     has_limit = tuple(dt_limit) != (0.0, math.inf)
-    BLOCK_N = triton.next_power_of_2(n)
-    BLOCK_P = max(1, min(triton.next_power_of_2(p), max(16, 4096 // BLOCK_N)))
+    BLOCK_N, BLOCK_P, num_warps = _state_tiles(b, p, n, block_p, num_warps)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     _state_update_kernel[grid](
         state, x, dt, A, B, C, D if D is not None else A, z if z is not None else x,
@@ -95,7 +119,7 @@ def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
         h, p, n, h // g, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), D_h, D_p, *zs, *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4,
+        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
     return out
 
@@ -235,13 +259,8 @@ def _mixer_step_kernel(
         tl.store(ring + cC * r_c + slot_slot * r_w, C_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
 
     # the SSM state update, as in _state_update_kernel
-    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt += tl.load(dtb_ptr + h).to(tl.float32)
-    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-    if HAS_LIMIT:
-        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    decay = tl.exp(-tl.exp(tl.load(A_log_ptr + h).to(tl.float32)) * dt)
+    dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_log_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, True,
+                              HAS_LIMIT, True)
     s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
     mask = mask_p[:, None] & mask_n[None, :]
     st = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -257,7 +276,7 @@ def _mixer_step_kernel(
 
 
 def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=None, z=None, dt_bias=None,
-               dt_limit=(0.0, math.inf), ngroups=1):
+               dt_limit=(0.0, math.inf), ngroups=1, block_p=None, num_warps=None):
     """A Mamba-2 mixer's conv (+ SiLU) and SSM state update for one token, in one launch.
 
     state: (batch, nheads, headdim, dstate), in place; conv_ring: (batch, conv_dim, width), the last `width`
@@ -277,8 +296,7 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
     else:
         D_h = D_p = 0
     zs = z.stride() if z is not None else (0, 0, 0)
-    BLOCK_N = triton.next_power_of_2(n)
-    BLOCK_P = max(1, min(triton.next_power_of_2(p), max(16, 4096 // BLOCK_N)))
+    BLOCK_N, BLOCK_P, num_warps = _state_tiles(b, p, n, block_p, num_warps)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     _mixer_step_kernel[grid](
         state, conv_ring, slot, xBC, conv_weight, conv_bias if conv_bias is not None else conv_weight, dt, A_log,
@@ -288,6 +306,6 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
         *out.stride(),
         WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), BLOCK_P=BLOCK_P,
-        BLOCK_N=BLOCK_N, num_warps=4,
+        BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
     return out

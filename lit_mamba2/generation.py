@@ -65,32 +65,48 @@ def pad_prompts(prompts: Prompts, device, pad_id: int = 0):
     return ids.to(device), seq_idx, lengths.to(device), pads.to(device)
 
 
+# Batch sizes below which Decoder uses the fused conv + state kernel (ring_conv) and the linear layers with fused
+# norms (fuse_linear) by default; measured on an H100 (BENCHMARKS.md, "Decoding").
+RING_CONV_BELOW = 16
+FUSE_LINEAR_BELOW = 8
+
+
 class Decoder:
     """Static decoding buffers for one batch size and maximum length: per-layer states (fixed-size KV caches for
     attention), the input token and the positions; `step` is one token for every row, replayed from a CUDA graph
     when `cuda_graph` (default: on CUDA). `compile=True` also runs the step through torch.compile. `ring_conv`
     keeps Mamba-2 conv states as rings (see Mamba2State.ring), so that one kernel does conv and state update
-    (default: below batch 16, where it measured faster). `state_dtype=torch.bfloat16` stores SSM states in bf16
-    (as mamba_ssm does for bf16 models): about 30% less time per step at batch 64, some accuracy lost."""
+    (default: below batch RING_CONV_BELOW, where it measured faster). `fuse_linear` runs the linear layers as
+    Triton GEMVs with the norms before them fused in (three launches per Mamba-2 layer; Triton path only;
+    default: below batch FUSE_LINEAR_BELOW, where it measured faster than cuBLAS + separate norm kernels).
+    `state_dtype`: the SSM states' storage, by default the model's dtype as in mamba_ssm (bf16 for a bf16 model:
+    about 30% less time per step at batch 64 than float32); `state_dtype=torch.float32` keeps them in float32
+    (closer to exact over long outputs: BENCHMARKS.md measures the drift)."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
-                 ring_conv: Optional[bool] = None):
+                 ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None):
         self.model = model
         weight = model.lm_head.weight
         device = weight.device
         self.batch_size, self.max_len = batch_size, max_len
         if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
-            ring_conv = batch_size < 16
+            ring_conv = batch_size < RING_CONV_BELOW
+        if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md)
+            fuse_linear = batch_size < FUSE_LINEAR_BELOW
+        self.fuse_linear = fuse_linear
         self.states = model.allocate_states(batch_size, device=device)
-        # state_dtype: the SSM states' storage (the kernel computes in float32 either way). bfloat16 halves the
-        # bytes a step moves at large batch, as mamba_ssm does for bf16 models, at some accuracy over long outputs.
+        # state_dtype: the SSM states' storage (the kernels compute in float32 either way). The default is the
+        # model's dtype, as mamba_ssm does: bf16 states for a bf16 model halve the bytes a step moves at large
+        # batch; float32 keeps long outputs closer to the float32-state recurrence (BENCHMARKS.md measures the drift).
+        self.state_dtype = state_dtype or weight.dtype
         for st in self.states:
             if isinstance(st, Mamba2State):
-                st.ssm = st.ssm.to(state_dtype or st.ssm.dtype)  # default: float32 (float64 for float64 models)
-                if ring_conv:
-                    st.conv = torch.zeros(*st.conv.shape[:2], st.conv.shape[2] + 1, device=device,
-                                          dtype=st.conv.dtype)
+                st.ssm = st.ssm.to(self.state_dtype)
+                if ring_conv:  # slot-major storage, (batch, width, conv_dim) seen as (batch, conv_dim, width): a
+                    # slot's channels are contiguous, so the kernel's loads of one slot coalesce
+                    b, c, w = st.conv.shape
+                    st.conv = torch.zeros(b, w + 1, c, device=device, dtype=st.conv.dtype).transpose(1, 2)
                     st.ring = True
         for st, layer in zip(self.states, model.backbone.layers):
             if isinstance(st, KVCache):
@@ -99,8 +115,9 @@ class Decoder:
                 st.v = torch.zeros_like(st.k)
         self.has_attention = any(isinstance(st, KVCache) for st in self.states)
         zeros = dict(device=device, dtype=torch.long)
-        self.pos = DecodePositions(torch.zeros((), **zeros), torch.zeros(batch_size, **zeros),
-                                   torch.zeros(batch_size, **zeros))
+        # cache_pos and positions are views of one buffer, so that one launch advances both
+        self._advancing = torch.zeros(1 + batch_size, **zeros)
+        self.pos = DecodePositions(self._advancing[0], self._advancing[1:], torch.zeros(batch_size, **zeros))
         self.token = torch.zeros(batch_size, **zeros)
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self._fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
@@ -108,8 +125,8 @@ class Decoder:
         self.filled = 0
 
     def _eager_step(self):
-        logits = self.model.step(self.token, self.states, self.pos)
-        self.pos.advance()
+        logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear)
+        self._advancing.add_(1)  # = self.pos.advance()
         return logits
 
     def capture(self):
@@ -251,8 +268,9 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA")
-    parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="storage of the SSM states while decoding (bfloat16: faster at large batch)")
+    parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default=None,
+                        help="storage of the SSM states while decoding; default: the model's dtype, as mamba_ssm "
+                             "(float32: closer to exact over long outputs, slower at large batch)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
@@ -297,7 +315,8 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.flush()
     for token in stream(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, stop_tokens=stops, generator=generator,
-                        cuda_graph=False if args.no_cuda_graph else None, state_dtype=DTYPES[args.state_dtype]):
+                        cuda_graph=False if args.no_cuda_graph else None,
+                        state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None):
         for r, t in zip(rows, token.tolist()):
             if not (r and r[-1] in stops):
                 r.append(t)

@@ -221,29 +221,51 @@ class Mamba2Mixer(nn.Module):
         b = u.shape[0]
         z0, x0, z, xBC, dt = torch.split(
             self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
-        D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
-        z_gate = None if self.norm is not None else z.view(b, self.nheads, self.headdim)
-        weight = self.conv1d.weight[:, 0, :]
-        if state.ring and _step_on_triton(u, self.impl):
-            from lit_mamba2.kernels.state_update import mixer_step
-
-            y = mixer_step(state.ssm, state.conv, pos.cache_pos, xBC, weight, self.conv1d.bias, dt, self.A_log,
-                           D=D, z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, ngroups=self.ngroups)
-        else:
-            if state.ring:
-                xBC = ring_conv_step(xBC, state.conv, pos.cache_pos, weight, self.conv1d.bias)
-            else:
-                xBC = conv_step(xBC, state.conv, weight, self.conv1d.bias, "silu", self.impl)
-            x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-            y = ssm_step(state.ssm, x.view(b, self.nheads, self.headdim), dt, self.A_log,
-                         B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
-                         z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, impl=self.impl)
-        y = y.reshape(b, self.d_ssm)
+        y = self._conv_ssm_step(z, xBC, dt, state, pos).reshape(b, self.d_ssm)
         if self.norm is not None:
             y = self.norm(y, z)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
+
+    def _conv_ssm_step(self, z, xBC, dt, state: Mamba2State, pos):
+        """The conv (+ SiLU) and the SSM state update of one token: y (batch, nheads, headdim)."""
+        b = xBC.shape[0]
+        D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
+        z_gate = None if self.norm is not None else z.view(b, self.nheads, self.headdim)
+        weight = self.conv1d.weight[:, 0, :]
+        if state.ring and _step_on_triton(xBC, self.impl):
+            from lit_mamba2.kernels.state_update import mixer_step
+
+            return mixer_step(state.ssm, state.conv, pos.cache_pos, xBC, weight, self.conv1d.bias, dt, self.A_log,
+                              D=D, z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, ngroups=self.ngroups)
+        if state.ring:
+            xBC = ring_conv_step(xBC, state.conv, pos.cache_pos, weight, self.conv1d.bias)
+        else:
+            xBC = conv_step(xBC, state.conv, weight, self.conv1d.bias, "silu", self.impl)
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        return ssm_step(state.ssm, x.view(b, self.nheads, self.headdim), dt, self.A_log,
+                        B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
+                        z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, impl=self.impl)
+
+    def can_fuse_linear(self, t: torch.Tensor) -> bool:
+        """Whether fused_step applies: Triton kernels, a gated norm, and no channels beside the SSM."""
+        return self.norm is not None and self.d_mlp == 0 and _step_on_triton(t, self.impl)
+
+    def fused_step(self, hidden, residual, norm: RMSNorm, state: Mamba2State, pos, residual_dtype):
+        """A whole pre-norm block's mixer step in three launches (small batches; kernels/decode_linear.py):
+        [residual += hidden, norm, in_proj], [conv + state update], [gated norm, out_proj, residual += out].
+        hidden may be None (already in residual). Returns the residual, which then includes this layer's output."""
+        from lit_mamba2.kernels.decode_linear import add_norm_linear, gated_norm_linear
+
+        b = residual.shape[0] if hidden is None else hidden.shape[0]
+        zxbcdt, residual = add_norm_linear(hidden, residual, norm.weight, norm.eps, self.in_proj.weight,
+                                           self.in_proj.bias, residual_dtype)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        y = self._conv_ssm_step(z, xBC, dt, state, pos).view(b, self.d_ssm)
+        gated_norm_linear(y, z, self.norm.weight, self.norm.eps, self.d_ssm // self.norm.group_size,
+                          self.norm.norm_before_gate, self.out_proj.weight, self.out_proj.bias, residual=residual)
+        return residual
 
 
 @dataclass
@@ -443,6 +465,8 @@ class Block(nn.Module):
             self.norm2 = self.mlp = None
 
     def _add(self, hidden, residual):
+        if hidden is None:  # a fused step already added its output to the residual
+            return residual
         residual = hidden if residual is None else residual + hidden
         return residual.float() if self.residual_in_fp32 else residual
 
@@ -454,19 +478,30 @@ class Block(nn.Module):
             hidden = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
         return hidden, residual
 
+    def _residual_dtype(self, hidden, residual):
+        return residual.dtype if hidden is None else torch.float32 if self.residual_in_fp32 else hidden.dtype
+
     def _add_norm(self, hidden, residual, norm):
-        """residual += hidden; norm(residual): one fused kernel when decoding on CUDA."""
-        if _step_on_triton(hidden, self.mixer.impl):
+        """residual += hidden (hidden None: already added); norm(residual): one fused kernel when decoding on CUDA."""
+        if _step_on_triton(residual if hidden is None else hidden, self.mixer.impl):
             from lit_mamba2.kernels.state_update import add_rmsnorm
 
-            dtype = torch.float32 if self.residual_in_fp32 else hidden.dtype
-            return add_rmsnorm(hidden, residual, norm.weight, norm.eps, dtype)
+            if hidden is None:
+                hidden, residual = residual, None
+            return add_rmsnorm(hidden, residual, norm.weight, norm.eps, self._residual_dtype(hidden, residual))
         residual = self._add(hidden, residual)
         return norm(residual.to(norm.weight.dtype)), residual
 
-    def step(self, hidden, residual, state, pos=None):
-        normed, residual = self._add_norm(hidden, residual, self.norm)
-        hidden = self.mixer.step(normed, state, pos)
+    def step(self, hidden, residual, state, pos=None, fuse_linear: bool = False):
+        """One token per row. Returns (hidden, residual); hidden is None when a fused step already added the
+        mixer's output to the residual (fuse_linear: see Mamba2Mixer.fused_step)."""
+        m = self.mixer
+        if fuse_linear and isinstance(m, Mamba2Mixer) and m.can_fuse_linear(residual if hidden is None else hidden):
+            residual = m.fused_step(hidden, residual, self.norm, state, pos, self._residual_dtype(hidden, residual))
+            hidden = None
+        else:
+            normed, residual = self._add_norm(hidden, residual, self.norm)
+            hidden = m.step(normed, state, pos)
         if self.mlp is not None:
             normed, residual = self._add_norm(hidden, residual, self.norm2)
             hidden = self.mlp(normed)
@@ -487,11 +522,12 @@ class Backbone(nn.Module):
         residual = hidden if residual is None else residual + hidden
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
-    def step(self, input_ids, states, pos=None):
+    def step(self, input_ids, states, pos=None, fuse_linear: bool = False):
+        """Returns (hidden, residual) after the last layer, before the final norm (hidden None: in residual)."""
         hidden, residual = self.embedding(input_ids), None
         for layer, state in zip(self.layers, states):
-            hidden, residual = layer.step(hidden, residual, state, pos)
-        return self.layers[-1]._add_norm(hidden, residual, self.norm_f)[0]
+            hidden, residual = layer.step(hidden, residual, state, pos, fuse_linear)
+        return hidden, residual
 
 
 class Mamba2LMHeadModel(nn.Module):
@@ -565,10 +601,19 @@ class Mamba2LMHeadModel(nn.Module):
         hidden = self.backbone(input_ids, seq_idx=seq_idx, states=states)
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 
-    def step(self, input_ids, states, pos: Optional[DecodePositions] = None):
+    def step(self, input_ids, states, pos: Optional[DecodePositions] = None, fuse_linear: bool = False):
         """One decoding step: input_ids (batch,) -> logits (batch, padded_vocab_size). `states` are advanced in
-        place; attention layers need fixed-size caches and `pos` (see generation.py, which prepares both)."""
-        hidden = self.backbone.step(input_ids, states, pos)
+        place; attention layers need fixed-size caches and `pos` (see generation.py, which prepares both).
+        fuse_linear: on the Triton path, norms ride in the linear layers' prologues (kernels/decode_linear.py;
+        for small batches, where launches dominate)."""
+        hidden, residual = self.backbone.step(input_ids, states, pos, fuse_linear)
+        last = self.backbone.layers[-1]
+        if fuse_linear and _step_on_triton(residual, last.mixer.impl):
+            from lit_mamba2.kernels.decode_linear import add_norm_linear
+
+            norm = self.backbone.norm_f
+            return add_norm_linear(hidden, residual, norm.weight, norm.eps, self.lm_head.weight)[0]
+        hidden = last._add_norm(hidden, residual, self.backbone.norm_f)[0]
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 
     def loss(self, input_ids, labels, seq_idx=None, ignore_index: int = -100, reduction: str = "mean"):

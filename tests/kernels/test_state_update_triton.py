@@ -108,7 +108,8 @@ def test_model_decode_step_through_kernels_equals_pytorch_step(preset, ring_conv
     for impl in ("torch", "triton"):
         with torch.no_grad():
             model.set_impl("torch")  # prefill: the PyTorch chunked path
-            dec = Decoder(model, 2, 12, cuda_graph=False, ring_conv=ring_conv)
+            # the unfused step kernels (fuse_linear: tests/kernels/test_decode_linear_triton.py)
+            dec = Decoder(model, 2, 12, cuda_graph=False, ring_conv=ring_conv, fuse_linear=False)
             dec.prefill(ids, seq_idx, lengths, pads)
             model.set_impl(impl)
             for m in model.modules():  # the gated norm is not part of this kernel file
@@ -139,8 +140,8 @@ def test_add_rmsnorm_equals_residual_add_then_rmsnorm(with_residual, residual_dt
 
 
 @pytest.mark.parametrize("ngroups,headdim,dstate,with_z,D_hdim", [(1, 16, 16, False, False), (2, 12, 8, True, True)])
-@pytest.mark.parametrize("slot", [0, 5])
-def test_fused_mixer_step_equals_conv_then_recurrence(ngroups, headdim, dstate, with_z, D_hdim, slot):
+@pytest.mark.parametrize("slot,slot_major", [(0, True), (5, True), (5, False)])
+def test_fused_mixer_step_equals_conv_then_recurrence(ngroups, headdim, dstate, with_z, D_hdim, slot, slot_major):
     """Conv over a ring of inputs + SiLU, then one recurrence step: against reference.causal_conv1d (the ring
     unrolled oldest first) and reference.ssd_recurrent from the same state, over several consecutive tokens."""
     g = torch.Generator().manual_seed(slot + ngroups)
@@ -151,6 +152,8 @@ def test_fused_mixer_step_equals_conv_then_recurrence(ngroups, headdim, dstate, 
     w, cb, A_log, dt_bias = r(conv_dim, width), r(conv_dim), r(h), r(h)
     D = r(h, headdim) if D_hdim else r(h)
     state, ring = state0.clone().to(DEVICE), ring0.clone().to(DEVICE)
+    if slot_major:  # the Decoder's layout: (batch, width, conv_dim) storage seen as (batch, conv_dim, width)
+        ring = ring0.transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2)
     w, cb, A_log, dt_bias, D = (t.to(DEVICE) for t in (w, cb, A_log, dt_bias, D))
     # the ring's history oldest first: slots slot+1, ..., slot+width-1
     hist = ring0[:, :, [(slot + 1 + k) % width for k in range(width - 1)]].double()
