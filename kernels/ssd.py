@@ -1026,12 +1026,6 @@ def _fwd_state_plan(b: int, H: int, P: int, N: int, NC: int):
     return BP, BN, NC, 1
 
 
-def _maxnreg(key: str, default=None) -> dict:
-    # a register cap trades spills for more programs per SM; the interpreter has no registers
-    cap = default if CONFIG[key] is None else CONFIG[key]  # 0: no cap
-    return {} if not cap or _INTERPRET else {"maxnreg": cap}
-
-
 def _dot_prec(dtype):
     # float32 inputs get float32 products (tf32 would cost ~1e-3 relative error); half inputs use their own type
     return "ieee" if dtype == torch.float32 else "tf32"
