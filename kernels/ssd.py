@@ -952,8 +952,10 @@ CONFIG = dict(
     # pays only for long walks
     state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=256,
     # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
-    # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys
-    fwd_state_bk=None, fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=None,
+    # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys. Run 6 sweep (fwd
+    # ms at 4096 / 65536): 256 positions per dot with 2 stages won at both dstates, 0.766 / 1.059 -> 0.752 / 1.034
+    # (dstate 64) and 0.922 / 1.289 -> 0.894 / 1.211 (dstate 128)
+    fwd_state_bk=256, fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=2,
     bwd_bm=64, bwd_warps=4,  # backward dx, dB and dC kernels
     stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
@@ -1152,7 +1154,9 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     npb, nnb = triton.cdiv(P, BP1), triton.cdiv(N, BN1)
     state_args = (x, B, initial_states if initial_states is not None else dummy,
                   seq_idx if seq_idx is not None else dummy, dtp, cum, states, final)
-    state_kw = dict(CS=cs, BK=min(cs, CONFIG["fwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1,
+    # 256 positions of float32 x and B in two pipeline stages would need 256 KB of shared memory (H100: 227 KB)
+    BK1 = min(cs, CONFIG["fwd_state_bk"] or CONFIG["state_bk"], 128 if x.element_size() == 4 else 256)
+    state_kw = dict(CS=cs, BK=BK1, BP=BP1, BN=BN1,
                     HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
                     num_warps=4, num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)),
                     **_maxnreg("state_maxnreg"))
