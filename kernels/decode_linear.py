@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import options as pdl_options, wait_and_release
+
 # Below GEMV_BELOW rows: one row per program (_norm_linear_kernel, CONFIG = (BLOCK_N, BLOCK_K, num_warps,
 # single_pass)); from it on: blocks of rows through tl.dot (_norm_matmul_kernel, DOT_CONFIG = (BLOCK_M, BLOCK_N,
 # BLOCK_K, num_warps, num_stages, single_pass)). single_pass: the norm's rstd multiplied in after the product, so
@@ -74,12 +76,13 @@ def _norm_linear_kernel(
     x_b, r_b, z_b, ro_b, w_n, o_b, a_b,
     ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    wait_and_release(USE_PDL)  # every input but the weights comes from the kernels before (pdl.py)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for g in range(0, ngroups):
         # pass 1: the group's sum of squares (program 0 of the row also stores the new residual). SINGLE_PASS:
@@ -143,6 +146,7 @@ def _norm_matmul_kernel(
     ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE_PASS: tl.constexpr, IEEE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """_norm_linear_kernel for a block of BLOCK_M rows at once (tl.dot): the weight tile is read once per block of
     rows instead of once per row. Same prologue and epilogue, same roundings."""
@@ -151,6 +155,7 @@ def _norm_matmul_kernel(
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    wait_and_release(USE_PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(0, ngroups):
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -249,7 +254,7 @@ def _launch(x, weight, norm_weight, eps, *, residual=None, r_out=None, z=None, n
         BLOCK_K = min(BLOCK_K, triton.next_power_of_2(group_size))
         _norm_linear_kernel[(triton.cdiv(N, BLOCK_N), b)](
             *args, N, K, ngroups, group_size, float(eps), *strides, **flags, SINGLE_PASS=single_pass,
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps)
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps, **pdl_options())
     else:
         BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, single_pass = config or DOT_CONFIG
         BLOCK_M = min(BLOCK_M, max(16, triton.next_power_of_2(b)))
@@ -259,7 +264,8 @@ def _launch(x, weight, norm_weight, eps, *, residual=None, r_out=None, z=None, n
             IEEE=weight.dtype == torch.float32,
             DOT_DTYPE=tl.float32 if _INTERPRET or weight.dtype == torch.float32 else tl.bfloat16
             if weight.dtype == torch.bfloat16 else tl.float16,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages,
+            **pdl_options())
     return out
 
 

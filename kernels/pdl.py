@@ -27,6 +27,7 @@ import contextlib
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 _enabled = False
@@ -56,3 +57,11 @@ def launching(on: bool = True):
 def options() -> dict:
     """Keyword arguments for a kernel launch: the USE_PDL constexpr, and Triton's launch_pdl option when on."""
     return dict(USE_PDL=True, launch_pdl=True) if _enabled else dict(USE_PDL=False)
+
+
+@triton.jit
+def wait_and_release(USE_PDL: tl.constexpr):
+    """The previous kernel's writes are visible after this; the next kernel may launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
