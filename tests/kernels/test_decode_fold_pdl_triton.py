@@ -1,0 +1,143 @@
+"""Round-2 decode paths under TRITON_INTERPRET=1 against independent references: the gated RMSNorm folded into
+out_proj (mixer_step's sum-of-squares epilogue, add_rmsnorm's pending 1/rms, the whole model step) and PDL, which
+must be a no-op where it is unsupported (here: the interpreter)."""
+
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+from lit_mamba2 import reference  # noqa: E402
+from lit_mamba2.kernels import pdl  # noqa: E402
+from lit_mamba2.kernels.state_update import add_rmsnorm, mixer_step  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_pdl_is_off_under_the_interpreter():
+    assert not pdl.supported()
+    with pdl.launching() as on:
+        assert on is False and pdl.options() == dict(USE_PDL=False)
+    assert pdl.options() == dict(USE_PDL=False)
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("headdim", [16, 12])  # 12: masked rows must not enter the sum of squares
+def test_mixer_step_gathers_the_gated_norms_sum_of_squares(norm_before_gate, headdim):
+    """y * silu(z) and sum over the row of (y * silu(z))^2 (of y^2 with norm_before_gate), accumulated over two
+    tokens into the same buffer, against reference.causal_conv1d + reference.ssd_recurrent in float64."""
+    g = torch.Generator().manual_seed(7 + headdim)
+    b, h, dstate, ngroups, width = 3, 4, 8, 1, 4
+    conv_dim = h * headdim + 2 * ngroups * dstate
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    state0, ring0 = r(b, h, headdim, dstate), r(b, conv_dim, width)
+    w, cb, A_log, dt_bias, D = r(conv_dim, width), r(conv_dim), r(h), r(h), r(h)
+    state, ring = state0.clone().to(DEVICE), ring0.clone().to(DEVICE)
+    ss = torch.zeros(b, device=DEVICE)
+    hist = ring0[:, :, [(1 + k) % width for k in range(width - 1)]].double()
+    st_ref, ss_ref = state0.double(), torch.zeros(b, dtype=torch.float64)
+    for t in range(2):
+        xBC, dt, z = r(b, conv_dim), r(b, h), r(b, h, headdim)
+        gy = mixer_step(state, ring, torch.tensor(t, device=DEVICE), xBC.to(DEVICE), w.to(DEVICE), cb.to(DEVICE),
+                        dt.to(DEVICE), A_log.to(DEVICE), D=D.to(DEVICE), z=z.to(DEVICE), dt_bias=dt_bias.to(DEVICE),
+                        ngroups=ngroups, norm_sum_sq=ss, norm_before_gate=norm_before_gate).cpu()
+        conv, hist = reference.causal_conv1d(xBC[:, None].double(), w.double(), cb.double(), initial_states=hist,
+                                             return_final_states=True, activation="silu")
+        x, B, C = conv[:, 0].split([h * headdim, ngroups * dstate, ngroups * dstate], dim=-1)
+        y, st_ref = reference.ssd_recurrent(
+            x.view(b, 1, h, headdim), dt[:, None].double(), -torch.exp(A_log.double()),
+            B.view(b, 1, ngroups, dstate), C.view(b, 1, ngroups, dstate), D=D.double(), dt_bias=dt_bias.double(),
+            initial_states=st_ref, dt_softplus=True, return_final_states=True)
+        y = y[:, 0]
+        gy_ref = y * F.silu(z.double())
+        ss_ref += ((y if norm_before_gate else gy_ref) ** 2).sum(dim=(1, 2))
+        assert rel(gy, gy_ref) < 1e-5
+        assert rel(ss.cpu(), ss_ref) < 1e-5
+        assert rel(state.cpu(), st_ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,residual_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_add_rmsnorm_applies_and_clears_the_pending_norm(dtype, residual_dtype):
+    g = torch.Generator().manual_seed(5)
+    b, d, n, eps = 3, 200, 48, 1e-5
+    hidden = torch.randn(b, d, generator=g).to(dtype)
+    residual = torch.randn(b, d, generator=g).to(residual_dtype)
+    ss = torch.rand(b, generator=g) * n * 3 + 0.1
+    w = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    ss_dev = ss.clone().to(DEVICE)
+    out, r = add_rmsnorm(hidden.to(DEVICE), residual.to(DEVICE), w.to(DEVICE), 1e-5, residual_dtype,
+                         pending_norm=(ss_dev, n, eps))
+    scaled = (hidden.double() / torch.sqrt(ss.double() / n + eps)[:, None]).to(dtype).double()
+    r_ref = scaled + residual.double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel(r.cpu(), r_ref) < tol
+    ref = reference.rmsnorm(r_ref.to(residual_dtype).to(dtype).double(), w.double(), 1e-5)
+    assert rel(out.cpu(), ref) < tol
+    assert torch.equal(ss_dev.cpu(), torch.zeros(b))
+
+
+@pytest.mark.parametrize("preset,batch", [("mamba2-test", 2), ("mamba2-test", 1), ("mamba2attn-test", 2)])
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_folded_norm_and_pdl_step_equals_pytorch_step(preset, batch, norm_before_gate):
+    """Mamba2LMHeadModel.step through Decoder(fold_gated_norm=True, pdl=True) with the Triton kernels against the
+    PyTorch step (unfolded, shifted conv) from the same prefilled state, float32 model, over a few tokens. ngroups 1
+    (one norm group over the SSM channels: what folding needs); the hybrid preset has attention and MLP blocks after
+    folded layers (their add_rmsnorm applies the pending 1/rms)."""
+    from lit_mamba2 import Mamba2Config
+    from lit_mamba2.generation import Decoder, pad_prompts
+    from lit_mamba2.model import Mamba2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = Mamba2Config.from_name(preset)
+    cfg.ssm_cfg = dict(cfg.ssm_cfg, ngroups=1, norm_before_gate=norm_before_gate)
+    cfg = Mamba2Config.from_dict(cfg.to_dict())
+    model = Mamba2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("dt_bias", "A_log")):
+                p.add_(torch.randn_like(p))
+            if name.endswith("mixer.norm.weight"):  # not all ones, so that folding it into out_proj shows
+                p.uniform_(0.5, 1.5)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]][:batch]
+    ids, seq_idx, lengths, pads = pad_prompts(prompts, "cpu")
+    tokens = [torch.tensor([t, t + 1][:batch]) for t in (3, 40, 7)]
+    outs = {}
+    for impl in ("torch", "triton"):
+        with torch.no_grad():
+            model.set_impl("torch")  # prefill: the PyTorch chunked path
+            opts = dict(fold_gated_norm=True, pdl=True) if impl == "triton" else dict(ring_conv=False)
+            dec = Decoder(model, batch, 12, cuda_graph=False, fuse_linear=False, **opts)
+            if impl == "triton":
+                n_mamba = sum(type(layer.mixer).__name__ == "Mamba2Mixer" for layer in model.backbone.layers)
+                assert dec.folded == n_mamba > 0
+            dec.prefill(ids, seq_idx, lengths, pads)
+            model.set_impl(impl)
+            outs[impl] = [dec.step(t).clone() for t in tokens]
+            if impl == "triton":
+                assert all(float(st.norm_sum_sq.abs().max()) == 0 for st in dec.states
+                           if getattr(st, "norm_sum_sq", None) is not None)
+    model.set_impl(None)
+    for a, b in zip(outs["torch"], outs["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_refuses_fused_linears():
+    from lit_mamba2 import Mamba2Config
+    from lit_mamba2.generation import Decoder
+    from lit_mamba2.model import Mamba2LMHeadModel
+
+    model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")).eval()
+    with pytest.raises(ValueError, match="fold_gated_norm"):
+        Decoder(model, 1, 8, cuda_graph=False, fuse_linear=True, fold_gated_norm=True)
