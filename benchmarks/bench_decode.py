@@ -71,7 +71,15 @@ VARIANTS = {  # name: Decoder options (None: the Decoder's default)
     "ours_fused_linear": dict(fuse_linear=True),
     "ours_cublas": dict(fuse_linear=False),  # cuBLAS linears, separate norm kernels (the previous step)
     "ours_compiled": dict(fuse_linear=False, compile=True),
+    # round 2 (issue 5): programmatic dependent launch, and the gated norm folded into out_proj (large batch)
+    "ours_pdl": dict(pdl=True),
+    "ours_fold": dict(fold_gated_norm=True),
+    "ours_fold_pdl": dict(fold_gated_norm=True, pdl=True),
 }
+# variants that equal the defaults (or make no sense) at a batch size: not timed there
+REDUNDANT = {"ours_ring": lambda b: b >= 16, "ours_noring": lambda b: b < 16,
+             "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8,
+             "ours_fold": lambda b: b < 8, "ours_fold_pdl": lambda b: b < 8}
 
 
 def ours(name, batch, args, variant):
@@ -110,8 +118,11 @@ def ours(name, batch, args, variant):
             use(None, norm_impl)
             dec.capture()
         capture_s = time.perf_counter() - t0
+        from lit_mamba2.kernels import pdl
+
         dec_flags = dict(ring=any(getattr(st, "ring", False) for st in dec.states), fuse=dec.fuse_linear,
-                         state_dtype=str(dec.state_dtype).replace("torch.", ""))
+                         state_dtype=str(dec.state_dtype).replace("torch.", ""),
+                         pdl=bool(dec.pdl and pdl.supported()), folded_layers=dec.folded)
         use(prefill_impl, norm_impl)
         try:
             dec.prefill(prompt)
@@ -127,7 +138,7 @@ def ours(name, batch, args, variant):
             for _ in stream(model, prompt, args.gen_len, temperature=0, decoder=dec):
                 pass
 
-        gen_ms = wall_ms(gen) / args.gen_len
+        gen_ms = wall_ms(gen) / args.gen_len if args.gen_for is None or variant in args.gen_for else float("nan")
         # correctness guard: graph steps equal the eager PyTorch steps (states in the same dtype, shifted conv,
         # cuBLAS linears) from the same prompt, over 8 tokens
         dec.prefill(prompt)
@@ -145,7 +156,8 @@ def ours(name, batch, args, variant):
     torch.cuda.empty_cache()
     return dict(step_ms=step_ms, gen_ms=gen_ms, capture_s=capture_s, max_rel_err_vs_torch=max(errs),
                 state_dtype=dec_flags["state_dtype"],
-                ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"],
+                ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"], pdl=dec_flags["pdl"],
+                folded_layers=dec_flags["folded_layers"],
                 gated_norm="triton" if norm_impl is None else "torch",
                 prefill="triton" if prefill_impl is None else "torch")
 
@@ -466,13 +478,17 @@ def main():
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--gen-for", nargs="*", default=None,
+                   help="time whole generations only for these variants (default: all; saves time per call)")
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=["ours", "ours_fp32_state",
                                                                               "ours_cublas"],
                    help="ours: the Decoder's defaults (states in the model's dtype, linears with fused norms "
                         "below batch 8, ring conv below batch 16); ours_fp32_state: float32 SSM states; "
                         "ours_ring / ours_noring: the conv fused into the state kernel or not; ours_fused_linear / "
                         "ours_cublas: the linears with fused norms (Triton), or cuBLAS linears and separate norm "
-                        "kernels; ours_compiled: the step through torch.compile (slow to start)")
+                        "kernels; ours_compiled: the step through torch.compile (slow to start); ours_pdl: "
+                        "programmatic dependent launch for the Triton kernels; ours_fold / ours_fold_pdl (batch >= "
+                        "8): the gated norm folded into out_proj, conv in the state kernel, 4 launches per layer")
     p.add_argument("--cc-build", type=Path, default=None,
                    help="folder holding a built causal-conv1d (causal_conv1d/ and causal_conv1d_cuda*.so)")
     p.add_argument("--no-mamba-ssm", action="store_true")
@@ -551,9 +567,7 @@ def main():
     # compiled variants last: their compile time is the least predictable, and the rest is saved first
     for i, variant in enumerate(variants):
         for (name, batch), row in rows.items():
-            redundant = {"ours_ring": batch >= 16, "ours_noring": batch < 16, "ours_fused_linear": batch < 8,
-                         "ours_cublas": batch >= 8}
-            if redundant.get(variant, False):
+            if variant in REDUNDANT and REDUNDANT[variant](batch):
                 continue  # the default at this batch size already
             try:
                 row[variant] = ours(name, batch, args, variant)
@@ -583,7 +597,15 @@ def main():
         ratio = float("nan")
         if "error" not in r.get("ours", {"error": 1}) and "error" not in r.get("mamba_ssm", {"error": 1}):
             ratio = r["ours"]["step_ms"] / r["mamba_ssm"]["step_ms"]
-        print(f"{r['model']:<12} {r['batch']:>5} | " + " | ".join(fmt(r, c) for c in cols) + f" | {ratio:.2f}")
+        # the fastest variant with states in the model's dtype (float32 states are a different trade)
+        timed = {v: r[v]["step_ms"] for v in variants if v in r and "error" not in r[v]
+                 and r[v].get("state_dtype") != "float32"}
+        best = min(timed, key=timed.get) if timed else None
+        best_txt = f" | best {best} {timed[best]:.3f}" if best else ""
+        if best and "error" not in r.get("mamba_ssm", {"error": 1}):
+            best_txt += f" ({timed[best] / r['mamba_ssm']['step_ms']:.2f} of mamba_ssm)"
+        print(f"{r['model']:<12} {r['batch']:>5} | " + " | ".join(fmt(r, c) for c in cols) + f" | {ratio:.2f}"
+              + best_txt)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,13 @@ def supported(device=None) -> bool:
     cuda = getattr(getattr(tl, "extra", None), "cuda", None)
     if cuda is None or not hasattr(cuda, "gdc_wait") or not hasattr(cuda, "gdc_launch_dependents"):
         return False
+    try:  # the launch option (a field of the CUDA backend's compile options)
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        if "launch_pdl" not in CUDAOptions.__dataclass_fields__:
+            return False
+    except (ImportError, AttributeError):
+        return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
