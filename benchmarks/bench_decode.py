@@ -586,7 +586,7 @@ def main():
     def fmt(r, key):
         v = r.get(key)
         if not v or "error" in v:
-            return f"{'error':>15}"
+            return f"{'-' if not v else 'error':>15}"
         return f"{v['step_ms']:7.3f} {v['gen_ms']:7.3f}"
 
     cols = list(variants) + ["mamba_ssm"]

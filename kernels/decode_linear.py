@@ -45,6 +45,9 @@ CONFIG = (4, 512, 4, False)
 CONFIG_WIDE = (4, 512, 4, False)  # from WIDE_N outputs on (the LM head)
 WIDE_N = 16384
 DOT_CONFIG = (64, 32, 128, 4, 3, False)
+# The GEMV loads its first weight chunk before waiting for the previous kernel: None = when launched with PDL
+# (kernels/pdl.py), where the load overlaps the previous kernel's end; True / False force it (tests, sweeps)
+PRELOAD_WEIGHTS = None
 
 
 @triton.jit
@@ -70,18 +73,36 @@ def _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, ox, orr, oz, oro, mask, 
 
 
 @triton.jit
+def _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first, PRELOAD: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) weight tile at group g, chunk k0 (the preloaded one for the first chunk)."""
+    if PRELOAD:
+        if (g == 0) & (k0 == 0):
+            w = w_first
+        else:
+            w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :],
+                        other=0.0)
+    else:
+        w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+    return w
+
+
+@triton.jit
 def _norm_linear_kernel(
     x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, r_out_ptr, out_ptr, acc_ptr,
     N, K, ngroups, group_size, eps,
     x_b, r_b, z_b, ro_b, w_n, o_b, a_b,
     ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRELOAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if PRELOAD:  # the first weight chunk, loaded before the wait: with PDL it streams while the kernel before ends
+        k_first = tl.arange(0, BLOCK_K)
+        w_first = tl.load(w_ptr + offs_n[:, None] * w_n + k_first[None, :],
+                          mask=mask_n[:, None] & (k_first < group_size)[None, :], other=0.0)
     wait_and_release(USE_PDL)  # every input but the weights comes from the kernels before (pdl.py)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for g in range(0, ngroups):
@@ -104,8 +125,7 @@ def _norm_linear_kernel(
                 v = u * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
                 if HAS_Z and NORM_BEFORE_GATE:
                     v = v * gate
-                w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :],
-                            other=0.0)
+                w = _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first if PRELOAD else None, PRELOAD)
                 acc_g += w.to(tl.float32) * v[None, :]
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / group_size + eps)
         if SINGLE_PASS:
@@ -125,8 +145,7 @@ def _norm_linear_kernel(
                 if HAS_Z and NORM_BEFORE_GATE:
                     nrm = nrm * gate
                 nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
-                w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :],
-                            other=0.0)
+                w = _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first if PRELOAD else None, PRELOAD)
                 acc += w.to(tl.float32) * nrm[None, :]
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -252,9 +271,11 @@ def _launch(x, weight, norm_weight, eps, *, residual=None, r_out=None, z=None, n
     if b < GEMV_BELOW:
         BLOCK_N, BLOCK_K, num_warps, single_pass = config or (CONFIG_WIDE if N >= WIDE_N else CONFIG)
         BLOCK_K = min(BLOCK_K, triton.next_power_of_2(group_size))
+        pdl = pdl_options()
+        preload = pdl["USE_PDL"] if PRELOAD_WEIGHTS is None else PRELOAD_WEIGHTS
         _norm_linear_kernel[(triton.cdiv(N, BLOCK_N), b)](
             *args, N, K, ngroups, group_size, float(eps), *strides, **flags, SINGLE_PASS=single_pass,
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps, **pdl_options())
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRELOAD=preload, num_warps=num_warps, **pdl)
     else:
         BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, single_pass = config or DOT_CONFIG
         BLOCK_M = min(BLOCK_M, max(16, triton.next_power_of_2(b)))

@@ -141,3 +141,92 @@ def test_fold_refuses_fused_linears():
     model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")).eval()
     with pytest.raises(ValueError, match="fold_gated_norm"):
         Decoder(model, 1, 8, cuda_graph=False, fuse_linear=True, fold_gated_norm=True)
+
+
+@pytest.mark.parametrize("single_pass", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gemv_with_the_first_weight_chunk_preloaded(batch, single_pass, monkeypatch):
+    """The PDL form of the fused GEMVs (first weight chunk loaded before the wait; forced on here, where PDL itself
+    is off) against reference.rmsnorm / gated_rmsnorm then a float64 matmul: several chunks and two groups, so the
+    preloaded tile must be used exactly once."""
+    from lit_mamba2.kernels import decode_linear as dl
+
+    monkeypatch.setattr(dl, "PRELOAD_WEIGHTS", True)
+    g = torch.Generator().manual_seed(11 + batch)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    K, N, config = 80, 37, (8, 16, 4, single_pass)  # groups of 40: chunks of 16 with masked tails
+    # [residual add + RMSNorm + linear]
+    hidden, residual = r(batch, K), r(batch, K)
+    nw, W = torch.rand(K, generator=g) + 0.5, r(N, K) / 8
+    out, r_new = dl.add_norm_linear(hidden.to(DEVICE), residual.to(DEVICE), nw.to(DEVICE), 1e-5, W.to(DEVICE),
+                                    residual_dtype=torch.float32, config=config)
+    r_ref = hidden.double() + residual.double()
+    ref = reference.rmsnorm(r_ref, nw.double(), 1e-5) @ W.double().T
+    assert rel(out.cpu(), ref) < 1e-6 and rel(r_new.cpu(), r_ref) < 1e-6
+    # [gated RMSNorm over 2 groups + linear]
+    y, z = r(batch, K), r(batch, K)
+    out = dl.gated_norm_linear(y.to(DEVICE), z.to(DEVICE), nw.to(DEVICE), 1e-5, 2, False, W.to(DEVICE),
+                               config=config)
+    ref = reference.gated_rmsnorm(y.double(), z.double(), nw.double(), 1e-5, K // 2, False) @ W.double().T
+    assert rel(out.cpu(), ref) < 1e-6
+
+
+def _nvidia_compiler_available():
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _compile_pdl_kernels_for_sm90():
+    """Compile the decode kernels with USE_PDL=True for sm_90 (Triton's bundled ptxas, no GPU needed) and check each
+    PTX waits on the previous grid, then releases the next one. Run in a process without TRITON_INTERPRET."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lit_mamba2.kernels import decode_linear as dl
+    from lit_mamba2.kernels import state_update as su
+
+    def compile_ptx(kernel, constexprs, ptr_types=()):
+        ptr_types = dict(ptr_types)
+        sig = {n: "constexpr" if n in constexprs else "*" + ptr_types.get(n, "bf16") if n.endswith("_ptr")
+               else "fp32" if n in ("eps", "dt_min", "dt_max", "scale_eps") else "i32" for n in kernel.arg_names}
+        k = triton.compile(ASTSource(kernel, sig, constexprs=dict(constexprs, USE_PDL=True)),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, launch_pdl=True))
+        return k.asm["ptx"]
+
+    flags = dict(ADD_RESIDUAL=True, WRITE_RESIDUAL=True, HAS_Z=False, NORM_BEFORE_GATE=False, HAS_BIAS=False,
+                 ACCUMULATE=False, SINGLE_PASS=False)
+    ptxs = {
+        "norm_linear": compile_ptx(dl._norm_linear_kernel, dict(flags, BLOCK_N=4, BLOCK_K=512, PRELOAD=True),
+                                   {"r_ptr": "fp32", "r_out_ptr": "fp32"}),
+        "mixer_step": compile_ptx(su._mixer_step_kernel, dict(
+            WIDTH=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_LIMIT=False, NORM_SS=True,
+            NORM_BEFORE_GATE=False, BLOCK_P=16, BLOCK_N=128), {"ss_ptr": "fp32", "slot_ptr": "i64",
+                                                               "A_log_ptr": "fp32"}),
+        "add_rmsnorm": compile_ptx(su._add_rmsnorm_kernel, dict(HAS_RESIDUAL=True, HAS_SCALE=True, BLOCK=1024),
+                                   {"ss_ptr": "fp32", "r_ptr": "fp32", "r_out_ptr": "fp32"}),
+    }
+    for name, ptx in ptxs.items():
+        assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, name
+        assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents"), name
+    print("compiled:", ", ".join(ptxs))
+
+
+@pytest.mark.skipif(not _nvidia_compiler_available(), reason="Triton's NVIDIA backend is not installed")
+def test_pdl_kernels_compile_for_sm90_with_grid_dependency_control():
+    """USE_PDL=True cannot run here, so it is at least compiled for Hopper, in a process without the interpreter."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled: norm_linear, mixer_step, add_rmsnorm" in done.stdout
+
+
+if __name__ == "__main__":
+    _compile_pdl_kernels_for_sm90()
