@@ -498,7 +498,11 @@ def main():
     p.add_argument("--profile", action="store_true", help="list the kernels of one eager step")
     p.add_argument("--drift", type=int, default=0, help="tokens of bf16- vs float32-state greedy decoding")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--report", type=Path, nargs="+", default=None,
+                   help="only print one table from these JSON outputs (e.g. bench.json mamba.json)")
     args = p.parse_args()
+    if args.report:
+        return report(args.report)
 
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
     extras = {}
@@ -581,8 +585,10 @@ def main():
                     row["mamba_ssm"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
                 print(name, batch, "mamba_ssm", row["mamba_ssm"], flush=True)
             save()
-    rows = list(rows.values())
+    print_table(list(rows.values()), variants, conv, args.gen_len, args.prompt_len)
 
+
+def print_table(rows, variants, conv, gen_len, prompt_len):
     def fmt(r, key):
         v = r.get(key)
         if not v or "error" in v:
@@ -591,7 +597,7 @@ def main():
 
     cols = list(variants) + ["mamba_ssm"]
     print(f"\nms per decode step / per generated token (step = captured step replayed; gen = generate() of "
-          f"{args.gen_len} tokens after {args.prompt_len}, per token). mamba_ssm: {conv}")
+          f"{gen_len} tokens after {prompt_len}, per token; nan: not timed). mamba_ssm: {conv}")
     print(f"{'model':<12} {'batch':>5} | " + " | ".join(f"{c:^15}" for c in cols) + " | step ours/mamba_ssm")
     for r in rows:
         ratio = float("nan")
@@ -607,6 +613,26 @@ def main():
         print(f"{r['model']:<12} {r['batch']:>5} | " + " | ".join(fmt(r, c) for c in cols) + f" | {ratio:.2f}"
               + best_txt)
 
+
+def report(paths):
+    """One table from several runs' JSON (e.g. the ours stage's bench.json and the mamba stage's mamba.json)."""
+    rows, variants, conv, gen_len, prompt_len = {}, [], "not measured", "?", "?"
+    for path in paths:
+        if not path.exists():
+            print(f"[report] {path} missing")
+            continue
+        data = json.loads(path.read_text())
+        if "not importable" not in data.get("mamba_ssm_conv", "") and "skipped" not in data.get("mamba_ssm_conv", ""):
+            conv = data.get("mamba_ssm_conv", conv)
+        gen_len, prompt_len = data["args"].get("gen_len", gen_len), data["args"].get("prompt_len", prompt_len)
+        for r in data["rows"]:
+            row = rows.setdefault((r["model"], r["batch"]), dict(model=r["model"], batch=r["batch"]))
+            for k, v in r.items():
+                if k not in ("model", "batch") and (k not in row or "error" in row[k]):
+                    row[k] = v
+                    if k.startswith("ours") and k not in variants:
+                        variants.append(k)
+    print_table(list(rows.values()), variants, conv, gen_len, prompt_len)
 
 if __name__ == "__main__":
     main()

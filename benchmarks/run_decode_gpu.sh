@@ -77,3 +77,4 @@ fi
 timeout $((BUDGET - SECONDS)) python3 benchmarks/bench_decode.py --models $MODELS --only-mamba-ssm \
   --peers "$PEERS" --cc-build "$CONV_DIR" --gen-len 64 --iters 50 --out "$OUT/mamba.json" 2>&1 | tee -a "$OUT/bench.log"
 echo "done at ${SECONDS}s"
+python3 benchmarks/bench_decode.py --report "$OUT/bench.json" "$OUT/mamba.json" | tee "$OUT/table.txt"
