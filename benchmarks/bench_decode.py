@@ -75,11 +75,12 @@ VARIANTS = {  # name: Decoder options (None: the Decoder's default)
     "ours_pdl": dict(pdl=True),
     "ours_fold": dict(fold_gated_norm=True),
     "ours_fold_pdl": dict(fold_gated_norm=True, pdl=True),
+    "ours_fold_noring": dict(fold_gated_norm=True, ring_conv=False),  # the fold alone, conv its own launch
 }
 # variants that equal the defaults (or make no sense) at a batch size: not timed there
 REDUNDANT = {"ours_ring": lambda b: b >= 16, "ours_noring": lambda b: b < 16,
              "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8,
-             "ours_fold": lambda b: b < 8, "ours_fold_pdl": lambda b: b < 8}
+             "ours_fold": lambda b: b < 8, "ours_fold_pdl": lambda b: b < 8, "ours_fold_noring": lambda b: b < 8}
 
 
 def ours(name, batch, args, variant):
@@ -488,7 +489,8 @@ def main():
                         "ours_cublas: the linears with fused norms (Triton), or cuBLAS linears and separate norm "
                         "kernels; ours_compiled: the step through torch.compile (slow to start); ours_pdl: "
                         "programmatic dependent launch for the Triton kernels; ours_fold / ours_fold_pdl (batch >= "
-                        "8): the gated norm folded into out_proj, conv in the state kernel, 4 launches per layer")
+                        "8): the gated norm folded into out_proj, conv in the state kernel, 4 launches per layer; "
+                        "ours_fold_noring: the same with the conv its own launch (5)")
     p.add_argument("--cc-build", type=Path, default=None,
                    help="folder holding a built causal-conv1d (causal_conv1d/ and causal_conv1d_cuda*.so)")
     p.add_argument("--no-mamba-ssm", action="store_true")

@@ -60,10 +60,10 @@ def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
     nheads, headdim, dstate, heads_per_group, dt_min, dt_max,
     s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p,
-    o_b, o_h, o_p,
+    o_b, o_h, o_p, ss_ptr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, NORM_SS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -92,19 +92,40 @@ def _state_update_kernel(
     y = tl.sum(s * Cv[None, :], axis=1)
     if HAS_D:
         y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-    if HAS_Z:
+    if NORM_SS:
+        y = _gate_and_sum_squares(y, z_ptr + b * z_b + h * z_h + offs_p * z_p, ss_ptr + b, mask_p,
+                                  out_ptr.dtype.element_ty, NORM_BEFORE_GATE)
+    elif HAS_Z:
         z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
     tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
 
 
+@triton.jit
+def _gate_and_sum_squares(y, z_ptrs, ss_ptr, mask_p, out_dtype: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+    """The gated RMSNorm over the whole row, folded: out_proj's weight carries the norm's weight, and the row's
+    1/rms is applied by the next add_rmsnorm from the sum of squares gathered here. y is rounded as the unfused path
+    stores it before its norm; returns y * silu(z), the norm's input (or, with NORM_BEFORE_GATE, the product that
+    multiplies its normalised y), and adds this tile's sum of squares of it (of y) to the row's."""
+    y = y.to(out_dtype).to(tl.float32)
+    z = tl.load(z_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+    gy = y * (z * tl.sigmoid(z))
+    sq = y * y if NORM_BEFORE_GATE else gy * gy
+    tl.atomic_add(ss_ptr, tl.sum(tl.where(mask_p, sq, 0.0), axis=0))
+    return gy
+
+
 def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                 dt_limit=(0.0, math.inf), out=None, A_is_log=False, block_p=None, num_warps=None):
+                 dt_limit=(0.0, math.inf), out=None, A_is_log=False, block_p=None, num_warps=None,
+                 norm_sum_sq=None, norm_before_gate=False):
     """state: (batch, nheads, headdim, dstate), updated in place; x, z: (batch, nheads, headdim); dt: (batch,
     nheads); A, dt_bias: (nheads,); B, C: (batch, ngroups, dstate); D: (nheads,) or (nheads, headdim).
-    A_is_log: A holds A_log, and A = -exp(A_log) is taken in the kernel.
+    A_is_log: A holds A_log, and A = -exp(A_log) is taken in the kernel. norm_sum_sq: as in mixer_step (y * silu(z)
+    returned, each row's sum of squares added into the (batch,) float32 buffer).
     Returns y (batch, nheads, headdim) in x's dtype (or written into `out`)."""
     b, h, p, n = state.shape
+    if norm_sum_sq is not None and (z is None or norm_sum_sq.shape != (b,) or norm_sum_sq.dtype != torch.float32):
+        raise ValueError("state_update: norm_sum_sq needs z and a (batch,) float32 buffer")
     g = B.shape[1]
     assert x.shape == (b, h, p) and dt.shape == (b, h) and A.shape == (h,), "state_update: shapes disagree"
     assert B.shape == (b, g, n) and C.shape == (b, g, n) and h % g == 0, "state_update: B/C shapes disagree"
@@ -123,8 +144,10 @@ def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
         dt_bias if dt_bias is not None else A, out,
         h, p, n, h // g, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), D_h, D_p, *zs, *out.stride(),
+        norm_sum_sq if norm_sum_sq is not None else out,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
+        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, NORM_SS=norm_sum_sq is not None, NORM_BEFORE_GATE=norm_before_gate,
+        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
         **pdl_options(),
     )
     return out
@@ -292,17 +315,9 @@ def _mixer_step_kernel(
     y = tl.sum(st * Cv[None, :], axis=1)
     if HAS_D:
         y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-    if NORM_SS:
-        # the gated RMSNorm over the whole row, folded: out_proj's weight carries the norm's weight, and the
-        # row's 1/rms is applied by the next add_rmsnorm from the sum of squares gathered here. y is rounded as
-        # the unfused path stores it before its norm; the output is y * silu(z), the norm's input (or the
-        # product that multiplies its normalised y, with NORM_BEFORE_GATE)
-        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
-        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
-        gy = y * (z * tl.sigmoid(z))
-        sq = y * y if NORM_BEFORE_GATE else gy * gy
-        tl.atomic_add(ss_ptr + b, tl.sum(tl.where(mask_p, sq, 0.0), axis=0))
-        y = gy
+    if NORM_SS:  # the gated norm folded into out_proj (see _gate_and_sum_squares)
+        y = _gate_and_sum_squares(y, z_ptr + b * z_b + h * z_h + offs_p * z_p, ss_ptr + b, mask_p,
+                                  out_ptr.dtype.element_ty, NORM_BEFORE_GATE)
     elif HAS_Z:
         z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)

@@ -85,11 +85,11 @@ class Decoder:
 
     Two options under measurement (off by default): `pdl` launches the step's Triton kernels with programmatic
     dependent launch (kernels/pdl.py; Hopper and later, a no-op elsewhere), so each may start while the one before
-    it finishes. `fold_gated_norm` (not with fuse_linear; implies ring_conv) folds each Mamba-2 layer's gated
+    it finishes. `fold_gated_norm` (not with fuse_linear; ring_conv by default) folds each Mamba-2 layer's gated
     RMSNorm into its out_proj: out_proj's weight times the norm's weight is snapshotted here (build a new Decoder
     after changing the weights), the state kernel gathers the row's sum of squares, and the next add_rmsnorm applies
     the 1/rms, so that a layer is four launches at large batch ([add + norm], in_proj, [conv + state update],
-    out_proj) instead of six."""
+    out_proj; five with ring_conv=False) instead of six."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
@@ -100,10 +100,11 @@ class Decoder:
         device = weight.device
         self.batch_size, self.max_len = batch_size, max_len
         if fold_gated_norm:
-            if fuse_linear or ring_conv is False:
-                raise ValueError("Decoder: fold_gated_norm works with cuBLAS linears and the ring conv; it cannot "
-                                 f"be combined with fuse_linear={fuse_linear}, ring_conv={ring_conv}")
-            fuse_linear, ring_conv = False, True
+            if fuse_linear:
+                raise ValueError("Decoder: fold_gated_norm works with cuBLAS linears; it cannot be combined with "
+                                 "fuse_linear=True")
+            fuse_linear = False
+            ring_conv = True if ring_conv is None else ring_conv
         if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
             ring_conv = batch_size < RING_CONV_BELOW
         if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md)

@@ -252,13 +252,21 @@ class Mamba2Mixer(nn.Module):
         z0, x0, z, xBC, dt = torch.split(
             self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
         if state.out_proj_folded is not None and _step_on_triton(xBC, self.impl):
-            from lit_mamba2.kernels.state_update import mixer_step
+            from lit_mamba2.kernels.state_update import conv_step, mixer_step, state_update
 
             D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
-            gy = mixer_step(state.ssm, state.conv, pos.cache_pos, xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias,
-                            dt, self.A_log, D=D, z=z.view(b, self.nheads, self.headdim), dt_bias=self.dt_bias,
-                            dt_limit=self.dt_limit, ngroups=self.ngroups, norm_sum_sq=state.norm_sum_sq,
-                            norm_before_gate=self.norm.norm_before_gate)
+            zh, weight = z.view(b, self.nheads, self.headdim), self.conv1d.weight[:, 0, :]
+            fold = dict(norm_sum_sq=state.norm_sum_sq, norm_before_gate=self.norm.norm_before_gate)
+            if state.ring:
+                gy = mixer_step(state.ssm, state.conv, pos.cache_pos, xBC, weight, self.conv1d.bias, dt, self.A_log,
+                                D=D, z=zh, dt_bias=self.dt_bias, dt_limit=self.dt_limit, ngroups=self.ngroups, **fold)
+            else:
+                x, B, C = torch.split(conv_step(xBC, state.conv, weight, self.conv1d.bias),
+                                      [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+                gy = state_update(state.ssm, x.view(b, self.nheads, self.headdim), dt, self.A_log,
+                                  B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
+                                  z=zh, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+                                  A_is_log=True, **fold)
             return PendingNorm(F.linear(gy.view(b, self.d_ssm), state.out_proj_folded), state.norm_sum_sq,
                                self.d_ssm, self.norm.eps)
         y = self._conv_ssm_step(z, xBC, dt, state, pos).reshape(b, self.d_ssm)

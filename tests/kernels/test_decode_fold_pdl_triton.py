@@ -68,6 +68,31 @@ def test_mixer_step_gathers_the_gated_norms_sum_of_squares(norm_before_gate, hea
         assert rel(state.cpu(), st_ref) < 1e-5
 
 
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_state_update_gathers_the_gated_norms_sum_of_squares(norm_before_gate):
+    """state_update's folded-norm epilogue (the unfused conv path): y * silu(z) and the row's sum of squares against
+    reference.ssd_recurrent in float64; masked headdim rows (12 of a 16-row tile) stay out of the sum."""
+    from lit_mamba2.kernels.state_update import state_update
+
+    g = torch.Generator().manual_seed(21)
+    b, h, p, n, ngroups = 3, 4, 12, 8, 2
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    state0, x, dt, A_log, B, C, D, z, dt_bias = (r(b, h, p, n), r(b, h, p), r(b, h), r(h), r(b, ngroups, n),
+                                                 r(b, ngroups, n), r(h), r(b, h, p), r(h))
+    state, ss = state0.clone().to(DEVICE), torch.zeros(b, device=DEVICE)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    gy = state_update(state, dev(x), dev(dt), dev(A_log), dev(B), dev(C), D=dev(D), z=dev(z), dt_bias=dev(dt_bias),
+                      dt_softplus=True, A_is_log=True, block_p=16, norm_sum_sq=ss,
+                      norm_before_gate=norm_before_gate).cpu()
+    y, st = reference.ssd_recurrent(x[:, None].double(), dt[:, None].double(), -torch.exp(A_log.double()),
+                                    B[:, None].double(), C[:, None].double(), D=D.double(), dt_bias=dt_bias.double(),
+                                    initial_states=state0.double(), dt_softplus=True, return_final_states=True)
+    y = y[:, 0]
+    gy_ref = y * F.silu(z.double())
+    assert rel(gy, gy_ref) < 1e-5 and rel(state.cpu(), st) < 1e-5
+    assert rel(ss.cpu(), ((y if norm_before_gate else gy_ref) ** 2).sum(dim=(1, 2))) < 1e-5
+
+
 @pytest.mark.parametrize("dtype,residual_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
 def test_add_rmsnorm_applies_and_clears_the_pending_norm(dtype, residual_dtype):
     g = torch.Generator().manual_seed(5)
@@ -88,9 +113,10 @@ def test_add_rmsnorm_applies_and_clears_the_pending_norm(dtype, residual_dtype):
     assert torch.equal(ss_dev.cpu(), torch.zeros(b))
 
 
-@pytest.mark.parametrize("preset,batch", [("mamba2-test", 2), ("mamba2-test", 1), ("mamba2attn-test", 2)])
+@pytest.mark.parametrize("preset,batch,ring_conv", [("mamba2-test", 2, True), ("mamba2-test", 1, False),
+                                                    ("mamba2attn-test", 2, True), ("mamba2attn-test", 2, False)])
 @pytest.mark.parametrize("norm_before_gate", [False, True])
-def test_folded_norm_and_pdl_step_equals_pytorch_step(preset, batch, norm_before_gate):
+def test_folded_norm_and_pdl_step_equals_pytorch_step(preset, batch, ring_conv, norm_before_gate):
     """Mamba2LMHeadModel.step through Decoder(fold_gated_norm=True, pdl=True) with the Triton kernels against the
     PyTorch step (unfolded, shifted conv) from the same prefilled state, float32 model, over a few tokens. ngroups 1
     (one norm group over the SSM channels: what folding needs); the hybrid preset has attention and MLP blocks after
@@ -117,7 +143,8 @@ def test_folded_norm_and_pdl_step_equals_pytorch_step(preset, batch, norm_before
     for impl in ("torch", "triton"):
         with torch.no_grad():
             model.set_impl("torch")  # prefill: the PyTorch chunked path
-            opts = dict(fold_gated_norm=True, pdl=True) if impl == "triton" else dict(ring_conv=False)
+            opts = (dict(fold_gated_norm=True, pdl=True, ring_conv=ring_conv) if impl == "triton"
+                    else dict(ring_conv=False))
             dec = Decoder(model, batch, 12, cuda_graph=False, fuse_linear=False, **opts)
             if impl == "triton":
                 n_mamba = sum(type(layer.mixer).__name__ == "Mamba2Mixer" for layer in model.backbone.layers)
@@ -207,6 +234,9 @@ def _compile_pdl_kernels_for_sm90():
             WIDTH=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_LIMIT=False, NORM_SS=True,
             NORM_BEFORE_GATE=False, BLOCK_P=16, BLOCK_N=128), {"ss_ptr": "fp32", "slot_ptr": "i64",
                                                                "A_log_ptr": "fp32"}),
+        "state_update": compile_ptx(su._state_update_kernel, dict(
+            HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_LIMIT=False, A_IS_LOG=True, NORM_SS=True,
+            NORM_BEFORE_GATE=False, BLOCK_P=64, BLOCK_N=128), {"ss_ptr": "fp32", "A_ptr": "fp32"}),
         "add_rmsnorm": compile_ptx(su._add_rmsnorm_kernel, dict(HAS_RESIDUAL=True, HAS_SCALE=True, BLOCK=1024),
                                    {"ss_ptr": "fp32", "r_ptr": "fp32", "r_out_ptr": "fp32"}),
     }
@@ -225,7 +255,7 @@ def test_pdl_kernels_compile_for_sm90_with_grid_dependency_control():
     env = dict(os.environ, TRITON_INTERPRET="0")
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled: norm_linear, mixer_step, add_rmsnorm" in done.stdout
+    assert "compiled: norm_linear, mixer_step, state_update, add_rmsnorm" in done.stdout
 
 
 if __name__ == "__main__":
