@@ -103,6 +103,8 @@ def _norm_linear_kernel(
         k_first = tl.arange(0, BLOCK_K)
         w_first = tl.load(w_ptr + offs_n[:, None] * w_n + k_first[None, :],
                           mask=mask_n[:, None] & (k_first < group_size)[None, :], other=0.0)
+    else:  # unused (the compiler drops it)
+        w_first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
     wait_and_release(USE_PDL)  # every input but the weights comes from the kernels before (pdl.py)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for g in range(0, ngroups):
@@ -125,7 +127,7 @@ def _norm_linear_kernel(
                 v = u * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
                 if HAS_Z and NORM_BEFORE_GATE:
                     v = v * gate
-                w = _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first if PRELOAD else None, PRELOAD)
+                w = _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first, PRELOAD)
                 acc_g += w.to(tl.float32) * v[None, :]
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / group_size + eps)
         if SINGLE_PASS:
@@ -145,7 +147,7 @@ def _norm_linear_kernel(
                 if HAS_Z and NORM_BEFORE_GATE:
                     nrm = nrm * gate
                 nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
-                w = _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first if PRELOAD else None, PRELOAD)
+                w = _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first, PRELOAD)
                 acc += w.to(tl.float32) * nrm[None, :]
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
