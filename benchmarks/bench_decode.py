@@ -71,7 +71,16 @@ VARIANTS = {  # name: Decoder options (None: the Decoder's default)
     "ours_fused_linear": dict(fuse_linear=True),
     "ours_cublas": dict(fuse_linear=False),  # cuBLAS linears, separate norm kernels (the previous step)
     "ours_compiled": dict(fuse_linear=False, compile=True),
+    # round 2 (issue 5): programmatic dependent launch, and the gated norm folded into out_proj (large batch)
+    "ours_pdl": dict(pdl=True),
+    "ours_fold": dict(fold_gated_norm=True),
+    "ours_fold_pdl": dict(fold_gated_norm=True, pdl=True),
+    "ours_fold_noring": dict(fold_gated_norm=True, ring_conv=False),  # the fold alone, conv its own launch
 }
+# variants that equal the defaults (or make no sense) at a batch size: not timed there
+REDUNDANT = {"ours_ring": lambda b: b >= 16, "ours_noring": lambda b: b < 16,
+             "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8,
+             "ours_fold": lambda b: b < 8, "ours_fold_pdl": lambda b: b < 8, "ours_fold_noring": lambda b: b < 8}
 
 
 def ours(name, batch, args, variant):
@@ -110,8 +119,11 @@ def ours(name, batch, args, variant):
             use(None, norm_impl)
             dec.capture()
         capture_s = time.perf_counter() - t0
+        from lit_mamba2.kernels import pdl
+
         dec_flags = dict(ring=any(getattr(st, "ring", False) for st in dec.states), fuse=dec.fuse_linear,
-                         state_dtype=str(dec.state_dtype).replace("torch.", ""))
+                         state_dtype=str(dec.state_dtype).replace("torch.", ""),
+                         pdl=bool(dec.pdl and pdl.supported()), folded_layers=dec.folded)
         use(prefill_impl, norm_impl)
         try:
             dec.prefill(prompt)
@@ -127,7 +139,7 @@ def ours(name, batch, args, variant):
             for _ in stream(model, prompt, args.gen_len, temperature=0, decoder=dec):
                 pass
 
-        gen_ms = wall_ms(gen) / args.gen_len
+        gen_ms = wall_ms(gen) / args.gen_len if args.gen_for is None or variant in args.gen_for else float("nan")
         # correctness guard: graph steps equal the eager PyTorch steps (states in the same dtype, shifted conv,
         # cuBLAS linears) from the same prompt, over 8 tokens
         dec.prefill(prompt)
@@ -145,7 +157,8 @@ def ours(name, batch, args, variant):
     torch.cuda.empty_cache()
     return dict(step_ms=step_ms, gen_ms=gen_ms, capture_s=capture_s, max_rel_err_vs_torch=max(errs),
                 state_dtype=dec_flags["state_dtype"],
-                ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"],
+                ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"], pdl=dec_flags["pdl"],
+                folded_layers=dec_flags["folded_layers"],
                 gated_norm="triton" if norm_impl is None else "torch",
                 prefill="triton" if prefill_impl is None else "torch")
 
@@ -466,13 +479,18 @@ def main():
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--gen-for", nargs="*", default=None,
+                   help="time whole generations only for these variants (default: all; saves time per call)")
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=["ours", "ours_fp32_state",
                                                                               "ours_cublas"],
                    help="ours: the Decoder's defaults (states in the model's dtype, linears with fused norms "
                         "below batch 8, ring conv below batch 16); ours_fp32_state: float32 SSM states; "
                         "ours_ring / ours_noring: the conv fused into the state kernel or not; ours_fused_linear / "
                         "ours_cublas: the linears with fused norms (Triton), or cuBLAS linears and separate norm "
-                        "kernels; ours_compiled: the step through torch.compile (slow to start)")
+                        "kernels; ours_compiled: the step through torch.compile (slow to start); ours_pdl: "
+                        "programmatic dependent launch for the Triton kernels; ours_fold / ours_fold_pdl (batch >= "
+                        "8): the gated norm folded into out_proj, conv in the state kernel, 4 launches per layer; "
+                        "ours_fold_noring: the same with the conv its own launch (5)")
     p.add_argument("--cc-build", type=Path, default=None,
                    help="folder holding a built causal-conv1d (causal_conv1d/ and causal_conv1d_cuda*.so)")
     p.add_argument("--no-mamba-ssm", action="store_true")
@@ -482,7 +500,11 @@ def main():
     p.add_argument("--profile", action="store_true", help="list the kernels of one eager step")
     p.add_argument("--drift", type=int, default=0, help="tokens of bf16- vs float32-state greedy decoding")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--report", type=Path, nargs="+", default=None,
+                   help="only print one table from these JSON outputs (e.g. bench.json mamba.json)")
     args = p.parse_args()
+    if args.report:
+        return report(args.report)
 
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
     extras = {}
@@ -551,9 +573,7 @@ def main():
     # compiled variants last: their compile time is the least predictable, and the rest is saved first
     for i, variant in enumerate(variants):
         for (name, batch), row in rows.items():
-            redundant = {"ours_ring": batch >= 16, "ours_noring": batch < 16, "ours_fused_linear": batch < 8,
-                         "ours_cublas": batch >= 8}
-            if redundant.get(variant, False):
+            if variant in REDUNDANT and REDUNDANT[variant](batch):
                 continue  # the default at this batch size already
             try:
                 row[variant] = ours(name, batch, args, variant)
@@ -567,24 +587,54 @@ def main():
                     row["mamba_ssm"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
                 print(name, batch, "mamba_ssm", row["mamba_ssm"], flush=True)
             save()
-    rows = list(rows.values())
+    print_table(list(rows.values()), variants, conv, args.gen_len, args.prompt_len)
 
+
+def print_table(rows, variants, conv, gen_len, prompt_len):
     def fmt(r, key):
         v = r.get(key)
         if not v or "error" in v:
-            return f"{'error':>15}"
+            return f"{'-' if not v else 'error':>15}"
         return f"{v['step_ms']:7.3f} {v['gen_ms']:7.3f}"
 
     cols = list(variants) + ["mamba_ssm"]
     print(f"\nms per decode step / per generated token (step = captured step replayed; gen = generate() of "
-          f"{args.gen_len} tokens after {args.prompt_len}, per token). mamba_ssm: {conv}")
+          f"{gen_len} tokens after {prompt_len}, per token; nan: not timed). mamba_ssm: {conv}")
     print(f"{'model':<12} {'batch':>5} | " + " | ".join(f"{c:^15}" for c in cols) + " | step ours/mamba_ssm")
     for r in rows:
         ratio = float("nan")
         if "error" not in r.get("ours", {"error": 1}) and "error" not in r.get("mamba_ssm", {"error": 1}):
             ratio = r["ours"]["step_ms"] / r["mamba_ssm"]["step_ms"]
-        print(f"{r['model']:<12} {r['batch']:>5} | " + " | ".join(fmt(r, c) for c in cols) + f" | {ratio:.2f}")
+        # the fastest variant with states in the model's dtype (float32 states are a different trade)
+        timed = {v: r[v]["step_ms"] for v in variants if v in r and "error" not in r[v]
+                 and r[v].get("state_dtype") != "float32"}
+        best = min(timed, key=timed.get) if timed else None
+        best_txt = f" | best {best} {timed[best]:.3f}" if best else ""
+        if best and "error" not in r.get("mamba_ssm", {"error": 1}):
+            best_txt += f" ({timed[best] / r['mamba_ssm']['step_ms']:.2f} of mamba_ssm)"
+        print(f"{r['model']:<12} {r['batch']:>5} | " + " | ".join(fmt(r, c) for c in cols) + f" | {ratio:.2f}"
+              + best_txt)
 
+
+def report(paths):
+    """One table from several runs' JSON (e.g. the ours stage's bench.json and the mamba stage's mamba.json)."""
+    rows, variants, conv, gen_len, prompt_len = {}, [], "not measured", "?", "?"
+    for path in paths:
+        if not path.exists():
+            print(f"[report] {path} missing")
+            continue
+        data = json.loads(path.read_text())
+        if "not importable" not in data.get("mamba_ssm_conv", "") and "skipped" not in data.get("mamba_ssm_conv", ""):
+            conv = data.get("mamba_ssm_conv", conv)
+        gen_len, prompt_len = data["args"].get("gen_len", gen_len), data["args"].get("prompt_len", prompt_len)
+        for r in data["rows"]:
+            row = rows.setdefault((r["model"], r["batch"]), dict(model=r["model"], batch=r["batch"]))
+            for k, v in r.items():
+                if k not in ("model", "batch") and (k not in row or "error" in row[k]):
+                    row[k] = v
+                    if k.startswith("ours") and k not in variants:
+                        variants.append(k)
+    print_table(list(rows.values()), variants, conv, gen_len, prompt_len)
 
 if __name__ == "__main__":
     main()

@@ -1,32 +1,39 @@
 #!/bin/bash
 # The decode benchmarks in one device call, logs under $OUT. Run from the project root with lit_mamba2 importable
-# (PEERS: the git-ignored folder with mamba_ssm's and causal-conv1d's sources). Stages:
-#  1. causal-conv1d built for sm_90 in the background, unless $PEERS/causal-conv1d-build holds a build
-#     (the .so comes back gzipped under $OUT);
-#  2. the kernels' tile sweep, bf16- vs float32-state drift and a kernel profile (sweep.log, sweep.extras.json);
-#  3. our decode variants (bench.json), with the sweep's winning tiles when stage 2 ran;
-#  4. mamba_ssm's generate(cg=True) once the build is done (mamba.json), without causal-conv1d if it failed
-#     or is still running MAMBA_S seconds before the end (its Triton kernels take a minute to compile).
-# The causal-conv1d build took more than 230 s on an H100 machine (run 2, still in its backward kernels): give
-# a run that builds it BUDGET=560 (timeout_s 600) or STAGES="build" alone, and keep the .so that comes back in
-# $PEERS/causal-conv1d-build/ (with the causal_conv1d/ package folder) for later runs.
-#   PEERS=../../.peers BUDGET=560 STAGES="ours mamba" bash benchmarks/run_decode_gpu.sh
+# (PEERS: the git-ignored folder with mamba_ssm's and causal-conv1d's sources). Stages (STAGES):
+#  build  causal-conv1d for sm_90, in the background (> 230 s on an H100 machine: a call of its own, BUDGET=560);
+#         skipped when $CC_BUILD (default $PEERS/causal-conv1d-build) already holds a build (the .so comes back
+#         gzipped under $OUT: keep it there with the causal_conv1d/ package folder for later runs);
+#  sweep  the kernels' tile sweep, bf16- vs float32-state drift and a kernel profile (sweep.log, sweep.extras.json);
+#  ours   our decode variants (bench.json), with the sweep's winning tiles when stage `sweep` ran;
+#  mamba  mamba_ssm's generate(cg=True) (mamba.json), with causal-conv1d when a build is there (else its PyTorch
+#         conv update; the output says which); its Triton kernels take about a minute to compile.
+# Round 2 (issue 5), one call of ~230 s: ours (defaults), ours_pdl, ours_fold and ours_fold_pdl (batch 64),
+# ours_fp32_state, ours_ring and ours_fold_noring (batch 64), then mamba_ssm, for mamba2-130m and -370m at batch
+# 1 and 64 (whole generations timed for `ours` only: GEN_FOR="ours ours_pdl" to add more; bench.json is saved
+# after each row, and the variants run in the order given, so a stage cut short loses the last ones first):
+#   PEERS=../../.peers bash benchmarks/run_decode_gpu.sh          (timeout_s 260)
+# with a causal-conv1d build elsewhere: CC_BUILD=/path/to/build (a folder with causal_conv1d/ and the .so).
 set -u
 PEERS=${PEERS:-.peers}
 OUT=${OUT:-/tmp/out}
-BUDGET=${BUDGET:-290}  # seconds for the whole script
+BUDGET=${BUDGET:-230}  # seconds for the whole script
 MODELS=${MODELS:-"mamba2-130m mamba2-370m"}
-VARIANTS=${VARIANTS:-"ours ours_fp32_state ours_cublas"}
-STAGES=${STAGES:-"sweep ours mamba"}
-MAMBA_S=${MAMBA_S:-150}
+VARIANTS=${VARIANTS:-"ours ours_pdl ours_fold ours_fold_pdl ours_fp32_state ours_ring ours_fold_noring"}  # most wanted first
+STAGES=${STAGES:-"ours mamba"}
+MAMBA_S=${MAMBA_S:-100}  # seconds kept for the mamba stage
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 
-CONV_DIR=$PEERS/causal-conv1d-build  # (not $CC: compilers read that one)
+CONV_DIR=${CC_BUILD:-$PEERS/causal-conv1d-build}  # (not $CC: compilers read that one)
 BUILD_PID=
-if ! ls "$CONV_DIR"/causal_conv1d_cuda*.so >/dev/null 2>&1; then
+if ls "$CONV_DIR"/causal_conv1d_cuda*.so >/dev/null 2>&1; then
+  echo "causal-conv1d build: $CONV_DIR"
+elif [[ " $STAGES " != *" build "* ]]; then
+  echo "no causal-conv1d build in $CONV_DIR and stage build not asked for: mamba_ssm runs without it"
+else
   CONV_DIR=/tmp/causal-conv1d
   (
     cp -r "$PEERS/causal-conv1d" $CONV_DIR && cd $CONV_DIR &&
@@ -54,8 +61,9 @@ if [[ " $STAGES " == *" ours "* ]]; then
   TUNED=()  # the sweep's winning tiles, when this run swept (bench.json records which)
   [ -f "$OUT/sweep.extras.json" ] && TUNED=(--tuned "$OUT/sweep.extras.json")
   timeout $((BUDGET - MAMBA_S - 5 - SECONDS)) python3 benchmarks/bench_decode.py --models $MODELS --no-mamba-ssm \
-    "${TUNED[@]}" --variants $VARIANTS --gen-len 64 --iters 50 --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-  tail -c 2500 "$OUT/bench.log"
+    "${TUNED[@]}" --variants $VARIANTS --gen-len 64 --iters 50 --gen-for ${GEN_FOR:-ours} --out "$OUT/bench.json" \
+    > "$OUT/bench.log" 2>&1
+  tail -c 4000 "$OUT/bench.log"
   echo "ours done at ${SECONDS}s"
 fi
 [[ " $STAGES " == *" mamba "* || " $STAGES " == *" build "* ]] || exit 0
@@ -70,3 +78,4 @@ fi
 timeout $((BUDGET - SECONDS)) python3 benchmarks/bench_decode.py --models $MODELS --only-mamba-ssm \
   --peers "$PEERS" --cc-build "$CONV_DIR" --gen-len 64 --iters 50 --out "$OUT/mamba.json" 2>&1 | tee -a "$OUT/bench.log"
 echo "done at ${SECONDS}s"
+python3 benchmarks/bench_decode.py --report "$OUT/bench.json" "$OUT/mamba.json" | tee "$OUT/table.txt"

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import options as pdl_options, wait_and_release
+
 # Below GEMV_BELOW rows: one row per program (_norm_linear_kernel, CONFIG = (BLOCK_N, BLOCK_K, num_warps,
 # single_pass)); from it on: blocks of rows through tl.dot (_norm_matmul_kernel, DOT_CONFIG = (BLOCK_M, BLOCK_N,
 # BLOCK_K, num_warps, num_stages, single_pass)). single_pass: the norm's rstd multiplied in after the product, so
@@ -43,6 +45,9 @@ CONFIG = (4, 512, 4, False)
 CONFIG_WIDE = (4, 512, 4, False)  # from WIDE_N outputs on (the LM head)
 WIDE_N = 16384
 DOT_CONFIG = (64, 32, 128, 4, 3, False)
+# The GEMV loads its first weight chunk before waiting for the previous kernel: None = when launched with PDL
+# (kernels/pdl.py), where the load overlaps the previous kernel's end; True / False force it (tests, sweeps)
+PRELOAD_WEIGHTS = None
 
 
 @triton.jit
@@ -68,18 +73,39 @@ def _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, ox, orr, oz, oro, mask, 
 
 
 @triton.jit
+def _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first, PRELOAD: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) weight tile at group g, chunk k0 (the preloaded one for the first chunk)."""
+    if PRELOAD:
+        if (g == 0) & (k0 == 0):
+            w = w_first
+        else:
+            w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :],
+                        other=0.0)
+    else:
+        w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+    return w
+
+
+@triton.jit
 def _norm_linear_kernel(
     x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, r_out_ptr, out_ptr, acc_ptr,
     N, K, ngroups, group_size, eps,
     x_b, r_b, z_b, ro_b, w_n, o_b, a_b,
     ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRELOAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if PRELOAD:  # the first weight chunk, loaded before the wait: with PDL it streams while the kernel before ends
+        k_first = tl.arange(0, BLOCK_K)
+        w_first = tl.load(w_ptr + offs_n[:, None] * w_n + k_first[None, :],
+                          mask=mask_n[:, None] & (k_first < group_size)[None, :], other=0.0)
+    else:  # unused (the compiler drops it)
+        w_first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
+    wait_and_release(USE_PDL)  # every input but the weights comes from the kernels before (pdl.py)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for g in range(0, ngroups):
         # pass 1: the group's sum of squares (program 0 of the row also stores the new residual). SINGLE_PASS:
@@ -101,8 +127,7 @@ def _norm_linear_kernel(
                 v = u * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
                 if HAS_Z and NORM_BEFORE_GATE:
                     v = v * gate
-                w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :],
-                            other=0.0)
+                w = _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first, PRELOAD)
                 acc_g += w.to(tl.float32) * v[None, :]
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / group_size + eps)
         if SINGLE_PASS:
@@ -122,8 +147,7 @@ def _norm_linear_kernel(
                 if HAS_Z and NORM_BEFORE_GATE:
                     nrm = nrm * gate
                 nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
-                w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :],
-                            other=0.0)
+                w = _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first, PRELOAD)
                 acc += w.to(tl.float32) * nrm[None, :]
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -143,6 +167,7 @@ def _norm_matmul_kernel(
     ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE_PASS: tl.constexpr, IEEE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """_norm_linear_kernel for a block of BLOCK_M rows at once (tl.dot): the weight tile is read once per block of
     rows instead of once per row. Same prologue and epilogue, same roundings."""
@@ -151,6 +176,7 @@ def _norm_matmul_kernel(
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    wait_and_release(USE_PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(0, ngroups):
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -247,9 +273,11 @@ def _launch(x, weight, norm_weight, eps, *, residual=None, r_out=None, z=None, n
     if b < GEMV_BELOW:
         BLOCK_N, BLOCK_K, num_warps, single_pass = config or (CONFIG_WIDE if N >= WIDE_N else CONFIG)
         BLOCK_K = min(BLOCK_K, triton.next_power_of_2(group_size))
+        pdl = pdl_options()
+        preload = pdl["USE_PDL"] if PRELOAD_WEIGHTS is None else PRELOAD_WEIGHTS
         _norm_linear_kernel[(triton.cdiv(N, BLOCK_N), b)](
             *args, N, K, ngroups, group_size, float(eps), *strides, **flags, SINGLE_PASS=single_pass,
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps)
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRELOAD=preload, num_warps=num_warps, **pdl)
     else:
         BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, single_pass = config or DOT_CONFIG
         BLOCK_M = min(BLOCK_M, max(16, triton.next_power_of_2(b)))
@@ -259,7 +287,8 @@ def _launch(x, weight, norm_weight, eps, *, residual=None, r_out=None, z=None, n
             IEEE=weight.dtype == torch.float32,
             DOT_DTYPE=tl.float32 if _INTERPRET or weight.dtype == torch.float32 else tl.bfloat16
             if weight.dtype == torch.bfloat16 else tl.float16,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages,
+            **pdl_options())
     return out
 
 

@@ -81,20 +81,35 @@ class Decoder:
     default: below batch FUSE_LINEAR_BELOW, where it measured faster than cuBLAS + separate norm kernels).
     `state_dtype`: the SSM states' storage, by default the model's dtype as in mamba_ssm (bf16 for a bf16 model:
     about 30% less time per step at batch 64 than float32); `state_dtype=torch.float32` keeps them in float32
-    (closer to exact over long outputs: BENCHMARKS.md measures the drift)."""
+    (closer to exact over long outputs: BENCHMARKS.md measures the drift).
+
+    Two options under measurement (off by default): `pdl` launches the step's Triton kernels with programmatic
+    dependent launch (kernels/pdl.py; Hopper and later, a no-op elsewhere), so each may start while the one before
+    it finishes. `fold_gated_norm` (not with fuse_linear; ring_conv by default) folds each Mamba-2 layer's gated
+    RMSNorm into its out_proj: out_proj's weight times the norm's weight is snapshotted here (build a new Decoder
+    after changing the weights), the state kernel gathers the row's sum of squares, and the next add_rmsnorm applies
+    the 1/rms, so that a layer is four launches at large batch ([add + norm], in_proj, [conv + state update],
+    out_proj; five with ring_conv=False) instead of six."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
-                 ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None):
+                 ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None, pdl: bool = False,
+                 fold_gated_norm: bool = False):
         self.model = model
         weight = model.lm_head.weight
         device = weight.device
         self.batch_size, self.max_len = batch_size, max_len
+        if fold_gated_norm:
+            if fuse_linear:
+                raise ValueError("Decoder: fold_gated_norm works with cuBLAS linears; it cannot be combined with "
+                                 "fuse_linear=True")
+            fuse_linear = False
+            ring_conv = True if ring_conv is None else ring_conv
         if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
             ring_conv = batch_size < RING_CONV_BELOW
         if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md)
             fuse_linear = batch_size < FUSE_LINEAR_BELOW
-        self.fuse_linear = fuse_linear
+        self.fuse_linear, self.pdl = fuse_linear, pdl
         self.states = model.allocate_states(batch_size, device=device)
         # state_dtype: the SSM states' storage (the kernels compute in float32 either way). The default is the
         # model's dtype, as mamba_ssm does: bf16 states for a bf16 model halve the bytes a step moves at large
@@ -108,7 +123,14 @@ class Decoder:
                     b, c, w = st.conv.shape
                     st.conv = torch.zeros(b, w + 1, c, device=device, dtype=st.conv.dtype).transpose(1, 2)
                     st.ring = True
+        self.folded = 0  # layers whose gated norm is folded into out_proj
         for st, layer in zip(self.states, model.backbone.layers):
+            if fold_gated_norm and isinstance(st, Mamba2State) and layer.mixer.can_fold_norm():
+                m = layer.mixer
+                with torch.no_grad():
+                    st.out_proj_folded = (m.out_proj.weight.float() * m.norm.weight.float()).to(m.out_proj.weight.dtype)
+                st.norm_sum_sq = torch.zeros(batch_size, device=device, dtype=torch.float32)
+                self.folded += 1
             if isinstance(st, KVCache):
                 m = layer.mixer
                 st.k = torch.zeros(batch_size, m.num_heads_kv, max_len, m.head_dim, device=device, dtype=weight.dtype)
@@ -125,7 +147,13 @@ class Decoder:
         self.filled = 0
 
     def _eager_step(self):
-        logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear)
+        if self.pdl:
+            from lit_mamba2.kernels.pdl import launching
+
+            with launching():
+                logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear)
+        else:
+            logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear)
         self._advancing.add_(1)  # = self.pos.advance()
         return logits
 
