@@ -71,16 +71,11 @@ VARIANTS = {  # name: Decoder options (None: the Decoder's default)
     "ours_fused_linear": dict(fuse_linear=True),
     "ours_cublas": dict(fuse_linear=False),  # cuBLAS linears, separate norm kernels (the previous step)
     "ours_compiled": dict(fuse_linear=False, compile=True),
-    # round 2 (issue 5): programmatic dependent launch, and the gated norm folded into out_proj (large batch)
-    "ours_pdl": dict(pdl=True),
-    "ours_fold": dict(fold_gated_norm=True),
-    "ours_fold_pdl": dict(fold_gated_norm=True, pdl=True),
-    "ours_fold_noring": dict(fold_gated_norm=True, ring_conv=False),  # the fold alone, conv its own launch
+    "ours_no_pdl": dict(pdl=False),  # the Triton kernels without programmatic dependent launch
 }
 # variants that equal the defaults (or make no sense) at a batch size: not timed there
 REDUNDANT = {"ours_ring": lambda b: b >= 16, "ours_noring": lambda b: b < 16,
-             "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8,
-             "ours_fold": lambda b: b < 8, "ours_fold_pdl": lambda b: b < 8, "ours_fold_noring": lambda b: b < 8}
+             "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8}
 
 
 def ours(name, batch, args, variant):
@@ -123,7 +118,7 @@ def ours(name, batch, args, variant):
 
         dec_flags = dict(ring=any(getattr(st, "ring", False) for st in dec.states), fuse=dec.fuse_linear,
                          state_dtype=str(dec.state_dtype).replace("torch.", ""),
-                         pdl=bool(dec.pdl and pdl.supported()), folded_layers=dec.folded)
+                         pdl=bool(dec.pdl and pdl.supported()))
         use(prefill_impl, norm_impl)
         try:
             dec.prefill(prompt)
@@ -158,7 +153,6 @@ def ours(name, batch, args, variant):
     return dict(step_ms=step_ms, gen_ms=gen_ms, capture_s=capture_s, max_rel_err_vs_torch=max(errs),
                 state_dtype=dec_flags["state_dtype"],
                 ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"], pdl=dec_flags["pdl"],
-                folded_layers=dec_flags["folded_layers"],
                 gated_norm="triton" if norm_impl is None else "torch",
                 prefill="triton" if prefill_impl is None else "torch")
 
@@ -484,13 +478,12 @@ def main():
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=["ours", "ours_fp32_state",
                                                                               "ours_cublas"],
                    help="ours: the Decoder's defaults (states in the model's dtype, linears with fused norms "
-                        "below batch 8, ring conv below batch 16); ours_fp32_state: float32 SSM states; "
+                        "below batch 8, ring conv below batch 16, programmatic dependent launch); ours_fp32_state: "
+                        "float32 SSM states; "
                         "ours_ring / ours_noring: the conv fused into the state kernel or not; ours_fused_linear / "
                         "ours_cublas: the linears with fused norms (Triton), or cuBLAS linears and separate norm "
-                        "kernels; ours_compiled: the step through torch.compile (slow to start); ours_pdl: "
-                        "programmatic dependent launch for the Triton kernels; ours_fold / ours_fold_pdl (batch >= "
-                        "8): the gated norm folded into out_proj, conv in the state kernel, 4 launches per layer; "
-                        "ours_fold_noring: the same with the conv its own launch (5)")
+                        "kernels; ours_compiled: the step through torch.compile (slow to start); ours_no_pdl: "
+                        "the Triton kernels launched without programmatic dependent launch")
     p.add_argument("--cc-build", type=Path, default=None,
                    help="folder holding a built causal-conv1d (causal_conv1d/ and causal_conv1d_cuda*.so)")
     p.add_argument("--no-mamba-ssm", action="store_true")

@@ -8,10 +8,10 @@
 #  ours   our decode variants (bench.json), with the sweep's winning tiles when stage `sweep` ran;
 #  mamba  mamba_ssm's generate(cg=True) (mamba.json), with causal-conv1d when a build is there (else its PyTorch
 #         conv update; the output says which); its Triton kernels take about a minute to compile.
-# Round 2 (issue 5), one call of ~230 s: ours (defaults), ours_pdl, ours_fold and ours_fold_pdl (batch 64),
-# ours_fp32_state, ours_ring and ours_fold_noring (batch 64), then mamba_ssm, for mamba2-130m and -370m at batch
-# 1 and 64 (whole generations timed for `ours` only: GEN_FOR="ours ours_pdl" to add more; bench.json is saved
-# after each row, and the variants run in the order given, so a stage cut short loses the last ones first):
+# One call of ~230 s: ours (defaults), ours_no_pdl, ours_fp32_state and ours_ring, then mamba_ssm, for
+# mamba2-130m and -370m at batch 1 and 64 (whole generations timed for `ours` only: GEN_FOR="ours ours_no_pdl" to
+# add more; bench.json is saved after each row, and the variants run in the order given, so a stage cut short
+# loses the last ones first):
 #   PEERS=../../.peers bash benchmarks/run_decode_gpu.sh          (timeout_s 260)
 # with a causal-conv1d build elsewhere: CC_BUILD=/path/to/build (a folder with causal_conv1d/ and the .so).
 set -u
@@ -19,7 +19,7 @@ PEERS=${PEERS:-.peers}
 OUT=${OUT:-/tmp/out}
 BUDGET=${BUDGET:-230}  # seconds for the whole script
 MODELS=${MODELS:-"mamba2-130m mamba2-370m"}
-VARIANTS=${VARIANTS:-"ours ours_pdl ours_fold ours_fold_pdl ours_fp32_state ours_ring ours_fold_noring"}  # most wanted first
+VARIANTS=${VARIANTS:-"ours ours_no_pdl ours_fp32_state ours_ring"}  # most wanted first
 STAGES=${STAGES:-"ours mamba"}
 MAMBA_S=${MAMBA_S:-100}  # seconds kept for the mamba stage
 export PYTHONUNBUFFERED=1

@@ -60,10 +60,10 @@ def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
     nheads, headdim, dstate, heads_per_group, dt_min, dt_max,
     s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p,
-    o_b, o_h, o_p, ss_ptr,
+    o_b, o_h, o_p,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, NORM_SS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -92,40 +92,19 @@ def _state_update_kernel(
     y = tl.sum(s * Cv[None, :], axis=1)
     if HAS_D:
         y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-    if NORM_SS:
-        y = _gate_and_sum_squares(y, z_ptr + b * z_b + h * z_h + offs_p * z_p, ss_ptr + b, mask_p,
-                                  out_ptr.dtype.element_ty, NORM_BEFORE_GATE)
-    elif HAS_Z:
+    if HAS_Z:
         z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
     tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
 
 
-@triton.jit
-def _gate_and_sum_squares(y, z_ptrs, ss_ptr, mask_p, out_dtype: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
-    """The gated RMSNorm over the whole row, folded: out_proj's weight carries the norm's weight, and the row's
-    1/rms is applied by the next add_rmsnorm from the sum of squares gathered here. y is rounded as the unfused path
-    stores it before its norm; returns y * silu(z), the norm's input (or, with NORM_BEFORE_GATE, the product that
-    multiplies its normalised y), and adds this tile's sum of squares of it (of y) to the row's."""
-    y = y.to(out_dtype).to(tl.float32)
-    z = tl.load(z_ptrs, mask=mask_p, other=0.0).to(tl.float32)
-    gy = y * (z * tl.sigmoid(z))
-    sq = y * y if NORM_BEFORE_GATE else gy * gy
-    tl.atomic_add(ss_ptr, tl.sum(tl.where(mask_p, sq, 0.0), axis=0))
-    return gy
-
-
 def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                 dt_limit=(0.0, math.inf), out=None, A_is_log=False, block_p=None, num_warps=None,
-                 norm_sum_sq=None, norm_before_gate=False):
+                 dt_limit=(0.0, math.inf), out=None, A_is_log=False, block_p=None, num_warps=None):
     """state: (batch, nheads, headdim, dstate), updated in place; x, z: (batch, nheads, headdim); dt: (batch,
     nheads); A, dt_bias: (nheads,); B, C: (batch, ngroups, dstate); D: (nheads,) or (nheads, headdim).
-    A_is_log: A holds A_log, and A = -exp(A_log) is taken in the kernel. norm_sum_sq: as in mixer_step (y * silu(z)
-    returned, each row's sum of squares added into the (batch,) float32 buffer).
+    A_is_log: A holds A_log, and A = -exp(A_log) is taken in the kernel.
     Returns y (batch, nheads, headdim) in x's dtype (or written into `out`)."""
     b, h, p, n = state.shape
-    if norm_sum_sq is not None and (z is None or norm_sum_sq.shape != (b,) or norm_sum_sq.dtype != torch.float32):
-        raise ValueError("state_update: norm_sum_sq needs z and a (batch,) float32 buffer")
     g = B.shape[1]
     assert x.shape == (b, h, p) and dt.shape == (b, h) and A.shape == (h,), "state_update: shapes disagree"
     assert B.shape == (b, g, n) and C.shape == (b, g, n) and h % g == 0, "state_update: B/C shapes disagree"
@@ -144,10 +123,8 @@ def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
         dt_bias if dt_bias is not None else A, out,
         h, p, n, h // g, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), D_h, D_p, *zs, *out.stride(),
-        norm_sum_sq if norm_sum_sq is not None else out,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, NORM_SS=norm_sum_sq is not None, NORM_BEFORE_GATE=norm_before_gate,
-        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
+        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
         **pdl_options(),
     )
     return out
@@ -201,20 +178,14 @@ def conv_step(x, conv_state, weight, bias=None, activation="silu", out=None):
 
 
 @triton.jit
-def _add_rmsnorm_kernel(h_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, ss_ptr, dim, eps, scale_n, scale_eps,
-                        h_b, r_b, ro_b, o_b,
-                        HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
-                        USE_PDL: tl.constexpr):
+def _add_rmsnorm_kernel(h_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, dim, eps, h_b, r_b, ro_b, o_b,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < dim
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     wait_and_release(USE_PDL)
     x = tl.load(h_ptr + b * h_b + offs, mask=m, other=0.0).to(tl.float32)
-    if HAS_SCALE:  # hidden is out_proj(gated norm) before the norm's 1/rms: ss_ptr holds the row's sum of squares
-        ss = tl.load(ss_ptr + b)
-        x = (x / tl.sqrt(ss / scale_n + scale_eps)).to(h_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(ss_ptr + b, 0.0)  # ready for the next step's atomic sums
     if HAS_RESIDUAL:
         x += tl.load(r_ptr + b * r_b + offs, mask=m, other=0.0).to(tl.float32)
     x = x.to(r_out_ptr.dtype.element_ty)
@@ -225,20 +196,16 @@ def _add_rmsnorm_kernel(h_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, ss_ptr, dim, ep
     tl.store(out_ptr + b * o_b + offs, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def add_rmsnorm(hidden, residual, weight, eps, residual_dtype, pending_norm=None):
+def add_rmsnorm(hidden, residual, weight, eps, residual_dtype):
     """A pre-norm block's entry for one token per row: residual' = residual + hidden (or hidden when residual is
     None) kept in residual_dtype, and RMSNorm(residual') in weight's dtype. hidden: (batch, dim).
-    pending_norm: (sum_sq, n, eps) when hidden still lacks a gated norm's 1/rms (mixer_step with norm_sum_sq, the
-    out_proj weight folded with the norm's weight): hidden is first scaled by 1/sqrt(sum_sq / n + eps) and rounded
-    to its dtype, and sum_sq (batch,) float32 is zeroed for the next step. Returns (normed, residual')."""
+    Returns (normed, residual')."""
     b, d = hidden.shape
     r_out = torch.empty(b, d, device=hidden.device, dtype=residual_dtype)
     out = torch.empty(b, d, device=hidden.device, dtype=weight.dtype)
     r = residual if residual is not None else hidden
-    ss, scale_n, scale_eps = pending_norm if pending_norm is not None else (hidden, 1, 0.0)
-    _add_rmsnorm_kernel[(b,)](hidden, r, weight, r_out, out, ss, d, float(eps), int(scale_n), float(scale_eps),
-                              hidden.stride(0), r.stride(0), r_out.stride(0), out.stride(0),
-                              HAS_RESIDUAL=residual is not None, HAS_SCALE=pending_norm is not None,
+    _add_rmsnorm_kernel[(b,)](hidden, r, weight, r_out, out, d, float(eps), hidden.stride(0), r.stride(0),
+                              r_out.stride(0), out.stride(0), HAS_RESIDUAL=residual is not None,
                               BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 2048 else 8, **pdl_options())
     return out, r_out
 
@@ -247,11 +214,10 @@ def add_rmsnorm(hidden, residual, weight, eps, residual_dtype, pending_norm=None
 def _mixer_step_kernel(
     state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
     nheads, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
-    ss_ptr,
     s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p,
     WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, NORM_SS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -315,18 +281,14 @@ def _mixer_step_kernel(
     y = tl.sum(st * Cv[None, :], axis=1)
     if HAS_D:
         y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-    if NORM_SS:  # the gated norm folded into out_proj (see _gate_and_sum_squares)
-        y = _gate_and_sum_squares(y, z_ptr + b * z_b + h * z_h + offs_p * z_p, ss_ptr + b, mask_p,
-                                  out_ptr.dtype.element_ty, NORM_BEFORE_GATE)
-    elif HAS_Z:
+    if HAS_Z:
         z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
     tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
 
 
 def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=None, z=None, dt_bias=None,
-               dt_limit=(0.0, math.inf), ngroups=1, block_p=None, num_warps=None, norm_sum_sq=None,
-               norm_before_gate=False):
+               dt_limit=(0.0, math.inf), ngroups=1, block_p=None, num_warps=None):
     """A Mamba-2 mixer's conv (+ SiLU) and SSM state update for one token, in one launch.
 
     state: (batch, nheads, headdim, dstate), in place; conv_ring: (batch, conv_dim, width), the last `width`
@@ -334,18 +296,12 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
     slots slot+1, ..., slot+width-1, mod width), updated in place for x, B and C; xBC: (batch, conv_dim) with
     conv_dim = d_ssm + 2 * ngroups * dstate; dt: (batch, nheads); A_log, dt_bias: (nheads,); D: (nheads,) or
     (nheads, headdim); z: (batch, nheads, headdim) or None. dt goes through softplus. Returns y (batch, nheads,
-    headdim) in xBC's dtype.
-
-    norm_sum_sq: a (batch,) float32 buffer of zeros: the kernel returns y * silu(z) (z required) and adds each
-    row's sum of squares of it (of y with norm_before_gate) into the buffer, for a gated RMSNorm over all
-    nheads * headdim channels folded into out_proj (see add_rmsnorm's pending_norm)."""
+    headdim) in xBC's dtype."""
     b, h, p, n = state.shape
     width = conv_ring.shape[-1]
     d_ssm = h * p
     assert xBC.shape == (b, d_ssm + 2 * ngroups * n) and conv_ring.shape == (b, xBC.shape[1], width), \
         "mixer_step: xBC / conv_ring shapes disagree with the state"
-    if norm_sum_sq is not None and (z is None or norm_sum_sq.shape != (b,) or norm_sum_sq.dtype != torch.float32):
-        raise ValueError("mixer_step: norm_sum_sq needs z and a (batch,) float32 buffer")
     out = torch.empty(b, h, p, device=xBC.device, dtype=xBC.dtype)
     if D is not None:
         D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
@@ -358,12 +314,10 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
         state, conv_ring, slot, xBC, conv_weight, conv_bias if conv_bias is not None else conv_weight, dt, A_log,
         D if D is not None else A_log, z if z is not None else xBC, dt_bias if dt_bias is not None else A_log, out,
         h, p, n, h // ngroups, d_ssm, ngroups, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
-        norm_sum_sq if norm_sum_sq is not None else out,
         *state.stride(), *conv_ring.stride(), *xBC.stride(), *conv_weight.stride(), *dt.stride(), D_h, D_p, *zs,
         *out.stride(),
         WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_DT_BIAS=dt_bias is not None, HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf),
-        NORM_SS=norm_sum_sq is not None, NORM_BEFORE_GATE=norm_before_gate, BLOCK_P=BLOCK_P,
+        HAS_DT_BIAS=dt_bias is not None, HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), BLOCK_P=BLOCK_P,
         BLOCK_N=BLOCK_N, num_warps=num_warps, **pdl_options(),
     )
     return out

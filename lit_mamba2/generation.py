@@ -17,6 +17,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from lit_mamba2.model import DecodePositions, KVCache, Mamba2LMHeadModel, Mamba2State
+from lit_mamba2.ops import triton_available
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
 
@@ -83,33 +84,24 @@ class Decoder:
     about 30% less time per step at batch 64 than float32); `state_dtype=torch.float32` keeps them in float32
     (closer to exact over long outputs: BENCHMARKS.md measures the drift).
 
-    Two options under measurement (off by default): `pdl` launches the step's Triton kernels with programmatic
-    dependent launch (kernels/pdl.py; Hopper and later, a no-op elsewhere), so each may start while the one before
-    it finishes. `fold_gated_norm` (not with fuse_linear; ring_conv by default) folds each Mamba-2 layer's gated
-    RMSNorm into its out_proj: out_proj's weight times the norm's weight is snapshotted here (build a new Decoder
-    after changing the weights), the state kernel gathers the row's sum of squares, and the next add_rmsnorm applies
-    the 1/rms, so that a layer is four launches at large batch ([add + norm], in_proj, [conv + state update],
-    out_proj; five with ring_conv=False) instead of six."""
+    `pdl` (default on) launches the step's Triton kernels with programmatic dependent launch (kernels/pdl.py), so
+    that each may start while the one before it finishes: measured on an H100 (BENCHMARKS.md) 20% less time per
+    step at batch 1, about 1% at batch 64, with the same outputs. A no-op under TRITON_INTERPRET, before compute
+    capability 9 and on Tritons without the API."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
-                 ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None, pdl: bool = False,
-                 fold_gated_norm: bool = False):
+                 ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None, pdl: bool = True):
         self.model = model
         weight = model.lm_head.weight
         device = weight.device
         self.batch_size, self.max_len = batch_size, max_len
-        if fold_gated_norm:
-            if fuse_linear:
-                raise ValueError("Decoder: fold_gated_norm works with cuBLAS linears; it cannot be combined with "
-                                 "fuse_linear=True")
-            fuse_linear = False
-            ring_conv = True if ring_conv is None else ring_conv
         if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
             ring_conv = batch_size < RING_CONV_BELOW
         if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md)
             fuse_linear = batch_size < FUSE_LINEAR_BELOW
-        self.fuse_linear, self.pdl = fuse_linear, pdl
+        self.fuse_linear = fuse_linear
+        self.pdl = pdl and triton_available()  # (triton is an optional dependency)
         self.states = model.allocate_states(batch_size, device=device)
         # state_dtype: the SSM states' storage (the kernels compute in float32 either way). The default is the
         # model's dtype, as mamba_ssm does: bf16 states for a bf16 model halve the bytes a step moves at large
@@ -123,14 +115,7 @@ class Decoder:
                     b, c, w = st.conv.shape
                     st.conv = torch.zeros(b, w + 1, c, device=device, dtype=st.conv.dtype).transpose(1, 2)
                     st.ring = True
-        self.folded = 0  # layers whose gated norm is folded into out_proj
         for st, layer in zip(self.states, model.backbone.layers):
-            if fold_gated_norm and isinstance(st, Mamba2State) and layer.mixer.can_fold_norm():
-                m = layer.mixer
-                with torch.no_grad():
-                    st.out_proj_folded = (m.out_proj.weight.float() * m.norm.weight.float()).to(m.out_proj.weight.dtype)
-                st.norm_sum_sq = torch.zeros(batch_size, device=device, dtype=torch.float32)
-                self.folded += 1
             if isinstance(st, KVCache):
                 m = layer.mixer
                 st.k = torch.zeros(batch_size, m.num_heads_kv, max_len, m.head_dim, device=device, dtype=weight.dtype)
@@ -216,15 +201,16 @@ class Decoder:
 def stream(model: Mamba2LMHeadModel, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
            generator: Optional[torch.Generator] = None, pad_id: int = 0, cuda_graph: Optional[bool] = None,
-           decoder: Optional[Decoder] = None, state_dtype: Optional[torch.dtype] = None) -> Iterator[torch.Tensor]:
+           decoder: Optional[Decoder] = None, state_dtype: Optional[torch.dtype] = None,
+           pdl: bool = True) -> Iterator[torch.Tensor]:
     """Yields each new token (batch,) as it is sampled. prompts: (batch, L) ids, or a list of prompts of any
     lengths (left-padded here). Rows that produced a stop token yield pad_id afterwards; generation ends when every
-    row has stopped or after max_new_tokens."""
+    row has stopped or after max_new_tokens. cuda_graph, state_dtype, pdl: the Decoder's (ignored with `decoder`)."""
     device = model.lm_head.weight.device
     ids, seq_idx, lengths, pads = pad_prompts(prompts, device, pad_id)
     b, L = ids.shape
     if decoder is None:
-        decoder = Decoder(model, b, L + max_new_tokens, cuda_graph, state_dtype=state_dtype)
+        decoder = Decoder(model, b, L + max_new_tokens, cuda_graph, state_dtype=state_dtype, pdl=pdl)
     logits = decoder.prefill(ids, seq_idx, lengths, pads)
     vocab = model.config.vocab_size
     stops = torch.tensor(list(stop_tokens), device=device, dtype=torch.long)
@@ -299,6 +285,8 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default=None,
                         help="storage of the SSM states while decoding; default: the model's dtype, as mamba_ssm "
                              "(float32: closer to exact over long outputs, slower at large batch)")
+    parser.add_argument("--no-pdl", action="store_true",
+                        help="launch the decode kernels without programmatic dependent launch (Hopper and later)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
@@ -344,7 +332,7 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     for token in stream(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, stop_tokens=stops, generator=generator,
                         cuda_graph=False if args.no_cuda_graph else None,
-                        state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None):
+                        state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None, pdl=not args.no_pdl):
         for r, t in zip(rows, token.tolist()):
             if not (r and r[-1] in stops):
                 r.append(t)

@@ -58,27 +58,6 @@ class Mamba2State:
     # Decoding only (generation.Decoder): conv holds d_conv slots used as a ring, the token at cache position t
     # writing slot t % d_conv; it saves the shift and lets one kernel do conv and state update without races.
     ring: bool = False
-    # Decoding only (Decoder(fold_gated_norm=True)): the gated norm folded into out_proj. out_proj_folded is
-    # out_proj's weight times the norm's weight (a snapshot of both), norm_sum_sq (batch,) float32 the row's sum of
-    # squares that the state kernel gathers and the next add_rmsnorm turns into the norm's 1/rms (and zeroes).
-    out_proj_folded: Optional[torch.Tensor] = None
-    norm_sum_sq: Optional[torch.Tensor] = None
-
-
-@dataclass
-class PendingNorm:
-    """A mixer's step output still lacking its gated norm's 1/rms (see Mamba2State.out_proj_folded): the true
-    output is out / sqrt(sum_sq / n + eps) per row, rounded to out's dtype."""
-
-    out: torch.Tensor
-    sum_sq: torch.Tensor
-    n: int
-    eps: float
-
-    def resolve(self) -> torch.Tensor:
-        rstd = torch.rsqrt(self.sum_sq / self.n + self.eps)
-        self.sum_sq.zero_()
-        return (self.out.float() * rstd[:, None]).to(self.out.dtype)
 
 
 def _step_on_triton(t: torch.Tensor, impl: Optional[str]) -> bool:
@@ -236,39 +215,12 @@ class Mamba2Mixer(nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
 
-    def can_fold_norm(self) -> bool:
-        """Whether the gated norm can fold into out_proj while decoding (Decoder(fold_gated_norm=True)): one norm
-        group over all SSM channels, no out_proj bias, no channels beside the SSM. (The step uses it on the Triton
-        path only; the PyTorch step ignores the folded weight.)"""
-        return (self.norm is not None and self.norm.group_size == self.d_ssm and self.out_proj.bias is None
-                and self.d_mlp == 0)
-
     def step(self, u, state: Mamba2State, pos=None):
         """One token per row, u: (batch, d_model) -> (batch, d_model), advancing `state` in place (so that a
-        CUDA graph can capture it). Equal to forward on a length-1 sequence with the same state. With a folded
-        norm in the state (Mamba2State.out_proj_folded, ring conv), returns a PendingNorm: two launches
-        ([conv + state update + gate + sum of squares], out_proj) and the norm's 1/rms left to the next add_rmsnorm."""
+        CUDA graph can capture it). Equal to forward on a length-1 sequence with the same state."""
         b = u.shape[0]
         z0, x0, z, xBC, dt = torch.split(
             self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
-        if state.out_proj_folded is not None and _step_on_triton(xBC, self.impl):
-            from lit_mamba2.kernels.state_update import conv_step, mixer_step, state_update
-
-            D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
-            zh, weight = z.view(b, self.nheads, self.headdim), self.conv1d.weight[:, 0, :]
-            fold = dict(norm_sum_sq=state.norm_sum_sq, norm_before_gate=self.norm.norm_before_gate)
-            if state.ring:
-                gy = mixer_step(state.ssm, state.conv, pos.cache_pos, xBC, weight, self.conv1d.bias, dt, self.A_log,
-                                D=D, z=zh, dt_bias=self.dt_bias, dt_limit=self.dt_limit, ngroups=self.ngroups, **fold)
-            else:
-                x, B, C = torch.split(conv_step(xBC, state.conv, weight, self.conv1d.bias),
-                                      [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-                gy = state_update(state.ssm, x.view(b, self.nheads, self.headdim), dt, self.A_log,
-                                  B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
-                                  z=zh, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
-                                  A_is_log=True, **fold)
-            return PendingNorm(F.linear(gy.view(b, self.d_ssm), state.out_proj_folded), state.norm_sum_sq,
-                               self.d_ssm, self.norm.eps)
         y = self._conv_ssm_step(z, xBC, dt, state, pos).reshape(b, self.d_ssm)
         if self.norm is not None:
             y = self.norm(y, z)
@@ -515,8 +467,6 @@ class Block(nn.Module):
     def _add(self, hidden, residual):
         if hidden is None:  # a fused step already added its output to the residual
             return residual
-        if isinstance(hidden, PendingNorm):
-            hidden = hidden.resolve()
         residual = hidden if residual is None else residual + hidden
         return residual.float() if self.residual_in_fp32 else residual
 
@@ -529,23 +479,16 @@ class Block(nn.Module):
         return hidden, residual
 
     def _residual_dtype(self, hidden, residual):
-        if isinstance(hidden, PendingNorm):
-            hidden = hidden.out
         return residual.dtype if hidden is None else torch.float32 if self.residual_in_fp32 else hidden.dtype
 
     def _add_norm(self, hidden, residual, norm):
         """residual += hidden (hidden None: already added); norm(residual): one fused kernel when decoding on CUDA."""
-        probe = residual if hidden is None else hidden.out if isinstance(hidden, PendingNorm) else hidden
-        if _step_on_triton(probe, self.mixer.impl):
+        if _step_on_triton(residual if hidden is None else hidden, self.mixer.impl):
             from lit_mamba2.kernels.state_update import add_rmsnorm
 
             if hidden is None:
                 hidden, residual = residual, None
-            dtype = self._residual_dtype(hidden, residual)
-            pending = None
-            if isinstance(hidden, PendingNorm):
-                hidden, pending = hidden.out, (hidden.sum_sq, hidden.n, hidden.eps)
-            return add_rmsnorm(hidden, residual, norm.weight, norm.eps, dtype, pending_norm=pending)
+            return add_rmsnorm(hidden, residual, norm.weight, norm.eps, self._residual_dtype(hidden, residual))
         residual = self._add(hidden, residual)
         return norm(residual.to(norm.weight.dtype)), residual
 
