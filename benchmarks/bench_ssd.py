@@ -239,6 +239,7 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
     {},
     V5_BWD,
     {"dx_heads_fastest": False},  # run 5: -0.1 ms at 4096, +0.06-0.1 ms at 65536
+    {"dx_heads_fastest": True},  # (default None: heads fastest from 16 MB of C·Bᵀ per batch row, i.e. 32K tokens)
     {"bwd_cbt": False},  # dx loads C·B (fp32, from a C·B launch) or recomputes it, as v5
     {"bwd_state_dcl_rows": True},  # run 5: -0.01 to -0.05 ms (noise level)
     {"dx_maxnreg": 0},
@@ -248,7 +249,9 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
 ]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
-              "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb")}
+              "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
+              "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
+                           "fb")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 

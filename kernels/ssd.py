@@ -973,7 +973,10 @@ CONFIG = dict(
     dcb_stages=2, bc_stages=None, dx_stages=None,
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,
     bwd_cbt=True,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
-    dx_heads_fastest=True,  # dx grid with heads fastest: a C·B tile read once from DRAM, then from L2 by each head
+    # dx grid with heads fastest (a C·B tile read once from DRAM, then from L2 by each head) or blocks fastest; None:
+    # heads fastest when a batch row's C·Bᵀ is at least dx_heads_fastest_bytes (run 5: heads fastest -0.06-0.1 ms
+    # f+b at 65536 tokens per row (32 MB), +0.1 ms at 4096 (2 MB))
+    dx_heads_fastest=None, dx_heads_fastest_bytes=16 << 20,
     bwd_state_warps=None, bwd_state_stages=2, bwd_state_bn=None,
     bwd_state_bk=None,  # positions per dot in the reverse state pass (None: state_bk)
     bwd_state_dcl_rows=False,  # d cum_last as row sums per chunk (no cross-warp reduction in the sequential loop)
@@ -1303,7 +1306,10 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
                 num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"),
                 **_maxnreg("dcb_maxnreg"))
         # 2b. dx per head (one dot per tile); 3. dB and dC per group from dCB
-        heads_fast = bool(CONFIG["dx_heads_fastest"]) and NC * NM < 65536  # the grid's second axis is 16-bit
+        heads_fast = CONFIG["dx_heads_fastest"]
+        if heads_fast is None:  # heads together once a batch row's C·Bᵀ no longer stays in L2 between heads
+            heads_fast = NC * cs * cs * G * dcb.element_size() >= CONFIG["dx_heads_fastest_bytes"]
+        heads_fast = bool(heads_fast) and NC * NM < 65536  # the grid's second axis is 16-bit
         _launch(_bwd_dx_kernel, (b * H, NC * NM) if heads_fast else (NC * NM, b * H), *dx_args,
                 DO_DX=True, DO_DB=False, QUAD_DCUM=False, HEADS_FASTEST=heads_fast, **dx_kw)
         bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,

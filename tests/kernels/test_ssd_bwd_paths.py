@@ -56,10 +56,12 @@ def test_segments_are_chosen_when_batch_times_heads_is_small():
 
 
 @pytest.mark.parametrize("heads_fast,docs,dtype", [(True, 0, torch.float32), (True, 2, torch.bfloat16),
-                                                   (False, 2, torch.float32)])
+                                                   (False, 2, torch.float32), (None, 2, torch.float32)])
 def test_dx_grid_order(monkeypatch, heads_fast, docs, dtype):
-    # dx_heads_fastest: grid (batch·heads, blocks) or (blocks, batch·heads); ngroups 2, batch 2
+    # dx_heads_fastest: grid (batch·heads, blocks) or (blocks, batch·heads); ngroups 2, batch 2; None with a 0-byte
+    # threshold: the automatic choice, taking heads fastest
     monkeypatch.setitem(ssd_kernels.CONFIG, "dx_heads_fastest", heads_fast)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dx_heads_fastest_bytes", 0)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", True)
     _check(256, (2, 300, 4, 16, 2, 16), dtype, docs=docs)
 
