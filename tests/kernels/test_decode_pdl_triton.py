@@ -15,15 +15,16 @@ pytest.importorskip("triton")
 from lit_mamba2 import reference  # noqa: E402
 from lit_mamba2.kernels import pdl  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs CUDA or interpreter")
+DEVICE = "cpu" if INTERPRETED else "cuda"
 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter")
 def test_pdl_is_off_under_the_interpreter():
     assert not pdl.supported()
     with pdl.launching() as on:
@@ -42,14 +43,14 @@ def test_pdl_step_equals_pytorch_step(preset, batch, ring_conv, fuse_linear):
     from lit_mamba2.model import Mamba2LMHeadModel
 
     torch.manual_seed(0)
-    model = Mamba2LMHeadModel(Mamba2Config.from_name(preset)).eval()
+    model = Mamba2LMHeadModel(Mamba2Config.from_name(preset)).eval().to(DEVICE)
     with torch.no_grad():  # spread dt and decays so that the state matters
         for name, p in model.named_parameters():
             if name.endswith(("dt_bias", "A_log")):
                 p.add_(torch.randn_like(p))
     prompts = [[5, 6, 7, 8, 9], [10, 11]][:batch]
-    ids, seq_idx, lengths, pads = pad_prompts(prompts, "cpu")
-    tokens = [torch.tensor([t, t + 1][:batch]) for t in (3, 40, 7)]
+    ids, seq_idx, lengths, pads = pad_prompts(prompts, DEVICE)
+    tokens = [torch.tensor([t, t + 1][:batch], device=DEVICE) for t in (3, 40, 7)]
     outs = {}
     for impl in ("torch", "triton"):
         with torch.no_grad():
