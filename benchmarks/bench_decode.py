@@ -74,7 +74,7 @@ VARIANTS = {  # name: Decoder options (None: the Decoder's default)
     "ours_no_pdl": dict(pdl=False),  # the Triton kernels without programmatic dependent launch
 }
 # variants that equal the defaults (or make no sense) at a batch size: not timed there
-REDUNDANT = {"ours_ring": lambda b: b >= 16, "ours_noring": lambda b: b < 16,
+REDUNDANT = {"ours_ring": lambda b: b < 16, "ours_noring": lambda b: b >= 16,  # the ring is the default below 16
              "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8}
 
 
