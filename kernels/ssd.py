@@ -134,7 +134,8 @@ def _doc(seq_ptr, b, t, L):
 
 @triton.jit
 def _batch_head(pid_bh, H, G):
-    """(batch (int64 for the offsets), head, group) of a program id that runs over batch × heads, heads fastest."""
+    """(batch (int64 for the offsets), head, group) of a program id that runs over batch × heads, heads fastest;
+    over batch × groups with H = G it gives (batch, group, group)."""
     hh = pid_bh % H
     return (pid_bh // H).to(tl.int64), hh, hh // (H // G)
 
@@ -174,8 +175,7 @@ def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
     c = tl.program_id(0)
     pid_ij = tl.program_id(1)
     pid_bg = tl.program_id(2)
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
+    b, g, _ = _batch_head(pid_bg, G, G)
     NM: tl.constexpr = CS // BM
     if CAUSAL:  # pid_ij = i (i + 1) / 2 + j
         i = pid_ij * 0
@@ -423,9 +423,7 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
     seg = tl.program_id(2)
     NSEG = tl.num_programs(2)
     NPN = tl.num_programs(0)
-    b = (pid_bh // H).to(tl.int64)
-    hh = pid_bh % H
-    g = hh // (H // G)
+    b, hh, g = _batch_head(pid_bh, H, G)
     Lp = NC * CS
     offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
     offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
@@ -491,8 +489,7 @@ def _bwd_state_combine_kernel(seg_ptr, segdecay_ptr, dfinal_ptr, H, PN, NSEG,
     slot k holds l_k until G_k replaces it."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    hh = pid_bh % H
+    b, hh, _ = _batch_head(pid_bh, H, 1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < PN
     if HAS_DFINAL:
@@ -665,8 +662,7 @@ def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                    HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
+    b, g, _ = _batch_head(pid_bg, G, G)
     HPG = H // G
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
@@ -738,8 +734,7 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
     its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
+    b, g, _ = _batch_head(pid_bg, G, G)
     HPG = H // G
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
@@ -810,8 +805,7 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
     from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t)."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
+    b, g, _ = _batch_head(pid_bg, G, G)
     HPG = H // G
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
@@ -885,8 +879,7 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    hh = pid_bh % H
+    b, hh, _ = _batch_head(pid_bh, H, 1)
     Lp = NC * CS
     idx = tl.arange(0, CS)
     t = c * CS + idx
