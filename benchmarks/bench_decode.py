@@ -506,32 +506,27 @@ def main():
         if args.out:
             args.out.with_suffix(".extras.json").write_text(json.dumps(extras, indent=2, default=str))
 
+    def stage(name, run, error_key=None):
+        """run() -> extras[name]; a failure is recorded (under error_key, or in place of the result) and the
+        later stages still run."""
+        t0 = time.perf_counter()
+        try:
+            result = run()
+            if result is not None:
+                extras[name] = result
+        except Exception as e:  # noqa: BLE001 - one failing stage must not lose the others' numbers
+            extras[error_key or name] = f"{type(e).__name__}: {e}"
+            print(f"[{name}] failed: {extras[error_key or name]}")
+        print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
+        save_extras()
+
     if args.sweep:
-        t0 = time.perf_counter()
-        extras["sweep"] = []
-        try:
-            sweep(args, extras["sweep"], save_extras)
-        except Exception as e:  # noqa: BLE001
-            extras["sweep_error"] = f"{type(e).__name__}: {e}"
-            print(f"[sweep] failed: {extras['sweep_error']}")
-        print(f"[sweep] {time.perf_counter() - t0:.0f} s", flush=True)
-        save_extras()
+        extras["sweep"] = []  # filled row by row, so that a failure keeps the rows timed before it
+        stage("sweep", lambda: sweep(args, extras["sweep"], save_extras), error_key="sweep_error")
     if args.drift:
-        t0 = time.perf_counter()
-        try:
-            extras["drift"] = drift(args, args.drift)
-        except Exception as e:  # noqa: BLE001
-            extras["drift"] = f"{type(e).__name__}: {e}"
-            print(f"[drift] failed: {extras['drift']}")
-        print(f"[drift] {time.perf_counter() - t0:.0f} s", flush=True)
-        save_extras()
+        stage("drift", lambda: drift(args, args.drift))
     if args.profile:
-        try:
-            extras["profile"] = profile(args)
-        except Exception as e:  # noqa: BLE001
-            extras["profile"] = f"{type(e).__name__}: {e}"
-            print(f"[profile] failed: {extras['profile']}")
-        save_extras()
+        stage("profile", lambda: profile(args))
     tuned = apply_tuned(args.tuned) if args.tuned and args.tuned.exists() else {}
     if not args.variants and not args.only_mamba_ssm:
         return

@@ -32,8 +32,8 @@ from .pdl import options as pdl_options, wait_and_release
 # Below GEMV_BELOW rows: one row per program (_norm_linear_kernel, CONFIG = (BLOCK_N, BLOCK_K, num_warps,
 # single_pass)); from it on: blocks of rows through tl.dot (_norm_matmul_kernel, DOT_CONFIG = (BLOCK_M, BLOCK_N,
 # BLOCK_K, num_warps, num_stages, single_pass)). single_pass: the norm's rstd multiplied in after the product, so
-# the input row is read once instead of twice (not yet measured on the GPU, so off). The tiles are the winners of benchmarks/bench_decode.py --sweep on an H100 (run 2,
-# benchmarks/results/decode_run2_*): at batch 1, 4.1 µs for mamba2-130m's [add + norm + in_proj] (cuBLAS alone
+# the input row is read once instead of twice (not yet measured on the GPU, so off). The tiles are the winners of
+# benchmarks/bench_decode.py --sweep on an H100 (run 2, benchmarks/results/decode_run2_*): at batch 1, 4.1 µs for mamba2-130m's [add + norm + in_proj] (cuBLAS alone
 # 3.4, unfused 5.1) and 4.2 µs for [gated norm + out_proj + residual add] (unfused 9.3). The tl.dot kernel is
 # 4-7x slower than cuBLAS at batch 64 as it stands (too few programs, a serial two-pass prologue), so
 # generation.Decoder uses it only when asked (fuse_linear=True at batch >= GEMV_BELOW).
@@ -52,9 +52,11 @@ PRELOAD_WEIGHTS = None
 
 @triton.jit
 def _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, ox, orr, oz, oro, mask, store,
-                ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr):
+                ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr,
+                NORM_BEFORE_GATE: tl.constexpr):
     """One chunk of the norm's input in float32 (x, + residual, rounded as the unfused path rounds it; the new
-    residual stored where `store`), and the gate silu(z) (ones without z). ox...oro: the chunk's offsets."""
+    residual stored where `store`; gated already unless NORM_BEFORE_GATE), and the gate silu(z) (ones without z).
+    ox...oro: the chunk's offsets."""
     u = tl.load(x_ptr + ox, mask=mask, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:
         u += tl.load(r_ptr + orr, mask=mask, other=0.0).to(tl.float32)
@@ -66,6 +68,8 @@ def _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, ox, orr, oz, oro, mask, 
         zv = tl.load(z_ptr + oz, mask=mask, other=0.0).to(tl.float32)
         gate = zv * tl.sigmoid(zv)
         u = u.to(tl.float32)
+        if not NORM_BEFORE_GATE:
+            u = u * gate
     else:
         gate = tl.zeros_like(u) + 1.0
         u = u.to(nw_ptr.dtype.element_ty).to(tl.float32)  # RMSNorm reads the residual in its weight's dtype
@@ -119,9 +123,7 @@ def _norm_linear_kernel(
             offs_k = g * group_size + kk
             u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
                                   b * z_b + offs_k, b * ro_b + offs_k, mk, pid_n == 0, ADD_RESIDUAL, WRITE_RESIDUAL,
-                                  HAS_Z)
-            if HAS_Z and not NORM_BEFORE_GATE:
-                u = u * gate
+                                  HAS_Z, NORM_BEFORE_GATE)
             ss += u * u
             if SINGLE_PASS:
                 v = u * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
@@ -140,9 +142,7 @@ def _norm_linear_kernel(
                 offs_k = g * group_size + kk
                 u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
                                       b * z_b + offs_k, b * ro_b + offs_k, mk, False, ADD_RESIDUAL, WRITE_RESIDUAL,
-                                      HAS_Z)
-                if HAS_Z and not NORM_BEFORE_GATE:
-                    u = u * gate
+                                      HAS_Z, NORM_BEFORE_GATE)
                 nrm = u * rstd * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
                 if HAS_Z and NORM_BEFORE_GATE:
                     nrm = nrm * gate
@@ -189,9 +189,7 @@ def _norm_matmul_kernel(
             u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, offs_m[:, None] * x_b + offs_k[None, :],
                                   offs_m[:, None] * r_b + offs_k[None, :], offs_m[:, None] * z_b + offs_k[None, :],
                                   offs_m[:, None] * ro_b + offs_k[None, :], mk, pid_n == 0, ADD_RESIDUAL,
-                                  WRITE_RESIDUAL, HAS_Z)
-            if HAS_Z and not NORM_BEFORE_GATE:
-                u = u * gate
+                                  WRITE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE)
             ss += tl.sum(u * u, axis=1)
             if SINGLE_PASS:
                 v = u * tl.load(nw_ptr + offs_k, mask=mkk, other=0.0).to(tl.float32)[None, :]
@@ -216,9 +214,7 @@ def _norm_matmul_kernel(
                 u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr,
                                       offs_m[:, None] * x_b + offs_k[None, :], offs_m[:, None] * r_b + offs_k[None, :],
                                       offs_m[:, None] * z_b + offs_k[None, :], offs_m[:, None] * ro_b + offs_k[None, :],
-                                      mk, False, ADD_RESIDUAL, WRITE_RESIDUAL, HAS_Z)
-                if HAS_Z and not NORM_BEFORE_GATE:
-                    u = u * gate
+                                      mk, False, ADD_RESIDUAL, WRITE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE)
                 nrm = u * rstd[:, None] * tl.load(nw_ptr + offs_k, mask=mkk, other=0.0).to(tl.float32)[None, :]
                 if HAS_Z and NORM_BEFORE_GATE:
                     nrm = nrm * gate

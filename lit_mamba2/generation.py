@@ -11,6 +11,7 @@ static buffers (states, token, positions), then replayed for each token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Iterator, Optional, Sequence, Union
 
@@ -132,12 +133,12 @@ class Decoder:
         self.filled = 0
 
     def _eager_step(self):
-        if self.pdl:
+        context = contextlib.nullcontext()
+        if self.pdl:  # (kernels.pdl imports triton, an optional dependency)
             from lit_mamba2.kernels.pdl import launching
 
-            with launching():
-                logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear)
-        else:
+            context = launching()
+        with context:
             logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear)
         self._advancing.add_(1)  # = self.pos.advance()
         return logits
