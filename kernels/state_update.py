@@ -56,6 +56,25 @@ def _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_
 
 
 @triton.jit
+def _state_tile(state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n,
+                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    """A step kernel's (batch, head, group), its headdim rows and dstate columns with their masks, and its state
+    tile in float32. The tile is the kernel's own (last written by this layer's previous step), so it loads before
+    the PDL wait; everything else a step kernel reads comes after it."""
+    b = tl.program_id(1) // nheads
+    h = tl.program_id(1) % nheads
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
+    mask = mask_p[:, None] & mask_n[None, :]
+    st = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+    wait_and_release(USE_PDL)
+    return b, h, h // heads_per_group, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st
+
+
+@triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
     nheads, headdim, dstate, heads_per_group, dt_min, dt_max,
@@ -65,20 +84,8 @@ def _state_update_kernel(
     HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // nheads
-    h = pid_bh % nheads
-    g = h // heads_per_group
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_p = offs_p < headdim
-    mask_n = offs_n < dstate
-    # the state tile is this kernel's own (last written by this layer's previous step): it loads before the wait
-    s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
-    mask = mask_p[:, None] & mask_n[None, :]
-    s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
-    wait_and_release(USE_PDL)
+    b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, s = _state_tile(
+        state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, USE_PDL)
 
     dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
                               HAS_LIMIT, A_IS_LOG)
@@ -219,20 +226,8 @@ def _mixer_step_kernel(
     HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // nheads
-    h = pid_bh % nheads
-    g = h // heads_per_group
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_p = offs_p < headdim
-    mask_n = offs_n < dstate
-    # the state tile is this kernel's own (last written by this layer's previous step): it loads before the wait
-    s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
-    mask = mask_p[:, None] & mask_n[None, :]
-    st = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
-    wait_and_release(USE_PDL)
+    b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st = _state_tile(
+        state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, USE_PDL)
     slot = tl.load(slot_ptr)  # the ring slot of this token's input; the older inputs sit in the slots before it
 
     # Causal conv (+ SiLU) of this head's x channels and its group's B and C channels. The ring holds WIDTH
@@ -269,7 +264,7 @@ def _mixer_step_kernel(
     Cv = tl.where(mask_n, Cv.to(C_new.dtype).to(tl.float32), 0.0)
     slot_slot = slot % WIDTH
     tl.store(ring + cx * r_c + slot_slot * r_w, x_new.to(ring_ptr.dtype.element_ty), mask=mask_p)
-    if (h % heads_per_group == 0) and (pid_p == 0):  # one program per group writes B and C
+    if (h % heads_per_group == 0) and (tl.program_id(0) == 0):  # one program per group writes B and C
         tl.store(ring + cB * r_c + slot_slot * r_w, B_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
         tl.store(ring + cC * r_c + slot_slot * r_w, C_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
 
