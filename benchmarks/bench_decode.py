@@ -550,13 +550,16 @@ def main():
                 rows=list(rows.values())),
                 indent=2))
 
+    def time_mamba_ssm(name, batch, row):
+        try:
+            row["mamba_ssm"] = theirs(name, batch, args, MambaConfig, MambaLMHeadModel)
+        except Exception as e:  # noqa: BLE001
+            row["mamba_ssm"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        print(name, batch, "mamba_ssm", row["mamba_ssm"], flush=True)
+
     if args.only_mamba_ssm and MambaLMHeadModel is not None:
         for (name, batch), row in rows.items():
-            try:
-                row["mamba_ssm"] = theirs(name, batch, args, MambaConfig, MambaLMHeadModel)
-            except Exception as e:  # noqa: BLE001
-                row["mamba_ssm"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-            print(name, batch, "mamba_ssm", row["mamba_ssm"], flush=True)
+            time_mamba_ssm(name, batch, row)
             save()
     # compiled variants last: their compile time is the least predictable, and the rest is saved first
     for i, variant in enumerate(variants):
@@ -569,11 +572,7 @@ def main():
                 row[variant] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             print(name, batch, variant, row[variant], flush=True)
             if i == 0 and MambaLMHeadModel is not None and not args.no_mamba_ssm:
-                try:
-                    row["mamba_ssm"] = theirs(name, batch, args, MambaConfig, MambaLMHeadModel)
-                except Exception as e:  # noqa: BLE001
-                    row["mamba_ssm"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-                print(name, batch, "mamba_ssm", row["mamba_ssm"], flush=True)
+                time_mamba_ssm(name, batch, row)
             save()
     print_table(list(rows.values()), variants, conv, args.gen_len, args.prompt_len)
 
