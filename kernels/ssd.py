@@ -200,7 +200,7 @@ def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
 
 @triton.jit
 def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr, seg_ptr, segdec_ptr,
-                      L, H, G, P, N, NC, NNB, SEGC,
+                      tot_ptr, L, H, G, P, N, NC, NNB, SEGC,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                       HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
                       DT: tl.constexpr):
@@ -210,7 +210,11 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
     segment's exiting state and its total decay, for `_fwd_seg_kernel`. MODE 2 (third level): from the segment's
     true entering state (written by `_fwd_seg_kernel`): stores the entering states (the final state comes from
     `_fwd_seg_kernel`). Segments give batch-1 long sequences programs for every SM; modes 1 and 2 read x and B
-    twice, which pays only when the sequential walk is long and the grid small."""
+    twice, which pays only when the sequential walk is long and the grid small. MODE 3 (two-level pass with a fix-up
+    instead of a second walk): from a zero state (segment 0: from the initial state), stores each chunk's entering
+    state as far as the segment reaches, the decay from the segment's start to it (`tot`), the segment's exiting
+    state and total decay; `_fwd_seg_kernel`, then `_fwd_fix_kernel` adds the decayed true entering state of the
+    segment elementwise (x and B read once)."""
     pid_pn = tl.program_id(0)
     b, hh, g = _batch_head(tl.program_id(1), H, G)
     seg = tl.program_id(2)
@@ -230,6 +234,9 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
         state = tl.load(init_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BP, BN), dtype=tl.float32)
+        if MODE == 3 and HAS_INIT:
+            if seg == 0:
+                state = tl.load(init_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     if HAS_SEQ:
         # the document of the position before the segment (of position 0 for the first)
         state_doc = tl.load(seq_ptr + b * L + tl.maximum(c0 * CS - 1, 0))
@@ -244,6 +251,9 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
         if MODE != 1:
             tl.store(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, state.to(states_ptr.dtype.element_ty),
                      mask=mpn)
+        if MODE == 3:
+            if pid_pn == 0:
+                tl.store(tot_ptr + (b * H + hh) * NC + c, total)
         total = total * decay
         state = state * decay
         for k in tl.static_range(CS // BK):
@@ -260,7 +270,7 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
             state += tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
     if MODE == 0:
         tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
-    if MODE == 1:
+    if MODE == 1 or MODE == 3:
         tl.store(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, state, mask=mpn)
         if pid_pn == 0:
             tl.store(segdec_ptr + (b * H + hh) * NSEG + seg, total)
@@ -288,10 +298,28 @@ def _fwd_seg_kernel(init_ptr, seg_ptr, segdec_ptr, final_ptr, H, PN, NSEG,
 
 
 @triton.jit
+def _fwd_fix_kernel(states_ptr, seg_ptr, tot_ptr, H, PN, NC, NSEG, SEGC, BLOCK: tl.constexpr):
+    """Third level of the fix-up state pass: the entering state of chunk c (of segment k >= 1) is its state
+    from the segment's zero start plus the segment's true entering state decayed to c, elementwise over (P, N)."""
+    pid = tl.program_id(0)
+    c = SEGC + tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    hh = bh % H
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    ptr = states_ptr + ((b * NC + c) * H + hh) * PN + offs
+    h_seg = tl.load(seg_ptr + ((b * H + hh) * NSEG + c // SEGC) * PN + offs, mask=m, other=0.0)
+    local = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+    tl.store(ptr, (local + tl.load(tot_ptr + (b * H + hh) * NC + c) * h_seg).to(states_ptr.dtype.element_ty),
+             mask=m)
+
+
+@triton.jit
 def _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC,
               CS: tl.constexpr, BM: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """C_t·B_s (float32), rows r0..r0+BM of chunk c against positions s: loaded (precomputed per group) or
-    recomputed from the C_t tile in registers."""
+    """C_t·B_s, rows r0..r0+BM of chunk c against positions s: loaded (precomputed per group, in the dtype it was
+    stored in) or recomputed (float32) from the C_t tile in registers."""
     if USE_CB:
         cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (r0 + tl.arange(0, BM))[:, None] * CS
                      + (s - c * CS)[None, :])
@@ -306,31 +334,26 @@ def _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC,
 def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, out_ptr,
                     ypre_ptr, L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                    HPP: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
                     USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """One program per (HPP heads of a group, block of BM positions t, batch), one (BM, HPP·headdim) accumulator:
-    the heads sit side by side along its columns (x, y and the states of neighbouring heads are contiguous), so
-    they share C_t, every C·B tile and (off the diagonal) every dot. With row_t = exp(cum_t - cum_r) about the t
-    block's first position r:
+    """One program per (head, block of BM positions t, batch), one (BM, headdim) accumulator. With
+    row_t = exp(cum_t - cum_r) about the t block's first position r:
         y_t = row_t · [C_t·(exp(cum_r) h_in)ᵀ reach_t
                        + Σ_{s before the block} C_t·B_s exp(cum_r - cum_s) dt_s x_s]
-              + Σ_{s in the block's diagonal} (C_t·B_s) exp(cum_t - cum_s) dt_s x_s   (per head, masked)
-    Every factor scaling an operand is <= 1. Without FOLD (documents), every source block takes the masked path."""
+              + Σ_{s in the block's diagonal} (C_t·B_s) exp(cum_t - cum_s) dt_s x_s   (masked)
+    Every factor scaling an operand is <= 1. Without FOLD (documents, or by choice), every source block takes the
+    masked path."""
     # heads vary fastest across programs, so the groups' heads read B, C (and C·B) from L2, not DRAM
-    hh0 = tl.program_id(0) * HPP
+    hh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    g = hh0 // (H // G)
+    g = hh // (H // G)
     Lp = NC * CS
-    row_cum = cum_ptr + (b * H + hh0) * Lp  # head hh0's cum and dt; head hh0 + k is k·Lp further
-    row_dt = dtp_ptr + (b * H + hh0) * Lp
-    HQ: tl.constexpr = HPP * BP
+    row_cum = cum_ptr + (b * H + hh) * Lp
+    row_dt = dtp_ptr + (b * H + hh) * Lp
     c, r0, t, mt = _position_block(pid_m, L, CS, BM)  # r0: the t block's offset in its chunk
-    offs_q = tl.arange(0, HQ)  # (head, headdim) pairs: head hh0 + q // BP, headdim q % BP
-    qh = offs_q // BP
-    qp = offs_q % BP
-    mq = qp < P
+    offs_p = tl.arange(0, BP)
+    mp = offs_p < P
     offs_n = tl.arange(0, BN)
     mn = offs_n < N
     C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
@@ -339,10 +362,10 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
     if HAS_SEQ:
         doc_t = _doc(seq_ptr, b, t, L)
         C_s = tl.where((doc_t == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0)))[:, None], C_t, 0.0).to(DT)
-    h_in = tl.load(states_ptr + ((b * NC + c) * H + hh0 + qh[:, None]) * P * N + qp[:, None] * N + offs_n[None, :],
-                   mask=mq[:, None] & mn[None, :], other=0.0).to(tl.float32)
-    sc = tl.exp(tl.load(row_cum + qh * Lp + c * CS + r0))
-    acc = tl.dot(C_s, tl.trans((h_in * sc[:, None]).to(DT)), input_precision=DOT_PREC)
+    h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                   mask=mp[:, None] & mn[None, :], other=0.0).to(tl.float32)
+    cum_r = tl.load(row_cum + c * CS + r0)
+    acc = tl.dot(C_s, tl.trans((h_in * tl.exp(cum_r)).to(DT)), input_precision=DOT_PREC)
     KD = r0 // BK  # source blocks strictly before the t block
     j0 = 0
     if FOLD:
@@ -351,51 +374,39 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
             ms = s < L
             cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
                            DOT_PREC, DT)
-            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh0 + qh[None, :]) * P + qp[None, :],
-                          mask=ms[:, None] & mq[None, :], other=0.0).to(tl.float32)
-            colw = tl.zeros((BK, HQ), dtype=tl.float32)
-            for k in tl.static_range(HPP):
-                cw = tl.exp(tl.load(row_cum + k * Lp + c * CS + r0) - tl.load(row_cum + k * Lp + s)) \
-                    * tl.load(row_dt + k * Lp + s)
-                colw = tl.where(qh[None, :] == k, cw[:, None], colw)
-            acc = tl.dot(cb.to(DT), (x_s * colw).to(DT), acc, input_precision=DOT_PREC)
+            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                          mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            cw = tl.exp(cum_r - tl.load(row_cum + s)) * tl.load(row_dt + s)
+            acc = tl.dot(cb.to(DT), (x_s * cw[:, None]).to(DT), acc, input_precision=DOT_PREC)
         j0 = KD
-    rows = tl.zeros((BM, HQ), dtype=tl.float32)
-    for k in tl.static_range(HPP):
-        rw = tl.exp(tl.load(row_cum + k * Lp + t) - tl.load(row_cum + k * Lp + c * CS + r0))
-        rows = tl.where(qh[None, :] == k, rw[:, None], rows)
-    acc = acc * rows
+    cum_t = tl.load(row_cum + t)
+    row = tl.exp(cum_t - cum_r)
+    acc = acc * row[:, None]
+    span = cum_r - tl.load(row_cum + c * CS + r0 + BM - 1)
     for j in range(j0, KD + BM // BK):
         s = c * CS + j * BK + tl.arange(0, BK)
         ms = s < L
         cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
-                       DOT_PREC, DT)
+                       DOT_PREC, DT).to(tl.float32)
         if HAS_SEQ:
             cb = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], cb, 0.0)
-        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh0 + qh[None, :]) * P + qp[None, :],
-                      mask=ms[:, None] & mq[None, :], other=0.0).to(DT)
-        for k in tl.static_range(HPP):
-            cum_t = tl.load(row_cum + k * Lp + t)
-            cum_r = tl.load(row_cum + k * Lp + c * CS + r0)
-            span = cum_r - tl.load(row_cum + k * Lp + c * CS + r0 + BM - 1)
-            cum_s = tl.load(row_cum + k * Lp + s)
-            # on the diagonal blocks the column factor exp(cum_r - cum_s) >= 1 (up to e^span): _decay_tile's guard
-            decay = _decay_tile(tl.exp(cum_t - cum_r), tl.exp(cum_r - cum_s), cum_t[:, None], cum_s[None, :],
-                                t[:, None] >= s[None, :], j >= KD, span)
-            pk = (cb * decay * tl.load(row_dt + k * Lp + s)[None, :]).to(DT)
-            if HPP == 1:
-                acc = tl.dot(pk, x_s, acc, input_precision=DOT_PREC)
-            else:
-                acc = tl.dot(pk, tl.where(qh[None, :] == k, x_s, 0.0).to(DT), acc, input_precision=DOT_PREC)
-    xo = ((b * L + t[:, None]) * H + hh0 + qh[None, :]) * P + qp[None, :]
-    mo = mt[:, None] & mq[None, :]
+        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                      mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
+        cum_s = tl.load(row_cum + s)
+        # on the diagonal blocks the column factor exp(cum_r - cum_s) >= 1 (up to e^span): _decay_tile's guard
+        decay = _decay_tile(row, tl.exp(cum_r - cum_s), cum_t[:, None], cum_s[None, :],
+                            t[:, None] >= s[None, :], j >= KD, span)
+        pk = (cb * decay * tl.load(row_dt + s)[None, :]).to(DT)
+        acc = tl.dot(pk, x_s, acc, input_precision=DOT_PREC)
+    xo = ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :]
+    mo = mt[:, None] & mp[None, :]
     if HAS_D:
         x_t = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
         if D_PER_P:
-            Dv = tl.load(D_ptr + (hh0 + qh) * P + qp, mask=mq, other=0.0).to(tl.float32)
+            Dv = tl.load(D_ptr + hh * P + offs_p, mask=mp, other=0.0).to(tl.float32)
+            acc += x_t * Dv[None, :]
         else:
-            Dv = tl.load(D_ptr + hh0 + qh).to(tl.float32)
-        acc += x_t * Dv[None, :]
+            acc += x_t * tl.load(D_ptr + hh).to(tl.float32)
     if HAS_Z:
         tl.store(ypre_ptr + xo, acc.to(ypre_ptr.dtype.element_ty), mask=mo)
         zv = tl.load(z_ptr + xo, mask=mo, other=0.0).to(tl.float32)
@@ -935,8 +946,10 @@ CONFIG = dict(
     # cb_min_dstate). Run 5 sweep at 4096: dstate 64 0.923 -> 0.759 ms (source blocks 32 + C·B precomputed),
     # dstate 128 0.971 -> 0.921 ms (register cap)
     out_bm=64, out_warps=4, out_bk=None, out_stages=None, out_maxnreg=None, out_cb_min_dstate=0,
-    out_heads=1,  # heads per program (side by side in one accumulator), halved until it divides the heads per group
     cb_causal=True,  # the forward's C·B kernel computes only the blocks on and below the diagonal
+    # the forward's C·B in the inputs' dtype when they are 16-bit (float32 otherwise): the folded off-diagonal
+    # blocks cast it to that dtype for the dot anyway; the masked ones round it once more
+    cb_half=True,
     state_maxnreg=None,  # register cap of the forward state kernel
     # two-level forward state pass when batch × heads × blocks < state_seg_programs (0: always one sequential walk)
     # and the walk would be at least state_seg_min_nc chunks, with at least state_seg_min_chunks chunks per segment.
@@ -944,6 +957,8 @@ CONFIG = dict(
     # 1.102 -> 1.070 at 64; at 128 chunks (2 x 32K) it lost (1.215 -> 1.234, 0.871 -> 1.024): reading x twice
     # pays only for long walks
     state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=256,
+    # two-level pass: the segments' chunk states fixed up elementwise (x, B read once) instead of a second walk
+    state_seg_fix=False,
     # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
     # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys. Run 6 sweep (fwd
     # ms at 4096 / 65536): 256 positions per dot with 2 stages won at both dstates, 0.766 / 1.059 -> 0.752 / 1.034
@@ -979,14 +994,14 @@ CONFIG = dict(
 )
 
 
-def _cb(B, C, cs, NC, prec, ddt_, causal_upto=0):
-    """(b, NC, G, cs, cs) float32 C·B per chunk. causal_upto: the readers' position blocks (a multiple of this
-    kernel's blocks): blocks above the diagonal are then not computed (their entries are left unwritten), which
-    the forward output kernel never reads when its position blocks are no taller than these."""
+def _cb(B, C, cs, NC, prec, ddt_, causal_upto=0, dtype=torch.float32):
+    """(b, NC, G, cs, cs) C·B per chunk (computed in float32, stored as dtype). causal_upto: the readers' position
+    blocks (a multiple of this kernel's blocks): blocks above the diagonal are then not computed (their entries are
+    left unwritten), which the forward output kernel never reads when its position blocks are no taller than these."""
     b, L, G, N = B.shape
     BN = _pow2(N)
     BM = min(cs, 64 if BN <= 128 else 32)
-    cb = torch.empty(b, NC, G, cs, cs, device=B.device, dtype=torch.float32)
+    cb = torch.empty(b, NC, G, cs, cs, device=B.device, dtype=dtype)
     NM = cs // BM
     causal = 0 < causal_upto <= BM
     _launch(_cb_kernel, (NC, NM * (NM + 1) // 2 if causal else NM * NM, b * G), B, C, cb, L, G, N, NC,
@@ -1157,27 +1172,44 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
                     num_warps=4, num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)),
                     **_maxnreg("state_maxnreg"))
     if nseg == 1:
-        _launch(_fwd_state_kernel, (npb * nnb, b * H, 1), *state_args, dummy, dummy, L, H, G, P, N, NC, nnb, NC,
-                MODE=0, **state_kw)
+        _launch(_fwd_state_kernel, (npb * nnb, b * H, 1), *state_args, dummy, dummy, dummy, L, H, G, P, N, NC, nnb,
+                NC, MODE=0, **state_kw)
+    elif CONFIG["state_seg_fix"]:
+        # two-level pass with a fix-up: segments (the first from the initial state, the others from zero) in
+        # parallel storing their chunks' entering states, a short walk over segments, then each later chunk's
+        # entering state gets its segment's true entering state decayed to it, elementwise
+        seg = torch.empty(b, H, nseg, P, N, device=x.device, dtype=f32)
+        segdec = torch.empty(b, H, nseg, device=x.device, dtype=f32)
+        tot = torch.empty(b, H, NC, device=x.device, dtype=f32)
+        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, tot, L, H, G, P, N, NC, nnb,
+                segc, MODE=3, **state_kw)
+        _launch(_fwd_seg_kernel, (triton.cdiv(P * N, 1024), b * H), dummy, seg, segdec, final, H, P * N, nseg,
+                BLOCK=1024, HAS_INIT=False, num_warps=4)
+        fix_block = min(_pow2(P * N), 4096)
+        _launch(_fwd_fix_kernel, (triton.cdiv(P * N, fix_block), NC - segc, b * H), states, seg, tot, H, P * N, NC,
+                nseg, segc, BLOCK=fix_block, num_warps=4)
     else:
         # two-level pass: segments from a zero state in parallel, a short walk over segments, the segments again
         # from their true entering states
         seg = torch.empty(b, H, nseg, P, N, device=x.device, dtype=f32)
         segdec = torch.empty(b, H, nseg, device=x.device, dtype=f32)
-        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, L, H, G, P, N, NC, nnb, segc,
-                MODE=1, **state_kw)
+        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, dummy, L, H, G, P, N, NC, nnb,
+                segc, MODE=1, **state_kw)
         _launch(_fwd_seg_kernel, (triton.cdiv(P * N, 1024), b * H),
                 initial_states if initial_states is not None else dummy, seg, segdec, final, H, P * N, nseg,
                 BLOCK=1024, HAS_INIT=initial_states is not None, num_warps=4)
-        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, L, H, G, P, N, NC, nnb, segc,
-                MODE=2, **state_kw)
+        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, dummy, L, H, G, P, N, NC, nnb,
+                segc, MODE=2, **state_kw)
     out = torch.empty_like(x)
     ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "out_bm", BP, BN)
     BK = min(BM, CONFIG["out_bk"] or (32 if BN <= 64 else BM))
     use_cb = _use_cb(H, G, N, CONFIG["out_cb_min_dstate"])
-    cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0) if use_cb else None
+    # 16-bit inputs: C·B stored in their dtype halves the output kernel's largest L2 read (v7-fwd a)
+    cb_dtype = x.dtype if CONFIG["cb_half"] and x.element_size() == 2 else torch.float32
+    cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0, dtype=cb_dtype) if use_cb \
+        else None
     out_args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy,
                 seq_idx if seq_idx is not None else dummy,
                 dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy, L, H, G, P, N, NC)
@@ -1185,11 +1217,9 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
                   HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx),
                   DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "out_warps"),
                   num_stages=CONFIG["out_stages"] or _stages(BP, BN),
-                  **_maxnreg("out_maxnreg", 128 if BN == 128 and BP <= 64 and BM == BK == 64 else None))
-    hpp = CONFIG["out_heads"]
-    while (H // G) % hpp:
-        hpp //= 2
-    _launch(_fwd_out_kernel, (H // hpp, NC * (cs // BM), b), *out_args, HPP=hpp, **out_kw)
+                  **_maxnreg("out_maxnreg", 128 if BP <= 64 and BM == 64 and (BN <= 64 or BN == 128 and BK == 64)
+                             else None))
+    _launch(_fwd_out_kernel, (H, NC * (cs // BM), b), *out_args, **out_kw)
     return out, final, states, dtp, cum, ypre
 
 

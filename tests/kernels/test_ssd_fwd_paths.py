@@ -39,7 +39,10 @@ def _check_forward(cs, shape, **kw):
     # segments of one chunk, decay strong enough that whole segments underflow to 0
     (32, (1, 160, 2, 16, 1, 32), 1, dict(docs=1, A_scale=20.0)),
 ])
-def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw):
+@pytest.mark.parametrize("fix", [False, True])
+def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw, fix):
+    # fix: the segments' chunk states fixed up elementwise instead of a second walk
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_fix", fix)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 10**6)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", min_chunks)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 0)
@@ -49,7 +52,9 @@ def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw):
     _check(cs, shape, torch.float32, conditioning=kw.get("A_scale", 1.0) > 1, **kw)
 
 
-def test_two_level_state_pass_bfloat16(monkeypatch):
+@pytest.mark.parametrize("fix", [False, True])
+def test_two_level_state_pass_bfloat16(monkeypatch, fix):
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_fix", fix)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 10**6)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", 2)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 0)
@@ -86,29 +91,18 @@ def test_out_kernel_blocks(monkeypatch, bm, bk, fold, cb_min_dstate, docs, A_sca
     _check_forward(256, (1, 300, 4, 16, 2, 16), docs=docs, A_scale=A_scale)
 
 
-@pytest.mark.parametrize("heads,bk,fold,docs,D,grads", [
-    (2, 64, True, 0, "head", False),  # two heads side by side, folded off-diagonal blocks
-    (4, 32, False, 3, "headdim", True),  # four heads (all of a group), documents, D per headdim; pre-gate y to dz
-    (2, 32, True, 0, None, False),
-])
-def test_out_kernel_heads_per_program(monkeypatch, heads, bk, fold, docs, D, grads):
-    monkeypatch.setitem(ssd_kernels.CONFIG, "out_heads", heads)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "out_bk", bk)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
-    if grads:
-        _check(256, (1, 300, 8, 16, 2, 16), torch.float32, docs=docs, D=D)
-    else:
-        _check_forward(256, (1, 300, 8, 16, 2, 16), docs=docs, D=D)
+@pytest.mark.parametrize("bm,bk,fold,docs", [(64, 32, False, 0), (64, 64, True, 0), (128, 32, True, 2)])
+def test_out_kernel_half_cb(monkeypatch, bm, bk, fold, docs):
+    # bfloat16 inputs with C·B precomputed and stored in bfloat16 (cb_half), read by folded and masked blocks;
+    # forward and every gradient (the backward computes its own C·B)
+    for key, v in dict(out_bm=bm, out_bk=bk, fold_decay=fold, cb_half=True, cb_min_heads_per_group=1,
+                       out_cb_min_dstate=0).items():
+        monkeypatch.setitem(ssd_kernels.CONFIG, key, v)
+    _check(256, (1, 300, 2, 32, 1, 32), torch.bfloat16, docs=docs)
 
 
-def test_out_kernel_heads_per_program_falls_back_to_a_divisor(monkeypatch):
-    # 3 heads per group: 4 -> 2 -> 1 head per program
-    monkeypatch.setitem(ssd_kernels.CONFIG, "out_heads", 4)
-    _check_forward(32, (1, 70, 3, 16, 1, 16), docs=1)
-
-
-@pytest.mark.parametrize("bm,bk", [(64, 64), (64, 32), (128, 64)])
-def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk):
+@pytest.mark.parametrize("bm,bk,fix", [(64, 64, False), (64, 32, True), (128, 64, True)])
+def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk, fix):
     # every buffer the forward allocates starts as NaN: the causal-only C·B (blocks above the diagonal unwritten),
     # the segment buffers of the two-level pass and the padded tails must never reach the output
     real_empty = torch.empty
@@ -118,7 +112,8 @@ def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk):
         return t.fill_(math.nan) if t.is_floating_point() else t
 
     for key, v in dict(out_bm=bm, out_bk=bk, cb_min_heads_per_group=1, out_cb_min_dstate=0, fold_decay=True,
-                       state_seg_programs=10**6, state_seg_min_chunks=1, state_seg_min_nc=0).items():
+                       state_seg_programs=10**6, state_seg_min_chunks=1, state_seg_min_nc=0,
+                       state_seg_fix=fix).items():
         monkeypatch.setitem(ssd_kernels.CONFIG, key, v)
     x, dt, A, B, C, D, z, bias, h0, seq = _inputs(1, 300, 2, 16, 1, 16, torch.float32)
     monkeypatch.setattr(torch, "empty", nan_empty)
