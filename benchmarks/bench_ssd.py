@@ -247,11 +247,32 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
     {"bc_maxnreg": 0},
     {"bwd_state_seg_chunks": 16},
 ]
+# --- forward round 3 (helper fwd3; kernel version v7-fwd of notes/ssd_kernels.md), ranked by forward alone ---
+# fwd3_out: the output kernel at 4096 (it does not change with seqlen): C·B stored in 16 bits (the new default) or
+# float32 (run 7), the register cap that keeps 4 programs per SM with it, a 128-position block of 8 warps (2 per SM
+# at the cap), 3 stages. fwd3_state: on top of fwd3_out's winner, at three seqlens: the two-level state pass with an
+# elementwise fix-up instead of a second walk, and from which walk length it is on; dstate blocks of 128
+SWEEP_FWD3_OUT = [
+    {},
+    {"cb_half": False},
+    {"out_maxnreg": 0},
+    {"out_stages": 3},
+    {"out_bm": 128, "out_warps": 8, "out_bk": 32, "out_maxnreg": 128},
+]
+SWEEP_FWD3_STATE = [  # the fix-up is the default now (state_seg_fix=True); False: run 7's second walk
+    {},
+    {"state_seg_fix": False},
+    {"state_seg_min_nc": 128},
+    {"state_seg_min_nc": 64},
+    {"state_seg_min_nc": 64, "state_seg_programs": 2048},
+    {"fwd_state_bn": 128},
+]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
               "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
-                           "fb")}
+                           "fb"),
+              "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [4096, 16384, 65536], "fwd")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 

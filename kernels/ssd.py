@@ -958,7 +958,7 @@ CONFIG = dict(
     # pays only for long walks
     state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=256,
     # two-level pass: the segments' chunk states fixed up elementwise (x, B read once) instead of a second walk
-    state_seg_fix=False,
+    state_seg_fix=True,
     # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
     # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys. Run 6 sweep (fwd
     # ms at 4096 / 65536): 256 positions per dot with 2 stages won at both dstates, 0.766 / 1.059 -> 0.752 / 1.034
