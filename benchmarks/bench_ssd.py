@@ -267,12 +267,27 @@ SWEEP_FWD3_STATE = [  # the fix-up is the default now (state_seg_fix=True); Fals
     {"state_seg_min_nc": 64, "state_seg_programs": 2048},
     {"fwd_state_bn": 128},
 ]
+# call 2 (after call 1: 16-bit C·B won at dstate 128 only, where the off-diagonal blocks are folded; 3 stages won
+# at 64): folding at dstate 64 too, the diagonal blocks' C·B recomputed in float32 (out_diag_cb) or loaded in 16
+# bits; then from which walk length the two-level pass (fix-up, segment scan) is on, now at four seqlens
+SWEEP_FWD3_OUT2 = [
+    {},
+    {"out_stages": 3},
+    {"out_diag_cb": False},
+    {"out_diag_cb": False, "out_stages": 3},
+    {"fold_decay": True, "out_bk": 64, "out_stages": 1},
+    {"fold_decay": True, "out_bk": 64, "out_stages": 1, "out_diag_cb": False},
+    {"fold_decay": True, "out_bk": 32, "out_stages": 3},
+]
+SWEEP_FWD3_STATE2 = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 64}, {"state_seg_min_nc": 32}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
               "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
                            "fb"),
-              "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [4096, 16384, 65536], "fwd")}
+              "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [4096, 16384, 65536], "fwd"),
+              "fwd3_out2": (SWEEP_FWD3_OUT2, [4096], "fwd"),
+              "fwd3_state2": (SWEEP_FWD3_STATE2, [4096, 16384, 32768, 65536], "fwd")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 

@@ -348,7 +348,8 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
                     ypre_ptr, L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                    USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
+                    DIAG_CB: tl.constexpr = False):
     """One program per (head, block of BM positions t, batch), one (BM, headdim) accumulator. With
     row_t = exp(cum_t - cum_r) about the t block's first position r:
         y_t = row_t · [C_t·(exp(cum_r) h_in)ᵀ reach_t
@@ -399,8 +400,18 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
     for j in range(j0, KD + BM // BK):
         s = c * CS + j * BK + tl.arange(0, BK)
         ms = s < L
-        cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
-                       DOT_PREC, DT).to(tl.float32)
+        if DIAG_CB:
+            # the diagonal blocks' C·B from C_t in registers, float32: a 16-bit stored C·B would be rounded twice
+            # there (before and after the decay)
+            if j < KD:
+                cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
+                               DOT_PREC, DT).to(tl.float32)
+            else:
+                cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, False,
+                               DOT_PREC, DT)
+        else:
+            cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
+                           DOT_PREC, DT).to(tl.float32)
         if HAS_SEQ:
             cb = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], cb, 0.0)
         x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
@@ -963,6 +974,7 @@ CONFIG = dict(
     # the forward's C·B in the inputs' dtype when they are 16-bit (float32 otherwise): the folded off-diagonal
     # blocks cast it to that dtype for the dot anyway; the masked ones round it once more
     cb_half=True,
+    out_diag_cb=True,  # ...and then the output kernel recomputes the diagonal blocks' C·B in float32
     state_maxnreg=None,  # register cap of the forward state kernel
     # two-level forward state pass when batch × heads × blocks < state_seg_programs (0: always one sequential walk)
     # and the walk would be at least state_seg_min_nc chunks, with at least state_seg_min_chunks chunks per segment.
@@ -1233,6 +1245,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
                 seq_idx if seq_idx is not None else dummy,
                 dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy, L, H, G, P, N, NC)
     out_kw = dict(CS=cs, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+                  DIAG_CB=use_cb and cb_dtype != torch.float32 and bool(CONFIG["out_diag_cb"]),
                   HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx),
                   DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "out_warps"),
                   num_stages=CONFIG["out_stages"] or _stages(BP, BN),

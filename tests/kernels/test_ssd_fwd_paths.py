@@ -91,12 +91,14 @@ def test_out_kernel_blocks(monkeypatch, bm, bk, fold, cb_min_dstate, docs, A_sca
     _check_forward(256, (1, 300, 4, 16, 2, 16), docs=docs, A_scale=A_scale)
 
 
-@pytest.mark.parametrize("bm,bk,fold,docs", [(64, 32, False, 0), (64, 64, True, 0), (128, 32, True, 2)])
-def test_out_kernel_half_cb(monkeypatch, bm, bk, fold, docs):
-    # bfloat16 inputs with C·B precomputed and stored in bfloat16 (cb_half), read by folded and masked blocks;
-    # forward and every gradient (the backward computes its own C·B)
-    for key, v in dict(out_bm=bm, out_bk=bk, fold_decay=fold, cb_half=True, cb_min_heads_per_group=1,
-                       out_cb_min_dstate=0).items():
+@pytest.mark.parametrize("bm,bk,fold,docs,diag", [(64, 32, False, 0, True), (64, 64, True, 0, False),
+                                                  (64, 64, True, 2, True), (128, 32, True, 2, True)])
+def test_out_kernel_half_cb(monkeypatch, bm, bk, fold, docs, diag):
+    # bfloat16 inputs with C·B precomputed and stored in bfloat16 (cb_half), read by folded and masked blocks, the
+    # diagonal blocks' C·B recomputed in float32 or not (out_diag_cb); forward and every gradient (the backward
+    # computes its own C·B)
+    for key, v in dict(out_bm=bm, out_bk=bk, fold_decay=fold, cb_half=True, out_diag_cb=diag,
+                       cb_min_heads_per_group=1, out_cb_min_dstate=0).items():
         monkeypatch.setitem(ssd_kernels.CONFIG, key, v)
     _check(256, (1, 300, 2, 32, 1, 32), torch.bfloat16, docs=docs)
 
