@@ -279,7 +279,9 @@ SWEEP_FWD3_OUT2 = [
     {"fold_decay": True, "out_bk": 64, "out_stages": 1, "out_diag_cb": False},
     {"fold_decay": True, "out_bk": 32, "out_stages": 3},
 ]
-SWEEP_FWD3_STATE2 = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 64}, {"state_seg_min_nc": 32}]
+SWEEP_FWD3_STATE2 = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 64}]  # at 4096 (16 chunks) never on
+# the state kernel with 8 warps (161 registers, no spills; 4 warps: 255 + spills), with a cap of 128 (2 per SM)
+SWEEP_FWD3_STATE3 = [{}, {"fwd_state_warps": 8}, {"fwd_state_warps": 8, "state_maxnreg": 128}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
@@ -287,7 +289,8 @@ SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096],
                            "fb"),
               "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [4096, 16384, 65536], "fwd"),
               "fwd3_out2": (SWEEP_FWD3_OUT2, [4096], "fwd"),
-              "fwd3_state2": (SWEEP_FWD3_STATE2, [4096, 16384, 32768, 65536], "fwd")}
+              "fwd3_state2": (SWEEP_FWD3_STATE2, [16384, 32768, 65536], "fwd"),
+              "fwd3_state3": (SWEEP_FWD3_STATE3, [4096, 65536], "fwd")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 

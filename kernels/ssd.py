@@ -169,15 +169,20 @@ def _dt_kernel(dt_ptr, A_ptr, dtb_ptr, dtp_ptr, cum_ptr, L, H, NC, lo, hi,
 @triton.jit
 def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
                CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
-               CAUSAL: tl.constexpr = False):
+               CAUSAL: tl.constexpr = False, STRICT: tl.constexpr = False):
     """C_t·B_s for every (t, s) block of every chunk, once per group (float32): the heads of a group share it.
-    CAUSAL: only the blocks with j <= i (the rest of the tensor is left unwritten)."""
+    CAUSAL: only the blocks with j <= i (the rest of the tensor is left unwritten); STRICT: only j < i."""
     c = tl.program_id(0)
     pid_ij = tl.program_id(1)
     pid_bg = tl.program_id(2)
     b, g, _ = _batch_head(pid_bg, G, G)
     NM: tl.constexpr = CS // BM
-    if CAUSAL:  # pid_ij = i (i + 1) / 2 + j
+    if STRICT:  # pid_ij = i (i - 1) / 2 + j
+        i = pid_ij * 0 + 1
+        for q in tl.static_range(2, NM):
+            i += (pid_ij >= q * (q - 1) // 2).to(tl.int32)
+        j = pid_ij - i * (i - 1) // 2
+    elif CAUSAL:  # pid_ij = i (i + 1) / 2 + j
         i = pid_ij * 0
         for q in tl.static_range(1, NM):
             i += (pid_ij >= q * (q + 1) // 2).to(tl.int32)
@@ -989,6 +994,7 @@ CONFIG = dict(
     # ms at 4096 / 65536): 256 positions per dot with 2 stages won at both dstates, 0.766 / 1.059 -> 0.752 / 1.034
     # (dstate 64) and 0.922 / 1.289 -> 0.894 / 1.211 (dstate 128)
     fwd_state_bk=256, fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=2,
+    fwd_state_warps=4,  # 4: 255 registers + spills at 64 x 64 state blocks (2 programs per SM); 8: 161, none
     bwd_bm=64, bwd_warps=4,  # backward dx, dB and dC kernels
     stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
@@ -1019,18 +1025,22 @@ CONFIG = dict(
 )
 
 
-def _cb(B, C, cs, NC, prec, ddt_, causal_upto=0, dtype=torch.float32):
+def _cb(B, C, cs, NC, prec, ddt_, causal_upto=0, dtype=torch.float32, skip_diagonal=False):
     """(b, NC, G, cs, cs) C·B per chunk (computed in float32, stored as dtype). causal_upto: the readers' position
     blocks (a multiple of this kernel's blocks): blocks above the diagonal are then not computed (their entries are
-    left unwritten), which the forward output kernel never reads when its position blocks are no taller than these."""
+    left unwritten), which the forward output kernel never reads when its position blocks are no taller than these.
+    skip_diagonal: the diagonal blocks too (the reader recomputes them), when the reader's blocks are these."""
     b, L, G, N = B.shape
     BN = _pow2(N)
     BM = min(cs, 64 if BN <= 128 else 32)
     cb = torch.empty(b, NC, G, cs, cs, device=B.device, dtype=dtype)
     NM = cs // BM
     causal = 0 < causal_upto <= BM
-    _launch(_cb_kernel, (NC, NM * (NM + 1) // 2 if causal else NM * NM, b * G), B, C, cb, L, G, N, NC,
-            CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, CAUSAL=causal, num_warps=4)
+    strict = skip_diagonal and causal_upto == BM
+    pairs = NM * (NM - 1) // 2 if strict else NM * (NM + 1) // 2 if causal else NM * NM
+    if pairs:
+        _launch(_cb_kernel, (NC, pairs, b * G), B, C, cb, L, G, N, NC,
+                CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, CAUSAL=causal, STRICT=strict, num_warps=4)
     return cb
 
 
@@ -1202,8 +1212,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     BK1 = min(cs, CONFIG["fwd_state_bk"] or CONFIG["state_bk"], 128 if x.element_size() == 4 else 256)
     state_kw = dict(CS=cs, BK=BK1, BP=BP1, BN=BN1,
                     HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
-                    num_warps=4, num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)),
-                    **_maxnreg("state_maxnreg"))
+                    num_warps=4 if _INTERPRET else CONFIG["fwd_state_warps"],
+                    num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)), **_maxnreg("state_maxnreg"))
     if nseg == 1:
         _launch(_fwd_state_kernel, (npb * nnb, b * H, 1), *state_args, dummy, dummy, dummy, L, H, G, P, N, NC, nnb,
                 NC, MODE=0, **state_kw)
@@ -1239,13 +1249,14 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     use_cb = _use_cb(H, G, N, CONFIG["out_cb_min_dstate"])
     # 16-bit inputs: C·B stored in their dtype halves the output kernel's largest L2 read (v7-fwd a)
     cb_dtype = x.dtype if CONFIG["cb_half"] and x.element_size() == 2 else torch.float32
-    cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0, dtype=cb_dtype) if use_cb \
-        else None
+    diag_cb = use_cb and cb_dtype != torch.float32 and bool(CONFIG["out_diag_cb"])
+    cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0, dtype=cb_dtype,
+             skip_diagonal=diag_cb) if use_cb else None
     out_args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy,
                 seq_idx if seq_idx is not None else dummy,
                 dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy, L, H, G, P, N, NC)
     out_kw = dict(CS=cs, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-                  DIAG_CB=use_cb and cb_dtype != torch.float32 and bool(CONFIG["out_diag_cb"]),
+                  DIAG_CB=diag_cb,
                   HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx),
                   DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "out_warps"),
                   num_stages=CONFIG["out_stages"] or _stages(BP, BN),
