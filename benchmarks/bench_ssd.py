@@ -278,8 +278,11 @@ SWEEP_FWD3_OUT2 = [
     {"fold_decay": True, "out_bk": 64, "out_stages": 1},
     {"fold_decay": True, "out_bk": 64, "out_stages": 1, "out_diag_cb": False},
     {"fold_decay": True, "out_bk": 32, "out_stages": 3},
+    {"fold_decay": True, "out_bk": 64, "out_stages": 2},
+    {"fold_decay": True, "out_bk": 64, "out_stages": 1, "cb_half": False},
 ]
-SWEEP_FWD3_STATE2 = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 64}]  # at 4096 (16 chunks) never on
+# (state_seg_min_nc 64 is the default now; at 4096, 16 chunks per row, the two-level pass is never on)
+SWEEP_FWD3_STATE2 = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 256}]
 # the state kernel with 8 warps (161 registers, no spills; 4 warps: 255 + spills), with a cap of 128 (2 per SM)
 SWEEP_FWD3_STATE3 = [{}, {"fwd_state_warps": 8}, {"fwd_state_warps": 8, "state_maxnreg": 128}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))

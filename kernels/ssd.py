@@ -985,9 +985,11 @@ CONFIG = dict(
     # and the walk would be at least state_seg_min_nc chunks, with at least state_seg_min_chunks chunks per segment.
     # Run 5 (call 1, H100): at 64K tokens in one sequence (256 chunks) 1.596 -> 1.294 ms forward at dstate 128,
     # 1.102 -> 1.070 at 64; at 128 chunks (2 x 32K) it lost (1.215 -> 1.234, 0.871 -> 1.024): reading x twice
-    # pays only for long walks
-    state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=256,
-    # two-level pass: the segments' chunk states fixed up elementwise (x, B read once) instead of a second walk
+    # pays only for long walks. v7-fwd (run 8-fwd call 1): with the fix-up below (x read once) and the segments
+    # chained by one scan, from 64 chunks at dstate 64 (16K: 0.835 -> 0.826 ms, before the scan)
+    state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=64,
+    # two-level pass: the segments' chunk states fixed up elementwise (x, B read once) instead of a second walk.
+    # Run 8-fwd call 1 at 64K: 1.097 -> 0.973 ms forward at dstate 128, 1.010 -> 0.928 at 64
     state_seg_fix=True,
     # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
     # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys. Run 6 sweep (fwd
