@@ -221,7 +221,7 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
 SWEEP_FWD_OUT = [  # run 5 call 1 compared 14 variants at 4096 (notes/ssd_runs/run5_fwd_call1_*); not yet run:
     {},
     {"out_maxnreg": 112}, {"out_maxnreg": 96},
-    {"out_bk": 32, "fold_decay": False},
+    {"out_bk": 32, "out_fold_decay": False},
     {"out_bk": 32, "out_stages": 1},
 ]
 SWEEP_FWD_STATE = [  # run 5 call 1 tried two-level passes alone (won only at 64K); not yet run:
@@ -248,52 +248,20 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
     {"bwd_state_seg_chunks": 16},
 ]
 # --- forward round 3 (helper fwd3; kernel version v7-fwd of notes/ssd_kernels.md), ranked by forward alone ---
-# fwd3_out: the output kernel at 4096 (it does not change with seqlen): C·B stored in 16 bits (the new default) or
-# float32 (run 7), the register cap that keeps 4 programs per SM with it, a 128-position block of 8 warps (2 per SM
-# at the cap), 3 stages. fwd3_state: on top of fwd3_out's winner, at three seqlens: the two-level state pass with an
-# elementwise fix-up instead of a second walk, and from which walk length it is on; dstate blocks of 128
-SWEEP_FWD3_OUT = [
-    {},
-    {"cb_half": False},
-    {"out_maxnreg": 0},
-    {"out_stages": 3},
-    {"out_bm": 128, "out_warps": 8, "out_bk": 32, "out_maxnreg": 128},
-]
-SWEEP_FWD3_STATE = [  # the fix-up is the default now (state_seg_fix=True); False: run 7's second walk
-    {},
-    {"state_seg_fix": False},
-    {"state_seg_min_nc": 128},
-    {"state_seg_min_nc": 64},
-    {"state_seg_min_nc": 64, "state_seg_programs": 2048},
-    {"fwd_state_bn": 128},
-]
-# call 2 (after call 1: 16-bit C·B won at dstate 128 only, where the off-diagonal blocks are folded; 3 stages won
-# at 64): folding at dstate 64 too, the diagonal blocks' C·B recomputed in float32 (out_diag_cb) or loaded in 16
-# bits; then from which walk length the two-level pass (fix-up, segment scan) is on, now at four seqlens
-SWEEP_FWD3_OUT2 = [
-    {},
-    {"out_stages": 3},
-    {"out_diag_cb": False},
-    {"out_diag_cb": False, "out_stages": 3},
-    {"fold_decay": True, "out_bk": 64, "out_stages": 1},
-    {"fold_decay": True, "out_bk": 64, "out_stages": 1, "out_diag_cb": False},
-    {"fold_decay": True, "out_bk": 32, "out_stages": 3},
-    {"fold_decay": True, "out_bk": 64, "out_stages": 2},
-    {"fold_decay": True, "out_bk": 64, "out_stages": 1, "cb_half": False},
-]
-# (state_seg_min_nc 64 is the default now; at 4096, 16 chunks per row, the two-level pass is never on)
-SWEEP_FWD3_STATE2 = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 256}]
-# the state kernel with 8 warps (161 registers, no spills; 4 warps: 255 + spills), with a cap of 128 (2 per SM)
-SWEEP_FWD3_STATE3 = [{}, {"fwd_state_warps": 8}, {"fwd_state_warps": 8, "state_maxnreg": 128}]
+# Run 8-fwd's two device calls swept (logs: notes/ssd_runs/run8_fwd_call{1,2}_*): C·B stored in 16 bits, register
+# caps, 3 stages, 128-position blocks of 8 warps, the two-level state pass with an elementwise fix-up against a second
+# walk, its walk-length threshold, dstate blocks of 128 (call 1); folded 64 x 64 tiles at dstate 64, the diagonal
+# blocks' C·B recomputed in float32, 8-warp state programs (call 2). The losers' code is gone; these sets keep what
+# can still be compared: the output kernel's tiles, folding and stages (at 4096: it does not change with seqlen),
+# and from which walk length the two-level pass is on
+SWEEP_FWD3_OUT = [{}, {"out_fold_decay": False}, {"out_bk": 32}, {"out_bk": 32, "out_stages": 3}, {"out_stages": 2}]
+SWEEP_FWD3_STATE = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 256}, {"state_seg_programs": 0}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
               "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
                            "fb"),
-              "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [4096, 16384, 65536], "fwd"),
-              "fwd3_out2": (SWEEP_FWD3_OUT2, [4096], "fwd"),
-              "fwd3_state2": (SWEEP_FWD3_STATE2, [16384, 32768, 65536], "fwd"),
-              "fwd3_state3": (SWEEP_FWD3_STATE3, [4096, 65536], "fwd")}
+              "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [16384, 32768, 65536], "fwd")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 

@@ -12,15 +12,15 @@ Forward (`ssd_fwd`):
      each chunk's state contribution (tl.dot over blocks of 64 positions) and the state passing in one pass, so
      chunk states never go through memory; it stores the state entering each chunk (x's dtype: it is a dot
      operand next) and the final state (fp32). Headdim blocks shrink when batch × heads alone cannot fill the GPU.
-     Optionally (CONFIG state_seg_programs) a two-level pass for long sequences at small batch: segments of
-     chunks from a zero state in parallel, `_fwd_seg_kernel`'s short walk over segments, the segments again.
-  3. `_cb_kernel` (>= 4 heads per group): C·B^T per chunk once per group, fp32, only the blocks on and below the
-     diagonal (the backward computes its own, whole, at dstate >= 128).
+     A two-level pass (CONFIG state_seg_programs) for long sequences at small batch: segments of chunks walked in
+     parallel (the first from the initial state, the others from zero), `_fwd_seg_kernel` chains the segments by
+     one scan, `_fwd_fix_kernel` adds each segment's true entering state, decayed, to its chunks' entering states.
+  3. `_cb_kernel` (>= 4 heads per group): C·B^T per chunk once per group (fp32 sums stored in the inputs' dtype),
+     only the blocks on and below the diagonal (the backward computes its own, whole, at dstate >= 128).
   4. `_fwd_out_kernel`: one program per (head, block of 64 positions, batch), heads fastest so a group's heads
-     share B and C in L2: one accumulator takes the entering state's term and (CONFIG fold_decay) the off-diagonal
-     source blocks with the decay folded into the operands, is scaled by the row factor once, then takes the
-     masked blocks; D and the z gate. Source blocks of 32 at dstate <= 64 and a register cap at dstate 128 fit
-     4 programs per SM.
+     share B and C in L2: one accumulator takes the entering state's term and (CONFIG out_fold_decay) the
+     off-diagonal source blocks with the decay folded into the operands, is scaled by the row factor once, then
+     takes the masked blocks; D and the z gate. 64 x 64 tiles and a register cap of 128 fit 4 programs per SM.
 Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through buffers reduced in fixed order):
   1. `_bwd_state_kernel`: the reverse state pass: gradient of each chunk's exiting state, of the initial state,
      and the decay's share of d cum_last. When batch × heads cannot fill the GPU (batch 1-2 at 32K-64K tokens per
@@ -169,20 +169,15 @@ def _dt_kernel(dt_ptr, A_ptr, dtb_ptr, dtp_ptr, cum_ptr, L, H, NC, lo, hi,
 @triton.jit
 def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
                CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
-               CAUSAL: tl.constexpr = False, STRICT: tl.constexpr = False):
-    """C_t·B_s for every (t, s) block of every chunk, once per group (float32): the heads of a group share it.
-    CAUSAL: only the blocks with j <= i (the rest of the tensor is left unwritten); STRICT: only j < i."""
+               CAUSAL: tl.constexpr = False):
+    """C_t·B_s for every (t, s) block of every chunk, once per group (float32 sums, stored in cb's dtype): the heads
+    of a group share it. CAUSAL: only the blocks with j <= i (the rest of the tensor is left unwritten)."""
     c = tl.program_id(0)
     pid_ij = tl.program_id(1)
     pid_bg = tl.program_id(2)
     b, g, _ = _batch_head(pid_bg, G, G)
     NM: tl.constexpr = CS // BM
-    if STRICT:  # pid_ij = i (i - 1) / 2 + j
-        i = pid_ij * 0 + 1
-        for q in tl.static_range(2, NM):
-            i += (pid_ij >= q * (q - 1) // 2).to(tl.int32)
-        j = pid_ij - i * (i - 1) // 2
-    elif CAUSAL:  # pid_ij = i (i + 1) / 2 + j
+    if CAUSAL:  # pid_ij = i (i + 1) / 2 + j
         i = pid_ij * 0
         for q in tl.static_range(1, NM):
             i += (pid_ij >= q * (q + 1) // 2).to(tl.int32)
@@ -207,19 +202,15 @@ def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
 def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr, seg_ptr, segdec_ptr,
                       tot_ptr, L, H, G, P, N, NC, NNB, SEGC,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                      HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+                      HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, TWO_LEVEL: tl.constexpr, DOT_PREC: tl.constexpr,
                       DT: tl.constexpr):
-    """Walks chunks [seg·SEGC, (seg+1)·SEGC) of one (batch, head, headdim block, dstate block) in order.
-    MODE 0: the whole sequence in one segment (SEGC = NC), from the initial state: stores the entering states and
-    the final state. MODE 1 (two-level pass, first level): from a zero state, stores nothing per chunk, only the
-    segment's exiting state and its total decay, for `_fwd_seg_kernel`. MODE 2 (third level): from the segment's
-    true entering state (written by `_fwd_seg_kernel`): stores the entering states (the final state comes from
-    `_fwd_seg_kernel`). Segments give batch-1 long sequences programs for every SM; modes 1 and 2 read x and B
-    twice, which pays only when the sequential walk is long and the grid small. MODE 3 (two-level pass with a fix-up
-    instead of a second walk): from a zero state (segment 0: from the initial state), stores each chunk's entering
-    state as far as the segment reaches, the decay from the segment's start to it (`tot`), the segment's exiting
-    state and total decay; `_fwd_seg_kernel`, then `_fwd_fix_kernel` adds the decayed true entering state of the
-    segment elementwise (x and B read once)."""
+    """Walks chunks [seg·SEGC, (seg+1)·SEGC) of one (batch, head, headdim block, dstate block) in order, storing the
+    state entering each chunk (x's dtype: it is a dot operand next). One walk (SEGC = NC): from the initial state,
+    then the final state. TWO_LEVEL (first level of the two-level pass: segments in parallel give batch-1 long
+    sequences programs for every SM): segment 0 from the initial state, the others from zero, so their entering
+    states lack the true state entering the segment; also stores the decay from the segment's start to each chunk
+    (`tot`), the segment's exiting state and total decay. `_fwd_seg_kernel` chains the segments and
+    `_fwd_fix_kernel` adds each segment's decayed entering state elementwise (x and B are read once)."""
     pid_pn = tl.program_id(0)
     b, hh, g = _batch_head(tl.program_id(1), H, G)
     seg = tl.program_id(2)
@@ -233,13 +224,11 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
     c0 = seg * SEGC
     c1 = tl.minimum(c0 + SEGC, NC)
     NSEG = tl.num_programs(2)
-    if MODE == 2:
-        state = tl.load(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, mask=mpn, other=0.0)
-    elif MODE == 0 and HAS_INIT:
+    if not TWO_LEVEL and HAS_INIT:
         state = tl.load(init_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BP, BN), dtype=tl.float32)
-        if MODE == 3 and HAS_INIT:
+        if TWO_LEVEL and HAS_INIT:
             if seg == 0:
                 state = tl.load(init_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     if HAS_SEQ:
@@ -253,10 +242,8 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
             decay = tl.where(doc_last == state_doc, decay, 0.0)
             state_doc = doc_last
-        if MODE != 1:
-            tl.store(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, state.to(states_ptr.dtype.element_ty),
-                     mask=mpn)
-        if MODE == 3:
+        tl.store(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, state.to(states_ptr.dtype.element_ty), mask=mpn)
+        if TWO_LEVEL:
             if pid_pn == 0:
                 tl.store(tot_ptr + (b * H + hh) * NC + c, total)
         total = total * decay
@@ -273,12 +260,12 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
                          mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
             xw = (x * w[:, None]).to(DT)
             state += tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
-    if MODE == 0:
-        tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
-    if MODE == 1 or MODE == 3:
+    if TWO_LEVEL:
         tl.store(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, state, mask=mpn)
         if pid_pn == 0:
             tl.store(segdec_ptr + (b * H + hh) * NSEG + seg, total)
+    else:
+        tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
 
 
 @triton.jit
@@ -288,12 +275,12 @@ def _linear_step(a1, b1, a2, b2):
 
 
 @triton.jit
-def _fwd_seg_kernel(init_ptr, seg_ptr, segdec_ptr, final_ptr, H, PN, NSEG,
-                    BLOCK: tl.constexpr, SEGP: tl.constexpr, HAS_INIT: tl.constexpr):
+def _fwd_seg_kernel(seg_ptr, segdec_ptr, final_ptr, PN, NSEG, BLOCK: tl.constexpr, SEGP: tl.constexpr):
     """Second level of the two-level state pass, elementwise over a block of (P, N): replaces each segment's exiting
-    local state (from a zero start) by the true state entering it, and writes the final state. All segments are
-    loaded at once and chained by a scan (h_k = decay_k h_{k-1} + local_k) instead of a walk of NSEG dependent
-    steps (a walk ran at 0.25 TB/s: one load in flight per step)."""
+    state (from its own start) by the true state entering it (segment 0's slot is left as it is: nothing reads
+    it) and writes the final state. All segments are loaded at once and chained by a scan
+    (h_k = decay_k h_{k-1} + local_k), not by a walk of NSEG dependent steps (run 8-fwd: 0.13 ms at 64K, one load
+    in flight per step)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -303,22 +290,16 @@ def _fwd_seg_kernel(init_ptr, seg_ptr, segdec_ptr, final_ptr, H, PN, NSEG,
     rows = seg_ptr + (bh * NSEG + k[:, None]) * PN + offs[None, :]
     local = tl.load(rows, mask=mk[:, None] & m[None, :], other=0.0)
     dec = tl.load(segdec_ptr + bh * NSEG + k, mask=mk, other=1.0)
-    if HAS_INIT:
-        h0 = tl.load(init_ptr + bh * PN + offs, mask=m, other=0.0).to(tl.float32)
-        local += tl.where(k[:, None] == 0, dec[:, None] * h0[None, :], 0.0)
-    else:
-        h0 = tl.zeros((BLOCK,), dtype=tl.float32)
     _, h = tl.associative_scan((tl.broadcast_to(dec[:, None], (SEGP, BLOCK)), local), 0, _linear_step)
     # h[k] leaves segment k and enters segment k + 1
     tl.store(rows + PN, h, mask=(k < NSEG - 1)[:, None] & m[None, :])
-    tl.store(seg_ptr + bh * NSEG * PN + offs, h0, mask=m)
     tl.store(final_ptr + bh * PN + offs, tl.sum(tl.where((k == NSEG - 1)[:, None], h, 0.0), 0), mask=m)
 
 
 @triton.jit
 def _fwd_fix_kernel(states_ptr, seg_ptr, tot_ptr, H, PN, NC, NSEG, SEGC, BLOCK: tl.constexpr):
-    """Third level of the fix-up state pass: the entering state of chunk c (of segment k >= 1) is its state
-    from the segment's zero start plus the segment's true entering state decayed to c, elementwise over (P, N)."""
+    """Last step of the two-level state pass: the entering state of chunk c (of segment k >= 1) is its state from
+    the segment's zero start plus the segment's true entering state decayed to c, elementwise over (P, N)."""
     pid = tl.program_id(0)
     c = SEGC + tl.program_id(1)
     bh = tl.program_id(2)
@@ -353,8 +334,7 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
                     ypre_ptr, L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
-                    DIAG_CB: tl.constexpr = False):
+                    USE_CB: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """One program per (head, block of BM positions t, batch), one (BM, headdim) accumulator. With
     row_t = exp(cum_t - cum_r) about the t block's first position r:
         y_t = row_t · [C_t·(exp(cum_r) h_in)ᵀ reach_t
@@ -405,18 +385,8 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
     for j in range(j0, KD + BM // BK):
         s = c * CS + j * BK + tl.arange(0, BK)
         ms = s < L
-        if DIAG_CB:
-            # the diagonal blocks' C·B from C_t in registers, float32: a 16-bit stored C·B would be rounded twice
-            # there (before and after the decay)
-            if j < KD:
-                cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
-                               DOT_PREC, DT).to(tl.float32)
-            else:
-                cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, False,
-                               DOT_PREC, DT)
-        else:
-            cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
-                           DOT_PREC, DT).to(tl.float32)
+        cb = _cb_block(cb_ptr, B_ptr, C_t, b, c, g, r0, s, ms, offs_n, mn, L, G, N, NC, CS, BM, USE_CB,
+                       DOT_PREC, DT).to(tl.float32)
         if HAS_SEQ:
             cb = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], cb, 0.0)
         x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
@@ -968,35 +938,29 @@ CONFIG = dict(
     state_bk=64,  # positions per tl.dot inside the sequential state kernels
     state_bn=64,  # dstate block of the sequential state kernels
     state_min_programs=264,  # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this
-    # forward output kernel (v6): positions per program, warps (None: 8 if dstate >= 128); source positions per tile
-    # of its quadratic part (None: 32 at dstate <= 64, where 4 programs fit an SM (122 registers), else out_bm);
-    # pipelining depth (None: as `stages`); register cap (None: 128 at dstate 128 with headdim <= 64, 4 programs
-    # per SM instead of 3 at 168 registers; 0: none); C·B precomputed per group from this dstate on (for the backward:
-    # cb_min_dstate). Run 5 sweep at 4096: dstate 64 0.923 -> 0.759 ms (source blocks 32 + C·B precomputed),
-    # dstate 128 0.971 -> 0.921 ms (register cap)
-    out_bm=64, out_warps=4, out_bk=None, out_stages=None, out_maxnreg=None, out_cb_min_dstate=0,
+    # forward output kernel: positions per program, warps (None: 8 if dstate >= 128), source positions per tile of
+    # its quadratic part (None: out_bm), pipelining depth (None: as `stages`), register cap (None: 128 for 64-position
+    # blocks at headdim <= 64 and dstate <= 64 or 128, 4 programs per SM; 0: none), C·B precomputed per group from
+    # this dstate on (for the backward: cb_min_dstate), off-diagonal blocks without documents with the decay folded
+    # into the operands (the backward's dx has its own key, fold_decay). The C·B it reads is stored in the inputs'
+    # dtype (bf16: the folded blocks cast it for the dot anyway). Run 8-fwd (H100, fwd ms at 4096, dstate 64 / 128):
+    # C·B in bf16 0.752 / 0.897 -> 0.758 / 0.776 (call 1, the dstate-64 blocks then masked), folded 64 x 64 tiles in
+    # 1 stage at dstate 64 0.746 (C·B float32) -> 0.630 (bf16) (call 2; run 7 settings 0.727 there)
+    out_bm=64, out_warps=4, out_bk=None, out_stages=1, out_maxnreg=None, out_cb_min_dstate=0, out_fold_decay=True,
     cb_causal=True,  # the forward's C·B kernel computes only the blocks on and below the diagonal
-    # the forward's C·B in the inputs' dtype when they are 16-bit (float32 otherwise): the folded off-diagonal
-    # blocks cast it to that dtype for the dot anyway; the masked ones round it once more
-    cb_half=True,
-    out_diag_cb=True,  # ...and then the output kernel recomputes the diagonal blocks' C·B in float32
     state_maxnreg=None,  # register cap of the forward state kernel
     # two-level forward state pass when batch × heads × blocks < state_seg_programs (0: always one sequential walk)
-    # and the walk would be at least state_seg_min_nc chunks, with at least state_seg_min_chunks chunks per segment.
-    # Run 5 (call 1, H100): at 64K tokens in one sequence (256 chunks) 1.596 -> 1.294 ms forward at dstate 128,
-    # 1.102 -> 1.070 at 64; at 128 chunks (2 x 32K) it lost (1.215 -> 1.234, 0.871 -> 1.024): reading x twice
-    # pays only for long walks. v7-fwd (run 8-fwd call 1): with the fix-up below (x read once) and the segments
-    # chained by one scan, from 64 chunks at dstate 64 (16K: 0.835 -> 0.826 ms, before the scan)
+    # and the walk would be at least state_seg_min_nc chunks, with at least state_seg_min_chunks chunks per segment:
+    # segments walked in parallel, chained by one scan, their chunks' entering states fixed up elementwise (x and B
+    # read once). Run 5 (a second walk of each segment in place of the fix-up) won only at 256 chunks; run 8-fwd
+    # (v7-fwd) with the fix-up and the scan: 1.097 -> 0.973 ms (call 1, dstate 128, 64K) and from 64 chunks at
+    # dstate 64 (call 2, 16K: 0.735 -> 0.693 ms; at dstate 128 64 / 128 / 256 chunks within 0.012 ms up to 32K)
     state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=64,
-    # two-level pass: the segments' chunk states fixed up elementwise (x, B read once) instead of a second walk.
-    # Run 8-fwd call 1 at 64K: 1.097 -> 0.973 ms forward at dstate 128, 1.010 -> 0.928 at 64
-    state_seg_fix=True,
     # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
     # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys. Run 6 sweep (fwd
     # ms at 4096 / 65536): 256 positions per dot with 2 stages won at both dstates, 0.766 / 1.059 -> 0.752 / 1.034
     # (dstate 64) and 0.922 / 1.289 -> 0.894 / 1.211 (dstate 128)
     fwd_state_bk=256, fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=2,
-    fwd_state_warps=4,  # 4: 255 registers + spills at 64 x 64 state blocks (2 programs per SM); 8: 161, none
     bwd_bm=64, bwd_warps=4,  # backward dx, dB and dC kernels
     stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
@@ -1027,22 +991,18 @@ CONFIG = dict(
 )
 
 
-def _cb(B, C, cs, NC, prec, ddt_, causal_upto=0, dtype=torch.float32, skip_diagonal=False):
+def _cb(B, C, cs, NC, prec, ddt_, causal_upto=0, dtype=torch.float32):
     """(b, NC, G, cs, cs) C·B per chunk (computed in float32, stored as dtype). causal_upto: the readers' position
     blocks (a multiple of this kernel's blocks): blocks above the diagonal are then not computed (their entries are
-    left unwritten), which the forward output kernel never reads when its position blocks are no taller than these.
-    skip_diagonal: the diagonal blocks too (the reader recomputes them), when the reader's blocks are these."""
+    left unwritten), which the forward output kernel never reads when its position blocks are no taller than these."""
     b, L, G, N = B.shape
     BN = _pow2(N)
     BM = min(cs, 64 if BN <= 128 else 32)
     cb = torch.empty(b, NC, G, cs, cs, device=B.device, dtype=dtype)
     NM = cs // BM
     causal = 0 < causal_upto <= BM
-    strict = skip_diagonal and causal_upto == BM
-    pairs = NM * (NM - 1) // 2 if strict else NM * (NM + 1) // 2 if causal else NM * NM
-    if pairs:
-        _launch(_cb_kernel, (NC, pairs, b * G), B, C, cb, L, G, N, NC,
-                CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, CAUSAL=causal, STRICT=strict, num_warps=4)
+    _launch(_cb_kernel, (NC, NM * (NM + 1) // 2 if causal else NM * NM, b * G), B, C, cb, L, G, N, NC,
+            CS=cs, BM=BM, BN=BN, DOT_PREC=prec, DT=ddt_, CAUSAL=causal, num_warps=4)
     return cb
 
 
@@ -1074,14 +1034,6 @@ def _fwd_state_plan(b: int, H: int, P: int, N: int, NC: int):
     while BP > 16 and b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN) < min_programs:
         BP //= 2
     return BP, BN, NC, 1
-
-
-def _seg_launch(init, seg, segdec, final, H: int, PN: int, BH: int, nseg: int, has_init: bool):
-    # all segments of a block of (P, N) in registers at once: about 4096 values per program
-    segp = _pow2(nseg, 2)
-    block = min(_pow2(PN), max(16, 4096 // segp))
-    _launch(_fwd_seg_kernel, (triton.cdiv(PN, block), BH), init, seg, segdec, final, H, PN, nseg,
-            BLOCK=block, SEGP=segp, HAS_INIT=has_init, num_warps=4)
 
 
 def _dot_prec(dtype):
@@ -1145,9 +1097,9 @@ def _use_cb(H: int, G: int, N: int, min_dstate=None) -> bool:
     return H // G >= CONFIG["cb_min_heads_per_group"] and N >= min_dstate
 
 
-def _fold(N: int, seq_idx) -> bool:
+def _fold(N: int, seq_idx, key: str = "fold_decay") -> bool:
     # documents can cut an off-diagonal block, which then needs the masked tile
-    fold = CONFIG["fold_decay"]
+    fold = CONFIG[key]
     return seq_idx is None and (N >= 128 if fold is None else bool(fold))
 
 
@@ -1214,54 +1166,43 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     BK1 = min(cs, CONFIG["fwd_state_bk"] or CONFIG["state_bk"], 128 if x.element_size() == 4 else 256)
     state_kw = dict(CS=cs, BK=BK1, BP=BP1, BN=BN1,
                     HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
-                    num_warps=4 if _INTERPRET else CONFIG["fwd_state_warps"],
-                    num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)), **_maxnreg("state_maxnreg"))
+                    num_warps=4, num_stages=CONFIG["fwd_state_stages"] or _stages(BP1, _pow2(N)),
+                    **_maxnreg("state_maxnreg"))
     if nseg == 1:
         _launch(_fwd_state_kernel, (npb * nnb, b * H, 1), *state_args, dummy, dummy, dummy, L, H, G, P, N, NC, nnb,
-                NC, MODE=0, **state_kw)
-    elif CONFIG["state_seg_fix"]:
-        # two-level pass with a fix-up: segments (the first from the initial state, the others from zero) in
-        # parallel storing their chunks' entering states, a short walk over segments, then each later chunk's
-        # entering state gets its segment's true entering state decayed to it, elementwise
+                NC, TWO_LEVEL=False, **state_kw)
+    else:
+        # two-level pass: segments (the first from the initial state, the others from zero) in parallel storing
+        # their chunks' entering states, the segments chained by one scan, then each later chunk's entering state
+        # gets its segment's true entering state decayed to it, elementwise
         seg = torch.empty(b, H, nseg, P, N, device=x.device, dtype=f32)
         segdec = torch.empty(b, H, nseg, device=x.device, dtype=f32)
         tot = torch.empty(b, H, NC, device=x.device, dtype=f32)
         _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, tot, L, H, G, P, N, NC, nnb,
-                segc, MODE=3, **state_kw)
-        _seg_launch(dummy, seg, segdec, final, H, P * N, b * H, nseg, False)
+                segc, TWO_LEVEL=True, **state_kw)
+        segp = _pow2(nseg, 2)
+        seg_block = min(_pow2(P * N), max(16, 4096 // segp))  # all segments of the block in registers: ~4096 values
+        _launch(_fwd_seg_kernel, (triton.cdiv(P * N, seg_block), b * H), seg, segdec, final, P * N, nseg,
+                BLOCK=seg_block, SEGP=segp, num_warps=4)
         fix_block = min(_pow2(P * N), 4096)
         _launch(_fwd_fix_kernel, (triton.cdiv(P * N, fix_block), NC - segc, b * H), states, seg, tot, H, P * N, NC,
                 nseg, segc, BLOCK=fix_block, num_warps=4)
-    else:
-        # two-level pass: segments from a zero state in parallel, a short walk over segments, the segments again
-        # from their true entering states
-        seg = torch.empty(b, H, nseg, P, N, device=x.device, dtype=f32)
-        segdec = torch.empty(b, H, nseg, device=x.device, dtype=f32)
-        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, dummy, L, H, G, P, N, NC, nnb,
-                segc, MODE=1, **state_kw)
-        _seg_launch(initial_states if initial_states is not None else dummy, seg, segdec, final, H, P * N, b * H,
-                    nseg, initial_states is not None)
-        _launch(_fwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, seg, segdec, dummy, L, H, G, P, N, NC, nnb,
-                segc, MODE=2, **state_kw)
     out = torch.empty_like(x)
     ypre = torch.empty_like(x) if z is not None else x.new_empty(0)
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "out_bm", BP, BN)
-    BK = min(BM, CONFIG["out_bk"] or (32 if BN <= 64 else BM))
+    BK = min(BM, CONFIG["out_bk"] or BM)
     use_cb = _use_cb(H, G, N, CONFIG["out_cb_min_dstate"])
-    # 16-bit inputs: C·B stored in their dtype halves the output kernel's largest L2 read (v7-fwd a)
-    cb_dtype = x.dtype if CONFIG["cb_half"] and x.element_size() == 2 else torch.float32
-    diag_cb = use_cb and cb_dtype != torch.float32 and bool(CONFIG["out_diag_cb"])
-    cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0, dtype=cb_dtype,
-             skip_diagonal=diag_cb) if use_cb else None
+    # C·B in the inputs' dtype (16-bit inputs: half the output kernel's largest L2 read; v7-fwd a)
+    cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0, dtype=x.dtype) if use_cb \
+        else None
     out_args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy,
                 seq_idx if seq_idx is not None else dummy,
                 dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy, L, H, G, P, N, NC)
     out_kw = dict(CS=cs, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-                  DIAG_CB=diag_cb,
-                  HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx),
-                  DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "out_warps"),
-                  num_stages=CONFIG["out_stages"] or _stages(BP, BN),
+                  HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, USE_CB=use_cb,
+                  FOLD=_fold(N, seq_idx, "out_fold_decay"), DOT_PREC=prec, DT=ddt_,
+                  num_warps=_warps(BN, "out_warps"), num_stages=CONFIG["out_stages"] or _stages(BP, BN),
                   **_maxnreg("out_maxnreg", 128 if BP <= 64 and BM == 64 and (BN <= 64 or BN == 128 and BK == 64)
                              else None))
     _launch(_fwd_out_kernel, (H, NC * (cs // BM), b), *out_args, **out_kw)

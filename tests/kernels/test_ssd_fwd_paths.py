@@ -1,8 +1,9 @@
 """Forward paths of the Triton SSD that the default CONFIG takes only at large sizes, forced here on small shapes and
 checked (forward and every gradient, since the backward reads the forward's entering states) against the float64
-chunked reference: the two-level state pass (segments walked in parallel, then a walk over segments) and the output
-kernel with tall position blocks over narrower source blocks (out_bm / out_bk), each with documents, an initial
-state, ragged seqlen and strong decay. Tolerances as in test_ssd_triton.py."""
+chunked reference: the two-level state pass (segments walked in parallel, chained by a scan, their chunks' entering
+states fixed up) and the output kernel with tall position blocks over narrower source blocks (out_bm / out_bk),
+folded or masked, with C·B in bfloat16, each with documents, an initial state, ragged seqlen and strong decay.
+Tolerances as in test_ssd_triton.py."""
 
 import math
 import os
@@ -39,10 +40,7 @@ def _check_forward(cs, shape, **kw):
     # segments of one chunk, decay strong enough that whole segments underflow to 0
     (32, (1, 160, 2, 16, 1, 32), 1, dict(docs=1, A_scale=20.0)),
 ])
-@pytest.mark.parametrize("fix", [False, True])
-def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw, fix):
-    # fix: the segments' chunk states fixed up elementwise instead of a second walk
-    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_fix", fix)
+def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw):
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 10**6)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", min_chunks)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 0)
@@ -52,9 +50,7 @@ def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw, fix):
     _check(cs, shape, torch.float32, conditioning=kw.get("A_scale", 1.0) > 1, **kw)
 
 
-@pytest.mark.parametrize("fix", [False, True])
-def test_two_level_state_pass_bfloat16(monkeypatch, fix):
-    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_fix", fix)
+def test_two_level_state_pass_bfloat16(monkeypatch):
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 10**6)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", 2)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 0)
@@ -85,42 +81,38 @@ def test_two_level_plan_only_when_the_grid_is_small_and_the_walk_long(monkeypatc
 def test_out_kernel_blocks(monkeypatch, bm, bk, fold, cb_min_dstate, docs, A_scale):
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_bm", bm)
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_bk", bk)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "out_fold_decay", fold)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", 1)
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_cb_min_dstate", cb_min_dstate)
     _check_forward(256, (1, 300, 4, 16, 2, 16), docs=docs, A_scale=A_scale)
 
 
-@pytest.mark.parametrize("bm,bk,fold,docs,diag", [(64, 32, False, 0, True), (64, 64, True, 0, False),
-                                                  (64, 64, True, 2, True), (128, 32, True, 2, True)])
-def test_out_kernel_half_cb(monkeypatch, bm, bk, fold, docs, diag):
-    # bfloat16 inputs with C·B precomputed and stored in bfloat16 (cb_half), read by folded and masked blocks, the
-    # diagonal blocks' C·B recomputed in float32 or not (out_diag_cb); forward and every gradient (the backward
-    # computes its own C·B)
-    for key, v in dict(out_bm=bm, out_bk=bk, fold_decay=fold, cb_half=True, out_diag_cb=diag,
-                       cb_min_heads_per_group=1, out_cb_min_dstate=0).items():
+@pytest.mark.parametrize("bm,bk,fold,docs", [(64, 32, False, 0), (64, 64, True, 0), (64, 64, True, 2),
+                                             (128, 32, True, 2)])
+def test_out_kernel_bfloat16_cb(monkeypatch, bm, bk, fold, docs):
+    # bfloat16 inputs: C·B precomputed and stored in bfloat16, read by folded and masked blocks; forward and every
+    # gradient (the backward computes its own C·B)
+    for key, v in dict(out_bm=bm, out_bk=bk, out_fold_decay=fold, cb_min_heads_per_group=1,
+                       out_cb_min_dstate=0).items():
         monkeypatch.setitem(ssd_kernels.CONFIG, key, v)
     _check(256, (1, 300, 2, 32, 1, 32), torch.bfloat16, docs=docs)
 
 
-@pytest.mark.parametrize("bm,bk,fix,dtype,fold", [(64, 64, False, torch.float32, True),
-                                                  (64, 32, True, torch.float32, True),
-                                                  (128, 64, True, torch.float32, True),
-                                                  (64, 32, True, torch.bfloat16, False),
-                                                  (64, 64, False, torch.bfloat16, True)])
-def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk, fix, dtype, fold):
-    # every buffer the forward allocates starts as NaN: the causal-only C·B (blocks above the diagonal unwritten;
-    # bfloat16: the diagonal blocks too, which the output kernel recomputes), the segment buffers of the two-level
-    # pass and the padded tails must never reach the output
+@pytest.mark.parametrize("bm,bk,dtype,fold", [(64, 64, torch.float32, True), (64, 32, torch.float32, True),
+                                              (128, 64, torch.float32, True), (64, 32, torch.bfloat16, False),
+                                              (64, 64, torch.bfloat16, True)])
+def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk, dtype, fold):
+    # every buffer the forward allocates starts as NaN: the causal-only C·B (blocks above the diagonal unwritten),
+    # the segment buffers of the two-level pass (segment 0's slot is never written) and the padded tails must never
+    # reach the output
     real_empty = torch.empty
 
     def nan_empty(*args, **kw):
         t = real_empty(*args, **kw)
         return t.fill_(math.nan) if t.is_floating_point() else t
 
-    for key, v in dict(out_bm=bm, out_bk=bk, cb_min_heads_per_group=1, out_cb_min_dstate=0, fold_decay=fold,
-                       state_seg_programs=10**6, state_seg_min_chunks=1, state_seg_min_nc=0,
-                       state_seg_fix=fix, cb_half=True, out_diag_cb=True).items():
+    for key, v in dict(out_bm=bm, out_bk=bk, cb_min_heads_per_group=1, out_cb_min_dstate=0, out_fold_decay=fold,
+                       state_seg_programs=10**6, state_seg_min_chunks=1, state_seg_min_nc=0).items():
         monkeypatch.setitem(ssd_kernels.CONFIG, key, v)
     x, dt, A, B, C, D, z, bias, h0, seq = _inputs(1, 300, 2, 16, 1, 16, dtype)
     monkeypatch.setattr(torch, "empty", nan_empty)

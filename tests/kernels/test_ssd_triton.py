@@ -242,6 +242,7 @@ def test_many_blocks_per_chunk(monkeypatch, dcb, fold, cb_share, docs, A_scale):
     # documents cut inside and across blocks; A_scale 8: |A| dt large enough that diagonal blocks take the exact path
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_dcb", dcb)
     monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "out_fold_decay", fold)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", False)
