@@ -15,7 +15,7 @@ Forward (`ssd_fwd`):
      A two-level pass (CONFIG state_seg_programs) for long sequences at small batch: segments of chunks walked in
      parallel (the first from the initial state, the others from zero), `_fwd_seg_kernel` chains the segments by
      one scan, `_fwd_fix_kernel` adds each segment's true entering state, decayed, to its chunks' entering states.
-  3. `_cb_kernel` (>= 4 heads per group): C·B^T per chunk once per group (fp32 sums stored in the inputs' dtype),
+  3. `_cb_kernel` (>= 4 heads per group): C·B^T per chunk once per group (fp32 sums; stored in bf16 for bf16),
      only the blocks on and below the diagonal (the backward computes its own, whole, at dstate >= 128).
   4. `_fwd_out_kernel`: one program per (head, block of 64 positions, batch), heads fastest so a group's heads
      share B and C in L2: one accumulator takes the entering state's term and (CONFIG out_fold_decay) the
@@ -942,8 +942,8 @@ CONFIG = dict(
     # its quadratic part (None: out_bm), pipelining depth (None: as `stages`), register cap (None: 128 for 64-position
     # blocks at headdim <= 64 and dstate <= 64 or 128, 4 programs per SM; 0: none), C·B precomputed per group from
     # this dstate on (for the backward: cb_min_dstate), off-diagonal blocks without documents with the decay folded
-    # into the operands (the backward's dx has its own key, fold_decay). The C·B it reads is stored in the inputs'
-    # dtype (bf16: the folded blocks cast it for the dot anyway). Run 8-fwd (H100, fwd ms at 4096, dstate 64 / 128):
+    # into the operands (the backward's dx has its own key, fold_decay). The C·B it reads is stored in bf16 for bf16
+    # inputs (the folded blocks cast it for the dot anyway). Run 8-fwd (H100, fwd ms at 4096, dstate 64 / 128):
     # C·B in bf16 0.752 / 0.897 -> 0.758 / 0.776 (call 1, the dstate-64 blocks then masked), folded 64 x 64 tiles in
     # 1 stage at dstate 64 0.746 (C·B float32) -> 0.630 (bf16) (call 2; run 7 settings 0.727 there)
     out_bm=64, out_warps=4, out_bk=None, out_stages=1, out_maxnreg=None, out_cb_min_dstate=0, out_fold_decay=True,
@@ -1193,9 +1193,10 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     BM = _bm(cs, "out_bm", BP, BN)
     BK = min(BM, CONFIG["out_bk"] or BM)
     use_cb = _use_cb(H, G, N, CONFIG["out_cb_min_dstate"])
-    # C·B in the inputs' dtype (16-bit inputs: half the output kernel's largest L2 read; v7-fwd a)
-    cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0, dtype=x.dtype) if use_cb \
-        else None
+    # C·B in bf16 for bf16 inputs (half the output kernel's largest L2 read; v7-fwd a), else float32 (float16's
+    # range could not hold C·B at large dstate)
+    cb = _cb(B, C, cs, NC, prec, ddt_, causal_upto=BM if CONFIG["cb_causal"] else 0,
+             dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32) if use_cb else None
     out_args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy,
                 seq_idx if seq_idx is not None else dummy,
                 dtp, cum, states, cb if use_cb else dummy, out, ypre if z is not None else dummy, L, H, G, P, N, NC)

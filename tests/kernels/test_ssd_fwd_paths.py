@@ -98,6 +98,13 @@ def test_out_kernel_bfloat16_cb(monkeypatch, bm, bk, fold, docs):
     _check(256, (1, 300, 2, 32, 1, 32), torch.bfloat16, docs=docs)
 
 
+def test_out_kernel_float16_keeps_float32_cb(monkeypatch):
+    # float16 inputs with C·B precomputed: stored in float32 (float16's range is too small for it in general)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", 1)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "out_cb_min_dstate", 0)
+    _check(256, (1, 300, 2, 32, 1, 32), torch.float16)
+
+
 @pytest.mark.parametrize("bm,bk,dtype,fold", [(64, 64, torch.float32, True), (64, 32, torch.float32, True),
                                               (128, 64, torch.float32, True), (64, 32, torch.bfloat16, False),
                                               (64, 64, torch.bfloat16, True)])
