@@ -94,6 +94,7 @@ DEC1_VARIANTS = {  # name: {"module.ATTRIBUTE": value}, modules of lit_mamba2.ke
     "dec1_state512_w1": {"state_update.STATE_TILE_SMALL_BATCH": (512, 1)},
     "dec1_early_tile8k": {"pdl.EARLY_RELEASE": True, "decode_linear.ROW_TILE": (8192, 4)},
     "dec1_early_tile2k": {"pdl.EARLY_RELEASE": True, "decode_linear.ROW_TILE": (2048, 4)},
+    "dec1_ours_again": {},  # the defaults once more, last: the run's spread
 }
 VARIANTS.update({k: dict() for k in DEC1_VARIANTS})
 REDUNDANT.update({k: (lambda b: b >= 8) for k in DEC1_VARIANTS})

@@ -36,7 +36,7 @@ import triton.language as tl
 
 _enabled = False
 # Kernels that opt in (options(early=True)) release their dependents at their start instead of after their wait
-EARLY_RELEASE = False
+EARLY_RELEASE = True
 
 
 def supported(device=None) -> bool:
