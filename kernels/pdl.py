@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 _enabled = False
-# Kernels that opt in (options(early=True)) release their dependents at their start instead of after their wait
+# Kernels that opt in (options(early=True)) release their dependents at their start instead of after their wait.
+# Measured on an H100 (decode run 6, dec1a, batch 1): 0.230 -> 0.206 ms per step (mamba2-130m), 0.541 -> 0.482 (370m)
 EARLY_RELEASE = True
 
 
