@@ -98,7 +98,8 @@ DEC1_VARIANTS = {  # name: {"module.ATTRIBUTE": value}, modules of lit_mamba2.ke
     # call 2 (EARLY_RELEASE on by default since call 1)
     "dec1_no_early": {"pdl.EARLY_RELEASE": False},
     "dec1_mixer_out": {"decode_linear.MIXER_IN_OUT_PROJ": True},  # 2 launches per layer
-    "dec1_mixer_out_tile8k_w8": {"decode_linear.MIXER_IN_OUT_PROJ": True, "decode_linear.ROW_TILE": (8192, 8)},
+    "dec1_mixer_out_tile8k": {"decode_linear.MIXER_IN_OUT_PROJ": True, "decode_linear.ROW_TILE": (8192, 4)},
+    "dec1_mixer_out_no_early": {"decode_linear.MIXER_IN_OUT_PROJ": True, "pdl.EARLY_RELEASE": False},
     "dec1_mixer_out_state1k": {"decode_linear.MIXER_IN_OUT_PROJ": True,
                                "state_update.STATE_TILE_SMALL_BATCH": (1024, 4)},
 }
