@@ -95,13 +95,9 @@ DEC1_VARIANTS = {  # name: {"module.ATTRIBUTE": value}, modules of lit_mamba2.ke
     "dec1_early_tile8k": {"pdl.EARLY_RELEASE": True, "decode_linear.ROW_TILE": (8192, 4)},
     "dec1_early_tile2k": {"pdl.EARLY_RELEASE": True, "decode_linear.ROW_TILE": (2048, 4)},
     "dec1_ours_again": {},  # the defaults once more, last: the run's spread
-    # call 2 (EARLY_RELEASE on by default since call 1)
+    # call 2 (EARLY_RELEASE on by default since call 1); its dec1_mixer_out* variants (conv + state update inside
+    # out_proj's launch) measured slower and were removed with the kernel (decode_run6_dec1b_*)
     "dec1_no_early": {"pdl.EARLY_RELEASE": False},
-    "dec1_mixer_out": {"decode_linear.MIXER_IN_OUT_PROJ": True},  # 2 launches per layer
-    "dec1_mixer_out_tile8k": {"decode_linear.MIXER_IN_OUT_PROJ": True, "decode_linear.ROW_TILE": (8192, 4)},
-    "dec1_mixer_out_no_early": {"decode_linear.MIXER_IN_OUT_PROJ": True, "pdl.EARLY_RELEASE": False},
-    "dec1_mixer_out_state1k": {"decode_linear.MIXER_IN_OUT_PROJ": True,
-                               "state_update.STATE_TILE_SMALL_BATCH": (1024, 4)},
 }
 VARIANTS.update({k: dict() for k in DEC1_VARIANTS})
 REDUNDANT.update({k: (lambda b: b >= 8) for k in DEC1_VARIANTS})

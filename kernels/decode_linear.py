@@ -10,9 +10,11 @@ and the final norm rides in the LM head's prologue. Each program computes BLOCK_
 recomputes the norm statistics itself (a d_model- or d_inner-long read that stays in L1/L2) instead of waiting for
 another launch to produce them. Below GEMV_BELOW rows the default is _norm_gemv_kernel: a program holds whole
 weight rows, all loaded before the PDL wait, so that a layer's weights stream in while the kernel before it still
-runs (kernels/pdl.py) and only activations are read after it; the rows of the batch share them. mixer_out_proj
-puts the conv + state update into out_proj's launch as well (two launches per layer; an intra-launch dependency
-through counters, see _mixer_out_proj_kernel). From GEMV_BELOW rows on, a block of up to 64 rows shares each weight
+runs (kernels/pdl.py) and only activations are read after it. Measured and dropped (decode run 6, dec1b): the conv
++ state update inside out_proj's launch (two launches per layer, out_proj's tiles waiting on a release/acquire
+count of the state tiles, tiles taken by ticket so that no tile waits on one not yet scheduled): 0.218 / 0.554 ms
+per step at batch 1 (130m / 370m) against 0.201 / 0.485 with three launches and PDL; the count's round trips cost
+more than the launch they saved. From GEMV_BELOW rows on, a block of up to 64 rows shares each weight
 tile through tl.dot instead, so the weight is read once per 64 rows (batch 64: once); measured slower than
 cuBLAS there so far, it is not the default (see GEMV_BELOW).
 
@@ -24,7 +26,6 @@ residual.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -33,7 +34,6 @@ import triton
 import triton.language as tl
 
 from .pdl import options as pdl_options, release_early, wait_and_release
-from .state_update import _mixer_tile, _state_tiles
 
 # Below GEMV_BELOW rows: one row per program (_norm_linear_kernel, CONFIG = (BLOCK_N, BLOCK_K, num_warps,
 # single_pass)); from it on: blocks of rows through tl.dot (_norm_matmul_kernel, DOT_CONFIG = (BLOCK_M, BLOCK_N,
@@ -63,9 +63,6 @@ ROW_TILE = (4096, 4)
 ROW_TILE_WIDE = (8192, 8)
 ROW_MAX_K = 8192
 ROW_MAX_GROUPS = 8
-# Mamba2Mixer.fused_step with a (2,) int64 `sync` in its state: [conv + state update] and [gated norm + out_proj]
-# in one launch (mixer_out_proj), two launches per layer instead of three
-MIXER_IN_OUT_PROJ = False
 # The GEMV loads its first weight chunk before waiting for the previous kernel: None = when launched with PDL
 # (kernels/pdl.py), where the load overlaps the previous kernel's end; True / False force it (tests, sweeps)
 PRELOAD_WEIGHTS = None
@@ -189,115 +186,51 @@ def _norm_gemv_kernel(
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, NGROUPS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    release_early(USE_PDL)
-    # one row of the batch per program (grid axis 1): the rows' chains of dependent loads and reductions run side
-    # by side instead of one after another (a row loop inside the program took 0.507 ms per step at batch 4 for
-    # mamba2-130m against 0.201 at batch 1; decode_run6_dec1b_extra); the weights are read once per row, from L2
-    # after the first
-    row = tl.program_id(1)
-    _gemv_tile(tl.program_id(0), x_ptr + row * x_b, r_ptr + row * r_b, z_ptr + row * z_b, nw_ptr, w_ptr, bias_ptr,
-               r_out_ptr + row * ro_b, out_ptr + row * o_b, acc_ptr + row * a_b,
-               1, N, K, group_size, eps, x_b, r_b, z_b, ro_b, w_n, o_b, a_b, x_ptr, 0,
-               ADD_RESIDUAL, WRITE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS, ACCUMULATE, NGROUPS, False,
-               BLOCK_N, BLOCK_K, USE_PDL)
-
-
-@triton.jit
-def _gemv_tile(
-    pid_n, x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, r_out_ptr, out_ptr, acc_ptr,
-    M, N, K, group_size, eps,
-    x_b, r_b, z_b, ro_b, w_n, o_b, a_b, sync_ptr, sync_target,
-    ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, NGROUPS: tl.constexpr, SYNC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """_norm_linear_kernel with whole rows: a tile holds BLOCK_N full weight rows (BLOCK_K >= K), loaded with
+    """_norm_linear_kernel with whole rows: a program holds BLOCK_N full weight rows (BLOCK_K >= K), loaded with
     the norm weight and bias before the PDL wait, so that with PDL a layer's weights stream while the kernel before
-    still runs and only the activations are read after it (one round trip to L2). The tile then does rows 0 ... M - 1
-    of its pointers' batch with the same weights in registers. The norm over NGROUPS groups of channels is
-    computed from the row in registers; same roundings as _norm_linear_kernel's two-pass form. SYNC: x is written
-    by other programs of the same launch, which count themselves done at sync_ptr[1] (_mixer_out_proj_kernel):
-    wait until it reaches sync_target."""
+    still runs and only the activations are read after it (one round trip to L2). The norm over NGROUPS groups of
+    channels is computed from the row in registers; same roundings as _norm_linear_kernel's two-pass form.
+    One row of the batch per program (grid axis 1): the rows' chains of dependent loads and reductions run side by
+    side (a loop over the rows inside each program, which read the weights once, ran them one after another: 0.507
+    ms per step at batch 4 for mamba2-130m against 0.201 at batch 1, decode_run6_dec1b_extra); the weights are read
+    once per row, from L2 after the first."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
+    release_early(USE_PDL)
     w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
     nw = tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    group = offs_k // group_size
     wait_and_release(USE_PDL)  # every input but the parameters comes from the kernels before (pdl.py)
-    if SYNC:  # acquire: the producers' stores (released with their count) are visible to the loads below
-        done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
-        while done < sync_target:
-            done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
-        tl.debug_barrier()
-    for b in range(0, M):
-        u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
-                              b * z_b + offs_k, b * ro_b + offs_k, mk, pid_n == 0, ADD_RESIDUAL, WRITE_RESIDUAL,
-                              HAS_Z, NORM_BEFORE_GATE)
-        if ACCUMULATE:
-            a = tl.load(acc_ptr + b * a_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        sq = u * u
-        if NGROUPS == 1:
-            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / group_size + eps)
-        else:  # each group's statistics by masked sums (NGROUPS is small)
-            rstd = tl.zeros_like(u)
-            for g in tl.static_range(NGROUPS):
-                in_g = group == g
-                rstd = tl.where(in_g, 1.0 / tl.sqrt(tl.sum(tl.where(in_g, sq, 0.0), axis=0) / group_size + eps),
-                                rstd)
-        nrm = u * rstd * nw
-        if HAS_Z and NORM_BEFORE_GATE:
-            nrm = nrm * gate
-        nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
-        out = tl.sum(w.to(tl.float32) * nrm[None, :], axis=1)
-        if HAS_BIAS:
-            out += bias
-        out = out.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + b * o_b + offs_n, out, mask=mask_n)
-        if ACCUMULATE:  # each program owns its outputs' residual entries: the in-place add has no race
-            tl.store(acc_ptr + b * a_b + offs_n, (a + out.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=mask_n)
-
-
-@triton.jit
-def _mixer_out_proj_kernel(
-    state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, dtb_ptr, y_ptr,
-    nheads, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
-    s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, y_b,
-    z_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, acc_ptr, M, N, group_size, eps, z_b, w_n, o_b, a_b,
-    sync_ptr, n_p_blocks, n_state_tiles, n_tiles,
-    WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DS: tl.constexpr,
-    NORM_BEFORE_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, NGROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """A Mamba-2 layer's [conv + state update] (state_update._mixer_tile) and [gated norm + out_proj + residual]
-    (_gemv_tile) in one launch: the first n_state_tiles tiles write y, the others wait for all of them (a count at
-    sync_ptr[1]) and multiply it into out_proj's rows. A program takes its tile from a ticket (sync_ptr[0]) drawn at
-    its start rather than from its program id: tickets go out in the order programs start, so when a GEMV tile
-    waits, every state tile (lower tickets) has started and runs to its end; nothing waits on a program that might
-    never be scheduled. Both counters only grow (int64): launch e hands out tickets e * n_tiles + 0 ... n_tiles - 1
-    and its state tiles bring the count to (e + 1) * n_state_tiles."""
-    release_early(USE_PDL)
-    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-    epoch = ticket // n_tiles
-    tile = (ticket - epoch * n_tiles).to(tl.int32)
-    if tile < n_state_tiles:
-        _mixer_tile(tile % n_p_blocks, tile // n_p_blocks,
-                    state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, xbc_ptr,
-                    dtb_ptr, y_ptr, nheads, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
-                    s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, 0, 0, 0,
-                    y_b, headdim, 1, WIDTH, HAS_CONV_BIAS, HAS_D, False, HAS_DT_BIAS, HAS_LIMIT, BLOCK_P, BLOCK_DS,
-                    USE_PDL)
-        tl.debug_barrier()  # release: every thread's y stores happen before the count
-        tl.atomic_add(sync_ptr + 1, 1, sem="release")
-    else:
-        _gemv_tile(tile - n_state_tiles, y_ptr, y_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, y_ptr, out_ptr, acc_ptr,
-                   M, N, d_ssm, group_size, eps, y_b, 0, z_b, 0, w_n, o_b, a_b, sync_ptr,
-                   (epoch + 1) * n_state_tiles, False, False, True, NORM_BEFORE_GATE, HAS_BIAS, True, NGROUPS, True,
-                   BLOCK_N, BLOCK_K, USE_PDL)
+    u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
+                          b * z_b + offs_k, b * ro_b + offs_k, mk, pid_n == 0, ADD_RESIDUAL, WRITE_RESIDUAL,
+                          HAS_Z, NORM_BEFORE_GATE)
+    if ACCUMULATE:
+        a = tl.load(acc_ptr + b * a_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    sq = u * u
+    if NGROUPS == 1:
+        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / group_size + eps)
+    else:  # each group's statistics by masked sums (NGROUPS is small)
+        group = offs_k // group_size
+        rstd = tl.zeros_like(u)
+        for g in tl.static_range(NGROUPS):
+            in_g = group == g
+            rstd = tl.where(in_g, 1.0 / tl.sqrt(tl.sum(tl.where(in_g, sq, 0.0), axis=0) / group_size + eps), rstd)
+    nrm = u * rstd * nw
+    if HAS_Z and NORM_BEFORE_GATE:
+        nrm = nrm * gate
+    nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
+    out = tl.sum(w.to(tl.float32) * nrm[None, :], axis=1)
+    if HAS_BIAS:
+        out += bias
+    out = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * o_b + offs_n, out, mask=mask_n)
+    if ACCUMULATE:  # each program owns its outputs' residual entries: the in-place add has no race
+        tl.store(acc_ptr + b * a_b + offs_n, (a + out.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -470,60 +403,3 @@ def gated_norm_linear(y, z, norm_weight, eps, ngroups, norm_before_gate, weight,
     y, z: (batch, K); weight: (N, K); residual: (batch, N). Returns out (batch, N) in weight's dtype."""
     return _launch(y, weight, norm_weight, eps, z=z, ngroups=ngroups, norm_before_gate=norm_before_gate, bias=bias,
                    accumulate=residual, config=config)
-
-
-def can_fuse_mixer_out_proj(d_ssm: int, norm_groups: int) -> bool:
-    """Whether mixer_out_proj applies (MIXER_IN_OUT_PROJ on, and out_proj's rows fit _gemv_tile)."""
-    return MIXER_IN_OUT_PROJ and triton.next_power_of_2(d_ssm) <= ROW_MAX_K and norm_groups <= ROW_MAX_GROUPS
-
-
-def mixer_out_proj(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D, dt_bias, dt_limit, ngroups,
-                   z, norm_weight, eps, norm_groups, norm_before_gate, weight, bias, residual, sync, config=None,
-                   block_p=None):
-    """state_update.mixer_step, then gated_norm_linear(y, z, ...) with residual += out, in one launch
-    (_mixer_out_proj_kernel; below GEMV_BELOW rows). sync: this layer's own (2,) int64 counters, zeros when
-    allocated and never touched by anything else (each launch leaves them ready for the next). The other arguments
-    are mixer_step's and gated_norm_linear's (z: (batch, d_ssm), norm_groups: the gated norm's groups). Returns out
-    (batch, N) in weight's dtype; the states and residual are updated in place."""
-    b, h, p, n = state.shape
-    width = conv_ring.shape[-1]
-    d_ssm = h * p
-    N = weight.shape[0]
-    if b >= GEMV_BELOW:
-        raise ValueError(f"mixer_out_proj: batch {b} must be below GEMV_BELOW = {GEMV_BELOW}")
-    if xBC.shape != (b, d_ssm + 2 * ngroups * n) or conv_ring.shape != (b, xBC.shape[1], width):
-        raise ValueError("mixer_out_proj: xBC / conv_ring shapes disagree with the state")
-    if weight.shape != (N, d_ssm) or weight.stride(1) != 1 or d_ssm % norm_groups:
-        raise ValueError(f"mixer_out_proj: weight must be (N, {d_ssm}) with contiguous rows and {d_ssm} channels "
-                         f"must split into {norm_groups} norm groups")
-    if sync.shape != (2,) or sync.dtype != torch.int64:
-        raise ValueError(f"mixer_out_proj: sync must be a (2,) int64 tensor, got {tuple(sync.shape)} {sync.dtype}")
-    _rows("z", z, b, d_ssm)
-    _rows("residual", residual, b, N)
-    y = torch.empty(b, d_ssm, device=xBC.device, dtype=xBC.dtype)
-    out = torch.empty(b, N, device=xBC.device, dtype=weight.dtype)
-    if D is not None:
-        D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
-    else:
-        D_h = D_p = 0
-    elements, num_warps = config or ROW_TILE
-    BLOCK_K = triton.next_power_of_2(d_ssm)
-    BLOCK_N = max(1, min(triton.next_power_of_2(N), elements // BLOCK_K))
-    BLOCK_DS, BLOCK_P, _ = _state_tiles(b, p, n, block_p, num_warps)
-    n_p_blocks = triton.cdiv(p, BLOCK_P)
-    n_state_tiles = n_p_blocks * b * h
-    n_tiles = n_state_tiles + triton.cdiv(N, BLOCK_N)
-    _mixer_out_proj_kernel[(n_tiles,)](
-        state, conv_ring, slot, xBC, conv_weight, conv_bias if conv_bias is not None else conv_weight, dt, A_log,
-        D if D is not None else A_log, dt_bias if dt_bias is not None else A_log, y,
-        h, p, n, h // ngroups, d_ssm, ngroups, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
-        *state.stride(), *conv_ring.stride(), *xBC.stride(), *conv_weight.stride(), *dt.stride(), D_h, D_p,
-        y.stride(0),
-        z, norm_weight, weight, bias if bias is not None else norm_weight, out, residual, b, N, d_ssm // norm_groups,
-        float(eps), z.stride(0), weight.stride(0), out.stride(0), residual.stride(0),
-        sync, n_p_blocks, n_state_tiles, n_tiles,
-        WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
-        HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), BLOCK_P=BLOCK_P, BLOCK_DS=BLOCK_DS,
-        NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None, NGROUPS=norm_groups, BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K, num_warps=num_warps, **pdl_options(early=True))
-    return out

@@ -62,15 +62,14 @@ def _softplus_and_decay(dt, A, dt_min, dt_max, DT_SOFTPLUS: tl.constexpr, HAS_LI
 
 
 @triton.jit
-def _state_tile(pid_p, pid_bh, state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n,
+def _state_tile(state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n,
                 BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
     """A step kernel's (batch, head, group), its headdim rows and dstate columns with their masks, and its state
-    tile in float32, for the tile (pid_p, pid_bh) (block of headdim rows, batch * nheads + head). The tile is the
-    kernel's own (last written by this layer's previous step), so it loads before the PDL wait; everything else a
-    step kernel reads comes after it."""
-    b = pid_bh // nheads
-    h = pid_bh % nheads
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    tile in float32. The tile is the kernel's own (last written by this layer's previous step), so it loads before
+    the PDL wait; everything else a step kernel reads comes after it."""
+    b = tl.program_id(1) // nheads
+    h = tl.program_id(1) % nheads
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
@@ -92,8 +91,7 @@ def _state_update_kernel(
     USE_PDL: tl.constexpr,
 ):
     b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, s = _state_tile(
-        tl.program_id(0), tl.program_id(1), state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p,
-        s_n, BLOCK_P, BLOCK_N, USE_PDL)
+        state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, USE_PDL)
 
     dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
                               HAS_LIMIT, A_IS_LOG)
@@ -235,30 +233,11 @@ def _mixer_step_kernel(
     USE_PDL: tl.constexpr,
 ):
     release_early(USE_PDL)
-    _mixer_tile(tl.program_id(0), tl.program_id(1),
-                state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, z_ptr, dtb_ptr,
-                out_ptr, nheads, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
-                s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p,
-                o_b, o_h, o_p, WIDTH, HAS_CONV_BIAS, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_LIMIT, BLOCK_P, BLOCK_N, USE_PDL)
-
-
-@triton.jit
-def _mixer_tile(
-    pid_p, pid_bh,
-    state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
-    nheads, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
-    s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p,
-    WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """The conv and state update of one (block of headdim rows, batch * nheads + head) tile; waits on the kernel
-    before (PDL) after its own loads."""
     # Before the PDL wait: the state tile, the parameters, and the ring's older inputs with their taps. None of
     # them is written by a kernel of this step: the ring's older slots and the slot index (advanced after the
     # step) were last written before it. After the wait: this token's x, B, C, dt and z (in_proj's outputs).
     b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st = _state_tile(
-        pid_p, pid_bh, state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, False)
+        state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, False)
     slot = tl.load(slot_ptr)  # the ring slot of this token's input; the older inputs sit in the slots before it
 
     # Causal conv (+ SiLU) of this head's x channels and its group's B and C channels. The ring holds WIDTH
@@ -311,7 +290,7 @@ def _mixer_tile(
     Cv = tl.where(mask_n, Cv.to(C_new.dtype).to(tl.float32), 0.0)
     slot_slot = slot % WIDTH
     tl.store(ring + cx * r_c + slot_slot * r_w, x_new.to(ring_ptr.dtype.element_ty), mask=mask_p)
-    if (h % heads_per_group == 0) and (pid_p == 0):  # one tile per group writes B and C
+    if (h % heads_per_group == 0) and (tl.program_id(0) == 0):  # one program per group writes B and C
         tl.store(ring + cB * r_c + slot_slot * r_w, B_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
         tl.store(ring + cC * r_c + slot_slot * r_w, C_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
 

@@ -116,8 +116,6 @@ class Decoder:
                     b, c, w = st.conv.shape
                     st.conv = torch.zeros(b, w + 1, c, device=device, dtype=st.conv.dtype).transpose(1, 2)
                     st.ring = True
-                    if fuse_linear:  # counters for the one-launch [conv + state + out_proj] (decode_linear.py)
-                        st.sync = torch.zeros(2, device=device, dtype=torch.long)
         for st, layer in zip(self.states, model.backbone.layers):
             if isinstance(st, KVCache):
                 m = layer.mixer

@@ -58,8 +58,6 @@ class Mamba2State:
     # Decoding only (generation.Decoder): conv holds d_conv slots used as a ring, the token at cache position t
     # writing slot t % d_conv; it saves the shift and lets one kernel do conv and state update without races.
     ring: bool = False
-    # Decoding at small batch only: the layer's own counters for kernels/decode_linear.mixer_out_proj, (2,) int64
-    sync: Optional[torch.Tensor] = None
 
 
 def _step_on_triton(t: torch.Tensor, impl: Optional[str]) -> bool:
@@ -258,24 +256,15 @@ class Mamba2Mixer(nn.Module):
         """A whole pre-norm block's mixer step in three launches (small batches; kernels/decode_linear.py):
         [residual += hidden, norm, in_proj], [conv + state update], [gated norm, out_proj, residual += out].
         hidden may be None (already in residual). Returns the residual, which then includes this layer's output."""
-        from lit_mamba2.kernels import decode_linear as dl
+        from lit_mamba2.kernels.decode_linear import add_norm_linear, gated_norm_linear
 
         b = residual.shape[0] if hidden is None else hidden.shape[0]
-        zxbcdt, residual = dl.add_norm_linear(hidden, residual, norm.weight, norm.eps, self.in_proj.weight,
-                                              self.in_proj.bias, residual_dtype)
+        zxbcdt, residual = add_norm_linear(hidden, residual, norm.weight, norm.eps, self.in_proj.weight,
+                                           self.in_proj.bias, residual_dtype)
         z, xBC, dt = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
-        norm_groups = self.d_ssm // self.norm.group_size
-        if (state.ring and state.sync is not None and b < dl.GEMV_BELOW
-                and dl.can_fuse_mixer_out_proj(self.d_ssm, norm_groups)):
-            D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
-            dl.mixer_out_proj(state.ssm, state.conv, pos.cache_pos, xBC, self.conv1d.weight[:, 0, :],
-                              self.conv1d.bias, dt, self.A_log, D, self.dt_bias, self.dt_limit, self.ngroups, z,
-                              self.norm.weight, self.norm.eps, norm_groups, self.norm.norm_before_gate,
-                              self.out_proj.weight, self.out_proj.bias, residual, state.sync)
-            return residual
         y = self._conv_ssm_step(z, xBC, dt, state, pos).view(b, self.d_ssm)
-        dl.gated_norm_linear(y, z, self.norm.weight, self.norm.eps, norm_groups, self.norm.norm_before_gate,
-                             self.out_proj.weight, self.out_proj.bias, residual=residual)
+        gated_norm_linear(y, z, self.norm.weight, self.norm.eps, self.d_ssm // self.norm.group_size,
+                          self.norm.norm_before_gate, self.out_proj.weight, self.out_proj.bias, residual=residual)
         return residual
 
 
