@@ -97,7 +97,7 @@ def test_gated_norm_linear_equals_gated_rmsnorm_then_matmul(batch, ngroups, norm
 
 
 # _norm_gemv_kernel (whole rows per program): tiles of 256 weight elements, so K = 72 or 80 (padded to 128) gives 2
-# rows per program and N = 45 / 37 a masked tail; the batch rows share each program's weights
+# weight rows per program and N = 45 / 37 a masked tail; each batch row has its own programs
 ROW_CONFIG = (256, 2)
 
 
