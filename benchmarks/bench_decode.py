@@ -78,7 +78,121 @@ REDUNDANT = {"ours_ring": lambda b: b < 16, "ours_noring": lambda b: b >= 16,  #
              "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# dec1 (batch below 8): variants that patch kernel constants for one run of `ours` (the Decoder's options stay
+# the defaults), and --graph-trace: the kernels of captured steps, by device time and by what each adds to the step
+DEC1_VARIANTS = {  # name: {"module.ATTRIBUTE": value}, modules of lit_mamba2.kernels
+    "dec1_chunked": {"decode_linear.FULL_ROW": False},  # the chunked GEMV (first weight chunk before the wait)
+    "dec1_early": {"pdl.EARLY_RELEASE": True},  # GEMVs and mixer release the next kernel at their start
+    "dec1_tile2k": {"decode_linear.ROW_TILE": (2048, 4)},
+    "dec1_tile8k": {"decode_linear.ROW_TILE": (8192, 4)},
+    "dec1_tile8k_w8": {"decode_linear.ROW_TILE": (8192, 8)},
+    "dec1_lm4k": {"decode_linear.ROW_TILE_WIDE": (4096, 4)},
+    "dec1_lm16k": {"decode_linear.ROW_TILE_WIDE": (16384, 8)},
+    "dec1_state1k_w4": {"state_update.STATE_TILE_SMALL_BATCH": (1024, 4)},
+    "dec1_state2k_w8": {"state_update.STATE_TILE_SMALL_BATCH": (2048, 8)},
+    "dec1_state512_w1": {"state_update.STATE_TILE_SMALL_BATCH": (512, 1)},
+    "dec1_early_tile8k": {"pdl.EARLY_RELEASE": True, "decode_linear.ROW_TILE": (8192, 4)},
+    "dec1_early_tile2k": {"pdl.EARLY_RELEASE": True, "decode_linear.ROW_TILE": (2048, 4)},
+    "dec1_ours_again": {},  # the defaults once more, last: the run's spread
+    # call 2 (EARLY_RELEASE on by default since call 1); its dec1_mixer_out* variants (conv + state update inside
+    # out_proj's launch) measured slower and were removed with the kernel (decode_run6_dec1b_*)
+    "dec1_no_early": {"pdl.EARLY_RELEASE": False},
+}
+VARIANTS.update({k: dict() for k in DEC1_VARIANTS})
+REDUNDANT.update({k: (lambda b: b >= 8) for k in DEC1_VARIANTS})
+
+
+def dec1_set(patches: dict) -> dict:
+    """Set lit_mamba2.kernels constants; returns the previous values."""
+    import importlib
+
+    before = {}
+    for key, value in patches.items():
+        mod, attr = key.rsplit(".", 1)
+        m = importlib.import_module(f"lit_mamba2.kernels.{mod}")
+        before[key] = getattr(m, attr)
+        setattr(m, attr, value)
+    return before
+
+
 def ours(name, batch, args, variant):
+    before = dec1_set(DEC1_VARIANTS.get(variant, {}))
+    try:
+        return _ours(name, batch, args, variant)
+    finally:
+        dec1_set(before)
+
+
+@torch.inference_mode()
+def graph_trace(args, variants):
+    """Batch 1, each model and variant: 10 captured steps under the CUDA profiler. Per kernel (name and grid):
+    calls per step, median device time (with PDL it includes the time spent waiting on the kernel before), and
+    median increment of the chain's end (its end minus the previous kernel's end: what it adds to the step)."""
+    import tempfile
+    from statistics import median
+
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from lit_mamba2 import Mamba2Config
+    from lit_mamba2.generation import Decoder
+    from lit_mamba2.model import Mamba2LMHeadModel
+
+    out = {}
+    for name in args.models:
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = Mamba2LMHeadModel(Mamba2Config.from_name(name)).to(torch.bfloat16).eval()
+        prompt = torch.randint(1, 50000, (1, 8), device=DEVICE)
+        for variant in variants:
+            before = dec1_set(DEC1_VARIANTS.get(variant, {}))
+            try:
+                dec = Decoder(model, 1, 64, cuda_graph=True, **VARIANTS[variant])
+                dec.prefill(prompt)
+                token = torch.randint(1, 50000, (1,), device=DEVICE)
+                plain_ms = median_ms(lambda: dec.step(token), 50)
+                n_steps = 10
+                with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(n_steps):
+                        dec.step(token)
+                    torch.cuda.synchronize()
+                with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                    prof.export_chrome_trace(f.name)
+                    events = json.loads(Path(f.name).read_text())["traceEvents"]
+            finally:
+                dec1_set(before)
+            ks = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+            per = len(ks) // n_steps
+            stats, spans = {}, []
+            for s in range(n_steps):
+                step = ks[s * per:(s + 1) * per]
+                spans.append(step[-1]["ts"] + step[-1]["dur"] - step[0]["ts"])
+                prev_end = step[0]["ts"]
+                for e in step:
+                    end = e["ts"] + e["dur"]
+                    key = f"{e['name'][:40]} grid{tuple(e.get('args', {}).get('grid', ()))}"
+                    st = stats.setdefault(key, dict(dur=[], incr=[], n=0))
+                    st["dur"].append(e["dur"])
+                    st["incr"].append(end - prev_end)
+                    st["n"] += 1
+                    prev_end = max(prev_end, end)
+            rows = sorted(((k, v["n"] // n_steps, median(v["dur"]), median(v["incr"]), sum(v["incr"]) / n_steps)
+                           for k, v in stats.items()), key=lambda r: -r[4])
+            key = f"{name} {variant}"
+            out[key] = dict(step_ms_plain=plain_ms, kernels_per_step=per, span_us_median=median(spans),
+                            kernels=[dict(kernel=k, per_step=n, dur_us=d, incr_us=i, incr_us_per_step=t)
+                                     for k, n, d, i, t in rows])
+            print(f"--- {key}: step {plain_ms * 1e3:.1f} us (no profiler), {per} kernels, span under the "
+                  f"profiler {median(spans):.1f} us", flush=True)
+            for k, n, d, i, t in rows[:12]:
+                print(f"  {k:<62} x{n:<3} dur {d:6.2f} incr {i:6.2f} us, {t:7.1f} us/step", flush=True)
+            del dec
+        del model
+        torch.cuda.empty_cache()
+    return out
+
+
+def _ours(name, batch, args, variant):
     from lit_mamba2 import Mamba2Config
     from lit_mamba2.generation import Decoder, stream
     from lit_mamba2.model import GatedRMSNorm, Mamba2LMHeadModel
@@ -491,6 +605,8 @@ def main():
     p.add_argument("--tuned", type=Path, default=None, help="a --sweep's .extras.json: use its winning tiles")
     p.add_argument("--sweep", action="store_true", help="time the kernels' tile choices alone first")
     p.add_argument("--profile", action="store_true", help="list the kernels of one eager step")
+    p.add_argument("--graph-trace", nargs="*", default=None, choices=list(VARIANTS),
+                   help="batch 1: the kernels of captured steps of these variants under the CUDA profiler")
     p.add_argument("--drift", type=int, default=0, help="tokens of bf16- vs float32-state greedy decoding")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--report", type=Path, nargs="+", default=None,
@@ -527,6 +643,8 @@ def main():
         stage("drift", lambda: drift(args, args.drift))
     if args.profile:
         stage("profile", lambda: profile(args))
+    if args.graph_trace:
+        stage("graph_trace", lambda: graph_trace(args, args.graph_trace))
     tuned = apply_tuned(args.tuned) if args.tuned and args.tuned.exists() else {}
     if not args.variants and not args.only_mamba_ssm:
         return

@@ -6,9 +6,15 @@ weights of mamba2-130m stream in ~0.1 ms. So a Mamba-2 layer's step is three lau
     [residual add + RMSNorm + in_proj]   [conv + SSM state update (state_update.py)]
     [gated RMSNorm + out_proj + residual add]
 
-and the final norm rides in the LM head's prologue. Each program computes BLOCK_N outputs of one row (a GEMV tile)
-and recomputes its row's norm statistics itself (a d_model- or d_inner-long read that stays in L1/L2) instead of
-waiting for another launch to produce them. From GEMV_BELOW rows on, a block of up to 64 rows shares each weight
+and the final norm rides in the LM head's prologue. Each program computes BLOCK_N outputs (a GEMV tile) and
+recomputes the norm statistics itself (a d_model- or d_inner-long read that stays in L1/L2) instead of waiting for
+another launch to produce them. Below GEMV_BELOW rows the default is _norm_gemv_kernel: a program holds whole
+weight rows, all loaded before the PDL wait, so that a layer's weights stream in while the kernel before it still
+runs (kernels/pdl.py) and only activations are read after it. Measured and dropped (decode run 6, dec1b): the conv
++ state update inside out_proj's launch (two launches per layer, out_proj's tiles waiting on a release/acquire
+count of the state tiles, tiles taken by ticket so that no tile waits on one not yet scheduled): 0.218 / 0.554 ms
+per step at batch 1 (130m / 370m) against 0.201 / 0.485 with three launches and PDL; the count's round trips cost
+more than the launch they saved. From GEMV_BELOW rows on, a block of up to 64 rows shares each weight
 tile through tl.dot instead, so the weight is read once per 64 rows (batch 64: once); measured slower than
 cuBLAS there so far, it is not the default (see GEMV_BELOW).
 
@@ -27,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import options as pdl_options, wait_and_release
+from .pdl import options as pdl_options, release_early, wait_and_release
 
 # Below GEMV_BELOW rows: one row per program (_norm_linear_kernel, CONFIG = (BLOCK_N, BLOCK_K, num_warps,
 # single_pass)); from it on: blocks of rows through tl.dot (_norm_matmul_kernel, DOT_CONFIG = (BLOCK_M, BLOCK_N,
@@ -45,6 +51,18 @@ CONFIG = (4, 512, 4, False)
 CONFIG_WIDE = (4, 512, 4, False)  # from WIDE_N outputs on (the LM head)
 WIDE_N = 16384
 DOT_CONFIG = (64, 32, 128, 4, 3, False)
+# Below GEMV_BELOW rows, where the padded row (next_power_of_2(K)) has at most ROW_MAX_K channels and the norm at
+# most ROW_MAX_GROUPS groups: _norm_gemv_kernel instead, whole weight rows per program, all loaded before the PDL
+# wait. ROW_TILE = (weight elements per program, num_warps); ROW_TILE_WIDE from WIDE_N outputs on (the LM head).
+# Measured on an H100 (decode run 6, benchmarks/results/decode_run6_dec1a_*, batch 1, whole captured steps):
+# 0.230 / 0.541 ms for mamba2-130m / -370m against 0.320 / 0.740 with the chunked kernel above; tiles of 2048
+# elements were slower (0.266 / 0.645), 8192 close (0.221 / 0.530; with early PDL release 0.246 / 0.483 against
+# 0.206 / 0.482), the LM head's tile did not matter (4096 to 16384: within 1 %).
+FULL_ROW = True
+ROW_TILE = (4096, 4)
+ROW_TILE_WIDE = (8192, 8)
+ROW_MAX_K = 8192
+ROW_MAX_GROUPS = 8
 # The GEMV loads its first weight chunk before waiting for the previous kernel: None = when launched with PDL
 # (kernels/pdl.py), where the load overlaps the previous kernel's end; True / False force it (tests, sweeps)
 PRELOAD_WEIGHTS = None
@@ -160,6 +178,62 @@ def _norm_linear_kernel(
 
 
 @triton.jit
+def _norm_gemv_kernel(
+    x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, r_out_ptr, out_ptr, acc_ptr,
+    N, K, group_size, eps,
+    x_b, r_b, z_b, ro_b, w_n, o_b, a_b,
+    ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, NGROUPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """_norm_linear_kernel with whole rows: a program holds BLOCK_N full weight rows (BLOCK_K >= K), loaded with
+    the norm weight and bias before the PDL wait, so that with PDL a layer's weights stream while the kernel before
+    still runs and only the activations are read after it (one round trip to L2). The norm over NGROUPS groups of
+    channels is computed from the row in registers; same roundings as _norm_linear_kernel's two-pass form.
+    One row of the batch per program (grid axis 1): the rows' chains of dependent loads and reductions run side by
+    side (a loop over the rows inside each program, which read the weights once, ran them one after another: 0.507
+    ms per step at batch 4 for mamba2-130m against 0.201 at batch 1, decode_run6_dec1b_extra); the weights are read
+    once per row, from L2 after the first."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    release_early(USE_PDL)
+    w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+    nw = tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    wait_and_release(USE_PDL)  # every input but the parameters comes from the kernels before (pdl.py)
+    u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
+                          b * z_b + offs_k, b * ro_b + offs_k, mk, pid_n == 0, ADD_RESIDUAL, WRITE_RESIDUAL,
+                          HAS_Z, NORM_BEFORE_GATE)
+    if ACCUMULATE:
+        a = tl.load(acc_ptr + b * a_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    sq = u * u
+    if NGROUPS == 1:
+        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / group_size + eps)
+    else:  # each group's statistics by masked sums (NGROUPS is small)
+        group = offs_k // group_size
+        rstd = tl.zeros_like(u)
+        for g in tl.static_range(NGROUPS):
+            in_g = group == g
+            rstd = tl.where(in_g, 1.0 / tl.sqrt(tl.sum(tl.where(in_g, sq, 0.0), axis=0) / group_size + eps), rstd)
+    nrm = u * rstd * nw
+    if HAS_Z and NORM_BEFORE_GATE:
+        nrm = nrm * gate
+    nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
+    out = tl.sum(w.to(tl.float32) * nrm[None, :], axis=1)
+    if HAS_BIAS:
+        out += bias
+    out = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * o_b + offs_n, out, mask=mask_n)
+    if ACCUMULATE:  # each program owns its outputs' residual entries: the in-place add has no race
+        tl.store(acc_ptr + b * a_b + offs_n, (a + out.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
 def _norm_matmul_kernel(
     x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, r_out_ptr, out_ptr, acc_ptr,
     M, N, K, ngroups, group_size, eps,
@@ -236,6 +310,14 @@ def _norm_matmul_kernel(
         tl.store(a_ptrs, (a + out.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=mo)
 
 
+def _full_rows(config, K, ngroups) -> bool:
+    """Whether _norm_gemv_kernel (whole rows) runs: a 2-tuple config asks for it, a 4-tuple for the chunked
+    kernel; by default FULL_ROW where the padded row and the groups fit."""
+    if config is not None:
+        return len(config) == 2
+    return FULL_ROW and triton.next_power_of_2(K) <= ROW_MAX_K and ngroups <= ROW_MAX_GROUPS
+
+
 def _rows(name, t, b, k):
     if t.dim() != 2 or t.shape != (b, k) or t.stride(1) != 1:
         raise ValueError(f"{name}: expected a ({b}, {k}) tensor with contiguous rows, got {tuple(t.shape)} "
@@ -266,11 +348,18 @@ def _launch(x, weight, norm_weight, eps, *, residual=None, r_out=None, z=None, n
                accumulate.stride(0) if accumulate is not None else 0)
     flags = dict(ADD_RESIDUAL=residual is not None, WRITE_RESIDUAL=r_out is not None, HAS_Z=z is not None,
                  NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None, ACCUMULATE=accumulate is not None)
-    if b < GEMV_BELOW:
+    if b < GEMV_BELOW and _full_rows(config, K, ngroups):
+        elements, num_warps = config or (ROW_TILE_WIDE if N >= WIDE_N else ROW_TILE)
+        BLOCK_K = triton.next_power_of_2(K)
+        BLOCK_N = max(1, min(triton.next_power_of_2(N), elements // BLOCK_K))
+        _norm_gemv_kernel[(triton.cdiv(N, BLOCK_N), b)](
+            *args, N, K, group_size, float(eps), *strides, **flags, NGROUPS=ngroups, BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K, num_warps=num_warps, **pdl_options(early=True))
+    elif b < GEMV_BELOW:
         BLOCK_N, BLOCK_K, num_warps, single_pass = config or (CONFIG_WIDE if N >= WIDE_N else CONFIG)
         BLOCK_K = min(BLOCK_K, triton.next_power_of_2(group_size))
         pdl = pdl_options()
-        preload = pdl["USE_PDL"] if PRELOAD_WEIGHTS is None else PRELOAD_WEIGHTS
+        preload = bool(pdl["USE_PDL"]) if PRELOAD_WEIGHTS is None else PRELOAD_WEIGHTS
         _norm_linear_kernel[(triton.cdiv(N, BLOCK_N), b)](
             *args, N, K, ngroups, group_size, float(eps), *strides, **flags, SINGLE_PASS=single_pass,
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRELOAD=preload, num_warps=num_warps, **pdl)

@@ -11,13 +11,17 @@ Correctness rules every kernel with USE_PDL follows:
 - every program calls gdc_wait() (unconditionally, once) before it reads anything an earlier kernel of the step
   writes, and before it writes anything. Then each kernel completes only after its predecessor has, so the wait
   covers all earlier kernels too (transitively);
-- gdc_launch_dependents() comes after the wait, so at most two kernels overlap: the next one's pre-wait part
-  never runs beside a kernel that is still before its own wait;
+- gdc_launch_dependents() comes after the wait (USE_PDL = 1), so at most two kernels overlap: the next one's
+  pre-wait part never runs beside a kernel that is still before its own wait. Kernels whose pre-wait part reads
+  only what no kernel of the same step writes (weights, parameters, a layer's own state from the previous token)
+  may release at their start instead (USE_PDL = 2, `release_early`, where EARLY_RELEASE is on): the next kernel
+  then starts its loads a kernel sooner. Still correct at any depth of overlap: a kernel's wait returns only once
+  its predecessor completed, and that one completed only after its own wait returned, and so on back;
 - kernels launched without the attribute (cuBLAS, PyTorch ops) keep full stream order on both sides.
 
 CUDA graphs keep it: Triton launches through cuLaunchKernelEx with the attribute, and stream capture (CUDA >= 12.3)
 records it as a programmatic dependency edge, which the replay honours; torch.cuda.graph only captures the stream.
-Off (USE_PDL=False, no attribute) under TRITON_INTERPRET, on CPUs, before compute capability 9, and on Tritons
+Off (USE_PDL=0, no attribute) under TRITON_INTERPRET, on CPUs, before compute capability 9, and on Tritons
 without `tl.extra.cuda.gdc_wait` (it exists from Triton 3.4; 3.6 on the device, 3.9 here).
 """
 
@@ -31,6 +35,9 @@ import triton
 import triton.language as tl
 
 _enabled = False
+# Kernels that opt in (options(early=True)) release their dependents at their start instead of after their wait.
+# Measured on an H100 (decode run 6, dec1a, batch 1): 0.230 -> 0.206 ms per step (mamba2-130m), 0.541 -> 0.482 (370m)
+EARLY_RELEASE = True
 
 
 def supported(device=None) -> bool:
@@ -61,14 +68,25 @@ def launching(on: bool = True):
         _enabled = before
 
 
-def options() -> dict:
-    """Keyword arguments for a kernel launch: the USE_PDL constexpr, and Triton's launch_pdl option when on."""
-    return dict(USE_PDL=True, launch_pdl=True) if _enabled else dict(USE_PDL=False)
+def options(early: bool = False) -> dict:
+    """Keyword arguments for a kernel launch: the USE_PDL constexpr (0 off, 1 release after the wait, 2 release at
+    the start: `early` kernels, where EARLY_RELEASE is on), and Triton's launch_pdl option when on."""
+    if not _enabled:
+        return dict(USE_PDL=0)
+    return dict(USE_PDL=2 if early and EARLY_RELEASE else 1, launch_pdl=True)
+
+
+@triton.jit
+def release_early(USE_PDL: tl.constexpr):
+    """At a kernel's start: with USE_PDL == 2 the next kernel may launch now (its wait still covers this one)."""
+    if USE_PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def wait_and_release(USE_PDL: tl.constexpr):
-    """The previous kernel's writes are visible after this; the next kernel may launch."""
+    """The previous kernel's writes are visible after this; the next kernel may launch (if not released yet)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if USE_PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import options as pdl_options, wait_and_release
+from .pdl import options as pdl_options, release_early, wait_and_release
 
 
 # A program's state tile: BLOCK_P rows of headdim by all of dstate, as (elements per tile, num_warps), below batch
@@ -45,13 +45,19 @@ def _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_
     dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
     if HAS_DT_BIAS:
         dt += tl.load(dtb_ptr + h).to(tl.float32)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)  # the parameter A_log: saves the model two tiny launches per layer and step
+    return _softplus_and_decay(dt, A, dt_min, dt_max, DT_SOFTPLUS, HAS_LIMIT)
+
+
+@triton.jit
+def _softplus_and_decay(dt, A, dt_min, dt_max, DT_SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """dt (with its bias) through softplus and the clamp; returns (dt, exp(A * dt))."""
     if DT_SOFTPLUS:
         dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # F.softplus with its threshold
     if HAS_LIMIT:
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    if A_IS_LOG:
-        A = -tl.exp(A)  # the parameter A_log: saves the model two tiny launches per layer and step
     return dt, tl.exp(A * dt)
 
 
@@ -226,8 +232,12 @@ def _mixer_step_kernel(
     HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    release_early(USE_PDL)
+    # Before the PDL wait: the state tile, the parameters, and the ring's older inputs with their taps. None of
+    # them is written by a kernel of this step: the ring's older slots and the slot index (advanced after the
+    # step) were last written before it. After the wait: this token's x, B, C, dt and z (in_proj's outputs).
     b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st = _state_tile(
-        state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, USE_PDL)
+        state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, False)
     slot = tl.load(slot_ptr)  # the ring slot of this token's input; the older inputs sit in the slots before it
 
     # Causal conv (+ SiLU) of this head's x channels and its group's B and C channels. The ring holds WIDTH
@@ -236,12 +246,13 @@ def _mixer_step_kernel(
     cx = h * headdim + offs_p
     cB = d_ssm + g * dstate + offs_n
     cC = d_ssm + ngroups * dstate + g * dstate + offs_n
-    x_new = tl.load(xbc_ptr + b * xbc_b + cx * xbc_c, mask=mask_p, other=0.0)
-    B_new = tl.load(xbc_ptr + b * xbc_b + cB * xbc_c, mask=mask_n, other=0.0)
-    C_new = tl.load(xbc_ptr + b * xbc_b + cC * xbc_c, mask=mask_n, other=0.0)
-    x = x_new.to(tl.float32) * tl.load(cw_ptr + cx * cw_c + (WIDTH - 1) * cw_w, mask=mask_p, other=0.0).to(tl.float32)
-    Bv = B_new.to(tl.float32) * tl.load(cw_ptr + cB * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
-    Cv = C_new.to(tl.float32) * tl.load(cw_ptr + cC * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+    x = tl.zeros([BLOCK_P], dtype=tl.float32)
+    Bv = tl.zeros([BLOCK_N], dtype=tl.float32)
+    Cv = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_CONV_BIAS:
+        x += tl.load(cb_ptr + cx, mask=mask_p, other=0.0).to(tl.float32)
+        Bv += tl.load(cb_ptr + cB, mask=mask_n, other=0.0).to(tl.float32)
+        Cv += tl.load(cb_ptr + cC, mask=mask_n, other=0.0).to(tl.float32)
     ring = ring_ptr + b * r_b
     for k in tl.static_range(WIDTH - 1):
         s = (slot + (k + 1)) % WIDTH  # oldest first: slot+1 is the oldest kept input
@@ -251,10 +262,25 @@ def _mixer_step_kernel(
             tl.load(cw_ptr + cB * cw_c + k * cw_w, mask=mask_n, other=0.0).to(tl.float32)
         Cv += tl.load(ring + cC * r_c + s * r_w, mask=mask_n, other=0.0).to(tl.float32) * \
             tl.load(cw_ptr + cC * cw_c + k * cw_w, mask=mask_n, other=0.0).to(tl.float32)
-    if HAS_CONV_BIAS:
-        x += tl.load(cb_ptr + cx, mask=mask_p, other=0.0).to(tl.float32)
-        Bv += tl.load(cb_ptr + cB, mask=mask_n, other=0.0).to(tl.float32)
-        Cv += tl.load(cb_ptr + cC, mask=mask_n, other=0.0).to(tl.float32)
+    wx = tl.load(cw_ptr + cx * cw_c + (WIDTH - 1) * cw_w, mask=mask_p, other=0.0).to(tl.float32)
+    wB = tl.load(cw_ptr + cB * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+    wC = tl.load(cw_ptr + cC * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
+    A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
+    if HAS_DT_BIAS:
+        dt_bias = tl.load(dtb_ptr + h).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+    wait_and_release(USE_PDL)
+
+    x_new = tl.load(xbc_ptr + b * xbc_b + cx * xbc_c, mask=mask_p, other=0.0)
+    B_new = tl.load(xbc_ptr + b * xbc_b + cB * xbc_c, mask=mask_n, other=0.0)
+    C_new = tl.load(xbc_ptr + b * xbc_b + cC * xbc_c, mask=mask_n, other=0.0)
+    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
+    x = x + x_new.to(tl.float32) * wx
+    Bv = Bv + B_new.to(tl.float32) * wB
+    Cv = Cv + C_new.to(tl.float32) * wC
     x = x * tl.sigmoid(x)
     Bv = Bv * tl.sigmoid(Bv)
     Cv = Cv * tl.sigmoid(Cv)
@@ -269,15 +295,15 @@ def _mixer_step_kernel(
         tl.store(ring + cC * r_c + slot_slot * r_w, C_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
 
     # the SSM state update, as in _state_update_kernel
-    dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_log_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, True,
-                              HAS_LIMIT, True)
+    if HAS_DT_BIAS:
+        dt += dt_bias
+    dt, decay = _softplus_and_decay(dt, A, dt_min, dt_max, True, HAS_LIMIT)
     st = st * decay + (x * dt)[:, None] * Bv[None, :]
     tl.store(s_ptrs, st.to(state_ptr.dtype.element_ty), mask=mask)
     y = tl.sum(st * Cv[None, :], axis=1)
     if HAS_D:
-        y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+        y += x * Dv
     if HAS_Z:
-        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
     tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
 
@@ -313,6 +339,6 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
         *out.stride(),
         WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), BLOCK_P=BLOCK_P,
-        BLOCK_N=BLOCK_N, num_warps=num_warps, **pdl_options(),
+        BLOCK_N=BLOCK_N, num_warps=num_warps, **pdl_options(early=True),
     )
     return out

@@ -96,6 +96,69 @@ def test_gated_norm_linear_equals_gated_rmsnorm_then_matmul(batch, ngroups, norm
         assert rel(res_dev.cpu() - residual, ref) < tol(dtype)
 
 
+# _norm_gemv_kernel (whole rows per program): tiles of 256 weight elements, so K = 72 or 80 (padded to 128) gives 2
+# weight rows per program and N = 45 / 37 a masked tail; each batch row has its own programs
+ROW_CONFIG = (256, 2)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case,dtype,residual_dtype", [
+    ("hidden+residual", torch.bfloat16, torch.float32), ("residual", torch.bfloat16, torch.float32),
+    ("hidden+residual", torch.float32, torch.float32), ("hidden", torch.bfloat16, torch.bfloat16),
+    ("lm_head", torch.bfloat16, None)])
+def test_whole_row_gemv_equals_add_rmsnorm_then_matmul(batch, case, dtype, residual_dtype):
+    g = torch.Generator().manual_seed(batch * 5 + len(case) + (dtype == torch.float32))
+    K, N = 72, 45
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    hidden = r(batch, K).to(dtype) if case != "residual" else None
+    residual = r(batch, K).to(residual_dtype or torch.float32) if case != "hidden" else None
+    nw, W, bias = (torch.rand(K, generator=g) + 0.5).to(dtype), (r(N, K) / 8).to(dtype), r(N).to(dtype)
+    use_bias = case not in ("lm_head", "residual")
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    out, r_new = add_norm_linear(dev(hidden), dev(residual), dev(nw), 1e-5, dev(W), dev(bias) if use_bias else None,
+                                 residual_dtype=residual_dtype, config=ROW_CONFIG)
+    r_ref = (hidden.double() if hidden is not None else 0) + (residual.double() if residual is not None else 0)
+    if residual_dtype is not None:
+        r_ref = r_ref.to(residual_dtype).double()
+    n = reference.rmsnorm(r_ref.to(dtype).double(), nw.double(), 1e-5).to(dtype).double()
+    ref = n @ W.double().T + (bias.double() if use_bias else 0)
+    assert out.shape == (batch, N) and out.dtype == dtype
+    assert rel(out.cpu(), ref) < tol(dtype)
+    if case in ("hidden+residual", "hidden"):
+        assert rel(r_new.cpu(), r_ref) < (1e-12 if residual_dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("ngroups,norm_before_gate,dtype", [(1, False, torch.bfloat16), (2, False, torch.float32),
+                                                            (4, True, torch.bfloat16), (2, True, torch.float32)])
+def test_whole_row_gemv_equals_gated_rmsnorm_then_matmul_plus_residual(batch, ngroups, norm_before_gate, dtype):
+    g = torch.Generator().manual_seed(ngroups * 3 + batch + 7 * norm_before_gate)
+    K, N = 80, 37  # groups of 80, 40 or 20 channels in a row padded to 128
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    y, z = r(batch, K).to(dtype), r(batch, K + 16).to(dtype)[:, 16:]
+    y = y * torch.linspace(0.2, 3.0, K).to(dtype)  # groups of different scales: a wrong group's rstd shows
+    nw, W, bias = (torch.rand(K, generator=g) + 0.5).to(dtype), (r(N, K) / 8).to(dtype), r(N).to(dtype)
+    residual = r(batch, N)
+    res_dev = residual.clone().to(DEVICE)
+    out = gated_norm_linear(y.to(DEVICE), z.to(DEVICE), nw.to(DEVICE), 1e-5, ngroups, norm_before_gate, W.to(DEVICE),
+                            bias=bias.to(DEVICE), residual=res_dev, config=ROW_CONFIG)
+    n = reference.gated_rmsnorm(y.double(), z.double(), nw.double(), 1e-5, K // ngroups, norm_before_gate)
+    ref = n.to(dtype).double() @ W.double().T + bias.double()
+    assert out.dtype == dtype and rel(out.cpu(), ref) < tol(dtype)
+    torch.testing.assert_close(res_dev.cpu().double(), residual.double() + out.cpu().double(), rtol=1e-6, atol=1e-6)
+
+
+def test_whole_row_gemv_is_the_default_below_gemv_below(monkeypatch):
+    """The model's step picks _norm_gemv_kernel where the rows fit, the chunked kernel otherwise."""
+    from lit_mamba2.kernels import decode_linear as dl
+
+    assert dl.FULL_ROW and dl._full_rows(None, 768, 1) and dl._full_rows((4096, 4), 768, 1)
+    assert not dl._full_rows((4, 512, 4, False), 768, 1)
+    assert not dl._full_rows(None, 2 * dl.ROW_MAX_K, 1) and not dl._full_rows(None, 64, dl.ROW_MAX_GROUPS + 1)
+    monkeypatch.setattr(dl, "FULL_ROW", False)
+    assert not dl._full_rows(None, 768, 1)
+
+
 def test_bad_shapes_are_named():
     W = torch.randn(8, 16)
     with pytest.raises(ValueError, match="residual"):
@@ -106,7 +169,8 @@ def test_bad_shapes_are_named():
 
 @pytest.mark.parametrize("preset,dtype,ring_conv,single_pass", [("mamba2-test", torch.float32, True, False),
                                                                 ("mamba2attn-test", torch.float32, False, True),
-                                                                ("mamba2-test", torch.bfloat16, True, True)])
+                                                                ("mamba2-test", torch.bfloat16, True, True),
+                                                                ("mamba2attn-test", torch.bfloat16, True, False)])
 def test_model_fused_decode_step_equals_pytorch_step(preset, dtype, ring_conv, single_pass, monkeypatch):
     """Mamba2LMHeadModel.step with the fused linear kernels (Decoder(fuse_linear=True), Triton) against the
     PyTorch step from the same prefilled states, over a few tokens of a left-padded batch (hybrid: attention
@@ -116,9 +180,11 @@ def test_model_fused_decode_step_equals_pytorch_step(preset, dtype, ring_conv, s
     from lit_mamba2.kernels import decode_linear
     from lit_mamba2.model import Mamba2LMHeadModel
 
-    # wider tiles than the GPU's: fewer programs for the interpreter (the tiles do not change the function)
+    # wider tiles than the GPU's: fewer programs for the interpreter (the tiles do not change the function); the
+    # single-pass cases run the chunked GEMV, the others the whole-row one (the default where rows fit)
     for name in ("CONFIG", "CONFIG_WIDE"):
         monkeypatch.setattr(decode_linear, name, (32, 64, 4, single_pass))
+    monkeypatch.setattr(decode_linear, "FULL_ROW", not single_pass)
     torch.manual_seed(0)
     model = Mamba2LMHeadModel(Mamba2Config.from_name(preset)).eval()
     with torch.no_grad():

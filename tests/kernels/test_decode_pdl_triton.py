@@ -32,6 +32,18 @@ def test_pdl_is_off_under_the_interpreter():
     assert pdl.options() == dict(USE_PDL=False)
 
 
+def test_early_release_only_for_kernels_that_opt_in(monkeypatch):
+    """USE_PDL: 0 off, 1 release after the wait, 2 release at the start (options(early=True) with EARLY_RELEASE)."""
+    monkeypatch.setattr(pdl, "_enabled", True)  # as within pdl.launching() on a GPU that supports it
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", True)
+    assert pdl.options() == dict(USE_PDL=1, launch_pdl=True)
+    assert pdl.options(early=True) == dict(USE_PDL=2, launch_pdl=True)
+    monkeypatch.setattr(pdl, "EARLY_RELEASE", False)
+    assert pdl.options(early=True) == dict(USE_PDL=1, launch_pdl=True)
+    monkeypatch.setattr(pdl, "_enabled", False)
+    assert pdl.options(early=True) == dict(USE_PDL=0)
+
+
 @pytest.mark.parametrize("preset,batch,ring_conv,fuse_linear", [
     ("mamba2-test", 2, True, False), ("mamba2-test", 1, False, True),
     ("mamba2attn-test", 2, True, False), ("mamba2attn-test", 1, False, False)])
@@ -135,11 +147,11 @@ def _compile_pdl_kernels_for_sm90():
     from lit_mamba2.kernels import decode_linear as dl
     from lit_mamba2.kernels import state_update as su
 
-    def compile_ptx(kernel, constexprs, ptr_types=()):
+    def compile_ptx(kernel, constexprs, ptr_types=(), use_pdl=True):
         ptr_types = dict(ptr_types)
         sig = {n: "constexpr" if n in constexprs else "*" + ptr_types.get(n, "bf16") if n.endswith("_ptr")
                else "fp32" if n in ("eps", "dt_min", "dt_max") else "i32" for n in kernel.arg_names}
-        k = triton.compile(ASTSource(kernel, sig, constexprs=dict(constexprs, USE_PDL=True)),
+        k = triton.compile(ASTSource(kernel, sig, constexprs=dict(constexprs, USE_PDL=use_pdl)),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, launch_pdl=True))
         return k.asm["ptx"]
 
@@ -148,6 +160,9 @@ def _compile_pdl_kernels_for_sm90():
     ptxs = {
         "norm_linear": compile_ptx(dl._norm_linear_kernel, dict(flags, BLOCK_N=4, BLOCK_K=512, PRELOAD=True),
                                    {"r_ptr": "fp32", "r_out_ptr": "fp32"}),
+        "norm_gemv": compile_ptx(dl._norm_gemv_kernel, dict({k: v for k, v in flags.items() if k != "SINGLE_PASS"},
+                                                            NGROUPS=1, BLOCK_N=4, BLOCK_K=1024),
+                                 {"r_ptr": "fp32", "r_out_ptr": "fp32"}),
         "mixer_step": compile_ptx(su._mixer_step_kernel, dict(
             WIDTH=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_P=16,
             BLOCK_N=128), {"slot_ptr": "i64", "A_log_ptr": "fp32"}),
@@ -161,6 +176,18 @@ def _compile_pdl_kernels_for_sm90():
     for name, ptx in ptxs.items():
         assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, name
         assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents"), name
+    # early release (USE_PDL=2, pdl.EARLY_RELEASE): the kernels that opt in release first, then wait, once each
+    early = {
+        "norm_gemv": compile_ptx(dl._norm_gemv_kernel, dict({k: v for k, v in flags.items() if k != "SINGLE_PASS"},
+                                                            NGROUPS=1, BLOCK_N=4, BLOCK_K=1024),
+                                 {"r_ptr": "fp32", "r_out_ptr": "fp32"}, use_pdl=2),
+        "mixer_step": compile_ptx(su._mixer_step_kernel, dict(
+            WIDTH=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_P=16,
+            BLOCK_N=128), {"slot_ptr": "i64", "A_log_ptr": "fp32"}, use_pdl=2),
+    }
+    for name, ptx in early.items():
+        assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 1, name
+        assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait"), name
     print("compiled:", ", ".join(ptxs))
 
 
@@ -173,7 +200,7 @@ def test_pdl_kernels_compile_for_sm90_with_grid_dependency_control():
     env = dict(os.environ, TRITON_INTERPRET="0")
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled: norm_linear, mixer_step, state_update, conv_step, add_rmsnorm" in done.stdout
+    assert "compiled: norm_linear, norm_gemv, mixer_step, state_update, conv_step, add_rmsnorm" in done.stdout
 
 
 if __name__ == "__main__":
