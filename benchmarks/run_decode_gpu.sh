@@ -14,6 +14,7 @@
 # loses the last ones first):
 #   PEERS=../../.peers bash benchmarks/run_decode_gpu.sh          (timeout_s 260)
 # with a causal-conv1d build elsewhere: CC_BUILD=/path/to/build (a folder with causal_conv1d/ and the .so).
+# BATCHES (default "1 64") picks the batch sizes; OURS_ARGS adds bench_decode.py flags to the ours stage.
 set -u
 PEERS=${PEERS:-.peers}
 OUT=${OUT:-/tmp/out}
@@ -62,6 +63,7 @@ if [[ " $STAGES " == *" ours "* ]]; then
   [ -f "$OUT/sweep.extras.json" ] && TUNED=(--tuned "$OUT/sweep.extras.json")
   timeout $((BUDGET - MAMBA_S - 5 - SECONDS)) python3 benchmarks/bench_decode.py --models $MODELS --no-mamba-ssm \
     "${TUNED[@]}" --variants $VARIANTS --gen-len 64 --iters 50 --gen-for ${GEN_FOR:-ours} --out "$OUT/bench.json" \
+    --batches ${BATCHES:-1 64} ${OURS_ARGS:-} \
     > "$OUT/bench.log" 2>&1
   tail -c 4000 "$OUT/bench.log"
   echo "ours done at ${SECONDS}s"
@@ -75,7 +77,7 @@ if [ -n "$BUILD_PID" ]; then
   tail -2 "$OUT/build.log"
 fi
 [[ " $STAGES " == *" mamba "* ]] || exit 0
-timeout $((BUDGET - SECONDS)) python3 benchmarks/bench_decode.py --models $MODELS --only-mamba-ssm \
+timeout $((BUDGET - SECONDS)) python3 benchmarks/bench_decode.py --models $MODELS --only-mamba-ssm --batches ${BATCHES:-1 64} \
   --peers "$PEERS" --cc-build "$CONV_DIR" --gen-len 64 --iters 50 --out "$OUT/mamba.json" 2>&1 | tee -a "$OUT/bench.log"
 echo "done at ${SECONDS}s"
 python3 benchmarks/bench_decode.py --report "$OUT/bench.json" "$OUT/mamba.json" | tee "$OUT/table.txt"
