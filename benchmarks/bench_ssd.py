@@ -210,9 +210,8 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
     {},
     {"fold_decay": True},  # decay folded into the operands off the diagonal (default: at dstate >= 128 only)
     {"fold_decay": False},
-    {"bwd_dcb": False, "fold_decay": False},  # v3: dB, dC per head
     {"dcb_warps": 8},
-    {"bwd_warps": 8},
+    {"dx_warps": 8},
 ]
 # forward-only variants (kernel version v6-fwd of notes/ssd_kernels.md), timed by forward alone. fwd_out: the output
 # kernel's position / source blocks (registers 168 -> 96-126 at source blocks of 32, Triton 3.6 sm_90), warps,

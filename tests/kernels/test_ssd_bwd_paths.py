@@ -72,3 +72,21 @@ def test_dcum_last_as_row_sums(monkeypatch, nseg):
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_dcl_rows", True)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
     _check(16, (2, 100, 2, 16, 1, 32), torch.float32, docs=2)
+
+
+@pytest.mark.parametrize("cs,cbt,fold,cb_share,docs,A_scale,dtype", [
+    (256, True, True, 1, 0, 1.0, torch.float32),  # C·B^T tiles above the dCB kernel's causal ones masked off
+    (256, True, False, 1, 3, 1.0, torch.float32),  # two diagonal tiles per source block, documents
+    (256, True, True, 1, 0, 8.0, torch.float32),  # a 128-position source block decaying by > e^60: exact path
+    (256, True, True, 1, 0, 1.0, torch.bfloat16),
+    (128, False, True, 1, 2, 1.0, torch.float32),  # one source block per chunk, precomputed float32 C·B
+    (256, False, False, 10**9, 0, 1.0, torch.float32),  # C·B^T recomputed
+])
+def test_dx_source_blocks_of_128(monkeypatch, cs, cbt, fold, cb_share, docs, A_scale, dtype):
+    # dx_bm 128: dx programs over 128 source positions against 64-position target tiles (2 diagonal tiles each)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dx_bm", 128)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", cbt)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
+    _check(cs, (1, 300, 4, 16, 2, 16), dtype, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
