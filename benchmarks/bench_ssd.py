@@ -246,11 +246,21 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
     {"bc_maxnreg": 0},
     {"bwd_state_seg_chunks": 16},
 ]
+# backward round 3 (run 8, versions v7-bwd of notes/ssd_kernels.md), ranked by forward+backward. dx_bm: dx programs
+# over 128 source positions (the dstates tile and dy tiles read half as often; 8 warps: ~251-255 registers, Triton
+# 3.6 offline); bc_bm: dB / dC over 128 positions (the states read half as often); dx_heads: a dx program loops over
+# heads sharing B_s; dx pipelined; the reverse state pass with one dot per chunk (bk 256) or whole-dstate blocks.
+# Three sets, each on top of the previous one's winner: --sweep-set bwd3_dx bwd3_bc bwd3_state
+SWEEP_BWD3_DX = [{}, {"dx_bm": 128, "dx_warps": 8}, {"dx_heads": 4, "dx_warps": 8}, {"dx_stages": 2}]
+SWEEP_BWD3_BC = [{}, {"bc_bm": 128, "bc_maxnreg": 0, "bc_warps": 8}]
+SWEEP_BWD3_STATE = [{}, {"bwd_state_bk": 256}, {"bwd_state_bn": 128}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
               "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
-                           "fb")}
+                           "fb"),
+              "bwd3_dx": (SWEEP_BWD3_DX, None, "fb"), "bwd3_bc": (SWEEP_BWD3_BC, None, "fb"),
+              "bwd3_state": (SWEEP_BWD3_STATE, None, "fb")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 
@@ -306,6 +316,9 @@ def sweep(args):
             won.update(variants[i_best])
             print(f"sweep {set_name} dstate {n}: best {variants[i_best] or 'default'} -> {won}", flush=True)
         BEST[n] = won
+        if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1":  # registers of every launch variant the sweep compiled
+            for k, v in kernels.STATS.items():
+                print(f"{k}: registers {v[0]}, spills {v[1]}, shared {v[2]}")
         if not args.no_profile:
             profile_config(args, kernels, base, n, won, args.profile_seqlens)
         kernels.CONFIG.clear()

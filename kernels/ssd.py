@@ -509,14 +509,14 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                    CS: tl.constexpr, BMS: tl.constexpr, BMT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
                    CB_T: tl.constexpr, FOLD: tl.constexpr, HEADS_FASTEST: tl.constexpr,
-                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   HPP: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """Source-side gradients of one head for one block of BMS positions s: dx (one dot per (s, t) tile of BMT
     target positions; the quadratic part of d cum is `_bwd_dcb_kernel`'s, which forms dy_t·x_s per tile anyway),
     the direct part of ddt, the chunk state's share of d cum (v) and dD partials. C·B^T tiles: CB_T, the transposed
     copy `_bwd_dcb_kernel` stores (input dtype); else USE_CB, the precomputed float32 C·B; else recomputed.
     HEADS_FASTEST: grid (batch·heads, blocks), so the heads sharing a C·B tile run together and read it from L2.
     The diagonal tiles (t blocks inside the s block) come last: with BMS == BMT the last one's dy is dy_s, reused
-    for the D term."""
+    for the D term. HPP heads of a group per program, one after the other, share the B_s tile."""
     if HEADS_FASTEST:
         pid_m = tl.program_id(1)
         pid_bh = tl.program_id(0)
@@ -525,31 +525,60 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         NPM = tl.num_programs(0)
-    b, hh, g = _batch_head(pid_bh, H, G)
-    Lp = NC * CS
+    b, h0, _ = _batch_head(pid_bh, H // HPP, 1)
+    h0 = h0 * HPP
+    g = h0 // (H // G)
     NMS: tl.constexpr = CS // BMS
-    NMT: tl.constexpr = CS // BMT
-    ND: tl.constexpr = BMS // BMT  # diagonal t blocks per s block
     c = pid_m // NMS
     sblk = pid_m % NMS
     s0 = c * CS + sblk * BMS
     s = s0 + tl.arange(0, BMS)
     ms = s < L
+    offs_n = tl.arange(0, BN)
+    cbase = ((b * NC + c) * G + g) * CS * CS
+    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=ms[:, None] & (offs_n < N)[None, :], other=0.0).to(DT)
+    if HAS_SEQ:
+        doc_s = _doc(seq_ptr, b, s, L)
+        in_last = doc_s == tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
+    if not HAS_SEQ:
+        doc_s = s  # unused
+        in_last = ms
+    if HPP == 1:  # no loop: a one-trip loop keeps more registers live (Triton 3.6 compile)
+        _bwd_dx_head(x_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr, dx_ptr, ddt_ptr,
+                     dcum_ptr, v_ptr, dD_ptr, B_s, doc_s, in_last, b, h0, g, c, sblk, s0, s, ms, cbase, pid_m, NPM,
+                     L, H, G, P, N, NC, CS, BMS, BMT, BP, BN, HAS_D, D_PER_P, HAS_SEQ, USE_CB, CB_T, FOLD, DOT_PREC,
+                     DT)
+    else:
+        for hh in range(h0, h0 + HPP):
+            _bwd_dx_head(x_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr, dx_ptr,
+                         ddt_ptr, dcum_ptr, v_ptr, dD_ptr, B_s, doc_s, in_last, b, hh, g, c, sblk, s0, s, ms, cbase,
+                         pid_m, NPM, L, H, G, P, N, NC, CS, BMS, BMT, BP, BN, HAS_D, D_PER_P, HAS_SEQ, USE_CB, CB_T,
+                         FOLD, DOT_PREC, DT)
+
+
+@triton.jit
+def _bwd_dx_head(x_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr, dx_ptr, ddt_ptr,
+                 dcum_ptr, v_ptr, dD_ptr, B_s, doc_s, in_last, b, hh, g, c, sblk, s0, s, ms, cbase, pid_m, NPM,
+                 L, H, G, P, N, NC,
+                 CS: tl.constexpr, BMS: tl.constexpr, BMT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                 HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
+                 CB_T: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """`_bwd_dx_kernel`'s work for head hh (inlined)."""
+    Lp = NC * CS
+    NMT: tl.constexpr = CS // BMT
+    ND: tl.constexpr = BMS // BMT
     offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mp = offs_p < P
     mn = offs_n < N
     base = (b * H + hh) * Lp
-    cbase = ((b * NC + c) * G + g) * CS * CS
-    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
     dt_s = tl.load(dtp_ptr + base + s)
     cum_s = tl.load(cum_ptr + base + s)
     cum_last = tl.load(cum_ptr + base + c * CS + CS - 1)
     w = tl.exp(cum_last - cum_s)
     if HAS_SEQ:
-        doc_s = _doc(seq_ptr, b, s, L)
-        w = tl.where(doc_s == tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1)), w, 0.0)
+        w = tl.where(in_last, w, 0.0)
     xo = ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :]
     mo = ms[:, None] & mp[None, :]
     x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
@@ -694,10 +723,12 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                    dB_ptr, dC_ptr, dcum_ptr,
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, UPPER: tl.constexpr, DOT_PREC: tl.constexpr,
+                   DT: tl.constexpr):
     """dC (DO_DC) or dB of one block of positions u, per group: the state terms head by head (dC: e_u dy_u h_in,
     also each head's d cum from it; dB: w_u dt_u x_u dstate_out), then the quadratic term once for all heads
-    from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t)."""
+    from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t). UPPER: blocks larger than the
+    dCB kernel's tiles, whose diagonal blocks reach above the causal tiles it wrote (read where t >= s)."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
@@ -735,8 +766,12 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
             s = c * CS + j * BM + tl.arange(0, BM)
             B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
                           mask=(s < L)[:, None] & mn[None, :], other=0.0).to(DT)
-            d = tl.load(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
-                        + (j * BM + tl.arange(0, BM))[None, :]).to(DT)
+            dp = dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS \
+                + (j * BM + tl.arange(0, BM))[None, :]
+            if UPPER:
+                d = tl.load(dp, mask=u[:, None] >= s[None, :], other=0.0).to(DT)
+            else:
+                d = tl.load(dp).to(DT)
             acc += tl.dot(d, B_s, input_precision=DOT_PREC)
         tl.store(dC_ptr + ((b * L + u[:, None]) * G + g) * N + offs_n[None, :], acc.to(dC_ptr.dtype.element_ty),
                  mask=mu[:, None] & mn[None, :])
@@ -759,8 +794,12 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
             t = c * CS + i * BM + tl.arange(0, BM)
             C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                           mask=(t < L)[:, None] & mn[None, :], other=0.0).to(DT)
-            d = tl.load(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
-                        + (mblk * BM + tl.arange(0, BM))[None, :]).to(DT)
+            dp = dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS \
+                + (mblk * BM + tl.arange(0, BM))[None, :]
+            if UPPER:
+                d = tl.load(dp, mask=t[:, None] >= u[None, :], other=0.0).to(DT)
+            else:
+                d = tl.load(dp).to(DT)
             acc += tl.dot(tl.trans(d), C_t, input_precision=DOT_PREC)
         tl.store(dB_ptr + ((b * L + u[:, None]) * G + g) * N + offs_n[None, :], acc.to(dB_ptr.dtype.element_ty),
                  mask=mu[:, None] & mn[None, :])
@@ -860,6 +899,8 @@ CONFIG = dict(
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,
     # dx: source positions per program (None: bwd_bm; a multiple of it) and warps
     dx_bm=None, dx_warps=4,
+    dx_heads=1,  # heads per dx program, one after the other (sharing B_s), halved until it divides heads per group
+    bc_bm=None,  # dB / dC: positions per program and per dCB block (None: bwd_bm; a multiple of it)
     bwd_cbt=True,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
     # dx grid with heads fastest (a C·B tile read once from DRAM, then from L2 by each head) or blocks fastest; None:
     # heads fastest when a batch row's C·Bᵀ is at least dx_heads_fastest_bytes (run 5: heads fastest -0.06-0.1 ms
@@ -996,13 +1037,14 @@ def _check_inputs(x, chunk_size):
         raise ValueError(f"lit_mamba2.kernels.ssd: headdim must be at most 128, got {x.shape[3]}")
 
 
+_STAT_KEYS = ("CS", "BN", "BP", "BM", "BMS", "BK", "HPP", "DO_DC", "num_warps", "num_stages", "maxnreg")
 STATS: dict = {}  # kernel name -> (registers, spills, shared bytes), filled when LIT_MAMBA2_KERNEL_STATS=1
 
 
 def _launch(kernel, grid, *args, **kw):
     handle = kernel[grid](*args, **kw)
     if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1" and handle is not None and not _INTERPRET:
-        key = (kernel.fn.__name__, kw.get("BN"), kw.get("CS"), kw.get("DO_DB"))
+        key = (kernel.fn.__name__,) + tuple(f"{k}={kw[k]}" for k in _STAT_KEYS if k in kw)
         STATS.setdefault(key, (getattr(handle, "n_regs", None), getattr(handle, "n_spills", None),
                                getattr(handle.metadata, "shared", None) if hasattr(handle, "metadata") else None))
     return handle
@@ -1187,11 +1229,15 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     if heads_fast is None:  # heads together once a batch row's C·Bᵀ no longer stays in L2 between heads
         heads_fast = NC * cs * cs * G * dcb.element_size() >= CONFIG["dx_heads_fastest_bytes"]
     heads_fast = bool(heads_fast) and NC * NMS < 65536  # the grid's second axis is 16-bit
-    _launch(_bwd_dx_kernel, (b * H, NC * NMS) if heads_fast else (NC * NMS, b * H),
+    hpp = CONFIG["dx_heads"]
+    while (H // G) % hpp:
+        hpp //= 2
+    _launch(_bwd_dx_kernel, (b * H // hpp, NC * NMS) if heads_fast else (NC * NMS, b * H // hpp),
             x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
             dstates, cb, dx, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC,
             CS=cs, BMS=BMS, BMT=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
             HAS_SEQ=seq_idx is not None, USE_CB=use_cb, CB_T=cb_t, FOLD=_fold(N, seq_idx), HEADS_FASTEST=heads_fast,
+            HPP=hpp,
             DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "dx_warps"),
             num_stages=_stages(BP, BN, "dx_stages"), **_maxnreg("dx_maxnreg", 168 if BN <= 64 and BMS == BM else None))
     # 4. dB and dC per group from dCB, with the state terms head by head
@@ -1200,11 +1246,12 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
     bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
                dB, dC, dcum_b, L, H, G, P, N, NC)
-    bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
+    BMU = max(BM, min(cs, CONFIG["bc_bm"] or BM))
+    bc_kw = dict(CS=cs, BM=BMU, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, UPPER=BMU > BM, DOT_PREC=prec, DT=ddt_,
                  num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"),
                  **_maxnreg("bc_maxnreg", 128 if BN <= 128 else None))
-    _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, **bc_kw)
-    _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, **bc_kw)
+    _launch(_bwd_bc_kernel, (NC * (cs // BMU), b * G), *bc_args, DO_DC=True, **bc_kw)
+    _launch(_bwd_bc_kernel, (NC * (cs // BMU), b * G), *bc_args, DO_DC=False, **bc_kw)
     # 5. d cum -> d dt, dA, d dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(b, NC, H, device=dev, dtype=f32)

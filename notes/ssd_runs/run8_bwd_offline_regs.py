@@ -52,11 +52,11 @@ def compile_(fn, const, warps=4, stages=1, maxnreg=None, ptr_types=None):
             f" -> {occ} progs/SM")
 
 
-def dx(N, BMS=64, warps=4, stages=None, maxnreg=None, fold=None, hf=True):
+def dx(N, BMS=64, warps=4, stages=None, maxnreg=None, fold=None, hf=True, hpp=1):
     stages = stages or (1 if N >= 128 else 2)
     fold = (N >= 128) if fold is None else fold
     const = dict(CS=256, BMS=BMS, BMT=64, BP=64, BN=N, HAS_D=True, D_PER_P=False, HAS_SEQ=False, USE_CB=False,
-                 CB_T=True, FOLD=fold, HEADS_FASTEST=hf, DOT_PREC="tf32", DT=tl.bfloat16)
+                 CB_T=True, FOLD=fold, HEADS_FASTEST=hf, HPP=hpp, DOT_PREC="tf32", DT=tl.bfloat16)
     return compile_(K._bwd_dx_kernel, const, warps, stages, maxnreg)
 
 
@@ -64,3 +64,32 @@ if __name__ == "__main__":
     for args in [dict(N=64, maxnreg=168), dict(N=128), dict(N=64, BMS=128, warps=8), dict(N=128, BMS=128, warps=8),
                  dict(N=64, BMS=128, warps=4), dict(N=128, BMS=128, warps=4)] + [eval(a) for a in sys.argv[1:]]:
         print("dx", args, dx(**args), flush=True)
+
+
+def bc(N, BM=64, warps=None, stages=None, maxnreg=-1, do_dc=True):
+    warps = warps or (8 if N >= 128 else 4)
+    stages = stages or (1 if N >= 128 else 2)
+    maxnreg = 128 if maxnreg == -1 else maxnreg
+    const = dict(CS=256, BM=BM, BP=64, BN=N, DO_DC=do_dc, HAS_SEQ=False, UPPER=BM > 64, DOT_PREC="tf32",
+                 DT=tl.bfloat16)
+    return compile_(K._bwd_bc_kernel, const, warps, stages, maxnreg)
+
+
+def bc_variants():
+    for args in [dict(N=64), dict(N=128), dict(N=64, BM=128, maxnreg=0), dict(N=128, BM=128, maxnreg=0),
+                 dict(N=64, BM=128, warps=8, maxnreg=0), dict(N=64, BM=128, warps=8)]:
+        for dc in (True, False):
+            print("bc", args, "dC" if dc else "dB", bc(do_dc=dc, **args), flush=True)
+
+
+def state(N, BK=64, BN=64, BP=64, warps=4, stages=2):
+    const = dict(CS=256, BK=BK, BP=BP, BN=BN, HAS_DFINAL=True, HAS_SEQ=False, MODE=0, DCL_ROWS=False,
+                 DOT_PREC="tf32", DT=tl.bfloat16)
+    return compile_(K._bwd_state_kernel, const, warps, stages)
+
+
+def state_variants():
+    for args in [dict(N=64), dict(N=128), dict(N=64, BK=256), dict(N=128, BK=256), dict(N=128, BN=128)]:
+        print("state", args, state(**args), flush=True)
+    print("dx", dict(N=128, stages=2), dx(N=128, stages=2), flush=True)
+    print("dx", dict(N=64, stages=3, maxnreg=168), dx(N=64, stages=3, maxnreg=168), flush=True)

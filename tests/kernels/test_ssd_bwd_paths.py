@@ -82,11 +82,21 @@ def test_dcum_last_as_row_sums(monkeypatch, nseg):
     (128, False, True, 1, 2, 1.0, torch.float32),  # one source block per chunk, precomputed float32 C·B
     (256, False, False, 10**9, 0, 1.0, torch.float32),  # C·B^T recomputed
 ])
-def test_dx_source_blocks_of_128(monkeypatch, cs, cbt, fold, cb_share, docs, A_scale, dtype):
-    # dx_bm 128: dx programs over 128 source positions against 64-position target tiles (2 diagonal tiles each)
+def test_blocks_of_128_in_dx_and_db_dc(monkeypatch, cs, cbt, fold, cb_share, docs, A_scale, dtype):
+    # dx_bm 128: dx programs over 128 source positions against 64-position target tiles (2 diagonal tiles each);
+    # bc_bm 128: dB / dC programs over 128 positions reading dCB in 128 x 128 blocks (diagonal ones masked)
     monkeypatch.setitem(ssd_kernels.CONFIG, "dx_bm", 128)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bc_bm", 128)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", cbt)
     monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
     _check(cs, (1, 300, 4, 16, 2, 16), dtype, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
+
+
+@pytest.mark.parametrize("heads,docs,fold,dtype", [(2, 2, False, torch.float32), (4, 0, True, torch.bfloat16)])
+def test_dx_heads_per_program(monkeypatch, heads, docs, fold, dtype):
+    # dx_heads: a dx program loops over several heads of its group (B_s loaded once); ngroups 2 of 4 heads each
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dx_heads", heads)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
+    _check(64, (2, 150, 8, 16, 2, 16), dtype, docs=docs)
