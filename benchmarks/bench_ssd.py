@@ -249,10 +249,12 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
 # backward round 3 (run 8, versions v7-bwd of notes/ssd_kernels.md), ranked by forward+backward. dx_bm: dx programs
 # over 128 source positions (the dstates tile and dy tiles read half as often; 8 warps: ~251-255 registers, Triton
 # 3.6 offline); bc_bm: dB / dC over 128 positions (the states read half as often); dx_heads: a dx program loops over
-# heads sharing B_s; dx pipelined; the reverse state pass with one dot per chunk (bk 256) or whole-dstate blocks.
+# heads sharing B_s; dx pipelined; dcb_split: the dCB kernel's off-diagonal tiles in their own launch, decay folded
+# into the operands (196 registers, 168 with 8 B spilled, instead of 255); the reverse state pass with one dot per chunk (bk 256) or whole-dstate blocks.
 # Three sets, each on top of the previous one's winner: --sweep-set bwd3_dx bwd3_bc bwd3_state
 SWEEP_BWD3_DX = [{}, {"dx_bm": 128, "dx_warps": 8}, {"dx_heads": 4, "dx_warps": 8}, {"dx_stages": 2}]
-SWEEP_BWD3_BC = [{}, {"bc_bm": 128, "bc_maxnreg": 0, "bc_warps": 8}]
+SWEEP_BWD3_BC = [{}, {"bc_bm": 128, "bc_maxnreg": 0, "bc_warps": 8}, {"dcb_split": True},
+                 {"dcb_split": True, "dcb_off_maxnreg": 168}]
 SWEEP_BWD3_STATE = [{}, {"bwd_state_bk": 256}, {"bwd_state_bn": 128}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),

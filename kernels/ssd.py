@@ -651,25 +651,42 @@ def _bwd_dx_head(x_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates
 def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr, cbt_ptr,
                     L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
+                    SPLIT: tl.constexpr = False, DIAG: tl.constexpr = False):
     """Gradient of C_t·B_s for one causal (t block i, s block j) tile of a chunk, summed over the group's heads:
     dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s. dB and dC then follow once per group (`_bwd_bc_kernel`) instead of
     once per head. Each head's d cum (t side: row sums of dCB_h ⊙ C·B, s side: minus the column sums) goes to
-    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later."""
+    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later.
+    SPLIT: two launches, the diagonal tiles (DIAG: causal mask, exact fallback) and the off-diagonal ones (the
+    decay an outer product of row and column factors, no mask), so each compiles to what its tiles need."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
     HPG = H // G
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
-    NPAIR: tl.constexpr = NM * (NM + 1) // 2
-    c = pid_c // NPAIR
-    k = pid_c % NPAIR
-    # k -> (i, j), j <= i, in row order: (0,0), (1,0), (1,1), (2,0), ...
-    i = 0
-    for ii in tl.static_range(1, NM):
-        i += (k >= ii * (ii + 1) // 2).to(tl.int32)
-    j = k - i * (i + 1) // 2
+    if SPLIT and DIAG:
+        c = pid_c // NM
+        i = pid_c % NM
+        j = i
+    elif SPLIT:
+        NOFF: tl.constexpr = NM * (NM - 1) // 2
+        c = pid_c // NOFF
+        k = pid_c % NOFF
+        # k -> (i, j), j < i, in row order: (1,0), (2,0), (2,1), (3,0), ...
+        i = 1
+        for ii in tl.static_range(2, NM):
+            i += (k >= ii * (ii - 1) // 2).to(tl.int32)
+        j = k - i * (i - 1) // 2
+    else:
+        NPAIR: tl.constexpr = NM * (NM + 1) // 2
+        c = pid_c // NPAIR
+        k = pid_c % NPAIR
+        # k -> (i, j), j <= i, in row order: (0,0), (1,0), (1,1), (2,0), ...
+        i = 0
+        for ii in tl.static_range(1, NM):
+            i += (k >= ii * (ii + 1) // 2).to(tl.int32)
+        j = k - i * (i + 1) // 2
     t = c * CS + i * BM + tl.arange(0, BM)
     s = c * CS + j * BM + tl.arange(0, BM)
     mt = t < L
@@ -686,7 +703,8 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
     if STORE_CBT:  # for the dx kernel, which reads it as (s, t): no C·B pass of its own, half the bytes in bf16
         tl.store(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
                  + (i * BM + tl.arange(0, BM))[None, :], tl.trans(cb).to(cbt_ptr.dtype.element_ty))
-    causal = t[:, None] >= s[None, :]
+    if not SPLIT or DIAG:
+        causal = t[:, None] >= s[None, :]
     if HAS_SEQ:
         same_doc = _doc(seq_ptr, b, t, L)[:, None] == _doc(seq_ptr, b, s, L)[None, :]
     acc = tl.zeros((BM, BM), dtype=tl.float32)
@@ -698,18 +716,29 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
         dt_s = tl.load(dtp_ptr + base + s)
         cum_r = tl.load(cum_ptr + base + c * CS + i * BM)  # reference: the t block's first position
         span = cum_r - tl.load(cum_ptr + base + c * CS + i * BM + BM - 1)
-        Lm = _decay_tile(tl.exp(cum_t - cum_r), tl.exp(cum_r - cum_s) * dt_s, cum_t[:, None], cum_s[None, :],
-                         causal, i == j, span)
-        if i == j:
-            if span > 60.0:  # _decay_tile's exact fallback does not carry the column factor's dt_s
-                Lm = Lm * dt_s[None, :]
-        if HAS_SEQ:
-            Lm = tl.where(same_doc, Lm, 0.0)
-        dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                       mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
-        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-                      mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
-        q = tl.dot(dy_t, tl.trans(x_s), input_precision=DOT_PREC) * Lm
+        if not (SPLIT and not DIAG):
+            Lm = _decay_tile(tl.exp(cum_t - cum_r), tl.exp(cum_r - cum_s) * dt_s, cum_t[:, None], cum_s[None, :],
+                             causal, i == j, span)
+            if i == j:
+                if span > 60.0:  # _decay_tile's exact fallback does not carry the column factor's dt_s
+                    Lm = Lm * dt_s[None, :]
+            if HAS_SEQ:
+                Lm = tl.where(same_doc, Lm, 0.0)
+        if SPLIT and not DIAG:  # off the diagonal the decay is row_t · col_s: folded into the operands, no tile
+            dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                           mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                          mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            q = tl.dot((dy_t * tl.exp(cum_t - cum_r)[:, None]).to(DT),
+                       tl.trans((x_s * (tl.exp(cum_r - cum_s) * dt_s)[:, None]).to(DT)), input_precision=DOT_PREC)
+            if HAS_SEQ:
+                q = tl.where(same_doc, q, 0.0)
+        else:
+            dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                           mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
+            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                          mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
+            q = tl.dot(dy_t, tl.trans(x_s), input_precision=DOT_PREC) * Lm
         acc += q
         r = q * cb
         tl.store(part_ptr + ((b * H + hh) * 2 * NM + j) * Lp + t, tl.sum(r, 1))
@@ -899,6 +928,7 @@ CONFIG = dict(
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,
     # dx: source positions per program (None: bwd_bm; a multiple of it) and warps
     dx_bm=None, dx_warps=4,
+    dcb_split=False, dcb_off_maxnreg=None,  # dCB kernel: diagonal / off-diagonal tiles in two launches; the latter's cap
     dx_heads=1,  # heads per dx program, one after the other (sharing B_s), halved until it divides heads per group
     bc_bm=None,  # dB / dC: positions per program and per dCB block (None: bwd_bm; a multiple of it)
     bwd_cbt=True,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
@@ -1037,7 +1067,7 @@ def _check_inputs(x, chunk_size):
         raise ValueError(f"lit_mamba2.kernels.ssd: headdim must be at most 128, got {x.shape[3]}")
 
 
-_STAT_KEYS = ("CS", "BN", "BP", "BM", "BMS", "BK", "HPP", "DO_DC", "num_warps", "num_stages", "maxnreg")
+_STAT_KEYS = ("CS", "BN", "BP", "BM", "BMS", "BK", "HPP", "DO_DC", "DIAG", "num_warps", "num_stages", "maxnreg")
 STATS: dict = {}  # kernel name -> (registers, spills, shared bytes), filled when LIT_MAMBA2_KERNEL_STATS=1
 
 
@@ -1213,10 +1243,17 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
     dcb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype == torch.bfloat16 else f32)
     part = torch.empty(b, H, 2 * NM, Lp, device=dev, dtype=f32)
-    _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
-            x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
-            CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
-            num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"), **_maxnreg("dcb_maxnreg"))
+    dcb_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC)
+    dcb_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
+                  num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"))
+    if CONFIG["dcb_split"]:  # diagonal and off-diagonal tiles in two launches, each with its own register cap
+        _launch(_bwd_dcb_kernel, (NC * NM, b * G), *dcb_args, SPLIT=True, DIAG=True, **dcb_kw,
+                **_maxnreg("dcb_maxnreg"))
+        if NM > 1:
+            _launch(_bwd_dcb_kernel, (NC * (NM * (NM - 1) // 2), b * G), *dcb_args, SPLIT=True, DIAG=False,
+                    **dcb_kw, **_maxnreg("dcb_off_maxnreg"))
+    else:
+        _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G), *dcb_args, **dcb_kw, **_maxnreg("dcb_maxnreg"))
     # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum
     BMS = max(BM, min(cs, CONFIG["dx_bm"] or BM))
     NMS = cs // BMS

@@ -93,3 +93,15 @@ def state_variants():
         print("state", args, state(**args), flush=True)
     print("dx", dict(N=128, stages=2), dx(N=128, stages=2), flush=True)
     print("dx", dict(N=64, stages=3, maxnreg=168), dx(N=64, stages=3, maxnreg=168), flush=True)
+
+
+def dcb(split=False, diag=False, maxnreg=None, warps=4, stages=2):
+    const = dict(CS=256, BM=64, BP=64, BN=128, HAS_SEQ=False, STORE_CBT=True, DOT_PREC="tf32", DT=tl.bfloat16,
+                 SPLIT=split, DIAG=diag)
+    return compile_(K._bwd_dcb_kernel, const, warps, stages, maxnreg)
+
+
+def dcb_variants():
+    for args in [dict(), dict(split=True, diag=True), dict(split=True), dict(split=True, maxnreg=168),
+                 dict(split=True, diag=True, maxnreg=168)]:
+        print("dcb", args, dcb(**args), flush=True)

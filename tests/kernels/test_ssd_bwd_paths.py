@@ -100,3 +100,11 @@ def test_dx_heads_per_program(monkeypatch, heads, docs, fold, dtype):
     monkeypatch.setitem(ssd_kernels.CONFIG, "dx_heads", heads)
     monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
     _check(64, (2, 150, 8, 16, 2, 16), dtype, docs=docs)
+
+
+@pytest.mark.parametrize("cs,docs,A_scale,dtype", [(256, 3, 1.0, torch.float32), (256, 0, 8.0, torch.float32),
+                                                   (128, 0, 1.0, torch.bfloat16), (64, 2, 1.0, torch.float32)])
+def test_dcb_diagonal_and_off_diagonal_launches(monkeypatch, cs, docs, A_scale, dtype):
+    # dcb_split: the dCB kernel's diagonal tiles and off-diagonal tiles in two launches (chunk 64: diagonal only)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dcb_split", True)
+    _check(cs, (1, 300, 4, 16, 2, 16), dtype, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
