@@ -246,23 +246,20 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
     {"bc_maxnreg": 0},
     {"bwd_state_seg_chunks": 16},
 ]
-# backward round 3 (run 8, versions v7-bwd of notes/ssd_kernels.md), ranked by forward+backward. dx_bm: dx programs
-# over 128 source positions (the dstates tile and dy tiles read half as often; 8 warps: ~251-255 registers, Triton
-# 3.6 offline); bc_bm: dB / dC over 128 positions (the states read half as often); dx_heads: a dx program loops over
-# heads sharing B_s; dx pipelined; dcb_split: the dCB kernel's off-diagonal tiles in their own launch, decay folded
-# into the operands (196 registers, 168 with 8 B spilled, instead of 255); the reverse state pass with one dot per chunk (bk 256) or whole-dstate blocks.
-# Three sets, each on top of the previous one's winner: --sweep-set bwd3_dx bwd3_bc bwd3_state
-SWEEP_BWD3_DX = [{}, {"dx_bm": 128, "dx_warps": 8}, {"dx_heads": 4, "dx_warps": 8}, {"dx_stages": 2}]
-SWEEP_BWD3_BC = [{}, {"bc_bm": 128, "bc_maxnreg": 0, "bc_warps": 8}, {"dcb_split": True},
-                 {"dcb_split": True, "dcb_off_maxnreg": 168}]
-SWEEP_BWD3_STATE = [{}, {"bwd_state_bk": 256}, {"bwd_state_bn": 128}]
+# backward round 3 (run 8, versions v7-bwd of notes/ssd_kernels.md), ranked by forward+backward: dx's decay folded
+# into the operands or not, whatever the forward does (the v5 fold was judged by f+b when the forward's out kernel
+# lost by it); the s side of the quadratic d cum in dx (a sum within warps plus one dot per tile) instead of the
+# dCB kernel (a sum across warps: ~1100 -> ~860 SASS instructions per head iteration there), with register caps.
+# Run 8 call 1 also timed 128-position dx / dB / dC blocks, heads looped inside dx programs, a split dCB kernel,
+# dx in 2 stages and the reverse state pass at bk 256 / bn 128: all slower or noise; the first three were removed.
+SWEEP_BWD3 = [{}, {"dx_fold": True}, {"dx_fold": False}, {"dcum_s_in_dx": True},
+              {"dcum_s_in_dx": True, "dcb_maxnreg": 168}, {"dcum_s_in_dx": True, "dcb_maxnreg": 168, "dx_maxnreg": 0}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
               "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
                            "fb"),
-              "bwd3_dx": (SWEEP_BWD3_DX, None, "fb"), "bwd3_bc": (SWEEP_BWD3_BC, None, "fb"),
-              "bwd3_state": (SWEEP_BWD3_STATE, None, "fb")}
+              "bwd3": (SWEEP_BWD3, None, "fb")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 

@@ -102,19 +102,13 @@ def _decay_tile(row, col, cum_a, cum_b, causal, diag, span):
 
 @triton.jit
 def _dx_cbt(cb_ptr, C_ptr, B_s, cbase, b, c, g, s, t, L, G, N, offs_n, mn,
-            CS: tl.constexpr, UPPER: tl.constexpr, USE_CB: tl.constexpr, CB_T: tl.constexpr,
-            DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """(C_t·B_s)^T as an (s, t) tile of chunk c: the transposed copy `_bwd_dcb_kernel` stores (CB_T, input dtype;
-    it writes only its causal tiles, so UPPER, a tile reaching above them, is read where t >= s), the precomputed
-    float32 C·B through a coalesced (t, s) load transposed in registers (USE_CB), or recomputed."""
+            CS: tl.constexpr, USE_CB: tl.constexpr, CB_T: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """(C_t·B_s)^T as an (s, t) tile of chunk c: the transposed copy `_bwd_dcb_kernel` stores (CB_T, input dtype),
+    the precomputed float32 C·B through a coalesced (t, s) load transposed in registers (USE_CB), or recomputed."""
     sl = s - c * CS
     tl_ = t - c * CS
     if CB_T:
-        if UPPER:
-            cbT = tl.load(cb_ptr + cbase + sl[:, None] * CS + tl_[None, :], mask=tl_[None, :] >= sl[:, None],
-                          other=0.0)
-        else:
-            cbT = tl.load(cb_ptr + cbase + sl[:, None] * CS + tl_[None, :])
+        cbT = tl.load(cb_ptr + cbase + sl[:, None] * CS + tl_[None, :])
     elif USE_CB:
         cbT = tl.trans(tl.load(cb_ptr + cbase + tl_[:, None] * CS + sl[None, :]))
     else:
@@ -506,17 +500,17 @@ def _bwd_state_combine_kernel(seg_ptr, segdecay_ptr, dfinal_ptr, H, PN, NSEG,
 def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr,
                    dx_ptr, ddt_ptr, dcum_ptr, v_ptr, dD_ptr,
                    L, H, G, P, N, NC,
-                   CS: tl.constexpr, BMS: tl.constexpr, BMT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                   CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
                    CB_T: tl.constexpr, FOLD: tl.constexpr, HEADS_FASTEST: tl.constexpr,
-                   HPP: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """Source-side gradients of one head for one block of BMS positions s: dx (one dot per (s, t) tile of BMT
-    target positions; the quadratic part of d cum is `_bwd_dcb_kernel`'s, which forms dy_t·x_s per tile anyway),
-    the direct part of ddt, the chunk state's share of d cum (v) and dD partials. C·B^T tiles: CB_T, the transposed
-    copy `_bwd_dcb_kernel` stores (input dtype); else USE_CB, the precomputed float32 C·B; else recomputed.
-    HEADS_FASTEST: grid (batch·heads, blocks), so the heads sharing a C·B tile run together and read it from L2.
-    The diagonal tiles (t blocks inside the s block) come last: with BMS == BMT the last one's dy is dy_s, reused
-    for the D term. HPP heads of a group per program, one after the other, share the B_s tile."""
+                   DOT_PREC: tl.constexpr, DT: tl.constexpr, S_IN_DX: tl.constexpr = False):
+    """Source-side gradients of one head for one block of positions s: dx (one dot per (s, t) tile; the quadratic
+    part of d cum is `_bwd_dcb_kernel`'s, which forms dy_t·x_s per tile anyway), the direct part of ddt, the chunk
+    state's share of d cum (v) and dD partials. C·B^T tiles: CB_T, the transposed copy `_bwd_dcb_kernel` stores
+    (input dtype); else USE_CB, the precomputed float32 C·B; else recomputed. HEADS_FASTEST: grid (batch·heads,
+    blocks), so the heads sharing a C·B tile run together and read it from L2. The diagonal tile comes last: its
+    dy tile is dy_s, reused for the D term. S_IN_DX: also the s side of the quadratic d cum, -dt_s Σ_t (C·B)_ts
+    L_ts (dy_t·x_s), from one more dot per tile (x_s·dy_t^T) and a sum within warps (see `_bwd_dcb_kernel`)."""
     if HEADS_FASTEST:
         pid_m = tl.program_id(1)
         pid_bh = tl.program_id(0)
@@ -525,60 +519,29 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         NPM = tl.num_programs(0)
-    b, h0, _ = _batch_head(pid_bh, H // HPP, 1)
-    h0 = h0 * HPP
-    g = h0 // (H // G)
-    NMS: tl.constexpr = CS // BMS
-    c = pid_m // NMS
-    sblk = pid_m % NMS
-    s0 = c * CS + sblk * BMS
-    s = s0 + tl.arange(0, BMS)
-    ms = s < L
-    offs_n = tl.arange(0, BN)
-    cbase = ((b * NC + c) * G + g) * CS * CS
-    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=ms[:, None] & (offs_n < N)[None, :], other=0.0).to(DT)
-    if HAS_SEQ:
-        doc_s = _doc(seq_ptr, b, s, L)
-        in_last = doc_s == tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
-    if not HAS_SEQ:
-        doc_s = s  # unused
-        in_last = ms
-    if HPP == 1:  # no loop: a one-trip loop keeps more registers live (Triton 3.6 compile)
-        _bwd_dx_head(x_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr, dx_ptr, ddt_ptr,
-                     dcum_ptr, v_ptr, dD_ptr, B_s, doc_s, in_last, b, h0, g, c, sblk, s0, s, ms, cbase, pid_m, NPM,
-                     L, H, G, P, N, NC, CS, BMS, BMT, BP, BN, HAS_D, D_PER_P, HAS_SEQ, USE_CB, CB_T, FOLD, DOT_PREC,
-                     DT)
-    else:
-        for hh in range(h0, h0 + HPP):
-            _bwd_dx_head(x_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr, dx_ptr,
-                         ddt_ptr, dcum_ptr, v_ptr, dD_ptr, B_s, doc_s, in_last, b, hh, g, c, sblk, s0, s, ms, cbase,
-                         pid_m, NPM, L, H, G, P, N, NC, CS, BMS, BMT, BP, BN, HAS_D, D_PER_P, HAS_SEQ, USE_CB, CB_T,
-                         FOLD, DOT_PREC, DT)
-
-
-@triton.jit
-def _bwd_dx_head(x_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr, dx_ptr, ddt_ptr,
-                 dcum_ptr, v_ptr, dD_ptr, B_s, doc_s, in_last, b, hh, g, c, sblk, s0, s, ms, cbase, pid_m, NPM,
-                 L, H, G, P, N, NC,
-                 CS: tl.constexpr, BMS: tl.constexpr, BMT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                 HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
-                 CB_T: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """`_bwd_dx_kernel`'s work for head hh (inlined)."""
+    b, hh, g = _batch_head(pid_bh, H, G)
     Lp = NC * CS
-    NMT: tl.constexpr = CS // BMT
-    ND: tl.constexpr = BMS // BMT
+    NM: tl.constexpr = CS // BM
+    c = pid_m // NM
+    sblk = pid_m % NM
+    s0 = c * CS + sblk * BM
+    s = s0 + tl.arange(0, BM)
+    ms = s < L
     offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mp = offs_p < P
     mn = offs_n < N
     base = (b * H + hh) * Lp
+    cbase = ((b * NC + c) * G + g) * CS * CS
+    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
     dt_s = tl.load(dtp_ptr + base + s)
     cum_s = tl.load(cum_ptr + base + s)
     cum_last = tl.load(cum_ptr + base + c * CS + CS - 1)
     w = tl.exp(cum_last - cum_s)
     if HAS_SEQ:
-        w = tl.where(in_last, w, 0.0)
+        doc_s = _doc(seq_ptr, b, s, L)
+        w = tl.where(doc_s == tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1)), w, 0.0)
     xo = ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :]
     mo = ms[:, None] & mp[None, :]
     x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
@@ -587,7 +550,10 @@ def _bwd_dx_head(x_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates
     # the chunk state's gradient reaches x, B and cum through w_s dt_s x_s B_s^T
     S = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC)
     v = tl.sum(x_s * dt_s[:, None] * S * w[:, None], 1)
-    cum_r = tl.load(cum_ptr + base + s0 + BMS - 1)  # the s block's last position
+    if S_IN_DX:
+        x_c = x_s.to(DT)
+        sq = tl.zeros((BM,), dtype=tl.float32)
+    cum_r = tl.load(cum_ptr + base + s0 + BM - 1)  # the s block's last position
     span = tl.load(cum_ptr + base + s0) - cum_r
     col = tl.exp(cum_r - cum_s)
     if FOLD:
@@ -596,46 +562,46 @@ def _bwd_dx_head(x_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates
         acc = S * tl.exp(cum_last - cum_r)
     else:
         acc = S * w[:, None]
-    for i in range(sblk * ND + ND, NMT):
-        t = c * CS + i * BMT + tl.arange(0, BMT)
+    for i in range(sblk + 1, NM):
+        t = c * CS + i * BM + tl.arange(0, BM)
         mt = t < L
-        cbT = _dx_cbt(cb_ptr, C_ptr, B_s, cbase, b, c, g, s, t, L, G, N, offs_n, mn, CS, False, USE_CB, CB_T,
-                      DOT_PREC, DT)
+        cbT = _dx_cbt(cb_ptr, C_ptr, B_s, cbase, b, c, g, s, t, L, G, N, offs_n, mn, CS, USE_CB, CB_T, DOT_PREC, DT)
         cum_t = tl.load(cum_ptr + base + t)
         if FOLD:
             dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
                            mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(cbT.to(DT), (dy_t * tl.exp(cum_t - cum_r)[:, None]).to(DT), acc, input_precision=DOT_PREC)
+            roww = tl.exp(cum_t - cum_r)
+            acc = tl.dot(cbT.to(DT), (dy_t * roww[:, None]).to(DT), acc, input_precision=DOT_PREC)
+            if S_IN_DX:  # the s side from the unscaled operands, the decay in float32 (as the dCB kernel has it)
+                qT = tl.dot(x_c, tl.trans(dy_t.to(DT)), input_precision=DOT_PREC)
+                sq += col * tl.sum(cbT.to(tl.float32) * roww[None, :] * qT, 1)
         else:
             dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
                            mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
             LT = col[:, None] * tl.exp(cum_t - cum_r)[None, :]
             if HAS_SEQ:
                 LT = tl.where(_doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None], LT, 0.0)
-            acc += tl.dot((cbT.to(tl.float32) * LT).to(DT), dy_t, input_precision=DOT_PREC)
+            pT = cbT.to(tl.float32) * LT
+            acc += tl.dot(pT.to(DT), dy_t, input_precision=DOT_PREC)
+            if S_IN_DX:
+                sq += tl.sum(pT * tl.dot(x_c, tl.trans(dy_t), input_precision=DOT_PREC), 1)
     if FOLD:
         acc = acc * col[:, None]
-    for k in tl.static_range(ND):
-        i = sblk * ND + k
-        t = c * CS + i * BMT + tl.arange(0, BMT)
-        mt = t < L
-        cbT = _dx_cbt(cb_ptr, C_ptr, B_s, cbase, b, c, g, s, t, L, G, N, offs_n, mn, CS, ND > 1, USE_CB, CB_T,
-                      DOT_PREC, DT)
-        dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                       mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
-        cum_t = tl.load(cum_ptr + base + t)
-        LT = _decay_tile(col, tl.exp(cum_t - cum_r), cum_t[None, :], cum_s[:, None], t[None, :] >= s[:, None],
-                         True, span)
-        if HAS_SEQ:
-            LT = tl.where(_doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None], LT, 0.0)
-        acc += tl.dot((cbT.to(tl.float32) * LT).to(DT), dy_t, input_precision=DOT_PREC)
+    # the diagonal tile: t block = s block
+    cbT = _dx_cbt(cb_ptr, C_ptr, B_s, cbase, b, c, g, s, s, L, G, N, offs_n, mn, CS, USE_CB, CB_T, DOT_PREC, DT)
+    dy_s = tl.load(dy_ptr + xo, mask=mo, other=0.0).to(DT)
+    LT = _decay_tile(col, tl.exp(cum_s - cum_r), cum_s[None, :], cum_s[:, None], s[None, :] >= s[:, None], True,
+                     span)
+    if HAS_SEQ:
+        LT = tl.where(doc_s[None, :] == doc_s[:, None], LT, 0.0)
+    pT = cbT.to(tl.float32) * LT
+    acc += tl.dot(pT.to(DT), dy_s, input_precision=DOT_PREC)
+    if S_IN_DX:
+        sq += tl.sum(pT * tl.dot(x_c, tl.trans(dy_s), input_precision=DOT_PREC), 1)
     x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)  # reloaded (L1/L2) rather than held across loops
     dx = acc * dt_s[:, None]
     if HAS_D:
-        if ND == 1:
-            dy_s = dy_t.to(tl.float32)  # the last diagonal tile's t block is the s block
-        else:
-            dy_s = tl.load(dy_ptr + xo, mask=mo, other=0.0).to(tl.float32)
+        dy_s = dy_s.to(tl.float32)
         if D_PER_P:
             dx += dy_s * tl.load(D_ptr + hh * P + offs_p, mask=mp, other=0.0).to(tl.float32)[None, :]
         else:
@@ -643,7 +609,10 @@ def _bwd_dx_head(x_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates
         tl.store(dD_ptr + ((b * NPM + pid_m) * H + hh) * P + offs_p, tl.sum(dy_s * x_s, 0), mask=mp)
     tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mo)
     tl.store(ddt_ptr + base + s, tl.sum(x_s * acc, 1))
-    tl.store(dcum_ptr + base + s, -v)
+    if S_IN_DX:
+        tl.store(dcum_ptr + base + s, -v - dt_s * sq)
+    else:
+        tl.store(dcum_ptr + base + s, -v)
     tl.store(v_ptr + base + s, v)
 
 
@@ -652,41 +621,27 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
                     L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
-                    SPLIT: tl.constexpr = False, DIAG: tl.constexpr = False):
+                    S_IN_DX: tl.constexpr = False):
     """Gradient of C_t·B_s for one causal (t block i, s block j) tile of a chunk, summed over the group's heads:
     dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s. dB and dC then follow once per group (`_bwd_bc_kernel`) instead of
     once per head. Each head's d cum (t side: row sums of dCB_h ⊙ C·B, s side: minus the column sums) goes to
-    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later.
-    SPLIT: two launches, the diagonal tiles (DIAG: causal mask, exact fallback) and the off-diagonal ones (the
-    decay an outer product of row and column factors, no mask), so each compiles to what its tiles need."""
+    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later. S_IN_DX:
+    the s side (a sum across warps here) is left to `_bwd_dx_kernel` (a sum within a warp there), from the same
+    products: C·B as dx reads it (rounded as stored), so both sides of every term still cancel exactly."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
     HPG = H // G
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
-    if SPLIT and DIAG:
-        c = pid_c // NM
-        i = pid_c % NM
-        j = i
-    elif SPLIT:
-        NOFF: tl.constexpr = NM * (NM - 1) // 2
-        c = pid_c // NOFF
-        k = pid_c % NOFF
-        # k -> (i, j), j < i, in row order: (1,0), (2,0), (2,1), (3,0), ...
-        i = 1
-        for ii in tl.static_range(2, NM):
-            i += (k >= ii * (ii - 1) // 2).to(tl.int32)
-        j = k - i * (i - 1) // 2
-    else:
-        NPAIR: tl.constexpr = NM * (NM + 1) // 2
-        c = pid_c // NPAIR
-        k = pid_c % NPAIR
-        # k -> (i, j), j <= i, in row order: (0,0), (1,0), (1,1), (2,0), ...
-        i = 0
-        for ii in tl.static_range(1, NM):
-            i += (k >= ii * (ii + 1) // 2).to(tl.int32)
-        j = k - i * (i + 1) // 2
+    NPAIR: tl.constexpr = NM * (NM + 1) // 2
+    c = pid_c // NPAIR
+    k = pid_c % NPAIR
+    # k -> (i, j), j <= i, in row order: (0,0), (1,0), (1,1), (2,0), ...
+    i = 0
+    for ii in tl.static_range(1, NM):
+        i += (k >= ii * (ii + 1) // 2).to(tl.int32)
+    j = k - i * (i + 1) // 2
     t = c * CS + i * BM + tl.arange(0, BM)
     s = c * CS + j * BM + tl.arange(0, BM)
     mt = t < L
@@ -703,8 +658,9 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
     if STORE_CBT:  # for the dx kernel, which reads it as (s, t): no C·B pass of its own, half the bytes in bf16
         tl.store(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
                  + (i * BM + tl.arange(0, BM))[None, :], tl.trans(cb).to(cbt_ptr.dtype.element_ty))
-    if not SPLIT or DIAG:
-        causal = t[:, None] >= s[None, :]
+        if S_IN_DX:
+            cb = cb.to(cbt_ptr.dtype.element_ty).to(tl.float32)
+    causal = t[:, None] >= s[None, :]
     if HAS_SEQ:
         same_doc = _doc(seq_ptr, b, t, L)[:, None] == _doc(seq_ptr, b, s, L)[None, :]
     acc = tl.zeros((BM, BM), dtype=tl.float32)
@@ -716,33 +672,23 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
         dt_s = tl.load(dtp_ptr + base + s)
         cum_r = tl.load(cum_ptr + base + c * CS + i * BM)  # reference: the t block's first position
         span = cum_r - tl.load(cum_ptr + base + c * CS + i * BM + BM - 1)
-        if not (SPLIT and not DIAG):
-            Lm = _decay_tile(tl.exp(cum_t - cum_r), tl.exp(cum_r - cum_s) * dt_s, cum_t[:, None], cum_s[None, :],
-                             causal, i == j, span)
-            if i == j:
-                if span > 60.0:  # _decay_tile's exact fallback does not carry the column factor's dt_s
-                    Lm = Lm * dt_s[None, :]
-            if HAS_SEQ:
-                Lm = tl.where(same_doc, Lm, 0.0)
-        if SPLIT and not DIAG:  # off the diagonal the decay is row_t · col_s: folded into the operands, no tile
-            dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                           mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-                          mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            q = tl.dot((dy_t * tl.exp(cum_t - cum_r)[:, None]).to(DT),
-                       tl.trans((x_s * (tl.exp(cum_r - cum_s) * dt_s)[:, None]).to(DT)), input_precision=DOT_PREC)
-            if HAS_SEQ:
-                q = tl.where(same_doc, q, 0.0)
-        else:
-            dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                           mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
-            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-                          mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
-            q = tl.dot(dy_t, tl.trans(x_s), input_precision=DOT_PREC) * Lm
+        Lm = _decay_tile(tl.exp(cum_t - cum_r), tl.exp(cum_r - cum_s) * dt_s, cum_t[:, None], cum_s[None, :],
+                         causal, i == j, span)
+        if i == j:
+            if span > 60.0:  # _decay_tile's exact fallback does not carry the column factor's dt_s
+                Lm = Lm * dt_s[None, :]
+        if HAS_SEQ:
+            Lm = tl.where(same_doc, Lm, 0.0)
+        dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                       mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
+        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                      mask=ms[:, None] & mp[None, :], other=0.0).to(DT)
+        q = tl.dot(dy_t, tl.trans(x_s), input_precision=DOT_PREC) * Lm
         acc += q
         r = q * cb
         tl.store(part_ptr + ((b * H + hh) * 2 * NM + j) * Lp + t, tl.sum(r, 1))
-        tl.store(part_ptr + ((b * H + hh) * 2 * NM + NM + i) * Lp + s, -tl.sum(r, 0))
+        if not S_IN_DX:
+            tl.store(part_ptr + ((b * H + hh) * 2 * NM + NM + i) * Lp + s, -tl.sum(r, 0))
     tl.store(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
              + (j * BM + tl.arange(0, BM))[None, :], acc.to(dcb_ptr.dtype.element_ty))
 
@@ -752,12 +698,10 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                    dB_ptr, dC_ptr, dcum_ptr,
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, UPPER: tl.constexpr, DOT_PREC: tl.constexpr,
-                   DT: tl.constexpr):
+                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """dC (DO_DC) or dB of one block of positions u, per group: the state terms head by head (dC: e_u dy_u h_in,
     also each head's d cum from it; dB: w_u dt_u x_u dstate_out), then the quadratic term once for all heads
-    from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t). UPPER: blocks larger than the
-    dCB kernel's tiles, whose diagonal blocks reach above the causal tiles it wrote (read where t >= s)."""
+    from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t)."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
@@ -795,12 +739,8 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
             s = c * CS + j * BM + tl.arange(0, BM)
             B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
                           mask=(s < L)[:, None] & mn[None, :], other=0.0).to(DT)
-            dp = dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS \
-                + (j * BM + tl.arange(0, BM))[None, :]
-            if UPPER:
-                d = tl.load(dp, mask=u[:, None] >= s[None, :], other=0.0).to(DT)
-            else:
-                d = tl.load(dp).to(DT)
+            d = tl.load(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
+                        + (j * BM + tl.arange(0, BM))[None, :]).to(DT)
             acc += tl.dot(d, B_s, input_precision=DOT_PREC)
         tl.store(dC_ptr + ((b * L + u[:, None]) * G + g) * N + offs_n[None, :], acc.to(dC_ptr.dtype.element_ty),
                  mask=mu[:, None] & mn[None, :])
@@ -823,12 +763,8 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
             t = c * CS + i * BM + tl.arange(0, BM)
             C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                           mask=(t < L)[:, None] & mn[None, :], other=0.0).to(DT)
-            dp = dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS \
-                + (mblk * BM + tl.arange(0, BM))[None, :]
-            if UPPER:
-                d = tl.load(dp, mask=t[:, None] >= u[None, :], other=0.0).to(DT)
-            else:
-                d = tl.load(dp).to(DT)
+            d = tl.load(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
+                        + (mblk * BM + tl.arange(0, BM))[None, :]).to(DT)
             acc += tl.dot(tl.trans(d), C_t, input_precision=DOT_PREC)
         tl.store(dB_ptr + ((b * L + u[:, None]) * G + g) * N + offs_n[None, :], acc.to(dB_ptr.dtype.element_ty),
                  mask=mu[:, None] & mn[None, :])
@@ -839,7 +775,8 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
                    ddt_out_ptr, dA_part_ptr, dbias_part_ptr,
                    L, H, NC, NPN, lo, hi,
                    CS: tl.constexpr, BPN: tl.constexpr, PART_BM: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                   S_SLOTS: tl.constexpr = True):
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, hh, _ = _batch_head(pid_bh, H, 1)
@@ -848,14 +785,16 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
     t = c * CS + idx
     base = (b * H + hh) * Lp + t
     dcum = tl.load(dcuma_ptr + base) + tl.load(dcumb_ptr + base)
-    # _bwd_dcb_kernel's per-tile d cum: slot j (t side, j <= own block), NM + i (s side, i >= own)
+    # _bwd_dcb_kernel's per-tile d cum: slot j (t side, j <= own block), NM + i (s side, i >= own; S_SLOTS False:
+    # the dx kernel added the s side to dcuma)
     NMQ: tl.constexpr = CS // PART_BM
     blk = idx // PART_BM
     pbase = (b * H + hh) * 2 * NMQ * Lp + t
     for q in tl.static_range(NMQ):
         dcum += tl.load(part_ptr + pbase + q * Lp, mask=blk >= q, other=0.0)
-    for q in tl.static_range(NMQ):
-        dcum += tl.load(part_ptr + pbase + (NMQ + q) * Lp, mask=blk <= q, other=0.0)
+    if S_SLOTS:
+        for q in tl.static_range(NMQ):
+            dcum += tl.load(part_ptr + pbase + (NMQ + q) * Lp, mask=blk <= q, other=0.0)
     offs = tl.arange(0, BPN)
     dcl = tl.load(dcl_ptr + ((b * H + hh) * NC + c) * NPN + offs, mask=offs < NPN, other=0.0)
     dcum_last = tl.sum(tl.load(v_ptr + base), 0) + tl.sum(dcl, 0)
@@ -926,11 +865,13 @@ CONFIG = dict(
     # -0.1 ms at both dstates; 2 programs of 8 warps per SM at dstate 128)
     dcb_stages=2, bc_stages=None, dx_stages=None,
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,
-    # dx: source positions per program (None: bwd_bm; a multiple of it) and warps
-    dx_bm=None, dx_warps=4,
-    dcb_split=False, dcb_off_maxnreg=None,  # dCB kernel: diagonal / off-diagonal tiles in two launches; the latter's cap
-    dx_heads=1,  # heads per dx program, one after the other (sharing B_s), halved until it divides heads per group
-    bc_bm=None,  # dB / dC: positions per program and per dCB block (None: bwd_bm; a multiple of it)
+    # dx warps (run 8: 128-position source blocks with 8 warps, several heads per program, dB / dC over 128
+    # positions and a dCB kernel split into diagonal / off-diagonal launches all lost; notes/ssd_kernels.md v7-bwd)
+    dx_warps=4,
+    dx_fold=None,  # dx's off-diagonal tiles with the decay folded into the operands (None: as fold_decay)
+    # the s side of the quadratic d cum in dx (a sum within warps, one more dot per tile) instead of in the dCB kernel
+    # (a sum across warps per head and tile pair)
+    dcum_s_in_dx=False,
     bwd_cbt=True,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
     # dx grid with heads fastest (a C·B tile read once from DRAM, then from L2 by each head) or blocks fastest; None:
     # heads fastest when a batch row's C·Bᵀ is at least dx_heads_fastest_bytes (run 5: heads fastest -0.06-0.1 ms
@@ -1051,9 +992,10 @@ def _use_cb(H: int, G: int, N: int, min_dstate=None) -> bool:
     return H // G >= CONFIG["cb_min_heads_per_group"] and N >= min_dstate
 
 
-def _fold(N: int, seq_idx) -> bool:
-    # documents can cut an off-diagonal block, which then needs the masked tile
-    fold = CONFIG["fold_decay"]
+def _fold(N: int, seq_idx, key: str = "fold_decay") -> bool:
+    # documents can cut an off-diagonal block, which then needs the masked tile; the backward's dx has its own key
+    # (None: as fold_decay)
+    fold = CONFIG[key] if CONFIG.get(key) is not None else CONFIG["fold_decay"]
     return seq_idx is None and (N >= 128 if fold is None else bool(fold))
 
 
@@ -1067,7 +1009,7 @@ def _check_inputs(x, chunk_size):
         raise ValueError(f"lit_mamba2.kernels.ssd: headdim must be at most 128, got {x.shape[3]}")
 
 
-_STAT_KEYS = ("CS", "BN", "BP", "BM", "BMS", "BK", "HPP", "DO_DC", "DIAG", "num_warps", "num_stages", "maxnreg")
+_STAT_KEYS = ("CS", "BN", "BP", "BM", "BK", "HPP", "DO_DC", "num_warps", "num_stages", "maxnreg")
 STATS: dict = {}  # kernel name -> (registers, spills, shared bytes), filled when LIT_MAMBA2_KERNEL_STATS=1
 
 
@@ -1241,54 +1183,44 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         cb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype != f32 else f32)
     else:
         cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
+    s_in_dx = bool(CONFIG["dcum_s_in_dx"])
     dcb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype == torch.bfloat16 else f32)
     part = torch.empty(b, H, 2 * NM, Lp, device=dev, dtype=f32)
-    dcb_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC)
-    dcb_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
-                  num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"))
-    if CONFIG["dcb_split"]:  # diagonal and off-diagonal tiles in two launches, each with its own register cap
-        _launch(_bwd_dcb_kernel, (NC * NM, b * G), *dcb_args, SPLIT=True, DIAG=True, **dcb_kw,
-                **_maxnreg("dcb_maxnreg"))
-        if NM > 1:
-            _launch(_bwd_dcb_kernel, (NC * (NM * (NM - 1) // 2), b * G), *dcb_args, SPLIT=True, DIAG=False,
-                    **dcb_kw, **_maxnreg("dcb_off_maxnreg"))
-    else:
-        _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G), *dcb_args, **dcb_kw, **_maxnreg("dcb_maxnreg"))
+    _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
+            x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
+            CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
+            S_IN_DX=s_in_dx, num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"),
+            **_maxnreg("dcb_maxnreg"))
     # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum
-    BMS = max(BM, min(cs, CONFIG["dx_bm"] or BM))
-    NMS = cs // BMS
     dx = torch.empty_like(x)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
     dcum_a = torch.empty(b, H, Lp, device=dev, dtype=f32)
     vbuf = torch.empty(b, H, Lp, device=dev, dtype=f32)
-    dD_part = torch.empty(b, NC * NMS, H, P, device=dev, dtype=f32) if D is not None else x.new_empty(0)
+    dD_part = torch.empty(b, NC * NM, H, P, device=dev, dtype=f32) if D is not None else x.new_empty(0)
     heads_fast = CONFIG["dx_heads_fastest"]
     if heads_fast is None:  # heads together once a batch row's C·Bᵀ no longer stays in L2 between heads
         heads_fast = NC * cs * cs * G * dcb.element_size() >= CONFIG["dx_heads_fastest_bytes"]
-    heads_fast = bool(heads_fast) and NC * NMS < 65536  # the grid's second axis is 16-bit
-    hpp = CONFIG["dx_heads"]
-    while (H // G) % hpp:
-        hpp //= 2
-    _launch(_bwd_dx_kernel, (b * H // hpp, NC * NMS) if heads_fast else (NC * NMS, b * H // hpp),
+    heads_fast = bool(heads_fast) and NC * NM < 65536  # the grid's second axis is 16-bit
+    _launch(_bwd_dx_kernel, (b * H, NC * NM) if heads_fast else (NC * NM, b * H),
             x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
             dstates, cb, dx, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC,
-            CS=cs, BMS=BMS, BMT=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-            HAS_SEQ=seq_idx is not None, USE_CB=use_cb, CB_T=cb_t, FOLD=_fold(N, seq_idx), HEADS_FASTEST=heads_fast,
-            HPP=hpp,
-            DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "dx_warps"),
-            num_stages=_stages(BP, BN, "dx_stages"), **_maxnreg("dx_maxnreg", 168 if BN <= 64 and BMS == BM else None))
+            CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+            HAS_SEQ=seq_idx is not None, USE_CB=use_cb, CB_T=cb_t, FOLD=_fold(N, seq_idx, "dx_fold"),
+            HEADS_FASTEST=heads_fast,
+            DOT_PREC=prec, DT=ddt_, S_IN_DX=s_in_dx, num_warps=_warps(BN, "dx_warps"),
+            num_stages=_stages(BP, BN, "dx_stages"),
+            **_maxnreg("dx_maxnreg", 168 if BN <= 64 else None))
     # 4. dB and dC per group from dCB, with the state terms head by head
     dB = torch.empty_like(B)
     dC = torch.empty_like(C)
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
     bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
                dB, dC, dcum_b, L, H, G, P, N, NC)
-    BMU = max(BM, min(cs, CONFIG["bc_bm"] or BM))
-    bc_kw = dict(CS=cs, BM=BMU, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, UPPER=BMU > BM, DOT_PREC=prec, DT=ddt_,
+    bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
                  num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"),
                  **_maxnreg("bc_maxnreg", 128 if BN <= 128 else None))
-    _launch(_bwd_bc_kernel, (NC * (cs // BMU), b * G), *bc_args, DO_DC=True, **bc_kw)
-    _launch(_bwd_bc_kernel, (NC * (cs // BMU), b * G), *bc_args, DO_DC=False, **bc_kw)
+    _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, **bc_kw)
+    _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, **bc_kw)
     # 5. d cum -> d dt, dA, d dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(b, NC, H, device=dev, dtype=f32)
@@ -1297,7 +1229,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dt, dt_bias if dt_bias is not None else dummy, A, dtp, ddt_direct, dcum_a, dcum_b, vbuf, dcl, part,
         ddt, dA_part, dbias_part if dt_bias is not None else dummy,
         L, H, NC, ndcl, float(dt_lo), float(min(dt_hi, 3.0e38)),
-        CS=cs, BPN=_pow2(ndcl, 2), PART_BM=BM, HAS_BIAS=dt_bias is not None,
+        CS=cs, BPN=_pow2(ndcl, 2), PART_BM=BM, S_SLOTS=not s_in_dx, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
     dA = dA_part.sum((0, 1)).to(A.dtype)
     ddt_bias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else x.new_empty(0)

@@ -4,7 +4,9 @@ no GPU needed (the method of run5_fwd_offline_regs.py, whose counts matched the 
 
     TRITON_CACHE_DIR=/tmp/t36cache PYTHONPATH=/tmp/t36:/work/wt-bwd3 python run8_bwd_offline_regs.py
 
-(a record of how run 8's register numbers were obtained, not part of the package)"""
+Run 8 also compiled the variants it then removed (128-position dx / dB / dC blocks, heads looped in dx, a split dCB
+kernel); their numbers are in notes/ssd_kernels.md (v7-bwd). (a record of how run 8's register numbers were
+obtained, not part of the package)"""
 import os
 import re
 import subprocess
@@ -52,35 +54,25 @@ def compile_(fn, const, warps=4, stages=1, maxnreg=None, ptr_types=None):
             f" -> {occ} progs/SM")
 
 
-def dx(N, BMS=64, warps=4, stages=None, maxnreg=None, fold=None, hf=True, hpp=1):
+def dx(N, warps=4, stages=None, maxnreg=None, fold=None, hf=True):
     stages = stages or (1 if N >= 128 else 2)
     fold = (N >= 128) if fold is None else fold
-    const = dict(CS=256, BMS=BMS, BMT=64, BP=64, BN=N, HAS_D=True, D_PER_P=False, HAS_SEQ=False, USE_CB=False,
-                 CB_T=True, FOLD=fold, HEADS_FASTEST=hf, HPP=hpp, DOT_PREC="tf32", DT=tl.bfloat16)
+    const = dict(CS=256, BM=64, BP=64, BN=N, HAS_D=True, D_PER_P=False, HAS_SEQ=False, USE_CB=False,
+                 CB_T=True, FOLD=fold, HEADS_FASTEST=hf, DOT_PREC="tf32", DT=tl.bfloat16)
     return compile_(K._bwd_dx_kernel, const, warps, stages, maxnreg)
 
 
 if __name__ == "__main__":
-    for args in [dict(N=64, maxnreg=168), dict(N=128), dict(N=64, BMS=128, warps=8), dict(N=128, BMS=128, warps=8),
-                 dict(N=64, BMS=128, warps=4), dict(N=128, BMS=128, warps=4)] + [eval(a) for a in sys.argv[1:]]:
+    for args in [dict(N=64, maxnreg=168), dict(N=128)] + [eval(a) for a in sys.argv[1:]]:
         print("dx", args, dx(**args), flush=True)
 
 
-def bc(N, BM=64, warps=None, stages=None, maxnreg=-1, do_dc=True):
+def bc(N, warps=None, stages=None, maxnreg=-1, do_dc=True):
     warps = warps or (8 if N >= 128 else 4)
     stages = stages or (1 if N >= 128 else 2)
     maxnreg = 128 if maxnreg == -1 else maxnreg
-    const = dict(CS=256, BM=BM, BP=64, BN=N, DO_DC=do_dc, HAS_SEQ=False, UPPER=BM > 64, DOT_PREC="tf32",
-                 DT=tl.bfloat16)
+    const = dict(CS=256, BM=64, BP=64, BN=N, DO_DC=do_dc, HAS_SEQ=False, DOT_PREC="tf32", DT=tl.bfloat16)
     return compile_(K._bwd_bc_kernel, const, warps, stages, maxnreg)
-
-
-def bc_variants():
-    for args in [dict(N=64), dict(N=128), dict(N=64, BM=128, maxnreg=0), dict(N=128, BM=128, maxnreg=0),
-                 dict(N=64, BM=128, warps=8, maxnreg=0), dict(N=64, BM=128, warps=8)]:
-        for dc in (True, False):
-            print("bc", args, "dC" if dc else "dB", bc(do_dc=dc, **args), flush=True)
-
 
 def state(N, BK=64, BN=64, BP=64, warps=4, stages=2):
     const = dict(CS=256, BK=BK, BP=BP, BN=BN, HAS_DFINAL=True, HAS_SEQ=False, MODE=0, DCL_ROWS=False,
@@ -95,13 +87,18 @@ def state_variants():
     print("dx", dict(N=64, stages=3, maxnreg=168), dx(N=64, stages=3, maxnreg=168), flush=True)
 
 
-def dcb(split=False, diag=False, maxnreg=None, warps=4, stages=2):
-    const = dict(CS=256, BM=64, BP=64, BN=128, HAS_SEQ=False, STORE_CBT=True, DOT_PREC="tf32", DT=tl.bfloat16,
-                 SPLIT=split, DIAG=diag)
+def dcb(maxnreg=None, warps=4, stages=2):
+    const = dict(CS=256, BM=64, BP=64, BN=128, HAS_SEQ=False, STORE_CBT=True, DOT_PREC="tf32", DT=tl.bfloat16)
     return compile_(K._bwd_dcb_kernel, const, warps, stages, maxnreg)
 
 
-def dcb_variants():
-    for args in [dict(), dict(split=True, diag=True), dict(split=True), dict(split=True, maxnreg=168),
-                 dict(split=True, diag=True, maxnreg=168)]:
-        print("dcb", args, dcb(**args), flush=True)
+def s_in_dx_variants():
+    for N, mx in ((64, 168), (64, None), (128, None)):
+        for fold in (False, True):
+            const = dict(CS=256, BM=64, BP=64, BN=N, HAS_D=True, D_PER_P=False, HAS_SEQ=False, USE_CB=False,
+                         CB_T=True, FOLD=fold, HEADS_FASTEST=True, DOT_PREC="tf32", DT=tl.bfloat16, S_IN_DX=True)
+            print("dx s_in_dx", N, mx, fold, compile_(K._bwd_dx_kernel, const, 4, 1 if N >= 128 else 2, mx), flush=True)
+    const = dict(CS=256, BM=64, BP=64, BN=128, HAS_SEQ=False, STORE_CBT=True, DOT_PREC="tf32", DT=tl.bfloat16,
+                 S_IN_DX=True)
+    for mx in (None, 168):
+        print("dcb s_in_dx", mx, compile_(K._bwd_dcb_kernel, const, 4, 2, mx), flush=True)

@@ -74,37 +74,27 @@ def test_dcum_last_as_row_sums(monkeypatch, nseg):
     _check(16, (2, 100, 2, 16, 1, 32), torch.float32, docs=2)
 
 
-@pytest.mark.parametrize("cs,cbt,fold,cb_share,docs,A_scale,dtype", [
-    (256, True, True, 1, 0, 1.0, torch.float32),  # C·B^T tiles above the dCB kernel's causal ones masked off
-    (256, True, False, 1, 3, 1.0, torch.float32),  # two diagonal tiles per source block, documents
-    (256, True, True, 1, 0, 8.0, torch.float32),  # a 128-position source block decaying by > e^60: exact path
-    (256, True, True, 1, 0, 1.0, torch.bfloat16),
-    (128, False, True, 1, 2, 1.0, torch.float32),  # one source block per chunk, precomputed float32 C·B
-    (256, False, False, 10**9, 0, 1.0, torch.float32),  # C·B^T recomputed
-])
-def test_blocks_of_128_in_dx_and_db_dc(monkeypatch, cs, cbt, fold, cb_share, docs, A_scale, dtype):
-    # dx_bm 128: dx programs over 128 source positions against 64-position target tiles (2 diagonal tiles each);
-    # bc_bm 128: dB / dC programs over 128 positions reading dCB in 128 x 128 blocks (diagonal ones masked)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "dx_bm", 128)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bc_bm", 128)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", cbt)
+@pytest.mark.parametrize("dx_fold,fold", [(True, False), (False, True)])
+def test_dx_fold_key_overrides_fold_decay(monkeypatch, dx_fold, fold):
+    # dx_fold: dx folds (or not) independently of the forward's fold_decay
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dx_fold", dx_fold)
     monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
+    _check(256, (1, 300, 2, 16, 1, 16), torch.float32, docs=0)
+
+
+@pytest.mark.parametrize("cs,fold,cbt,cb_share,docs,A_scale,dtype", [
+    (256, True, True, 1, 0, 1.0, torch.float32),  # folded off-diagonal tiles
+    (256, False, True, 1, 3, 1.0, torch.float32),  # masked tiles, documents
+    (256, True, True, 1, 0, 8.0, torch.float32),  # exact diagonal path; dA a small difference of large terms
+    (256, True, True, 1, 0, 1.0, torch.bfloat16),  # C·B^T stored in bf16: both sides must use the rounded copy
+    (64, False, False, 1, 2, 1.0, torch.float32),  # one block per chunk, C·B precomputed in float32
+    (128, False, False, 10**9, 0, 1.0, torch.bfloat16),  # C·B recomputed in dx
+])
+def test_dcum_s_side_in_dx(monkeypatch, cs, fold, cbt, cb_share, docs, A_scale, dtype):
+    # dcum_s_in_dx: the s side of the quadratic d cum from the dx kernel, the t side from the dCB kernel
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dcum_s_in_dx", True)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", cbt)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
-    _check(cs, (1, 300, 4, 16, 2, 16), dtype, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
-
-
-@pytest.mark.parametrize("heads,docs,fold,dtype", [(2, 2, False, torch.float32), (4, 0, True, torch.bfloat16)])
-def test_dx_heads_per_program(monkeypatch, heads, docs, fold, dtype):
-    # dx_heads: a dx program loops over several heads of its group (B_s loaded once); ngroups 2 of 4 heads each
-    monkeypatch.setitem(ssd_kernels.CONFIG, "dx_heads", heads)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
-    _check(64, (2, 150, 8, 16, 2, 16), dtype, docs=docs)
-
-
-@pytest.mark.parametrize("cs,docs,A_scale,dtype", [(256, 3, 1.0, torch.float32), (256, 0, 8.0, torch.float32),
-                                                   (128, 0, 1.0, torch.bfloat16), (64, 2, 1.0, torch.float32)])
-def test_dcb_diagonal_and_off_diagonal_launches(monkeypatch, cs, docs, A_scale, dtype):
-    # dcb_split: the dCB kernel's diagonal tiles and off-diagonal tiles in two launches (chunk 64: diagonal only)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "dcb_split", True)
     _check(cs, (1, 300, 4, 16, 2, 16), dtype, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
