@@ -1,7 +1,7 @@
 """Run 8 (backward helper) device-side extras, beside benchmarks/check_ssd_gpu.py and bench_ssd.py --sweep:
 
     python run8_bwd_extra.py check '{"dx_bm": 128, "bc_bm": 128}' ...   # GPU correctness of sweep variants
-    python run8_bwd_extra.py old OLD_SSD_PY                               # f+b of the previous kernels file
+    python run8_bwd_extra.py old OLD_SSD_PY [DSTATE ...]                  # f+b of the previous kernels file
 
 `check`: each CONFIG variant against the float64 reference at real size (check_ssd_gpu.compare: dstate 128 plain,
 dstate 64 with documents, initial states, z, D per headdim and ngroups 4) plus bitwise determinism, so a variant the
@@ -72,4 +72,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "check":
         check([json.loads(a) for a in sys.argv[2:]])
     else:
-        old(sys.argv[2])
+        old(sys.argv[2], dstates=tuple(int(a) for a in sys.argv[3:]) or (64, 128))
