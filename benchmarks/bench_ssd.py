@@ -246,14 +246,12 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
     {"bc_maxnreg": 0},
     {"bwd_state_seg_chunks": 16},
 ]
-# backward round 3 (run 8, versions v7-bwd of notes/ssd_kernels.md), ranked by forward+backward: dx's decay folded
-# into the operands or not, whatever the forward does (the v5 fold was judged by f+b when the forward's out kernel
-# lost by it); the s side of the quadratic d cum in dx (a sum within warps plus one dot per tile) instead of the
-# dCB kernel (a sum across warps: ~1100 -> ~860 SASS instructions per head iteration there), with register caps.
-# Run 8 call 1 also timed 128-position dx / dB / dC blocks, heads looped inside dx programs, a split dCB kernel,
-# dx in 2 stages and the reverse state pass at bk 256 / bn 128: all slower or noise; the first three were removed.
-SWEEP_BWD3 = [{}, {"dx_fold": True}, {"dx_fold": False}, {"dcum_s_in_dx": True},
-              {"dcum_s_in_dx": True, "dcb_maxnreg": 168}, {"dcum_s_in_dx": True, "dcb_maxnreg": 168, "dx_maxnreg": 0}]
+# backward round 3 (run 8, versions v7-bwd of notes/ssd_kernels.md), ranked by forward+backward. Run 8 timed and
+# removed (slower or tied): 128-position dx / dB / dC blocks, heads looped inside dx programs, the dCB kernel split
+# into diagonal / off-diagonal launches, the s side of the quadratic d cum moved from the dCB kernel to dx, dx's own
+# fold choice. What is left to sweep are existing keys that were close: dx pipelining at dstate 128 and the reverse
+# state pass's dot length and dstate block.
+SWEEP_BWD3 = [{}, {"dx_stages": 2}, {"bwd_state_bk": 256}, {"bwd_state_bn": 128}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),

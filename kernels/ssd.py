@@ -503,14 +503,13 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
                    CB_T: tl.constexpr, FOLD: tl.constexpr, HEADS_FASTEST: tl.constexpr,
-                   DOT_PREC: tl.constexpr, DT: tl.constexpr, S_IN_DX: tl.constexpr = False):
+                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """Source-side gradients of one head for one block of positions s: dx (one dot per (s, t) tile; the quadratic
     part of d cum is `_bwd_dcb_kernel`'s, which forms dy_t·x_s per tile anyway), the direct part of ddt, the chunk
     state's share of d cum (v) and dD partials. C·B^T tiles: CB_T, the transposed copy `_bwd_dcb_kernel` stores
     (input dtype); else USE_CB, the precomputed float32 C·B; else recomputed. HEADS_FASTEST: grid (batch·heads,
     blocks), so the heads sharing a C·B tile run together and read it from L2. The diagonal tile comes last: its
-    dy tile is dy_s, reused for the D term. S_IN_DX: also the s side of the quadratic d cum, -dt_s Σ_t (C·B)_ts
-    L_ts (dy_t·x_s), from one more dot per tile (x_s·dy_t^T) and a sum within warps (see `_bwd_dcb_kernel`)."""
+    dy tile is dy_s, reused for the D term."""
     if HEADS_FASTEST:
         pid_m = tl.program_id(1)
         pid_bh = tl.program_id(0)
@@ -550,9 +549,6 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     # the chunk state's gradient reaches x, B and cum through w_s dt_s x_s B_s^T
     S = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC)
     v = tl.sum(x_s * dt_s[:, None] * S * w[:, None], 1)
-    if S_IN_DX:
-        x_c = x_s.to(DT)
-        sq = tl.zeros((BM,), dtype=tl.float32)
     cum_r = tl.load(cum_ptr + base + s0 + BM - 1)  # the s block's last position
     span = tl.load(cum_ptr + base + s0) - cum_r
     col = tl.exp(cum_r - cum_s)
@@ -570,21 +566,14 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         if FOLD:
             dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
                            mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            roww = tl.exp(cum_t - cum_r)
-            acc = tl.dot(cbT.to(DT), (dy_t * roww[:, None]).to(DT), acc, input_precision=DOT_PREC)
-            if S_IN_DX:  # the s side from the unscaled operands, the decay in float32 (as the dCB kernel has it)
-                qT = tl.dot(x_c, tl.trans(dy_t.to(DT)), input_precision=DOT_PREC)
-                sq += col * tl.sum(cbT.to(tl.float32) * roww[None, :] * qT, 1)
+            acc = tl.dot(cbT.to(DT), (dy_t * tl.exp(cum_t - cum_r)[:, None]).to(DT), acc, input_precision=DOT_PREC)
         else:
             dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
                            mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
             LT = col[:, None] * tl.exp(cum_t - cum_r)[None, :]
             if HAS_SEQ:
                 LT = tl.where(_doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None], LT, 0.0)
-            pT = cbT.to(tl.float32) * LT
-            acc += tl.dot(pT.to(DT), dy_t, input_precision=DOT_PREC)
-            if S_IN_DX:
-                sq += tl.sum(pT * tl.dot(x_c, tl.trans(dy_t), input_precision=DOT_PREC), 1)
+            acc += tl.dot((cbT.to(tl.float32) * LT).to(DT), dy_t, input_precision=DOT_PREC)
     if FOLD:
         acc = acc * col[:, None]
     # the diagonal tile: t block = s block
@@ -594,10 +583,7 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                      span)
     if HAS_SEQ:
         LT = tl.where(doc_s[None, :] == doc_s[:, None], LT, 0.0)
-    pT = cbT.to(tl.float32) * LT
-    acc += tl.dot(pT.to(DT), dy_s, input_precision=DOT_PREC)
-    if S_IN_DX:
-        sq += tl.sum(pT * tl.dot(x_c, tl.trans(dy_s), input_precision=DOT_PREC), 1)
+    acc += tl.dot((cbT.to(tl.float32) * LT).to(DT), dy_s, input_precision=DOT_PREC)
     x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)  # reloaded (L1/L2) rather than held across loops
     dx = acc * dt_s[:, None]
     if HAS_D:
@@ -609,10 +595,7 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         tl.store(dD_ptr + ((b * NPM + pid_m) * H + hh) * P + offs_p, tl.sum(dy_s * x_s, 0), mask=mp)
     tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mo)
     tl.store(ddt_ptr + base + s, tl.sum(x_s * acc, 1))
-    if S_IN_DX:
-        tl.store(dcum_ptr + base + s, -v - dt_s * sq)
-    else:
-        tl.store(dcum_ptr + base + s, -v)
+    tl.store(dcum_ptr + base + s, -v)
     tl.store(v_ptr + base + s, v)
 
 
@@ -620,14 +603,11 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
 def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr, cbt_ptr,
                     L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
-                    S_IN_DX: tl.constexpr = False):
+                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """Gradient of C_t·B_s for one causal (t block i, s block j) tile of a chunk, summed over the group's heads:
     dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s. dB and dC then follow once per group (`_bwd_bc_kernel`) instead of
     once per head. Each head's d cum (t side: row sums of dCB_h ⊙ C·B, s side: minus the column sums) goes to
-    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later. S_IN_DX:
-    the s side (a sum across warps here) is left to `_bwd_dx_kernel` (a sum within a warp there), from the same
-    products: C·B as dx reads it (rounded as stored), so both sides of every term still cancel exactly."""
+    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
@@ -658,8 +638,6 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
     if STORE_CBT:  # for the dx kernel, which reads it as (s, t): no C·B pass of its own, half the bytes in bf16
         tl.store(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
                  + (i * BM + tl.arange(0, BM))[None, :], tl.trans(cb).to(cbt_ptr.dtype.element_ty))
-        if S_IN_DX:
-            cb = cb.to(cbt_ptr.dtype.element_ty).to(tl.float32)
     causal = t[:, None] >= s[None, :]
     if HAS_SEQ:
         same_doc = _doc(seq_ptr, b, t, L)[:, None] == _doc(seq_ptr, b, s, L)[None, :]
@@ -687,8 +665,7 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
         acc += q
         r = q * cb
         tl.store(part_ptr + ((b * H + hh) * 2 * NM + j) * Lp + t, tl.sum(r, 1))
-        if not S_IN_DX:
-            tl.store(part_ptr + ((b * H + hh) * 2 * NM + NM + i) * Lp + s, -tl.sum(r, 0))
+        tl.store(part_ptr + ((b * H + hh) * 2 * NM + NM + i) * Lp + s, -tl.sum(r, 0))
     tl.store(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
              + (j * BM + tl.arange(0, BM))[None, :], acc.to(dcb_ptr.dtype.element_ty))
 
@@ -775,8 +752,7 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
                    ddt_out_ptr, dA_part_ptr, dbias_part_ptr,
                    L, H, NC, NPN, lo, hi,
                    CS: tl.constexpr, BPN: tl.constexpr, PART_BM: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                   S_SLOTS: tl.constexpr = True):
+                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, hh, _ = _batch_head(pid_bh, H, 1)
@@ -785,16 +761,14 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
     t = c * CS + idx
     base = (b * H + hh) * Lp + t
     dcum = tl.load(dcuma_ptr + base) + tl.load(dcumb_ptr + base)
-    # _bwd_dcb_kernel's per-tile d cum: slot j (t side, j <= own block), NM + i (s side, i >= own; S_SLOTS False:
-    # the dx kernel added the s side to dcuma)
+    # _bwd_dcb_kernel's per-tile d cum: slot j (t side, j <= own block), NM + i (s side, i >= own)
     NMQ: tl.constexpr = CS // PART_BM
     blk = idx // PART_BM
     pbase = (b * H + hh) * 2 * NMQ * Lp + t
     for q in tl.static_range(NMQ):
         dcum += tl.load(part_ptr + pbase + q * Lp, mask=blk >= q, other=0.0)
-    if S_SLOTS:
-        for q in tl.static_range(NMQ):
-            dcum += tl.load(part_ptr + pbase + (NMQ + q) * Lp, mask=blk <= q, other=0.0)
+    for q in tl.static_range(NMQ):
+        dcum += tl.load(part_ptr + pbase + (NMQ + q) * Lp, mask=blk <= q, other=0.0)
     offs = tl.arange(0, BPN)
     dcl = tl.load(dcl_ptr + ((b * H + hh) * NC + c) * NPN + offs, mask=offs < NPN, other=0.0)
     dcum_last = tl.sum(tl.load(v_ptr + base), 0) + tl.sum(dcl, 0)
@@ -866,12 +840,9 @@ CONFIG = dict(
     dcb_stages=2, bc_stages=None, dx_stages=None,
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,
     # dx warps (run 8: 128-position source blocks with 8 warps, several heads per program, dB / dC over 128
-    # positions and a dCB kernel split into diagonal / off-diagonal launches all lost; notes/ssd_kernels.md v7-bwd)
+    # positions, a dCB kernel split into diagonal / off-diagonal launches, the s side of d cum moved to dx and dx's
+    # own fold choice all lost or tied; notes/ssd_kernels.md v7-bwd)
     dx_warps=4,
-    dx_fold=None,  # dx's off-diagonal tiles with the decay folded into the operands (None: as fold_decay)
-    # the s side of the quadratic d cum in dx (a sum within warps, one more dot per tile) instead of in the dCB kernel
-    # (a sum across warps per head and tile pair)
-    dcum_s_in_dx=False,
     bwd_cbt=True,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
     # dx grid with heads fastest (a C·B tile read once from DRAM, then from L2 by each head) or blocks fastest; None:
     # heads fastest when a batch row's C·Bᵀ is at least dx_heads_fastest_bytes (run 5: heads fastest -0.06-0.1 ms
@@ -992,10 +963,9 @@ def _use_cb(H: int, G: int, N: int, min_dstate=None) -> bool:
     return H // G >= CONFIG["cb_min_heads_per_group"] and N >= min_dstate
 
 
-def _fold(N: int, seq_idx, key: str = "fold_decay") -> bool:
-    # documents can cut an off-diagonal block, which then needs the masked tile; the backward's dx has its own key
-    # (None: as fold_decay)
-    fold = CONFIG[key] if CONFIG.get(key) is not None else CONFIG["fold_decay"]
+def _fold(N: int, seq_idx) -> bool:
+    # documents can cut an off-diagonal block, which then needs the masked tile
+    fold = CONFIG["fold_decay"]
     return seq_idx is None and (N >= 128 if fold is None else bool(fold))
 
 
@@ -1183,14 +1153,12 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         cb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype != f32 else f32)
     else:
         cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
-    s_in_dx = bool(CONFIG["dcum_s_in_dx"])
     dcb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype == torch.bfloat16 else f32)
     part = torch.empty(b, H, 2 * NM, Lp, device=dev, dtype=f32)
     _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
             x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
             CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
-            S_IN_DX=s_in_dx, num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"),
-            **_maxnreg("dcb_maxnreg"))
+            num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"), **_maxnreg("dcb_maxnreg"))
     # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum
     dx = torch.empty_like(x)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
@@ -1205,10 +1173,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
             x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
             dstates, cb, dx, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC,
             CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-            HAS_SEQ=seq_idx is not None, USE_CB=use_cb, CB_T=cb_t, FOLD=_fold(N, seq_idx, "dx_fold"),
-            HEADS_FASTEST=heads_fast,
-            DOT_PREC=prec, DT=ddt_, S_IN_DX=s_in_dx, num_warps=_warps(BN, "dx_warps"),
-            num_stages=_stages(BP, BN, "dx_stages"),
+            HAS_SEQ=seq_idx is not None, USE_CB=use_cb, CB_T=cb_t, FOLD=_fold(N, seq_idx), HEADS_FASTEST=heads_fast,
+            DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "dx_warps"), num_stages=_stages(BP, BN, "dx_stages"),
             **_maxnreg("dx_maxnreg", 168 if BN <= 64 else None))
     # 4. dB and dC per group from dCB, with the state terms head by head
     dB = torch.empty_like(B)
@@ -1229,7 +1195,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dt, dt_bias if dt_bias is not None else dummy, A, dtp, ddt_direct, dcum_a, dcum_b, vbuf, dcl, part,
         ddt, dA_part, dbias_part if dt_bias is not None else dummy,
         L, H, NC, ndcl, float(dt_lo), float(min(dt_hi, 3.0e38)),
-        CS=cs, BPN=_pow2(ndcl, 2), PART_BM=BM, S_SLOTS=not s_in_dx, HAS_BIAS=dt_bias is not None,
+        CS=cs, BPN=_pow2(ndcl, 2), PART_BM=BM, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
     dA = dA_part.sum((0, 1)).to(A.dtype)
     ddt_bias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else x.new_empty(0)

@@ -5,7 +5,7 @@ no GPU needed (the method of run5_fwd_offline_regs.py, whose counts matched the 
     TRITON_CACHE_DIR=/tmp/t36cache PYTHONPATH=/tmp/t36:/work/wt-bwd3 python run8_bwd_offline_regs.py
 
 Run 8 also compiled the variants it then removed (128-position dx / dB / dC blocks, heads looped in dx, a split dCB
-kernel); their numbers are in notes/ssd_kernels.md (v7-bwd). (a record of how run 8's register numbers were
+kernel, the s side of d cum in dx); their numbers are in notes/ssd_kernels.md (v7-bwd). (a record of how run 8's register numbers were
 obtained, not part of the package)"""
 import os
 import re
@@ -91,14 +91,3 @@ def dcb(maxnreg=None, warps=4, stages=2):
     const = dict(CS=256, BM=64, BP=64, BN=128, HAS_SEQ=False, STORE_CBT=True, DOT_PREC="tf32", DT=tl.bfloat16)
     return compile_(K._bwd_dcb_kernel, const, warps, stages, maxnreg)
 
-
-def s_in_dx_variants():
-    for N, mx in ((64, 168), (64, None), (128, None)):
-        for fold in (False, True):
-            const = dict(CS=256, BM=64, BP=64, BN=N, HAS_D=True, D_PER_P=False, HAS_SEQ=False, USE_CB=False,
-                         CB_T=True, FOLD=fold, HEADS_FASTEST=True, DOT_PREC="tf32", DT=tl.bfloat16, S_IN_DX=True)
-            print("dx s_in_dx", N, mx, fold, compile_(K._bwd_dx_kernel, const, 4, 1 if N >= 128 else 2, mx), flush=True)
-    const = dict(CS=256, BM=64, BP=64, BN=128, HAS_SEQ=False, STORE_CBT=True, DOT_PREC="tf32", DT=tl.bfloat16,
-                 S_IN_DX=True)
-    for mx in (None, 168):
-        print("dcb s_in_dx", mx, compile_(K._bwd_dcb_kernel, const, 4, 2, mx), flush=True)

@@ -73,28 +73,3 @@ def test_dcum_last_as_row_sums(monkeypatch, nseg):
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
     _check(16, (2, 100, 2, 16, 1, 32), torch.float32, docs=2)
 
-
-@pytest.mark.parametrize("dx_fold,fold", [(True, False), (False, True)])
-def test_dx_fold_key_overrides_fold_decay(monkeypatch, dx_fold, fold):
-    # dx_fold: dx folds (or not) independently of the forward's fold_decay
-    monkeypatch.setitem(ssd_kernels.CONFIG, "dx_fold", dx_fold)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
-    _check(256, (1, 300, 2, 16, 1, 16), torch.float32, docs=0)
-
-
-@pytest.mark.parametrize("cs,fold,cbt,cb_share,docs,A_scale,dtype", [
-    (256, True, True, 1, 0, 1.0, torch.float32),  # folded off-diagonal tiles
-    (256, False, True, 1, 3, 1.0, torch.float32),  # masked tiles, documents
-    (256, True, True, 1, 0, 8.0, torch.float32),  # exact diagonal path; dA a small difference of large terms
-    (256, True, True, 1, 0, 1.0, torch.bfloat16),  # C·B^T stored in bf16: both sides must use the rounded copy
-    (64, False, False, 1, 2, 1.0, torch.float32),  # one block per chunk, C·B precomputed in float32
-    (128, False, False, 10**9, 0, 1.0, torch.bfloat16),  # C·B recomputed in dx
-])
-def test_dcum_s_side_in_dx(monkeypatch, cs, fold, cbt, cb_share, docs, A_scale, dtype):
-    # dcum_s_in_dx: the s side of the quadratic d cum from the dx kernel, the t side from the dCB kernel
-    monkeypatch.setitem(ssd_kernels.CONFIG, "dcum_s_in_dx", True)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", cbt)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
-    _check(cs, (1, 300, 4, 16, 2, 16), dtype, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
