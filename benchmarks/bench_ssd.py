@@ -210,9 +210,8 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
     {},
     {"fold_decay": True},  # decay folded into the operands off the diagonal (default: at dstate >= 128 only)
     {"fold_decay": False},
-    {"bwd_dcb": False, "fold_decay": False},  # v3: dB, dC per head
     {"dcb_warps": 8},
-    {"bwd_warps": 8},
+    {"dx_warps": 8},
 ]
 # forward-only variants (kernel version v6-fwd of notes/ssd_kernels.md), timed by forward alone. fwd_out: the output
 # kernel's position / source blocks (registers 168 -> 96-126 at source blocks of 32, Triton 3.6 sm_90), warps,
@@ -256,12 +255,19 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
 # and from which walk length the two-level pass is on
 SWEEP_FWD3_OUT = [{}, {"out_fold_decay": False}, {"out_bk": 32}, {"out_bk": 32, "out_stages": 3}, {"out_stages": 2}]
 SWEEP_FWD3_STATE = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 256}, {"state_seg_programs": 0}]
+# backward round 3 (run 8, versions v7-bwd of notes/ssd_kernels.md), ranked by forward+backward. Run 8 timed and
+# removed (slower or tied): 128-position dx / dB / dC blocks, heads looped inside dx programs, the dCB kernel split
+# into diagonal / off-diagonal launches, the s side of the quadratic d cum moved from the dCB kernel to dx, dx's own
+# fold choice. What is left to sweep are existing keys that were close: dx pipelining at dstate 128 and the reverse
+# state pass's dot length and dstate block.
+SWEEP_BWD3 = [{}, {"dx_stages": 2}, {"bwd_state_bk": 256}, {"bwd_state_bn": 128}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
               "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
                            "fb"),
-              "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [16384, 32768, 65536], "fwd")}
+              "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [16384, 32768, 65536], "fwd"),
+              "bwd3": (SWEEP_BWD3, None, "fb")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 
@@ -317,6 +323,9 @@ def sweep(args):
             won.update(variants[i_best])
             print(f"sweep {set_name} dstate {n}: best {variants[i_best] or 'default'} -> {won}", flush=True)
         BEST[n] = won
+        if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1":  # registers of every launch variant the sweep compiled
+            for k, v in kernels.STATS.items():
+                print(f"{k}: registers {v[0]}, spills {v[1]}, shared {v[2]}")
         if not args.no_profile:
             profile_config(args, kernels, base, n, won, args.profile_seqlens)
         kernels.CONFIG.clear()

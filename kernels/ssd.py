@@ -29,12 +29,10 @@ Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through
   2. `_bwd_dcb_kernel`: per (group, causal tile pair (t block, s block) of a chunk), looping over the group's
      heads: dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s summed in registers (bf16 out), and each head's quadratic d cum
      (t side and s side) into per-tile slots; it also stores its C·B tile transposed for dx (CONFIG bwd_cbt).
-  3. `_bwd_dx_kernel` per (head, source block s), heads fastest so a C·B tile is read once from DRAM: dx (one dot
-     per tile), the direct part of ddt, the state's share of d cum, dD partials.
+  3. `_bwd_dx_kernel` per (head, source block s), heads fastest when a C·B^T tile would not stay in L2 between
+     heads: dx (one dot per tile), the direct part of ddt, the state's share of d cum, dD partials.
   4. `_bwd_bc_kernel` twice, per (group, block): dC (state term head by head, with its d cum; then Σ_s dCB B_s once
      for all heads) and dB (state term head by head; then Σ_t dCB^T C_t).
-  (CONFIG bwd_dcb=False keeps the previous backward: dx with the s side of d cum, dB per group recomputing every
-  head's tile, and `_bwd_dc_kernel` for dC and the t side, in place of 2-4.)
   5. `_bwd_dt_kernel`: per (batch, head, chunk): the d cum parts summed in fixed order, their reverse in-chunk
      cumsum, then the chain through clamp, softplus and bias to d dt, with dA and d dt_bias partials.
 The decay exp(cum_t - cum_s) inside a tile is a row factor times a column factor about a position between the two
@@ -103,27 +101,21 @@ def _decay_tile(row, col, cum_a, cum_b, causal, diag, span):
 
 
 @triton.jit
-def _cb_tile(cb_ptr, B_ptr, C_t, b, c, g, i, j, L, G, N, NC,
-             CS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr,
-             DT: tl.constexpr):
-    """C_t·B_s (float32) for t block i and s block j of chunk c: loaded (precomputed per group) or recomputed."""
-    if USE_CB:
-        cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
-                     + (j * BM + tl.arange(0, BM))[None, :])
+def _dx_cbt(cb_ptr, C_ptr, B_s, cbase, b, c, g, s, t, L, G, N, offs_n, mn,
+            CS: tl.constexpr, USE_CB: tl.constexpr, CB_T: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """(C_t·B_s)^T as an (s, t) tile of chunk c: the transposed copy `_bwd_dcb_kernel` stores (CB_T, input dtype),
+    the precomputed float32 C·B through a coalesced (t, s) load transposed in registers (USE_CB), or recomputed."""
+    sl = s - c * CS
+    tl_ = t - c * CS
+    if CB_T:
+        cbT = tl.load(cb_ptr + cbase + sl[:, None] * CS + tl_[None, :])
+    elif USE_CB:
+        cbT = tl.trans(tl.load(cb_ptr + cbase + tl_[:, None] * CS + sl[None, :]))
     else:
-        s = c * CS + j * BM + tl.arange(0, BM)
-        offs_n = tl.arange(0, BN)
-        B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=(s < L)[:, None] & (offs_n < N)[None, :], other=0.0).to(DT)
-        cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
-    return cb
-
-
-@triton.jit
-def _cbt_tile(cbt_ptr, b, c, g, i, j, G, NC, CS: tl.constexpr, BM: tl.constexpr):
-    """(C·B)^T of t block i and s block j of chunk c, as (s, t), from the transposed copy `_bwd_dcb_kernel` stores."""
-    return tl.load(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
-                   + (i * BM + tl.arange(0, BM))[None, :])
+        C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                      mask=(t < L)[:, None] & mn[None, :], other=0.0).to(DT)
+        cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
+    return cbT
 
 
 @triton.jit
@@ -516,221 +508,105 @@ def _bwd_state_combine_kernel(seg_ptr, segdecay_ptr, dfinal_ptr, H, PN, NSEG,
 
 @triton.jit
 def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr,
-                   dx_ptr, dB_ptr, ddt_ptr, dcum_ptr, v_ptr, dD_ptr,
+                   dx_ptr, ddt_ptr, dcum_ptr, v_ptr, dD_ptr,
                    L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
-                   DO_DX: tl.constexpr, DO_DB: tl.constexpr, QUAD_DCUM: tl.constexpr, FOLD: tl.constexpr,
-                   DOT_PREC: tl.constexpr, DT: tl.constexpr, CB_T: tl.constexpr = False,
-                   HEADS_FASTEST: tl.constexpr = False):
-    """Source-side gradients for one block of positions s. DO_DX: one program per head (dx, ddt's direct part,
-    the s-side of d cum, dD partials). DO_DB: one program per group, looping over its heads, so dB sums the heads
-    in registers in a fixed order. Both in one program (DO_DX and DO_DB) shares the (s, t) products but needs
-    more registers than the GPU has at dstate >= 64, hence two launches there. QUAD_DCUM False: the s-side of
-    d cum's quadratic part is left to `_bwd_dcb_kernel` (which forms dy_t·x_s once per tile anyway), so this
-    kernel's tile loop has one dot instead of two. CB_T: cb_ptr holds C·B already transposed, (s, t) per tile, in
-    the input dtype, as `_bwd_dcb_kernel` stores it (STORE_CBT), in place of loading (USE_CB) or recomputing it.
-    HEADS_FASTEST: grid (batch·heads, blocks), so the heads sharing a C·B tile run together and read it from L2."""
+                   CB_T: tl.constexpr, FOLD: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """Source-side gradients of one head for one block of positions s: dx (one dot per (s, t) tile; the quadratic
+    part of d cum is `_bwd_dcb_kernel`'s, which forms dy_t·x_s per tile anyway), the direct part of ddt, the chunk
+    state's share of d cum (v) and dD partials. C·B^T tiles: CB_T, the transposed copy `_bwd_dcb_kernel` stores
+    (input dtype); else USE_CB, the precomputed float32 C·B; else recomputed. HEADS_FASTEST: grid (batch·heads,
+    blocks), so the heads sharing a C·B tile run together and read it from L2. The diagonal tile comes last: its
+    dy tile is dy_s, reused for the D term."""
     if HEADS_FASTEST:
         pid_m = tl.program_id(1)
-        pid_b = tl.program_id(0)
+        pid_bh = tl.program_id(0)
         NPM = tl.num_programs(1)
     else:
         pid_m = tl.program_id(0)
-        pid_b = tl.program_id(1)
+        pid_bh = tl.program_id(1)
         NPM = tl.num_programs(0)
-    HPG = H // G
-    if DO_DB:
-        b = (pid_b // G).to(tl.int64)
-        g = pid_b % G
-        h_lo = g * HPG
-        h_hi = h_lo + HPG
-    else:
-        b = (pid_b // H).to(tl.int64)
-        h_lo = pid_b % H
-        h_hi = h_lo + 1
-        g = h_lo // HPG
+    b, hh, g = _batch_head(pid_bh, H, G)
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
     c = pid_m // NM
     sblk = pid_m % NM
-    s = c * CS + sblk * BM + tl.arange(0, BM)
+    s0 = c * CS + sblk * BM
+    s = s0 + tl.arange(0, BM)
     ms = s < L
     offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mp = offs_p < P
     mn = offs_n < N
-    if DO_DX:
-        B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+    base = (b * H + hh) * Lp
+    cbase = ((b * NC + c) * G + g) * CS * CS
+    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+    dt_s = tl.load(dtp_ptr + base + s)
+    cum_s = tl.load(cum_ptr + base + s)
+    cum_last = tl.load(cum_ptr + base + c * CS + CS - 1)
+    w = tl.exp(cum_last - cum_s)
     if HAS_SEQ:
         doc_s = _doc(seq_ptr, b, s, L)
-        in_last = doc_s == tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
-    if DO_DB:
-        acc_dB = tl.zeros((BM, BN), dtype=tl.float32)
-    for hh in range(h_lo, h_hi):
-        dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
-        cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
-        cum_last = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1)
-        w = tl.exp(cum_last - cum_s)
-        if HAS_SEQ:
-            w = tl.where(in_last, w, 0.0)
-        xo = ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :]
-        mo = ms[:, None] & mp[None, :]
-        x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
-        xdt = x_s * dt_s[:, None]
-        xdt_c = xdt.to(DT)
-        gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                     mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
-        # the chunk state's gradient reaches x, B and cum through w_s dt_s x_s B_s^T
-        if DO_DX:
-            S = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC)
-            acc_dx = S * w[:, None]
-            v = tl.sum(xdt * acc_dx, 1)
-            dcum = -v
-        if DO_DB:
-            acc_dB += tl.dot((xdt * w[:, None]).to(DT), gs, input_precision=DOT_PREC)
-        cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + sblk * BM + BM - 1)  # the s-block's last position
-        span = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + sblk * BM) - cum_r
-        col = tl.exp(cum_r - cum_s)
-        i_hi = NM
-        if FOLD and DO_DX and not DO_DB and not QUAD_DCUM:
-            # off-diagonal blocks (no documents): decay = col_s · row_t, folded into dy_t and the sum (as forward);
-            # w_s = col_s · exp(cum_last - cum_r) (<= 1), so the state term shares the accumulator and the scaling
-            acc_dx = S * tl.exp(cum_last - cum_r)
-            for i in range(sblk + 1, NM):
-                t = c * CS + i * BM + tl.arange(0, BM)
-                dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                               mask=(t < L)[:, None] & mp[None, :], other=0.0).to(tl.float32)
-                roww = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t) - cum_r)
-                if CB_T:
-                    cbT = _cbt_tile(cb_ptr, b, c, g, i, sblk, G, NC, CS, BM)
-                elif USE_CB:
-                    cbT = tl.trans(_cb_tile(cb_ptr, B_ptr, B_s, b, c, g, i, sblk, L, G, N, NC, CS, BM, BN, USE_CB,
-                                            DOT_PREC, DT))
-                else:
-                    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                                  mask=(t < L)[:, None] & mn[None, :], other=0.0).to(DT)
-                    cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
-                acc_dx = tl.dot(cbT.to(DT), (dy_t * roww[:, None]).to(DT), acc_dx, input_precision=DOT_PREC)
-            acc_dx = acc_dx * col[:, None]
-            i_hi = sblk + 1
-        for i in range(sblk, i_hi):
-            t = c * CS + i * BM + tl.arange(0, BM)
-            mt = t < L
+        w = tl.where(doc_s == tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1)), w, 0.0)
+    xo = ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :]
+    mo = ms[:, None] & mp[None, :]
+    x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
+    gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                 mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
+    # the chunk state's gradient reaches x, B and cum through w_s dt_s x_s B_s^T
+    S = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC)
+    v = tl.sum(x_s * dt_s[:, None] * S * w[:, None], 1)
+    cum_r = tl.load(cum_ptr + base + s0 + BM - 1)  # the s block's last position
+    span = tl.load(cum_ptr + base + s0) - cum_r
+    col = tl.exp(cum_r - cum_s)
+    if FOLD:
+        # off-diagonal blocks (no documents): decay = col_s · row_t, folded into dy_t and the sum (as forward);
+        # w_s = col_s · exp(cum_last - cum_r) (<= 1), so the state term shares the accumulator and the scaling
+        acc = S * tl.exp(cum_last - cum_r)
+    else:
+        acc = S * w[:, None]
+    for i in range(sblk + 1, NM):
+        t = c * CS + i * BM + tl.arange(0, BM)
+        mt = t < L
+        cbT = _dx_cbt(cb_ptr, C_ptr, B_s, cbase, b, c, g, s, t, L, G, N, offs_n, mn, CS, USE_CB, CB_T, DOT_PREC, DT)
+        cum_t = tl.load(cum_ptr + base + t)
+        if FOLD:
+            dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                           mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(cbT.to(DT), (dy_t * tl.exp(cum_t - cum_r)[:, None]).to(DT), acc, input_precision=DOT_PREC)
+        else:
             dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
                            mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
-            cum_t = tl.load(cum_ptr + (b * H + hh) * Lp + t)
-            LT = _decay_tile(col, tl.exp(cum_t - cum_r), cum_t[None, :], cum_s[:, None], t[None, :] >= s[:, None],
-                             i == sblk, span)
+            LT = col[:, None] * tl.exp(cum_t - cum_r)[None, :]
             if HAS_SEQ:
                 LT = tl.where(_doc(seq_ptr, b, t, L)[None, :] == doc_s[:, None], LT, 0.0)
-            if DO_DB or QUAD_DCUM:
-                dxT = tl.dot(xdt_c, tl.trans(dy_t), input_precision=DOT_PREC)  # (s, t): dy_t·x_s dt_s
-            if DO_DB or not (USE_CB or CB_T):
-                C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                              mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
-            if DO_DB:
-                acc_dB += tl.dot((dxT * LT).to(DT), C_t, input_precision=DOT_PREC)
-            if DO_DX:
-                if CB_T:
-                    cbT = _cbt_tile(cb_ptr, b, c, g, i, sblk, G, NC, CS, BM).to(tl.float32)
-                elif USE_CB:  # a coalesced (t, s) load, transposed in registers
-                    cbT = tl.trans(tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS
-                                           + (i * BM + tl.arange(0, BM))[:, None] * CS
-                                           + (sblk * BM + tl.arange(0, BM))[None, :]))
-                else:
-                    cbT = tl.dot(B_s, tl.trans(C_t), input_precision=DOT_PREC)
-                pT = cbT * LT  # (s, t): (C_t·B_s) L_ts
-                acc_dx += tl.dot(pT.to(DT), dy_t, input_precision=DOT_PREC)
-                if QUAD_DCUM:
-                    dcum -= tl.sum(pT * dxT, 1)
-        if DO_DX:
-            if not DO_DB and not QUAD_DCUM:  # reloaded (from L1/L2) rather than held in registers across the loops
-                x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
-            dx = acc_dx * dt_s[:, None]
-            if HAS_D:
-                dy_s = tl.load(dy_ptr + xo, mask=mo, other=0.0).to(tl.float32)
-                if D_PER_P:
-                    dx += dy_s * tl.load(D_ptr + hh * P + offs_p, mask=mp, other=0.0).to(tl.float32)[None, :]
-                else:
-                    dx += dy_s * tl.load(D_ptr + hh).to(tl.float32)
-                tl.store(dD_ptr + ((b * NPM + pid_m) * H + hh) * P + offs_p, tl.sum(dy_s * x_s, 0), mask=mp)
-            tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mo)
-            tl.store(ddt_ptr + (b * H + hh) * Lp + s, tl.sum(x_s * acc_dx, 1))
-            tl.store(dcum_ptr + (b * H + hh) * Lp + s, dcum)
-            tl.store(v_ptr + (b * H + hh) * Lp + s, v)
-    if DO_DB:
-        tl.store(dB_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :], acc_dB.to(dB_ptr.dtype.element_ty),
-                 mask=ms[:, None] & mn[None, :])
-
-
-@triton.jit
-def _bwd_dc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, cb_ptr, dC_ptr, dcum_ptr,
-                   L, H, G, P, N, NC,
-                   CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                   HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, g, _ = _batch_head(pid_bg, G, G)
-    HPG = H // G
-    Lp = NC * CS
-    NM: tl.constexpr = CS // BM
-    c = pid_m // NM
-    mblk = pid_m % NM
-    t = c * CS + mblk * BM + tl.arange(0, BM)
-    mt = t < L
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    mp = offs_p < P
-    mn = offs_n < N
-    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=mt[:, None] & mn[None, :], other=0.0).to(tl.float32)
-    C_tc = C_t.to(DT)
+            acc += tl.dot((cbT.to(tl.float32) * LT).to(DT), dy_t, input_precision=DOT_PREC)
+    if FOLD:
+        acc = acc * col[:, None]
+    # the diagonal tile: t block = s block
+    cbT = _dx_cbt(cb_ptr, C_ptr, B_s, cbase, b, c, g, s, s, L, G, N, offs_n, mn, CS, USE_CB, CB_T, DOT_PREC, DT)
+    dy_s = tl.load(dy_ptr + xo, mask=mo, other=0.0).to(DT)
+    LT = _decay_tile(col, tl.exp(cum_s - cum_r), cum_s[None, :], cum_s[:, None], s[None, :] >= s[:, None], True,
+                     span)
     if HAS_SEQ:
-        doc_t = _doc(seq_ptr, b, t, L)
-        reach = doc_t == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
-    acc_dC = tl.zeros((BM, BN), dtype=tl.float32)
-    for hi in range(HPG):
-        hh = g * HPG + hi
-        cum_t = tl.load(cum_ptr + (b * H + hh) * Lp + t)
-        e = tl.exp(cum_t)
-        if HAS_SEQ:
-            e = tl.where(reach, e, 0.0)
-        dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                       mask=mt[:, None] & mp[None, :], other=0.0).to(DT)
-        h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                       mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
-        tmp = tl.dot(dy_t, h_in, input_precision=DOT_PREC) * e[:, None]
-        dcum = tl.sum(C_t * tmp, 1)
-        acc_dC += tmp
-        cum_r = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM)
-        span = cum_r - tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + mblk * BM + BM - 1)
-        row = tl.exp(cum_t - cum_r)
-        for j in range(0, mblk + 1):
-            s = c * CS + j * BM + tl.arange(0, BM)
-            ms = s < L
-            B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                          mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
-            x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-                          mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            dt_s = tl.load(dtp_ptr + (b * H + hh) * Lp + s)
-            cum_s = tl.load(cum_ptr + (b * H + hh) * Lp + s)
-            Lm = _decay_tile(row, tl.exp(cum_r - cum_s), cum_t[:, None], cum_s[None, :], t[:, None] >= s[None, :],
-                             j == mblk, span)
-            if HAS_SEQ:
-                Lm = tl.where(doc_t[:, None] == _doc(seq_ptr, b, s, L)[None, :], Lm, 0.0)
-            if USE_CB:
-                cb = tl.load(cb_ptr + ((b * NC + c) * G + g) * CS * CS + (mblk * BM + tl.arange(0, BM))[:, None] * CS
-                             + (j * BM + tl.arange(0, BM))[None, :])
-            else:
-                cb = tl.dot(C_tc, tl.trans(B_s), input_precision=DOT_PREC)
-            q = tl.dot(dy_t, tl.trans((x_s * dt_s[:, None]).to(DT)), input_precision=DOT_PREC) * Lm
-            acc_dC += tl.dot(q.to(DT), B_s, input_precision=DOT_PREC)
-            dcum += tl.sum(cb * q, 1)
-        tl.store(dcum_ptr + (b * H + hh) * Lp + t, dcum)
-    tl.store(dC_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :], acc_dC.to(dC_ptr.dtype.element_ty),
-             mask=mt[:, None] & mn[None, :])
+        LT = tl.where(doc_s[None, :] == doc_s[:, None], LT, 0.0)
+    acc += tl.dot((cbT.to(tl.float32) * LT).to(DT), dy_s, input_precision=DOT_PREC)
+    x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)  # reloaded (L1/L2) rather than held across loops
+    dx = acc * dt_s[:, None]
+    if HAS_D:
+        dy_s = dy_s.to(tl.float32)
+        if D_PER_P:
+            dx += dy_s * tl.load(D_ptr + hh * P + offs_p, mask=mp, other=0.0).to(tl.float32)[None, :]
+        else:
+            dx += dy_s * tl.load(D_ptr + hh).to(tl.float32)
+        tl.store(dD_ptr + ((b * NPM + pid_m) * H + hh) * P + offs_p, tl.sum(dy_s * x_s, 0), mask=mp)
+    tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mo)
+    tl.store(ddt_ptr + base + s, tl.sum(x_s * acc, 1))
+    tl.store(dcum_ptr + base + s, -v)
+    tl.store(v_ptr + base + s, v)
 
 
 @triton.jit
@@ -895,14 +771,14 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
     t = c * CS + idx
     base = (b * H + hh) * Lp + t
     dcum = tl.load(dcuma_ptr + base) + tl.load(dcumb_ptr + base)
-    if PART_BM > 0:  # _bwd_dcb_kernel's per-tile d cum: slot j (t side, j <= own block), NM + i (s side, i >= own)
-        NMQ: tl.constexpr = CS // PART_BM
-        blk = idx // PART_BM
-        pbase = (b * H + hh) * 2 * NMQ * Lp + t
-        for q in tl.static_range(NMQ):
-            dcum += tl.load(part_ptr + pbase + q * Lp, mask=blk >= q, other=0.0)
-        for q in tl.static_range(NMQ):
-            dcum += tl.load(part_ptr + pbase + (NMQ + q) * Lp, mask=blk <= q, other=0.0)
+    # _bwd_dcb_kernel's per-tile d cum: slot j (t side, j <= own block), NM + i (s side, i >= own)
+    NMQ: tl.constexpr = CS // PART_BM
+    blk = idx // PART_BM
+    pbase = (b * H + hh) * 2 * NMQ * Lp + t
+    for q in tl.static_range(NMQ):
+        dcum += tl.load(part_ptr + pbase + q * Lp, mask=blk >= q, other=0.0)
+    for q in tl.static_range(NMQ):
+        dcum += tl.load(part_ptr + pbase + (NMQ + q) * Lp, mask=blk <= q, other=0.0)
     offs = tl.arange(0, BPN)
     dcl = tl.load(dcl_ptr + ((b * H + hh) * NC + c) * NPN + offs, mask=offs < NPN, other=0.0)
     dcum_last = tl.sum(tl.load(v_ptr + base), 0) + tl.sum(dcl, 0)
@@ -961,12 +837,10 @@ CONFIG = dict(
     # ms at 4096 / 65536): 256 positions per dot with 2 stages won at both dstates, 0.766 / 1.059 -> 0.752 / 1.034
     # (dstate 64) and 0.922 / 1.289 -> 0.894 / 1.211 (dstate 128)
     fwd_state_bk=256, fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=2,
-    bwd_bm=64, bwd_warps=4,  # backward dx, dB and dC kernels
+    bwd_bm=64,  # positions per block of the backward's dCB, dB and dC kernels, and dx's target blocks
     stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
     cb_min_dstate=128,  # ...and dstate is large enough that recomputing it per head costs more than loading it
-    bwd_split_db=True,  # dx per head and dB per group in two launches (fewer registers) instead of one
-    bwd_dcb=True,  # backward through dCB summed over a group's heads (dB, dC once per group) instead of per head
     # off-diagonal blocks without documents: decay folded into the operands (fwd out, bwd dx); None: at dstate >= 128
     # only (run 4: -1 % f+b there; at dstate 64 the forward kernel's registers go 157 -> 228 and it is 8 % slower)
     fold_decay=None,
@@ -977,6 +851,10 @@ CONFIG = dict(
     # -0.1 ms at both dstates; 2 programs of 8 warps per SM at dstate 128)
     dcb_stages=2, bc_stages=None, dx_stages=None,
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,
+    # dx warps (run 8: 128-position source blocks with 8 warps, several heads per program, dB / dC over 128
+    # positions, a dCB kernel split into diagonal / off-diagonal launches, the s side of d cum moved to dx and dx's
+    # own fold choice all lost or tied; notes/ssd_kernels.md v7-bwd)
+    dx_warps=4,
     bwd_cbt=True,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
     # dx grid with heads fastest (a C·B tile read once from DRAM, then from L2 by each head) or blocks fastest; None:
     # heads fastest when a batch row's C·Bᵀ is at least dx_heads_fastest_bytes (run 5: heads fastest -0.06-0.1 ms
@@ -1113,13 +991,14 @@ def _check_inputs(x, chunk_size):
         raise ValueError(f"lit_mamba2.kernels.ssd: headdim must be at most 128, got {x.shape[3]}")
 
 
+_STAT_KEYS = ("CS", "BN", "BP", "BM", "BK", "HPP", "DO_DC", "num_warps", "num_stages", "maxnreg")
 STATS: dict = {}  # kernel name -> (registers, spills, shared bytes), filled when LIT_MAMBA2_KERNEL_STATS=1
 
 
 def _launch(kernel, grid, *args, **kw):
     handle = kernel[grid](*args, **kw)
     if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1" and handle is not None and not _INTERPRET:
-        key = (kernel.fn.__name__, kw.get("BN"), kw.get("CS"), kw.get("DO_DB"))
+        key = (kernel.fn.__name__,) + tuple(f"{k}={kw[k]}" for k in _STAT_KEYS if k in kw)
         STATS.setdefault(key, (getattr(handle, "n_regs", None), getattr(handle, "n_spills", None),
                                getattr(handle.metadata, "shared", None) if hasattr(handle, "metadata") else None))
     return handle
@@ -1281,69 +1160,51 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         _launch(_bwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, MODE=2, **state_kw)
     else:
         _launch(_bwd_state_kernel, (npb * nnb, b * H, 1), *state_args, MODE=0, **state_kw)
-    # 2. dx, dB, s-side of d cum
+    # 2. dCB per group and tile pair (heads summed; each head's quadratic d cum by tile), storing C·B^T for dx
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "bwd_bm", BP, BN)
     NM = cs // BM
-    dcb_mode = CONFIG["bwd_dcb"]
-    cb_t = bool(dcb_mode and CONFIG["bwd_cbt"])
+    cb_t = bool(CONFIG["bwd_cbt"])
     use_cb = _use_cb(H, G, N) and not cb_t
     if cb_t:  # filled by the dCB kernel before dx reads it
         cb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype != f32 else f32)
     else:
         cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
+    dcb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype == torch.bfloat16 else f32)
+    part = torch.empty(b, H, 2 * NM, Lp, device=dev, dtype=f32)
+    _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
+            x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
+            CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
+            num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"), **_maxnreg("dcb_maxnreg"))
+    # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum
     dx = torch.empty_like(x)
-    dB = torch.empty_like(B)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
     dcum_a = torch.empty(b, H, Lp, device=dev, dtype=f32)
     vbuf = torch.empty(b, H, Lp, device=dev, dtype=f32)
     dD_part = torch.empty(b, NC * NM, H, P, device=dev, dtype=f32) if D is not None else x.new_empty(0)
-    dx_args = (x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
-               dstates, cb, dx, dB, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC)
-    dx_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
-                 HAS_SEQ=seq_idx is not None, USE_CB=use_cb, FOLD=_fold(N, seq_idx), CB_T=cb_t,
-                 DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "bwd_warps"),
-                 num_stages=_stages(BP, BN, "dx_stages"), **_maxnreg("dx_maxnreg", 168 if BN <= 64 else None))
-    dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
+    heads_fast = CONFIG["dx_heads_fastest"]
+    if heads_fast is None:  # heads together once a batch row's C·Bᵀ no longer stays in L2 between heads
+        heads_fast = NC * cs * cs * G * dcb.element_size() >= CONFIG["dx_heads_fastest_bytes"]
+    heads_fast = bool(heads_fast) and NC * NM < 65536  # the grid's second axis is 16-bit
+    _launch(_bwd_dx_kernel, (b * H, NC * NM) if heads_fast else (NC * NM, b * H),
+            x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
+            dstates, cb, dx, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC,
+            CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+            HAS_SEQ=seq_idx is not None, USE_CB=use_cb, CB_T=cb_t, FOLD=_fold(N, seq_idx), HEADS_FASTEST=heads_fast,
+            DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "dx_warps"), num_stages=_stages(BP, BN, "dx_stages"),
+            **_maxnreg("dx_maxnreg", 168 if BN <= 64 else None))
+    # 4. dB and dC per group from dCB, with the state terms head by head
+    dB = torch.empty_like(B)
     dC = torch.empty_like(C)
-    if dcb_mode:
-        # 2a. dCB per group and tile pair, heads summed; each head's quadratic d cum by tile
-        dcb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype == torch.bfloat16 else f32)
-        part = torch.empty(b, H, 2 * NM, Lp, device=dev, dtype=f32)
-        _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
-                x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
-                CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
-                num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"),
-                **_maxnreg("dcb_maxnreg"))
-        # 2b. dx per head (one dot per tile); 3. dB and dC per group from dCB
-        heads_fast = CONFIG["dx_heads_fastest"]
-        if heads_fast is None:  # heads together once a batch row's C·Bᵀ no longer stays in L2 between heads
-            heads_fast = NC * cs * cs * G * dcb.element_size() >= CONFIG["dx_heads_fastest_bytes"]
-        heads_fast = bool(heads_fast) and NC * NM < 65536  # the grid's second axis is 16-bit
-        _launch(_bwd_dx_kernel, (b * H, NC * NM) if heads_fast else (NC * NM, b * H), *dx_args,
-                DO_DX=True, DO_DB=False, QUAD_DCUM=False, HEADS_FASTEST=heads_fast, **dx_kw)
-        bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
-                   dB, dC, dcum_b, L, H, G, P, N, NC)
-        bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
-                     num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"),
-                     **_maxnreg("bc_maxnreg", 128 if BN <= 128 else None))
-        _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, **bc_kw)
-        _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, **bc_kw)
-    else:
-        part = dummy
-        if CONFIG["bwd_split_db"]:
-            _launch(_bwd_dx_kernel, (NC * NM, b * H), *dx_args, DO_DX=True, DO_DB=False, QUAD_DCUM=True, **dx_kw)
-            _launch(_bwd_dx_kernel, (NC * NM, b * G), *dx_args, DO_DX=False, DO_DB=True, QUAD_DCUM=True, **dx_kw)
-        else:
-            _launch(_bwd_dx_kernel, (NC * NM, b * G), *dx_args, DO_DX=True, DO_DB=True, QUAD_DCUM=True, **dx_kw)
-        # 3. dC, t-side of d cum
-        _launch(_bwd_dc_kernel, (NC * NM, b * G),
-            x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, cb, dC, dcum_b,
-            L, H, G, P, N, NC,
-            CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, USE_CB=use_cb, DOT_PREC=prec, DT=ddt_,
-            num_warps=_warps(BN, "bwd_warps"),
-            num_stages=_stages(BP, BN))
-    # 4. d cum -> d dt, dA, d dt_bias
+    dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
+    bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
+               dB, dC, dcum_b, L, H, G, P, N, NC)
+    bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
+                 num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"),
+                 **_maxnreg("bc_maxnreg", 128 if BN <= 128 else None))
+    _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, **bc_kw)
+    _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, **bc_kw)
+    # 5. d cum -> d dt, dA, d dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(b, NC, H, device=dev, dtype=f32)
     dbias_part = torch.empty(b, NC, H, device=dev, dtype=f32) if dt_bias is not None else x.new_empty(0)
@@ -1351,7 +1212,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         dt, dt_bias if dt_bias is not None else dummy, A, dtp, ddt_direct, dcum_a, dcum_b, vbuf, dcl, part,
         ddt, dA_part, dbias_part if dt_bias is not None else dummy,
         L, H, NC, ndcl, float(dt_lo), float(min(dt_hi, 3.0e38)),
-        CS=cs, BPN=_pow2(ndcl, 2), PART_BM=BM if dcb_mode else 0, HAS_BIAS=dt_bias is not None,
+        CS=cs, BPN=_pow2(ndcl, 2), PART_BM=BM, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
     dA = dA_part.sum((0, 1)).to(A.dtype)
     ddt_bias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else x.new_empty(0)

@@ -72,3 +72,4 @@ def test_dcum_last_as_row_sums(monkeypatch, nseg):
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_dcl_rows", True)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
     _check(16, (2, 100, 2, 16, 1, 32), torch.float32, docs=2)
+

@@ -220,27 +220,21 @@ def test_fake_impl_matches_real_shapes():
         assert r.shape == f.shape and r.dtype == f.dtype
 
 
-@pytest.mark.parametrize("cb_share,split,dcb", [(1, True, False), (10**9, True, False), (1, False, False),
-                                                (10**9, False, False), (1, True, True), (10**9, True, True)])
-def test_precomputed_and_recomputed_cb_paths(monkeypatch, cb_share, split, dcb):
-    # C·B is precomputed once per group when enough heads share it, else recomputed per head; dx and dB come from
-    # one launch or two, or dB and dC from the head-summed dCB: every combination must be right
+@pytest.mark.parametrize("cb_share", [1, 10**9])
+def test_precomputed_and_recomputed_cb_paths(monkeypatch, cb_share):
+    # with bwd_cbt off, dx loads C·B (precomputed once per group when enough heads share it) or recomputes it
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_split_db", split)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_dcb", dcb)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", False)  # dx loads or recomputes C·B (tests/.../bwd_paths: cbt)
     _check(32, (2, 75, 4, 16, 2, 16), torch.float32, docs=2)
 
 
-@pytest.mark.parametrize("dcb,fold,cb_share,docs,A_scale", [
-    (True, True, 1, 3, 1.0), (True, True, 1, 0, 1.0), (True, True, 10**9, 0, 1.0), (True, False, 1, 0, 1.0),
-    (True, True, 1, 0, 8.0), (False, True, 1, 3, 8.0)])
-def test_many_blocks_per_chunk(monkeypatch, dcb, fold, cb_share, docs, A_scale):
+@pytest.mark.parametrize("fold,cb_share,docs,A_scale", [
+    (True, 1, 3, 1.0), (True, 1, 0, 1.0), (True, 10**9, 0, 1.0), (False, 1, 0, 1.0), (True, 1, 0, 8.0), (False, 1, 3, 8.0)])
+def test_many_blocks_per_chunk(monkeypatch, fold, cb_share, docs, A_scale):
     # chunk 256 = 4 blocks of 64: off-diagonal tiles (decay folded into the operands or not, C·B loaded or
     # recomputed), the tile-pair order of the dCB kernel and its per-tile d cum slots, 2 heads per group;
     # documents cut inside and across blocks; A_scale 8: |A| dt large enough that diagonal blocks take the exact path
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_dcb", dcb)
     monkeypatch.setitem(ssd_kernels.CONFIG, "fold_decay", fold)
     monkeypatch.setitem(ssd_kernels.CONFIG, "out_fold_decay", fold)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
