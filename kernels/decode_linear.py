@@ -180,7 +180,7 @@ def _norm_linear_kernel(
 @triton.jit
 def _norm_gemv_kernel(
     x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, r_out_ptr, out_ptr, acc_ptr,
-    N, K, group_size, eps,
+    M, N, K, group_size, eps,
     x_b, r_b, z_b, ro_b, w_n, o_b, a_b,
     ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, NGROUPS: tl.constexpr,
@@ -188,49 +188,51 @@ def _norm_gemv_kernel(
 ):
     """_norm_linear_kernel with whole rows: a program holds BLOCK_N full weight rows (BLOCK_K >= K), loaded with
     the norm weight and bias before the PDL wait, so that with PDL a layer's weights stream while the kernel before
-    still runs and only the activations are read after it (one round trip to L2). The norm over NGROUPS groups of
-    channels is computed from the row in registers; same roundings as _norm_linear_kernel's two-pass form.
-    One row of the batch per program (grid axis 1): the rows' chains of dependent loads and reductions run side by
-    side (a loop over the rows inside each program, which read the weights once, ran them one after another: 0.507
-    ms per step at batch 4 for mamba2-130m against 0.201 at batch 1, decode_run6_dec1b_extra); the weights are read
-    once per row, from L2 after the first."""
+    still runs and only the activations are read after it (one round trip to L2). The program then does the batch's
+    M rows with the weights in registers. The norm over NGROUPS groups of channels is computed from the row in
+    registers; same roundings as _norm_linear_kernel's two-pass form.
+    Measured (decode runs 6 and 7, H100): this form (rows looped, M = 1 specialised to a constant at batch 1) takes
+    0.200 / 0.488 ms per step at batch 1 (130m / 370m); one row per program on grid axis 1 took 0.205 / 0.502 and,
+    with the row offsets taken from program_id(1) inside the kernel, 0.267 / 0.507; at batch 4 all three tie with
+    cuBLAS (0.51 / 1.11-1.18)."""
+    release_early(USE_PDL)
     pid_n = tl.program_id(0)
-    b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
-    release_early(USE_PDL)
     w = tl.load(w_ptr + offs_n[:, None] * w_n + offs_k[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
     nw = tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    group = offs_k // group_size
     wait_and_release(USE_PDL)  # every input but the parameters comes from the kernels before (pdl.py)
-    u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
-                          b * z_b + offs_k, b * ro_b + offs_k, mk, pid_n == 0, ADD_RESIDUAL, WRITE_RESIDUAL,
-                          HAS_Z, NORM_BEFORE_GATE)
-    if ACCUMULATE:
-        a = tl.load(acc_ptr + b * a_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    sq = u * u
-    if NGROUPS == 1:
-        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / group_size + eps)
-    else:  # each group's statistics by masked sums (NGROUPS is small)
-        group = offs_k // group_size
-        rstd = tl.zeros_like(u)
-        for g in tl.static_range(NGROUPS):
-            in_g = group == g
-            rstd = tl.where(in_g, 1.0 / tl.sqrt(tl.sum(tl.where(in_g, sq, 0.0), axis=0) / group_size + eps), rstd)
-    nrm = u * rstd * nw
-    if HAS_Z and NORM_BEFORE_GATE:
-        nrm = nrm * gate
-    nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
-    out = tl.sum(w.to(tl.float32) * nrm[None, :], axis=1)
-    if HAS_BIAS:
-        out += bias
-    out = out.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + b * o_b + offs_n, out, mask=mask_n)
-    if ACCUMULATE:  # each program owns its outputs' residual entries: the in-place add has no race
-        tl.store(acc_ptr + b * a_b + offs_n, (a + out.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=mask_n)
+    for b in range(0, M):
+        u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
+                              b * z_b + offs_k, b * ro_b + offs_k, mk, pid_n == 0, ADD_RESIDUAL, WRITE_RESIDUAL,
+                              HAS_Z, NORM_BEFORE_GATE)
+        if ACCUMULATE:
+            a = tl.load(acc_ptr + b * a_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        sq = u * u
+        if NGROUPS == 1:
+            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / group_size + eps)
+        else:  # each group's statistics by masked sums (NGROUPS is small)
+            rstd = tl.zeros_like(u)
+            for g in tl.static_range(NGROUPS):
+                in_g = group == g
+                rstd = tl.where(in_g, 1.0 / tl.sqrt(tl.sum(tl.where(in_g, sq, 0.0), axis=0) / group_size + eps),
+                                rstd)
+        nrm = u * rstd * nw
+        if HAS_Z and NORM_BEFORE_GATE:
+            nrm = nrm * gate
+        nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
+        out = tl.sum(w.to(tl.float32) * nrm[None, :], axis=1)
+        if HAS_BIAS:
+            out += bias
+        out = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + b * o_b + offs_n, out, mask=mask_n)
+        if ACCUMULATE:  # each program owns its outputs' residual entries: the in-place add has no race
+            tl.store(acc_ptr + b * a_b + offs_n, (a + out.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -352,8 +354,8 @@ def _launch(x, weight, norm_weight, eps, *, residual=None, r_out=None, z=None, n
         elements, num_warps = config or (ROW_TILE_WIDE if N >= WIDE_N else ROW_TILE)
         BLOCK_K = triton.next_power_of_2(K)
         BLOCK_N = max(1, min(triton.next_power_of_2(N), elements // BLOCK_K))
-        _norm_gemv_kernel[(triton.cdiv(N, BLOCK_N), b)](
-            *args, N, K, group_size, float(eps), *strides, **flags, NGROUPS=ngroups, BLOCK_N=BLOCK_N,
+        _norm_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
+            *args, b, N, K, group_size, float(eps), *strides, **flags, NGROUPS=ngroups, BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K, num_warps=num_warps, **pdl_options(early=True))
     elif b < GEMV_BELOW:
         BLOCK_N, BLOCK_K, num_warps, single_pass = config or (CONFIG_WIDE if N >= WIDE_N else CONFIG)
