@@ -410,7 +410,7 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dcl_ptr,
-                      seg_ptr, segdecay_ptr, L, H, G, P, N, NC, NNB, SEG,
+                      seg_ptr, segdecay_ptr, tot_ptr, totd_ptr, L, H, G, P, N, NC, NNB, SEG,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                       HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr,
                       DCL_ROWS: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
@@ -419,7 +419,10 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
     chunk and the segment's decay product (`_bwd_state_combine_kernel` then chains the segments). MODE 2 (second
     pass): from the segment's true exiting gradient (seg_ptr), storing every chunk's gradient and d cum_last
     (DCL_ROWS: as BP row sums, summed later by `_bwd_dt_kernel`, so the sequential loop has no reduction across
-    warps)."""
+    warps). MODE 3 (two-level with a fix-up, instead of MODE 1 + 2): every segment from zero (the last from dfinal)
+    stores its chunks' gradients and d cum_last partials from that start, per chunk the decay from the segment's
+    end to the chunk's exit (`tot`) and to its entry (`totd`), and the segment's own part and decay product;
+    `_bwd_seg_kernel` chains the segments by one scan and `_bwd_fix_kernel` adds the missing terms elementwise."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -433,16 +436,23 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
     mn = offs_n < N
     mpn = mp[:, None] & mn[None, :]
     pn = offs_p[:, None] * N + offs_n[None, :]
-    segpn = ((b * NSEG + seg) * H + hh) * P * N + pn
+    if MODE == 3:  # (batch, head, segment) order: the scan reads a (batch, head)'s segments as one block
+        segpn = ((b * H + hh) * NSEG + seg) * P * N + pn
+    else:
+        segpn = ((b * NSEG + seg) * H + hh) * P * N + pn
     if MODE == 2:
         gst = tl.load(seg_ptr + segpn, mask=mpn, other=0.0)
     elif MODE == 0 and HAS_DFINAL:
         gst = tl.load(dfinal_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+    elif MODE == 3 and HAS_DFINAL:
+        gst = tl.zeros((BP, BN), dtype=tl.float32)
+        if seg == NSEG - 1:
+            gst = tl.load(dfinal_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     else:
         gst = tl.zeros((BP, BN), dtype=tl.float32)
     c_lo = seg * SEG
     c_hi = tl.minimum(c_lo + SEG, NC)
-    prod = 1.0
+    prod = tl.full((), 1.0, tl.float32)
     for ci in range(c_hi - c_lo):
         c = c_hi - 1 - ci
         # gst: gradient of the state leaving chunk c
@@ -454,9 +464,13 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
             hdoc = tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
             decay = tl.where(doc_last == hdoc, decay, 0.0)
-        if MODE == 1:
+        if MODE == 3 and pid_pn == 0:
+            # decay from the segment's end to chunk c's exit (dstates' missing term) and to its entry (d cum_last's)
+            tl.store(tot_ptr + (b * H + hh) * NC + c, prod)
+            tl.store(totd_ptr + (b * H + hh) * NC + c, prod * decay)
+        if MODE == 1 or MODE == 3:
             prod = prod * decay
-        else:
+        if MODE != 1:
             h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
             if DCL_ROWS:
                 tl.store(dcl_ptr + (((b * H + hh) * NC + c) * NPN + pid_pn) * BP + tl.arange(0, BP),
@@ -479,6 +493,10 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
         tl.store(seg_ptr + segpn, gst, mask=mpn)
         if pid_pn == 0:
             tl.store(segdecay_ptr + (b * NSEG + seg) * H + hh, prod)
+    elif MODE == 3:
+        tl.store(seg_ptr + segpn, gst, mask=mpn)
+        if pid_pn == 0:
+            tl.store(segdecay_ptr + (b * H + hh) * NSEG + seg, prod)
     elif seg == 0:
         tl.store(dinit_ptr + (b * H + hh) * P * N + pn, gst, mask=mpn)
 
@@ -504,6 +522,61 @@ def _bwd_state_combine_kernel(seg_ptr, segdecay_ptr, dfinal_ptr, H, PN, NSEG,
         lk = tl.load(ptr, mask=m, other=0.0)
         tl.store(ptr, gk, mask=m)
         gk = tl.load(segdecay_ptr + (b * NSEG + k) * H + hh) * gk + lk
+
+
+@triton.jit
+def _bwd_seg_kernel(seg_ptr, segdec_ptr, dinit_ptr, PN, NSEG, BLOCK: tl.constexpr, SEGP: tl.constexpr):
+    """Second level of the two-level reverse state pass with a fix-up (MODE 3), elementwise over a block of (P, N):
+    the gradient entering segment k is E_k = D_k E_{k+1} + l_k (l: the segment's own part, from dfinal for the
+    last; D: its decay product), chained by one scan over the segments loaded last first. Slot k is replaced by
+    the gradient leaving segment k, E_{k+1} (the last segment's slot is left: nothing reads it); E_0 is the initial
+    state's gradient."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    r = tl.arange(0, SEGP)  # row r holds segment NSEG - 1 - r
+    mr = r < NSEG
+    k = NSEG - 1 - r
+    local = tl.load(seg_ptr + (bh * NSEG + k[:, None]) * PN + offs[None, :], mask=mr[:, None] & m[None, :],
+                    other=0.0)
+    dec = tl.load(segdec_ptr + bh * NSEG + k, mask=mr, other=1.0)
+    _, e = tl.associative_scan((tl.broadcast_to(dec[:, None], (SEGP, BLOCK)), local), 0, _linear_step)
+    # e[r] = E_k enters segment k and leaves segment k - 1
+    tl.store(seg_ptr + (bh * NSEG + k[:, None] - 1) * PN + offs[None, :], e,
+             mask=(mr & (k >= 1))[:, None] & m[None, :])
+    tl.store(dinit_ptr + bh * PN + offs, tl.sum(tl.where((k == 0)[:, None], e, 0.0), 0), mask=m)
+
+
+@triton.jit
+def _bwd_fix_kernel(dstates_ptr, states_ptr, seg_ptr, tot_ptr, totd_ptr, dcl_ptr, H, P, N, NC, NSEG, SEG, NPN, NNB,
+                    BP: tl.constexpr, BN: tl.constexpr, DCL_ROWS: tl.constexpr):
+    """Last step of the two-level reverse state pass (MODE 3), per (chunk c of segments 0..NSEG-2, (P, N) block of
+    the walk): the gradient leaving c gets the gradient leaving its segment, G, decayed to c (tot); c's d cum_last
+    partial (the walk's block slot) gets decay_c·tot·Σ G ⊙ h_in,c (totd) — its term from G. Documents: a chunk
+    that starts a document has decay 0, so tot / totd are exactly 0 before it, as in one walk."""
+    pid_pn = tl.program_id(0) % NPN
+    c = tl.program_id(0) // NPN
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    hh = bh % H
+    offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
+    offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
+    mpn = (offs_p < P)[:, None] & (offs_n < N)[None, :]
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    g = tl.load(seg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + pn, mask=mpn, other=0.0)
+    ptr = dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn
+    local = tl.load(ptr, mask=mpn, other=0.0).to(tl.float32)
+    tl.store(ptr, (local + tl.load(tot_ptr + (b * H + hh) * NC + c) * g).to(dstates_ptr.dtype.element_ty),
+             mask=mpn)
+    h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+    totd = tl.load(totd_ptr + (b * H + hh) * NC + c)
+    if DCL_ROWS:
+        dptr = dcl_ptr + (((b * H + hh) * NC + c) * NPN + pid_pn) * BP + tl.arange(0, BP)
+        tl.store(dptr, tl.load(dptr) + totd * tl.sum(g * h_in, 1))
+    else:
+        dptr = dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn
+        tl.store(dptr, tl.load(dptr) + totd * tl.sum(tl.sum(g * h_in, 1), 0))
 
 
 @triton.jit
@@ -866,6 +939,9 @@ CONFIG = dict(
     # two-level reverse state pass when batch × heads × blocks < seg_below programs: segments of >= seg_chunks
     # chunks, about seg_target programs; bwd_state_segments forces a number (1: one sequential pass)
     bwd_state_segments=None, bwd_state_seg_below=256, bwd_state_seg_target=1024, bwd_state_seg_chunks=8,
+    # the two-level reverse pass with an elementwise fix-up (one walk, a scan, the fix-up; as the forward's v7-fwd b/c)
+    # instead of a second walk of every segment (False: v6-bwd b's walk, combine, walk)
+    bwd_state_fix=True,
 )
 
 
@@ -1143,16 +1219,30 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dcl_rows = bool(CONFIG["bwd_state_dcl_rows"])
     ndcl = npb * nnb * (BP1 if dcl_rows else 1)  # d cum_last partials per chunk
     dcl = torch.empty(b, H, NC, ndcl, device=dev, dtype=f32)
+    fix = nseg > 1 and bool(CONFIG["bwd_state_fix"])
     segbuf = torch.empty(b, nseg, H, P, N, device=dev, dtype=f32) if nseg > 1 else dummy
     segdecay = torch.empty(b, nseg, H, device=dev, dtype=f32) if nseg > 1 else dummy
+    tot = torch.empty(b, H, NC, device=dev, dtype=f32) if fix else dummy
+    totd = torch.empty(b, H, NC, device=dev, dtype=f32) if fix else dummy
     state_args = (dy, C, seq_idx if seq_idx is not None else dummy, cum, states,
-                  dfinal if dfinal is not None else dummy, dstates, dinit, dcl, segbuf, segdecay,
+                  dfinal if dfinal is not None else dummy, dstates, dinit, dcl, segbuf, segdecay, tot, totd,
                   L, H, G, P, N, NC, nnb, seg_len)
     state_kw = dict(CS=cs, BK=min(cs, CONFIG["bwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
                     HAS_SEQ=seq_idx is not None, DCL_ROWS=dcl_rows, DOT_PREC=prec, DT=ddt_,
                     num_warps=_bwd_state_warps(),
                     num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
-    if nseg > 1:
+    if fix:
+        # two-level with a fix-up: the segments in parallel (each from zero, the last from dfinal) store their chunks'
+        # gradients and d cum_last from that start, one scan chains the segments (and gives the initial state's
+        # gradient), then every chunk before the last segment gets its segment's exiting gradient's share
+        _launch(_bwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, MODE=3, **state_kw)
+        segp = _pow2(nseg, 2)
+        seg_block = min(_pow2(P * N), max(16, 4096 // segp))  # all segments of the block in registers: ~4096 values
+        _launch(_bwd_seg_kernel, (triton.cdiv(P * N, seg_block), b * H), segbuf, segdecay, dinit, P * N, nseg,
+                BLOCK=seg_block, SEGP=segp, num_warps=4)
+        _launch(_bwd_fix_kernel, ((nseg - 1) * seg_len * npb * nnb, b * H), dstates, states, segbuf, tot, totd, dcl,
+                H, P, N, NC, nseg, seg_len, npb * nnb, nnb, BP=BP1, BN=BN1, DCL_ROWS=dcl_rows, num_warps=4)
+    elif nseg > 1:
         _launch(_bwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, MODE=1, **state_kw)
         _launch(_bwd_state_combine_kernel, (triton.cdiv(P * N, 1024), b * H), segbuf, segdecay,
                 dfinal if dfinal is not None else dummy, H, P * N, nseg,
