@@ -464,10 +464,11 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
             hdoc = tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
             decay = tl.where(doc_last == hdoc, decay, 0.0)
-        if MODE == 3 and pid_pn == 0:
-            # decay from the segment's end to chunk c's exit (dstates' missing term) and to its entry (d cum_last's)
-            tl.store(tot_ptr + (b * H + hh) * NC + c, prod)
-            tl.store(totd_ptr + (b * H + hh) * NC + c, prod * decay)
+        if MODE == 3:
+            if pid_pn == 0:
+                # decay from the segment's end to chunk c's exit (dstates' missing term) and to its entry (d cum_last's)
+                tl.store(tot_ptr + (b * H + hh) * NC + c, prod)
+                tl.store(totd_ptr + (b * H + hh) * NC + c, prod * decay)
         if MODE == 1 or MODE == 3:
             prod = prod * decay
         if MODE != 1:
