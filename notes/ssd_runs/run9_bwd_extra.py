@@ -1,7 +1,7 @@
 """Run 9 (backward helper bwd4) device-side extras, beside benchmarks/check_ssd_gpu.py and bench_ssd.py --sweep:
 
     python run9_bwd_extra.py profile   # reverse state pass kernels' device time: fix-up / second walk / one walk
-    python run9_bwd_extra.py det       # bitwise determinism at the shapes that take the two-level pass
+    python run9_bwd_extra.py det       # batch-1 64K errors and bitwise determinism where the two-level pass runs
 
 `profile`: forward+backward five times under torch.profiler per (dstate, seqlen, variant); prints the time per call
 of the reverse state pass's kernels (walk, scan or combine, fix-up) and of the whole backward's kernels.
@@ -68,6 +68,15 @@ def profile(out):
 def det():
     import check_ssd_gpu as C
 
+    # the two-level pass with the fix-up (the default) against the reference at batch 1 × 64K: documents, initial
+    # states, dfinal (the check's cases cover it at 16K / 64K without documents at dstate 64)
+    for name, shape, kw in [("b1 L65536 h32 n128 docs+init (fp32 ref)", (1, 65536, 32, 64, 1, 128),
+                             dict(docs=3, init=True)),
+                            ("b1 L65536 h32 n64 docs+init+z (fp32 ref)", (1, 65536, 32, 64, 1, 64),
+                             dict(docs=5, init=True, z=True))]:
+        r = C.compare(name, 256, shape, ref_dtype=torch.float32, **kw)
+        print(f"check {name}: {'OK' if r['ok'] else 'FAIL'} " + " ".join(f"{k} {v:.1e}" for k, v in r["errs"].items()),
+              flush=True)
     for shape in [(1, 65536, 32, 64, 1, 128), (1, 65536, 32, 64, 1, 64), (2, 32768, 32, 64, 1, 128)]:
         r = C.deterministic(shape=shape)
         print(f"deterministic {shape}: {'OK' if r['ok'] else 'FAIL'}", flush=True)
