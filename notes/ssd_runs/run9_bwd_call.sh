@@ -14,7 +14,8 @@ left() { echo $(( T - ($(date +%s) - t0) - ${1:-5} )); }
 for n in 128 64; do
   timeout $(( T * 27 / 100 )) python benchmarks/bench_ssd.py --sweep --sweep-set bwd4 --no-bench --no-profile \
     --no-sdpa --dstate $n --warmup 10 --rep 40 --sweep-out "$o/sweep_$n.json" > "$o/sweep_$n.log" 2>&1
-  echo "sweep $n done $(( $(date +%s) - t0 )) s rc $?" >> "$o/env.log"
+  rc=$?
+  echo "sweep $n done $(( $(date +%s) - t0 )) s rc $rc" >> "$o/env.log"
 done
 timeout $(( T * 20 / 100 )) python benchmarks/check_ssd_gpu.py --no-mamba --out "$o/check.json" > "$o/check.log" 2>&1
 echo "check done $(( $(date +%s) - t0 )) s" >> "$o/env.log"
