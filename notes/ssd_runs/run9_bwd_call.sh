@@ -12,14 +12,14 @@ left() { echo $(( T - ($(date +%s) - t0) - ${1:-5} )); }
 { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$o/env.log" 2>&1
 for n in 128 64; do
-  timeout $(( T * 27 / 100 )) python benchmarks/bench_ssd.py --sweep --sweep-set bwd4 --no-bench --no-profile \
+  timeout $(( T * 26 / 100 )) python benchmarks/bench_ssd.py --sweep --sweep-set bwd4 --no-bench --no-profile \
     --no-sdpa --dstate $n --warmup 10 --rep 40 --sweep-out "$o/sweep_$n.json" > "$o/sweep_$n.log" 2>&1
   rc=$?
   echo "sweep $n done $(( $(date +%s) - t0 )) s rc $rc" >> "$o/env.log"
 done
-timeout $(( T * 20 / 100 )) python benchmarks/check_ssd_gpu.py --no-mamba --out "$o/check.json" > "$o/check.log" 2>&1
+timeout $(( T * 28 / 100 )) python benchmarks/check_ssd_gpu.py --no-mamba --out "$o/check.json" > "$o/check.log" 2>&1
 echo "check done $(( $(date +%s) - t0 )) s" >> "$o/env.log"
-timeout $(( T * 12 / 100 )) python notes/ssd_runs/run9_bwd_extra.py det > "$o/det.log" 2>&1
+timeout $(( T * 11 / 100 )) python notes/ssd_runs/run9_bwd_extra.py det > "$o/det.log" 2>&1
 echo "det done $(( $(date +%s) - t0 )) s" >> "$o/env.log"
 L=$(left 8); [ "$L" -gt 10 ] && timeout $L python notes/ssd_runs/run9_bwd_extra.py profile "$o/profile.json" \
   > "$o/profile.log" 2>&1
