@@ -262,12 +262,13 @@ SWEEP_FWD3_STATE = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 256}, {"
 # state pass's dot length and dstate block.
 SWEEP_BWD3 = [{}, {"dx_stages": 2}, {"bwd_state_bk": 256}, {"bwd_state_bn": 128}]
 # backward round 4 (helper bwd4, v8-bwd): the two-level reverse state pass with a scan and an elementwise fix-up
-# (default) against the second walk (bwd_state_fix False, v6-bwd b) and one sequential walk (segments 1); then how
-# many segments (target programs, chunks per segment) and from which grid size (seg_below) it pays
-SWEEP_BWD4 = [{}, {"bwd_state_fix": False}, {"bwd_state_segments": 1},
+# (default) against one sequential walk (segments 1); then how many segments (target programs, chunks per segment)
+# and from which grid size (seg_below) it pays. Run 9 also timed v6-bwd b's second walk (removed: +0.10-0.16 ms f+b;
+# notes/ssd_runs/run9_bwd_*)
+SWEEP_BWD4 = [{}, {"bwd_state_segments": 1},
               {"bwd_state_seg_target": 2048, "bwd_state_seg_chunks": 4},
               {"bwd_state_seg_target": 4096, "bwd_state_seg_chunks": 4},
-              {"bwd_state_seg_target": 512}, {"bwd_state_seg_below": 512}]
+              {"bwd_state_seg_target": 1024}, {"bwd_state_seg_below": 512}, {"bwd_state_seg_below": 128}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),

@@ -33,7 +33,6 @@ def test_dx_reads_cb_transposed_from_dcb_kernel(monkeypatch, fold, cb_share, doc
     _check(256, (1, 300, 4, 16, 2, 16), dtype, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
 
 
-@pytest.mark.parametrize("fix", [True, False])  # elementwise fix-up after one walk (default) / a second walk
 @pytest.mark.parametrize("nseg,cs,shape,kw", [
     (3, 16, (2, 150, 2, 16, 1, 32), dict(docs=3)),  # 10 chunks in segments of 4, 4, 2; documents across them
     (4, 32, (1, 200, 4, 16, 2, 16), dict(docs=0, init=True)),  # 7 chunks in 2, 2, 2, 1; initial state's gradient
@@ -42,17 +41,15 @@ def test_dx_reads_cb_transposed_from_dcb_kernel(monkeypatch, fold, cb_share, doc
     # weak decay (~e^-0.4 per chunk, not ~e^-7): the terms carried across whole segments are not negligible
     (3, 16, (2, 150, 2, 16, 1, 32), dict(docs=2, init=True, A_scale=0.05)),
 ])
-def test_two_level_reverse_state_pass(monkeypatch, fix, nseg, cs, shape, kw):
-    # the segmented reverse state pass (chosen on the GPU when batch × heads leaves SMs idle, e.g. batch 1 × 64K)
+def test_two_level_reverse_state_pass(monkeypatch, nseg, cs, shape, kw):
+    # the segmented reverse state pass (chosen on the GPU when batch × heads leaves SMs idle, e.g. batch 1 × 64K):
+    # segments walked from zero, chained by a scan, their chunks' gradients and d cum_last fixed up elementwise
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_fix", fix)
     _check(cs, shape, torch.float32, **kw)
 
 
-@pytest.mark.parametrize("fix", [True, False])
-def test_two_level_reverse_state_pass_without_final_state_gradient(monkeypatch, fix):
+def test_two_level_reverse_state_pass_without_final_state_gradient(monkeypatch):
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", 3)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_fix", fix)
     _check(16, (1, 100, 2, 16, 1, 16), torch.float32, final=False, docs=1)
 
 
@@ -83,10 +80,14 @@ def test_two_level_reverse_state_pass_documents_on_segment_edges(monkeypatch, cu
 
 
 def test_segments_are_chosen_when_batch_times_heads_is_small():
-    # batch 1 × 32 heads × 2 dstate blocks, 256 chunks: segmented; batch 16: one pass
+    # batch 1 × 32 heads × 2 dstate blocks, 256 chunks: segmented; batch 16: one pass; batch 2 at dstate 128 (the
+    # fix-up's bytes grow with dstate): one pass, at dstate 64 segmented
     nseg, seg_len = ssd_kernels._bwd_state_segments(1, 32, 64, 128, 256)
     assert nseg > 1 and seg_len >= ssd_kernels.CONFIG["bwd_state_seg_chunks"] and nseg * seg_len >= 256
+    assert (nseg - 1) * seg_len < 256
     assert ssd_kernels._bwd_state_segments(16, 32, 64, 128, 16) == (1, 16)
+    assert ssd_kernels._bwd_state_segments(2, 32, 64, 128, 128) == (1, 128)
+    assert ssd_kernels._bwd_state_segments(2, 32, 64, 64, 128)[0] > 1
 
 
 @pytest.mark.parametrize("heads_fast,docs,dtype", [(True, 0, torch.float32), (True, 2, torch.bfloat16),
@@ -100,12 +101,11 @@ def test_dx_grid_order(monkeypatch, heads_fast, docs, dtype):
     _check(256, (2, 300, 4, 16, 2, 16), dtype, docs=docs)
 
 
-@pytest.mark.parametrize("nseg,fix", [(1, True), (3, True), (3, False)])
-def test_dcum_last_as_row_sums(monkeypatch, nseg, fix):
+@pytest.mark.parametrize("nseg", [1, 3])
+def test_dcum_last_as_row_sums(monkeypatch, nseg):
     # bwd_state_dcl_rows: the reverse state pass leaves d cum_last as per-row partials, summed by the dt kernel (the
     # two-level pass's fix-up adds to the same rows)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_dcl_rows", True)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_fix", fix)
     _check(16, (2, 100, 2, 16, 1, 32), torch.float32, docs=2)
 
