@@ -5,7 +5,8 @@
 
 `profile`: forward+backward five times under torch.profiler per (dstate, seqlen, variant); prints the time per call
 of the reverse state pass's kernels (walk, scan or combine, fix-up) and of the whole backward's kernels.
-(a record of run 9's device call, not part of the package)"""
+(a record of run 9's device call, not part of the package; CONFIG bwd_state_fix, the switch back to the second walk,
+was removed after the call)"""
 import json
 import math
 import sys
