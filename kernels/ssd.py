@@ -1181,19 +1181,19 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dcl_rows = bool(CONFIG["bwd_state_dcl_rows"])
     ndcl = npb * nnb * (BP1 if dcl_rows else 1)  # d cum_last partials per chunk
     dcl = torch.empty(b, H, NC, ndcl, device=dev, dtype=f32)
-    two = nseg > 1
-    segbuf = torch.empty(b, H, nseg, P, N, device=dev, dtype=f32) if two else dummy
-    segdec = torch.empty(b, H, nseg, device=dev, dtype=f32) if two else dummy
-    tot = torch.empty(b, H, NC, device=dev, dtype=f32) if two else dummy
-    totd = torch.empty(b, H, NC, device=dev, dtype=f32) if two else dummy
+    two_level = nseg > 1
+    segbuf = torch.empty(b, H, nseg, P, N, device=dev, dtype=f32) if two_level else dummy
+    segdec = torch.empty(b, H, nseg, device=dev, dtype=f32) if two_level else dummy
+    tot = torch.empty(b, H, NC, device=dev, dtype=f32) if two_level else dummy
+    totd = torch.empty(b, H, NC, device=dev, dtype=f32) if two_level else dummy
     _launch(_bwd_state_kernel, (npb * nnb, b * H, nseg), dy, C, seq_idx if seq_idx is not None else dummy, cum,
             states, dfinal if dfinal is not None else dummy, dstates, dinit, dcl, segbuf, segdec, tot, totd,
             L, H, G, P, N, NC, nnb, seg_len,
             CS=cs, BK=min(cs, CONFIG["bwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1,
-            HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, TWO_LEVEL=two, DCL_ROWS=dcl_rows,
+            HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, TWO_LEVEL=two_level, DCL_ROWS=dcl_rows,
             DOT_PREC=prec, DT=ddt_, num_warps=_bwd_state_warps(),
             num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
-    if two:
+    if two_level:
         # the segments were walked in parallel (each from zero, the last from dfinal): one scan chains them (and gives
         # the initial state's gradient), then every chunk before the last segment gets its segment's exiting
         # gradient's share, elementwise
