@@ -261,13 +261,21 @@ SWEEP_FWD3_STATE = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 256}, {"
 # fold choice. What is left to sweep are existing keys that were close: dx pipelining at dstate 128 and the reverse
 # state pass's dot length and dstate block.
 SWEEP_BWD3 = [{}, {"dx_stages": 2}, {"bwd_state_bk": 256}, {"bwd_state_bn": 128}]
+# backward round 4 (helper bwd4, v8-bwd): the two-level reverse state pass with a scan and an elementwise fix-up
+# (default) against one sequential walk (segments 1); then how many segments (target programs, chunks per segment)
+# and from which grid size (seg_below) it pays. Run 9 also timed v6-bwd b's second walk (removed: +0.10-0.16 ms f+b;
+# notes/ssd_runs/run9_bwd_*)
+SWEEP_BWD4 = [{}, {"bwd_state_segments": 1},
+              {"bwd_state_seg_target": 2048, "bwd_state_seg_chunks": 4},
+              {"bwd_state_seg_target": 4096, "bwd_state_seg_chunks": 4},
+              {"bwd_state_seg_target": 1024}, {"bwd_state_seg_below": 512}, {"bwd_state_seg_below": 128}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
               "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
                            "fb"),
               "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [16384, 32768, 65536], "fwd"),
-              "bwd3": (SWEEP_BWD3, None, "fb")}
+              "bwd3": (SWEEP_BWD3, None, "fb"), "bwd4": (SWEEP_BWD4, [65536, 32768, 16384], "fb")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 

@@ -23,9 +23,10 @@ Forward (`ssd_fwd`):
      takes the masked blocks; D and the z gate. 64 x 64 tiles and a register cap of 128 fit 4 programs per SM.
 Backward (`ssd_bwd`), deterministic (no atomics; sums across programs go through buffers reduced in fixed order):
   1. `_bwd_state_kernel`: the reverse state pass: gradient of each chunk's exiting state, of the initial state,
-     and the decay's share of d cum_last. When batch × heads cannot fill the GPU (batch 1-2 at 32K-64K tokens per
-     row) it runs two-level: each segment of chunks from zero in parallel (its own part and decay product),
-     `_bwd_state_combine_kernel` chains the segments, then each segment again from its true exiting gradient.
+     and the decay's share of d cum_last. When batch × heads cannot fill the GPU (32K-64K tokens per row at small
+     batch) it runs two-level, as the forward: segments of chunks walked in parallel from zero, `_bwd_seg_kernel`
+     chains the segments by one scan, `_bwd_fix_kernel` adds each segment's exiting gradient, decayed, to its
+     chunks' gradients and d cum_last partials (dy and C read once).
   2. `_bwd_dcb_kernel`: per (group, causal tile pair (t block, s block) of a chunk), looping over the group's
      heads: dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s summed in registers (bf16 out), and each head's quadratic d cum
      (t side and s side) into per-tile slots; it also stores its C·B tile transposed for dx (CONFIG bwd_cbt).
@@ -410,16 +411,18 @@ def _fwd_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, seq_ptr, dtp_ptr, cum_ptr
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dcl_ptr,
-                      seg_ptr, segdecay_ptr, L, H, G, P, N, NC, NNB, SEG,
+                      seg_ptr, segdec_ptr, tot_ptr, totd_ptr, L, H, G, P, N, NC, NNB, SEG,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                      HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr,
+                      HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, TWO_LEVEL: tl.constexpr,
                       DCL_ROWS: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """The reverse state pass over the chunks of one segment (program_id 2; SEG chunks each). MODE 0: one segment,
-    from dfinal. MODE 1 (two-level, first pass): from zero, storing only the gradient leaving the segment's first
-    chunk and the segment's decay product (`_bwd_state_combine_kernel` then chains the segments). MODE 2 (second
-    pass): from the segment's true exiting gradient (seg_ptr), storing every chunk's gradient and d cum_last
-    (DCL_ROWS: as BP row sums, summed later by `_bwd_dt_kernel`, so the sequential loop has no reduction across
-    warps)."""
+    """The reverse state pass over the chunks of one segment (program_id 2; SEG chunks each), last to first: stores
+    the gradient leaving every chunk and its d cum_last partial (decay · Σ gradient ⊙ h_in; DCL_ROWS: as BP row
+    sums, summed later by `_bwd_dt_kernel`, so the sequential loop has no reduction across warps). One segment:
+    from dfinal, then the initial state's gradient. TWO_LEVEL (batch-1 long sequences: segments in parallel give
+    programs for every SM): the last segment from dfinal, the others from zero, so their gradients lack the term of
+    the gradient leaving the segment; also stores per chunk the decay from the segment's end to the chunk's exit
+    (`tot`) and to its entry (`totd`), the segment's own part and decay product. `_bwd_seg_kernel` chains the
+    segments by one scan and `_bwd_fix_kernel` adds the missing terms elementwise (dy and C are read once)."""
     pid_pn = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -433,36 +436,34 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
     mn = offs_n < N
     mpn = mp[:, None] & mn[None, :]
     pn = offs_p[:, None] * N + offs_n[None, :]
-    segpn = ((b * NSEG + seg) * H + hh) * P * N + pn
-    if MODE == 2:
-        gst = tl.load(seg_ptr + segpn, mask=mpn, other=0.0)
-    elif MODE == 0 and HAS_DFINAL:
-        gst = tl.load(dfinal_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
-    else:
-        gst = tl.zeros((BP, BN), dtype=tl.float32)
+    gst = tl.zeros((BP, BN), dtype=tl.float32)
+    if HAS_DFINAL:
+        if seg == NSEG - 1:
+            gst = tl.load(dfinal_ptr + (b * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
     c_lo = seg * SEG
     c_hi = tl.minimum(c_lo + SEG, NC)
-    prod = 1.0
+    prod = tl.full((), 1.0, tl.float32)
     for ci in range(c_hi - c_lo):
         c = c_hi - 1 - ci
         # gst: gradient of the state leaving chunk c
-        if MODE != 1:
-            tl.store(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, gst.to(dstates_ptr.dtype.element_ty),
-                     mask=mpn)
+        tl.store(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, gst.to(dstates_ptr.dtype.element_ty), mask=mpn)
         decay = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1))
         if HAS_SEQ:
             hdoc = tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
             decay = tl.where(doc_last == hdoc, decay, 0.0)
-        if MODE == 1:
+        if TWO_LEVEL:
+            if pid_pn == 0:
+                # decay from the segment's end to chunk c's exit (dstates' missing term) and to its entry (d cum_last's)
+                tl.store(tot_ptr + (b * H + hh) * NC + c, prod)
+                tl.store(totd_ptr + (b * H + hh) * NC + c, prod * decay)
             prod = prod * decay
+        h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+        if DCL_ROWS:
+            tl.store(dcl_ptr + (((b * H + hh) * NC + c) * NPN + pid_pn) * BP + tl.arange(0, BP),
+                     decay * tl.sum(gst * h_in, 1))
         else:
-            h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
-            if DCL_ROWS:
-                tl.store(dcl_ptr + (((b * H + hh) * NC + c) * NPN + pid_pn) * BP + tl.arange(0, BP),
-                         decay * tl.sum(gst * h_in, 1))
-            else:
-                tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(tl.sum(gst * h_in, 1), 0))
+            tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(tl.sum(gst * h_in, 1), 0))
         gst = gst * decay
         for k in tl.static_range(CS // BK):
             t = c * CS + k * BK + tl.arange(0, BK)
@@ -475,35 +476,67 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
             Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                          mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
             gst += tl.dot(tl.trans((dy * e[:, None]).to(DT)), Ct, input_precision=DOT_PREC)
-    if MODE == 1:
-        tl.store(seg_ptr + segpn, gst, mask=mpn)
+    if TWO_LEVEL:  # (batch, head, segment) order: the scan reads a (batch, head)'s segments as one block
+        tl.store(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, gst, mask=mpn)
         if pid_pn == 0:
-            tl.store(segdecay_ptr + (b * NSEG + seg) * H + hh, prod)
-    elif seg == 0:
+            tl.store(segdec_ptr + (b * H + hh) * NSEG + seg, prod)
+    else:
         tl.store(dinit_ptr + (b * H + hh) * P * N + pn, gst, mask=mpn)
 
 
 @triton.jit
-def _bwd_state_combine_kernel(seg_ptr, segdecay_ptr, dfinal_ptr, H, PN, NSEG,
-                              BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr):
-    """Chains the segments of the two-level reverse state pass, last to first: the gradient leaving segment k is
-    G_k = D_{k+1} G_{k+1} + l_{k+1} (l: the segment's own part from its first pass, D: its decay product). In place:
-    slot k holds l_k until G_k replaces it."""
+def _bwd_seg_kernel(seg_ptr, segdec_ptr, dinit_ptr, PN, NSEG, BLOCK: tl.constexpr, SEGP: tl.constexpr):
+    """Second level of the two-level reverse state pass, elementwise over a block of (P, N):
+    the gradient entering segment k is E_k = D_k E_{k+1} + l_k (l: the segment's own part, from dfinal for the
+    last; D: its decay product), chained by one scan over the segments loaded last first. Slot k is replaced by
+    the gradient leaving segment k, E_{k+1} (the last segment's slot is left: nothing reads it); E_0 is the initial
+    state's gradient."""
     pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b, hh, _ = _batch_head(pid_bh, H, 1)
+    bh = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < PN
-    if HAS_DFINAL:
-        gk = tl.load(dfinal_ptr + (b * H + hh) * PN + offs, mask=m, other=0.0).to(tl.float32)
+    r = tl.arange(0, SEGP)  # row r holds segment NSEG - 1 - r
+    mr = r < NSEG
+    k = NSEG - 1 - r
+    local = tl.load(seg_ptr + (bh * NSEG + k[:, None]) * PN + offs[None, :], mask=mr[:, None] & m[None, :],
+                    other=0.0)
+    dec = tl.load(segdec_ptr + bh * NSEG + k, mask=mr, other=1.0)
+    _, e = tl.associative_scan((tl.broadcast_to(dec[:, None], (SEGP, BLOCK)), local), 0, _linear_step)
+    # e[r] = E_k enters segment k and leaves segment k - 1
+    tl.store(seg_ptr + (bh * NSEG + k[:, None] - 1) * PN + offs[None, :], e,
+             mask=(mr & (k >= 1))[:, None] & m[None, :])
+    tl.store(dinit_ptr + bh * PN + offs, tl.sum(tl.where((k == 0)[:, None], e, 0.0), 0), mask=m)
+
+
+@triton.jit
+def _bwd_fix_kernel(dstates_ptr, states_ptr, seg_ptr, tot_ptr, totd_ptr, dcl_ptr, H, P, N, NC, NSEG, SEG, NPN, NNB,
+                    BP: tl.constexpr, BN: tl.constexpr, DCL_ROWS: tl.constexpr):
+    """Last step of the two-level reverse state pass, per (chunk c of segments 0..NSEG-2, (P, N) block of
+    the walk): the gradient leaving c gets the gradient leaving its segment, G, decayed to c (tot); c's d cum_last
+    partial (the walk's block slot) gets decay_c·tot·Σ G ⊙ h_in,c (totd) — its term from G. Documents: a chunk
+    that starts a document has decay 0, so tot / totd are exactly 0 before it, as in one walk."""
+    pid_pn = tl.program_id(0) % NPN
+    c = tl.program_id(0) // NPN
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    hh = bh % H
+    offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
+    offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
+    mpn = (offs_p < P)[:, None] & (offs_n < N)[None, :]
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    g = tl.load(seg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + pn, mask=mpn, other=0.0)
+    ptr = dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn
+    local = tl.load(ptr, mask=mpn, other=0.0).to(tl.float32)
+    tl.store(ptr, (local + tl.load(tot_ptr + (b * H + hh) * NC + c) * g).to(dstates_ptr.dtype.element_ty),
+             mask=mpn)
+    h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+    totd = tl.load(totd_ptr + (b * H + hh) * NC + c)
+    if DCL_ROWS:
+        dptr = dcl_ptr + (((b * H + hh) * NC + c) * NPN + pid_pn) * BP + tl.arange(0, BP)
+        tl.store(dptr, tl.load(dptr) + totd * tl.sum(g * h_in, 1))
     else:
-        gk = tl.zeros((BLOCK,), dtype=tl.float32)
-    for ki in range(NSEG):
-        k = NSEG - 1 - ki
-        ptr = seg_ptr + ((b * NSEG + k) * H + hh) * PN + offs
-        lk = tl.load(ptr, mask=m, other=0.0)
-        tl.store(ptr, gk, mask=m)
-        gk = tl.load(segdecay_ptr + (b * NSEG + k) * H + hh) * gk + lk
+        dptr = dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn
+        tl.store(dptr, tl.load(dptr) + totd * tl.sum(tl.sum(g * h_in, 1), 0))
 
 
 @triton.jit
@@ -863,9 +896,13 @@ CONFIG = dict(
     bwd_state_warps=None, bwd_state_stages=2, bwd_state_bn=None,
     bwd_state_bk=None,  # positions per dot in the reverse state pass (None: state_bk)
     bwd_state_dcl_rows=False,  # d cum_last as row sums per chunk (no cross-warp reduction in the sequential loop)
-    # two-level reverse state pass when batch × heads × blocks < seg_below programs: segments of >= seg_chunks
-    # chunks, about seg_target programs; bwd_state_segments forces a number (1: one sequential pass)
-    bwd_state_segments=None, bwd_state_seg_below=256, bwd_state_seg_target=1024, bwd_state_seg_chunks=8,
+    # two-level reverse state pass (walk, scan, fix-up) when batch × heads × blocks × dstate blocks < seg_below:
+    # segments of >= seg_chunks chunks, about seg_target programs; bwd_state_segments forces a number (1: one
+    # sequential pass). Run 9 (v8-bwd, H100, 65,536 tokens, state pass ms per f+b): the fix-up replaced a second walk
+    # of every segment (dstate 64: 0.40-0.46 -> 0.29-0.30 at 16K-64K; dstate 128: 0.63-0.66 -> 0.51 at 32K-64K);
+    # one walk still wins at dstate 128 with batch 2 (0.47 vs 0.51: the fix-up moves P × N per chunk, 0.13 ms
+    # there, while one walk turns dstate blocks into programs), hence the dstate blocks counted twice
+    bwd_state_segments=None, bwd_state_seg_below=256, bwd_state_seg_target=512, bwd_state_seg_chunks=8,
 )
 
 
@@ -935,13 +972,14 @@ def _warps(BN: int, key: str) -> int:
 def _bwd_state_segments(b: int, H: int, P: int, N: int, NC: int):
     """(segments, chunks per segment) of the reverse state pass: one segment while batch × heads × blocks fill the
     GPU, else enough segments (at least CONFIG bwd_state_seg_chunks chunks each) to reach bwd_state_seg_target
-    programs: the two-level pass does the chunk products twice but runs the sequential part in parallel."""
+    programs: the two-level pass adds an elementwise fix-up (its bytes grow with dstate) but runs the sequential
+    part in parallel."""
     nseg = CONFIG["bwd_state_segments"]
     if nseg is None:
-        base = b * H * triton.cdiv(P, min(_pow2(P), 64)) * triton.cdiv(N, min(_pow2(N), CONFIG["bwd_state_bn"]
-                                                                              or CONFIG["state_bn"]))
+        nnb = triton.cdiv(N, min(_pow2(N), CONFIG["bwd_state_bn"] or CONFIG["state_bn"]))
+        base = b * H * triton.cdiv(P, min(_pow2(P), 64)) * nnb
         nseg = 1
-        if base < CONFIG["bwd_state_seg_below"]:
+        if base * nnb < CONFIG["bwd_state_seg_below"]:
             nseg = min(triton.cdiv(CONFIG["bwd_state_seg_target"], base), NC // CONFIG["bwd_state_seg_chunks"])
     nseg = max(1, min(nseg, NC))
     seg_len = triton.cdiv(NC, nseg)
@@ -1132,7 +1170,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dummy = x
     # 1. reverse state pass
     nseg, seg_len = _bwd_state_segments(b, H, P, N, NC)
-    if nseg > 1:  # two-level: every segment's own part in parallel, chained, then each segment from its true start
+    if nseg > 1:  # two-level: the segments' walks give the parallelism, the headdim blocks stay whole
         BN1 = min(_pow2(N), CONFIG["bwd_state_bn"] or CONFIG["state_bn"])
         BP1 = min(_pow2(P), 64)
     else:
@@ -1143,23 +1181,28 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dcl_rows = bool(CONFIG["bwd_state_dcl_rows"])
     ndcl = npb * nnb * (BP1 if dcl_rows else 1)  # d cum_last partials per chunk
     dcl = torch.empty(b, H, NC, ndcl, device=dev, dtype=f32)
-    segbuf = torch.empty(b, nseg, H, P, N, device=dev, dtype=f32) if nseg > 1 else dummy
-    segdecay = torch.empty(b, nseg, H, device=dev, dtype=f32) if nseg > 1 else dummy
-    state_args = (dy, C, seq_idx if seq_idx is not None else dummy, cum, states,
-                  dfinal if dfinal is not None else dummy, dstates, dinit, dcl, segbuf, segdecay,
-                  L, H, G, P, N, NC, nnb, seg_len)
-    state_kw = dict(CS=cs, BK=min(cs, CONFIG["bwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1, HAS_DFINAL=dfinal is not None,
-                    HAS_SEQ=seq_idx is not None, DCL_ROWS=dcl_rows, DOT_PREC=prec, DT=ddt_,
-                    num_warps=_bwd_state_warps(),
-                    num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
-    if nseg > 1:
-        _launch(_bwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, MODE=1, **state_kw)
-        _launch(_bwd_state_combine_kernel, (triton.cdiv(P * N, 1024), b * H), segbuf, segdecay,
-                dfinal if dfinal is not None else dummy, H, P * N, nseg,
-                BLOCK=1024, HAS_DFINAL=dfinal is not None, num_warps=4)
-        _launch(_bwd_state_kernel, (npb * nnb, b * H, nseg), *state_args, MODE=2, **state_kw)
-    else:
-        _launch(_bwd_state_kernel, (npb * nnb, b * H, 1), *state_args, MODE=0, **state_kw)
+    two_level = nseg > 1
+    segbuf = torch.empty(b, H, nseg, P, N, device=dev, dtype=f32) if two_level else dummy
+    segdec = torch.empty(b, H, nseg, device=dev, dtype=f32) if two_level else dummy
+    tot = torch.empty(b, H, NC, device=dev, dtype=f32) if two_level else dummy
+    totd = torch.empty(b, H, NC, device=dev, dtype=f32) if two_level else dummy
+    _launch(_bwd_state_kernel, (npb * nnb, b * H, nseg), dy, C, seq_idx if seq_idx is not None else dummy, cum,
+            states, dfinal if dfinal is not None else dummy, dstates, dinit, dcl, segbuf, segdec, tot, totd,
+            L, H, G, P, N, NC, nnb, seg_len,
+            CS=cs, BK=min(cs, CONFIG["bwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1,
+            HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, TWO_LEVEL=two_level, DCL_ROWS=dcl_rows,
+            DOT_PREC=prec, DT=ddt_, num_warps=_bwd_state_warps(),
+            num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
+    if two_level:
+        # the segments were walked in parallel (each from zero, the last from dfinal): one scan chains them (and gives
+        # the initial state's gradient), then every chunk before the last segment gets its segment's exiting
+        # gradient's share, elementwise
+        segp = _pow2(nseg, 2)
+        seg_block = min(_pow2(P * N), max(16, 4096 // segp))  # all segments of the block in registers: ~4096 values
+        _launch(_bwd_seg_kernel, (triton.cdiv(P * N, seg_block), b * H), segbuf, segdec, dinit, P * N, nseg,
+                BLOCK=seg_block, SEGP=segp, num_warps=4)
+        _launch(_bwd_fix_kernel, ((nseg - 1) * seg_len * npb * nnb, b * H), dstates, states, segbuf, tot, totd, dcl,
+                H, P, N, NC, nseg, seg_len, npb * nnb, nnb, BP=BP1, BN=BN1, DCL_ROWS=dcl_rows, num_warps=4)
     # 2. dCB per group and tile pair (heads summed; each head's quadratic d cum by tile), storing C·B^T for dx
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "bwd_bm", BP, BN)
