@@ -80,14 +80,16 @@ class Decoder:
     keeps Mamba-2 conv states as rings (see Mamba2State.ring), so that one kernel does conv and state update
     (default: below batch RING_CONV_BELOW, where it measured faster). `fuse_linear` runs the linear layers as
     Triton GEMVs with the norms before them fused in (three launches per Mamba-2 layer; Triton path only;
-    default: below batch FUSE_LINEAR_BELOW, where it measured faster than cuBLAS + separate norm kernels).
+    default: below batch FUSE_LINEAR_BELOW: at batch 1 it takes 0.41-0.47x the time of cuBLAS + separate norm
+    kernels, at batch 4 they tie, at batch 64 cuBLAS wins).
     `state_dtype`: the SSM states' storage, by default the model's dtype as in mamba_ssm (bf16 for a bf16 model:
     about 30% less time per step at batch 64 than float32); `state_dtype=torch.float32` keeps them in float32
     (closer to exact over long outputs: BENCHMARKS.md measures the drift).
 
     `pdl` (default on) launches the step's Triton kernels with programmatic dependent launch (kernels/pdl.py), so
-    that each may start while the one before it finishes: measured on an H100 (BENCHMARKS.md) 20% less time per
-    step at batch 1, about 1% at batch 64, with the same outputs. A no-op under TRITON_INTERPRET, before compute
+    that each may start while the one before it finishes: measured on an H100 (BENCHMARKS.md) 18-22% less time per
+    step at batch 1 (decode run 4), another 11-12% from letting the GEMVs and the mixer kernel release the next
+    kernel at their start (decode run 6), about 1% at batch 64, with the same outputs. A no-op under TRITON_INTERPRET, before compute
     capability 9 and on Tritons without the API."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
