@@ -646,25 +646,32 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
 def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr, cbt_ptr,
                     L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DIAG_ONLY: tl.constexpr,
+                    DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """Gradient of C_t·B_s for one causal (t block i, s block j) tile of a chunk, summed over the group's heads:
     dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s. dB and dC then follow once per group (`_bwd_bc_kernel`) instead of
     once per head. Each head's d cum (t side: row sums of dCB_h ⊙ C·B, s side: minus the column sums) goes to
-    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later."""
+    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later.
+    DIAG_ONLY: the grid covers the diagonal tiles only (`_bwd_dcb_heads_kernel` takes the others)."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
     HPG = H // G
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
-    NPAIR: tl.constexpr = NM * (NM + 1) // 2
-    c = pid_c // NPAIR
-    k = pid_c % NPAIR
-    # k -> (i, j), j <= i, in row order: (0,0), (1,0), (1,1), (2,0), ...
-    i = 0
-    for ii in tl.static_range(1, NM):
-        i += (k >= ii * (ii + 1) // 2).to(tl.int32)
-    j = k - i * (i + 1) // 2
+    if DIAG_ONLY:
+        c = pid_c // NM
+        i = pid_c % NM
+        j = i
+    else:
+        NPAIR: tl.constexpr = NM * (NM + 1) // 2
+        c = pid_c // NPAIR
+        k = pid_c % NPAIR
+        # k -> (i, j), j <= i, in row order: (0,0), (1,0), (1,1), (2,0), ...
+        i = 0
+        for ii in tl.static_range(1, NM):
+            i += (k >= ii * (ii + 1) // 2).to(tl.int32)
+        j = k - i * (i + 1) // 2
     t = c * CS + i * BM + tl.arange(0, BM)
     s = c * CS + j * BM + tl.arange(0, BM)
     mt = t < L
@@ -709,6 +716,84 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
         r = q * cb
         tl.store(part_ptr + ((b * H + hh) * 2 * NM + j) * Lp + t, tl.sum(r, 1))
         tl.store(part_ptr + ((b * H + hh) * 2 * NM + NM + i) * Lp + s, -tl.sum(r, 0))
+    tl.store(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
+             + (j * BM + tl.arange(0, BM))[None, :], acc.to(dcb_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr, cbt_ptr,
+                          L, H, G, P, N, NC,
+                          CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                          HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """The off-diagonal (t block i > s block j) tiles of `_bwd_dcb_kernel` (CONFIG dcb_heads_dot), with the decay
+    (and the document mask) folded into the operands, so the head sum is one long-K product over the group's heads,
+    accumulated by the MMA itself: dCB[t, s] = Σ_h Ỹ_h[t]·X̃_h[s], Ỹ_h = dy_t,h r_h[t], X̃_h = x_s,h c_h[s] dt_s,h,
+    r_h = exp(cum_t - cum_ref), c_h = exp(cum_ref - cum_s) about the t block's first position (s < ref <= t: both
+    factors <= 1, no overflow guard; an underflow to 0 stands for a product that underflows too). Documents are
+    monotone, so for s < ref <= t, doc_t == doc_s exactly when both equal doc_ref: the mask is rank one as well.
+    Each head's d cum cannot come from the head-summed tile (the MMA sums the heads away); it is re-associated so
+    that both sides are row sums (no cross-warp column sum): t side Σ_p Ỹ_h ⊙ (C·B X̃_h), s side
+    -Σ_p X̃_h ⊙ ((C·B)^T Ỹ_h), two more (BM, BM)·(BM, P) dots per head. Both sides use the same rounded C·B, Ỹ_h
+    and X̃_h, so their terms cancel as exactly as the row / column sums of one tile do (v6-bwd: a mismatch in
+    rounding between the two sides breaks dA). Slots of `part` as `_bwd_dcb_kernel`'s."""
+    pid_c = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b, g, _ = _batch_head(pid_bg, G, G)
+    HPG = H // G
+    Lp = NC * CS
+    NM: tl.constexpr = CS // BM
+    NOFF: tl.constexpr = NM * (NM - 1) // 2
+    c = pid_c // NOFF
+    k = pid_c % NOFF
+    # k -> (i, j), j < i, in row order: (1,0), (2,0), (2,1), (3,0), ...
+    i = 1
+    for ii in tl.static_range(2, NM):
+        i += (k >= ii * (ii - 1) // 2).to(tl.int32)
+    j = k - i * (i - 1) // 2
+    r0 = c * CS + i * BM  # the reference position: the t block's first
+    t = r0 + tl.arange(0, BM)
+    s = c * CS + j * BM + tl.arange(0, BM)
+    mt = t < L
+    ms = s < L
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
+    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+    cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    if STORE_CBT:
+        tl.store(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
+                 + (i * BM + tl.arange(0, BM))[None, :], tl.trans(cb).to(cbt_ptr.dtype.element_ty))
+    cbd = cb.to(DT)  # rounded once: both d cum sides read these values
+    cbdT = tl.trans(cbd)
+    if HAS_SEQ:
+        doc_r = _doc(seq_ptr, b, r0, L)
+        row_in = _doc(seq_ptr, b, t, L) == doc_r
+        col_in = _doc(seq_ptr, b, s, L) == doc_r
+    acc = tl.zeros((BM, BM), dtype=tl.float32)
+    for hi in range(HPG):
+        hh = g * HPG + hi
+        base = (b * H + hh) * Lp
+        cum_r = tl.load(cum_ptr + base + r0)
+        rf = tl.exp(tl.load(cum_ptr + base + t) - cum_r)
+        cf = tl.exp(cum_r - tl.load(cum_ptr + base + s)) * tl.load(dtp_ptr + base + s)
+        if HAS_SEQ:
+            rf = tl.where(row_in, rf, 0.0)
+            cf = tl.where(col_in, cf, 0.0)
+        dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                       mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)
+        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+                      mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
+        yk = (dy_t * rf[:, None]).to(DT)
+        xk = (x_s * cf[:, None]).to(DT)
+        acc = tl.dot(yk, tl.trans(xk), acc, input_precision=DOT_PREC)  # the head sum inside the MMA
+        u = tl.dot(cbd, xk, input_precision=DOT_PREC)  # (t, p): Σ_s C·B[t, s] X̃_h[s, p]
+        v = tl.dot(cbdT, yk, input_precision=DOT_PREC)  # (s, p): Σ_t C·B[t, s] Ỹ_h[t, p]
+        tl.store(part_ptr + ((b * H + hh) * 2 * NM + j) * Lp + t, tl.sum(yk.to(tl.float32) * u, 1))
+        tl.store(part_ptr + ((b * H + hh) * 2 * NM + NM + i) * Lp + s, -tl.sum(xk.to(tl.float32) * v, 1))
     tl.store(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
              + (j * BM + tl.arange(0, BM))[None, :], acc.to(dcb_ptr.dtype.element_ty))
 
@@ -878,6 +963,11 @@ CONFIG = dict(
     # only (run 4: -1 % f+b there; at dstate 64 the forward kernel's registers go 157 -> 228 and it is 8 % slower)
     fold_decay=None,
     dcb_warps=4, bc_warps=None,  # warps of _bwd_dcb_kernel and _bwd_bc_kernel (None: 8 if dstate >= 128)
+    # the dCB kernel's off-diagonal tiles as one long-K product over the group's heads (`_bwd_dcb_heads_kernel`,
+    # decay and document mask folded into dy and x; each head's d cum from two more dots as row sums), the diagonal
+    # tiles as before in their own launch. Not measured yet (notes/ssd_kernels.md v9-bwd); its own warps, stages and
+    # register cap (None / 0: none), first guesses as the dCB kernel's
+    dcb_heads_dot=False, dcb_heads_warps=4, dcb_heads_stages=2, dcb_heads_maxnreg=None,
     # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (L 4096 and 65536):
     # 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (as before at 64); register
     # caps (0: none): dx 168 at dstate <= 64 (-0.1 ms there, none above), dB/dC 128 at dstate <= 128 (-0.05 to
@@ -1215,10 +1305,17 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
     dcb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype == torch.bfloat16 else f32)
     part = torch.empty(b, H, 2 * NM, Lp, device=dev, dtype=f32)
-    _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
-            x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
-            CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
+    heads_dot = bool(CONFIG["dcb_heads_dot"]) and NM > 1  # off-diagonal tiles in their own launch
+    dcb_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC)
+    _launch(_bwd_dcb_kernel, (NC * (NM if heads_dot else NM * (NM + 1) // 2), b * G), *dcb_args,
+            CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DIAG_ONLY=heads_dot,
+            DOT_PREC=prec, DT=ddt_,
             num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"), **_maxnreg("dcb_maxnreg"))
+    if heads_dot:
+        _launch(_bwd_dcb_heads_kernel, (NC * (NM * (NM - 1) // 2), b * G), *dcb_args,
+                CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
+                num_warps=_warps(BN, "dcb_heads_warps"),
+                num_stages=_stages(BP, BN, "dcb_heads_stages"), **_maxnreg("dcb_heads_maxnreg"))
     # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum
     dx = torch.empty_like(x)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
