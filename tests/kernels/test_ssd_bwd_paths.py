@@ -109,3 +109,60 @@ def test_dcum_last_as_row_sums(monkeypatch, nseg):
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
     _check(16, (2, 100, 2, 16, 1, 32), torch.float32, docs=2)
 
+
+
+def _heads_dot_on(monkeypatch):
+    """CONFIG dcb_heads_dot forced on; returns the list of the off-diagonal kernel's grids, filled as it launches."""
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dcb_heads_dot", True)
+    grids, launch = [], ssd_kernels._launch
+
+    def spy(kernel, grid, *args, **kw):
+        if kernel is ssd_kernels._bwd_dcb_heads_kernel:
+            grids.append(grid)
+        return launch(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(ssd_kernels, "_launch", spy)
+    return grids
+
+
+@pytest.mark.parametrize("cs,shape,dtype,kw", [
+    (256, (1, 300, 4, 16, 2, 16), torch.float32, dict(docs=0)),  # 6 off-diagonal tiles per chunk, a ragged chunk
+    # documents cutting off-diagonal tiles; weak decay (~e^-0.02 per position), else a wrong mask is invisible
+    (256, (2, 230, 4, 16, 1, 32), torch.float32, dict(docs=3, A_scale=0.05)),  # ragged last block, 4 heads a group
+    (128, (1, 300, 4, 16, 2, 16), torch.bfloat16, dict(docs=2, A_scale=0.05)),  # bf16 I/O (C·B^T copy, dCB in bf16)
+    (256, (1, 300, 4, 16, 2, 16), torch.float32, dict(docs=0, A_scale=8.0, conditioning=True)),  # factors underflow
+])
+def test_dcb_off_diagonal_tiles_as_one_product_over_heads(monkeypatch, cs, shape, dtype, kw):
+    # dcb_heads_dot: the off-diagonal dCB tiles in `_bwd_dcb_heads_kernel` (decay and document mask folded into dy
+    # and x, each head's d cum from two more dots), the diagonal ones in `_bwd_dcb_kernel` (DIAG_ONLY)
+    grids = _heads_dot_on(monkeypatch)
+    _check(cs, shape, dtype, **kw)
+    assert grids, "the off-diagonal kernel did not run"
+
+
+@pytest.mark.parametrize("cuts", [(64, 128, 150, 192), (127, 129), (200,)])
+def test_dcb_heads_dot_documents_on_block_edges(monkeypatch, cuts):
+    # documents starting exactly on a block's first position (the folded tiles' reference: every s is then in an
+    # earlier document), one position after or before it, a one-position document, inside a t block
+    def with_docs(*args, **kw):
+        out = list(inputs(*args, **kw))
+        seq = torch.zeros(args[0], args[1], dtype=torch.int32)
+        for cut in cuts:
+            seq[:, cut:] += 1
+        out[-1] = seq
+        return tuple(out)
+
+    inputs = test_ssd_triton._inputs
+    monkeypatch.setattr(test_ssd_triton, "_inputs", with_docs)
+    grids = _heads_dot_on(monkeypatch)
+    _check(256, (1, 256, 4, 16, 2, 16), torch.float32, A_scale=0.05)
+    assert grids
+
+
+def test_dcb_heads_dot_without_cbt_copy(monkeypatch):
+    # bwd_cbt off: dx takes its C·B from the C·B kernel, the off-diagonal kernel stores no transposed copy
+    grids = _heads_dot_on(monkeypatch)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", False)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
+    _check(256, (1, 260, 4, 16, 1, 16), torch.float32, docs=0)
+    assert grids
