@@ -128,7 +128,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-mamba", action="store_true", help="skip mamba_ssm's errors (saves its autotuning)")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--config", default=None,
+                    help="JSON dict of lit_mamba2.kernels.ssd.CONFIG overrides, e.g. '{\"dcb_heads_dot\": true}'")
     args = ap.parse_args()
+    if args.config:
+        from lit_mamba2.kernels.ssd import CONFIG
+        CONFIG.update(json.loads(args.config))
     global DEVICE
     if args.dry_run_cpu:
         DEVICE = "cpu"
