@@ -273,7 +273,7 @@ SWEEP_BWD4 = [{}, {"bwd_state_segments": 1},
 # over the group's heads (`_bwd_dcb_heads_kernel`, a second launch; the diagonal tiles stay in `_bwd_dcb_kernel`),
 # then its own launch settings: pipelining depth (the per-head loads are independent of the accumulator), a register
 # cap for 3 programs per SM, 8 warps
-SWEEP_BWD5 = [{}, {"dcb_heads_dot": True}, {"dcb_heads_dot": True, "dcb_heads_stages": 1},
+SWEEP_BWD5 = [{}, {"dcb_heads_dot": True}, {"dcb_heads_dot": True, "dcb_heads_stages": 2},
               {"dcb_heads_dot": True, "dcb_heads_stages": 3}, {"dcb_heads_dot": True, "dcb_heads_maxnreg": 168},
               {"dcb_heads_dot": True, "dcb_heads_warps": 8}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))

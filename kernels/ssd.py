@@ -774,26 +774,32 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         row_in = _doc(seq_ptr, b, t, L) == doc_r
         col_in = _doc(seq_ptr, b, s, L) == doc_r
     acc = tl.zeros((BM, BM), dtype=tl.float32)
+    # per-head pointers advance by a stride (the offsets' arithmetic is a large share of the loop's instructions)
+    h0 = g * HPG
+    dy_p = dy_ptr + ((b * L + t[:, None]) * H + h0) * P + offs_p[None, :]
+    x_p = x_ptr + ((b * L + s[:, None]) * H + h0) * P + offs_p[None, :]
+    mdy = mt[:, None] & mp[None, :]
+    mx = ms[:, None] & mp[None, :]
+    hb = (b * H + h0) * Lp
+    pt = part_ptr + ((b * H + h0) * 2 * NM + j) * Lp + t
+    ps = part_ptr + ((b * H + h0) * 2 * NM + NM + i) * Lp + s
     for hi in range(HPG):
-        hh = g * HPG + hi
-        base = (b * H + hh) * Lp
+        base = hb + hi * Lp
         cum_r = tl.load(cum_ptr + base + r0)
         rf = tl.exp(tl.load(cum_ptr + base + t) - cum_r)
         cf = tl.exp(cum_r - tl.load(cum_ptr + base + s)) * tl.load(dtp_ptr + base + s)
         if HAS_SEQ:
             rf = tl.where(row_in, rf, 0.0)
             cf = tl.where(col_in, cf, 0.0)
-        dy_t = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                       mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)
-        x_s = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-                      mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
+        dy_t = tl.load(dy_p + hi * P, mask=mdy, other=0.0).to(tl.float32)
+        x_s = tl.load(x_p + hi * P, mask=mx, other=0.0).to(tl.float32)
         yk = (dy_t * rf[:, None]).to(DT)
         xk = (x_s * cf[:, None]).to(DT)
         acc = tl.dot(yk, tl.trans(xk), acc, input_precision=DOT_PREC)  # the head sum inside the MMA
         u = tl.dot(cbd, xk, input_precision=DOT_PREC)  # (t, p): Σ_s C·B[t, s] X̃_h[s, p]
         v = tl.dot(cbdT, yk, input_precision=DOT_PREC)  # (s, p): Σ_t C·B[t, s] Ỹ_h[t, p]
-        tl.store(part_ptr + ((b * H + hh) * 2 * NM + j) * Lp + t, tl.sum(yk.to(tl.float32) * u, 1))
-        tl.store(part_ptr + ((b * H + hh) * 2 * NM + NM + i) * Lp + s, -tl.sum(xk.to(tl.float32) * v, 1))
+        tl.store(pt + hi * 2 * NM * Lp, tl.sum(yk.to(tl.float32) * u, 1))
+        tl.store(ps + hi * 2 * NM * Lp, -tl.sum(xk.to(tl.float32) * v, 1))
     tl.store(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
              + (j * BM + tl.arange(0, BM))[None, :], acc.to(dcb_ptr.dtype.element_ty))
 
@@ -966,8 +972,10 @@ CONFIG = dict(
     # the dCB kernel's off-diagonal tiles as one long-K product over the group's heads (`_bwd_dcb_heads_kernel`,
     # decay and document mask folded into dy and x; each head's d cum from two more dots as row sums), the diagonal
     # tiles as before in their own launch. Not measured yet (notes/ssd_kernels.md v9-bwd); its own warps, stages and
-    # register cap (None / 0: none), first guesses as the dCB kernel's
-    dcb_heads_dot=False, dcb_heads_warps=4, dcb_heads_stages=2, dcb_heads_maxnreg=None,
+    # register cap (None / 0: none). 1 stage: offline sm_90 (Triton 3.6) 591 SASS instructions per head and warp in
+    # the loop, 222 registers, against 910 with 2 stages (the pipelined loads go through shared memory before the
+    # scaling) and 1117 for a head of the dCB kernel
+    dcb_heads_dot=False, dcb_heads_warps=4, dcb_heads_stages=1, dcb_heads_maxnreg=None,
     # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (L 4096 and 65536):
     # 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (as before at 64); register
     # caps (0: none): dx 168 at dstate <= 64 (-0.1 ms there, none above), dB/dC 128 at dstate <= 128 (-0.05 to
