@@ -1,4 +1,4 @@
-"""Offline sm_90 compile (Triton 3.6 at /tmp/triton36) of the dCB kernels: registers, spills, shared, SASS counts."""
+"""Offline sm_90 compile (Triton 3.6 installed at /tmp/triton36: pip install --no-deps --target /tmp/triton36 triton==3.6.0) of the dCB kernels: registers, spills, shared memory, SASS counts of the loop over heads (the longest backward branch). Helper bwd5 (v9-bwd); run from anywhere: TRITON_CACHE_DIR=/tmp/t36cache python bwd5_offline_dcb.py (expects the worktree at /work/wt-bwd5)."""
 import sys, re, subprocess, tempfile, os, json
 sys.path.insert(0, '/tmp/triton36')
 import triton, triton.language as tl
