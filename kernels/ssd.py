@@ -724,7 +724,8 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
 def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr, cbt_ptr,
                           L, H, G, P, N, NC,
                           CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                          HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                          HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, PREFETCH: tl.constexpr,
+                          DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """The off-diagonal (t block i > s block j) tiles of `_bwd_dcb_kernel` (CONFIG dcb_heads_dot), with the decay
     (and the document mask) folded into the operands, so the head sum is one long-K product over the group's heads,
     accumulated by the MMA itself: dCB[t, s] = Σ_h Ỹ_h[t]·X̃_h[s], Ỹ_h = dy_t,h r_h[t], X̃_h = x_s,h c_h[s] dt_s,h,
@@ -735,7 +736,9 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     that both sides are row sums (no cross-warp column sum): t side Σ_p Ỹ_h ⊙ (C·B X̃_h), s side
     -Σ_p X̃_h ⊙ ((C·B)^T Ỹ_h), two more (BM, BM)·(BM, P) dots per head. Both sides use the same rounded C·B, Ỹ_h
     and X̃_h, so their terms cancel as exactly as the row / column sums of one tile do (v6-bwd: a mismatch in
-    rounding between the two sides breaks dA). Slots of `part` as `_bwd_dcb_kernel`'s."""
+    rounding between the two sides breaks dA). Slots of `part` as `_bwd_dcb_kernel`'s. PREFETCH: the next head's
+    dy and x tiles are loaded into registers before this head's work (the loop's loads cannot be pipelined through
+    shared memory cheaply: they are scaled in registers before the dots)."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
@@ -783,6 +786,9 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     hb = (b * H + h0) * Lp
     pt = part_ptr + ((b * H + h0) * 2 * NM + j) * Lp + t
     ps = part_ptr + ((b * H + h0) * 2 * NM + NM + i) * Lp + s
+    if PREFETCH:
+        dy_n = tl.load(dy_p, mask=mdy, other=0.0)
+        x_n = tl.load(x_p, mask=mx, other=0.0)
     for hi in range(HPG):
         base = hb + hi * Lp
         cum_r = tl.load(cum_ptr + base + r0)
@@ -791,8 +797,15 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         if HAS_SEQ:
             rf = tl.where(row_in, rf, 0.0)
             cf = tl.where(col_in, cf, 0.0)
-        dy_t = tl.load(dy_p + hi * P, mask=mdy, other=0.0).to(tl.float32)
-        x_s = tl.load(x_p + hi * P, mask=mx, other=0.0).to(tl.float32)
+        if PREFETCH:
+            dy_t = dy_n.to(tl.float32)
+            x_s = x_n.to(tl.float32)
+            nxt = tl.minimum(hi + 1, HPG - 1)  # the last head loads itself again (no branch in the loop)
+            dy_n = tl.load(dy_p + nxt * P, mask=mdy, other=0.0)
+            x_n = tl.load(x_p + nxt * P, mask=mx, other=0.0)
+        else:
+            dy_t = tl.load(dy_p + hi * P, mask=mdy, other=0.0).to(tl.float32)
+            x_s = tl.load(x_p + hi * P, mask=mx, other=0.0).to(tl.float32)
         yk = (dy_t * rf[:, None]).to(DT)
         xk = (x_s * cf[:, None]).to(DT)
         acc = tl.dot(yk, tl.trans(xk), acc, input_precision=DOT_PREC)  # the head sum inside the MMA
@@ -974,8 +987,9 @@ CONFIG = dict(
     # tiles as before in their own launch. Not measured yet (notes/ssd_kernels.md v9-bwd); its own warps, stages and
     # register cap (None / 0: none). 1 stage: offline sm_90 (Triton 3.6) 591 SASS instructions per head and warp in
     # the loop, 222 registers, against 910 with 2 stages (the pipelined loads go through shared memory before the
-    # scaling) and 1117 for a head of the dCB kernel
-    dcb_heads_dot=False, dcb_heads_warps=4, dcb_heads_stages=1, dcb_heads_maxnreg=None,
+    # scaling) and 1117 for a head of the dCB kernel. prefetch: the next head's dy, x tiles loaded into
+    # registers ahead (1 stage leaves the loads' latency to the other program on the SM)
+    dcb_heads_dot=False, dcb_heads_warps=4, dcb_heads_stages=1, dcb_heads_maxnreg=None, dcb_heads_prefetch=False,
     # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (L 4096 and 65536):
     # 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (as before at 64); register
     # caps (0: none): dx 168 at dstate <= 64 (-0.1 ms there, none above), dB/dC 128 at dstate <= 128 (-0.05 to
@@ -1321,7 +1335,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
             num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"), **_maxnreg("dcb_maxnreg"))
     if heads_dot:
         _launch(_bwd_dcb_heads_kernel, (NC * (NM * (NM - 1) // 2), b * G), *dcb_args,
-                CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
+                CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t,
+                PREFETCH=bool(CONFIG["dcb_heads_prefetch"]), DOT_PREC=prec, DT=ddt_,
                 num_warps=_warps(BN, "dcb_heads_warps"),
                 num_stages=_stages(BP, BN, "dcb_heads_stages"), **_maxnreg("dcb_heads_maxnreg"))
     # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum

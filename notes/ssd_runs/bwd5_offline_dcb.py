@@ -53,11 +53,17 @@ for N in (64, 128):
     for name, fn, extra, kw in [("dcb_all", K._bwd_dcb_kernel, dict(DIAG_ONLY=False), {}),
                                 ("dcb_diag", K._bwd_dcb_kernel, dict(DIAG_ONLY=True), {}),
                                 ("heads", K._bwd_dcb_heads_kernel, {}, {}),
+                                ("heads_s1_pf", K._bwd_dcb_heads_kernel, dict(PREFETCH=True), dict(stages=1)),
+                                ("heads_s1_pf_docs", K._bwd_dcb_heads_kernel, dict(PREFETCH=True, HAS_SEQ=True),
+                                 dict(stages=1)),
+                                ("heads_s1_docs", K._bwd_dcb_heads_kernel, dict(HAS_SEQ=True), dict(stages=1)),
                                 ("heads_s1", K._bwd_dcb_heads_kernel, {}, dict(stages=1)),
                                 ("heads_s3", K._bwd_dcb_heads_kernel, {}, dict(stages=3)),
                                 ("heads_cap168", K._bwd_dcb_heads_kernel, {}, dict(maxnreg=168)),
                                 ("heads_w8", K._bwd_dcb_heads_kernel, {}, dict(warps=8))]:
         try:
+            if fn is K._bwd_dcb_heads_kernel:
+                extra = {"PREFETCH": False, **extra}
             print(N, json.dumps(comp(fn, {**c, **extra}, tag=f"{name}_{N}", **kw)), flush=True)
         except Exception as e:
             print(N, name, "failed", repr(e)[:400], flush=True)

@@ -166,3 +166,13 @@ def test_dcb_heads_dot_without_cbt_copy(monkeypatch):
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
     _check(256, (1, 260, 4, 16, 1, 16), torch.float32, docs=0)
     assert grids
+
+
+@pytest.mark.parametrize("docs,dtype", [(2, torch.float32), (0, torch.bfloat16)])
+def test_dcb_heads_dot_prefetch(monkeypatch, docs, dtype):
+    # dcb_heads_prefetch: the next head's dy and x tiles loaded a head ahead (the last head loads itself again);
+    # 4 heads in one group so the carried tiles change hands three times
+    grids = _heads_dot_on(monkeypatch)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dcb_heads_prefetch", True)
+    _check(256, (1, 300, 4, 16, 1, 16), dtype, docs=docs, A_scale=0.05)
+    assert grids
