@@ -120,6 +120,14 @@ def _dx_cbt(cb_ptr, C_ptr, B_s, cbase, b, c, g, s, t, L, G, N, offs_n, mn,
 
 
 @triton.jit
+def _tf32(v):
+    # float32 rounded (to nearest, ties away) to the 10-bit mantissa a tf32 dot reads: a tf32 dot of such values is
+    # exact in its products, so a sum formed from the same values elsewhere pairs with it term by term
+    bits = (v.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _doc(seq_ptr, b, t, L):
     # padding positions belong to the row's last document
     return tl.load(seq_ptr + b * L + tl.minimum(t, L - 1))
@@ -725,7 +733,7 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                           L, H, G, P, N, NC,
                           CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                           HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, PREFETCH: tl.constexpr,
-                          DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                          DCUM_TF32: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """The off-diagonal (t block i > s block j) tiles of `_bwd_dcb_kernel` (CONFIG dcb_heads_dot), with the decay
     (and the document mask) folded into the operands, so the head sum is one long-K product over the group's heads,
     accumulated by the MMA itself: dCB[t, s] = Σ_h Ỹ_h[t]·X̃_h[s], Ỹ_h = dy_t,h r_h[t], X̃_h = x_s,h c_h[s] dt_s,h,
@@ -738,7 +746,9 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     and X̃_h, so their terms cancel as exactly as the row / column sums of one tile do (v6-bwd: a mismatch in
     rounding between the two sides breaks dA). Slots of `part` as `_bwd_dcb_kernel`'s. PREFETCH: the next head's
     dy and x tiles are loaded into registers before this head's work (the loop's loads cannot be pipelined through
-    shared memory cheaply: they are scaled in registers before the dots)."""
+    shared memory cheaply: they are scaled in registers before the dots). DCUM_TF32 (16-bit inputs): the two d cum
+    dots take C·B, Ỹ_h and X̃_h rounded to tf32 instead of the 16-bit dot operands (2^-11 instead of 2^-9 relative
+    rounding per element; the exact pairing of the two sides holds either way)."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
@@ -770,7 +780,10 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     if STORE_CBT:
         tl.store(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
                  + (i * BM + tl.arange(0, BM))[None, :], tl.trans(cb).to(cbt_ptr.dtype.element_ty))
-    cbd = cb.to(DT)  # rounded once: both d cum sides read these values
+    if DCUM_TF32:
+        cbd = _tf32(cb)  # rounded once: both d cum sides read these values
+    else:
+        cbd = cb.to(DT)
     cbdT = tl.trans(cbd)
     if HAS_SEQ:
         doc_r = _doc(seq_ptr, b, r0, L)
@@ -806,11 +819,19 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         else:
             dy_t = tl.load(dy_p + hi * P, mask=mdy, other=0.0).to(tl.float32)
             x_s = tl.load(x_p + hi * P, mask=mx, other=0.0).to(tl.float32)
-        yk = (dy_t * rf[:, None]).to(DT)
-        xk = (x_s * cf[:, None]).to(DT)
+        yf = dy_t * rf[:, None]
+        xf = x_s * cf[:, None]
+        yk = yf.to(DT)
+        xk = xf.to(DT)
         acc = tl.dot(yk, tl.trans(xk), acc, input_precision=DOT_PREC)  # the head sum inside the MMA
-        u = tl.dot(cbd, xk, input_precision=DOT_PREC)  # (t, p): Σ_s C·B[t, s] X̃_h[s, p]
-        v = tl.dot(cbdT, yk, input_precision=DOT_PREC)  # (s, p): Σ_t C·B[t, s] Ỹ_h[t, p]
+        if DCUM_TF32:
+            yk = _tf32(yf)
+            xk = _tf32(xf)
+            u = tl.dot(cbd, xk, input_precision="tf32")
+            v = tl.dot(cbdT, yk, input_precision="tf32")
+        else:
+            u = tl.dot(cbd, xk, input_precision=DOT_PREC)  # (t, p): Σ_s C·B[t, s] X̃_h[s, p]
+            v = tl.dot(cbdT, yk, input_precision=DOT_PREC)  # (s, p): Σ_t C·B[t, s] Ỹ_h[t, p]
         tl.store(pt + hi * 2 * NM * Lp, tl.sum(yk.to(tl.float32) * u, 1))
         tl.store(ps + hi * 2 * NM * Lp, -tl.sum(xk.to(tl.float32) * v, 1))
     tl.store(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
@@ -989,7 +1010,10 @@ CONFIG = dict(
     # the loop, 222 registers, against 910 with 2 stages (the pipelined loads go through shared memory before the
     # scaling) and 1117 for a head of the dCB kernel. prefetch: the next head's dy, x tiles loaded into
     # registers ahead (1 stage leaves the loads' latency to the other program on the SM)
+    # dcum_tf32: the d cum dots in tf32 on tf32-rounded operands, not bf16 (emulated on CPU, bf16 operands made the
+    # dA error 3.5e-3 -> 1.9e-2 in one case; notes v9-bwd)
     dcb_heads_dot=False, dcb_heads_warps=4, dcb_heads_stages=1, dcb_heads_maxnreg=None, dcb_heads_prefetch=False,
+    dcb_heads_dcum_tf32=True,
     # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (L 4096 and 65536):
     # 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (as before at 64); register
     # caps (0: none): dx 168 at dstate <= 64 (-0.1 ms there, none above), dB/dC 128 at dstate <= 128 (-0.05 to
@@ -1336,7 +1360,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     if heads_dot:
         _launch(_bwd_dcb_heads_kernel, (NC * (NM * (NM - 1) // 2), b * G), *dcb_args,
                 CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t,
-                PREFETCH=bool(CONFIG["dcb_heads_prefetch"]), DOT_PREC=prec, DT=ddt_,
+                PREFETCH=bool(CONFIG["dcb_heads_prefetch"]),
+                DCUM_TF32=bool(CONFIG["dcb_heads_dcum_tf32"]) and x.dtype != f32, DOT_PREC=prec, DT=ddt_,
                 num_warps=_warps(BN, "dcb_heads_warps"),
                 num_stages=_stages(BP, BN, "dcb_heads_stages"), **_maxnreg("dcb_heads_maxnreg"))
     # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum
