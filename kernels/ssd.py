@@ -128,6 +128,14 @@ def _tf32(v):
 
 
 @triton.jit
+def _bf16r(v):
+    # float32 rounded (to nearest, ties away) to bfloat16's 8-bit mantissa, kept in float32: the cast to bf16 for a
+    # dot is then exact on the GPU, and the interpreter (which multiplies bf16 inputs as float32) sees the same values
+    bits = (v.to(tl.uint32, bitcast=True) + 0x8000) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _doc(seq_ptr, b, t, L):
     # padding positions belong to the row's last document
     return tl.load(seq_ptr + b * L + tl.minimum(t, L - 1))
@@ -733,7 +741,7 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
                           L, H, G, P, N, NC,
                           CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                           HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, PREFETCH: tl.constexpr,
-                          DCUM_TF32: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                          DCUM: tl.constexpr, EMUL_BF16: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """The off-diagonal (t block i > s block j) tiles of `_bwd_dcb_kernel` (CONFIG dcb_heads_dot), with the decay
     (and the document mask) folded into the operands, so the head sum is one long-K product over the group's heads,
     accumulated by the MMA itself: dCB[t, s] = Σ_h Ỹ_h[t]·X̃_h[s], Ỹ_h = dy_t,h r_h[t], X̃_h = x_s,h c_h[s] dt_s,h,
@@ -746,9 +754,11 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     and X̃_h, so their terms cancel as exactly as the row / column sums of one tile do (v6-bwd: a mismatch in
     rounding between the two sides breaks dA). Slots of `part` as `_bwd_dcb_kernel`'s. PREFETCH: the next head's
     dy and x tiles are loaded into registers before this head's work (the loop's loads cannot be pipelined through
-    shared memory cheaply: they are scaled in registers before the dots). DCUM_TF32 (16-bit inputs): the two d cum
-    dots take C·B, Ỹ_h and X̃_h rounded to tf32 instead of the 16-bit dot operands (2^-11 instead of 2^-9 relative
-    rounding per element; the exact pairing of the two sides holds either way)."""
+    shared memory cheaply: they are scaled in registers before the dots). The d cum dots (16-bit inputs): DCUM 0 on
+    the 16-bit operands of the dCB dot (2^-9 relative rounding of C·B, Ỹ_h, X̃_h: dA's error grows 4-5x at weak
+    decay), 1 on hi + lo bf16 splits of all three (three dots each; the terms both sides share agree to second
+    order, 2^-18), 2 in tf32 on tf32-rounded operands. EMUL_BF16 (interpreter, bf16 inputs, where DT is float32):
+    the bf16 roundings done explicitly (`_bf16r`), so the CPU tests compute what the GPU does."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
@@ -780,10 +790,21 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     if STORE_CBT:
         tl.store(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
                  + (i * BM + tl.arange(0, BM))[None, :], tl.trans(cb).to(cbt_ptr.dtype.element_ty))
-    if DCUM_TF32:
-        cbd = _tf32(cb)  # rounded once: both d cum sides read these values
+    # rounded once: both d cum sides read these values
+    if DCUM == 2:
+        cbd = _tf32(cb)
+    elif EMUL_BF16:
+        cbd = _bf16r(cb)
     else:
-        cbd = cb.to(DT)
+        cbd = cb.to(DT).to(tl.float32)
+    if DCUM == 1:
+        cbl = cb - cbd  # the low part
+        if EMUL_BF16:
+            cbl = _bf16r(cbl)
+        cbl = cbl.to(DT)
+        cblT = tl.trans(cbl)
+    if DCUM != 2:
+        cbd = cbd.to(DT)
     cbdT = tl.trans(cbd)
     if HAS_SEQ:
         doc_r = _doc(seq_ptr, b, r0, L)
@@ -821,19 +842,42 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
             x_s = tl.load(x_p + hi * P, mask=mx, other=0.0).to(tl.float32)
         yf = dy_t * rf[:, None]
         xf = x_s * cf[:, None]
-        yk = yf.to(DT)
-        xk = xf.to(DT)
+        if EMUL_BF16:
+            yk = _bf16r(yf)
+            xk = _bf16r(xf)
+        else:
+            yk = yf.to(DT)
+            xk = xf.to(DT)
         acc = tl.dot(yk, tl.trans(xk), acc, input_precision=DOT_PREC)  # the head sum inside the MMA
-        if DCUM_TF32:
-            yk = _tf32(yf)
-            xk = _tf32(xf)
-            u = tl.dot(cbd, xk, input_precision="tf32")
-            v = tl.dot(cbdT, yk, input_precision="tf32")
+        if DCUM == 2:
+            ys = _tf32(yf)
+            xs = _tf32(xf)
+            u = tl.dot(cbd, xs, input_precision="tf32")
+            v = tl.dot(cbdT, ys, input_precision="tf32")
+        elif DCUM == 1:
+            yl = yf - yk.to(tl.float32)
+            xl = xf - xk.to(tl.float32)
+            if EMUL_BF16:
+                yl = _bf16r(yl)
+                xl = _bf16r(xl)
+            else:
+                yl = yl.to(DT)
+                xl = xl.to(DT)
+            u = tl.dot(cbd, xk, input_precision=DOT_PREC)
+            u = tl.dot(cbd, xl, u, input_precision=DOT_PREC)
+            u = tl.dot(cbl, xk, u, input_precision=DOT_PREC)
+            v = tl.dot(cbdT, yk, input_precision=DOT_PREC)
+            v = tl.dot(cbdT, yl, v, input_precision=DOT_PREC)
+            v = tl.dot(cblT, yk, v, input_precision=DOT_PREC)
+            ys = yk.to(tl.float32) + yl.to(tl.float32)
+            xs = xk.to(tl.float32) + xl.to(tl.float32)
         else:
             u = tl.dot(cbd, xk, input_precision=DOT_PREC)  # (t, p): Σ_s C·B[t, s] X̃_h[s, p]
             v = tl.dot(cbdT, yk, input_precision=DOT_PREC)  # (s, p): Σ_t C·B[t, s] Ỹ_h[t, p]
-        tl.store(pt + hi * 2 * NM * Lp, tl.sum(yk.to(tl.float32) * u, 1))
-        tl.store(ps + hi * 2 * NM * Lp, -tl.sum(xk.to(tl.float32) * v, 1))
+            ys = yk.to(tl.float32)
+            xs = xk.to(tl.float32)
+        tl.store(pt + hi * 2 * NM * Lp, tl.sum(ys * u, 1))
+        tl.store(ps + hi * 2 * NM * Lp, -tl.sum(xs * v, 1))
     tl.store(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
              + (j * BM + tl.arange(0, BM))[None, :], acc.to(dcb_ptr.dtype.element_ty))
 
@@ -1010,10 +1054,11 @@ CONFIG = dict(
     # the loop, 222 registers, against 910 with 2 stages (the pipelined loads go through shared memory before the
     # scaling) and 1117 for a head of the dCB kernel. prefetch: the next head's dy, x tiles loaded into
     # registers ahead (1 stage leaves the loads' latency to the other program on the SM)
-    # dcum_tf32: the d cum dots in tf32 on tf32-rounded operands, not bf16 (emulated on CPU, bf16 operands made the
-    # dA error 3.5e-3 -> 1.9e-2 in one case; notes v9-bwd)
+    # dcum: the per-head d cum dots on the dCB dot's bf16 operands ("bf16"; the interpreter rounds as the GPU does:
+    # dA's error 3.5e-3 -> 1.9e-2 in a weak-decay CPU case), on hi + lo bf16 splits ("split", 2^-18) or in tf32
+    # ("tf32"): both accurate, both ~1040 instructions per head offline (255 registers), i.e. no gain; notes v9-bwd
     dcb_heads_dot=False, dcb_heads_warps=4, dcb_heads_stages=1, dcb_heads_maxnreg=None, dcb_heads_prefetch=False,
-    dcb_heads_dcum_tf32=True,
+    dcb_heads_dcum="bf16",
     # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (L 4096 and 65536):
     # 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (as before at 64); register
     # caps (0: none): dx 168 at dstate <= 64 (-0.1 ms there, none above), dB/dC 128 at dstate <= 128 (-0.05 to
@@ -1361,7 +1406,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         _launch(_bwd_dcb_heads_kernel, (NC * (NM * (NM - 1) // 2), b * G), *dcb_args,
                 CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t,
                 PREFETCH=bool(CONFIG["dcb_heads_prefetch"]),
-                DCUM_TF32=bool(CONFIG["dcb_heads_dcum_tf32"]) and x.dtype != f32, DOT_PREC=prec, DT=ddt_,
+                DCUM={"bf16": 0, "split": 1, "tf32": 2}[CONFIG["dcb_heads_dcum"]] if x.dtype != f32 else 0,
+                EMUL_BF16=_INTERPRET and x.dtype == torch.bfloat16, DOT_PREC=prec, DT=ddt_,
                 num_warps=_warps(BN, "dcb_heads_warps"),
                 num_stages=_stages(BP, BN, "dcb_heads_stages"), **_maxnreg("dcb_heads_maxnreg"))
     # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum

@@ -176,3 +176,13 @@ def test_dcb_heads_dot_prefetch(monkeypatch, docs, dtype):
     monkeypatch.setitem(ssd_kernels.CONFIG, "dcb_heads_prefetch", True)
     _check(256, (1, 300, 4, 16, 1, 16), dtype, docs=docs, A_scale=0.05)
     assert grids
+
+
+@pytest.mark.parametrize("dcum", ["split", "tf32"])
+def test_dcb_heads_dot_accurate_dcum(monkeypatch, dcum):
+    # the per-head d cum dots on hi + lo bf16 splits or in tf32 (bf16 inputs only; the interpreter does the bf16 and
+    # tf32 roundings explicitly, as the GPU's dots see them), weak decay where dA is most sensitive to them
+    grids = _heads_dot_on(monkeypatch)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "dcb_heads_dcum", dcum)
+    _check(256, (1, 300, 4, 16, 2, 16), torch.bfloat16, docs=2, A_scale=0.05)
+    assert grids
