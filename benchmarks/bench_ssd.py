@@ -273,10 +273,12 @@ SWEEP_BWD4 = [{}, {"bwd_state_segments": 1},
 # over the group's heads (`_bwd_dcb_heads_kernel`, a second launch; the diagonal tiles stay in `_bwd_dcb_kernel`),
 # then its own launch settings: pipelining depth (default 1: pipelined loads go through shared memory before the
 # scaling, 910 instead of 591 SASS instructions per head offline), a register cap for 3 programs per SM, 8 warps,
-# the next head's tiles prefetched into registers
+# the next head's tiles prefetched into registers; the accurate d cum mode (bf16 hi + lo splits: offline as many
+# instructions as today's kernel, so expected to tie; what accuracy costs if the GPU check rejects the bf16 mode)
 SWEEP_BWD5 = [{}, {"dcb_heads_dot": True}, {"dcb_heads_dot": True, "dcb_heads_stages": 2},
               {"dcb_heads_dot": True, "dcb_heads_stages": 3}, {"dcb_heads_dot": True, "dcb_heads_maxnreg": 168},
-              {"dcb_heads_dot": True, "dcb_heads_warps": 8}, {"dcb_heads_dot": True, "dcb_heads_prefetch": True}]
+              {"dcb_heads_dot": True, "dcb_heads_warps": 8}, {"dcb_heads_dot": True, "dcb_heads_prefetch": True},
+              {"dcb_heads_dot": True, "dcb_heads_dcum": "split"}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
