@@ -755,10 +755,11 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     rounding between the two sides breaks dA). Slots of `part` as `_bwd_dcb_kernel`'s. PREFETCH: the next head's
     dy and x tiles are loaded into registers before this head's work (the loop's loads cannot be pipelined through
     shared memory cheaply: they are scaled in registers before the dots). The d cum dots (16-bit inputs): DCUM 0 on
-    the 16-bit operands of the dCB dot (2^-9 relative rounding of C·B, Ỹ_h, X̃_h: dA's error grows 4-5x at weak
-    decay), 1 on hi + lo bf16 splits of all three (three dots each; the terms both sides share agree to second
-    order, 2^-18), 2 in tf32 on tf32-rounded operands. EMUL_BF16 (interpreter, bf16 inputs, where DT is float32):
-    the bf16 roundings done explicitly (`_bf16r`), so the CPU tests compute what the GPU does."""
+    the 16-bit operands of the dCB dot (2^-9 relative rounding of C·B, Ỹ_h, X̃_h: dA's error 1.3-1.8x today's in
+    weak-decay CPU cases), 1 on hi + lo bf16 splits of all three (three dots each; the terms both sides share agree
+    to second order, 2^-18), 2 in tf32 on tf32-rounded operands. EMUL_BF16 (interpreter, bf16 inputs, where DT is float32):
+    the bf16 roundings done explicitly (`_bf16r`, to nearest), so the CPU tests compute what the GPU does (the
+    interpreter's own float32 -> bf16 cast truncates, which biases sums of many rounded terms)."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
@@ -1054,9 +1055,10 @@ CONFIG = dict(
     # the loop, 222 registers, against 910 with 2 stages (the pipelined loads go through shared memory before the
     # scaling) and 1117 for a head of the dCB kernel. prefetch: the next head's dy, x tiles loaded into
     # registers ahead (1 stage leaves the loads' latency to the other program on the SM)
-    # dcum: the per-head d cum dots on the dCB dot's bf16 operands ("bf16"; the interpreter rounds as the GPU does:
-    # dA's error 3.5e-3 -> 1.9e-2 in a weak-decay CPU case), on hi + lo bf16 splits ("split", 2^-18) or in tf32
-    # ("tf32"): both accurate, both ~1040 instructions per head offline (255 registers), i.e. no gain; notes v9-bwd
+    # dcum: the per-head d cum dots on the dCB dot's bf16 operands ("bf16"; with the GPU's rounding emulated on CPU
+    # dA's error 8.7e-4 -> 1.6e-3 and 3.5e-3 -> 4.6e-3 in two weak-decay cases), on hi + lo bf16 splits ("split") or
+    # in tf32 ("tf32"): both as accurate as today, both ~1040 instructions per head offline (255 registers), i.e. no
+    # gain; notes v9-bwd
     dcb_heads_dot=False, dcb_heads_warps=4, dcb_heads_stages=1, dcb_heads_maxnreg=None, dcb_heads_prefetch=False,
     dcb_heads_dcum="bf16",
     # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (L 4096 and 65536):
