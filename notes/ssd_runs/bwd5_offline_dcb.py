@@ -50,7 +50,7 @@ def comp(fn, consts, warps=4, stages=2, maxnreg=None, tag=""):
 
 for N in (64, 128):
     c = dict(CS=256, BM=64, BP=64, BN=N, HAS_SEQ=False, STORE_CBT=True, DOT_PREC="tf32", DT=tl.bfloat16)
-    for name, fn, extra, kw in [("heads_s1_bf16dcum", K._bwd_dcb_heads_kernel, dict(DCUM=0), dict(stages=1)),
+    for name, fn, extra, kw in [("heads_s1_splitdcum", K._bwd_dcb_heads_kernel, dict(DCUM=1), dict(stages=1)),
                                 ("heads_s1_tf32dcum", K._bwd_dcb_heads_kernel, dict(DCUM=2), dict(stages=1)),
                                 ("dcb_all", K._bwd_dcb_kernel, dict(DIAG_ONLY=False), {}),
                                 ("dcb_diag", K._bwd_dcb_kernel, dict(DIAG_ONLY=True), {}),
@@ -61,11 +61,11 @@ for N in (64, 128):
                                 ("heads_s1_docs", K._bwd_dcb_heads_kernel, dict(HAS_SEQ=True), dict(stages=1)),
                                 ("heads_s1", K._bwd_dcb_heads_kernel, {}, dict(stages=1)),
                                 ("heads_s3", K._bwd_dcb_heads_kernel, {}, dict(stages=3)),
-                                ("heads_cap168", K._bwd_dcb_heads_kernel, {}, dict(maxnreg=168)),
-                                ("heads_w8", K._bwd_dcb_heads_kernel, {}, dict(warps=8))]:
+                                ("heads_cap168", K._bwd_dcb_heads_kernel, {}, dict(maxnreg=168, stages=1)),
+                                ("heads_w8", K._bwd_dcb_heads_kernel, {}, dict(warps=8, stages=1))]:
         try:
             if fn is K._bwd_dcb_heads_kernel:
-                extra = {"PREFETCH": False, "DCUM": 1, "EMUL_BF16": False, **extra}
+                extra = {"PREFETCH": False, "DCUM": 0, "EMUL_BF16": False, **extra}
             print(N, json.dumps(comp(fn, {**c, **extra}, tag=f"{name}_{N}", **kw)), flush=True)
         except Exception as e:
             print(N, name, "failed", repr(e)[:400], flush=True)
