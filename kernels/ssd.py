@@ -757,9 +757,9 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     shared memory cheaply: they are scaled in registers before the dots). The d cum dots (16-bit inputs): DCUM 0 on
     the 16-bit operands of the dCB dot (2^-9 relative rounding of C·B, Ỹ_h, X̃_h: dA's error 1.3-1.8x today's in
     weak-decay CPU cases), 1 on hi + lo bf16 splits of all three (three dots each; the terms both sides share agree
-    to second order, 2^-18), 2 in tf32 on tf32-rounded operands. EMUL_BF16 (interpreter, bf16 inputs, where DT is float32):
-    the bf16 roundings done explicitly (`_bf16r`, to nearest), so the CPU tests compute what the GPU does (the
-    interpreter's own float32 -> bf16 cast truncates, which biases sums of many rounded terms)."""
+    to second order, 2^-18), 2 in tf32 on tf32-rounded operands. EMUL_BF16 (interpreter, bf16 inputs, where DT is
+    float32): the bf16 roundings done explicitly (`_bf16r`, to nearest), so the CPU tests compute what the GPU does
+    (the interpreter's own float32 -> bf16 cast truncates, which biases sums of many rounded terms)."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
