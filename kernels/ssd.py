@@ -659,6 +659,29 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
 
 
 @triton.jit
+def _dcb_cb_tile(C_ptr, B_ptr, cbt_ptr, b, g, c, i, j, L, G, N, NC, CS: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """The dCB kernels' (t block i, s block j) tile pair of chunk c: positions, their masks, and C_t·B_s^T in
+    float32. STORE_CBT: also its transposed copy for the dx kernel, which reads it as (s, t): no C·B pass of its
+    own, half the bytes in bf16."""
+    t = c * CS + i * BM + tl.arange(0, BM)
+    s = c * CS + j * BM + tl.arange(0, BM)
+    mt = t < L
+    ms = s < L
+    offs_n = tl.arange(0, BN)
+    mn = offs_n < N
+    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
+    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
+    cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
+    if STORE_CBT:
+        tl.store(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
+                 + (i * BM + tl.arange(0, BM))[None, :], tl.trans(cb).to(cbt_ptr.dtype.element_ty))
+    return t, s, mt, ms, cb
+
+
+@triton.jit
 def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr, cbt_ptr,
                     L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -688,22 +711,10 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
         for ii in tl.static_range(1, NM):
             i += (k >= ii * (ii + 1) // 2).to(tl.int32)
         j = k - i * (i + 1) // 2
-    t = c * CS + i * BM + tl.arange(0, BM)
-    s = c * CS + j * BM + tl.arange(0, BM)
-    mt = t < L
-    ms = s < L
     offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
     mp = offs_p < P
-    mn = offs_n < N
-    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
-    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
-    cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
-    if STORE_CBT:  # for the dx kernel, which reads it as (s, t): no C·B pass of its own, half the bytes in bf16
-        tl.store(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
-                 + (i * BM + tl.arange(0, BM))[None, :], tl.trans(cb).to(cbt_ptr.dtype.element_ty))
+    t, s, mt, ms, cb = _dcb_cb_tile(C_ptr, B_ptr, cbt_ptr, b, g, c, i, j, L, G, N, NC, CS, BM, BN, STORE_CBT,
+                                    DOT_PREC, DT)
     causal = t[:, None] >= s[None, :]
     if HAS_SEQ:
         same_doc = _doc(seq_ptr, b, t, L)[:, None] == _doc(seq_ptr, b, s, L)[None, :]
@@ -775,22 +786,10 @@ def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
         i += (k >= ii * (ii - 1) // 2).to(tl.int32)
     j = k - i * (i - 1) // 2
     r0 = c * CS + i * BM  # the reference position: the t block's first
-    t = r0 + tl.arange(0, BM)
-    s = c * CS + j * BM + tl.arange(0, BM)
-    mt = t < L
-    ms = s < L
     offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
     mp = offs_p < P
-    mn = offs_n < N
-    C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=mt[:, None] & mn[None, :], other=0.0).to(DT)
-    B_s = tl.load(B_ptr + ((b * L + s[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=ms[:, None] & mn[None, :], other=0.0).to(DT)
-    cb = tl.dot(C_t, tl.trans(B_s), input_precision=DOT_PREC)
-    if STORE_CBT:
-        tl.store(cbt_ptr + ((b * NC + c) * G + g) * CS * CS + (j * BM + tl.arange(0, BM))[:, None] * CS
-                 + (i * BM + tl.arange(0, BM))[None, :], tl.trans(cb).to(cbt_ptr.dtype.element_ty))
+    t, s, mt, ms, cb = _dcb_cb_tile(C_ptr, B_ptr, cbt_ptr, b, g, c, i, j, L, G, N, NC, CS, BM, BN, STORE_CBT,
+                                    DOT_PREC, DT)
     # rounded once: both d cum sides read these values
     if DCUM == 2:
         cbd = _tf32(cb)
