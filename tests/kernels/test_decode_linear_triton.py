@@ -35,6 +35,16 @@ def tol(dtype):
     return 1e-6 if dtype == torch.float32 else 8e-3  # bf16: the output's own rounding
 
 
+def _add_norm_linear_reference(hidden, residual, nw, W, bias, dtype, residual_dtype):
+    """The residual add in float64, kept in the residual's dtype, then RMSNorm of it in the weight's dtype and the
+    product (+ bias) in float64: (new residual, output)."""
+    r_ref = (hidden.double() if hidden is not None else 0) + (residual.double() if residual is not None else 0)
+    if residual_dtype is not None:
+        r_ref = r_ref.to(residual_dtype).double()
+    n = reference.rmsnorm(r_ref.to(dtype).double(), nw.double(), 1e-5).to(dtype).double()
+    return r_ref, n @ W.double().T + (bias.double() if bias is not None else 0)
+
+
 @pytest.mark.parametrize("single_pass", [False, True])
 @pytest.mark.parametrize("batch", [1, 3, 20])
 @pytest.mark.parametrize("case,dtype,residual_dtype", [
@@ -53,12 +63,7 @@ def test_add_norm_linear_equals_add_rmsnorm_then_matmul(batch, case, dtype, resi
     res_d = dev(residual)
     out, r_new = add_norm_linear(dev(hidden), res_d, dev(nw), 1e-5, dev(W), dev(bias) if use_bias else None,
                                  residual_dtype=residual_dtype, config=cfg(batch, single_pass))
-    # reference: residual add in float64, kept in the residual's dtype; RMSNorm of it in the weight's dtype
-    r_ref = (hidden.double() if hidden is not None else 0) + (residual.double() if residual is not None else 0)
-    if residual_dtype is not None:
-        r_ref = r_ref.to(residual_dtype).double()
-    n = reference.rmsnorm(r_ref.to(dtype).double(), nw.double(), 1e-5).to(dtype).double()
-    ref = n @ W.double().T + (bias.double() if use_bias else 0)
+    r_ref, ref = _add_norm_linear_reference(hidden, residual, nw, W, bias if use_bias else None, dtype, residual_dtype)
     assert out.shape == (batch, N) and out.dtype == dtype
     assert rel(out.cpu(), ref) < tol(dtype)
     if case == "lm_head":
@@ -117,11 +122,7 @@ def test_whole_row_gemv_equals_add_rmsnorm_then_matmul(batch, case, dtype, resid
     dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     out, r_new = add_norm_linear(dev(hidden), dev(residual), dev(nw), 1e-5, dev(W), dev(bias) if use_bias else None,
                                  residual_dtype=residual_dtype, config=ROW_CONFIG)
-    r_ref = (hidden.double() if hidden is not None else 0) + (residual.double() if residual is not None else 0)
-    if residual_dtype is not None:
-        r_ref = r_ref.to(residual_dtype).double()
-    n = reference.rmsnorm(r_ref.to(dtype).double(), nw.double(), 1e-5).to(dtype).double()
-    ref = n @ W.double().T + (bias.double() if use_bias else 0)
+    r_ref, ref = _add_norm_linear_reference(hidden, residual, nw, W, bias if use_bias else None, dtype, residual_dtype)
     assert out.shape == (batch, N) and out.dtype == dtype
     assert rel(out.cpu(), ref) < tol(dtype)
     if case in ("hidden+residual", "hidden"):

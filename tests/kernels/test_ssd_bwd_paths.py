@@ -59,12 +59,10 @@ def test_two_level_reverse_state_pass_bfloat16(monkeypatch):
     _check(16, (2, 150, 2, 16, 1, 32), torch.bfloat16, docs=2, init=True, A_scale=0.05)
 
 
-@pytest.mark.parametrize("cuts", [(63, 64, 100, 128), (64, 127, 128), (40, 100)])
-def test_two_level_reverse_state_pass_documents_on_segment_edges(monkeypatch, cuts):
-    # 10 chunks of 16 in segments of 4, 4, 2 (starting at positions 0, 64, 128): documents that start exactly on a
-    # segment's first position, on its last, a one-position document, ones inside a chunk. A chunk that starts a
-    # document zeroes the decay product, which must stop the fix-up's terms exactly as one walk stops the gradient
-    # ((40, 100): segments whose exiting gradients are not zero, cut inside)
+def _documents_at(monkeypatch, cuts):
+    """test_ssd_triton's inputs with documents starting at the positions `cuts` (every row alike)."""
+    inputs = test_ssd_triton._inputs
+
     def with_docs(*args, **kw):
         out = list(inputs(*args, **kw))
         seq = torch.zeros(args[0], args[1], dtype=torch.int32)
@@ -73,8 +71,16 @@ def test_two_level_reverse_state_pass_documents_on_segment_edges(monkeypatch, cu
         out[-1] = seq
         return tuple(out)
 
-    inputs = test_ssd_triton._inputs
     monkeypatch.setattr(test_ssd_triton, "_inputs", with_docs)
+
+
+@pytest.mark.parametrize("cuts", [(63, 64, 100, 128), (64, 127, 128), (40, 100)])
+def test_two_level_reverse_state_pass_documents_on_segment_edges(monkeypatch, cuts):
+    # 10 chunks of 16 in segments of 4, 4, 2 (starting at positions 0, 64, 128): documents that start exactly on a
+    # segment's first position, on its last, a one-position document, ones inside a chunk. A chunk that starts a
+    # document zeroes the decay product, which must stop the fix-up's terms exactly as one walk stops the gradient
+    # ((40, 100): segments whose exiting gradients are not zero, cut inside)
+    _documents_at(monkeypatch, cuts)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", 3)
     _check(16, (1, 150, 2, 16, 1, 32), torch.float32, init=True, A_scale=0.05)
 
@@ -144,16 +150,7 @@ def test_dcb_off_diagonal_tiles_as_one_product_over_heads(monkeypatch, cs, shape
 def test_dcb_heads_dot_documents_on_block_edges(monkeypatch, cuts):
     # documents starting exactly on a block's first position (the folded tiles' reference: every s is then in an
     # earlier document), one position after or before it, a one-position document, inside a t block
-    def with_docs(*args, **kw):
-        out = list(inputs(*args, **kw))
-        seq = torch.zeros(args[0], args[1], dtype=torch.int32)
-        for cut in cuts:
-            seq[:, cut:] += 1
-        out[-1] = seq
-        return tuple(out)
-
-    inputs = test_ssd_triton._inputs
-    monkeypatch.setattr(test_ssd_triton, "_inputs", with_docs)
+    _documents_at(monkeypatch, cuts)
     grids = _heads_dot_on(monkeypatch)
     _check(256, (1, 256, 4, 16, 2, 16), torch.float32, A_scale=0.05)
     assert grids
