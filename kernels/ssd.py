@@ -120,22 +120,6 @@ def _dx_cbt(cb_ptr, C_ptr, B_s, cbase, b, c, g, s, t, L, G, N, offs_n, mn,
 
 
 @triton.jit
-def _tf32(v):
-    # float32 rounded (to nearest, ties away) to the 10-bit mantissa a tf32 dot reads: a tf32 dot of such values is
-    # exact in its products, so a sum formed from the same values elsewhere pairs with it term by term
-    bits = (v.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _bf16r(v):
-    # float32 rounded (to nearest, ties away) to bfloat16's 8-bit mantissa, kept in float32: the cast to bf16 for a
-    # dot is then exact on the GPU, and the interpreter (which multiplies bf16 inputs as float32) sees the same values
-    bits = (v.to(tl.uint32, bitcast=True) + 0x8000) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _doc(seq_ptr, b, t, L):
     # padding positions belong to the row's last document
     return tl.load(seq_ptr + b * L + tl.minimum(t, L - 1))
@@ -685,32 +669,25 @@ def _dcb_cb_tile(C_ptr, B_ptr, cbt_ptr, b, g, c, i, j, L, G, N, NC, CS: tl.const
 def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr, cbt_ptr,
                     L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DIAG_ONLY: tl.constexpr,
-                    DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """Gradient of C_t·B_s for one causal (t block i, s block j) tile of a chunk, summed over the group's heads:
     dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s. dB and dC then follow once per group (`_bwd_bc_kernel`) instead of
     once per head. Each head's d cum (t side: row sums of dCB_h ⊙ C·B, s side: minus the column sums) goes to
-    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later.
-    DIAG_ONLY: the grid covers the diagonal tiles only (`_bwd_dcb_heads_kernel` takes the others)."""
+    its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later."""
     pid_c = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
     HPG = H // G
     Lp = NC * CS
     NM: tl.constexpr = CS // BM
-    if DIAG_ONLY:
-        c = pid_c // NM
-        i = pid_c % NM
-        j = i
-    else:
-        NPAIR: tl.constexpr = NM * (NM + 1) // 2
-        c = pid_c // NPAIR
-        k = pid_c % NPAIR
-        # k -> (i, j), j <= i, in row order: (0,0), (1,0), (1,1), (2,0), ...
-        i = 0
-        for ii in tl.static_range(1, NM):
-            i += (k >= ii * (ii + 1) // 2).to(tl.int32)
-        j = k - i * (i + 1) // 2
+    NPAIR: tl.constexpr = NM * (NM + 1) // 2
+    c = pid_c // NPAIR
+    k = pid_c % NPAIR
+    # k -> (i, j), j <= i, in row order: (0,0), (1,0), (1,1), (2,0), ...
+    i = 0
+    for ii in tl.static_range(1, NM):
+        i += (k >= ii * (ii + 1) // 2).to(tl.int32)
+    j = k - i * (i + 1) // 2
     offs_p = tl.arange(0, BP)
     mp = offs_p < P
     t, s, mt, ms, cb = _dcb_cb_tile(C_ptr, B_ptr, cbt_ptr, b, g, c, i, j, L, G, N, NC, CS, BM, BN, STORE_CBT,
@@ -743,141 +720,6 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
         r = q * cb
         tl.store(part_ptr + ((b * H + hh) * 2 * NM + j) * Lp + t, tl.sum(r, 1))
         tl.store(part_ptr + ((b * H + hh) * 2 * NM + NM + i) * Lp + s, -tl.sum(r, 0))
-    tl.store(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
-             + (j * BM + tl.arange(0, BM))[None, :], acc.to(dcb_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _bwd_dcb_heads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr, cbt_ptr,
-                          L, H, G, P, N, NC,
-                          CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                          HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, PREFETCH: tl.constexpr,
-                          DCUM: tl.constexpr, EMUL_BF16: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """The off-diagonal (t block i > s block j) tiles of `_bwd_dcb_kernel` (CONFIG dcb_heads_dot), with the decay
-    (and the document mask) folded into the operands, so the head sum is one long-K product over the group's heads,
-    accumulated by the MMA itself: dCB[t, s] = Σ_h Ỹ_h[t]·X̃_h[s], Ỹ_h = dy_t,h r_h[t], X̃_h = x_s,h c_h[s] dt_s,h,
-    r_h = exp(cum_t - cum_ref), c_h = exp(cum_ref - cum_s) about the t block's first position (s < ref <= t: both
-    factors <= 1, no overflow guard; an underflow to 0 stands for a product that underflows too). Documents are
-    monotone, so for s < ref <= t, doc_t == doc_s exactly when both equal doc_ref: the mask is rank one as well.
-    Each head's d cum cannot come from the head-summed tile (the MMA sums the heads away); it is re-associated so
-    that both sides are row sums (no cross-warp column sum): t side Σ_p Ỹ_h ⊙ (C·B X̃_h), s side
-    -Σ_p X̃_h ⊙ ((C·B)^T Ỹ_h), two more (BM, BM)·(BM, P) dots per head. Both sides use the same rounded C·B, Ỹ_h
-    and X̃_h, so their terms cancel as exactly as the row / column sums of one tile do (v6-bwd: a mismatch in
-    rounding between the two sides breaks dA). Slots of `part` as `_bwd_dcb_kernel`'s. PREFETCH: the next head's
-    dy and x tiles are loaded into registers before this head's work (the loop's loads cannot be pipelined through
-    shared memory cheaply: they are scaled in registers before the dots). The d cum dots (16-bit inputs): DCUM 0 on
-    the 16-bit operands of the dCB dot (2^-9 relative rounding of C·B, Ỹ_h, X̃_h: dA's error 1.3-1.8x today's in
-    weak-decay CPU cases), 1 on hi + lo bf16 splits of all three (three dots each; the terms both sides share agree
-    to second order, 2^-18), 2 in tf32 on tf32-rounded operands. EMUL_BF16 (interpreter, bf16 inputs, where DT is
-    float32): the bf16 roundings done explicitly (`_bf16r`, to nearest), so the CPU tests compute what the GPU does
-    (the interpreter's own float32 -> bf16 cast truncates, which biases sums of many rounded terms)."""
-    pid_c = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, g, _ = _batch_head(pid_bg, G, G)
-    HPG = H // G
-    Lp = NC * CS
-    NM: tl.constexpr = CS // BM
-    NOFF: tl.constexpr = NM * (NM - 1) // 2
-    c = pid_c // NOFF
-    k = pid_c % NOFF
-    # k -> (i, j), j < i, in row order: (1,0), (2,0), (2,1), (3,0), ...
-    i = 1
-    for ii in tl.static_range(2, NM):
-        i += (k >= ii * (ii - 1) // 2).to(tl.int32)
-    j = k - i * (i - 1) // 2
-    r0 = c * CS + i * BM  # the reference position: the t block's first
-    offs_p = tl.arange(0, BP)
-    mp = offs_p < P
-    t, s, mt, ms, cb = _dcb_cb_tile(C_ptr, B_ptr, cbt_ptr, b, g, c, i, j, L, G, N, NC, CS, BM, BN, STORE_CBT,
-                                    DOT_PREC, DT)
-    # rounded once: both d cum sides read these values
-    if DCUM == 2:
-        cbd = _tf32(cb)
-    elif EMUL_BF16:
-        cbd = _bf16r(cb)
-    else:
-        cbd = cb.to(DT).to(tl.float32)
-    if DCUM == 1:
-        cbl = cb - cbd  # the low part
-        if EMUL_BF16:
-            cbl = _bf16r(cbl)
-        cbl = cbl.to(DT)
-        cblT = tl.trans(cbl)
-    if DCUM != 2:
-        cbd = cbd.to(DT)
-    cbdT = tl.trans(cbd)
-    if HAS_SEQ:
-        doc_r = _doc(seq_ptr, b, r0, L)
-        row_in = _doc(seq_ptr, b, t, L) == doc_r
-        col_in = _doc(seq_ptr, b, s, L) == doc_r
-    acc = tl.zeros((BM, BM), dtype=tl.float32)
-    # per-head pointers advance by a stride (the offsets' arithmetic is a large share of the loop's instructions)
-    h0 = g * HPG
-    dy_p = dy_ptr + ((b * L + t[:, None]) * H + h0) * P + offs_p[None, :]
-    x_p = x_ptr + ((b * L + s[:, None]) * H + h0) * P + offs_p[None, :]
-    mdy = mt[:, None] & mp[None, :]
-    mx = ms[:, None] & mp[None, :]
-    hb = (b * H + h0) * Lp
-    pt = part_ptr + ((b * H + h0) * 2 * NM + j) * Lp + t
-    ps = part_ptr + ((b * H + h0) * 2 * NM + NM + i) * Lp + s
-    if PREFETCH:
-        dy_n = tl.load(dy_p, mask=mdy, other=0.0)
-        x_n = tl.load(x_p, mask=mx, other=0.0)
-    for hi in range(HPG):
-        base = hb + hi * Lp
-        cum_r = tl.load(cum_ptr + base + r0)
-        rf = tl.exp(tl.load(cum_ptr + base + t) - cum_r)
-        cf = tl.exp(cum_r - tl.load(cum_ptr + base + s)) * tl.load(dtp_ptr + base + s)
-        if HAS_SEQ:
-            rf = tl.where(row_in, rf, 0.0)
-            cf = tl.where(col_in, cf, 0.0)
-        if PREFETCH:
-            dy_t = dy_n.to(tl.float32)
-            x_s = x_n.to(tl.float32)
-            nxt = tl.minimum(hi + 1, HPG - 1)  # the last head loads itself again (no branch in the loop)
-            dy_n = tl.load(dy_p + nxt * P, mask=mdy, other=0.0)
-            x_n = tl.load(x_p + nxt * P, mask=mx, other=0.0)
-        else:
-            dy_t = tl.load(dy_p + hi * P, mask=mdy, other=0.0).to(tl.float32)
-            x_s = tl.load(x_p + hi * P, mask=mx, other=0.0).to(tl.float32)
-        yf = dy_t * rf[:, None]
-        xf = x_s * cf[:, None]
-        if EMUL_BF16:
-            yk = _bf16r(yf)
-            xk = _bf16r(xf)
-        else:
-            yk = yf.to(DT)
-            xk = xf.to(DT)
-        acc = tl.dot(yk, tl.trans(xk), acc, input_precision=DOT_PREC)  # the head sum inside the MMA
-        if DCUM == 2:
-            ys = _tf32(yf)
-            xs = _tf32(xf)
-            u = tl.dot(cbd, xs, input_precision="tf32")
-            v = tl.dot(cbdT, ys, input_precision="tf32")
-        elif DCUM == 1:
-            yl = yf - yk.to(tl.float32)
-            xl = xf - xk.to(tl.float32)
-            if EMUL_BF16:
-                yl = _bf16r(yl)
-                xl = _bf16r(xl)
-            else:
-                yl = yl.to(DT)
-                xl = xl.to(DT)
-            u = tl.dot(cbd, xk, input_precision=DOT_PREC)
-            u = tl.dot(cbd, xl, u, input_precision=DOT_PREC)
-            u = tl.dot(cbl, xk, u, input_precision=DOT_PREC)
-            v = tl.dot(cbdT, yk, input_precision=DOT_PREC)
-            v = tl.dot(cbdT, yl, v, input_precision=DOT_PREC)
-            v = tl.dot(cblT, yk, v, input_precision=DOT_PREC)
-            ys = yk.to(tl.float32) + yl.to(tl.float32)
-            xs = xk.to(tl.float32) + xl.to(tl.float32)
-        else:
-            u = tl.dot(cbd, xk, input_precision=DOT_PREC)  # (t, p): Σ_s C·B[t, s] X̃_h[s, p]
-            v = tl.dot(cbdT, yk, input_precision=DOT_PREC)  # (s, p): Σ_t C·B[t, s] Ỹ_h[t, p]
-            ys = yk.to(tl.float32)
-            xs = xk.to(tl.float32)
-        tl.store(pt + hi * 2 * NM * Lp, tl.sum(ys * u, 1))
-        tl.store(ps + hi * 2 * NM * Lp, -tl.sum(xs * v, 1))
     tl.store(dcb_ptr + ((b * NC + c) * G + g) * CS * CS + (i * BM + tl.arange(0, BM))[:, None] * CS
              + (j * BM + tl.arange(0, BM))[None, :], acc.to(dcb_ptr.dtype.element_ty))
 
@@ -1047,19 +889,6 @@ CONFIG = dict(
     # only (run 4: -1 % f+b there; at dstate 64 the forward kernel's registers go 157 -> 228 and it is 8 % slower)
     fold_decay=None,
     dcb_warps=4, bc_warps=None,  # warps of _bwd_dcb_kernel and _bwd_bc_kernel (None: 8 if dstate >= 128)
-    # the dCB kernel's off-diagonal tiles as one long-K product over the group's heads (`_bwd_dcb_heads_kernel`,
-    # decay and document mask folded into dy and x; each head's d cum from two more dots as row sums), the diagonal
-    # tiles as before in their own launch. Not measured yet (notes/ssd_kernels.md v9-bwd); its own warps, stages and
-    # register cap (None / 0: none). 1 stage: offline sm_90 (Triton 3.6) 591 SASS instructions per head and warp in
-    # the loop, 222 registers, against 910 with 2 stages (the pipelined loads go through shared memory before the
-    # scaling) and 1117 for a head of the dCB kernel. prefetch: the next head's dy, x tiles loaded into
-    # registers ahead (1 stage leaves the loads' latency to the other program on the SM)
-    # dcum: the per-head d cum dots on the dCB dot's bf16 operands ("bf16"; with the GPU's rounding emulated on CPU
-    # dA's error 8.7e-4 -> 1.6e-3 and 3.5e-3 -> 4.6e-3 in two weak-decay cases), on hi + lo bf16 splits ("split") or
-    # in tf32 ("tf32"): both as accurate as today, both ~1040 instructions per head offline (255 registers), i.e. no
-    # gain; notes v9-bwd
-    dcb_heads_dot=False, dcb_heads_warps=4, dcb_heads_stages=1, dcb_heads_maxnreg=None, dcb_heads_prefetch=False,
-    dcb_heads_dcum="bf16",
     # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (L 4096 and 65536):
     # 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (as before at 64); register
     # caps (0: none): dx 168 at dstate <= 64 (-0.1 ms there, none above), dB/dC 128 at dstate <= 128 (-0.05 to
@@ -1397,20 +1226,10 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
     dcb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype == torch.bfloat16 else f32)
     part = torch.empty(b, H, 2 * NM, Lp, device=dev, dtype=f32)
-    heads_dot = bool(CONFIG["dcb_heads_dot"]) and NM > 1  # off-diagonal tiles in their own launch
-    dcb_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC)
-    _launch(_bwd_dcb_kernel, (NC * (NM if heads_dot else NM * (NM + 1) // 2), b * G), *dcb_args,
-            CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DIAG_ONLY=heads_dot,
-            DOT_PREC=prec, DT=ddt_,
+    _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
+            x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
+            CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
             num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"), **_maxnreg("dcb_maxnreg"))
-    if heads_dot:
-        _launch(_bwd_dcb_heads_kernel, (NC * (NM * (NM - 1) // 2), b * G), *dcb_args,
-                CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t,
-                PREFETCH=bool(CONFIG["dcb_heads_prefetch"]),
-                DCUM={"bf16": 0, "split": 1, "tf32": 2}[CONFIG["dcb_heads_dcum"]] if x.dtype != f32 else 0,
-                EMUL_BF16=_INTERPRET and x.dtype == torch.bfloat16, DOT_PREC=prec, DT=ddt_,
-                num_warps=_warps(BN, "dcb_heads_warps"),
-                num_stages=_stages(BP, BN, "dcb_heads_stages"), **_maxnreg("dcb_heads_maxnreg"))
     # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum
     dx = torch.empty_like(x)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
