@@ -645,9 +645,10 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
 @triton.jit
 def _dcb_cb_tile(C_ptr, B_ptr, cbt_ptr, b, g, c, i, j, L, G, N, NC, CS: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
-    """The dCB kernels' (t block i, s block j) tile pair of chunk c: positions, their masks, and C_t·B_s^T in
+    """The dCB kernel's (t block i, s block j) tile pair of chunk c: positions, their masks, and C_t·B_s^T in
     float32. STORE_CBT: also its transposed copy for the dx kernel, which reads it as (s, t): no C·B pass of its
-    own, half the bytes in bf16."""
+    own, half the bytes in bf16. A helper with one caller since v9-bwd's removal: written inline, Triton 3.6
+    schedules the same sm_90 instructions in another order (offline SASS), so it stays as measured."""
     t = c * CS + i * BM + tl.arange(0, BM)
     s = c * CS + j * BM + tl.arange(0, BM)
     mt = t < L
