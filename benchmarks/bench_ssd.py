@@ -269,24 +269,13 @@ SWEEP_BWD4 = [{}, {"bwd_state_segments": 1},
               {"bwd_state_seg_target": 2048, "bwd_state_seg_chunks": 4},
               {"bwd_state_seg_target": 4096, "bwd_state_seg_chunks": 4},
               {"bwd_state_seg_target": 1024}, {"bwd_state_seg_below": 512}, {"bwd_state_seg_below": 128}]
-# backward round 5 (helper bwd5, v9-bwd, not measured yet): the dCB kernel's off-diagonal tiles as one long-K product
-# over the group's heads (`_bwd_dcb_heads_kernel`, a second launch; the diagonal tiles stay in `_bwd_dcb_kernel`),
-# then its own launch settings: pipelining depth (default 1: pipelined loads go through shared memory before the
-# scaling, 910 instead of 591 SASS instructions per head offline), a register cap for 3 programs per SM, 8 warps,
-# the next head's tiles prefetched into registers; the accurate d cum mode (bf16 hi + lo splits: offline as many
-# instructions as today's kernel, so expected to tie; what accuracy costs if the GPU check rejects the bf16 mode)
-SWEEP_BWD5 = [{}, {"dcb_heads_dot": True}, {"dcb_heads_dot": True, "dcb_heads_stages": 2},
-              {"dcb_heads_dot": True, "dcb_heads_stages": 3}, {"dcb_heads_dot": True, "dcb_heads_maxnreg": 168},
-              {"dcb_heads_dot": True, "dcb_heads_warps": 8}, {"dcb_heads_dot": True, "dcb_heads_prefetch": True},
-              {"dcb_heads_dot": True, "dcb_heads_dcum": "split"}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
               "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
                            "fb"),
               "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [16384, 32768, 65536], "fwd"),
-              "bwd3": (SWEEP_BWD3, None, "fb"), "bwd4": (SWEEP_BWD4, [65536, 32768, 16384], "fb"),
-              "bwd5": (SWEEP_BWD5, [4096, 16384, 65536], "fb")}
+              "bwd3": (SWEEP_BWD3, None, "fb"), "bwd4": (SWEEP_BWD4, [65536, 32768, 16384], "fb")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 

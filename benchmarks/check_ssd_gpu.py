@@ -129,11 +129,15 @@ def main():
     ap.add_argument("--no-mamba", action="store_true", help="skip mamba_ssm's errors (saves its autotuning)")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--config", default=None,
-                    help="JSON dict of lit_mamba2.kernels.ssd.CONFIG overrides, e.g. '{\"dcb_heads_dot\": true}'")
+                    help="JSON dict of lit_mamba2.kernels.ssd.CONFIG overrides, e.g. '{\"bwd_state_dcl_rows\": true}'")
     args = ap.parse_args()
     if args.config:
         from lit_mamba2.kernels.ssd import CONFIG
-        CONFIG.update(json.loads(args.config))
+        overrides = json.loads(args.config)
+        unknown = sorted(set(overrides) - set(CONFIG))
+        if unknown:  # a removed key would otherwise check the default path under the wrong name
+            ap.error(f"--config: unknown lit_mamba2.kernels.ssd.CONFIG keys {unknown}")
+        CONFIG.update(overrides)
     global DEVICE
     if args.dry_run_cpu:
         DEVICE = "cpu"
