@@ -102,6 +102,15 @@ DEC1_VARIANTS = {  # name: {"module.ATTRIBUTE": value}, modules of lit_mamba2.ke
 VARIANTS.update({k: dict() for k in DEC1_VARIANTS})
 REDUNDANT.update({k: (lambda b: b >= 8) for k in DEC1_VARIANTS})
 
+# batch 64: kernel constants patched as in DEC1_VARIANTS, with Decoder options. Runs 8 and 9 also timed, and
+# dropped (benchmarks/results/decode_run8_notes.md): an L2 prefetch of the next layer's state after each state
+# update, the batch as row groups on their own streams, a state kernel looping over tiles with fewer programs.
+BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
+    "no_evict": (dict(), {"state_update.STATE_EVICT": ""}),  # the state's loads and stores without a hint
+}
+VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
+PATCHES = {**DEC1_VARIANTS, **{k: v[1] for k, v in BATCH_VARIANTS.items()}}
+
 
 def dec1_set(patches: dict) -> dict:
     """Set lit_mamba2.kernels constants; returns the previous values."""
@@ -117,7 +126,7 @@ def dec1_set(patches: dict) -> dict:
 
 
 def ours(name, batch, args, variant):
-    before = dec1_set(DEC1_VARIANTS.get(variant, {}))
+    before = dec1_set(PATCHES.get(variant, {}))
     try:
         return _ours(name, batch, args, variant)
     finally:
@@ -126,8 +135,8 @@ def ours(name, batch, args, variant):
 
 @torch.inference_mode()
 def graph_trace(args, variants):
-    """Batch 1, each model and variant: 10 captured steps under the CUDA profiler. Per kernel (name and grid):
-    calls per step, median device time (with PDL it includes the time spent waiting on the kernel before), and
+    """Batch --trace-batch (default 1), each model and variant: 10 captured steps under the CUDA profiler. Per
+    kernel (name and grid): calls per step, median device time (with PDL it includes the time spent waiting on the kernel before), and
     median increment of the chain's end (its end minus the previous kernel's end: what it adds to the step)."""
     import tempfile
     from statistics import median
@@ -143,13 +152,14 @@ def graph_trace(args, variants):
         torch.manual_seed(0)
         with torch.device(DEVICE):
             model = Mamba2LMHeadModel(Mamba2Config.from_name(name)).to(torch.bfloat16).eval()
-        prompt = torch.randint(1, 50000, (1, 8), device=DEVICE)
+        batch = args.trace_batch
+        prompt = torch.randint(1, 50000, (batch, 8), device=DEVICE)
         for variant in variants:
-            before = dec1_set(DEC1_VARIANTS.get(variant, {}))
+            before = dec1_set(PATCHES.get(variant, {}))
             try:
-                dec = Decoder(model, 1, 64, cuda_graph=True, **VARIANTS[variant])
+                dec = Decoder(model, batch, 64, cuda_graph=True, **VARIANTS[variant])
                 dec.prefill(prompt)
-                token = torch.randint(1, 50000, (1,), device=DEVICE)
+                token = torch.randint(1, 50000, (batch,), device=DEVICE)
                 plain_ms = median_ms(lambda: dec.step(token), 50)
                 n_steps = 10
                 with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -178,7 +188,7 @@ def graph_trace(args, variants):
                     prev_end = max(prev_end, end)
             rows = sorted(((k, v["n"] // n_steps, median(v["dur"]), median(v["incr"]), sum(v["incr"]) / n_steps)
                            for k, v in stats.items()), key=lambda r: -r[4])
-            key = f"{name} {variant}"
+            key = f"{name} b{batch} {variant}"
             out[key] = dict(step_ms_plain=plain_ms, kernels_per_step=per, span_us_median=median(spans),
                             kernels=[dict(kernel=k, per_step=n, dur_us=d, incr_us=i, incr_us_per_step=t)
                                      for k, n, d, i, t in rows])
@@ -606,7 +616,8 @@ def main():
     p.add_argument("--sweep", action="store_true", help="time the kernels' tile choices alone first")
     p.add_argument("--profile", action="store_true", help="list the kernels of one eager step")
     p.add_argument("--graph-trace", nargs="*", default=None, choices=list(VARIANTS),
-                   help="batch 1: the kernels of captured steps of these variants under the CUDA profiler")
+                   help="the kernels of captured steps of these variants under the CUDA profiler")
+    p.add_argument("--trace-batch", type=int, default=1, help="--graph-trace's batch size")
     p.add_argument("--drift", type=int, default=0, help="tokens of bf16- vs float32-state greedy decoding")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--report", type=Path, nargs="+", default=None,

@@ -168,7 +168,7 @@ def _compile_pdl_kernels_for_sm90():
             BLOCK_N=128), {"slot_ptr": "i64", "A_log_ptr": "fp32"}),
         "state_update": compile_ptx(su._state_update_kernel, dict(
             HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_LIMIT=False, A_IS_LOG=True, BLOCK_P=64,
-            BLOCK_N=128), {"A_ptr": "fp32"}),
+            BLOCK_N=128, EVICT="evict_first"), {"A_ptr": "fp32"}),
         "conv_step": compile_ptx(su._conv_step_kernel, dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_C=256)),
         "add_rmsnorm": compile_ptx(su._add_rmsnorm_kernel, dict(HAS_RESIDUAL=True, BLOCK=1024),
                                    {"r_ptr": "fp32", "r_out_ptr": "fp32"}),
