@@ -142,17 +142,28 @@ def bench_conv(name, batch, L, d_inner, conv_dim, nheads, W=4):
     for impl, f in variants.items():
         ROWS.append(("conv1d", shape, impl, *timings(f, lambda: torch.autograd.grad(f(), (x, w, b), g)),
                      float("nan")))
-    if not SMOKE and name.endswith("2.7b"):  # tile sweep, to pick the default
-        default = conv1d._blocks
-        for bl, bd in ((16, 64), (64, 64), (32, 128)):
-            conv1d._blocks = lambda D, bl=bl, bd=bd: ((64, 128), (bl, bd))
+    if not SMOKE and CONV_SWEEP:  # the backward's launch variants (conv1d.BWD_TILE, BWD_KEEP), to pick the default
+        default = conv1d.BWD_TILE, conv1d.BWD_KEEP
+        f = variants["triton"]
+        for tile, keep in CONV_SWEEP:
+            conv1d.BWD_TILE, conv1d.BWD_KEEP = tile, keep
             try:
-                f = variants["triton"]
-                fb, fbg = (t(lambda: torch.autograd.grad(f(), (x, w, b), g)) for t in (bench, gpu_ms))
-                ROWS.append(("conv1d", shape, f"triton, backward tile {bl}x{bd}", float("nan"), fb, float("nan"),
-                             fbg, float("nan")))
+                gx = torch.autograd.grad(f(), (x, w, b), g)
+                ERRS.append(("conv1d", name, f"dx, backward {tile} keep={keep} vs default", rel(gx[0], g3[0]),
+                             float("nan")))
+                fbg = gpu_ms(lambda: torch.autograd.grad(f(), (x, w, b), g))
+                ROWS.append(("conv1d", shape, f"triton, backward tile {tile}, keep={keep}", float("nan"),
+                             float("nan"), float("nan"), fbg, float("nan")))
+                print(f"  conv backward {tile} keep={keep}: fwd+bwd GPU {fbg:.3f} ms", flush=True)
             finally:
-                conv1d._blocks = default
+                conv1d.BWD_TILE, conv1d.BWD_KEEP = default
+
+
+# --conv-sweep: (BLOCK_L, BLOCK_D, num_warps), keep x tiles in x's dtype
+CONV_SWEEP = []
+CONV_SWEEP_SET = [((64, 64, 4), False), ((64, 64, 4), True), ((64, 64, 8), False), ((64, 64, 8), True),
+                  ((32, 64, 4), True), ((32, 128, 8), True), ((128, 32, 8), True), ((32, 32, 4), True),
+                  ((16, 64, 4), True), ((16, 128, 4), True)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +263,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--only", default="conv,norm,ce")
+    ap.add_argument("--conv-sweep", action="store_true", help="time the conv backward's launch variants")
     args = ap.parse_args()
+    if args.conv_sweep:
+        CONV_SWEEP.extend(CONV_SWEEP_SET)
     torch.manual_seed(0)
     env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
            "device": torch.cuda.get_device_name() if not SMOKE else "cpu (TRITON_INTERPRET=1)"}

@@ -17,11 +17,14 @@ import triton.language as tl
 
 @triton.jit
 def _load_xp(x_ptr, init_ptr, b, q, d, mask, L, sxb, sxl, sxd, sib, sid, sik,
-             W: tl.constexpr, HAS_INIT: tl.constexpr):
-    """xp[b, q, d] for a tile of padded positions q (block rows) and channels d (block columns), in float32."""
+             W: tl.constexpr, HAS_INIT: tl.constexpr, KEEP: tl.constexpr = False):
+    """xp[b, q, d] for a tile of padded positions q (block rows) and channels d (block columns), in float32 (KEEP,
+    without initial states: in x's dtype, exact; it is widened where it is used)."""
     t = q - (W - 1)
     body = mask & (t >= 0) & (t < L)
-    v = tl.load(x_ptr + b * sxb + t * sxl + d * sxd, mask=body, other=0.0).to(tl.float32)
+    v = tl.load(x_ptr + b * sxb + t * sxl + d * sxd, mask=body, other=0.0)
+    if not (KEEP and not HAS_INIT):
+        v = v.to(tl.float32)
     if HAS_INIT:
         head = mask & (t < 0) & (q >= 0)
         v += tl.load(init_ptr + b * sib + d * sid + q * sik, mask=head, other=0.0).to(tl.float32)
@@ -66,12 +69,12 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
 
 @triton.jit
 def _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, m: tl.constexpr, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-             W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
+             W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, KEEP: tl.constexpr):
     """xp[p + m] (zero outside the padded sequence) and the document of each row p + m."""
     q = p + m
     inside = (q >= 0) & (q < L + W - 1)
     v = _load_xp(x_ptr, init_ptr, b, q[:, None], d[None, :], inside[:, None] & dm[None, :], L, sxb, sxl, sxd,
-                 sib, sid, sik, W, HAS_INIT)
+                 sib, sid, sik, W, HAS_INIT, KEEP)
     doc = q
     if HAS_SEQ:
         doc = _doc_p(seq_ptr, b, q, L, ssb, ssl, W)
@@ -104,7 +107,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal
                      sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sgb, sgl, sgd, sfb, sfd, sfk,
                      sdxb, sdxl, sdxd, sdib, sdid, sdik,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-                     HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                     KEEP: tl.constexpr):
     b = tl.program_id(0)
     pid_l = tl.program_id(1)
     p = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # padded positions this program owns
@@ -117,24 +121,24 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal
         bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
     # the 2W - 1 shifted tiles xp[p + m], m in -(W-1)..(W-1), each loaded once (unused shifts alias m = 0)
     x0, c0 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 0, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                      W, HAS_INIT, HAS_SEQ)
+                      W, HAS_INIT, HAS_SEQ, KEEP)
     xa1, ca1, xa2, ca2, xa3, ca3 = x0, c0, x0, c0, x0, c0
     xb1, cb1, xb2, cb2, xb3, cb3 = x0, c0, x0, c0, x0, c0
     if W >= 2:
         xa1, ca1 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -1, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ)
+                            W, HAS_INIT, HAS_SEQ, KEEP)
         xb1, cb1 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 1, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ)
+                            W, HAS_INIT, HAS_SEQ, KEEP)
     if W >= 3:
         xa2, ca2 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -2, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ)
+                            W, HAS_INIT, HAS_SEQ, KEEP)
         xb2, cb2 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 2, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ)
+                            W, HAS_INIT, HAS_SEQ, KEEP)
     if W >= 4:
         xa3, ca3 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -3, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ)
+                            W, HAS_INIT, HAS_SEQ, KEEP)
         xb3, cb3 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 3, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ)
+                            W, HAS_INIT, HAS_SEQ, KEEP)
     dxp = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     for j in tl.static_range(W):
         # the output t = p - j reads xp[p] through tap j, and xp[t + k] = xp[p + k - j] through tap k
@@ -184,9 +188,15 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal
                  mask=head[:, None] & dm[None, :])
 
 
+# The backward's tile (BLOCK_L, BLOCK_D, num_warps) and whether it holds its 2W - 1 shifted x tiles in x's dtype
+# (KEEP) rather than float32
+BWD_TILE = (64, 64, 4)
+BWD_KEEP = False
+
+
 def _blocks(D):
     """(BLOCK_L, BLOCK_D) of the forward and of the backward kernel (the backward holds 2W - 1 tiles)."""
-    return (64, min(128, triton.next_power_of_2(D))), (64, min(64, triton.next_power_of_2(D)))
+    return (64, min(128, triton.next_power_of_2(D))), (BWD_TILE[0], min(BWD_TILE[1], triton.next_power_of_2(D)))
 
 
 def _state_dtype(x, weight):
@@ -264,7 +274,7 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         dx.stride(0), dx.stride(1), dx.stride(2),
         *(dinit.stride() if initial_states is not None else (0, 0, 0)),
         W=W, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None,
-        HAS_DFINAL=dfinal is not None, SILU=silu, BLOCK_L=BL, BLOCK_D=BD, num_warps=4)
+        HAS_DFINAL=dfinal is not None, SILU=silu, BLOCK_L=BL, BLOCK_D=BD, KEEP=BWD_KEEP, num_warps=BWD_TILE[2])
     dw = dw_part.sum(dim=(0, 1)).t().to(weight.dtype)
     db = db_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else weight.new_empty(0)
     return dx, dw, db, dinit

@@ -91,6 +91,15 @@ def test_conv1d_matches_reference(case):
     _run(*case, seed=CASES.index(case))
 
 
+@pytest.mark.parametrize("keep,tile", [(True, (64, 64, 4)), (True, (32, 32, 4)), (False, (16, 32, 4))])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5], CASES[6]], ids=["fp32", "docs+init", "bf16", "fp16"])
+def test_conv1d_backward_tiles(monkeypatch, keep, tile, case):
+    """The backward's launch variants (conv1d.BWD_TILE, BWD_KEEP: the shifted x tiles held in x's dtype)."""
+    monkeypatch.setattr(conv1d, "BWD_KEEP", keep)
+    monkeypatch.setattr(conv1d, "BWD_TILE", tile)
+    _run(*case, seed=CASES.index(case) + 100)
+
+
 def test_conv1d_single_document_per_position():
     """Every position its own document: only the current tap survives, and the initial state reaches position 0."""
     b, L, D, W = 2, 12, 8, 4
