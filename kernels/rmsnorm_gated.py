@@ -26,7 +26,7 @@ CONFIG = dict(
     bwd_rows=None, bwd_warps=None,  # rows per step of a backward program's loop, its warps
     bwd_progs_per_sm=None,  # backward programs per SM (each loops over M / programs rows)
     bwd_stages=1,  # software-pipelining depth of the backward's row loop
-    split_cols=True,  # a group as two power-of-2 column blocks (False: one block padded to a power of 2)
+    fwd_split=True, bwd_split=True,  # a group as two power-of-2 column blocks (False: one padded to a power of 2)
     bwd_rstd=True,  # the backward loads the forward's rstd (False: recomputes it from x and z)
     z_align=True,  # tell Triton z's row stride's power-of-2 factor (False: it assumes 1 unless the stride % 16 == 0)
     dw_sum="triton",  # the weight gradient's partials summed by a small Triton kernel (one launch) or "torch"
@@ -207,10 +207,10 @@ def _num_sms(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _col_blocks(gs):
-    """(BLOCK_A, BLOCK_B, HAS_B): a group's columns as one padded power-of-2 block or, with CONFIG split_cols, the
-    largest power of 2 <= gs plus the rest padded to a power of 2."""
-    if not CONFIG["split_cols"]:
+def _col_blocks(gs, split):
+    """(BLOCK_A, BLOCK_B, HAS_B): a group's columns as one padded power-of-2 block or, split, the largest power of 2
+    <= gs plus the rest padded to a power of 2."""
+    if not split:
         return triton.next_power_of_2(gs), 1, False
     a = 1 << (gs.bit_length() - 1)
     rest = gs - a
@@ -246,7 +246,7 @@ def _norm_fwd(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps
     M = x2.shape[0]
     out = torch.empty(M, D, device=x.device, dtype=x.dtype)
     rstd = torch.empty(D // group_size, M, device=x.device, dtype=torch.float32)
-    BA, BB, HAS_B = _col_blocks(group_size)
+    BA, BB, HAS_B = _col_blocks(group_size, CONFIG["fwd_split"])
     rows, nw, *_ = _launch(group_size)
     grid = (triton.cdiv(M, rows), D // group_size)
     if M > 0:
@@ -275,7 +275,7 @@ def _norm_bwd(dout: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weigh
     M = x2.shape[0]
     dx = torch.empty(M, D, device=x.device, dtype=x.dtype)
     dz = torch.empty(M, D, device=x.device, dtype=z.dtype) if z is not None else x.new_empty(0)
-    BA, BB, HAS_B = _col_blocks(group_size)
+    BA, BB, HAS_B = _col_blocks(group_size, CONFIG["bwd_split"])
     _, _, rows, nw, per_sm = _launch(group_size)
     if x.device.type == "cuda":
         n_prog = per_sm * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
