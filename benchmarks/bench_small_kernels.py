@@ -246,7 +246,7 @@ def norm_sweep_jobs(name):
         for za in ((True,) if big else (True, False)):  # 2.7b's z stride (10576) is a multiple of 16 already
             for r, w in fwd_rw:
                 jobs.append(("fwd", dict(fwd_split=split, z_align=za, fwd_rows=r, fwd_warps=w)))
-    bwd_rw = [(1, 8), (1, 16), (2, 16)] if big else [(1, 4), (1, 8), (2, 4), (2, 8)]
+    bwd_rw = [(1, 8), (1, 16), (2, 8), (2, 16)] if big else [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8)]
     for split in (True, False):
         for rstd in (True, False):
             for r, w in bwd_rw:
