@@ -5,12 +5,11 @@ norm_before_gate=True:   out = x * rstd(x) * weight * silu(z)
 with rstd over each group of `group_size` channels.
 
 The forward stores rstd (4 bytes per row and group) for the backward, which then needs one row reduction instead of
-two. A group's columns are held as two power-of-2 blocks (5120 = 4096 + 1024, 1536 = 1024 + 512) rather than one
-padded to the next power of 2 (8192, 2048): fewer masked lanes, fewer registers per thread. The backward is a grid of
-a few programs per SM looping over rows; the weight gradient is summed from per-program partials in a fixed order
-(deterministic). z is usually a slice of in_proj's output whose row stride (e.g. 3352) is not a multiple of 16, which
-Triton does not learn from the argument; the launcher passes the stride's power-of-2 factor so that z's loads stay
-16 bytes wide.
+two. The backward is a grid of 2 programs per SM looping over rows; the weight gradient is summed from per-program
+partials in a fixed order (deterministic) by one small kernel. z is usually a slice of in_proj's output whose row
+stride (e.g. 3352) is not a multiple of 16, which Triton does not learn from the argument; the launcher passes the
+stride's power-of-2 factor so that z's loads stay 16 bytes wide. Launch settings come from a sweep on an H100
+(benchmarks/results/norm_sweep_run1.log; BENCHMARKS.md, "Gated RMSNorm").
 """
 
 import functools
@@ -20,13 +19,19 @@ import triton
 import triton.language as tl
 
 # Launch settings, fixed (no autotuning). None: the rule in `_launch`. benchmarks/bench_small_kernels.py --sweep
-# overrides them to compare variants in one run.
+# overrides them to compare variants in one run. Sweep run 1 (H100, Triton 3.6, 16384 rows of 1536 / 5120, GPU ms
+# of each kernel alone): backward loading rstd 0.117 / 0.420 vs recomputing it 0.141 / 0.452; 2 programs per SM
+# 0.117 / 0.420, 4: 0.119 / 0.422, 1: 0.167 / 0.420; a pipelined row loop (2 stages) 0.124 / 0.387; the dw partials
+# summed by one Triton kernel 0.117 / 0.420 vs torch's sum + cast 0.123 / 0.428; z's stride hint at 1536: forward
+# 0.0519 vs 0.0526. A group's columns as two power-of-2 blocks (1024 + 512, 4096 + 1024) instead of one padded block
+# (2048, 8192): forward 0.0524 vs 0.0518 / 0.1697 vs 0.1689 (no gain), backward 0.179 vs 0.117 / 0.497 vs 0.420
+# (lost): off, kept as a switch.
 CONFIG = dict(
     fwd_rows=None, fwd_warps=None,  # rows per forward program, its warps
     bwd_rows=None, bwd_warps=None,  # rows per step of a backward program's loop, its warps
     bwd_progs_per_sm=None,  # backward programs per SM (each loops over M / programs rows)
-    bwd_stages=1,  # software-pipelining depth of the backward's row loop
-    fwd_split=True, bwd_split=True,  # a group as two power-of-2 column blocks (False: one padded to a power of 2)
+    bwd_stages=None,  # software-pipelining depth of the backward's row loop
+    fwd_split=False, bwd_split=False,  # a group as two power-of-2 column blocks (False: one padded to a power of 2)
     bwd_rstd=True,  # the backward loads the forward's rstd (False: recomputes it from x and z)
     z_align=True,  # tell Triton z's row stride's power-of-2 factor (False: it assumes 1 unless the stride % 16 == 0)
     dw_sum="triton",  # the weight gradient's partials summed by a small Triton kernel (one launch) or "torch"
@@ -218,15 +223,20 @@ def _col_blocks(gs, split):
 
 
 def _launch(gs):
-    """(fwd rows, fwd warps, bwd rows, bwd warps, bwd programs per SM) for one group size; CONFIG entries that are
-    not None override the rule."""
+    """(fwd rows, fwd warps, bwd rows, bwd warps, bwd programs per SM, bwd stages) for one group size; CONFIG entries
+    that are not None override the rule. Groups of >= 2048 lanes: sweep run 1's winners at 1536 and 5120 (one row per
+    program or loop step, 8 warps; 2 stages measured only at 8192 lanes). Smaller groups (several groups per row)
+    were not swept: several rows per program, about 2048 lanes in all."""
     lanes = triton.next_power_of_2(gs)
-    fwd_rows = max(1, min(16, 2048 // lanes))
-    fwd_warps = min(16, max(4, lanes * fwd_rows // 512))
-    bwd_rows, bwd_warps, progs = fwd_rows, fwd_warps, 4
+    if lanes >= 2048:
+        rows, warps = 1, 8
+    else:
+        rows = min(16, 2048 // lanes)
+        warps = max(4, lanes * rows // 512)
+    stages = 2 if lanes > 2048 else 1
     c = CONFIG
-    return (c["fwd_rows"] or fwd_rows, c["fwd_warps"] or fwd_warps, c["bwd_rows"] or bwd_rows,
-            c["bwd_warps"] or bwd_warps, c["bwd_progs_per_sm"] or progs)
+    return (c["fwd_rows"] or rows, c["fwd_warps"] or warps, c["bwd_rows"] or rows, c["bwd_warps"] or warps,
+            c["bwd_progs_per_sm"] or 2, c["bwd_stages"] or stages)
 
 
 def _z_align(t):
@@ -276,7 +286,7 @@ def _norm_bwd(dout: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weigh
     dx = torch.empty(M, D, device=x.device, dtype=x.dtype)
     dz = torch.empty(M, D, device=x.device, dtype=z.dtype) if z is not None else x.new_empty(0)
     BA, BB, HAS_B = _col_blocks(group_size, CONFIG["bwd_split"])
-    _, _, rows, nw, per_sm = _launch(group_size)
+    _, _, rows, nw, per_sm, stages = _launch(group_size)
     if x.device.type == "cuda":
         n_prog = per_sm * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
     else:
@@ -291,7 +301,7 @@ def _norm_bwd(dout: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weigh
         dz.stride(0) if z is not None else 0,
         GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, LOAD_RSTD=CONFIG["bwd_rstd"],
         BLOCK_M=rows, BLOCK_A=BA, BLOCK_B=BB, HAS_B=HAS_B, Z_ALIGN=_z_align(z2) if z is not None else 1,
-        NUM_STAGES=CONFIG["bwd_stages"], num_warps=nw)
+        NUM_STAGES=stages, num_warps=nw)
     if CONFIG["dw_sum"] == "torch":
         dw = dw_part.sum(0).to(weight.dtype)
     else:

@@ -62,12 +62,12 @@ def test_gated_rmsnorm_matches_reference(case):
 # num_warps and num_stages, so those are left at their defaults)
 VARIANTS = {
     "default": {},
-    "padded_cols": dict(fwd_split=False, bwd_split=False),
+    "split_cols": dict(fwd_split=True, bwd_split=True),
     "recompute_rstd": dict(bwd_rstd=False),
     "torch_dw_sum": dict(dw_sum="torch"),
     "one_row": dict(fwd_rows=1, bwd_rows=1, z_align=False, bwd_progs_per_sm=2),
-    "row_blocks": dict(fwd_rows=4, bwd_rows=2, bwd_progs_per_sm=1, bwd_stages=2),
-    "mixed": dict(fwd_split=False, bwd_rstd=False, bwd_rows=4, bwd_progs_per_sm=3),
+    "row_blocks": dict(fwd_rows=4, bwd_rows=2, bwd_progs_per_sm=1, bwd_stages=2, fwd_split=True),
+    "mixed": dict(bwd_split=True, bwd_rstd=False, bwd_rows=4, bwd_progs_per_sm=3),
 }
 VARIANT_CASES = [
     # rows, dim, group_size, has_z, norm_before_gate, dtype, extra z columns (0: contiguous z)
