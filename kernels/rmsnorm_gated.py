@@ -2,8 +2,14 @@
 
 norm_before_gate=False:  u = x * silu(z);  out = u * rstd(u) * weight
 norm_before_gate=True:   out = x * rstd(x) * weight * silu(z)
-with rstd over each group of `group_size` channels. The backward recomputes rstd from x (and z) rather than storing
-it, and sums the weight gradient as per-program partials added in a fixed order (deterministic).
+with rstd over each group of `group_size` channels.
+
+The forward stores rstd (4 bytes per row and group) for the backward, which then needs one row reduction instead of
+two. The backward is a grid of 2 programs per SM looping over rows; the weight gradient is summed from per-program
+partials in a fixed order (deterministic) by one small kernel. z is usually a slice of in_proj's output whose row
+stride (e.g. 3352) is not a multiple of 16, which Triton does not learn from the argument; the launcher passes the
+stride's power-of-2 factor so that z's loads stay 16 bytes wide. Launch settings come from a sweep on an H100
+(benchmarks/results/norm_sweep_run1.log; BENCHMARKS.md, "Gated RMSNorm").
 """
 
 import functools
@@ -12,69 +18,187 @@ import torch
 import triton
 import triton.language as tl
 
+# Launch settings, fixed (no autotuning). None: the rule in `_launch`. benchmarks/bench_small_kernels.py --sweep
+# overrides them to compare variants in one run. Sweep run 1 (H100, Triton 3.6, 16384 rows of 1536 / 5120, GPU ms
+# of each kernel alone): backward loading rstd 0.117 / 0.420 vs recomputing it 0.141 / 0.452; 2 programs per SM
+# 0.117 / 0.420, 4: 0.119 / 0.422, 1: 0.167 / 0.420; a pipelined row loop (2 stages) 0.124 / 0.387; the dw partials
+# summed by one Triton kernel 0.117 / 0.420 vs torch's sum + cast 0.123 / 0.428; z's stride hint at 1536: forward
+# 0.0519 vs 0.0526. A group's columns as two power-of-2 blocks (1024 + 512, 4096 + 1024) instead of one padded block
+# (2048, 8192): forward 0.0524 vs 0.0518 / 0.1697 vs 0.1689 (no gain), backward 0.179 vs 0.117 / 0.497 vs 0.420
+# (lost): off, kept as a switch.
+CONFIG = dict(
+    fwd_rows=None, fwd_warps=None,  # rows per forward program, its warps
+    bwd_rows=None, bwd_warps=None,  # rows per step of a backward program's loop, its warps
+    bwd_progs_per_sm=None,  # backward programs per SM (each loops over M / programs rows)
+    bwd_stages=None,  # software-pipelining depth of the backward's row loop
+    fwd_split=False, bwd_split=False,  # a group as two power-of-2 column blocks (False: one padded to a power of 2)
+    bwd_rstd=True,  # the backward loads the forward's rstd (False: recomputes it from x and z)
+    z_align=True,  # tell Triton z's row stride's power-of-2 factor (False: it assumes 1 unless the stride % 16 == 0)
+    dw_sum="triton",  # the weight gradient's partials summed by a small Triton kernel (one launch) or "torch"
+)
+
 
 @triton.jit
-def _rmsnorm_fwd_kernel(x_ptr, z_ptr, w_ptr, out_ptr, M, eps,
-                        sxm, szm, som,
-                        GS: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * GS + tl.arange(0, BLOCK_N)
-    cm = tl.arange(0, BLOCK_N) < GS
-    mask = (rows < M)[:, None] & cm[None, :]
-    x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _row_offset(rows, stride, ALIGN: tl.constexpr):
+    off = rows.to(tl.int64) * stride
+    if ALIGN > 1:
+        off = tl.multiple_of(off, ALIGN)
+    return off
+
+
+@triton.jit
+def _load_gated(x_ptr, z_ptr, xo, zo, cols, mask, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+    """x, the normalised input u, silu(z) and silu'(z) of one column block (x itself where there is no z)."""
+    x = tl.load(x_ptr + xo[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = x
+    gate = x
+    dgate = x
     if HAS_Z:
-        z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        gate = z * tl.sigmoid(z)
+        z = tl.load(z_ptr + zo[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(z)
+        gate = z * sig
+        dgate = sig * (1.0 + z * (1.0 - sig))
         if not NORM_BEFORE_GATE:
-            x = x * gate
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / GS + eps)
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-    out = x * rstd[:, None] * w[None, :]
+            u = x * gate
+    return x, u, gate, dgate
+
+
+@triton.jit
+def _store_out(out_ptr, oo, w_ptr, cols, wmask, mask, u, gate, rstd,
+               HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+    w = tl.load(w_ptr + cols, mask=wmask, other=0.0).to(tl.float32)
+    out = u * rstd[:, None] * w[None, :]
     if HAS_Z and NORM_BEFORE_GATE:
         out = out * gate
-    tl.store(out_ptr + rows[:, None] * som + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + oo[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _rmsnorm_fwd_kernel(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, M, eps,
+                        sxm, szm, som,
+                        GS: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr,
+                        Z_ALIGN: tl.constexpr):
+    # columns [0, BLOCK_A) of the group (masked beyond GS when BLOCK_A is GS padded), then, if HAS_B, the rest
+    # [BLOCK_A, GS) in a second block of BLOCK_B >= GS - BLOCK_A lanes
+    grp = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    xo = _row_offset(rows, sxm, 1)
+    zo = _row_offset(rows, szm, Z_ALIGN)
+    oo = _row_offset(rows, som, 1)
+    ca = grp * GS + tl.arange(0, BLOCK_A)
+    wma = tl.arange(0, BLOCK_A) < GS
+    ma = rmask[:, None] & wma[None, :]
+    _, ua, gatea, _ = _load_gated(x_ptr, z_ptr, xo, zo, ca, ma, HAS_Z, NORM_BEFORE_GATE)
+    ss = tl.sum(ua * ua, axis=1)
+    if HAS_B:
+        cb = grp * GS + BLOCK_A + tl.arange(0, BLOCK_B)
+        wmb = tl.arange(0, BLOCK_B) < GS - BLOCK_A
+        mb = rmask[:, None] & wmb[None, :]
+        _, ub, gateb, _ = _load_gated(x_ptr, z_ptr, xo, zo, cb, mb, HAS_Z, NORM_BEFORE_GATE)
+        ss += tl.sum(ub * ub, axis=1)
+    rstd = 1.0 / tl.sqrt(ss / GS + eps)
+    tl.store(rstd_ptr + grp * M + rows, rstd, mask=rmask)
+    _store_out(out_ptr, oo, w_ptr, ca, wma, ma, ua, gatea, rstd, HAS_Z, NORM_BEFORE_GATE)
+    if HAS_B:
+        _store_out(out_ptr, oo, w_ptr, cb, wmb, mb, ub, gateb, rstd, HAS_Z, NORM_BEFORE_GATE)
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dout_ptr, dx_ptr, dz_ptr, dw_part_ptr, M, D, eps, rows_per_prog,
-                        sxm, szm, sgm, sdxm, sdzm,
+def _bwd_dn(u, rstd, dy, w, gate, dgate, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+    """Per column block, before the row sum: n = u * rstd, the gradient reaching n (dn), the gradient reaching
+    weight (dy * n, to be summed over rows) and, for norm_before_gate, dz."""
+    n = u * rstd[:, None]
+    dz = n
+    if HAS_Z and NORM_BEFORE_GATE:
+        dz = dy * n * w[None, :] * dgate
+        dy = dy * gate
+    return n, dy * w[None, :], dy * n, dz
+
+
+@triton.jit
+def _bwd_store(dx_ptr, dz_ptr, dxo, dzo, cols, mask, x, n, dn, c, rstd, gate, dgate, dz,
+               HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+    du = (dn - n * c[:, None]) * rstd[:, None]
+    if HAS_Z and not NORM_BEFORE_GATE:
+        dz = du * x * dgate
+        du = du * gate
+    tl.store(dx_ptr + dxo[:, None] + cols[None, :], du.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_Z:
+        tl.store(dz_ptr + dzo[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "rows_per_prog"])
+def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dout_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr, M, D, eps,
+                        rows_per_prog, sxm, szm, sgm, sdxm, sdzm,
                         GS: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        LOAD_RSTD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
+                        BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, Z_ALIGN: tl.constexpr,
+                        NUM_STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    cols = tl.program_id(1) * GS + tl.arange(0, BLOCK_N)
-    cm = tl.arange(0, BLOCK_N) < GS
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    grp = tl.program_id(1)
+    ca = grp * GS + tl.arange(0, BLOCK_A)
+    wma = tl.arange(0, BLOCK_A) < GS
+    wa = tl.load(w_ptr + ca, mask=wma, other=0.0).to(tl.float32)
+    dwa = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    cb = grp * GS + BLOCK_A + tl.arange(0, BLOCK_B)
+    wmb = tl.arange(0, BLOCK_B) < GS - BLOCK_A
+    dwb = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    if HAS_B:
+        wb = tl.load(w_ptr + cb, mask=wmb, other=0.0).to(tl.float32)
     row_start = pid * rows_per_prog
-    for r0 in range(row_start, row_start + rows_per_prog, BLOCK_M):
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    for r0 in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
         rows = r0 + tl.arange(0, BLOCK_M)
-        mask = ((rows < M) & (rows < row_start + rows_per_prog))[:, None] & cm[None, :]
-        x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(dout_ptr + rows[:, None] * sgm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(z)
-            gate = z * sig
-            dgate = sig * (1.0 + z * (1.0 - sig))
-        u = x
-        if HAS_Z and not NORM_BEFORE_GATE:
-            u = x * gate
-        rstd = 1.0 / tl.sqrt(tl.sum(u * u, axis=1) / GS + eps)
-        n = u * rstd[:, None]
-        if HAS_Z and NORM_BEFORE_GATE:
-            dz = g * n * w[None, :] * dgate
-            g = g * gate
-        dw += tl.sum(g * n, axis=0)
-        dn = g * w[None, :]
-        du = (dn - n * (tl.sum(dn * n, axis=1) / GS)[:, None]) * rstd[:, None]
-        if HAS_Z and not NORM_BEFORE_GATE:
-            dz = du * x * dgate
-            du = du * gate
-        tl.store(dx_ptr + rows[:, None] * sdxm + cols[None, :], du.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_Z:
-            tl.store(dz_ptr + rows[:, None] * sdzm + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_part_ptr + pid * D + cols, dw, mask=cm)
+        rmask = rows < row_end
+        xo = _row_offset(rows, sxm, 1)
+        zo = _row_offset(rows, szm, Z_ALIGN)
+        go = _row_offset(rows, sgm, 1)
+        ma = rmask[:, None] & wma[None, :]
+        xa, ua, gatea, dgatea = _load_gated(x_ptr, z_ptr, xo, zo, ca, ma, HAS_Z, NORM_BEFORE_GATE)
+        dya = tl.load(dout_ptr + go[:, None] + ca[None, :], mask=ma, other=0.0).to(tl.float32)
+        if HAS_B:
+            mb = rmask[:, None] & wmb[None, :]
+            xb, ub, gateb, dgateb = _load_gated(x_ptr, z_ptr, xo, zo, cb, mb, HAS_Z, NORM_BEFORE_GATE)
+            dyb = tl.load(dout_ptr + go[:, None] + cb[None, :], mask=mb, other=0.0).to(tl.float32)
+        if LOAD_RSTD:
+            rstd = tl.load(rstd_ptr + grp * M + rows, mask=rmask, other=0.0)
+        else:
+            ss = tl.sum(ua * ua, axis=1)
+            if HAS_B:
+                ss += tl.sum(ub * ub, axis=1)
+            rstd = 1.0 / tl.sqrt(ss / GS + eps)
+        na, dna, dwra, dza = _bwd_dn(ua, rstd, dya, wa, gatea, dgatea, HAS_Z, NORM_BEFORE_GATE)
+        dwa += tl.sum(dwra, axis=0)
+        s = tl.sum(dna * na, axis=1)
+        if HAS_B:
+            nb, dnb, dwrb, dzb = _bwd_dn(ub, rstd, dyb, wb, gateb, dgateb, HAS_Z, NORM_BEFORE_GATE)
+            dwb += tl.sum(dwrb, axis=0)
+            s += tl.sum(dnb * nb, axis=1)
+        c = s / GS
+        dxo = _row_offset(rows, sdxm, 1)
+        dzo = _row_offset(rows, sdzm, 1)
+        _bwd_store(dx_ptr, dz_ptr, dxo, dzo, ca, ma, xa, na, dna, c, rstd, gatea, dgatea, dza,
+                   HAS_Z, NORM_BEFORE_GATE)
+        if HAS_B:
+            _bwd_store(dx_ptr, dz_ptr, dxo, dzo, cb, mb, xb, nb, dnb, c, rstd, gateb, dgateb, dzb,
+                       HAS_Z, NORM_BEFORE_GATE)
+    tl.store(dw_part_ptr + pid * D + ca, dwa, mask=wma)
+    if HAS_B:
+        tl.store(dw_part_ptr + pid * D + cb, dwb, mask=wmb)
+
+
+@triton.jit(do_not_specialize=["P", "D"])
+def _dw_sum_kernel(part_ptr, dw_ptr, P, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dw[d] = sum over p of part[p, d], in a fixed order, cast to the weight's dtype."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = cols < D
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        acc += tl.load(part_ptr + p[:, None] * D + cols[None, :], mask=(p < P)[:, None] & cm[None, :], other=0.0)
+    tl.store(dw_ptr + cols, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty), mask=cm)
 
 
 def _rows(t, D):
@@ -88,64 +212,108 @@ def _num_sms(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _blocks(gs):
-    BLOCK_N = triton.next_power_of_2(gs)
-    BLOCK_M = max(1, min(16, 2048 // BLOCK_N))
-    num_warps = min(16, max(4, BLOCK_N * BLOCK_M // 512))
-    return BLOCK_M, BLOCK_N, num_warps
+def _col_blocks(gs, split):
+    """(BLOCK_A, BLOCK_B, HAS_B): a group's columns as one padded power-of-2 block or, split, the largest power of 2
+    <= gs plus the rest padded to a power of 2."""
+    if not split:
+        return triton.next_power_of_2(gs), 1, False
+    a = 1 << (gs.bit_length() - 1)
+    rest = gs - a
+    return a, (triton.next_power_of_2(rest) if rest else 1), rest > 0
+
+
+def _launch(gs):
+    """(fwd rows, fwd warps, bwd rows, bwd warps, bwd programs per SM, bwd stages) for one group size; CONFIG entries
+    that are not None override the rule. Groups of >= 2048 lanes: sweep run 1's winners at 1536 and 5120 (one row per
+    program or loop step, 8 warps; 2 stages measured only at 8192 lanes). Smaller groups (several groups per row)
+    were not swept: several rows per program, about 2048 lanes in all."""
+    lanes = triton.next_power_of_2(gs)
+    if lanes >= 2048:
+        rows, warps = 1, 8
+    else:
+        rows = min(16, 2048 // lanes)
+        warps = max(4, lanes * rows // 512)
+    stages = 2 if lanes > 2048 else 1
+    c = CONFIG
+    return (c["fwd_rows"] or rows, c["fwd_warps"] or warps, c["bwd_rows"] or rows, c["bwd_warps"] or warps,
+            c["bwd_progs_per_sm"] or 2, c["bwd_stages"] or stages)
+
+
+def _z_align(t):
+    """The power-of-2 factor (up to 16) of a row stride, as a Triton divisibility hint."""
+    if not CONFIG["z_align"]:
+        return 1
+    s = t.stride(0)
+    return min(16, s & -s) if s > 0 else 1
 
 
 @torch.library.custom_op("lit_mamba2::gated_rmsnorm_fwd", mutates_args=())
 def _norm_fwd(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float, group_size: int,
-              norm_before_gate: bool) -> torch.Tensor:
+              norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
     D = x.shape[-1]
     x2 = _rows(x, D)
     z2 = _rows(z, D) if z is not None else None
     M = x2.shape[0]
     out = torch.empty(M, D, device=x.device, dtype=x.dtype)
-    BLOCK_M, BLOCK_N, nw = _blocks(group_size)
-    grid = (triton.cdiv(M, BLOCK_M), D // group_size)
-    _rmsnorm_fwd_kernel[grid](x2, z2 if z is not None else x2, weight, out, M, eps,
-                              x2.stride(0), z2.stride(0) if z is not None else 0, out.stride(0),
-                              GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
-                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=nw)
-    return out.view(x.shape)
+    rstd = torch.empty(D // group_size, M, device=x.device, dtype=torch.float32)
+    BA, BB, HAS_B = _col_blocks(group_size, CONFIG["fwd_split"])
+    rows, nw, *_ = _launch(group_size)
+    grid = (triton.cdiv(M, rows), D // group_size)
+    if M > 0:
+        _rmsnorm_fwd_kernel[grid](x2, z2 if z is not None else x2, weight, out, rstd, M, eps,
+                                  x2.stride(0), z2.stride(0) if z is not None else 0, out.stride(0),
+                                  GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
+                                  BLOCK_M=rows, BLOCK_A=BA, BLOCK_B=BB, HAS_B=HAS_B,
+                                  Z_ALIGN=_z_align(z2) if z is not None else 1, num_warps=nw)
+    return out.view(x.shape), rstd
 
 
 @_norm_fwd.register_fake
 def _(x, z, weight, eps, group_size, norm_before_gate):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[-1] // group_size, M, dtype=torch.float32))
 
 
 @torch.library.custom_op("lit_mamba2::gated_rmsnorm_bwd", mutates_args=())
-def _norm_bwd(dout: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float,
-              group_size: int, norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _norm_bwd(dout: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor,
+              rstd: torch.Tensor, eps: float, group_size: int,
+              norm_before_gate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     D = x.shape[-1]
     x2, g2 = _rows(x, D), _rows(dout, D)
     z2 = _rows(z, D) if z is not None else None
     M = x2.shape[0]
     dx = torch.empty(M, D, device=x.device, dtype=x.dtype)
     dz = torch.empty(M, D, device=x.device, dtype=z.dtype) if z is not None else x.new_empty(0)
-    BLOCK_M, BLOCK_N, nw = _blocks(group_size)
+    BA, BB, HAS_B = _col_blocks(group_size, CONFIG["bwd_split"])
+    _, _, rows, nw, per_sm, stages = _launch(group_size)
     if x.device.type == "cuda":
-        n_prog = 4 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        n_prog = per_sm * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
     else:
-        n_prog = 4
-    rows_per_prog = triton.cdiv(triton.cdiv(M, n_prog), BLOCK_M) * BLOCK_M
-    n_prog = triton.cdiv(M, rows_per_prog) if M > 0 else 1
-    dw_part = torch.zeros(n_prog, D, device=x.device, dtype=torch.float32)
+        n_prog = per_sm
+    rows_per_prog = triton.cdiv(triton.cdiv(max(M, 1), n_prog), rows) * rows
+    n_prog = triton.cdiv(max(M, 1), rows_per_prog)
+    # every program stores its partial (zeros when it has no rows), so no memset
+    dw_part = torch.empty(n_prog, D, device=x.device, dtype=torch.float32)
     _rmsnorm_bwd_kernel[(n_prog, D // group_size)](
-        x2, z2 if z is not None else x2, weight, g2, dx, dz if z is not None else dx, dw_part, M, D, eps, rows_per_prog,
-        x2.stride(0), z2.stride(0) if z is not None else 0, g2.stride(0), dx.stride(0),
+        x2, z2 if z is not None else x2, weight, g2, rstd, dx, dz if z is not None else dx, dw_part, M, D, eps,
+        rows_per_prog, x2.stride(0), z2.stride(0) if z is not None else 0, g2.stride(0), dx.stride(0),
         dz.stride(0) if z is not None else 0,
-        GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=nw)
-    dw = dw_part.sum(0).to(weight.dtype)
+        GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, LOAD_RSTD=CONFIG["bwd_rstd"],
+        BLOCK_M=rows, BLOCK_A=BA, BLOCK_B=BB, HAS_B=HAS_B, Z_ALIGN=_z_align(z2) if z is not None else 1,
+        NUM_STAGES=stages, num_warps=nw)
+    if CONFIG["dw_sum"] == "torch":
+        dw = dw_part.sum(0).to(weight.dtype)
+    else:
+        dw = torch.empty(D, device=x.device, dtype=weight.dtype)
+        # all partial rows in one or two loads per program: a loop of small dependent loads would be latency-bound
+        _dw_sum_kernel[(triton.cdiv(D, 32),)](dw_part, dw, n_prog, D, BLOCK_P=min(256, triton.next_power_of_2(n_prog)),
+                                              BLOCK_D=32, num_warps=4)
     return dx.view(x.shape), (dz.view(z.shape) if z is not None else dz), dw
 
 
 @_norm_bwd.register_fake
-def _(dout, x, z, weight, eps, group_size, norm_before_gate):
+def _(dout, x, z, weight, rstd, eps, group_size, norm_before_gate):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else x.new_empty(0),
             torch.empty_like(weight))
@@ -153,13 +321,18 @@ def _(dout, x, z, weight, eps, group_size, norm_before_gate):
 
 def _setup(ctx, inputs, output):
     x, z, weight, eps, group_size, norm_before_gate = inputs
-    ctx.save_for_backward(x, z, weight)
+    rstd = output[1]
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # no zeros for rstd's (absent) gradient
+    ctx.save_for_backward(x, z, weight, rstd)
     ctx.args = (eps, group_size, norm_before_gate)
 
 
-def _backward(ctx, dout):
-    x, z, weight = ctx.saved_tensors
-    dx, dz, dw = _norm_bwd(dout, x, z, weight, *ctx.args)
+def _backward(ctx, dout, _drstd):
+    x, z, weight, rstd = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
+    dx, dz, dw = _norm_bwd(dout, x, z, weight, rstd, *ctx.args)
     return dx, (dz if z is not None else None), dw, None, None, None
 
 
@@ -168,4 +341,4 @@ _norm_fwd.register_autograd(_backward, setup_context=_setup)
 
 def gated_rmsnorm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=False):
     """`lit_mamba2.reference.gated_rmsnorm`'s semantics (arguments already checked by `lit_mamba2.ops`)."""
-    return _norm_fwd(x, z, weight, float(eps), int(group_size or x.shape[-1]), bool(norm_before_gate))
+    return _norm_fwd(x, z, weight, float(eps), int(group_size or x.shape[-1]), bool(norm_before_gate))[0]

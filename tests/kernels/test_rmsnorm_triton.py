@@ -58,6 +58,86 @@ def test_gated_rmsnorm_matches_reference(case):
         assert _rel(a, b) < tol, name
 
 
+# rmsnorm_gated.CONFIG variants: every launch path the GPU may take, each against float64 (the interpreter ignores
+# num_warps and num_stages, so those are left at their defaults)
+VARIANTS = {
+    "default": {},
+    "split_cols": dict(fwd_split=True, bwd_split=True),
+    "recompute_rstd": dict(bwd_rstd=False),
+    "torch_dw_sum": dict(dw_sum="torch"),
+    "one_row": dict(fwd_rows=1, bwd_rows=1, z_align=False, bwd_progs_per_sm=2),
+    "row_blocks": dict(fwd_rows=4, bwd_rows=2, bwd_progs_per_sm=1, bwd_stages=2, fwd_split=True),
+    "mixed": dict(bwd_split=True, bwd_rstd=False, bwd_rows=4, bwd_progs_per_sm=3),
+}
+VARIANT_CASES = [
+    # rows, dim, group_size, has_z, norm_before_gate, dtype, extra z columns (0: contiguous z)
+    (13, 44, None, True, False, torch.float32, 5),  # 44 = 32 + 12: a padded second block; z stride 49
+    (7, 88, 44, True, True, torch.float32, 6),  # two groups; z stride 94
+    (11, 48, 24, False, True, torch.float32, 0),  # no z; 24 = 16 + 8
+    (9, 40, None, True, False, torch.bfloat16, 8),  # bf16, z stride 48 (a multiple of 16)
+    (10, 32, 16, True, True, torch.float32, 0),  # power-of-2 groups: no second block
+]
+
+
+def _check_against_reference(M, D, gs, has_z, nbg, dtype, extra, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, D, generator=gen) * 3).to(dtype).requires_grad_()
+    z = None
+    if has_z:
+        z = torch.randn(M, D + extra, generator=gen).to(dtype)[:, extra // 2:extra // 2 + D].requires_grad_()
+    w = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype).requires_grad_()
+    g = torch.randn(M, D, generator=gen).to(dtype)
+    out = rmsnorm_gated.gated_rmsnorm(x, z, w, 1e-5, gs, nbg)
+    leaves = [t for t in (x, z, w) if t is not None]
+    grads = torch.autograd.grad((out.float() * g.float()).sum(), leaves)
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    rout = reference.gated_rmsnorm(refs[0], refs[1] if has_z else None, refs[-1], 1e-5, gs, nbg)
+    rgrads = torch.autograd.grad((rout * g.double()).sum(), refs)
+    tol = TOL[dtype]
+    assert _rel(out, rout) < tol
+    for a, b in zip(grads, rgrads):
+        assert a.dtype == dtype and _rel(a, b) < tol
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gated_rmsnorm_launch_variants(monkeypatch, variant):
+    for k, v in VARIANTS[variant].items():
+        monkeypatch.setitem(rmsnorm_gated.CONFIG, k, v)
+    for i, case in enumerate(VARIANT_CASES):
+        _check_against_reference(*case, seed=i)
+
+
+def test_col_blocks_cover_the_group():
+    for gs in (1, 2, 3, 5, 12, 44, 48, 1536, 5120, 4095, 4096):
+        for split in (False, True):
+            a, b, has_b = rmsnorm_gated._col_blocks(gs, split)
+            assert a & (a - 1) == 0 and b & (b - 1) == 0  # powers of 2 (tl.arange)
+            assert a + (b if has_b else 0) >= gs and (a < gs) == has_b
+            assert not has_b or b >= gs - a
+    assert rmsnorm_gated._col_blocks(5120, True) == (4096, 1024, True)
+    assert rmsnorm_gated._col_blocks(5120, False)[0] == 8192
+
+
+def test_z_align_hint_divides_the_stride():
+    """The hint tells the compiler every row offset is a multiple of it: wrong would mean misaligned wide loads on
+    the GPU (the interpreter cannot show that), so check it divides the stride and takes the largest such factor."""
+    for s in list(range(1, 70)) + [3352, 10576, 2 ** 20 + 6]:
+        t = torch.empty(2, s)[:, :1]
+        a = rmsnorm_gated._z_align(t)
+        assert s % a == 0 and a <= 16 and (a == 16 or s % (2 * a) != 0)
+    assert rmsnorm_gated._z_align(torch.empty(2, 3352)[:, :1536]) == 8
+
+
+def test_gated_rmsnorm_no_rows():
+    x = torch.randn(0, 24, requires_grad=True)
+    z = torch.randn(0, 24, requires_grad=True)
+    w = torch.randn(24, requires_grad=True)
+    out = rmsnorm_gated.gated_rmsnorm(x, z, w, 1e-5, 8)
+    dx, dz, dw = torch.autograd.grad(out.sum(), (x, z, w))
+    assert out.shape == (0, 24) and dx.shape == (0, 24) and dz.shape == (0, 24)
+    assert torch.equal(dw, torch.zeros(24))
+
+
 def test_gated_rmsnorm_many_rows_deterministic():
     """More rows than one backward program handles: the weight gradient sums partials in a fixed order."""
     gen = torch.Generator().manual_seed(1)
