@@ -148,28 +148,32 @@ def bench_conv(name, batch, L, d_inner, conv_dim, nheads, W=4):
     for impl, f in variants.items():
         ROWS.append(("conv1d", shape, impl, *timings(f, lambda: torch.autograd.grad(f(), (x, w, b), g)),
                      float("nan")))
-    if not SMOKE and CONV_SWEEP:  # the backward's launch variants (conv1d.BWD_TILE, BWD_KEEP), to pick the default
-        default = conv1d.BWD_TILE, conv1d.BWD_KEEP
+    if not SMOKE and CONV_SWEEP:  # the backward's launch variants (conv1d constants), to pick the default
         f = variants["triton"]
-        for tile, keep in CONV_SWEEP:
-            conv1d.BWD_TILE, conv1d.BWD_KEEP = tile, keep
+        for patch in CONV_SWEEP:
+            before = {k: getattr(conv1d, k) for k in patch}
+            for k, v in patch.items():
+                setattr(conv1d, k, v)
+            label = ", ".join(f"{k}={v}" for k, v in patch.items()) or "default"
             try:
                 gx = torch.autograd.grad(f(), (x, w, b), g)
-                ERRS.append(("conv1d", name, f"dx, backward {tile} keep={keep} vs default", rel(gx[0], g3[0]),
-                             float("nan")))
+                for n, a, r in zip(("dx", "dweight", "dbias"), gx, g3):
+                    ERRS.append(("conv1d", name, f"{n}, backward {label} vs default", rel(a, r), float("nan")))
                 fbg = gpu_ms(lambda: torch.autograd.grad(f(), (x, w, b), g))
-                ROWS.append(("conv1d", shape, f"triton, backward tile {tile}, keep={keep}", float("nan"),
-                             float("nan"), float("nan"), fbg, float("nan")))
-                print(f"  conv backward {tile} keep={keep}: fwd+bwd GPU {fbg:.3f} ms", flush=True)
+                ROWS.append(("conv1d", shape, f"triton, backward {label}", float("nan"), float("nan"),
+                             float("nan"), fbg, float("nan")))
+                print(f"  conv backward {label}: fwd+bwd GPU {fbg:.3f} ms", flush=True)
             finally:
-                conv1d.BWD_TILE, conv1d.BWD_KEEP = default
+                for k, v in before.items():
+                    setattr(conv1d, k, v)
 
 
-# --conv-sweep: (BLOCK_L, BLOCK_D, num_warps), keep x tiles in x's dtype
+# --conv-sweep: conv1d constants per variant (runs 1-2: the one-kernel backward's tiles, then the two-pass
+# backward that replaced it: benchmarks/results/conv_bwd_sweep_run*.json)
 CONV_SWEEP = []
-CONV_SWEEP_SET = [((64, 64, 4), False), ((64, 64, 4), True), ((64, 64, 8), False), ((64, 64, 8), True),
-                  ((32, 64, 4), True), ((32, 128, 8), True), ((128, 32, 8), True), ((32, 32, 4), True),
-                  ((16, 64, 4), True), ((16, 128, 4), True)]
+CONV_SWEEP_SET = [{}] + [{"BWD_TILES": tiles} for tiles in (
+    ((32, 64, 4), (64, 128, 4)), ((64, 64, 8), (64, 128, 4)), ((64, 32, 4), (64, 128, 4)),
+    ((64, 64, 4), (64, 64, 4)), ((64, 64, 4), (128, 128, 8)))]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,10 +4,10 @@ Positions are counted in the "padded" sequence xp = [initial_states, x] of lengt
 initial state, the body and the final state are one indexing scheme: out[t] reads xp[t : t + width], the final
 state is xp[seqlen : seqlen + width - 1], and the initial-state slots belong to the row's first document.
 
-The backward runs one program per tile of padded positions p and gathers dxp[p] = Σ_k w[k] dy[p - k] (same
-document only), recomputing dy from x instead of storing it: the 2·width - 1 shifted tiles xp[p + m] are loaded once
-and give every pre-activation it needs. The gradient of the initial state is dxp[:width - 1].
-Weight and bias gradients are per-program partial sums, added in a fixed order (deterministic).
+The backward is two passes. The first, over outputs t, recomputes the pre-activation y[t] from x (as the
+forward) and stores g[t] = dy[t] silu'(y[t]) in float32, with the weight and bias gradients' per-program partial
+sums; the second, over padded positions p, gathers dxp[p] = Σ_k w[k] g[p - k] (same document only). The gradient
+of the initial state is dxp[:width - 1]. The partial sums are added in a fixed order (deterministic).
 """
 
 import torch
@@ -68,114 +68,91 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
 
 
 @triton.jit
-def _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, m: tl.constexpr, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-             W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, KEEP: tl.constexpr):
-    """xp[p + m] (zero outside the padded sequence) and the document of each row p + m."""
-    q = p + m
-    inside = (q >= 0) & (q < L + W - 1)
-    v = _load_xp(x_ptr, init_ptr, b, q[:, None], d[None, :], inside[:, None] & dm[None, :], L, sxb, sxl, sxd,
-                 sib, sid, sik, W, HAS_INIT, KEEP)
-    doc = q
-    if HAS_SEQ:
-        doc = _doc_p(seq_ptr, b, q, L, ssb, ssl, W)
-    return v, doc
-
-
-@triton.jit
-def _pick(m: tl.constexpr, a3, a2, a1, a0, b1, b2, b3):
-    """The one of seven values at shift m in -3..3 (a static choice)."""
-    r = a0
-    if m == -3:
-        r = a3
-    if m == -2:
-        r = a2
-    if m == -1:
-        r = a1
-    if m == 1:
-        r = b1
-    if m == 2:
-        r = b2
-    if m == 3:
-        r = b3
-    return r
-
-
-@triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal_ptr,
-                     dx_ptr, dinit_ptr, dw_part_ptr, db_part_ptr,
-                     L, D,
-                     sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sgb, sgl, sgd, sfb, sfd, sfk,
-                     sdxb, sdxl, sdxd, sdib, sdid, sdik,
-                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-                     HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                     KEEP: tl.constexpr):
+def _conv_bwd_g_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, g_ptr, dw_part_ptr, db_part_ptr,
+                       L, D,
+                       sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sgb, sgl, sgd,
+                       W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+                       SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """First pass of the two-pass backward, over output positions t: the pre-activation gradient
+    g[t] = dy[t] silu'(y[t]) (y recomputed from the W taps, as the forward), stored in float32, and the weight and
+    bias gradients' partial sums of this tile (g[t] xp[t + k] over the taps k of t's own document)."""
     b = tl.program_id(0)
     pid_l = tl.program_id(1)
-    p = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # padded positions this program owns
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tm, dm = t < L, d < D
+    mask = tm[:, None] & dm[None, :]
+    part = b * tl.num_programs(1) + pid_l
+    if HAS_SEQ:
+        doc_t = _doc_p(seq_ptr, b, t + (W - 1), L, ssb, ssl, W)
+    y = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    # the W taps' inputs, kept (in x's dtype where exact) for the weight gradient
+    x0 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    x1, x2, x3 = x0, x0, x0
+    for k in tl.static_range(W):
+        keep = mask
+        if HAS_SEQ:
+            keep = keep & (_doc_p(seq_ptr, b, t + k, L, ssb, ssl, W) == doc_t)[:, None]
+        xv = _load_xp(x_ptr, init_ptr, b, (t + k)[:, None], d[None, :], keep, L, sxb, sxl, sxd, sib, sid, sik, W,
+                      HAS_INIT)
+        y += xv * tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)[None, :]
+        if k == 0:
+            x0 = xv
+        if k == 1:
+            x1 = xv
+        if k == 2:
+            x2 = xv
+        if k == 3:
+            x3 = xv
+    g = tl.load(dout_ptr + b * sgb + t[:, None] * sgl + d[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        sig = tl.sigmoid(y)
+        g = g * sig * (1.0 + y * (1.0 - sig))
+    tl.store(g_ptr + (b * L + t[:, None]) * D + d[None, :], g, mask=mask)
+    for k in tl.static_range(W):
+        xv = x0
+        if k == 1:
+            xv = x1
+        if k == 2:
+            xv = x2
+        if k == 3:
+            xv = x3
+        tl.store(dw_part_ptr + (part * W + k) * D + d, tl.sum(g * xv, axis=0), mask=dm)
+    if HAS_BIAS:
+        tl.store(db_part_ptr + part * D + d, tl.sum(g, axis=0), mask=dm)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(w_ptr, seq_ptr, g_ptr, dfinal_ptr, dx_ptr, dinit_ptr,
+                        L, D,
+                        swd, swk, ssb, ssl, sfb, sfd, sfk, sdxb, sdxl, sdxd, sdib, sdid, sdik,
+                        W: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Second pass, over padded positions p: dxp[p] = Σ_j w[j] g[p - j] over the outputs t = p - j of p's own
+    document (+ the final state's gradient); dxp of the body is dx, of the first W - 1 positions the initial state's
+    gradient."""
+    b = tl.program_id(0)
+    p = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
     pm = p < L + W - 1
-    part = b * tl.num_programs(1) + pid_l
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    # the 2W - 1 shifted tiles xp[p + m], m in -(W-1)..(W-1), each loaded once (unused shifts alias m = 0)
-    x0, c0 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 0, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                      W, HAS_INIT, HAS_SEQ, KEEP)
-    xa1, ca1, xa2, ca2, xa3, ca3 = x0, c0, x0, c0, x0, c0
-    xb1, cb1, xb2, cb2, xb3, cb3 = x0, c0, x0, c0, x0, c0
-    if W >= 2:
-        xa1, ca1 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -1, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ, KEEP)
-        xb1, cb1 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 1, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ, KEEP)
-    if W >= 3:
-        xa2, ca2 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -2, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ, KEEP)
-        xb2, cb2 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 2, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ, KEEP)
-    if W >= 4:
-        xa3, ca3 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, -3, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ, KEEP)
-        xb3, cb3 = _shifted(x_ptr, init_ptr, seq_ptr, b, p, d, dm, 3, L, sxb, sxl, sxd, sib, sid, sik, ssb, ssl,
-                            W, HAS_INIT, HAS_SEQ, KEEP)
+    if HAS_SEQ:
+        doc = _doc_p(seq_ptr, b, p, L, ssb, ssl, W)
     dxp = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     for j in tl.static_range(W):
-        # the output t = p - j reads xp[p] through tap j, and xp[t + k] = xp[p + k - j] through tap k
         t = p - j
-        tmask = ((t >= 0) & (t < L))[:, None] & dm[None, :]
-        doc_t = _pick(W - 1 - j, ca3, ca2, ca1, c0, cb1, cb2, cb3)  # doc(t) = doc_p(t + W - 1)
-        dy = tl.load(dout_ptr + b * sgb + t[:, None] * sgl + d[None, :] * sgd, mask=tmask, other=0.0).to(tl.float32)
-        if SILU:
-            y = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
-            for k in tl.static_range(W):
-                xv = _pick(k - j, xa3, xa2, xa1, x0, xb1, xb2, xb3)
-                if HAS_SEQ:
-                    xv = tl.where((_pick(k - j, ca3, ca2, ca1, c0, cb1, cb2, cb3) == doc_t)[:, None], xv, 0.0)
-                wk = tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)
-                y += xv * wk[None, :]
-            sig = tl.sigmoid(y)
-            dy = dy * sig * (1.0 + y * (1.0 - sig))
-        if j == 0:
-            # every output t is owned once, by the program whose tile holds p = t
-            for k in tl.static_range(W):
-                xv = _pick(k, xa3, xa2, xa1, x0, xb1, xb2, xb3)
-                if HAS_SEQ:
-                    xv = tl.where((_pick(k, ca3, ca2, ca1, c0, cb1, cb2, cb3) == doc_t)[:, None], xv, 0.0)
-                tl.store(dw_part_ptr + (part * W + k) * D + d, tl.sum(dy * xv, axis=0), mask=dm)
-            if HAS_BIAS:
-                tl.store(db_part_ptr + part * D + d, tl.sum(dy, axis=0), mask=dm)
-        wj = tl.load(w_ptr + d * swd + j * swk, mask=dm, other=0.0).to(tl.float32)
-        contrib = dy * wj[None, :]
+        keep = (t >= 0) & (t < L) & pm
         if HAS_SEQ:
-            contrib = tl.where((c0 == doc_t)[:, None], contrib, 0.0)
-        dxp += contrib
+            keep = keep & (_doc_p(seq_ptr, b, t + (W - 1), L, ssb, ssl, W) == doc)
+        gv = tl.load(g_ptr + (b * L + t[:, None]) * D + d[None, :], mask=keep[:, None] & dm[None, :], other=0.0)
+        dxp += gv * tl.load(w_ptr + d * swd + j * swk, mask=dm, other=0.0).to(tl.float32)[None, :]
     if HAS_DFINAL:
-        # final[:, :, i] = xp[L + i] when it is in the last document
         i = p - L
         fkeep = (i >= 0) & pm
         if HAS_SEQ:
-            fkeep = fkeep & (c0 == _doc_p(seq_ptr, b, L + W - 2, L, ssb, ssl, W))
+            fkeep = fkeep & (doc == _doc_p(seq_ptr, b, L + W - 2, L, ssb, ssl, W))
         dxp += tl.load(dfinal_ptr + b * sfb + d[None, :] * sfd + i[:, None] * sfk,
                        mask=fkeep[:, None] & dm[None, :], other=0.0).to(tl.float32)
     t = p - (W - 1)
@@ -188,15 +165,16 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, dfinal
                  mask=head[:, None] & dm[None, :])
 
 
-# The backward's tile (BLOCK_L, BLOCK_D, num_warps) and whether it holds its 2W - 1 shifted x tiles in x's dtype
-# (KEEP) rather than float32
-BWD_TILE = (64, 64, 4)
-BWD_KEEP = False
+# The backward's tiles (BLOCK_L, BLOCK_D, num_warps): its first pass (g) and its second (dx). Measured on an H100
+# (benchmarks/results/conv_bwd_sweep_run2.json, fwd+bwd GPU ms at 130m / 2.7b shapes): 0.442 / 0.971 against
+# 0.670 / 1.280 for the one-kernel backward it replaced, which recomputed y at each of the W shifts from 2W - 1
+# shifted x tiles held in registers; (64, 128) first-pass tiles 0.614 / 1.456, (32, 128) 0.533 / 1.156.
+BWD_TILES = ((64, 64, 4), (64, 128, 4))
 
 
-def _blocks(D):
-    """(BLOCK_L, BLOCK_D) of the forward and of the backward kernel (the backward holds 2W - 1 tiles)."""
-    return (64, min(128, triton.next_power_of_2(D))), (BWD_TILE[0], min(BWD_TILE[1], triton.next_power_of_2(D)))
+def _fwd_blocks(D):
+    """(BLOCK_L, BLOCK_D) of the forward kernel."""
+    return 64, min(128, triton.next_power_of_2(D))
 
 
 def _state_dtype(x, weight):
@@ -223,7 +201,7 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     b, L, D = x.shape
     W = weight.shape[1]
     out = torch.empty(b, L, D, device=x.device, dtype=x.dtype)
-    BL, BD = _blocks(D)[0]
+    BL, BD = _fwd_blocks(D)
     init = initial_states if initial_states is not None else x
     seq = seq_idx if seq_idx is not None else x
     grid = (b, triton.cdiv(L, BL), triton.cdiv(D, BD))
@@ -253,28 +231,31 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
               silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, L, D = x.shape
     W = weight.shape[1]
-    BL, BD = _blocks(D)[1]
-    nl = triton.cdiv(L + W - 1, BL)
-    dx = torch.empty(b, L, D, device=x.device, dtype=x.dtype)
-    dinit = (torch.empty(b, D, W - 1, device=x.device, dtype=initial_states.dtype) if initial_states is not None
-             else x.new_empty(0))
+    (BL, BD, nw), (BL2, BD2, nw2) = BWD_TILES
+    BD, BD2 = min(BD, triton.next_power_of_2(D)), min(BD2, triton.next_power_of_2(D))
+    nl = triton.cdiv(L, BL)
+    g = torch.empty(b, L, D, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     dw_part = torch.empty(b, nl, W, D, device=x.device, dtype=torch.float32)
     db_part = torch.empty(b, nl, D, device=x.device, dtype=torch.float32) if bias is not None else dw_part
     init = initial_states if initial_states is not None else x
-    grid = (b, nl, triton.cdiv(D, BD))
-    _conv_bwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, init, dout,
-        dfinal if dfinal is not None else x, dx, dinit if initial_states is not None else dx, dw_part, db_part,
-        L, D,
-        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
-        *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+    seq = seq_idx if seq_idx is not None else x
+    ss = seq_idx.stride() if seq_idx is not None else (0, 0)
+    _conv_bwd_g_kernel[(b, nl, triton.cdiv(D, BD))](
+        x, weight, bias if bias is not None else weight, seq, init, dout, g, dw_part, db_part, L, D,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), *ss,
         *(initial_states.stride() if initial_states is not None else (0, 0, 0)),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        *(dfinal.stride() if dfinal is not None else (0, 0, 0)),
-        dx.stride(0), dx.stride(1), dx.stride(2),
-        *(dinit.stride() if initial_states is not None else (0, 0, 0)),
         W=W, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None,
-        HAS_DFINAL=dfinal is not None, SILU=silu, BLOCK_L=BL, BLOCK_D=BD, KEEP=BWD_KEEP, num_warps=BWD_TILE[2])
+        SILU=silu, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
+    dx = torch.empty(b, L, D, device=x.device, dtype=x.dtype)
+    dinit = (torch.empty(b, D, W - 1, device=x.device, dtype=initial_states.dtype) if initial_states is not None
+             else x.new_empty(0))
+    _conv_bwd_dx_kernel[(b, triton.cdiv(L + W - 1, BL2), triton.cdiv(D, BD2))](
+        weight, seq, g, dfinal if dfinal is not None else x, dx, dinit if initial_states is not None else dx, L, D,
+        weight.stride(0), weight.stride(1), *ss, *(dfinal.stride() if dfinal is not None else (0, 0, 0)),
+        dx.stride(0), dx.stride(1), dx.stride(2), *(dinit.stride() if initial_states is not None else (0, 0, 0)),
+        W=W, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None, HAS_DFINAL=dfinal is not None,
+        BLOCK_L=BL2, BLOCK_D=BD2, num_warps=nw2)
     dw = dw_part.sum(dim=(0, 1)).t().to(weight.dtype)
     db = db_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else weight.new_empty(0)
     return dx, dw, db, dinit
