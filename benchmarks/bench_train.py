@@ -29,18 +29,22 @@ from bench_decode import import_mamba_ssm  # noqa: E402
 SHAPES = {"mamba2-130m": (768, 24), "mamba2-370m": (1024, 48), "mamba2-780m": (1536, 48)}
 
 
+def train_step(params, loss_fn):
+    """Zero the gradients, the loss under bf16 autocast, its backward; returns the loss."""
+    for p in params:
+        p.grad = None
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = loss_fn()
+    loss.backward()
+    return loss
+
+
 def step_stats(model, loss_fn, iters: int, warmup: int = 3):
-    """(median ms, peak MiB allocated above the weights and gradients, loss, gradient norm) of zero_grad + loss +
-    backward."""
+    """(median ms, peak MiB allocated above the weights and gradients, loss, gradient norm) of a train_step."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
-        for p in params:
-            p.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn()
-        loss.backward()
-        return loss
+        return train_step(params, loss_fn)
 
     for _ in range(warmup):
         step()
@@ -69,18 +73,10 @@ def profile_step(model, loss_fn, top: int = 15):
 
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(2):
-        for p in params:
-            p.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn()
-        loss.backward()
+        train_step(params, loss_fn)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for p in params:
-            p.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn()
-        loss.backward()
+        train_step(params, loss_fn)
         torch.cuda.synchronize()
     totals = {}
     for e in prof.events():

@@ -68,6 +68,19 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
 
 
 @triton.jit
+def _tap(k: tl.constexpr, x0, x1, x2, x3):
+    """The k-th of four tiles (a static choice)."""
+    r = x0
+    if k == 1:
+        r = x1
+    if k == 2:
+        r = x2
+    if k == 3:
+        r = x3
+    return r
+
+
+@triton.jit
 def _conv_bwd_g_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, g_ptr, dw_part_ptr, db_part_ptr,
                        L, D,
                        sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sgb, sgl, sgd,
@@ -112,14 +125,7 @@ def _conv_bwd_g_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, g_pt
         g = g * sig * (1.0 + y * (1.0 - sig))
     tl.store(g_ptr + (b * L + t[:, None]) * D + d[None, :], g, mask=mask)
     for k in tl.static_range(W):
-        xv = x0
-        if k == 1:
-            xv = x1
-        if k == 2:
-            xv = x2
-        if k == 3:
-            xv = x3
-        tl.store(dw_part_ptr + (part * W + k) * D + d, tl.sum(g * xv, axis=0), mask=dm)
+        tl.store(dw_part_ptr + (part * W + k) * D + d, tl.sum(g * _tap(k, x0, x1, x2, x3), axis=0), mask=dm)
     if HAS_BIAS:
         tl.store(db_part_ptr + part * D + d, tl.sum(g, axis=0), mask=dm)
 
