@@ -1,19 +1,22 @@
 #!/bin/bash
 # Build causal-conv1d (the peer mamba_ssm uses for its conv) from its source on the GPU machine, for sm_90 only and
 # without its backward kernels (the decode benchmark needs the forward and the one-token update; the backward is
-# most of the build time). Works on a copy: the source folder is left as it is.
-#   bash benchmarks/build_causal_conv1d.sh SRC DEST     (SRC: causal-conv1d's source tree; DEST gets the .so and the
-#                                                          causal_conv1d/ package, ready for PYTHONPATH)
+# most of the build time); WITH_BWD=1 keeps them (for mamba_ssm's fused training path: benchmarks/bench_train.py).
+# Works on a copy: the source folder is left as it is.
+#   [WITH_BWD=1] bash benchmarks/build_causal_conv1d.sh SRC DEST   (SRC: causal-conv1d's source tree; DEST gets the
+#                                                                   .so and the causal_conv1d/ package, for PYTHONPATH)
 set -eu
 SRC=$1; DEST=$2
 WORK=$(mktemp -d)
 cp -r "$SRC"/. "$WORK" && cd "$WORK"
-python3 - <<'PY'
-import re
+WITH_BWD=${WITH_BWD:-0} python3 - <<'PY'
+import os
 src = open("setup.py").read()
 marker = "    # HACK: The compiler flag"
 assert marker in src, "setup.py layout changed"
 open("setup.py", "w").write(src.replace(marker, '    cc_flag = ["-gencode", "arch=compute_90,code=sm_90"]\n' + marker, 1))
+if os.environ["WITH_BWD"] == "1":
+    raise SystemExit(0)
 # the backward: keep its declarations and explicit instantiations, give them bodies that refuse to run
 bwd = open("csrc/causal_conv1d_bwd.cu").read()
 includes = "".join(l + "\n" for l in bwd.splitlines() if l.startswith("#include"))
