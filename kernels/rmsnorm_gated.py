@@ -25,16 +25,13 @@ import triton.language as tl
 # summed by one Triton kernel 0.117 / 0.420 vs torch's sum + cast 0.123 / 0.428; z's stride hint at 1536: forward
 # 0.0519 vs 0.0526. A group's columns as two power-of-2 blocks (1024 + 512, 4096 + 1024) instead of one padded block
 # (2048, 8192): forward 0.0524 vs 0.0518 / 0.1697 vs 0.1689 (no gain), backward 0.179 vs 0.117 / 0.497 vs 0.420
-# (lost): off, kept as a switch.
+# (lost). The three that lost (the split, recomputing rstd, torch's sum) were removed after the sweep.
 CONFIG = dict(
     fwd_rows=None, fwd_warps=None,  # rows per forward program, its warps
     bwd_rows=None, bwd_warps=None,  # rows per step of a backward program's loop, its warps
     bwd_progs_per_sm=None,  # backward programs per SM (each loops over M / programs rows)
     bwd_stages=None,  # software-pipelining depth of the backward's row loop
-    fwd_split=False, bwd_split=False,  # a group as two power-of-2 column blocks (False: one padded to a power of 2)
-    bwd_rstd=True,  # the backward loads the forward's rstd (False: recomputes it from x and z)
     z_align=True,  # tell Triton z's row stride's power-of-2 factor (False: it assumes 1 unless the stride % 16 == 0)
-    dw_sum="triton",  # the weight gradient's partials summed by a small Triton kernel (one launch) or "torch"
 )
 
 
@@ -77,10 +74,8 @@ def _store_out(out_ptr, oo, w_ptr, cols, wmask, mask, u, gate, rstd,
 def _rmsnorm_fwd_kernel(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, M, eps,
                         sxm, szm, som,
                         GS: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_B: tl.constexpr,
-                        Z_ALIGN: tl.constexpr):
-    # columns [0, BLOCK_A) of the group (masked beyond GS when BLOCK_A is GS padded), then, if HAS_B, the rest
-    # [BLOCK_A, GS) in a second block of BLOCK_B >= GS - BLOCK_A lanes
+                        BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, Z_ALIGN: tl.constexpr):
+    # the group's columns, GS padded to the power of 2 BLOCK_A
     grp = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -92,17 +87,9 @@ def _rmsnorm_fwd_kernel(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, M, eps,
     ma = rmask[:, None] & wma[None, :]
     _, ua, gatea, _ = _load_gated(x_ptr, z_ptr, xo, zo, ca, ma, HAS_Z, NORM_BEFORE_GATE)
     ss = tl.sum(ua * ua, axis=1)
-    if HAS_B:
-        cb = grp * GS + BLOCK_A + tl.arange(0, BLOCK_B)
-        wmb = tl.arange(0, BLOCK_B) < GS - BLOCK_A
-        mb = rmask[:, None] & wmb[None, :]
-        _, ub, gateb, _ = _load_gated(x_ptr, z_ptr, xo, zo, cb, mb, HAS_Z, NORM_BEFORE_GATE)
-        ss += tl.sum(ub * ub, axis=1)
     rstd = 1.0 / tl.sqrt(ss / GS + eps)
     tl.store(rstd_ptr + grp * M + rows, rstd, mask=rmask)
     _store_out(out_ptr, oo, w_ptr, ca, wma, ma, ua, gatea, rstd, HAS_Z, NORM_BEFORE_GATE)
-    if HAS_B:
-        _store_out(out_ptr, oo, w_ptr, cb, wmb, mb, ub, gateb, rstd, HAS_Z, NORM_BEFORE_GATE)
 
 
 @triton.jit
@@ -129,12 +116,13 @@ def _bwd_store(dx_ptr, dz_ptr, dxo, dzo, cols, mask, x, n, dn, c, rstd, gate, dg
         tl.store(dz_ptr + dzo[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
+# eps is unused here (rstd comes from the forward); it stays in the signature because removing it reorders the
+# compiled backward (offline sm_90 SASS, Triton 3.6), which was timed with it
 @triton.jit(do_not_specialize=["M", "rows_per_prog"])
 def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dout_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr, M, D, eps,
                         rows_per_prog, sxm, szm, sgm, sdxm, sdzm,
                         GS: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                        LOAD_RSTD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
-                        BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, Z_ALIGN: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, Z_ALIGN: tl.constexpr,
                         NUM_STAGES: tl.constexpr):
     pid = tl.program_id(0)
     grp = tl.program_id(1)
@@ -142,11 +130,6 @@ def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dout_ptr, rstd_ptr, dx_ptr, dz_ptr,
     wma = tl.arange(0, BLOCK_A) < GS
     wa = tl.load(w_ptr + ca, mask=wma, other=0.0).to(tl.float32)
     dwa = tl.zeros((BLOCK_A,), dtype=tl.float32)
-    cb = grp * GS + BLOCK_A + tl.arange(0, BLOCK_B)
-    wmb = tl.arange(0, BLOCK_B) < GS - BLOCK_A
-    dwb = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    if HAS_B:
-        wb = tl.load(w_ptr + cb, mask=wmb, other=0.0).to(tl.float32)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
     for r0 in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
@@ -158,35 +141,16 @@ def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dout_ptr, rstd_ptr, dx_ptr, dz_ptr,
         ma = rmask[:, None] & wma[None, :]
         xa, ua, gatea, dgatea = _load_gated(x_ptr, z_ptr, xo, zo, ca, ma, HAS_Z, NORM_BEFORE_GATE)
         dya = tl.load(dout_ptr + go[:, None] + ca[None, :], mask=ma, other=0.0).to(tl.float32)
-        if HAS_B:
-            mb = rmask[:, None] & wmb[None, :]
-            xb, ub, gateb, dgateb = _load_gated(x_ptr, z_ptr, xo, zo, cb, mb, HAS_Z, NORM_BEFORE_GATE)
-            dyb = tl.load(dout_ptr + go[:, None] + cb[None, :], mask=mb, other=0.0).to(tl.float32)
-        if LOAD_RSTD:
-            rstd = tl.load(rstd_ptr + grp * M + rows, mask=rmask, other=0.0)
-        else:
-            ss = tl.sum(ua * ua, axis=1)
-            if HAS_B:
-                ss += tl.sum(ub * ub, axis=1)
-            rstd = 1.0 / tl.sqrt(ss / GS + eps)
+        rstd = tl.load(rstd_ptr + grp * M + rows, mask=rmask, other=0.0)
         na, dna, dwra, dza = _bwd_dn(ua, rstd, dya, wa, gatea, dgatea, HAS_Z, NORM_BEFORE_GATE)
         dwa += tl.sum(dwra, axis=0)
         s = tl.sum(dna * na, axis=1)
-        if HAS_B:
-            nb, dnb, dwrb, dzb = _bwd_dn(ub, rstd, dyb, wb, gateb, dgateb, HAS_Z, NORM_BEFORE_GATE)
-            dwb += tl.sum(dwrb, axis=0)
-            s += tl.sum(dnb * nb, axis=1)
         c = s / GS
         dxo = _row_offset(rows, sdxm, 1)
         dzo = _row_offset(rows, sdzm, 1)
         _bwd_store(dx_ptr, dz_ptr, dxo, dzo, ca, ma, xa, na, dna, c, rstd, gatea, dgatea, dza,
                    HAS_Z, NORM_BEFORE_GATE)
-        if HAS_B:
-            _bwd_store(dx_ptr, dz_ptr, dxo, dzo, cb, mb, xb, nb, dnb, c, rstd, gateb, dgateb, dzb,
-                       HAS_Z, NORM_BEFORE_GATE)
     tl.store(dw_part_ptr + pid * D + ca, dwa, mask=wma)
-    if HAS_B:
-        tl.store(dw_part_ptr + pid * D + cb, dwb, mask=wmb)
 
 
 @triton.jit(do_not_specialize=["P", "D"])
@@ -210,16 +174,6 @@ def _rows(t, D):
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _col_blocks(gs, split):
-    """(BLOCK_A, BLOCK_B, HAS_B): a group's columns as one padded power-of-2 block or, split, the largest power of 2
-    <= gs plus the rest padded to a power of 2."""
-    if not split:
-        return triton.next_power_of_2(gs), 1, False
-    a = 1 << (gs.bit_length() - 1)
-    rest = gs - a
-    return a, (triton.next_power_of_2(rest) if rest else 1), rest > 0
 
 
 def _launch(gs):
@@ -256,14 +210,13 @@ def _norm_fwd(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps
     M = x2.shape[0]
     out = torch.empty(M, D, device=x.device, dtype=x.dtype)
     rstd = torch.empty(D // group_size, M, device=x.device, dtype=torch.float32)
-    BA, BB, HAS_B = _col_blocks(group_size, CONFIG["fwd_split"])
     rows, nw, *_ = _launch(group_size)
     grid = (triton.cdiv(M, rows), D // group_size)
     if M > 0:
         _rmsnorm_fwd_kernel[grid](x2, z2 if z is not None else x2, weight, out, rstd, M, eps,
                                   x2.stride(0), z2.stride(0) if z is not None else 0, out.stride(0),
                                   GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
-                                  BLOCK_M=rows, BLOCK_A=BA, BLOCK_B=BB, HAS_B=HAS_B,
+                                  BLOCK_M=rows, BLOCK_A=triton.next_power_of_2(group_size),
                                   Z_ALIGN=_z_align(z2) if z is not None else 1, num_warps=nw)
     return out.view(x.shape), rstd
 
@@ -285,7 +238,6 @@ def _norm_bwd(dout: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weigh
     M = x2.shape[0]
     dx = torch.empty(M, D, device=x.device, dtype=x.dtype)
     dz = torch.empty(M, D, device=x.device, dtype=z.dtype) if z is not None else x.new_empty(0)
-    BA, BB, HAS_B = _col_blocks(group_size, CONFIG["bwd_split"])
     _, _, rows, nw, per_sm, stages = _launch(group_size)
     if x.device.type == "cuda":
         n_prog = per_sm * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
@@ -299,16 +251,13 @@ def _norm_bwd(dout: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weigh
         x2, z2 if z is not None else x2, weight, g2, rstd, dx, dz if z is not None else dx, dw_part, M, D, eps,
         rows_per_prog, x2.stride(0), z2.stride(0) if z is not None else 0, g2.stride(0), dx.stride(0),
         dz.stride(0) if z is not None else 0,
-        GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, LOAD_RSTD=CONFIG["bwd_rstd"],
-        BLOCK_M=rows, BLOCK_A=BA, BLOCK_B=BB, HAS_B=HAS_B, Z_ALIGN=_z_align(z2) if z is not None else 1,
+        GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
+        BLOCK_M=rows, BLOCK_A=triton.next_power_of_2(group_size), Z_ALIGN=_z_align(z2) if z is not None else 1,
         NUM_STAGES=stages, num_warps=nw)
-    if CONFIG["dw_sum"] == "torch":
-        dw = dw_part.sum(0).to(weight.dtype)
-    else:
-        dw = torch.empty(D, device=x.device, dtype=weight.dtype)
-        # all partial rows in one or two loads per program: a loop of small dependent loads would be latency-bound
-        _dw_sum_kernel[(triton.cdiv(D, 32),)](dw_part, dw, n_prog, D, BLOCK_P=min(256, triton.next_power_of_2(n_prog)),
-                                              BLOCK_D=32, num_warps=4)
+    dw = torch.empty(D, device=x.device, dtype=weight.dtype)
+    # all partial rows in one or two loads per program: a loop of small dependent loads would be latency-bound
+    _dw_sum_kernel[(triton.cdiv(D, 32),)](dw_part, dw, n_prog, D, BLOCK_P=min(256, triton.next_power_of_2(n_prog)),
+                                          BLOCK_D=32, num_warps=4)
     return dx.view(x.shape), (dz.view(z.shape) if z is not None else dz), dw
 
 

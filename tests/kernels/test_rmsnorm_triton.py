@@ -62,20 +62,17 @@ def test_gated_rmsnorm_matches_reference(case):
 # num_warps and num_stages, so those are left at their defaults)
 VARIANTS = {
     "default": {},
-    "split_cols": dict(fwd_split=True, bwd_split=True),
-    "recompute_rstd": dict(bwd_rstd=False),
-    "torch_dw_sum": dict(dw_sum="torch"),
     "one_row": dict(fwd_rows=1, bwd_rows=1, z_align=False, bwd_progs_per_sm=2),
-    "row_blocks": dict(fwd_rows=4, bwd_rows=2, bwd_progs_per_sm=1, bwd_stages=2, fwd_split=True),
-    "mixed": dict(bwd_split=True, bwd_rstd=False, bwd_rows=4, bwd_progs_per_sm=3),
+    "row_blocks": dict(fwd_rows=4, bwd_rows=2, bwd_progs_per_sm=1, bwd_stages=2),
+    "mixed": dict(bwd_rows=4, bwd_progs_per_sm=3),
 }
 VARIANT_CASES = [
     # rows, dim, group_size, has_z, norm_before_gate, dtype, extra z columns (0: contiguous z)
-    (13, 44, None, True, False, torch.float32, 5),  # 44 = 32 + 12: a padded second block; z stride 49
+    (13, 44, None, True, False, torch.float32, 5),  # 44 padded to 64 lanes; z stride 49
     (7, 88, 44, True, True, torch.float32, 6),  # two groups; z stride 94
-    (11, 48, 24, False, True, torch.float32, 0),  # no z; 24 = 16 + 8
+    (11, 48, 24, False, True, torch.float32, 0),  # no z; groups of 24 padded to 32
     (9, 40, None, True, False, torch.bfloat16, 8),  # bf16, z stride 48 (a multiple of 16)
-    (10, 32, 16, True, True, torch.float32, 0),  # power-of-2 groups: no second block
+    (10, 32, 16, True, True, torch.float32, 0),  # power-of-2 groups: no padding
 ]
 
 
@@ -105,17 +102,6 @@ def test_gated_rmsnorm_launch_variants(monkeypatch, variant):
         monkeypatch.setitem(rmsnorm_gated.CONFIG, k, v)
     for i, case in enumerate(VARIANT_CASES):
         _check_against_reference(*case, seed=i)
-
-
-def test_col_blocks_cover_the_group():
-    for gs in (1, 2, 3, 5, 12, 44, 48, 1536, 5120, 4095, 4096):
-        for split in (False, True):
-            a, b, has_b = rmsnorm_gated._col_blocks(gs, split)
-            assert a & (a - 1) == 0 and b & (b - 1) == 0  # powers of 2 (tl.arange)
-            assert a + (b if has_b else 0) >= gs and (a < gs) == has_b
-            assert not has_b or b >= gs - a
-    assert rmsnorm_gated._col_blocks(5120, True) == (4096, 1024, True)
-    assert rmsnorm_gated._col_blocks(5120, False)[0] == 8192
 
 
 def test_z_align_hint_divides_the_stride():
