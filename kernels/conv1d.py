@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .partial_sums import sum_partials
+
 
 @triton.jit
 def _load_xp(x_ptr, init_ptr, b, q, d, mask, L, sxb, sxl, sxd, sib, sid, sik,
@@ -262,8 +264,8 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         dx.stride(0), dx.stride(1), dx.stride(2), *(dinit.stride() if initial_states is not None else (0, 0, 0)),
         W=W, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None, HAS_DFINAL=dfinal is not None,
         BLOCK_L=BL2, BLOCK_D=BD2, num_warps=nw2)
-    dw = dw_part.sum(dim=(0, 1)).t().to(weight.dtype)
-    db = db_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else weight.new_empty(0)
+    dw = sum_partials(dw_part.view(-1, W * D), weight.dtype).view(W, D).t()
+    db = sum_partials(db_part, bias.dtype) if bias is not None else weight.new_empty(0)
     return dx, dw, db, dinit
 
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .partial_sums import sum_partials
+
 # Launch settings, fixed (no autotuning). None: the rule in `_launch`. benchmarks/bench_small_kernels.py --sweep
 # overrides them to compare variants in one run. Sweep run 1 (H100, Triton 3.6, 16384 rows of 1536 / 5120, GPU ms
 # of each kernel alone): backward loading rstd 0.117 / 0.420 vs recomputing it 0.141 / 0.452; 2 programs per SM
@@ -153,18 +155,6 @@ def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dout_ptr, rstd_ptr, dx_ptr, dz_ptr,
     tl.store(dw_part_ptr + pid * D + ca, dwa, mask=wma)
 
 
-@triton.jit(do_not_specialize=["P", "D"])
-def _dw_sum_kernel(part_ptr, dw_ptr, P, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dw[d] = sum over p of part[p, d], in a fixed order, cast to the weight's dtype."""
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cm = cols < D
-    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        acc += tl.load(part_ptr + p[:, None] * D + cols[None, :], mask=(p < P)[:, None] & cm[None, :], other=0.0)
-    tl.store(dw_ptr + cols, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty), mask=cm)
-
-
 def _rows(t, D):
     """(..., D) -> (M, D) with unit column stride (a view when the layout allows)."""
     t2 = t.reshape(-1, D)
@@ -254,10 +244,7 @@ def _norm_bwd(dout: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weigh
         GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
         BLOCK_M=rows, BLOCK_A=triton.next_power_of_2(group_size), Z_ALIGN=_z_align(z2) if z is not None else 1,
         NUM_STAGES=stages, num_warps=nw)
-    dw = torch.empty(D, device=x.device, dtype=weight.dtype)
-    # all partial rows in one or two loads per program: a loop of small dependent loads would be latency-bound
-    _dw_sum_kernel[(triton.cdiv(D, 32),)](dw_part, dw, n_prog, D, BLOCK_P=min(256, triton.next_power_of_2(n_prog)),
-                                          BLOCK_D=32, num_warps=4)
+    dw = sum_partials(dw_part, weight.dtype)
     return dx.view(x.shape), (dz.view(z.shape) if z is not None else dz), dw
 
 

@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .partial_sums import sum_partials
+
 Tensor = torch.Tensor
 INF = math.inf
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -1269,11 +1271,12 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         L, H, NC, ndcl, float(dt_lo), float(min(dt_hi, 3.0e38)),
         CS=cs, BPN=_pow2(ndcl, 2), PART_BM=BM, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, num_warps=4)
-    dA = dA_part.sum((0, 1)).to(A.dtype)
-    ddt_bias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else x.new_empty(0)
+    dA = sum_partials(dA_part, A.dtype)
+    ddt_bias = sum_partials(dbias_part, dt_bias.dtype) if dt_bias is not None else x.new_empty(0)
     if D is not None:
-        dDf = dD_part.sum((0, 1))
-        dD = (dDf if D.dim() == 2 else dDf.sum(-1)).to(D.dtype)
+        dD_part = dD_part.view(-1, H * P)
+        dD = (sum_partials(dD_part, D.dtype).view(H, P) if D.dim() == 2
+              else sum_partials(dD_part, torch.float32).view(H, P).sum(-1).to(D.dtype))
     else:
         dD = x.new_empty(0)
     dinit_out = dinit.to(initial_states.dtype) if initial_states is not None else x.new_empty(0)
