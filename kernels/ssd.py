@@ -194,6 +194,31 @@ def _cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, NC,
 
 
 @triton.jit
+def _pn_block(pid_pn, NNB, P, N, BP: tl.constexpr, BN: tl.constexpr):
+    """Block pid_pn of a (P, N) state in (BP, BN) blocks, NNB per row of blocks: its rows and columns, their masks,
+    the block's mask and its offsets in the state."""
+    offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
+    offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    return offs_p, offs_n, mp, mn, mp[:, None] & mn[None, :], offs_p[:, None] * N + offs_n[None, :]
+
+
+@triton.jit
+def _store_walk_end(seg_ptr, segdec_ptr, end_ptr, b, hh, H, seg, NSEG, P, N, pn, mpn, pid_pn, value, decay,
+                    TWO_LEVEL: tl.constexpr):
+    """What a state walk leaves: TWO_LEVEL, its segment's value and decay for the segment scan, in (batch, head,
+    segment) order (the scan reads a (batch, head)'s segments as one block); one walk, the end value itself (the
+    final state forward, the initial state's gradient backward)."""
+    if TWO_LEVEL:
+        tl.store(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, value, mask=mpn)
+        if pid_pn == 0:
+            tl.store(segdec_ptr + (b * H + hh) * NSEG + seg, decay)
+    else:
+        tl.store(end_ptr + (b * H + hh) * P * N + pn, value, mask=mpn)
+
+
+@triton.jit
 def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr, seg_ptr, segdec_ptr,
                       tot_ptr, L, H, G, P, N, NC, NNB, SEGC,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -210,12 +235,7 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
     b, hh, g = _batch_head(tl.program_id(1), H, G)
     seg = tl.program_id(2)
     Lp = NC * CS
-    offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
-    offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
-    mp = offs_p < P
-    mn = offs_n < N
-    mpn = mp[:, None] & mn[None, :]
-    pn = offs_p[:, None] * N + offs_n[None, :]
+    offs_p, offs_n, mp, mn, mpn, pn = _pn_block(pid_pn, NNB, P, N, BP, BN)
     c0 = seg * SEGC
     c1 = tl.minimum(c0 + SEGC, NC)
     NSEG = tl.num_programs(2)
@@ -255,12 +275,8 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
                          mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
             xw = (x * w[:, None]).to(DT)
             state += tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
-    if TWO_LEVEL:
-        tl.store(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, state, mask=mpn)
-        if pid_pn == 0:
-            tl.store(segdec_ptr + (b * H + hh) * NSEG + seg, total)
-    else:
-        tl.store(final_ptr + (b * H + hh) * P * N + pn, state, mask=mpn)
+    _store_walk_end(seg_ptr, segdec_ptr, final_ptr, b, hh, H, seg, NSEG, P, N, pn, mpn, pid_pn, state, total,
+                    TWO_LEVEL)
 
 
 @triton.jit
@@ -432,6 +448,8 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
     NPN = tl.num_programs(0)
     b, hh, g = _batch_head(pid_bh, H, G)
     Lp = NC * CS
+    # _pn_block written out: through the helper Triton 3.6 orders this kernel's sm_90 SASS differently (offline),
+    # and this order is the one measured
     offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
     offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
     mp = offs_p < P
@@ -478,12 +496,7 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
             Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
                          mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
             gst += tl.dot(tl.trans((dy * e[:, None]).to(DT)), Ct, input_precision=DOT_PREC)
-    if TWO_LEVEL:  # (batch, head, segment) order: the scan reads a (batch, head)'s segments as one block
-        tl.store(seg_ptr + ((b * H + hh) * NSEG + seg) * P * N + pn, gst, mask=mpn)
-        if pid_pn == 0:
-            tl.store(segdec_ptr + (b * H + hh) * NSEG + seg, prod)
-    else:
-        tl.store(dinit_ptr + (b * H + hh) * P * N + pn, gst, mask=mpn)
+    _store_walk_end(seg_ptr, segdec_ptr, dinit_ptr, b, hh, H, seg, NSEG, P, N, pn, mpn, pid_pn, gst, prod, TWO_LEVEL)
 
 
 @triton.jit
@@ -522,10 +535,7 @@ def _bwd_fix_kernel(dstates_ptr, states_ptr, seg_ptr, tot_ptr, totd_ptr, dcl_ptr
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     hh = bh % H
-    offs_p = (pid_pn // NNB) * BP + tl.arange(0, BP)
-    offs_n = (pid_pn % NNB) * BN + tl.arange(0, BN)
-    mpn = (offs_p < P)[:, None] & (offs_n < N)[None, :]
-    pn = offs_p[:, None] * N + offs_n[None, :]
+    _, _, _, _, mpn, pn = _pn_block(pid_pn, NNB, P, N, BP, BN)
     g = tl.load(seg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + pn, mask=mpn, other=0.0)
     ptr = dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn
     local = tl.load(ptr, mask=mpn, other=0.0).to(tl.float32)
