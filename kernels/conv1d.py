@@ -18,26 +18,38 @@ from .partial_sums import sum_partials
 
 
 @triton.jit
-def _load_xp(x_ptr, init_ptr, b, q, d, mask, L, sxb, sxl, sxd, sib, sid, sik,
-             W: tl.constexpr, HAS_INIT: tl.constexpr, KEEP: tl.constexpr = False):
-    """xp[b, q, d] for a tile of padded positions q (block rows) and channels d (block columns), in float32 (KEEP,
-    without initial states: in x's dtype, exact; it is widened where it is used)."""
+def _row(ptr, b, sb):
+    """ptr at batch row (or partial) b, the offset in int64 (see _base)."""
+    return ptr + b.to(tl.int64) * sb
+
+
+@triton.jit
+def _base(ptr, b, r0, sb, sr):
+    """ptr at batch row b, row r0: in int64, since b * batch stride or a position times the row stride passes 2**31
+    at long sequences (1M tokens x in_proj's 10,576 channels at 2.7b) or large batches; a tile's own offsets from
+    there stay int32."""
+    return _row(ptr, b, sb) + r0.to(tl.int64) * sr
+
+
+@triton.jit
+def _load_xp(xb, ib, q, rel, d, mask, L, sxl, sxd, sid, sik, W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """xp[q, d] of one batch row for a tile of padded positions q (block rows) and channels d (block columns), in
+    float32. xb: x at the row of padded position q - rel; ib: the row's initial state."""
     t = q - (W - 1)
     body = mask & (t >= 0) & (t < L)
-    v = tl.load(x_ptr + b * sxb + t * sxl + d * sxd, mask=body, other=0.0)
-    if not (KEEP and not HAS_INIT):
-        v = v.to(tl.float32)
+    v = tl.load(xb + rel * sxl + d * sxd, mask=body, other=0.0).to(tl.float32)
     if HAS_INIT:
         head = mask & (t < 0) & (q >= 0)
-        v += tl.load(init_ptr + b * sib + d * sid + q * sik, mask=head, other=0.0).to(tl.float32)
+        v += tl.load(ib + d * sid + q * sik, mask=head, other=0.0).to(tl.float32)
     return v
 
 
 @triton.jit
-def _doc_p(seq_ptr, b, q, L, ssb, ssl, W: tl.constexpr):
-    """The document of padded position q: seq_idx at q - (W - 1), and the first document for initial-state slots."""
+def _doc_p(sb, q, L, ssl, W: tl.constexpr):
+    """The document of padded position q (sb: the row's seq_idx): seq_idx at q - (W - 1), and the first document for
+    initial-state slots."""
     t = tl.minimum(tl.maximum(q - (W - 1), 0), L - 1)
-    return tl.load(seq_ptr + b * ssb + t * ssl)
+    return tl.load(sb + t * ssl)
 
 
 @triton.jit
@@ -47,12 +59,17 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                      SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
-    t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    t0 = tl.program_id(1) * BLOCK_L
+    r = tl.arange(0, BLOCK_L)
+    t = t0 + r
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     tm, dm = t < L, d < D
     mask = tm[:, None] & dm[None, :]
+    xb = _base(x_ptr, b, t0 - (W - 1), sxb, sxl)  # the x row of padded position t0
+    ib = _row(init_ptr, b, sib)
+    sb = _row(seq_ptr, b, ssb)
     if HAS_SEQ:
-        doc_t = _doc_p(seq_ptr, b, t + (W - 1), L, ssb, ssl, W)
+        doc_t = _doc_p(sb, t + (W - 1), L, ssl, W)
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
@@ -60,13 +77,14 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
         q = t + k
         keep = mask
         if HAS_SEQ:
-            keep = keep & (_doc_p(seq_ptr, b, q, L, ssb, ssl, W) == doc_t)[:, None]
-        xv = _load_xp(x_ptr, init_ptr, b, q[:, None], d[None, :], keep, L, sxb, sxl, sxd, sib, sid, sik, W, HAS_INIT)
+            keep = keep & (_doc_p(sb, q, L, ssl, W) == doc_t)[:, None]
+        xv = _load_xp(xb, ib, q[:, None], (r + k)[:, None], d[None, :], keep, L, sxl, sxd, sid, sik, W, HAS_INIT)
         wk = tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)
         acc += xv * wk[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    tl.store(out_ptr + b * sob + t[:, None] * sol + d[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    ob = _base(out_ptr, b, t0, sob, sol)
+    tl.store(ob + r[:, None] * sol + d[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -85,32 +103,38 @@ def _tap(k: tl.constexpr, x0, x1, x2, x3):
 @triton.jit
 def _conv_bwd_g_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, g_ptr, dw_part_ptr, db_part_ptr,
                        L, D,
-                       sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sgb, sgl, sgd,
+                       sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sgb, sgl, sgd, s_gb, s_gl,
                        W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                        SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """First pass of the two-pass backward, over output positions t: the pre-activation gradient
-    g[t] = dy[t] silu'(y[t]) (y recomputed from the W taps, as the forward), stored in float32, and the weight and
-    bias gradients' partial sums of this tile (g[t] xp[t + k] over the taps k of t's own document)."""
+    g[t] = dy[t] silu'(y[t]) (y recomputed from the W taps, as the forward), stored in float32 (row strides s_gb,
+    s_gl, channels contiguous), and the weight and bias gradients' partial sums of this tile (g[t] xp[t + k] over the
+    taps k of t's own document)."""
     b = tl.program_id(0)
     pid_l = tl.program_id(1)
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    t0 = pid_l * BLOCK_L
+    r = tl.arange(0, BLOCK_L)
+    t = t0 + r
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     tm, dm = t < L, d < D
     mask = tm[:, None] & dm[None, :]
     part = b * tl.num_programs(1) + pid_l
+    xb = _base(x_ptr, b, t0 - (W - 1), sxb, sxl)
+    ib = _row(init_ptr, b, sib)
+    sb = _row(seq_ptr, b, ssb)
     if HAS_SEQ:
-        doc_t = _doc_p(seq_ptr, b, t + (W - 1), L, ssb, ssl, W)
+        doc_t = _doc_p(sb, t + (W - 1), L, ssl, W)
     y = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-    # the W taps' inputs, kept (in x's dtype where exact) for the weight gradient
+    # the W taps' inputs, kept for the weight gradient
     x0 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     x1, x2, x3 = x0, x0, x0
     for k in tl.static_range(W):
         keep = mask
         if HAS_SEQ:
-            keep = keep & (_doc_p(seq_ptr, b, t + k, L, ssb, ssl, W) == doc_t)[:, None]
-        xv = _load_xp(x_ptr, init_ptr, b, (t + k)[:, None], d[None, :], keep, L, sxb, sxl, sxd, sib, sid, sik, W,
+            keep = keep & (_doc_p(sb, t + k, L, ssl, W) == doc_t)[:, None]
+        xv = _load_xp(xb, ib, (t + k)[:, None], (r + k)[:, None], d[None, :], keep, L, sxl, sxd, sid, sik, W,
                       HAS_INIT)
         y += xv * tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)[None, :]
         if k == 0:
@@ -121,56 +145,63 @@ def _conv_bwd_g_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, g_pt
             x2 = xv
         if k == 3:
             x3 = xv
-    g = tl.load(dout_ptr + b * sgb + t[:, None] * sgl + d[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
+    gb = _base(dout_ptr, b, t0, sgb, sgl)
+    g = tl.load(gb + r[:, None] * sgl + d[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
     if SILU:
         sig = tl.sigmoid(y)
         g = g * sig * (1.0 + y * (1.0 - sig))
-    tl.store(g_ptr + (b * L + t[:, None]) * D + d[None, :], g, mask=mask)
+    tl.store(_base(g_ptr, b, t0, s_gb, s_gl) + r[:, None] * s_gl + d[None, :], g, mask=mask)
+    pb = _row(dw_part_ptr, part, W * D)
     for k in tl.static_range(W):
-        tl.store(dw_part_ptr + (part * W + k) * D + d, tl.sum(g * _tap(k, x0, x1, x2, x3), axis=0), mask=dm)
+        tl.store(pb + k * D + d, tl.sum(g * _tap(k, x0, x1, x2, x3), axis=0), mask=dm)
     if HAS_BIAS:
-        tl.store(db_part_ptr + part * D + d, tl.sum(g, axis=0), mask=dm)
+        tl.store(_row(db_part_ptr, part, D) + d, tl.sum(g, axis=0), mask=dm)
 
 
 @triton.jit
 def _conv_bwd_dx_kernel(w_ptr, seq_ptr, g_ptr, dfinal_ptr, dx_ptr, dinit_ptr,
                         L, D,
-                        swd, swk, ssb, ssl, sfb, sfd, sfk, sdxb, sdxl, sdxd, sdib, sdid, sdik,
+                        swd, swk, ssb, ssl, s_gb, s_gl, sfb, sfd, sfk, sdxb, sdxl, sdxd, sdib, sdid, sdik,
                         W: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
                         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Second pass, over padded positions p: dxp[p] = Σ_j w[j] g[p - j] over the outputs t = p - j of p's own
     document (+ the final state's gradient); dxp of the body is dx, of the first W - 1 positions the initial state's
     gradient."""
     b = tl.program_id(0)
-    p = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    p0 = tl.program_id(1) * BLOCK_L
+    r = tl.arange(0, BLOCK_L)
+    p = p0 + r
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
     pm = p < L + W - 1
+    sb = _row(seq_ptr, b, ssb)
     if HAS_SEQ:
-        doc = _doc_p(seq_ptr, b, p, L, ssb, ssl, W)
+        doc = _doc_p(sb, p, L, ssl, W)
+    gb = _base(g_ptr, b, p0, s_gb, s_gl)  # g's row of output position p0
     dxp = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     for j in tl.static_range(W):
         t = p - j
         keep = (t >= 0) & (t < L) & pm
         if HAS_SEQ:
-            keep = keep & (_doc_p(seq_ptr, b, t + (W - 1), L, ssb, ssl, W) == doc)
-        gv = tl.load(g_ptr + (b * L + t[:, None]) * D + d[None, :], mask=keep[:, None] & dm[None, :], other=0.0)
+            keep = keep & (_doc_p(sb, t + (W - 1), L, ssl, W) == doc)
+        gv = tl.load(gb + (r - j)[:, None] * s_gl + d[None, :], mask=keep[:, None] & dm[None, :], other=0.0)
         dxp += gv * tl.load(w_ptr + d * swd + j * swk, mask=dm, other=0.0).to(tl.float32)[None, :]
     if HAS_DFINAL:
         i = p - L
         fkeep = (i >= 0) & pm
         if HAS_SEQ:
-            fkeep = fkeep & (doc == _doc_p(seq_ptr, b, L + W - 2, L, ssb, ssl, W))
-        dxp += tl.load(dfinal_ptr + b * sfb + d[None, :] * sfd + i[:, None] * sfk,
+            fkeep = fkeep & (doc == _doc_p(sb, L + W - 2, L, ssl, W))
+        dxp += tl.load(_row(dfinal_ptr, b, sfb) + d[None, :] * sfd + i[:, None] * sfk,
                        mask=fkeep[:, None] & dm[None, :], other=0.0).to(tl.float32)
     t = p - (W - 1)
     body = (t >= 0) & pm
-    tl.store(dx_ptr + b * sdxb + t[:, None] * sdxl + d[None, :] * sdxd, dxp.to(dx_ptr.dtype.element_ty),
+    dxb = _base(dx_ptr, b, p0 - (W - 1), sdxb, sdxl)  # dx's row of padded position p0
+    tl.store(dxb + r[:, None] * sdxl + d[None, :] * sdxd, dxp.to(dx_ptr.dtype.element_ty),
              mask=body[:, None] & dm[None, :])
     if HAS_INIT:
         head = (t < 0) & pm
-        tl.store(dinit_ptr + b * sdib + d[None, :] * sdid + p[:, None] * sdik, dxp.to(dinit_ptr.dtype.element_ty),
-                 mask=head[:, None] & dm[None, :])
+        tl.store(_row(dinit_ptr, b, sdib) + d[None, :] * sdid + p[:, None] * sdik,
+                 dxp.to(dinit_ptr.dtype.element_ty), mask=head[:, None] & dm[None, :])
 
 
 # The backward's tiles (BLOCK_L, BLOCK_D, num_warps): its first pass (g) and its second (dx). Measured on an H100
@@ -252,7 +283,7 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         x, weight, bias if bias is not None else weight, seq, init, dout, g, dw_part, db_part, L, D,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), *ss,
         *(initial_states.stride() if initial_states is not None else (0, 0, 0)),
-        dout.stride(0), dout.stride(1), dout.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), g.stride(0), g.stride(1),
         W=W, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None,
         SILU=silu, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
     dx = torch.empty(b, L, D, device=x.device, dtype=x.dtype)
@@ -260,7 +291,8 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
              else x.new_empty(0))
     _conv_bwd_dx_kernel[(b, triton.cdiv(L + W - 1, BL2), triton.cdiv(D, BD2))](
         weight, seq, g, dfinal if dfinal is not None else x, dx, dinit if initial_states is not None else dx, L, D,
-        weight.stride(0), weight.stride(1), *ss, *(dfinal.stride() if dfinal is not None else (0, 0, 0)),
+        weight.stride(0), weight.stride(1), *ss, g.stride(0), g.stride(1),
+        *(dfinal.stride() if dfinal is not None else (0, 0, 0)),
         dx.stride(0), dx.stride(1), dx.stride(2), *(dinit.stride() if initial_states is not None else (0, 0, 0)),
         W=W, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None, HAS_DFINAL=dfinal is not None,
         BLOCK_L=BL2, BLOCK_D=BD2, num_warps=nw2)
