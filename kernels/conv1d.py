@@ -53,11 +53,12 @@ def _doc_p(sb, q, L, ssl, W: tl.constexpr):
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
-                     L, D,
-                     sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sob, sol, sod,
-                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-                     SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def _preactivation(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, L, D, sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik,
+                   W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+                   BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The output tile of program (batch row b, position block, channel block): its first position t0, positions
+    t = t0 + r, channels d and mask, and the pre-activation y = bias + Σ_k w[k] xp[t + k] over the taps of t's own
+    document, with the W taps' inputs (for the weight gradient; unused ones stay zero)."""
     b = tl.program_id(0)
     t0 = tl.program_id(1) * BLOCK_L
     r = tl.arange(0, BLOCK_L)
@@ -70,17 +71,38 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
     sb = _row(seq_ptr, b, ssb)
     if HAS_SEQ:
         doc_t = _doc_p(sb, t + (W - 1), L, ssl, W)
-    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    y = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    x0 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    x1, x2, x3 = x0, x0, x0
     for k in tl.static_range(W):
         q = t + k
         keep = mask
         if HAS_SEQ:
             keep = keep & (_doc_p(sb, q, L, ssl, W) == doc_t)[:, None]
         xv = _load_xp(xb, ib, q[:, None], (r + k)[:, None], d[None, :], keep, L, sxl, sxd, sid, sik, W, HAS_INIT)
-        wk = tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)
-        acc += xv * wk[None, :]
+        y += xv * tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)[None, :]
+        if k == 0:
+            x0 = xv
+        if k == 1:
+            x1 = xv
+        if k == 2:
+            x2 = xv
+        if k == 3:
+            x3 = xv
+    return b, t0, r, d, dm, mask, y, x0, x1, x2, x3
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
+                     L, D,
+                     sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sob, sol, sod,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+                     SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, t0, r, d, dm, mask, acc, _, _, _, _ = _preactivation(
+        x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, L, D, sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik,
+        W, HAS_BIAS, HAS_SEQ, HAS_INIT, BLOCK_L, BLOCK_D)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     ob = _base(out_ptr, b, t0, sob, sol)
@@ -110,41 +132,10 @@ def _conv_bwd_g_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, g_pt
     g[t] = dy[t] silu'(y[t]) (y recomputed from the W taps, as the forward), stored in float32 (row strides s_gb,
     s_gl, channels contiguous), and the weight and bias gradients' partial sums of this tile (g[t] xp[t + k] over the
     taps k of t's own document)."""
-    b = tl.program_id(0)
-    pid_l = tl.program_id(1)
-    t0 = pid_l * BLOCK_L
-    r = tl.arange(0, BLOCK_L)
-    t = t0 + r
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    tm, dm = t < L, d < D
-    mask = tm[:, None] & dm[None, :]
-    part = b * tl.num_programs(1) + pid_l
-    xb = _base(x_ptr, b, t0 - (W - 1), sxb, sxl)
-    ib = _row(init_ptr, b, sib)
-    sb = _row(seq_ptr, b, ssb)
-    if HAS_SEQ:
-        doc_t = _doc_p(sb, t + (W - 1), L, ssl, W)
-    y = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-    # the W taps' inputs, kept for the weight gradient
-    x0 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    x1, x2, x3 = x0, x0, x0
-    for k in tl.static_range(W):
-        keep = mask
-        if HAS_SEQ:
-            keep = keep & (_doc_p(sb, t + k, L, ssl, W) == doc_t)[:, None]
-        xv = _load_xp(xb, ib, (t + k)[:, None], (r + k)[:, None], d[None, :], keep, L, sxl, sxd, sid, sik, W,
-                      HAS_INIT)
-        y += xv * tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)[None, :]
-        if k == 0:
-            x0 = xv
-        if k == 1:
-            x1 = xv
-        if k == 2:
-            x2 = xv
-        if k == 3:
-            x3 = xv
+    part = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    b, t0, r, d, dm, mask, y, x0, x1, x2, x3 = _preactivation(
+        x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, L, D, sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik,
+        W, HAS_BIAS, HAS_SEQ, HAS_INIT, BLOCK_L, BLOCK_D)
     gb = _base(dout_ptr, b, t0, sgb, sgl)
     g = tl.load(gb + r[:, None] * sgl + d[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
     if SILU:
