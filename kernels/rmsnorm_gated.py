@@ -47,7 +47,8 @@ def _row_offset(rows, stride, ALIGN: tl.constexpr):
 
 @triton.jit
 def _load_gated(x_ptr, z_ptr, xo, zo, cols, mask, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
-    """x, the normalised input u, silu(z) and silu'(z) of one column block (x itself where there is no z)."""
+    """x, the input to normalise u, silu(z) and silu'(z) of a tile of rows and a group's columns (x itself where there
+    is no z)."""
     x = tl.load(x_ptr + xo[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = x
     gate = x
@@ -76,27 +77,27 @@ def _store_out(out_ptr, oo, w_ptr, cols, wmask, mask, u, gate, rstd,
 def _rmsnorm_fwd_kernel(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, M, eps,
                         sxm, szm, som,
                         GS: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, Z_ALIGN: tl.constexpr):
-    # the group's columns, GS padded to the power of 2 BLOCK_A
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Z_ALIGN: tl.constexpr):
+    # the group's columns, GS padded to the power of 2 BLOCK_N
     grp = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     xo = _row_offset(rows, sxm, 1)
     zo = _row_offset(rows, szm, Z_ALIGN)
     oo = _row_offset(rows, som, 1)
-    ca = grp * GS + tl.arange(0, BLOCK_A)
-    wma = tl.arange(0, BLOCK_A) < GS
-    ma = rmask[:, None] & wma[None, :]
-    _, ua, gatea, _ = _load_gated(x_ptr, z_ptr, xo, zo, ca, ma, HAS_Z, NORM_BEFORE_GATE)
-    ss = tl.sum(ua * ua, axis=1)
+    cols = grp * GS + tl.arange(0, BLOCK_N)
+    cmask = tl.arange(0, BLOCK_N) < GS
+    mask = rmask[:, None] & cmask[None, :]
+    _, u, gate, _ = _load_gated(x_ptr, z_ptr, xo, zo, cols, mask, HAS_Z, NORM_BEFORE_GATE)
+    ss = tl.sum(u * u, axis=1)
     rstd = 1.0 / tl.sqrt(ss / GS + eps)
     tl.store(rstd_ptr + grp * M + rows, rstd, mask=rmask)
-    _store_out(out_ptr, oo, w_ptr, ca, wma, ma, ua, gatea, rstd, HAS_Z, NORM_BEFORE_GATE)
+    _store_out(out_ptr, oo, w_ptr, cols, cmask, mask, u, gate, rstd, HAS_Z, NORM_BEFORE_GATE)
 
 
 @triton.jit
 def _bwd_dn(u, rstd, dy, w, gate, dgate, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
-    """Per column block, before the row sum: n = u * rstd, the gradient reaching n (dn), the gradient reaching
+    """Before the row sum: n = u * rstd, the gradient reaching n (dn), the gradient reaching
     weight (dy * n, to be summed over rows) and, for norm_before_gate, dz."""
     n = u * rstd[:, None]
     dz = n
@@ -124,14 +125,14 @@ def _bwd_store(dx_ptr, dz_ptr, dxo, dzo, cols, mask, x, n, dn, c, rstd, gate, dg
 def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dout_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr, M, D, eps,
                         rows_per_prog, sxm, szm, sgm, sdxm, sdzm,
                         GS: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, Z_ALIGN: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Z_ALIGN: tl.constexpr,
                         NUM_STAGES: tl.constexpr):
     pid = tl.program_id(0)
     grp = tl.program_id(1)
-    ca = grp * GS + tl.arange(0, BLOCK_A)
-    wma = tl.arange(0, BLOCK_A) < GS
-    wa = tl.load(w_ptr + ca, mask=wma, other=0.0).to(tl.float32)
-    dwa = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    cols = grp * GS + tl.arange(0, BLOCK_N)
+    cmask = tl.arange(0, BLOCK_N) < GS
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
     for r0 in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
@@ -140,19 +141,19 @@ def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dout_ptr, rstd_ptr, dx_ptr, dz_ptr,
         xo = _row_offset(rows, sxm, 1)
         zo = _row_offset(rows, szm, Z_ALIGN)
         go = _row_offset(rows, sgm, 1)
-        ma = rmask[:, None] & wma[None, :]
-        xa, ua, gatea, dgatea = _load_gated(x_ptr, z_ptr, xo, zo, ca, ma, HAS_Z, NORM_BEFORE_GATE)
-        dya = tl.load(dout_ptr + go[:, None] + ca[None, :], mask=ma, other=0.0).to(tl.float32)
+        mask = rmask[:, None] & cmask[None, :]
+        x, u, gate, dgate = _load_gated(x_ptr, z_ptr, xo, zo, cols, mask, HAS_Z, NORM_BEFORE_GATE)
+        dy = tl.load(dout_ptr + go[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + grp * M + rows, mask=rmask, other=0.0)
-        na, dna, dwra, dza = _bwd_dn(ua, rstd, dya, wa, gatea, dgatea, HAS_Z, NORM_BEFORE_GATE)
-        dwa += tl.sum(dwra, axis=0)
-        s = tl.sum(dna * na, axis=1)
+        n, dn, dwr, dz = _bwd_dn(u, rstd, dy, w, gate, dgate, HAS_Z, NORM_BEFORE_GATE)
+        dw += tl.sum(dwr, axis=0)
+        s = tl.sum(dn * n, axis=1)
         c = s / GS
         dxo = _row_offset(rows, sdxm, 1)
         dzo = _row_offset(rows, sdzm, 1)
-        _bwd_store(dx_ptr, dz_ptr, dxo, dzo, ca, ma, xa, na, dna, c, rstd, gatea, dgatea, dza,
+        _bwd_store(dx_ptr, dz_ptr, dxo, dzo, cols, mask, x, n, dn, c, rstd, gate, dgate, dz,
                    HAS_Z, NORM_BEFORE_GATE)
-    tl.store(dw_part_ptr + pid * D + ca, dwa, mask=wma)
+    tl.store(dw_part_ptr + pid * D + cols, dw, mask=cmask)
 
 
 def _rows(t, D):
@@ -206,7 +207,7 @@ def _norm_fwd(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps
         _rmsnorm_fwd_kernel[grid](x2, z2 if z is not None else x2, weight, out, rstd, M, eps,
                                   x2.stride(0), z2.stride(0) if z is not None else 0, out.stride(0),
                                   GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
-                                  BLOCK_M=rows, BLOCK_A=triton.next_power_of_2(group_size),
+                                  BLOCK_M=rows, BLOCK_N=triton.next_power_of_2(group_size),
                                   Z_ALIGN=_z_align(z2) if z is not None else 1, num_warps=nw)
     return out.view(x.shape), rstd
 
@@ -242,7 +243,7 @@ def _norm_bwd(dout: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None, weigh
         rows_per_prog, x2.stride(0), z2.stride(0) if z is not None else 0, g2.stride(0), dx.stride(0),
         dz.stride(0) if z is not None else 0,
         GS=group_size, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
-        BLOCK_M=rows, BLOCK_A=triton.next_power_of_2(group_size), Z_ALIGN=_z_align(z2) if z is not None else 1,
+        BLOCK_M=rows, BLOCK_N=triton.next_power_of_2(group_size), Z_ALIGN=_z_align(z2) if z is not None else 1,
         NUM_STAGES=stages, num_warps=nw)
     dw = sum_partials(dw_part, weight.dtype)
     return dx.view(x.shape), (dz.view(z.shape) if z is not None else dz), dw
