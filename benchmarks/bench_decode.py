@@ -136,8 +136,9 @@ def ours(name, batch, args, variant):
 @torch.inference_mode()
 def graph_trace(args, variants):
     """Batch --trace-batch (default 1), each model and variant: 10 captured steps under the CUDA profiler. Per
-    kernel (name and grid): calls per step, median device time (with PDL it includes the time spent waiting on the kernel before), and
-    median increment of the chain's end (its end minus the previous kernel's end: what it adds to the step)."""
+    kernel (name and grid): calls per step, median device time (with PDL it includes the time spent waiting on the
+    kernel before), and median increment of the chain's end (its end minus the previous kernel's end: what it adds
+    to the step)."""
     import tempfile
     from statistics import median
 
