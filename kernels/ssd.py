@@ -573,16 +573,14 @@ def _bwd_dcl_kernel(states_ptr, gseg_ptr, totd_ptr, dcl_ptr, H, PN, NC, NSEG, SE
 
 
 @triton.jit
-def _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG, pn, mpn,
-                  FOLD_SEG: tl.constexpr, DT: tl.constexpr):
-    """The gradient leaving chunk c as a dot operand: dstates as stored, or (FOLD_SEG: the two-level reverse pass
-    without its fix-up pass) the walk's gradient from its segment's start plus tot_c · the gradient leaving the
-    segment, summed in float32 and rounded once for the dot."""
-    gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0)
-    if FOLD_SEG:
-        g = tl.load(gseg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + pn, mask=mpn, other=0.0)
-        gs = gs.to(tl.float32) + tl.load(tot_ptr + (b * H + hh) * NC + c) * g.to(tl.float32)
-    return gs.to(DT)
+def _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG, pn, mpn, DT: tl.constexpr):
+    """The gradient leaving chunk c as a dot operand when the two-level reverse pass leaves its chunks' gradients
+    un-fixed (FOLD_SEG): the walk's gradient from its segment's start plus tot_c · the gradient leaving the segment,
+    summed in float32 and rounded once for the dot. (The readers load dstates inline otherwise: that is the code
+    measured on the GPU.)"""
+    gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+    g = tl.load(gseg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+    return (gs + tl.load(tot_ptr + (b * H + hh) * NC + c) * g).to(DT)
 
 
 @triton.jit
@@ -633,8 +631,12 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     xo = ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :]
     mo = ms[:, None] & mp[None, :]
     x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
-    gs = _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG,
-                       offs_p[:, None] * N + offs_n[None, :], mp[:, None] & mn[None, :], FOLD_SEG, DT)
+    if FOLD_SEG:
+        gs = _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG,
+                           offs_p[:, None] * N + offs_n[None, :], mp[:, None] & mn[None, :], DT)
+    else:
+        gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                     mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
     # the chunk state's gradient reaches x, B and cum through w_s dt_s x_s B_s^T
     S = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC)
     v = tl.sum(x_s * dt_s[:, None] * S * w[:, None], 1)
@@ -845,8 +847,12 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                 w = tl.where(in_last, w, 0.0)
             x_u = tl.load(x_ptr + ((b * L + u[:, None]) * H + hh) * P + offs_p[None, :],
                           mask=mu[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            gs = _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG,
-                               offs_p[:, None] * N + offs_n[None, :], mpn, FOLD_SEG, DT)
+            if FOLD_SEG:
+                gs = _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG,
+                                   offs_p[:, None] * N + offs_n[None, :], mpn, DT)
+            else:
+                gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                             mask=mpn, other=0.0).to(DT)
             acc += tl.dot((x_u * w[:, None]).to(DT), gs, input_precision=DOT_PREC)
         for i in range(mblk, NM):
             t = c * CS + i * BM + tl.arange(0, BM)
