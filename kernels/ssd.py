@@ -596,7 +596,8 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     state's share of d cum (v) and dD partials. C·B^T tiles: CB_T, the transposed copy `_bwd_dcb_kernel` stores
     (input dtype); else USE_CB, the precomputed float32 C·B; else recomputed. HEADS_FASTEST: grid (batch·heads,
     blocks), so the heads sharing a C·B tile run together and read it from L2. The diagonal tile comes last: its
-    dy tile is dy_s, reused for the D term."""
+    dy tile is dy_s, reused for the D term. FOLD_SEG (two-level reverse pass, no fix-up pass): the chunk's gradient
+    is the walk's plus tot_c · G_seg, 1: summed before the dot (`_seg_gradient`), 2: as a second dot."""
     if HEADS_FASTEST:
         pid_m = tl.program_id(1)
         pid_bh = tl.program_id(0)
@@ -631,14 +632,20 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     xo = ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :]
     mo = ms[:, None] & mp[None, :]
     x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
-    if FOLD_SEG:
+    if FOLD_SEG == 1:
         gs = _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG,
                            offs_p[:, None] * N + offs_n[None, :], mp[:, None] & mn[None, :], DT)
     else:
         gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
                      mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
     # the chunk state's gradient reaches x, B and cum through w_s dt_s x_s B_s^T
-    S = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC)
+    if FOLD_SEG == 2:  # the segment's term as its own dot: each part rounded once, no (P, N) elementwise pass
+        gseg = tl.load(gseg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                       mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
+        S = tl.dot(B_s, tl.trans(gs), tl.dot(B_s, tl.trans(gseg), input_precision=DOT_PREC)
+                   * tl.load(tot_ptr + (b * H + hh) * NC + c), input_precision=DOT_PREC)
+    else:
+        S = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC)
     v = tl.sum(x_s * dt_s[:, None] * S * w[:, None], 1)
     cum_r = tl.load(cum_ptr + base + s0 + BM - 1)  # the s block's last position
     span = tl.load(cum_ptr + base + s0) - cum_r
@@ -782,8 +789,9 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                    DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """dC (DO_DC) or dB of one block of positions u, per group: the state terms head by head (dC: e_u dy_u h_in,
     also each head's d cum from it; dB: w_u dt_u x_u dstate_out), then the quadratic term once for all heads
-    from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t). FOLD_SEG: dstate_out from the
-    two-level walk plus its segment's term (`_seg_gradient`); DCL_IN_DC: the dC pass, which holds h_in, also adds
+    from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t). FOLD_SEG (as dx's): dstate_out
+    from the two-level walk plus its segment's term, 1: summed before the dot (`_seg_gradient`), 2: as a second
+    dot; DCL_IN_DC: the dC pass, which holds h_in, also adds
     the segment's d cum_last term totd_c · Σ G_seg ⊙ h_in to the walk's first partial slot, each head of a chunk
     in one of the chunk's NM blocks (head hi in block hi % NM)."""
     pid_m = tl.program_id(0)
@@ -847,13 +855,18 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                 w = tl.where(in_last, w, 0.0)
             x_u = tl.load(x_ptr + ((b * L + u[:, None]) * H + hh) * P + offs_p[None, :],
                           mask=mu[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            if FOLD_SEG:
+            if FOLD_SEG == 1:
                 gs = _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG,
                                    offs_p[:, None] * N + offs_n[None, :], mpn, DT)
             else:
                 gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
                              mask=mpn, other=0.0).to(DT)
             acc += tl.dot((x_u * w[:, None]).to(DT), gs, input_precision=DOT_PREC)
+            if FOLD_SEG == 2:  # the segment's term as its own dot, tot_c in the row factor
+                gseg = tl.load(gseg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + offs_p[:, None] * N
+                               + offs_n[None, :], mask=mpn, other=0.0).to(DT)
+                acc = tl.dot((x_u * (w * tl.load(tot_ptr + (b * H + hh) * NC + c))[:, None]).to(DT), gseg, acc,
+                             input_precision=DOT_PREC)
         for i in range(mblk, NM):
             t = c * CS + i * BM + tl.arange(0, BM)
             C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
@@ -980,9 +993,10 @@ CONFIG = dict(
     bwd_state_segments=None, bwd_state_seg_below=256, bwd_state_seg_target=512, bwd_state_seg_chunks=8,
     # two-level reverse pass without its fix-up pass over dstates (v10-bwd): dx and dB add tot_c · G_seg to the
     # walk's gradient themselves; the d cum_last term totd_c · Σ G_seg ⊙ h_in in a small kernel ("kernel") or in
-    # the dC pass, which loads h_in anyway ("dc"); G_seg in float32 (bwd_fold_g32) or in dstates' dtype. False: the
-    # v8-bwd fix-up kernel (being measured against, run 12)
-    bwd_state_fold=True, bwd_fold_dcl="kernel", bwd_fold_g32=False,
+    # the dC pass, which loads h_in anyway ("dc"); G_seg in float32 (bwd_fold_g32) or in dstates' dtype; the term
+    # added to the walk's gradient before one dot, or (bwd_fold_dots) as a second dot with G_seg. False: the v8-bwd
+    # fix-up kernel (being measured against, run 12)
+    bwd_state_fold=True, bwd_fold_dcl="kernel", bwd_fold_g32=False, bwd_fold_dots=False,
 )
 
 
@@ -1265,6 +1279,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     # two-level: the readers of dstates (dx, dB) add each chunk's segment term themselves (fold), or (old path,
     # CONFIG bwd_state_fold False) `_bwd_fix_kernel` adds it to dstates in place
     fold = two_level and bool(CONFIG["bwd_state_fold"])
+    fold_seg = (2 if CONFIG["bwd_fold_dots"] else 1) if fold else 0
     dcl_in_dc = fold and CONFIG["bwd_fold_dcl"] == "dc"
     segbuf = torch.empty(b, H, nseg, P, N, device=dev, dtype=f32) if two_level else dummy
     gseg = torch.empty(b, H, nseg, P, N, device=dev, dtype=f32 if CONFIG["bwd_fold_g32"] or not fold
@@ -1325,7 +1340,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
             L, H, G, P, N, NC, nseg, seg_len,
             CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
             HAS_SEQ=seq_idx is not None, USE_CB=use_cb, CB_T=cb_t, FOLD=_fold(N, seq_idx), HEADS_FASTEST=heads_fast,
-            FOLD_SEG=fold, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "dx_warps"), num_stages=_stages(BP, BN, "dx_stages"),
+            FOLD_SEG=fold_seg, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "dx_warps"),
+            num_stages=_stages(BP, BN, "dx_stages"),
             **_maxnreg("dx_maxnreg", 168 if BN <= 64 else None))
     # 4. dB and dC per group from dCB, with the state terms head by head
     dB = torch.empty_like(B)
@@ -1333,7 +1349,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
     bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
                dB, dC, dcum_b, gseg, tot, totd, dcl, L, H, G, P, N, NC, nseg, seg_len, ndcl)
-    bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, FOLD_SEG=fold, DOT_PREC=prec, DT=ddt_,
+    bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, FOLD_SEG=fold_seg, DOT_PREC=prec,
+                 DT=ddt_,
                  num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"),
                  **_maxnreg("bc_maxnreg", 128 if BN <= 128 else None))
     _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, DCL_IN_DC=dcl_in_dc, **bc_kw)

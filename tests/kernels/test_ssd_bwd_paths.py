@@ -56,6 +56,8 @@ def test_two_level_reverse_state_pass(monkeypatch, nseg, cs, shape, kw):
     ({"bwd_fold_dcl": "dc", "bwd_bm": 16}, 32, (1, 200, 4, 16, 1, 16), torch.float32),
     ({"bwd_fold_dcl": "dc"}, 16, (2, 150, 2, 16, 1, 32), torch.bfloat16),
     ({"bwd_fold_g32": True}, 16, (2, 150, 2, 16, 1, 32), torch.bfloat16),  # the segments' gradients in float32
+    ({"bwd_fold_dots": True}, 16, (2, 150, 2, 16, 1, 32), torch.float32),  # the segment term as a second dot
+    ({"bwd_fold_dots": True, "bwd_fold_dcl": "dc"}, 16, (2, 150, 2, 16, 1, 32), torch.bfloat16),
 ])
 def test_two_level_segment_term_variants(monkeypatch, cfg, cs, shape, dtype):
     # the default folds each chunk's segment term into dx / dB and adds the d cum_last term in _bwd_dcl_kernel (the
