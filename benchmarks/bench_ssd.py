@@ -269,20 +269,17 @@ SWEEP_BWD4 = [{}, {"bwd_state_segments": 1},
               {"bwd_state_seg_target": 2048, "bwd_state_seg_chunks": 4},
               {"bwd_state_seg_target": 4096, "bwd_state_seg_chunks": 4},
               {"bwd_state_seg_target": 1024}, {"bwd_state_seg_below": 512}, {"bwd_state_seg_below": 128}]
-# backward round 6 (helper fixfold, v10-bwd): the two-level reverse pass without its fix-up pass over dstates (dx and
-# dB add each chunk's segment term, the d cum_last term in a small kernel: the default) against the v8-bwd fix-up
-# kernel, the d cum_last term in the dC pass, the segments' gradients in float32, the term as a second dot, and (the
-# fix-up's bytes were why dstate 128 at batch 2 kept one walk) the two-level pass at dstate 128 / 32K
-SWEEP_FIXFOLD = [{}, {"bwd_state_fold": False}, {"bwd_fold_dcl": "dc"}, {"bwd_fold_g32": True},
-                 {"bwd_fold_dots": True}, {"bwd_state_seg_below": 512}]
+# backward round 6 (helper fixfold, v10-bwd, run 12): the two-level reverse pass without its fix-up pass over dstates
+# (dx and dB adding each chunk's segment term themselves, the d cum_last term in a small kernel or in the dC pass, the
+# segments' gradients in 16 or 32 bits, the term summed or as a second dot) lost or tied against the fix-up pass at
+# every point and was removed (notes/ssd_kernels.md v10-bwd; its sweep set "fixfold" is in commit 5da6e76)
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
               "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
                            "fb"),
               "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [16384, 32768, 65536], "fwd"),
-              "bwd3": (SWEEP_BWD3, None, "fb"), "bwd4": (SWEEP_BWD4, [65536, 32768, 16384], "fb"),
-              "fixfold": (SWEEP_FIXFOLD, [65536, 32768, 16384], "fb")}
+              "bwd3": (SWEEP_BWD3, None, "fb"), "bwd4": (SWEEP_BWD4, [65536, 32768, 16384], "fb")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 

@@ -500,12 +500,12 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
 
 
 @triton.jit
-def _bwd_seg_kernel(seg_ptr, segdec_ptr, gseg_ptr, dinit_ptr, PN, NSEG, BLOCK: tl.constexpr, SEGP: tl.constexpr):
+def _bwd_seg_kernel(seg_ptr, segdec_ptr, dinit_ptr, PN, NSEG, BLOCK: tl.constexpr, SEGP: tl.constexpr):
     """Second level of the two-level reverse state pass, elementwise over a block of (P, N):
     the gradient entering segment k is E_k = D_k E_{k+1} + l_k (l: the segment's own part, from dfinal for the
-    last; D: its decay product), chained by one scan over the segments loaded last first. `gseg` slot k gets the
-    gradient leaving segment k, E_{k+1}, the last segment's slot zero (its walk started from dfinal), so a reader
-    adds tot_c · gseg[segment of c] to any chunk's walked gradient; E_0 is the initial state's gradient."""
+    last; D: its decay product), chained by one scan over the segments loaded last first. Slot k is replaced by
+    the gradient leaving segment k, E_{k+1} (the last segment's slot is left: nothing reads it); E_0 is the initial
+    state's gradient."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -518,10 +518,8 @@ def _bwd_seg_kernel(seg_ptr, segdec_ptr, gseg_ptr, dinit_ptr, PN, NSEG, BLOCK: t
     dec = tl.load(segdec_ptr + bh * NSEG + k, mask=mr, other=1.0)
     _, e = tl.associative_scan((tl.broadcast_to(dec[:, None], (SEGP, BLOCK)), local), 0, _linear_step)
     # e[r] = E_k enters segment k and leaves segment k - 1
-    gty = gseg_ptr.dtype.element_ty
-    tl.store(gseg_ptr + (bh * NSEG + k[:, None] - 1) * PN + offs[None, :], e.to(gty),
+    tl.store(seg_ptr + (bh * NSEG + k[:, None] - 1) * PN + offs[None, :], e,
              mask=(mr & (k >= 1))[:, None] & m[None, :])
-    tl.store(gseg_ptr + (bh * NSEG + NSEG - 1) * PN + offs, tl.zeros((BLOCK,), gty), mask=m)
     tl.store(dinit_ptr + bh * PN + offs, tl.sum(tl.where((k == 0)[:, None], e, 0.0), 0), mask=m)
 
 
@@ -538,7 +536,7 @@ def _bwd_fix_kernel(dstates_ptr, states_ptr, seg_ptr, tot_ptr, totd_ptr, dcl_ptr
     b = (bh // H).to(tl.int64)
     hh = bh % H
     _, _, _, _, mpn, pn = _pn_block(pid_pn, NNB, P, N, BP, BN)
-    g = tl.load(seg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+    g = tl.load(seg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + pn, mask=mpn, other=0.0)
     ptr = dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn
     local = tl.load(ptr, mask=mpn, other=0.0).to(tl.float32)
     tl.store(ptr, (local + tl.load(tot_ptr + (b * H + hh) * NC + c) * g).to(dstates_ptr.dtype.element_ty),
@@ -554,50 +552,19 @@ def _bwd_fix_kernel(dstates_ptr, states_ptr, seg_ptr, tot_ptr, totd_ptr, dcl_ptr
 
 
 @triton.jit
-def _bwd_dcl_kernel(states_ptr, gseg_ptr, totd_ptr, dcl_ptr, H, PN, NC, NSEG, SEG, NDCL, BLOCK: tl.constexpr):
-    """The two-level reverse pass's d cum_last term of chunk c (of segments 0..NSEG-2) when the readers of dstates
-    fold the segment's gradient in themselves: totd_c · Σ G_seg ⊙ h_in,c, added to the walk's first partial slot."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hh = bh % H
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for o in range(0, PN, BLOCK):
-        offs = o + tl.arange(0, BLOCK)
-        m = offs < PN
-        g = tl.load(gseg_ptr + ((b * H + hh) * NSEG + c // SEG) * PN + offs, mask=m, other=0.0).to(tl.float32)
-        h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * PN + offs, mask=m, other=0.0).to(tl.float32)
-        acc += g * h_in
-    dptr = dcl_ptr + ((b * H + hh) * NC + c) * NDCL
-    tl.store(dptr, tl.load(dptr) + tl.load(totd_ptr + (b * H + hh) * NC + c) * tl.sum(acc, 0))
-
-
-@triton.jit
-def _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG, pn, mpn, DT: tl.constexpr):
-    """The gradient leaving chunk c as a dot operand when the two-level reverse pass leaves its chunks' gradients
-    un-fixed (FOLD_SEG): the walk's gradient from its segment's start plus tot_c · the gradient leaving the segment,
-    summed in float32 and rounded once for the dot. (The readers load dstates inline otherwise: that is the code
-    measured on the GPU.)"""
-    gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
-    g = tl.load(gseg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
-    return (gs + tl.load(tot_ptr + (b * H + hh) * NC + c) * g).to(DT)
-
-
-@triton.jit
 def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dstates_ptr, cb_ptr,
-                   dx_ptr, ddt_ptr, dcum_ptr, v_ptr, dD_ptr, gseg_ptr, tot_ptr,
-                   L, H, G, P, N, NC, NSEG, SEG,
+                   dx_ptr, ddt_ptr, dcum_ptr, v_ptr, dD_ptr,
+                   L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, USE_CB: tl.constexpr,
-                   CB_T: tl.constexpr, FOLD: tl.constexpr, HEADS_FASTEST: tl.constexpr, FOLD_SEG: tl.constexpr,
+                   CB_T: tl.constexpr, FOLD: tl.constexpr, HEADS_FASTEST: tl.constexpr,
                    DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """Source-side gradients of one head for one block of positions s: dx (one dot per (s, t) tile; the quadratic
     part of d cum is `_bwd_dcb_kernel`'s, which forms dy_t·x_s per tile anyway), the direct part of ddt, the chunk
     state's share of d cum (v) and dD partials. C·B^T tiles: CB_T, the transposed copy `_bwd_dcb_kernel` stores
     (input dtype); else USE_CB, the precomputed float32 C·B; else recomputed. HEADS_FASTEST: grid (batch·heads,
     blocks), so the heads sharing a C·B tile run together and read it from L2. The diagonal tile comes last: its
-    dy tile is dy_s, reused for the D term. FOLD_SEG (two-level reverse pass, no fix-up pass): the chunk's gradient
-    is the walk's plus tot_c · G_seg, 1: summed before the dot (`_seg_gradient`), 2: as a second dot."""
+    dy tile is dy_s, reused for the D term."""
     if HEADS_FASTEST:
         pid_m = tl.program_id(1)
         pid_bh = tl.program_id(0)
@@ -632,20 +599,10 @@ def _bwd_dx_kernel(x_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr
     xo = ((b * L + s[:, None]) * H + hh) * P + offs_p[None, :]
     mo = ms[:, None] & mp[None, :]
     x_s = tl.load(x_ptr + xo, mask=mo, other=0.0).to(tl.float32)
-    if FOLD_SEG == 1:
-        gs = _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG,
-                           offs_p[:, None] * N + offs_n[None, :], mp[:, None] & mn[None, :], DT)
-    else:
-        gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                     mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
+    gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                 mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
     # the chunk state's gradient reaches x, B and cum through w_s dt_s x_s B_s^T
-    if FOLD_SEG == 2:  # the segment's term as its own dot: each part rounded once, no (P, N) elementwise pass
-        gseg = tl.load(gseg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                       mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
-        S = tl.dot(B_s, tl.trans(gs), tl.dot(B_s, tl.trans(gseg), input_precision=DOT_PREC)
-                   * tl.load(tot_ptr + (b * H + hh) * NC + c), input_precision=DOT_PREC)
-    else:
-        S = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC)
+    S = tl.dot(B_s, tl.trans(gs), input_precision=DOT_PREC)
     v = tl.sum(x_s * dt_s[:, None] * S * w[:, None], 1)
     cum_r = tl.load(cum_ptr + base + s0 + BM - 1)  # the s block's last position
     span = tl.load(cum_ptr + base + s0) - cum_r
@@ -782,18 +739,13 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
 
 @triton.jit
 def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, dstates_ptr, dcb_ptr,
-                   dB_ptr, dC_ptr, dcum_ptr, gseg_ptr, tot_ptr, totd_ptr, dcl_ptr,
-                   L, H, G, P, N, NC, NSEG, SEG, NDCL,
+                   dB_ptr, dC_ptr, dcum_ptr,
+                   L, H, G, P, N, NC,
                    CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, FOLD_SEG: tl.constexpr, DCL_IN_DC: tl.constexpr,
-                   DOT_PREC: tl.constexpr, DT: tl.constexpr):
+                   DO_DC: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """dC (DO_DC) or dB of one block of positions u, per group: the state terms head by head (dC: e_u dy_u h_in,
     also each head's d cum from it; dB: w_u dt_u x_u dstate_out), then the quadratic term once for all heads
-    from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t). FOLD_SEG (as dx's): dstate_out
-    from the two-level walk plus its segment's term, 1: summed before the dot (`_seg_gradient`), 2: as a second
-    dot; DCL_IN_DC: the dC pass, which holds h_in, also adds
-    the segment's d cum_last term totd_c · Σ G_seg ⊙ h_in to the walk's first partial slot, each head of a chunk
-    in one of the chunk's NM blocks (head hi in block hi % NM)."""
+    from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t)."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, g, _ = _batch_head(pid_bg, G, G)
@@ -824,13 +776,6 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                            mask=mu[:, None] & mp[None, :], other=0.0).to(DT)
             h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
                            mask=mpn, other=0.0).to(DT)
-            if DCL_IN_DC:
-                if (hi % NM == mblk) & (c // SEG < NSEG - 1):
-                    gseg = tl.load(gseg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + offs_p[:, None] * N
-                                   + offs_n[None, :], mask=mpn, other=0.0).to(tl.float32)
-                    dptr = dcl_ptr + ((b * H + hh) * NC + c) * NDCL
-                    tl.store(dptr, tl.load(dptr) + tl.load(totd_ptr + (b * H + hh) * NC + c)
-                             * tl.sum(tl.sum(gseg * h_in.to(tl.float32), 1), 0))
             tmp = tl.dot(dy_u, h_in, input_precision=DOT_PREC) * e[:, None]
             tl.store(dcum_ptr + (b * H + hh) * Lp + u, tl.sum(C_u.to(tl.float32) * tmp, 1))
             acc += tmp
@@ -855,18 +800,9 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                 w = tl.where(in_last, w, 0.0)
             x_u = tl.load(x_ptr + ((b * L + u[:, None]) * H + hh) * P + offs_p[None, :],
                           mask=mu[:, None] & mp[None, :], other=0.0).to(tl.float32)
-            if FOLD_SEG == 1:
-                gs = _seg_gradient(dstates_ptr, gseg_ptr, tot_ptr, b, hh, c, H, P, N, NC, NSEG, SEG,
-                                   offs_p[:, None] * N + offs_n[None, :], mpn, DT)
-            else:
-                gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                             mask=mpn, other=0.0).to(DT)
+            gs = tl.load(dstates_ptr + ((b * NC + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                         mask=mpn, other=0.0).to(DT)
             acc += tl.dot((x_u * w[:, None]).to(DT), gs, input_precision=DOT_PREC)
-            if FOLD_SEG == 2:  # the segment's term as its own dot, tot_c in the row factor
-                gseg = tl.load(gseg_ptr + ((b * H + hh) * NSEG + c // SEG) * P * N + offs_p[:, None] * N
-                               + offs_n[None, :], mask=mpn, other=0.0).to(DT)
-                acc = tl.dot((x_u * (w * tl.load(tot_ptr + (b * H + hh) * NC + c))[:, None]).to(DT), gseg, acc,
-                             input_precision=DOT_PREC)
         for i in range(mblk, NM):
             t = c * CS + i * BM + tl.arange(0, BM)
             C_t = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
@@ -991,12 +927,6 @@ CONFIG = dict(
     # one walk still wins at dstate 128 with batch 2 (0.47 vs 0.51: the fix-up moves P × N per chunk, 0.13 ms
     # there, while one walk turns dstate blocks into programs), hence the dstate blocks counted twice
     bwd_state_segments=None, bwd_state_seg_below=256, bwd_state_seg_target=512, bwd_state_seg_chunks=8,
-    # two-level reverse pass without its fix-up pass over dstates (v10-bwd): dx and dB add tot_c · G_seg to the
-    # walk's gradient themselves; the d cum_last term totd_c · Σ G_seg ⊙ h_in in a small kernel ("kernel") or in
-    # the dC pass, which loads h_in anyway ("dc"); G_seg in float32 (bwd_fold_g32) or in dstates' dtype; the term
-    # added to the walk's gradient before one dot, or (bwd_fold_dots) as a second dot with G_seg. False: the v8-bwd
-    # fix-up kernel (being measured against, run 12)
-    bwd_state_fold=True, bwd_fold_dcl="kernel", bwd_fold_g32=False, bwd_fold_dots=False,
 )
 
 
@@ -1276,14 +1206,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     ndcl = npb * nnb * (BP1 if dcl_rows else 1)  # d cum_last partials per chunk
     dcl = torch.empty(b, H, NC, ndcl, device=dev, dtype=f32)
     two_level = nseg > 1
-    # two-level: the readers of dstates (dx, dB) add each chunk's segment term themselves (fold), or (old path,
-    # CONFIG bwd_state_fold False) `_bwd_fix_kernel` adds it to dstates in place
-    fold = two_level and bool(CONFIG["bwd_state_fold"])
-    fold_seg = (2 if CONFIG["bwd_fold_dots"] else 1) if fold else 0
-    dcl_in_dc = fold and CONFIG["bwd_fold_dcl"] == "dc"
     segbuf = torch.empty(b, H, nseg, P, N, device=dev, dtype=f32) if two_level else dummy
-    gseg = torch.empty(b, H, nseg, P, N, device=dev, dtype=f32 if CONFIG["bwd_fold_g32"] or not fold
-                       else dstates.dtype) if two_level else dummy
     segdec = torch.empty(b, H, nseg, device=dev, dtype=f32) if two_level else dummy
     tot = torch.empty(b, H, NC, device=dev, dtype=f32) if two_level else dummy
     totd = torch.empty(b, H, NC, device=dev, dtype=f32) if two_level else dummy
@@ -1300,14 +1223,10 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         # gradient's share, elementwise
         segp = _pow2(nseg, 2)
         seg_block = min(_pow2(P * N), max(16, 4096 // segp))  # all segments of the block in registers: ~4096 values
-        _launch(_bwd_seg_kernel, (triton.cdiv(P * N, seg_block), b * H), segbuf, segdec, gseg, dinit, P * N, nseg,
+        _launch(_bwd_seg_kernel, (triton.cdiv(P * N, seg_block), b * H), segbuf, segdec, dinit, P * N, nseg,
                 BLOCK=seg_block, SEGP=segp, num_warps=4)
-        if not fold:
-            _launch(_bwd_fix_kernel, ((nseg - 1) * seg_len * npb * nnb, b * H), dstates, states, gseg, tot, totd,
-                    dcl, H, P, N, NC, nseg, seg_len, npb * nnb, nnb, BP=BP1, BN=BN1, DCL_ROWS=dcl_rows, num_warps=4)
-        elif not dcl_in_dc:
-            _launch(_bwd_dcl_kernel, ((nseg - 1) * seg_len, b * H), states, gseg, totd, dcl, H, P * N, NC, nseg,
-                    seg_len, ndcl, BLOCK=min(_pow2(P * N), 4096), num_warps=4)
+        _launch(_bwd_fix_kernel, ((nseg - 1) * seg_len * npb * nnb, b * H), dstates, states, segbuf, tot, totd, dcl,
+                H, P, N, NC, nseg, seg_len, npb * nnb, nnb, BP=BP1, BN=BN1, DCL_ROWS=dcl_rows, num_warps=4)
     # 2. dCB per group and tile pair (heads summed; each head's quadratic d cum by tile), storing C·B^T for dx
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "bwd_bm", BP, BN)
@@ -1336,25 +1255,22 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     heads_fast = bool(heads_fast) and NC * NM < 65536  # the grid's second axis is 16-bit
     _launch(_bwd_dx_kernel, (b * H, NC * NM) if heads_fast else (NC * NM, b * H),
             x, B, C, D if D is not None else dummy, dy, seq_idx if seq_idx is not None else dummy, dtp, cum,
-            dstates, cb, dx, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, gseg, tot,
-            L, H, G, P, N, NC, nseg, seg_len,
+            dstates, cb, dx, ddt_direct, dcum_a, vbuf, dD_part if D is not None else dummy, L, H, G, P, N, NC,
             CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
             HAS_SEQ=seq_idx is not None, USE_CB=use_cb, CB_T=cb_t, FOLD=_fold(N, seq_idx), HEADS_FASTEST=heads_fast,
-            FOLD_SEG=fold_seg, DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "dx_warps"),
-            num_stages=_stages(BP, BN, "dx_stages"),
+            DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "dx_warps"), num_stages=_stages(BP, BN, "dx_stages"),
             **_maxnreg("dx_maxnreg", 168 if BN <= 64 else None))
     # 4. dB and dC per group from dCB, with the state terms head by head
     dB = torch.empty_like(B)
     dC = torch.empty_like(C)
     dcum_b = torch.empty(b, H, Lp, device=dev, dtype=f32)
     bc_args = (x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, states, dstates, dcb,
-               dB, dC, dcum_b, gseg, tot, totd, dcl, L, H, G, P, N, NC, nseg, seg_len, ndcl)
-    bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, FOLD_SEG=fold_seg, DOT_PREC=prec,
-                 DT=ddt_,
+               dB, dC, dcum_b, L, H, G, P, N, NC)
+    bc_kw = dict(CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec, DT=ddt_,
                  num_warps=_warps(BN, "bc_warps"), num_stages=_stages(BP, BN, "bc_stages"),
                  **_maxnreg("bc_maxnreg", 128 if BN <= 128 else None))
-    _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, DCL_IN_DC=dcl_in_dc, **bc_kw)
-    _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, DCL_IN_DC=False, **bc_kw)
+    _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=True, **bc_kw)
+    _launch(_bwd_bc_kernel, (NC * NM, b * G), *bc_args, DO_DC=False, **bc_kw)
     # 5. d cum -> d dt, dA, d dt_bias
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(b, NC, H, device=dev, dtype=f32)

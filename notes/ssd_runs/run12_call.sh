@@ -5,6 +5,7 @@
 # fixfold sweep (old fix-up pass vs the folds, 64K / 32K / 16K tokens per row) followed by the table at 16K / 32K /
 # 64K under the sweep's winner with the v8-bwd fix-up pass as --baseline and mamba_ssm beside, then the per-kernel
 # profile of old vs new.
+# (a record of run 12's device call: needs the code of commit 5da6e76; the folds were removed after the call)
 T=${1:-400}
 PEERS=${PEERS:-.peers}
 export PYTHONUNBUFFERED=1

@@ -4,7 +4,8 @@
 
 Forward+backward five times under torch.profiler per (dstate, seqlen, variant); prints per call the time of every
 backward kernel (the reverse state pass's walk, scan, fix-up or d cum_last kernel, dx, dCB, dB + dC, dt chain).
-(a record of run 12's device call, not part of the package)"""
+(a record of run 12's device call, not part of the package; CONFIG bwd_state_fold / bwd_fold_* and the kernels
+they chose were removed after the call: commit 5da6e76 has them)"""
 import json
 import math
 import sys
