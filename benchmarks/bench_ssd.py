@@ -269,6 +269,10 @@ SWEEP_BWD4 = [{}, {"bwd_state_segments": 1},
               {"bwd_state_seg_target": 2048, "bwd_state_seg_chunks": 4},
               {"bwd_state_seg_target": 4096, "bwd_state_seg_chunks": 4},
               {"bwd_state_seg_target": 1024}, {"bwd_state_seg_below": 512}, {"bwd_state_seg_below": 128}]
+# backward round 6 (helper fixfold, v10-bwd, run 12): the two-level reverse pass without its fix-up pass over dstates
+# (dx and dB adding each chunk's segment term themselves, the d cum_last term in a small kernel or in the dC pass, the
+# segments' gradients in 16 or 32 bits, the term summed or as a second dot) lost or tied against the fix-up pass at
+# every point and was removed (notes/ssd_kernels.md v10-bwd; its sweep set "fixfold" is in commit 5da6e76)
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),

@@ -118,7 +118,7 @@ def deterministic(shape=(8, 2048, 32, 64, 1, 128), cs=256):
         g = torch.autograd.grad(y.float().sum() + fin.sum(), list(leaves.values()))
         outs.append([y, fin, *g])
     same = all(torch.equal(a, b) for a, b in zip(*outs))
-    return dict(case="bitwise deterministic (fwd + all grads, two runs)", ok=same)
+    return dict(case=f"bitwise deterministic (fwd + all grads, two runs) {shape}", ok=same)
 
 
 def main():
@@ -152,6 +152,9 @@ def main():
          dict(docs=4, init=True, z=True, D2=True, limit=(0.0, 0.1))),
         ("b2 L16384 h32 n128 docs+init", 256, (2, 16384, 32, 64, 1, 128), dict(docs=3, init=True)),
         ("b1 L65536 h32 n64 (fp32 ref)", 256, (1, 65536, 32, 64, 1, 64), dict(ref_dtype=torch.float32)),
+        # the two-level reverse state pass (batch 1 × 64K) with documents and initial states
+        ("b1 L65536 h32 n128 docs+init (fp32 ref)", 256, (1, 65536, 32, 64, 1, 128),
+         dict(docs=3, init=True, ref_dtype=torch.float32)),
         ("b4 L4096 h48 p128 n256 cs64 docs", 64, (4, 4096, 48, 128, 2, 256), dict(docs=2, init=True, z=True)),
     ]
     if args.quick:
@@ -165,7 +168,7 @@ def main():
             r = dict(case=name, ok=False, error=repr(e)[:500])
         results.append(r)
         print(json.dumps(r, default=str), flush=True)
-    for fn, kw in ((deterministic, {}), (long_finite, {})):
+    for fn, kw in ((deterministic, {}), (deterministic, dict(shape=(1, 65536, 32, 64, 1, 128))), (long_finite, {})):
         if args.dry_run_cpu:
             kw = (dict(shape=(1, 40, 2, 16, 1, 16), cs=16) if fn is deterministic
                   else dict(L=100, h=2, p=16, n=16, cs=16))
