@@ -104,10 +104,9 @@ def test_mixer_step_folded_norm_equals_conv_recurrence_then_gated_rmsnorm():
     check_fold(u, sumsq, ref[True], ref[False], z, w.double(), 8, 1e-5)
 
 
-@pytest.mark.parametrize("with_residual,residual_dtype,dtype", [(True, torch.float32, torch.bfloat16),
-                                                                (True, torch.float32, torch.float32),
-                                                                (True, torch.bfloat16, torch.bfloat16)])
-def test_add_rmsnorm_scales_hidden_by_the_partials_rstd(with_residual, residual_dtype, dtype):
+@pytest.mark.parametrize("residual_dtype,dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float32),
+                                                   (torch.bfloat16, torch.bfloat16)])
+def test_add_rmsnorm_scales_hidden_by_the_partials_rstd(residual_dtype, dtype):
     """residual + hidden * rsqrt(sum(partials) / n + eps) in residual_dtype, then RMSNorm in the weight's dtype."""
     g = torch.Generator().manual_seed(6)
     b, d, parts, n, h_eps = 3, 200, 5, 96, 1e-3
@@ -176,10 +175,11 @@ def test_decode_step_with_folded_norm_equals_pytorch_step(preset, overrides, res
             outs[impl, ring] = [dec.step(torch.tensor([t, t + 1])).clone().float() for t in (3, 40, 7)]
             assert (len(calls) == 0) == (impl == "triton")
     model.set_impl(None)
-    # float32: only summation order differs. bf16: the unfolded step rounds the normed y and out_proj's output of
+    # float32: only summation order differs (measured 2.7e-7). bf16 (measured ~1e-2, as the unfolded Triton step
+    # against the same PyTorch step): the unfolded step rounds the normed y and out_proj's output of
     # it to bf16, the folded one u = y * silu(z) * w and out_proj's output of u (each ~2^-8 relative, over a few
     # layers and the tied LM head), while both decode from the same bf16 states
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
     for ring in (True, False):
         for a, b in zip(outs["torch", False], outs["triton", ring]):
             assert rel(b, a) < tol, (ring, rel(b, a))
