@@ -198,3 +198,33 @@ def test_fold_applies_only_where_the_norm_commutes_with_out_proj():
         assert model.backbone.layers[0].mixer.can_fold_norm(t) == ok, ssm
         model.set_impl("torch")
         assert not model.backbone.layers[0].mixer.can_fold_norm(t)
+
+
+@pytest.mark.parametrize("preset,overrides,ring_conv", [("mamba2-test", {}, True),
+                                                        ("mamba2attn-test", {"d_intermediate": 0}, False)])
+def test_batch8_greedy_decoding_through_kernels_equals_full_forward_greedy(preset, overrides, ring_conv):
+    """Batch 8 with the Decoder's defaults there (cuBLAS-style linears, fold_gated_norm on) through the Triton step
+    kernels: greedy tokens equal greedy decoding by full PyTorch forward passes over the growing sequence."""
+    from lit_mamba2.generation import Decoder
+
+    model = fold_model(preset, True, torch.float32, **overrides)
+    b, L, new = 8, 19, 5  # 19 > one SSD chunk (16)
+    prompt = torch.randint(1, 256, (b, L), generator=torch.Generator().manual_seed(3))
+    dec = Decoder(model, b, L + new, cuda_graph=False, ring_conv=ring_conv)
+    assert dec.fold_gated_norm and not dec.fuse_linear
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        model.set_impl("torch")  # prefill: the PyTorch chunked path
+        logits = dec.prefill(prompt)
+        model.set_impl("triton")
+        tokens = []
+        for i in range(new):
+            tokens.append(logits[:, :vocab].argmax(-1))
+            if i + 1 < new:
+                logits = dec.step(tokens[-1])
+        model.set_impl("torch")
+        seq = prompt
+        for _ in range(new):
+            seq = torch.cat([seq, model(seq)[:, -1, :vocab].argmax(-1)[:, None]], dim=1)
+    model.set_impl(None)
+    assert torch.equal(torch.stack(tokens, 1), seq[:, L:])
