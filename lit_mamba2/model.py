@@ -528,13 +528,13 @@ class Block(nn.Module):
         if _step_on_triton(residual if hidden is None else hidden.raw if unscaled else hidden, self.mixer.impl):
             from lit_mamba2.kernels.state_update import add_rmsnorm
 
-            dtype = self._residual_dtype(hidden, residual)
             if hidden is None:
                 hidden, residual = residual, None
             rms = None
             if unscaled:
                 hidden, rms = hidden.raw, (hidden.sumsq, hidden.dim, hidden.eps)
-            return add_rmsnorm(hidden, residual, norm.weight, norm.eps, dtype, hidden_rms=rms)
+            return add_rmsnorm(hidden, residual, norm.weight, norm.eps, self._residual_dtype(hidden, residual),
+                               hidden_rms=rms)
         residual = self._add(hidden, residual)
         return norm(residual.to(norm.weight.dtype)), residual
 
