@@ -109,14 +109,13 @@ REDUNDANT.update({k: (lambda b: b >= 8) for k in DEC1_VARIANTS})
 # update, the batch as row groups on their own streams, a state kernel looping over tiles with fewer programs.
 BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "no_evict": (dict(), {"state_update.STATE_EVICT": ""}),  # the state's loads and stores without a hint
-    # the conv inside the state kernel (ring) at batch 64, which saves the conv's launch (5.1 µs per layer, run 8):
-    # with the state kernel's evict-first hint, also with half the rows per program (more, shorter programs to
-    # hide the ring's dependent loads: slot -> ring), and without early release (its dependents' programs may
-    # otherwise wait on SMs while the ring kernel still has waves to run; a no-op where cuBLAS follows)
-    "ring_evict": (dict(ring_conv=True), {"state_update.RING_EVICT": "evict_first"}),
-    "ring_evict_tile4k": (dict(ring_conv=True), {"state_update.RING_EVICT": "evict_first",
-                                                 "state_update.STATE_TILE": (4096, 4)}),
-    "ring_no_early": (dict(ring_conv=True), {"state_update.RING_EVICT": "evict_first", "pdl.EARLY_RELEASE": False}),
+    # the conv inside the state kernel (ring) at batch 64, which would save the conv's launch (4.5-5.1 µs per
+    # layer): in run 11 (decode_run11_gnfold_notes.md) the ring step was +6.7 µs per layer slower than conv +
+    # state update with 8192-element tiles (ours_ring), +4.9 µs with 4096 (an eviction hint and early release off
+    # changed nothing); smaller tiles (more, shorter programs) not measured yet
+    "ring_tile4k": (dict(ring_conv=True), {"state_update.STATE_TILE": (4096, 4)}),
+    "ring_tile2k": (dict(ring_conv=True), {"state_update.STATE_TILE": (2048, 4)}),
+    "ring_tile2k_w2": (dict(ring_conv=True), {"state_update.STATE_TILE": (2048, 2)}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
 PATCHES = {**DEC1_VARIANTS, **{k: v[1] for k, v in BATCH_VARIANTS.items()}}

@@ -43,9 +43,6 @@ STATE_TILE = (8192, 4)
 # on an H100 at batch 64 (decode runs 8, 9: benchmarks/results/decode_run8_*, decode_run9b_*): -0.3 to -1.5 % per
 # step for mamba2-130m, -2.4 % for mamba2-370m against no hint ("").
 STATE_EVICT = "evict_first"
-# mixer_step's hint (the ring kernel, default below batch 16): none, since a small batch's states of all layers
-# fit in L2 (batch 1, mamba2-130m: 9.4 MB). bench_decode's ring variants at batch 64 try "evict_first".
-RING_EVICT = ""
 
 
 def _state_tiles(b, p, n, block_p=None, num_warps=None):
@@ -303,14 +300,14 @@ def _mixer_step_kernel(
     ss_b,
     WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     release_early(USE_PDL)
     # Before the PDL wait: the state tile, the parameters, and the ring's older inputs with their taps. None of
     # them is written by a kernel of this step: the ring's older slots and the slot index (advanced after the
     # step) were last written before it. After the wait: this token's x, B, C, dt and z (in_proj's outputs).
     b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st = _state_tile(
-        state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, False, EVICT)
+        state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, False, "")
     slot = tl.load(slot_ptr)  # the ring slot of this token's input; the older inputs sit in the slots before it
 
     # Causal conv (+ SiLU) of this head's x channels and its group's B and C channels. The ring holds WIDTH
@@ -376,7 +373,7 @@ def _mixer_step_kernel(
         dt += dt_bias
     dt, decay = _softplus_and_decay(dt, A, dt_min, dt_max, True, HAS_LIMIT)
     st = st * decay + (x * dt)[:, None] * Bv[None, :]
-    tl.store(s_ptrs, st.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+    tl.store(s_ptrs, st.to(state_ptr.dtype.element_ty), mask=mask)
     y = tl.sum(st * Cv[None, :], axis=1)
     if HAS_D:
         y += x * Dv
@@ -417,6 +414,6 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
         *out.stride(), sumsq.stride(0) if sumsq is not None else 0,
         WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), FOLD_NORM=sumsq is not None,
-        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps, EVICT=RING_EVICT, **pdl_options(early=True),
+        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps, **pdl_options(early=True),
     )
     return out if sumsq is None else (out, sumsq)

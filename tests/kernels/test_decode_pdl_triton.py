@@ -165,7 +165,7 @@ def _compile_pdl_kernels_for_sm90():
                                  {"r_ptr": "fp32", "r_out_ptr": "fp32"}),
         "mixer_step": compile_ptx(su._mixer_step_kernel, dict(
             WIDTH=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_LIMIT=False, FOLD_NORM=False,
-            BLOCK_P=16, BLOCK_N=128, EVICT=""), {"slot_ptr": "i64", "A_log_ptr": "fp32"}),
+            BLOCK_P=16, BLOCK_N=128), {"slot_ptr": "i64", "A_log_ptr": "fp32"}),
         "state_update": compile_ptx(su._state_update_kernel, dict(
             HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_LIMIT=False, A_IS_LOG=True,
             FOLD_NORM=True, BLOCK_P=64, BLOCK_N=128, EVICT="evict_first"), {"A_ptr": "fp32", "ss_ptr": "fp32"}),
@@ -184,7 +184,7 @@ def _compile_pdl_kernels_for_sm90():
                                  {"r_ptr": "fp32", "r_out_ptr": "fp32"}, use_pdl=2),
         "mixer_step": compile_ptx(su._mixer_step_kernel, dict(
             WIDTH=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_LIMIT=False, FOLD_NORM=True,
-            BLOCK_P=16, BLOCK_N=128, EVICT="evict_first"), {"slot_ptr": "i64", "A_log_ptr": "fp32", "ss_ptr": "fp32"},
+            BLOCK_P=16, BLOCK_N=128), {"slot_ptr": "i64", "A_log_ptr": "fp32", "ss_ptr": "fp32"},
             use_pdl=2),
     }
     for name, ptx in early.items():
