@@ -139,7 +139,7 @@ def fold_model(preset, residual_in_fp32, dtype, **overrides):
                 p.add_(torch.randn_like(p))
             if name.endswith("norm.weight"):  # not all ones: the weights' placement matters
                 p.uniform_(0.5, 1.5)
-    return model.to(dtype)
+    return model.to(device=DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("preset,overrides,residual_in_fp32,dtype", [
@@ -161,7 +161,7 @@ def test_decode_step_with_folded_norm_equals_pytorch_step(preset, overrides, res
         if type(m).__name__ == "GatedRMSNorm":
             m.register_forward_hook(lambda *a: calls.append(1))
     mixers = [layer.mixer for layer in model.backbone.layers if type(layer.mixer).__name__ == "Mamba2Mixer"]
-    ids, seq_idx, lengths, pads = pad_prompts([[5, 6, 7, 8, 9], [10, 11]], "cpu")
+    ids, seq_idx, lengths, pads = pad_prompts([[5, 6, 7, 8, 9], [10, 11]], DEVICE)
     outs = {}
     for impl, ring in (("torch", False), ("triton", True), ("triton", False)):
         with torch.no_grad():
@@ -172,7 +172,8 @@ def test_decode_step_with_folded_norm_equals_pytorch_step(preset, overrides, res
             model.set_impl(impl)
             assert all(m.can_fold_norm(dec.token.float()) == (impl == "triton") for m in mixers)
             calls.clear()
-            outs[impl, ring] = [dec.step(torch.tensor([t, t + 1])).clone().float() for t in (3, 40, 7)]
+            outs[impl, ring] = [dec.step(torch.tensor([t, t + 1], device=DEVICE)).clone().float()
+                                for t in (3, 40, 7)]
             assert (len(calls) == 0) == (impl == "triton")
     model.set_impl(None)
     # float32: only summation order differs (measured 2.7e-7). bf16 (measured ~1e-2, as the unfolded Triton step
@@ -209,7 +210,7 @@ def test_batch8_greedy_decoding_through_kernels_equals_full_forward_greedy(prese
 
     model = fold_model(preset, True, torch.float32, **overrides)
     b, L, new = 8, 19, 5  # 19 > one SSD chunk (16)
-    prompt = torch.randint(1, 256, (b, L), generator=torch.Generator().manual_seed(3))
+    prompt = torch.randint(1, 256, (b, L), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     dec = Decoder(model, b, L + new, cuda_graph=False, ring_conv=ring_conv)
     assert dec.fold_gated_norm and not dec.fuse_linear
     vocab = model.config.vocab_size
