@@ -118,6 +118,8 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "ring_tile2k_w2": (dict(ring_conv=True), {"state_update.STATE_TILE": (2048, 2)}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
+# below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours
+REDUNDANT.update({k: (lambda b: b < 16) for k in BATCH_VARIANTS if k.startswith("ring_")})
 PATCHES = {**DEC1_VARIANTS, **{k: v[1] for k, v in BATCH_VARIANTS.items()}}
 
 
