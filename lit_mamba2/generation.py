@@ -92,7 +92,7 @@ class Decoder:
     kernel at their start (decode run 6), about 1% at batch 64, with the same outputs. A no-op under TRITON_INTERPRET, before compute
     capability 9 and on Tritons without the API.
 
-    `fold_gated_norm` (default: wherever fuse_linear is off) folds each Mamba-2 mixer's gated RMSNorm into its
+    `fold_gated_norm` (default: wherever fuse_linear is off; True turns fuse_linear's default off) folds each Mamba-2 mixer's gated RMSNorm into its
     state kernel and the next residual add + norm (Mamba2Mixer.step: one launch less per layer and step; layers
     where the fold cannot apply, e.g. norm groups > 1, keep the separate norm)."""
 
@@ -106,8 +106,9 @@ class Decoder:
         self.batch_size, self.max_len = batch_size, max_len
         if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
             ring_conv = batch_size < RING_CONV_BELOW
-        if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md)
-            fuse_linear = batch_size < FUSE_LINEAR_BELOW
+        if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md); an
+            # explicit fold_gated_norm=True asks for the unfused linears
+            fuse_linear = batch_size < FUSE_LINEAR_BELOW and not fold_gated_norm
         self.fuse_linear = fuse_linear
         if fold_gated_norm is None:  # the fused GEMVs carry the gated norm in out_proj's prologue already
             fold_gated_norm = not fuse_linear

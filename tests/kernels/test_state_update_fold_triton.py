@@ -229,3 +229,18 @@ def test_batch8_greedy_decoding_through_kernels_equals_full_forward_greedy(prese
             seq = torch.cat([seq, model(seq)[:, -1, :vocab].argmax(-1)[:, None]], dim=1)
     model.set_impl(None)
     assert torch.equal(torch.stack(tokens, 1), seq[:, L:])
+
+
+def test_decoder_fold_option_defaults_and_conflict():
+    """fold_gated_norm follows fuse_linear by default (on from batch 8), an explicit True turns the fused GEMVs
+    off, and asking for both is an error."""
+    from lit_mamba2.generation import Decoder
+
+    model = fold_model("mamba2-test", True, torch.float32)
+    flags = lambda d: (d.fuse_linear, d.fold_gated_norm)  # noqa: E731
+    assert flags(Decoder(model, 1, 8, cuda_graph=False)) == (True, False)
+    assert flags(Decoder(model, 8, 8, cuda_graph=False)) == (False, True)
+    assert flags(Decoder(model, 1, 8, cuda_graph=False, fold_gated_norm=True)) == (False, True)
+    assert flags(Decoder(model, 8, 8, cuda_graph=False, fold_gated_norm=False)) == (False, False)
+    with pytest.raises(ValueError, match="fold_gated_norm"):
+        Decoder(model, 8, 8, cuda_graph=False, fuse_linear=True, fold_gated_norm=True)
