@@ -72,10 +72,12 @@ VARIANTS = {  # name: Decoder options (None: the Decoder's default)
     "ours_cublas": dict(fuse_linear=False),  # cuBLAS linears, separate norm kernels (the previous step)
     "ours_compiled": dict(fuse_linear=False, compile=True),
     "ours_no_pdl": dict(pdl=False),  # the Triton kernels without programmatic dependent launch
+    "ours_no_gnfold": dict(fold_gated_norm=False),  # the gated norm as its own launch (not folded, batch >= 8)
 }
 # variants that equal the defaults (or make no sense) at a batch size: not timed there
 REDUNDANT = {"ours_ring": lambda b: b < 16, "ours_noring": lambda b: b >= 16,  # the ring is the default below 16
-             "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8}
+             "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8,
+             "ours_no_gnfold": lambda b: b < 8}  # below 8 the fused GEMVs carry the gated norm (no fold)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,8 +109,17 @@ REDUNDANT.update({k: (lambda b: b >= 8) for k in DEC1_VARIANTS})
 # update, the batch as row groups on their own streams, a state kernel looping over tiles with fewer programs.
 BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "no_evict": (dict(), {"state_update.STATE_EVICT": ""}),  # the state's loads and stores without a hint
+    # the conv inside the state kernel (ring) at batch 64, which would save the conv's launch (4.5-5.1 µs per
+    # layer): in run 11 (decode_run11_gnfold_notes.md) the ring step was +6.7 µs per layer slower than conv +
+    # state update with 8192-element tiles (ours_ring), +4.9 µs with 4096 (an eviction hint and early release off
+    # changed nothing); smaller tiles (more, shorter programs) not measured yet
+    "ring_tile4k": (dict(ring_conv=True), {"state_update.STATE_TILE": (4096, 4)}),
+    "ring_tile2k": (dict(ring_conv=True), {"state_update.STATE_TILE": (2048, 4)}),
+    "ring_tile2k_w2": (dict(ring_conv=True), {"state_update.STATE_TILE": (2048, 2)}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
+# below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours
+REDUNDANT.update({k: (lambda b: b < 16) for k in BATCH_VARIANTS if k.startswith("ring_")})
 PATCHES = {**DEC1_VARIANTS, **{k: v[1] for k, v in BATCH_VARIANTS.items()}}
 
 
@@ -243,7 +254,7 @@ def _ours(name, batch, args, variant):
 
         dec_flags = dict(ring=any(getattr(st, "ring", False) for st in dec.states), fuse=dec.fuse_linear,
                          state_dtype=str(dec.state_dtype).replace("torch.", ""),
-                         pdl=bool(dec.pdl and pdl.supported()))
+                         pdl=bool(dec.pdl and pdl.supported()), gnfold=dec.fold_gated_norm)
         use(prefill_impl, norm_impl)
         try:
             dec.prefill(prompt)
@@ -278,6 +289,7 @@ def _ours(name, batch, args, variant):
     return dict(step_ms=step_ms, gen_ms=gen_ms, capture_s=capture_s, max_rel_err_vs_torch=max(errs),
                 state_dtype=dec_flags["state_dtype"],
                 ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"], pdl=dec_flags["pdl"],
+                fold_gated_norm=dec_flags["gnfold"],
                 gated_norm="triton" if norm_impl is None else "torch",
                 prefill="triton" if prefill_impl is None else "torch")
 
@@ -608,7 +620,8 @@ def main():
                         "ours_ring / ours_noring: the conv fused into the state kernel or not; ours_fused_linear / "
                         "ours_cublas: the linears with fused norms (Triton), or cuBLAS linears and separate norm "
                         "kernels; ours_compiled: the step through torch.compile (slow to start); ours_no_pdl: "
-                        "the Triton kernels launched without programmatic dependent launch")
+                        "the Triton kernels launched without programmatic dependent launch; ours_no_gnfold: the gated norm as "
+                        "its own kernel instead of folded into the state kernel and the next add+norm")
     p.add_argument("--cc-build", type=Path, default=None,
                    help="folder holding a built causal-conv1d (causal_conv1d/ and causal_conv1d_cuda*.so)")
     p.add_argument("--no-mamba-ssm", action="store_true")

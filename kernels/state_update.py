@@ -8,6 +8,16 @@ One program owns a (batch, head, block of headdim rows) tile of the state: it is
 the step moves the state's bytes twice and nothing else of size. `conv_step` shifts the (batch, dim, width - 1)
 conv window by one input and returns the convolved (and SiLU-activated) value; each program owns its channels, so
 the in-place shift has no race. Both accept strided views (the slices of in_proj's output) without copies.
+
+The gated RMSNorm after the state update (one norm group, gate before the norm) can fold into the step
+(`norm_weight=`): RMSNorm's scale is one number per row and out_proj is linear, so
+
+    out_proj(rmsnorm(y * silu(z)) * w) = rstd_row * ((y * silu(z) * w) @ W_out^T)
+
+The state kernel then writes u = y * silu(z) * w and each program's partial sum of (y * silu(z))^2 over its headdim
+rows (float32, one slot per program: no atomics, deterministic); out_proj runs on u, and the next `add_rmsnorm`
+(`hidden_rms=`) sums the partials in a fixed order and scales its hidden input by rstd before the residual add.
+That saves the gated norm's launch (and its read and write of y) per layer and step.
 """
 
 from __future__ import annotations
@@ -86,14 +96,30 @@ def _state_tile(state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s
 
 
 @triton.jit
+def _gate_and_store(y, z, w, out_ptr, o_off, ss_ptr, h, mask_p, HAS_Z: tl.constexpr, FOLD_NORM: tl.constexpr):
+    """The step's output: y (this program's headdim rows, float32) gated by silu(z) and stored. FOLD_NORM: also
+    the partial sum of squares of the gated rows into this program's slot (ss_ptr, already at this batch row;
+    one slot per program along the row: head h, headdim block program_id(0)), and the norm's weight w (these
+    rows') applied to the stored value. z and w are loaded by the caller before its state store: a load after
+    it could not be hoisted above it (possible aliasing) and would add a memory round trip to each program's end."""
+    if HAS_Z:
+        y *= z * tl.sigmoid(z)
+    if FOLD_NORM:
+        y = tl.where(mask_p, y, 0.0)
+        tl.store(ss_ptr + h * tl.num_programs(0) + tl.program_id(0), tl.sum(y * y, axis=0))
+        y *= w
+    tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=mask_p)
+
+
+@triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr, nw_ptr, ss_ptr,
     nheads, headdim, dstate, heads_per_group, dt_min, dt_max,
     s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p,
-    o_b, o_h, o_p,
+    o_b, o_h, o_p, ss_b,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_PDL: tl.constexpr, EVICT: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr,
 ):
     b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, s = _state_tile(
         state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, USE_PDL, EVICT)
@@ -104,48 +130,71 @@ def _state_update_kernel(
     x = tl.load(x_ptr + b * x_b + h * x_h + offs_p * x_p, mask=mask_p, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * B_b + g * B_g + offs_n * B_n, mask=mask_n, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * C_b + g * C_g + offs_n * C_n, mask=mask_n, other=0.0).to(tl.float32)
+    Dv = x
+    if HAS_D:
+        Dv = tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+    z = x
+    if HAS_Z:
+        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
+    w = x
+    if FOLD_NORM:
+        w = tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     s = s * decay + (x * dt)[:, None] * Bv[None, :]
     tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
     y = tl.sum(s * Cv[None, :], axis=1)
     if HAS_D:
-        y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
-        y *= z * tl.sigmoid(z)
-    tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
+        y += x * Dv
+    _gate_and_store(y, z, w, out_ptr, b * o_b + h * o_h + offs_p * o_p, ss_ptr + b * ss_b, h, mask_p, HAS_Z,
+                    FOLD_NORM)
+
+
+def _fold_buffers(norm_weight, b, h, p, programs_per_head, device):
+    """The folded gated norm's weight check and its partial sums (batch, programs per row), float32."""
+    if norm_weight is None:
+        return None
+    assert norm_weight.shape == (h * p,) and norm_weight.is_contiguous(), \
+        f"norm_weight: expected a contiguous ({h * p},) weight, got {tuple(norm_weight.shape)}"
+    return torch.empty(b, h * programs_per_head, device=device, dtype=torch.float32)
 
 
 def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                 dt_limit=(0.0, math.inf), out=None, A_is_log=False, block_p=None, num_warps=None):
+                 dt_limit=(0.0, math.inf), out=None, A_is_log=False, norm_weight=None, block_p=None,
+                 num_warps=None):
     """state: (batch, nheads, headdim, dstate), updated in place; x, z: (batch, nheads, headdim); dt: (batch,
     nheads); A, dt_bias: (nheads,); B, C: (batch, ngroups, dstate); D: (nheads,) or (nheads, headdim).
     A_is_log: A holds A_log, and A = -exp(A_log) is taken in the kernel.
-    Returns y (batch, nheads, headdim) in x's dtype (or written into `out`)."""
+    Returns y (batch, nheads, headdim) in x's dtype (or written into `out`).
+    norm_weight (nheads * headdim,): the gated RMSNorm (one group) folded in (see the module docstring): returns
+    (u, sumsq) with u = y * silu(z) * norm_weight in x's dtype and sumsq (batch, programs per row) float32 partial
+    sums of (y * silu(z))^2, which add up to the row's sum over all nheads * headdim channels."""
     b, h, p, n = state.shape
     g = B.shape[1]
     assert x.shape == (b, h, p) and dt.shape == (b, h) and A.shape == (h,), "state_update: shapes disagree"
     assert B.shape == (b, g, n) and C.shape == (b, g, n) and h % g == 0, "state_update: B/C shapes disagree"
     if out is None:
         out = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
+    BLOCK_N, BLOCK_P, num_warps = _state_tiles(b, p, n, block_p, num_warps)
+    sumsq = _fold_buffers(norm_weight, b, h, p, triton.cdiv(p, BLOCK_P), x.device)
     if D is not None:
         D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
     else:
         D_h = D_p = 0
     zs = z.stride() if z is not None else (0, 0, 0)
     has_limit = tuple(dt_limit) != (0.0, math.inf)
-    BLOCK_N, BLOCK_P, num_warps = _state_tiles(b, p, n, block_p, num_warps)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     _state_update_kernel[grid](
         state, x, dt, A, B, C, D if D is not None else A, z if z is not None else x,
-        dt_bias if dt_bias is not None else A, out,
+        dt_bias if dt_bias is not None else A, out, norm_weight if sumsq is not None else A,
+        sumsq if sumsq is not None else A,
         h, p, n, h // g, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), D_h, D_p, *zs, *out.stride(),
+        sumsq.stride(0) if sumsq is not None else 0,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
-        EVICT=STATE_EVICT, **pdl_options(),
+        HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, FOLD_NORM=sumsq is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+        num_warps=num_warps, EVICT=STATE_EVICT, **pdl_options(),
     )
-    return out
+    return out if sumsq is None else (out, sumsq)
 
 
 @triton.jit
@@ -196,14 +245,19 @@ def conv_step(x, conv_state, weight, bias=None, activation="silu", out=None):
 
 
 @triton.jit
-def _add_rmsnorm_kernel(h_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, dim, eps, h_b, r_b, ro_b, o_b,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _add_rmsnorm_kernel(h_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, ss_ptr, dim, eps, n_part, inv_h_dim, h_eps,
+                        h_b, r_b, ro_b, o_b, ss_b, HAS_RESIDUAL: tl.constexpr, HAS_RMS: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_PART: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < dim
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     wait_and_release(USE_PDL)
     x = tl.load(h_ptr + b * h_b + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_RMS:  # the folded gated norm's scale: the state kernel's partials summed in a fixed order
+        po = tl.arange(0, BLOCK_PART)
+        part = tl.load(ss_ptr + b * ss_b + po, mask=po < n_part, other=0.0)
+        x = x * (1.0 / tl.sqrt(tl.sum(part, axis=0) * inv_h_dim + h_eps))
     if HAS_RESIDUAL:
         x += tl.load(r_ptr + b * r_b + offs, mask=m, other=0.0).to(tl.float32)
     x = x.to(r_out_ptr.dtype.element_ty)
@@ -214,28 +268,39 @@ def _add_rmsnorm_kernel(h_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, dim, eps, h_b, 
     tl.store(out_ptr + b * o_b + offs, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def add_rmsnorm(hidden, residual, weight, eps, residual_dtype):
+def add_rmsnorm(hidden, residual, weight, eps, residual_dtype, hidden_rms=None):
     """A pre-norm block's entry for one token per row: residual' = residual + hidden (or hidden when residual is
     None) kept in residual_dtype, and RMSNorm(residual') in weight's dtype. hidden: (batch, dim).
+    hidden_rms = (sumsq, n, eps): hidden is a folded gated norm's raw output (state_update(norm_weight=)), to be
+    multiplied by rsqrt(sumsq.sum(-1) / n + eps) first; sumsq (batch, partials) float32.
     Returns (normed, residual')."""
     b, d = hidden.shape
     r_out = torch.empty(b, d, device=hidden.device, dtype=residual_dtype)
     out = torch.empty(b, d, device=hidden.device, dtype=weight.dtype)
     r = residual if residual is not None else hidden
-    _add_rmsnorm_kernel[(b,)](hidden, r, weight, r_out, out, d, float(eps), hidden.stride(0), r.stride(0),
-                              r_out.stride(0), out.stride(0), HAS_RESIDUAL=residual is not None,
-                              BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 2048 else 8, **pdl_options())
+    sumsq, n, h_eps = hidden_rms if hidden_rms is not None else (weight, 1, 0.0)
+    if hidden_rms is not None:
+        assert sumsq.dtype == torch.float32 and sumsq.shape[0] == b and sumsq.stride(-1) == 1, \
+            f"add_rmsnorm: sumsq must be (batch={b}, partials) float32 rows, got {sumsq.dtype} {tuple(sumsq.shape)}"
+    n_part = sumsq.shape[-1] if hidden_rms is not None else 1
+    _add_rmsnorm_kernel[(b,)](hidden, r, weight, r_out, out, sumsq, d, float(eps), n_part, 1.0 / n, float(h_eps),
+                              hidden.stride(0), r.stride(0), r_out.stride(0), out.stride(0),
+                              sumsq.stride(0) if hidden_rms is not None else 0,
+                              HAS_RESIDUAL=residual is not None, HAS_RMS=hidden_rms is not None,
+                              BLOCK=triton.next_power_of_2(d), BLOCK_PART=triton.next_power_of_2(n_part),
+                              num_warps=4 if d <= 2048 else 8, **pdl_options())
     return out, r_out
 
 
 @triton.jit
 def _mixer_step_kernel(
     state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
-    nheads, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
+    nw_ptr, ss_ptr, nheads, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
     s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p,
+    ss_b,
     WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     release_early(USE_PDL)
     # Before the PDL wait: the state tile, the parameters, and the ring's older inputs with their taps. None of
@@ -275,12 +340,16 @@ def _mixer_step_kernel(
         dt_bias = tl.load(dtb_ptr + h).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+    w = wx
+    if FOLD_NORM:
+        w = tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     wait_and_release(USE_PDL)
 
     x_new = tl.load(xbc_ptr + b * xbc_b + cx * xbc_c, mask=mask_p, other=0.0)
     B_new = tl.load(xbc_ptr + b * xbc_b + cB * xbc_c, mask=mask_n, other=0.0)
     C_new = tl.load(xbc_ptr + b * xbc_b + cC * xbc_c, mask=mask_n, other=0.0)
     dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
+    z = x
     if HAS_Z:
         z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
     x = x + x_new.to(tl.float32) * wx
@@ -308,13 +377,12 @@ def _mixer_step_kernel(
     y = tl.sum(st * Cv[None, :], axis=1)
     if HAS_D:
         y += x * Dv
-    if HAS_Z:
-        y *= z * tl.sigmoid(z)
-    tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
+    _gate_and_store(y, z, w, out_ptr, b * o_b + h * o_h + offs_p * o_p, ss_ptr + b * ss_b, h, mask_p, HAS_Z,
+                    FOLD_NORM)
 
 
 def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=None, z=None, dt_bias=None,
-               dt_limit=(0.0, math.inf), ngroups=1, block_p=None, num_warps=None):
+               dt_limit=(0.0, math.inf), ngroups=1, norm_weight=None, block_p=None, num_warps=None):
     """A Mamba-2 mixer's conv (+ SiLU) and SSM state update for one token, in one launch.
 
     state: (batch, nheads, headdim, dstate), in place; conv_ring: (batch, conv_dim, width), the last `width`
@@ -322,7 +390,7 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
     slots slot+1, ..., slot+width-1, mod width), updated in place for x, B and C; xBC: (batch, conv_dim) with
     conv_dim = d_ssm + 2 * ngroups * dstate; dt: (batch, nheads); A_log, dt_bias: (nheads,); D: (nheads,) or
     (nheads, headdim); z: (batch, nheads, headdim) or None. dt goes through softplus. Returns y (batch, nheads,
-    headdim) in xBC's dtype."""
+    headdim) in xBC's dtype; with norm_weight, (u, sumsq) as state_update(norm_weight=) returns them."""
     b, h, p, n = state.shape
     width = conv_ring.shape[-1]
     d_ssm = h * p
@@ -335,15 +403,17 @@ def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D
         D_h = D_p = 0
     zs = z.stride() if z is not None else (0, 0, 0)
     BLOCK_N, BLOCK_P, num_warps = _state_tiles(b, p, n, block_p, num_warps)
+    sumsq = _fold_buffers(norm_weight, b, h, p, triton.cdiv(p, BLOCK_P), xBC.device)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     _mixer_step_kernel[grid](
         state, conv_ring, slot, xBC, conv_weight, conv_bias if conv_bias is not None else conv_weight, dt, A_log,
         D if D is not None else A_log, z if z is not None else xBC, dt_bias if dt_bias is not None else A_log, out,
+        norm_weight if sumsq is not None else A_log, sumsq if sumsq is not None else A_log,
         h, p, n, h // ngroups, d_ssm, ngroups, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         *state.stride(), *conv_ring.stride(), *xBC.stride(), *conv_weight.stride(), *dt.stride(), D_h, D_p, *zs,
-        *out.stride(),
+        *out.stride(), sumsq.stride(0) if sumsq is not None else 0,
         WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_DT_BIAS=dt_bias is not None, HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), BLOCK_P=BLOCK_P,
-        BLOCK_N=BLOCK_N, num_warps=num_warps, **pdl_options(early=True),
+        HAS_DT_BIAS=dt_bias is not None, HAS_LIMIT=tuple(dt_limit) != (0.0, math.inf), FOLD_NORM=sumsq is not None,
+        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps, **pdl_options(early=True),
     )
-    return out
+    return out if sumsq is None else (out, sumsq)

@@ -90,20 +90,32 @@ class Decoder:
     that each may start while the one before it finishes: measured on an H100 (BENCHMARKS.md) 18-22% less time per
     step at batch 1 (decode run 4), another 11-12% from letting the GEMVs and the mixer kernel release the next
     kernel at their start (decode run 6), about 1% at batch 64, with the same outputs. A no-op under TRITON_INTERPRET, before compute
-    capability 9 and on Tritons without the API."""
+    capability 9 and on Tritons without the API.
+
+    `fold_gated_norm` (default: wherever fuse_linear is off; True turns fuse_linear's default off) folds each Mamba-2 mixer's gated RMSNorm into its
+    state kernel and the next residual add + norm (Mamba2Mixer.step: one launch less per layer and step; layers
+    where the fold cannot apply, e.g. norm groups > 1, keep the separate norm)."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
-                 ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None, pdl: bool = True):
+                 ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None, pdl: bool = True,
+                 fold_gated_norm: Optional[bool] = None):
         self.model = model
         weight = model.lm_head.weight
         device = weight.device
         self.batch_size, self.max_len = batch_size, max_len
         if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
             ring_conv = batch_size < RING_CONV_BELOW
-        if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md)
-            fuse_linear = batch_size < FUSE_LINEAR_BELOW
+        if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md); an
+            # explicit fold_gated_norm=True asks for the unfused linears
+            fuse_linear = batch_size < FUSE_LINEAR_BELOW and not fold_gated_norm
         self.fuse_linear = fuse_linear
+        if fold_gated_norm is None:  # the fused GEMVs carry the gated norm in out_proj's prologue already
+            fold_gated_norm = not fuse_linear
+        if fold_gated_norm and fuse_linear:
+            raise ValueError("Decoder: fold_gated_norm=True needs fuse_linear=False (the fused GEMVs carry the "
+                             "gated norm in out_proj's prologue already)")
+        self.fold_gated_norm = fold_gated_norm
         self.pdl = pdl and triton_available()  # (triton is an optional dependency)
         self.states = model.allocate_states(batch_size, device=device)
         # state_dtype: the SSM states' storage (the kernels compute in float32 either way). The default is the
@@ -141,7 +153,8 @@ class Decoder:
 
             context = launching()
         with context:
-            logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear)
+            logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear,
+                                     fold_gated_norm=self.fold_gated_norm)
         self._advancing.add_(1)  # = self.pos.advance()
         return logits
 

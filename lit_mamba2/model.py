@@ -60,6 +60,22 @@ class Mamba2State:
     ring: bool = False
 
 
+@dataclass
+class UnscaledHidden:
+    """A Mamba-2 mixer step's output with its gated RMSNorm folded (Decoder fold_gated_norm): raw = out_proj(y ·
+    silu(z) · w) still lacks the norm's per-row scale rstd = rsqrt(sumsq.sum(-1) / dim + eps), which the next
+    add+norm applies (out_proj is linear and the scale is one number per row, so it commutes with out_proj)."""
+
+    raw: torch.Tensor  # (batch, d_model)
+    sumsq: torch.Tensor  # (batch, partials) float32: partial sums of (y · silu(z))^2 over the row's dim channels
+    dim: int
+    eps: float
+
+    def scaled(self) -> torch.Tensor:
+        """The mixer's output as the unfolded step computes it, in float32 (the PyTorch path's add+norm)."""
+        return self.raw.float() * torch.rsqrt(self.sumsq.sum(-1, keepdim=True) / self.dim + self.eps)
+
+
 def _step_on_triton(t: torch.Tensor, impl: Optional[str]) -> bool:
     """The one-token kernels run on CUDA unless impl="torch"; impl="triton" forces them (CPU: TRITON_INTERPRET=1)."""
     return impl == "triton" or (impl is None and t.is_cuda and ops.triton_available())
@@ -93,14 +109,16 @@ def ring_conv_step(x, ring, cache_pos, weight, bias):
     return F.silu(out).to(x.dtype)
 
 
-def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, math.inf), impl=None):
+def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, math.inf), impl=None,
+             norm_weight=None):
     """One token of the SSD recurrence with A = -exp(A_log): state (b, h, p, n) float32 updated in place;
-    returns y (b, h, p)."""
+    returns y (b, h, p). norm_weight (Triton only): the gated norm folded in, returns (u, sumsq) (state_update)."""
     if _step_on_triton(x, impl):
         from lit_mamba2.kernels.state_update import state_update
 
         return state_update(state, x, dt, A_log, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
-                            dt_limit=dt_limit, A_is_log=True)
+                            dt_limit=dt_limit, A_is_log=True, norm_weight=norm_weight)
+    assert norm_weight is None, "ssm_step: the folded gated norm (norm_weight) runs on the Triton path only"
     cdt = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
     A = -torch.exp(A_log.to(cdt))
     h = state.shape[1]
@@ -215,12 +233,24 @@ class Mamba2Mixer(nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
 
-    def step(self, u, state: Mamba2State, pos=None):
+    def can_fold_norm(self, t: torch.Tensor) -> bool:
+        """Whether step(fold_norm=True) applies: Triton kernels, a gated norm of one group with the gate before the
+        norm, no channels beside the SSM, and an out_proj without bias (the norm's scale must commute with it)."""
+        n = self.norm
+        return (n is not None and n.group_size == self.d_ssm and not n.norm_before_gate and self.d_mlp == 0
+                and self.out_proj.bias is None and _step_on_triton(t, self.impl))
+
+    def step(self, u, state: Mamba2State, pos=None, fold_norm: bool = False):
         """One token per row, u: (batch, d_model) -> (batch, d_model), advancing `state` in place (so that a
-        CUDA graph can capture it). Equal to forward on a length-1 sequence with the same state."""
+        CUDA graph can capture it). Equal to forward on a length-1 sequence with the same state.
+        fold_norm: where can_fold_norm, the gated norm rides in the state kernel and the next add+norm, and the
+        output is an UnscaledHidden (one launch less per layer and step)."""
         b = u.shape[0]
         z0, x0, z, xBC, dt = torch.split(
             self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        if fold_norm and self.can_fold_norm(u):
+            y, sumsq = self._conv_ssm_step(z, xBC, dt, state, pos, norm_weight=self.norm.weight)
+            return UnscaledHidden(self.out_proj(y.view(b, self.d_ssm)), sumsq, self.d_ssm, self.norm.eps)
         y = self._conv_ssm_step(z, xBC, dt, state, pos).reshape(b, self.d_ssm)
         if self.norm is not None:
             y = self.norm(y, z)
@@ -228,17 +258,20 @@ class Mamba2Mixer(nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
 
-    def _conv_ssm_step(self, z, xBC, dt, state: Mamba2State, pos):
-        """The conv (+ SiLU) and the SSM state update of one token: y (batch, nheads, headdim)."""
+    def _conv_ssm_step(self, z, xBC, dt, state: Mamba2State, pos, norm_weight=None):
+        """The conv (+ SiLU) and the SSM state update of one token: y (batch, nheads, headdim); with norm_weight
+        (the folded gated norm, Triton only), (u, sumsq) as kernels.state_update.state_update returns them."""
         b = xBC.shape[0]
         D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
-        z_gate = None if self.norm is not None else z.view(b, self.nheads, self.headdim)
+        gated = self.norm is None or norm_weight is not None  # the kernel gates y by silu(z) itself
+        z_gate = z.view(b, self.nheads, self.headdim) if gated else None
         weight = self.conv1d.weight[:, 0, :]
         if state.ring and _step_on_triton(xBC, self.impl):
             from lit_mamba2.kernels.state_update import mixer_step
 
             return mixer_step(state.ssm, state.conv, pos.cache_pos, xBC, weight, self.conv1d.bias, dt, self.A_log,
-                              D=D, z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, ngroups=self.ngroups)
+                              D=D, z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, ngroups=self.ngroups,
+                              norm_weight=norm_weight)
         if state.ring:
             xBC = ring_conv_step(xBC, state.conv, pos.cache_pos, weight, self.conv1d.bias)
         else:
@@ -246,7 +279,8 @@ class Mamba2Mixer(nn.Module):
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         return ssm_step(state.ssm, x.view(b, self.nheads, self.headdim), dt, self.A_log,
                         B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
-                        z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, impl=self.impl)
+                        z=z_gate, dt_bias=self.dt_bias, dt_limit=self.dt_limit, impl=self.impl,
+                        norm_weight=norm_weight)
 
     def can_fuse_linear(self, t: torch.Tensor) -> bool:
         """Whether fused_step applies: Triton kernels, a gated norm, and no channels beside the SSM."""
@@ -467,6 +501,9 @@ class Block(nn.Module):
     def _add(self, hidden, residual):
         if hidden is None:  # a fused step already added its output to the residual
             return residual
+        if isinstance(hidden, UnscaledHidden):
+            dtype = self._residual_dtype(hidden, residual)
+            return (hidden.scaled() + (0 if residual is None else residual.float())).to(dtype)
         residual = hidden if residual is None else residual + hidden
         return residual.float() if self.residual_in_fp32 else residual
 
@@ -479,29 +516,40 @@ class Block(nn.Module):
         return hidden, residual
 
     def _residual_dtype(self, hidden, residual):
-        return residual.dtype if hidden is None else torch.float32 if self.residual_in_fp32 else hidden.dtype
+        if hidden is None:
+            return residual.dtype
+        raw = hidden.raw if isinstance(hidden, UnscaledHidden) else hidden
+        return torch.float32 if self.residual_in_fp32 else raw.dtype
 
     def _add_norm(self, hidden, residual, norm):
-        """residual += hidden (hidden None: already added); norm(residual): one fused kernel when decoding on CUDA."""
-        if _step_on_triton(residual if hidden is None else hidden, self.mixer.impl):
+        """residual += hidden (hidden None: already added; an UnscaledHidden: scaled first); norm(residual): one
+        fused kernel when decoding on CUDA."""
+        unscaled = isinstance(hidden, UnscaledHidden)
+        if _step_on_triton(residual if hidden is None else hidden.raw if unscaled else hidden, self.mixer.impl):
             from lit_mamba2.kernels.state_update import add_rmsnorm
 
             if hidden is None:
                 hidden, residual = residual, None
-            return add_rmsnorm(hidden, residual, norm.weight, norm.eps, self._residual_dtype(hidden, residual))
+            rms = None
+            if unscaled:
+                hidden, rms = hidden.raw, (hidden.sumsq, hidden.dim, hidden.eps)
+            return add_rmsnorm(hidden, residual, norm.weight, norm.eps, self._residual_dtype(hidden, residual),
+                               hidden_rms=rms)
         residual = self._add(hidden, residual)
         return norm(residual.to(norm.weight.dtype)), residual
 
-    def step(self, hidden, residual, state, pos=None, fuse_linear: bool = False):
+    def step(self, hidden, residual, state, pos=None, fuse_linear: bool = False, fold_gated_norm: bool = False):
         """One token per row. Returns (hidden, residual); hidden is None when a fused step already added the
-        mixer's output to the residual (fuse_linear: see Mamba2Mixer.fused_step)."""
+        mixer's output to the residual (fuse_linear: see Mamba2Mixer.fused_step), and an UnscaledHidden when the
+        mixer's gated norm was folded (fold_gated_norm: see Mamba2Mixer.step; the next add+norm finishes it)."""
         m = self.mixer
         if fuse_linear and isinstance(m, Mamba2Mixer) and m.can_fuse_linear(residual if hidden is None else hidden):
             residual = m.fused_step(hidden, residual, self.norm, state, pos, self._residual_dtype(hidden, residual))
             hidden = None
         else:
             normed, residual = self._add_norm(hidden, residual, self.norm)
-            hidden = m.step(normed, state, pos)
+            hidden = (m.step(normed, state, pos, fold_norm=fold_gated_norm) if isinstance(m, Mamba2Mixer)
+                      else m.step(normed, state, pos))
         if self.mlp is not None:
             normed, residual = self._add_norm(hidden, residual, self.norm2)
             hidden = self.mlp(normed)
@@ -522,11 +570,12 @@ class Backbone(nn.Module):
         residual = hidden if residual is None else residual + hidden
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
-    def step(self, input_ids, states, pos=None, fuse_linear: bool = False):
-        """Returns (hidden, residual) after the last layer, before the final norm (hidden None: in residual)."""
+    def step(self, input_ids, states, pos=None, fuse_linear: bool = False, fold_gated_norm: bool = False):
+        """Returns (hidden, residual) after the last layer, before the final norm (hidden None: in residual; an
+        UnscaledHidden: the last mixer's gated norm folded)."""
         hidden, residual = self.embedding(input_ids), None
         for layer, state in zip(self.layers, states):
-            hidden, residual = layer.step(hidden, residual, state, pos, fuse_linear)
+            hidden, residual = layer.step(hidden, residual, state, pos, fuse_linear, fold_gated_norm)
         return hidden, residual
 
 
@@ -601,12 +650,17 @@ class Mamba2LMHeadModel(nn.Module):
         hidden = self.backbone(input_ids, seq_idx=seq_idx, states=states)
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 
-    def step(self, input_ids, states, pos: Optional[DecodePositions] = None, fuse_linear: bool = False):
+    def step(self, input_ids, states, pos: Optional[DecodePositions] = None, fuse_linear: bool = False,
+             fold_gated_norm: bool = False):
         """One decoding step: input_ids (batch,) -> logits (batch, padded_vocab_size). `states` are advanced in
         place; attention layers need fixed-size caches and `pos` (see generation.py, which prepares both).
         fuse_linear: on the Triton path, norms ride in the linear layers' prologues (kernels/decode_linear.py;
-        for small batches, where launches dominate)."""
-        hidden, residual = self.backbone.step(input_ids, states, pos, fuse_linear)
+        for small batches, where launches dominate). fold_gated_norm: on the Triton path, each Mamba-2 mixer's
+        gated norm rides in its state kernel and the next add+norm (Mamba2Mixer.step; not with fuse_linear)."""
+        if fuse_linear and fold_gated_norm:
+            raise ValueError("fuse_linear and fold_gated_norm exclude each other: the fused GEMVs carry the gated "
+                             "norm in out_proj's prologue already")
+        hidden, residual = self.backbone.step(input_ids, states, pos, fuse_linear, fold_gated_norm)
         last = self.backbone.layers[-1]
         if fuse_linear and _step_on_triton(residual, last.mixer.impl):
             from lit_mamba2.kernels.decode_linear import add_norm_linear

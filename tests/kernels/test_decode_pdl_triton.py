@@ -150,7 +150,7 @@ def _compile_pdl_kernels_for_sm90():
     def compile_ptx(kernel, constexprs, ptr_types=(), use_pdl=True):
         ptr_types = dict(ptr_types)
         sig = {n: "constexpr" if n in constexprs else "*" + ptr_types.get(n, "bf16") if n.endswith("_ptr")
-               else "fp32" if n in ("eps", "dt_min", "dt_max") else "i32" for n in kernel.arg_names}
+               else "fp32" if n in ("eps", "dt_min", "dt_max", "inv_h_dim", "h_eps") else "i32" for n in kernel.arg_names}
         k = triton.compile(ASTSource(kernel, sig, constexprs=dict(constexprs, USE_PDL=use_pdl)),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, launch_pdl=True))
         return k.asm["ptx"]
@@ -164,14 +164,15 @@ def _compile_pdl_kernels_for_sm90():
                                                             NGROUPS=1, BLOCK_N=4, BLOCK_K=1024),
                                  {"r_ptr": "fp32", "r_out_ptr": "fp32"}),
         "mixer_step": compile_ptx(su._mixer_step_kernel, dict(
-            WIDTH=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_P=16,
-            BLOCK_N=128), {"slot_ptr": "i64", "A_log_ptr": "fp32"}),
+            WIDTH=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_LIMIT=False, FOLD_NORM=False,
+            BLOCK_P=16, BLOCK_N=128), {"slot_ptr": "i64", "A_log_ptr": "fp32"}),
         "state_update": compile_ptx(su._state_update_kernel, dict(
-            HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_LIMIT=False, A_IS_LOG=True, BLOCK_P=64,
-            BLOCK_N=128, EVICT="evict_first"), {"A_ptr": "fp32"}),
+            HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_LIMIT=False, A_IS_LOG=True,
+            FOLD_NORM=True, BLOCK_P=64, BLOCK_N=128, EVICT="evict_first"), {"A_ptr": "fp32", "ss_ptr": "fp32"}),
         "conv_step": compile_ptx(su._conv_step_kernel, dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_C=256)),
-        "add_rmsnorm": compile_ptx(su._add_rmsnorm_kernel, dict(HAS_RESIDUAL=True, BLOCK=1024),
-                                   {"r_ptr": "fp32", "r_out_ptr": "fp32"}),
+        "add_rmsnorm": compile_ptx(su._add_rmsnorm_kernel, dict(HAS_RESIDUAL=True, HAS_RMS=True, BLOCK=1024,
+                                                                 BLOCK_PART=32),
+                                   {"r_ptr": "fp32", "r_out_ptr": "fp32", "ss_ptr": "fp32"}),
     }
     for name, ptx in ptxs.items():
         assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, name
@@ -182,8 +183,9 @@ def _compile_pdl_kernels_for_sm90():
                                                             NGROUPS=1, BLOCK_N=4, BLOCK_K=1024),
                                  {"r_ptr": "fp32", "r_out_ptr": "fp32"}, use_pdl=2),
         "mixer_step": compile_ptx(su._mixer_step_kernel, dict(
-            WIDTH=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_P=16,
-            BLOCK_N=128), {"slot_ptr": "i64", "A_log_ptr": "fp32"}, use_pdl=2),
+            WIDTH=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_LIMIT=False, FOLD_NORM=True,
+            BLOCK_P=16, BLOCK_N=128), {"slot_ptr": "i64", "A_log_ptr": "fp32", "ss_ptr": "fp32"},
+            use_pdl=2),
     }
     for name, ptx in early.items():
         assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 1, name
