@@ -42,6 +42,7 @@ MAX_ROWS = 64
 # (BLOCK_N, BLOCK_K) of phase 1 (out_proj, split over K) and phase 3 (in_proj, BLOCK_K the inner loop's step)
 OUT_TILE = (64, 256)
 IN_TILE = (32, 128)
+IN_STAGES = 3  # software pipelining of phase 3's loop over K
 NUM_WARPS = 4
 PROGRAMS = None  # None: one per SM
 _BARRIER_STEP = 1 << 40  # each barrier adds exactly this to the counter, so its bit 40 flips once per barrier
@@ -57,43 +58,64 @@ def _grid_barrier(bar_ptr, n_programs):
     inc = tl.where(tl.program_id(0) == 0, step - (n_programs - 1), 1).to(tl.int64)
     seen = tl.atomic_add(bar_ptr, inc, sem="acq_rel", scope="gpu")
     now = seen
-    while ((now ^ seen) & step) == 0:
-        now = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    while ((now ^ seen) & step) == 0:  # plain volatile loads while waiting: no read-modify-write traffic
+        now = tl.load(bar_ptr, volatile=True)
+    tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")  # orders this program's later reads after the others' writes
     tl.debug_barrier()
 
 
 @triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr):
+    if DOT_DTYPE == tl.float32:  # float32 models: exact float32 products, not TF32
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
+def _weight_tile(w_ptr, t, n_blocks, N, K, w_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile t of a product split over K: its columns, split index, and the (BLOCK_K, BLOCK_N) weight tile."""
+    offs_n = (t % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = t // n_blocks
+    offs_k = ks * BLOCK_K + tl.arange(0, BLOCK_K)
+    w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * w_n + offs_k[:, None],
+                mask=(offs_k < K)[:, None] & (offs_n < N)[None, :], other=0.0)
+    return offs_n, ks, offs_k, w
+
+
+@triton.jit
 def _out_proj_phase(u_ptr, wo_ptr, part_ptr, M, N, K, u_m, wo_n, p_s, p_m,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    """The PDL wait happens in here: the program's first weight tile (a parameter) loads before it."""
     n_blocks = tl.cdiv(N, BLOCK_N)
     n_tiles = n_blocks * tl.cdiv(K, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
     mm = offs_m < M
+    offs_n, ks, offs_k, w = _weight_tile(wo_ptr, tl.program_id(0), n_blocks, N, K, wo_n, BLOCK_N, BLOCK_K)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        offs_n = (t % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = t // n_blocks
-        offs_k = ks * BLOCK_K + tl.arange(0, BLOCK_K)
-        mn = offs_n < N
-        mk = offs_k < K
-        w = tl.load(wo_ptr + offs_n[None, :].to(tl.int64) * wo_n + offs_k[:, None], mask=mk[:, None] & mn[None, :],
+        if t != tl.program_id(0):
+            offs_n, ks, offs_k, w = _weight_tile(wo_ptr, t, n_blocks, N, K, wo_n, BLOCK_N, BLOCK_K)
+        u = tl.load(u_ptr + offs_m[:, None] * u_m + offs_k[None, :], mask=mm[:, None] & (offs_k < K)[None, :],
                     other=0.0)
-        u = tl.load(u_ptr + offs_m[:, None] * u_m + offs_k[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-        acc = tl.dot(u.to(DOT_DTYPE), w.to(DOT_DTYPE))
-        tl.store(part_ptr + ks * p_s + offs_m[:, None] * p_m + offs_n[None, :], acc, mask=mm[:, None] & mn[None, :])
+        acc = _dot(u, w, DOT_DTYPE)
+        tl.store(part_ptr + ks * p_s + offs_m[:, None] * p_m + offs_n[None, :], acc,
+                 mask=mm[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
-def _add_norm_phase(h_ptr, part_ptr, ss_ptr, r_ptr, nw_ptr, x_ptr, M, D, n_split, n_ss, inv_h_dim, h_eps, eps,
+def _add_norm_phase(h_ptr, part_ptr, ss_ptr, r_ptr, nw_ptr, x_ptr, M, D, n_ss, inv_h_dim, h_eps, eps,
                     h_m, p_s, p_m, ss_m, r_m, x_m,
-                    FROM_PARTS: tl.constexpr, HAS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                    H_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SS: tl.constexpr):
+                    FROM_PARTS: tl.constexpr, N_SPLIT: tl.constexpr, HAS_RMS: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, H_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SS: tl.constexpr):
     offs = tl.arange(0, BLOCK_D)
     m = offs < D
     w = tl.load(nw_ptr + offs, mask=m, other=0.0).to(tl.float32)
     for b in range(tl.program_id(0), M, tl.num_programs(0)):
         if FROM_PARTS:
             h = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for s in range(0, n_split):  # fixed order: deterministic
+            for s in tl.static_range(N_SPLIT):  # fixed order: deterministic; unrolled, so the loads go out together
                 h += tl.load(part_ptr + s * p_s + b * p_m + offs, mask=m, other=0.0)
             h = h.to(H_DTYPE).to(tl.float32)  # out_proj's output as the unfused path stores it
         else:
@@ -115,20 +137,21 @@ def _add_norm_phase(h_ptr, part_ptr, ss_ptr, r_ptr, nw_ptr, x_ptr, M, D, n_split
 def _in_proj_conv_phase(x_ptr, wi_ptr, out_ptr, cs_ptr, cw_ptr, cb_ptr, M, N, K, c_lo, c_hi,
                         x_m, wi_n, o_m, cs_b, cs_c, cs_w, cw_c, cw_w,
                         WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IN_STAGES: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     mm = offs_m < M
     for t in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = offs_n < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=IN_STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mk = offs_k < K
             w = tl.load(wi_ptr + offs_n[None, :].to(tl.int64) * wi_n + offs_k[:, None],
                         mask=mk[:, None] & mn[None, :], other=0.0)
             x = tl.load(x_ptr + offs_m[:, None] * x_m + offs_k[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-            acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE))
+            acc += _dot(x, w, DOT_DTYPE)
         v = acc.to(out_ptr.dtype.element_ty)  # in_proj's output as the unfused path stores it
         # the conv step on the columns [c_lo, c_hi): this program owns them, so it shifts their conv state in place
         conv = mn & (offs_n >= c_lo) & (offs_n < c_hi)
@@ -158,32 +181,34 @@ def _in_proj_conv_phase(x_ptr, wi_ptr, out_ptr, cs_ptr, cw_ptr, cb_ptr, M, N, K,
 @triton.jit
 def _linear_block_kernel(
     u_ptr, wo_ptr, part_ptr, h_ptr, ss_ptr, r_ptr, nw_ptr, x_ptr, wi_ptr, out_ptr, cs_ptr, cw_ptr, cb_ptr, bar_ptr,
-    M, D, K_OUT, N_IN, n_split, n_ss, inv_h_dim, h_eps, eps, c_lo, c_hi,
+    M, D, K_OUT, N_IN, n_ss, inv_h_dim, h_eps, eps, c_lo, c_hi,
     u_m, wo_n, p_s, p_m, h_m, ss_m, r_m, x_m, wi_n, o_m, cs_b, cs_c, cs_w, cw_c, cw_w,
-    PHASES: tl.constexpr, FROM_PARTS: tl.constexpr, HAS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, H_DTYPE: tl.constexpr,
+    PHASES: tl.constexpr, FROM_PARTS: tl.constexpr, N_SPLIT: tl.constexpr, HAS_RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, H_DTYPE: tl.constexpr,
     WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SS: tl.constexpr, OUT_N: tl.constexpr, OUT_K: tl.constexpr, IN_N: tl.constexpr, IN_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, BARRIERS: tl.constexpr, USE_PDL: tl.constexpr,
+    IN_STAGES: tl.constexpr, DOT_DTYPE: tl.constexpr, BARRIERS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    # PHASES: bit 1 out_proj, bit 2 add + norm, bit 4 in_proj + conv. Every input but this layer's conv state
-    # comes from the kernels before: nothing is loaded before the PDL wait.
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    # PHASES: bit 1 out_proj, bit 2 add + norm, bit 4 in_proj + conv. Only parameters load before the PDL wait.
     if PHASES & 1:
-        _out_proj_phase(u_ptr, wo_ptr, part_ptr, M, D, K_OUT, u_m, wo_n, p_s, p_m, BLOCK_M, OUT_N, OUT_K, DOT_DTYPE)
+        _out_proj_phase(u_ptr, wo_ptr, part_ptr, M, D, K_OUT, u_m, wo_n, p_s, p_m, BLOCK_M, OUT_N, OUT_K, DOT_DTYPE,
+                        USE_PDL)
+    elif USE_PDL:
+        tl.extra.cuda.gdc_wait()
     if BARRIERS:
         _grid_barrier(bar_ptr, tl.num_programs(0))
     if USE_PDL:  # every program is resident now: the next kernel's programs may take the free slots
         tl.extra.cuda.gdc_launch_dependents()
     if PHASES & 2:
-        _add_norm_phase(h_ptr, part_ptr, ss_ptr, r_ptr, nw_ptr, x_ptr, M, D, n_split, n_ss, inv_h_dim, h_eps, eps,
-                        h_m, p_s, p_m, ss_m, r_m, x_m, FROM_PARTS, HAS_RMS, HAS_RESIDUAL, H_DTYPE, BLOCK_D,
+        _add_norm_phase(h_ptr, part_ptr, ss_ptr, r_ptr, nw_ptr, x_ptr, M, D, n_ss, inv_h_dim, h_eps, eps,
+                        h_m, p_s, p_m, ss_m, r_m, x_m, FROM_PARTS, N_SPLIT, HAS_RMS, HAS_RESIDUAL, H_DTYPE, BLOCK_D,
                         BLOCK_SS)
     if PHASES & 4:
         if BARRIERS:
             _grid_barrier(bar_ptr, tl.num_programs(0))
         _in_proj_conv_phase(x_ptr, wi_ptr, out_ptr, cs_ptr, cw_ptr, cb_ptr, M, N_IN, D, c_lo, c_hi, x_m, wi_n, o_m,
-                            cs_b, cs_c, cs_w, cw_c, cw_w, WIDTH, HAS_CONV_BIAS, BLOCK_M, IN_N, IN_K, DOT_DTYPE)
+                            cs_b, cs_c, cs_w, cw_c, cw_w, WIDTH, HAS_CONV_BIAS, BLOCK_M, IN_N, IN_K, IN_STAGES,
+                            DOT_DTYPE)
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -248,15 +273,15 @@ def linear_block(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     n_ss = sumsq.shape[1] if sumsq is not None else 1
     cs = conv_state if conv_state is not None else dummy
     cw = conv_weight if conv_weight is not None else dummy
-    flags = dict(FROM_PARTS=u is not None, HAS_RMS=sumsq is not None, HAS_RESIDUAL=residual_in, H_DTYPE=_tl_dtype(
+    flags = dict(FROM_PARTS=u is not None, N_SPLIT=max(n_split, 1), HAS_RMS=sumsq is not None, HAS_RESIDUAL=residual_in, H_DTYPE=_tl_dtype(
         out_weight.dtype if out_weight is not None else dtype), WIDTH=width, HAS_CONV_BIAS=conv_bias is not None,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_D=triton.next_power_of_2(D),
         BLOCK_SS=triton.next_power_of_2(n_ss), OUT_N=OUT_TILE[0], OUT_K=OUT_TILE[1], IN_N=IN_TILE[0],
-        IN_K=IN_TILE[1], DOT_DTYPE=dot_dtype)
+        IN_K=IN_TILE[1], IN_STAGES=IN_STAGES, DOT_DTYPE=dot_dtype)
     args = (u if u is not None else dummy, out_weight if out_weight is not None else dummy, parts,
             hidden if hidden is not None else dummy, sumsq if sumsq is not None else dummy, residual, norm_weight, x,
             in_weight if in_weight is not None else dummy, out, cs, cw, conv_bias if conv_bias is not None else cw,
-            barrier, M, D, K_OUT, N_IN, n_split, n_ss, 1.0 / max(K_OUT, 1), float(gated_eps), float(eps), c_lo, c_hi,
+            barrier, M, D, K_OUT, N_IN, n_ss, 1.0 / max(K_OUT, 1), float(gated_eps), float(eps), c_lo, c_hi,
             u.stride(0) if u is not None else 0, out_weight.stride(0) if out_weight is not None else 0,
             parts.stride(0), parts.stride(1) if u is not None else 0, hidden.stride(0) if hidden is not None else 0,
             sumsq.stride(0) if sumsq is not None else 0, residual.stride(0), x.stride(0),
