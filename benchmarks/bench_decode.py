@@ -119,11 +119,9 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     # two launches per layer: the state update and one persistent kernel from out_proj to the next conv
     # (kernels/decode_block.py, Mamba2LMHeadModel.step_in_blocks); tiles (BLOCK_N, BLOCK_K) of its phases
     "blocks": (dict(blocks=True, fuse_linear=False, ring_conv=False), {}),
-    "blocks_in64": (dict(blocks=True, fuse_linear=False, ring_conv=False), {"decode_block.IN_TILE": (64, 128)}),
-    "blocks_in16": (dict(blocks=True, fuse_linear=False, ring_conv=False), {"decode_block.IN_TILE": (16, 256)}),
+    "blocks_w4": (dict(blocks=True, fuse_linear=False, ring_conv=False), {"decode_block.NUM_WARPS": 4}),
+    "blocks_in32": (dict(blocks=True, fuse_linear=False, ring_conv=False), {"decode_block.IN_TILE": (32, 128)}),
     "blocks_out32": (dict(blocks=True, fuse_linear=False, ring_conv=False), {"decode_block.OUT_TILE": (32, 256)}),
-    "blocks_out128": (dict(blocks=True, fuse_linear=False, ring_conv=False), {"decode_block.OUT_TILE": (64, 128)}),
-    "blocks_w8": (dict(blocks=True, fuse_linear=False, ring_conv=False), {"decode_block.NUM_WARPS": 8}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
 # below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours

@@ -41,9 +41,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 64
 # (BLOCK_N, BLOCK_K) of phase 1 (out_proj, split over K) and phase 3 (in_proj, BLOCK_K the inner loop's step)
 OUT_TILE = (64, 256)
-IN_TILE = (32, 128)
+IN_TILE = (16, 128)
 IN_STAGES = 3  # software pipelining of phase 3's loop over K
-NUM_WARPS = 4
+NUM_WARPS = 8
 PROGRAMS = None  # None: one per SM
 _BARRIER_STEP = 1 << 40  # each barrier adds exactly this to the counter, so its bit 40 flips once per barrier
 
@@ -236,7 +236,8 @@ def linear_block(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     gated_eps) when sumsq (rows, partials) is given (the folded gated norm), or the given `hidden` (rows, d_model);
     residual_in=False: residual = hidden (the first layer). Then x = RMSNorm(residual) * norm_weight, and with
     in_weight (n_in, d_model): returns in_proj(x) with the conv (+ SiLU) applied to columns [conv_lo, conv_lo +
-    conv_dim) (conv_state (rows, conv_dim, width - 1) shifted in place, conv_weight (conv_dim, width)); without
+    conv_dim) (conv_state (rows, conv_dim, width - 1) shifted in place, any strides: slot-major storage, i.e. a
+    (rows, width - 1, conv_dim) tensor transposed, makes its loads coalesce; conv_weight (conv_dim, width)); without
     in_weight returns x (the LM head's input). barrier: an int64 counter on the device, zero when first used, the
     same one for every launch of a step."""
     M, D = residual.shape

@@ -136,6 +136,9 @@ class Decoder:
                     b, c, w = st.conv.shape
                     st.conv = torch.zeros(b, w + 1, c, device=device, dtype=st.conv.dtype).transpose(1, 2)
                     st.ring = True
+                elif self.blocks:  # slot-major too: decode_block's conv loads and shifts (rows, channels) tiles
+                    b, c, w = st.conv.shape
+                    st.conv = torch.zeros(b, w, c, device=device, dtype=st.conv.dtype).transpose(1, 2)
         for st, layer in zip(self.states, model.backbone.layers):
             if isinstance(st, KVCache):
                 m = layer.mixer
