@@ -116,12 +116,8 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "ring_tile4k": (dict(ring_conv=True), {"state_update.STATE_TILE": (4096, 4)}),
     "ring_tile2k": (dict(ring_conv=True), {"state_update.STATE_TILE": (2048, 4)}),
     "ring_tile2k_w2": (dict(ring_conv=True), {"state_update.STATE_TILE": (2048, 2)}),
-    # two launches per layer: the state update and one persistent kernel from out_proj to the next conv
-    # (kernels/decode_block.py, Mamba2LMHeadModel.step_in_blocks); tiles (BLOCK_N, BLOCK_K) of its phases
-    "blocks": (dict(blocks=True, fuse_linear=False, ring_conv=False), {}),
-    "blocks_w4": (dict(blocks=True, fuse_linear=False, ring_conv=False), {"decode_block.NUM_WARPS": 4}),
-    "blocks_in32": (dict(blocks=True, fuse_linear=False, ring_conv=False), {"decode_block.IN_TILE": (32, 128)}),
-    "blocks_out32": (dict(blocks=True, fuse_linear=False, ring_conv=False), {"decode_block.OUT_TILE": (32, 256)}),
+    # (run 13's `blocks*` variants, two launches per layer with one persistent kernel from out_proj to the next
+    # conv, lost and were removed: benchmarks/results/decode_run13_notes.md)
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
 # below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours

@@ -71,9 +71,6 @@ def pad_prompts(prompts: Prompts, device, pad_id: int = 0):
 # norms (fuse_linear) by default; measured on an H100 (BENCHMARKS.md, "Decoding").
 RING_CONV_BELOW = 16
 FUSE_LINEAR_BELOW = 8
-# from batch RING_CONV_BELOW on, pure Mamba-2 models: two launches per layer, the state update and one persistent
-# kernel for out_proj, residual add + norm, in_proj and conv (Mamba2LMHeadModel.step_in_blocks)
-BLOCKS = False
 
 
 class Decoder:
@@ -102,7 +99,7 @@ class Decoder:
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
                  ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None, pdl: bool = True,
-                 fold_gated_norm: Optional[bool] = None, blocks: Optional[bool] = None):
+                 fold_gated_norm: Optional[bool] = None):
         self.model = model
         weight = model.lm_head.weight
         device = weight.device
@@ -119,9 +116,6 @@ class Decoder:
             raise ValueError("Decoder: fold_gated_norm=True needs fuse_linear=False (the fused GEMVs carry the "
                              "gated norm in out_proj's prologue already)")
         self.fold_gated_norm = fold_gated_norm
-        if blocks is None:
-            blocks = BLOCKS and fold_gated_norm and not ring_conv
-        self.blocks = blocks
         self.pdl = pdl and triton_available()  # (triton is an optional dependency)
         self.states = model.allocate_states(batch_size, device=device)
         # state_dtype: the SSM states' storage (the kernels compute in float32 either way). The default is the
@@ -136,9 +130,6 @@ class Decoder:
                     b, c, w = st.conv.shape
                     st.conv = torch.zeros(b, w + 1, c, device=device, dtype=st.conv.dtype).transpose(1, 2)
                     st.ring = True
-                elif self.blocks:  # slot-major too: decode_block's conv loads and shifts (rows, channels) tiles
-                    b, c, w = st.conv.shape
-                    st.conv = torch.zeros(b, w, c, device=device, dtype=st.conv.dtype).transpose(1, 2)
         for st, layer in zip(self.states, model.backbone.layers):
             if isinstance(st, KVCache):
                 m = layer.mixer
@@ -154,7 +145,6 @@ class Decoder:
         self._fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
         self.graph, self.logits = None, None
         self.filled = 0
-        self._barrier = torch.zeros(1, device=device, dtype=torch.int64)  # decode_block's grid barrier counter
 
     def _eager_step(self):
         context = contextlib.nullcontext()
@@ -163,14 +153,8 @@ class Decoder:
 
             context = launching()
         with context:
-            if self.blocks:
-                if not self.model.can_step_in_blocks(self.token, self.states):
-                    raise ValueError("Decoder: blocks=True needs a pure Mamba-2 model whose gated norms fold, no "
-                                     "ring conv, at most kernels.decode_block.MAX_ROWS rows, on the Triton path")
-                logits = self.model.step_in_blocks(self.token, self.states, self._barrier)
-            else:
-                logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear,
-                                         fold_gated_norm=self.fold_gated_norm)
+            logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear,
+                                     fold_gated_norm=self.fold_gated_norm)
         self._advancing.add_(1)  # = self.pos.advance()
         return logits
 

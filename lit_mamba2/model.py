@@ -276,14 +276,6 @@ class Mamba2Mixer(nn.Module):
             xBC = ring_conv_step(xBC, state.conv, pos.cache_pos, weight, self.conv1d.bias)
         else:
             xBC = conv_step(xBC, state.conv, weight, self.conv1d.bias, "silu", self.impl)
-        return self.ssm_step(z, xBC, dt, state, norm_weight)
-
-    def ssm_step(self, z, xBC, dt, state: Mamba2State, norm_weight=None):
-        """The SSM state update of one token from the conv's output xBC (batch, conv_dim): as _conv_ssm_step."""
-        b = xBC.shape[0]
-        D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
-        gated = self.norm is None or norm_weight is not None  # the kernel gates y by silu(z) itself
-        z_gate = z.view(b, self.nheads, self.headdim) if gated else None
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         return ssm_step(state.ssm, x.view(b, self.nheads, self.headdim), dt, self.A_log,
                         B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state), D=D,
@@ -677,50 +669,6 @@ class Mamba2LMHeadModel(nn.Module):
             return add_norm_linear(hidden, residual, norm.weight, norm.eps, self.lm_head.weight)[0]
         hidden = last._add_norm(hidden, residual, self.backbone.norm_f)[0]
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))
-
-    def can_step_in_blocks(self, t: torch.Tensor, states) -> bool:
-        """Whether step_in_blocks applies: Triton kernels, a pure Mamba-2 stack (no attention layer, no MLP) whose
-        mixers can fold their gated norm, in_proj without bias, conv states not rings, at most
-        kernels.decode_block.MAX_ROWS rows."""
-        from lit_mamba2.kernels.decode_block import MAX_ROWS
-
-        layers = self.backbone.layers
-        return (t.shape[0] <= MAX_ROWS and all(
-            isinstance(layer.mixer, Mamba2Mixer) and layer.mlp is None and layer.mixer.can_fold_norm(t)
-            and layer.mixer.in_proj.bias is None and not state.ring for layer, state in zip(layers, states)))
-
-    def step_in_blocks(self, input_ids, states, barrier: torch.Tensor):
-        """step() for larger batches (where can_step_in_blocks): per layer two launches, the state update (with the
-        gated norm folded) and one persistent kernel for everything up to the next state update (out_proj, the
-        residual add + RMSNorm, the next in_proj and its conv: kernels/decode_block.py). barrier: an int64 counter
-        on the device, zero before its first use, kept for later steps (generation.Decoder holds one)."""
-        from lit_mamba2.kernels.decode_block import linear_block
-
-        layers = self.backbone.layers
-        hidden = self.backbone.embedding(input_ids)
-        b = hidden.shape[0]
-        residual = torch.empty(b, self.config.d_model, device=hidden.device,
-                               dtype=torch.float32 if self.config.residual_in_fp32 else hidden.dtype)
-
-        def entry(i, **exit_args):  # layer i's RMSNorm, in_proj and conv after the residual add
-            m = layers[i].mixer
-            return linear_block(residual, layers[i].norm.weight, layers[i].norm.eps, barrier,
-                                in_weight=m.in_proj.weight, conv_state=states[i].conv,
-                                conv_weight=m.conv1d.weight[:, 0, :], conv_bias=m.conv1d.bias, conv_lo=m.d_ssm,
-                                **exit_args)
-
-        zxbcdt = entry(0, hidden=hidden, residual_in=False)
-        for i, (layer, state) in enumerate(zip(layers, states)):
-            m = layer.mixer
-            z, xBC, dt = torch.split(zxbcdt, [m.d_ssm, m.conv_dim, m.nheads], dim=-1)
-            u, sumsq = m.ssm_step(z, xBC, dt, state, norm_weight=m.norm.weight)
-            exit_args = dict(u=u.view(b, m.d_ssm), out_weight=m.out_proj.weight, sumsq=sumsq, gated_eps=m.norm.eps)
-            if i + 1 < len(layers):
-                zxbcdt = entry(i + 1, **exit_args)
-            else:
-                norm = self.backbone.norm_f
-                normed = linear_block(residual, norm.weight, norm.eps, barrier, **exit_args)
-        return self.lm_head(normed.to(self.lm_head.weight.dtype))
 
     def loss(self, input_ids, labels, seq_idx=None, ignore_index: int = -100, reduction: str = "mean"):
         """Cross-entropy of the logits at each position against labels at the same position (labels are the
