@@ -96,18 +96,18 @@ def _state_tile(state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s
 
 
 @triton.jit
-def _gate_and_store(y, z, w, out_ptr, o_off, ss_ptr, h, mask_p, HAS_Z: tl.constexpr, FOLD_NORM: tl.constexpr):
+def _gate_and_store(y, z, out_ptr, o_off, nw_ptr, ss_ptr, h, headdim, offs_p, mask_p,
+                    HAS_Z: tl.constexpr, FOLD_NORM: tl.constexpr):
     """The step's output: y (this program's headdim rows, float32) gated by silu(z) and stored. FOLD_NORM: also
     the partial sum of squares of the gated rows into this program's slot (ss_ptr, already at this batch row;
-    one slot per program along the row: head h, headdim block program_id(0)), and the norm's weight w (these
-    rows') applied to the stored value. z and w are loaded by the caller before its state store: a load after
-    it could not be hoisted above it (possible aliasing) and would add a memory round trip to each program's end."""
+    one slot per program along the row: head h, headdim block program_id(0)), and the norm's weight applied to
+    the stored value."""
     if HAS_Z:
         y *= z * tl.sigmoid(z)
     if FOLD_NORM:
         y = tl.where(mask_p, y, 0.0)
         tl.store(ss_ptr + h * tl.num_programs(0) + tl.program_id(0), tl.sum(y * y, axis=0))
-        y *= w
+        y *= tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=mask_p)
 
 
@@ -130,23 +130,17 @@ def _state_update_kernel(
     x = tl.load(x_ptr + b * x_b + h * x_h + offs_p * x_p, mask=mask_p, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * B_b + g * B_g + offs_n * B_n, mask=mask_n, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * C_b + g * C_g + offs_n * C_n, mask=mask_n, other=0.0).to(tl.float32)
-    Dv = x
-    if HAS_D:
-        Dv = tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-    z = x
-    if HAS_Z:
-        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
-    w = x
-    if FOLD_NORM:
-        w = tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     s = s * decay + (x * dt)[:, None] * Bv[None, :]
     tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
     y = tl.sum(s * Cv[None, :], axis=1)
     if HAS_D:
-        y += x * Dv
-    _gate_and_store(y, z, w, out_ptr, b * o_b + h * o_h + offs_p * o_p, ss_ptr + b * ss_b, h, mask_p, HAS_Z,
-                    FOLD_NORM)
+        y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+    z = y
+    if HAS_Z:
+        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
+    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b, h, headdim, offs_p,
+                    mask_p, HAS_Z, FOLD_NORM)
 
 
 def _fold_buffers(norm_weight, b, h, p, programs_per_head, device):
@@ -340,9 +334,6 @@ def _mixer_step_kernel(
         dt_bias = tl.load(dtb_ptr + h).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-    w = wx
-    if FOLD_NORM:
-        w = tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     wait_and_release(USE_PDL)
 
     x_new = tl.load(xbc_ptr + b * xbc_b + cx * xbc_c, mask=mask_p, other=0.0)
@@ -377,8 +368,8 @@ def _mixer_step_kernel(
     y = tl.sum(st * Cv[None, :], axis=1)
     if HAS_D:
         y += x * Dv
-    _gate_and_store(y, z, w, out_ptr, b * o_b + h * o_h + offs_p * o_p, ss_ptr + b * ss_b, h, mask_p, HAS_Z,
-                    FOLD_NORM)
+    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b, h, headdim, offs_p,
+                    mask_p, HAS_Z, FOLD_NORM)
 
 
 def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=None, z=None, dt_bias=None,
