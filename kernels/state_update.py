@@ -43,6 +43,8 @@ STATE_TILE = (8192, 4)
 # on an H100 at batch 64 (decode runs 8, 9: benchmarks/results/decode_run8_*, decode_run9b_*): -0.3 to -1.5 % per
 # step for mamba2-130m, -2.4 % for mamba2-370m against no hint ("").
 STATE_EVICT = "evict_first"
+# conv_step's (channels per program, num_warps)
+CONV_TILE = (256, 4)
 
 
 def _state_tiles(b, p, n, block_p=None, num_warps=None):
@@ -227,12 +229,12 @@ def conv_step(x, conv_state, weight, bias=None, activation="silu", out=None):
     assert conv_state.shape == (b, d, w - 1) and w >= 2, "conv_step: shapes disagree"
     if out is None:
         out = torch.empty_like(x)
-    BLOCK_C = 256
+    BLOCK_C, num_warps = CONV_TILE
     grid = (triton.cdiv(d, BLOCK_C), b)
     _conv_step_kernel[grid](
         x, conv_state, weight, bias if bias is not None else weight, out, d,
         *x.stride(), *conv_state.stride(), *weight.stride(), *out.stride(),
-        WIDTH=w, HAS_BIAS=bias is not None, SILU=activation == "silu", BLOCK_C=BLOCK_C, num_warps=4,
+        WIDTH=w, HAS_BIAS=bias is not None, SILU=activation == "silu", BLOCK_C=BLOCK_C, num_warps=num_warps,
         **pdl_options(),
     )
     return out
