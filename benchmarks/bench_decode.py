@@ -120,8 +120,10 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "conv_c128": (dict(), {"state_update.CONV_TILE": (128, 4)}),
     "conv_c1024_w8": (dict(), {"state_update.CONV_TILE": (1024, 8)}),
     "conv_c512_w4": (dict(), {"state_update.CONV_TILE": (512, 4)}),
-    "state_4k": (dict(), {"state_update.STATE_TILE": (4096, 4)}),
+    "state_8k": (dict(), {"state_update.STATE_TILE": (8192, 4)}),  # the default before decode run 16
     "state_8k_w8": (dict(), {"state_update.STATE_TILE": (8192, 8)}),
+    "state_2k": (dict(), {"state_update.STATE_TILE": (2048, 4)}),
+    "state_4k_w2": (dict(), {"state_update.STATE_TILE": (4096, 2)}),
     # (run 13's `blocks*` variants, two launches per layer with one persistent kernel from out_proj to the next
     # conv, lost and were removed: benchmarks/results/decode_run13_notes.md)
 }

@@ -35,9 +35,11 @@ from .pdl import options as pdl_options, release_early, wait_and_release
 # 16 (few programs: smaller tiles spread them over more SMs) and from it on (bandwidth-bound). The winners of
 # benchmarks/bench_decode.py --sweep on an H100 (run 2); at batch 64 the sweep's state stays in L2 between calls,
 # so it ranks tiles only roughly (32 and 64 rows tied): in a whole step the state update streams bf16 states at
-# ~2.7 TB/s, ~90% of a device copy.
+# ~2.7 TB/s, ~90% of a device copy. From batch 16 the tile was picked inside whole captured steps (decode run 16,
+# batch 64, two orders of the variants): 32 rows x dstate 128 (4096) against 64 rows (8192): -3.4 % per step at
+# mamba2-370m in both orders, ~-3 % at 130m.
 STATE_TILE_SMALL_BATCH = (2048, 2)
-STATE_TILE = (8192, 4)
+STATE_TILE = (4096, 4)
 # state_update's eviction hint for the state's load and store: a layer's state is next read a whole step later,
 # after every other layer's state has streamed through L2, so its lines are the ones to give up first. Measured
 # on an H100 at batch 64 (decode runs 8, 9: benchmarks/results/decode_run8_*, decode_run9b_*): -0.3 to -1.5 % per
