@@ -89,12 +89,13 @@ class Decoder:
     `pdl` (default on) launches the step's Triton kernels with programmatic dependent launch (kernels/pdl.py), so
     that each may start while the one before it finishes: measured on an H100 (BENCHMARKS.md) 18-22% less time per
     step at batch 1 (decode run 4), another 11-12% from letting the GEMVs and the mixer kernel release the next
-    kernel at their start (decode run 6), about 1% at batch 64, with the same outputs. A no-op under TRITON_INTERPRET, before compute
-    capability 9 and on Tritons without the API.
+    kernel at their start (decode run 6), about 1% at batch 64, with the same outputs. A no-op under
+    TRITON_INTERPRET, before compute capability 9 and on Tritons without the API.
 
-    `fold_gated_norm` (default: wherever fuse_linear is off; True turns fuse_linear's default off) folds each Mamba-2 mixer's gated RMSNorm into its
-    state kernel and the next residual add + norm (Mamba2Mixer.step: one launch less per layer and step; layers
-    where the fold cannot apply, e.g. norm groups > 1, keep the separate norm)."""
+    `fold_gated_norm` (default: wherever fuse_linear is off; True turns fuse_linear's default off) folds each
+    Mamba-2 mixer's gated RMSNorm into its state kernel and the next residual add + norm (Mamba2Mixer.step: one
+    launch less per layer and step, measured 1.4-2.8% less time per step at batch 64 and 7-13% at batch 8-16,
+    BENCHMARKS.md; layers where the fold cannot apply, e.g. norm groups > 1, keep the separate norm)."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
