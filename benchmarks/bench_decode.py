@@ -120,8 +120,6 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "conv_c128": (dict(), {"state_update.CONV_TILE": (128, 4)}),
     "conv_c1024_w8": (dict(), {"state_update.CONV_TILE": (1024, 8)}),
     "conv_c512_w4": (dict(), {"state_update.CONV_TILE": (512, 4)}),
-    "addnorm_w2": (dict(), {"state_update.ADD_NORM_WARPS": 2}),
-    "addnorm_w8": (dict(), {"state_update.ADD_NORM_WARPS": 8}),
     "state_8k": (dict(), {"state_update.STATE_TILE": (8192, 4)}),  # the default before decode run 16
     "state_8k_w8": (dict(), {"state_update.STATE_TILE": (8192, 8)}),
     "state_2k": (dict(), {"state_update.STATE_TILE": (2048, 4)}),

@@ -47,7 +47,6 @@ STATE_TILE = (4096, 4)
 STATE_EVICT = "evict_first"
 # conv_step's (channels per program, num_warps)
 CONV_TILE = (256, 4)
-ADD_NORM_WARPS = None  # add_rmsnorm's warps per row (None: 4 up to 2048 channels, else 8)
 
 
 def _state_tiles(b, p, n, block_p=None, num_warps=None):
@@ -287,7 +286,7 @@ def add_rmsnorm(hidden, residual, weight, eps, residual_dtype, hidden_rms=None):
                               sumsq.stride(0) if hidden_rms is not None else 0,
                               HAS_RESIDUAL=residual is not None, HAS_RMS=hidden_rms is not None,
                               BLOCK=triton.next_power_of_2(d), BLOCK_PART=triton.next_power_of_2(n_part),
-                              num_warps=ADD_NORM_WARPS or (4 if d <= 2048 else 8), **pdl_options())
+                              num_warps=4 if d <= 2048 else 8, **pdl_options())
     return out, r_out
 
 
