@@ -1,6 +1,7 @@
 """Chunked SSD (Mamba-2's state space dual) in Triton, forward and backward, as a torch.library custom op.
 
-Per head, positions are cut into chunks of `chunk_size`; inside a chunk the output is the masked quadratic form,
+Per head, positions are cut into chunks of `chunk_size` (at most CONFIG max_chunk: a longer chunk gives the same function
+with more state steps); inside a chunk the output is the masked quadratic form,
 across chunks a (headdim, dstate) state is carried. With cum_t the in-chunk cumulative sum of dt·A:
 
     y_t = Σ_{s≤t, same doc} (C_t·B_s) exp(cum_t - cum_s) dt_s x_s + e_t h_in C_t + D x_t,  e_t = exp(cum_t)·reach_t
@@ -868,6 +869,12 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
 # Launch settings, fixed (no autotuning: it is slow under the interpreter and in CI). benchmarks/bench_ssd.py --sweep
 # overrides them to compare variants in one run.
 CONFIG = dict(
+    # chunks longer than this are computed as chunks of this length: the same function (states pass exactly through
+    # the extra boundaries; only rounding differs), with fewer causal tile pairs per position in the backward's dx and
+    # dCB and the forward's output kernel, for more state steps. Session 6 probe (H100, 65,536 tokens, f+b kernel time
+    # per call at 4K / 64K): dstate 64 2.62 / 2.73 ms at 256 -> 2.24 / 2.46 at 128; dstate 128 3.29 / 3.50 -> 2.97 / 3.39.
+    # The saved entering states double (bf16, one per chunk and head). None: chunk_size as given
+    max_chunk=128,
     state_bk=64,  # positions per tl.dot inside the sequential state kernels
     state_bn=64,  # dstate block of the sequential state kernels
     state_min_programs=264,  # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this
@@ -1332,7 +1339,10 @@ ssd_fwd.register_autograd(_backward, setup_context=_setup_context)
 def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
         dt_softplus=False, dt_limit=(0.0, INF), return_final_states=False):
     """`lit_mamba2.ssd` on the Triton kernels (arguments already checked by `lit_mamba2.ops.ssd`)."""
+    chunk_size = int(chunk_size)
+    if CONFIG["max_chunk"]:
+        chunk_size = min(chunk_size, CONFIG["max_chunk"])
     out, final, *_ = torch.ops.lit_mamba2.ssd_fwd(
-        x, dt, A, B, C, int(chunk_size), D, z, dt_bias, initial_states, seq_idx, bool(dt_softplus),
+        x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, bool(dt_softplus),
         float(dt_limit[0]), float(dt_limit[1]))
     return (out, final) if return_final_states else out

@@ -18,6 +18,12 @@ import test_ssd_triton  # noqa: E402  (pytest puts this folder on sys.path)
 from test_ssd_triton import _check  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _chunk_as_given(monkeypatch):
+    # these paths are picked at the chunk size asked for (256 here): keep the kernels at it (CONFIG max_chunk)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "max_chunk", None)
+
+
 @pytest.mark.parametrize("fold,cb_share,docs,A_scale,dtype", [
     (True, 1, 0, 1.0, torch.float32),  # off-diagonal tiles folded, C·B^T tiles from the dCB kernel
     (False, 10**9, 3, 1.0, torch.float32),  # masked tiles, documents cutting blocks

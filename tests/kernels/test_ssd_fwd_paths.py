@@ -21,6 +21,12 @@ from lit_mamba2 import reference  # noqa: E402
 from test_ssd_triton import _check, _inputs, _rel  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _chunk_as_given(monkeypatch):
+    # these paths are picked at the chunk size asked for (256 here): keep the kernels at it (CONFIG max_chunk)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "max_chunk", None)
+
+
 def _check_forward(cs, shape, **kw):
     """Output and final state only (float32, 1e-4 as in _check): for output-kernel paths, which the backward
     does not read (the pre-gate y it reads is y / silu(z), checked through y)."""

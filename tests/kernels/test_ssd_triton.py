@@ -240,4 +240,23 @@ def test_many_blocks_per_chunk(monkeypatch, fold, cb_share, docs, A_scale):
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", False)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "max_chunk", None)  # the kernels at chunk 256 itself
     _check(256, (1, 300, 4, 16, 2, 16), torch.float32, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
+
+
+@pytest.mark.parametrize("max_chunk", [None, 128, 64])
+def test_long_chunks_run_as_shorter_chunks(monkeypatch, max_chunk):
+    # CONFIG max_chunk computes a chunk of 256 as chunks of 128 (or 64): the same function, checked against the
+    # float64 reference at chunk 256, with documents and initial states crossing the extra boundaries
+    monkeypatch.setitem(ssd_kernels.CONFIG, "max_chunk", max_chunk)
+    seen = []
+    real = torch.ops.lit_mamba2.ssd_fwd
+
+    class Spy:
+        def __call__(self, *args):
+            seen.append(args[5])
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.lit_mamba2, "ssd_fwd", Spy())
+    _check(256, (1, 300, 2, 16, 1, 16), torch.float32, docs=2)
+    assert seen and set(seen) == {max_chunk or 256}
