@@ -68,6 +68,35 @@ def make_inputs(b, L, h, p, g, n, dtype=torch.bfloat16, device="cuda", seed=0):
     return dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias)
 
 
+def time_ms(fn, warmup=25, rep=100, groups=5):
+    """Mean time per call in ms: back-to-back calls between two CUDA events, in `groups` groups of about rep / groups
+    ms each after about `warmup` ms of calls; the median of the group means. Session 6 replaced do_bench's
+    per-call medians (an L2 flush and two events around every call) here: its forward+backward medians of the same
+    configuration flipped between two levels ~0.4 ms apart within one run (notes/ssd_kernels.md, run 13). Every
+    input here is far larger than L2, so back-to-back calls do not run from cache."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 3, 1e-3)
+    for _ in range(max(1, int(warmup / est))):
+        fn()
+    n = max(2, int(rep / groups / est))
+    means = []
+    for _ in range(groups):
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        means.append(start.elapsed_time(end) / n)
+    return sorted(means)[groups // 2]
+
+
 def ceilings():
     n = 1 << 28  # 512 MiB of bf16
     a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -135,7 +164,7 @@ def bench(args):
 
             def timed(key, fn):
                 try:
-                    row[key] = do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+                    row[key] = time_ms(fn, warmup=args.warmup, rep=args.rep)
                 except Exception as e:  # noqa: BLE001 - one failing peer must not lose the others' numbers
                     print(f"{key} failed at dstate {n} seqlen {L}: {e!r}"[:400])
 
@@ -273,13 +302,20 @@ SWEEP_BWD4 = [{}, {"bwd_state_segments": 1},
 # (dx and dB adding each chunk's segment term themselves, the d cum_last term in a small kernel or in the dC pass, the
 # segments' gradients in 16 or 32 bits, the term summed or as a second dot) lost or tied against the fix-up pass at
 # every point and was removed (notes/ssd_kernels.md v10-bwd; its sweep set "fixfold" is in commit 5da6e76)
+# session 6: chunks of 256 computed as chunks of 128 (CONFIG max_chunk). The launch settings below were picked at
+# chunk 256 (runs 3-12); at 128 a chunk has 3 causal tile pairs instead of 10, so they are timed again
+SWEEP_C128 = [{}, {"stages": 2}, {"fold_decay": True}, {"fold_decay": False}, {"out_fold_decay": False},
+              {"dx_stages": 2}, {"dcb_stages": 1}, {"dx_maxnreg": 0}, {"dx_maxnreg": 168}, {"bc_maxnreg": 0},
+              {"dx_heads_fastest": True}, {"dx_heads_fastest": False}, {"bwd_state_bk": 128},
+              {"fwd_state_bk": 128}, {"dcb_warps": 8}, {"out_bk": 32}]
 # name -> (variants, seqlens or None for --sweep-seqlens, rank by "fb" or "fwd" (None: --sweep-by))
 SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096], "fwd"),
               "fwd_state": (SWEEP_FWD_STATE, [4096, 65536], "fwd"), "bwd": (SWEEP_BWD, None, "fb"),
               "dx_order": ([{}, {"dx_heads_fastest": True}, {"dx_heads_fastest": False}], [4096, 16384, 32768, 65536],
                            "fb"),
               "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [16384, 32768, 65536], "fwd"),
-              "bwd3": (SWEEP_BWD3, None, "fb"), "bwd4": (SWEEP_BWD4, [65536, 32768, 16384], "fb")}
+              "bwd3": (SWEEP_BWD3, None, "fb"), "bwd4": (SWEEP_BWD4, [65536, 32768, 16384], "fb"),
+              "c128": (SWEEP_C128, [4096, 65536], "fb")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 
@@ -316,9 +352,8 @@ def sweep(args):
                     kernels.CONFIG.update({**base, **won, **var})
                     try:
                         with torch.no_grad():
-                            tf = do_bench(lambda: f(inp), warmup=args.warmup, rep=args.rep, return_mode="median")
-                        tfb = None if by == "fwd" else do_bench(fb, warmup=args.warmup, rep=args.rep,
-                                                                return_mode="median")
+                            tf = time_ms(lambda: f(inp), warmup=args.warmup, rep=args.rep)
+                        tfb = None if by == "fwd" else time_ms(fb, warmup=args.warmup, rep=args.rep)
                         print(f"sweep {set_name} dstate {n} seqlen {L} {var or 'default'}: fwd {tf:.3f} ms"
                               + ("" if tfb is None else f", fwd+bwd {tfb:.3f} ms"), flush=True)
                         SWEPT.append(dict(set=set_name, dstate=n, seqlen=L, variant=var, on_top_of=won, fwd=tf,

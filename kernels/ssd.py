@@ -894,8 +894,10 @@ CONFIG = dict(
     # segments walked in parallel, chained by one scan, their chunks' entering states fixed up elementwise (x and B
     # read once). Run 5 (a second walk of each segment in place of the fix-up) won only at 256 chunks; run 8-fwd
     # (v7-fwd) with the fix-up and the scan: 1.097 -> 0.973 ms (call 1, dstate 128, 64K) and from 64 chunks at
-    # dstate 64 (call 2, 16K: 0.735 -> 0.693 ms; at dstate 128 64 / 128 / 256 chunks within 0.012 ms up to 32K)
-    state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=64,
+    # dstate 64 (call 2, 16K: 0.735 -> 0.693 ms; at dstate 128 64 / 128 / 256 chunks within 0.012 ms up to 32K).
+    # At 128-position chunks (max_chunk) from 256 chunks (session 6 call 2, fwd ms at 16K = 128 chunks, 64 / 256
+    # chunks: dstate 64 0.670 / 0.623, dstate 128 1.393 (0.883 at 128 chunks) / 0.758; 32K and 64K unchanged)
+    state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=256,
     # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
     # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys. Run 6 sweep (fwd
     # ms at 4096 / 65536): 256 positions per dot with 2 stages won at both dstates, 0.766 / 1.059 -> 0.752 / 1.034
