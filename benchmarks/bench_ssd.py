@@ -100,6 +100,21 @@ def time_ms(fn, warmup=25, rep=100, groups=5):
     return sorted(means)[groups // 2]
 
 
+def device_ms(fn, calls=5):
+    """Device time per call in ms: every kernel (and memset / copy) the profiler sees over `calls` calls, summed. A
+    peer whose host side is slower than its kernels (mamba_ssm's forward+backward: ~6 ms of Python per call against
+    ~4.6-6 ms of kernels, session 6) reads slower by wall time than its kernels are; this column compares kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages()) / calls / 1e3
+
+
 def ceilings():
     n = 1 << 28  # 512 MiB of bf16
     a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -168,6 +183,8 @@ def bench(args):
             def timed(key, fn):
                 try:
                     row[key] = time_ms(fn, warmup=args.warmup, rep=args.rep)
+                    if key.startswith(("ours", "mamba")):
+                        row[key + "_dev"] = device_ms(fn)
                 except Exception as e:  # noqa: BLE001 - one failing peer must not lose the others' numbers
                     print(f"{key} failed at dstate {n} seqlen {L}: {e!r}"[:400])
 
@@ -318,7 +335,9 @@ SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096],
                            "fb"),
               "fwd3_out": (SWEEP_FWD3_OUT, [4096], "fwd"), "fwd3_state": (SWEEP_FWD3_STATE, [16384, 32768, 65536], "fwd"),
               "bwd3": (SWEEP_BWD3, None, "fb"), "bwd4": (SWEEP_BWD4, [65536, 32768, 16384], "fb"),
-              "c128": (SWEEP_C128, [4096, 65536], "fb")}
+              "c128": (SWEEP_C128, [4096, 65536], "fb"),
+              "c128b": ([{}, {"stages": 2}, {"bwd_state_bk": 128}, {"stages": 2, "bwd_state_bk": 128}],
+                        [4096, 16384, 65536], "fb")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 
@@ -429,9 +448,10 @@ def print_table(meta, rows):
         return "-" if a is None or b is None else f"{a / b:.2f}"
 
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | copy {meta['copy_TBps']:.2f} TB/s"
-          f" | bf16 mm {meta['matmul_TFLOPs']:.0f} TFLOP/s | h={meta['nheads']} p={meta['headdim']} g=1 cs=256")
+          f" | bf16 mm {meta['matmul_TFLOPs']:.0f} TFLOP/s | h={meta['nheads']} p={meta['headdim']} g=1 "
+          f"cs={meta['chunk_size']}")
     print("dstate seqlen | ours fwd  mamba  fla   sdpa | ours/mamba ours/fla floor/ours | ours f+b  mamba   sdpa"
-          " | ours/mamba floor/ours")
+          " | ours/mamba floor/ours | kernels only: fwd ours mamba ratio, f+b ours mamba ratio")
     if any("base_fwd" in w for w in rows):
         print("baseline (--baseline) forward / f+b ms and ours/baseline: " + "; ".join(
             f"{w['dstate']}/{w['seqlen']}: {f(w.get('base_fwd'))} {r(w.get('ours_fwd'), w.get('base_fwd'))}"
@@ -441,7 +461,9 @@ def print_table(meta, rows):
         print(f"{w['dstate']:>6} {w['seqlen']:>6} | {f(g('ours_fwd'))} {f(g('mamba_fwd'))} {f(g('fla_fwd'))} "
               f"{f(g('sdpa_fwd'))} | {r(g('ours_fwd'), g('mamba_fwd'))} {r(g('ours_fwd'), g('fla_fwd'))} "
               f"{r(g('floor_fwd'), g('ours_fwd'))} | {f(g('ours_fb'))} {f(g('mamba_fb'))} {f(g('sdpa_fb'))} | "
-              f"{r(g('ours_fb'), g('mamba_fb'))} {r(g('floor_fb'), g('ours_fb'))}")
+              f"{r(g('ours_fb'), g('mamba_fb'))} {r(g('floor_fb'), g('ours_fb'))} | kernels: fwd {f(g('ours_fwd_dev'))} "
+              f"{f(g('mamba_fwd_dev'))} {r(g('ours_fwd_dev'), g('mamba_fwd_dev'))} f+b {f(g('ours_fb_dev'))} "
+              f"{f(g('mamba_fb_dev'))} {r(g('ours_fb_dev'), g('mamba_fb_dev'))}")
 
 
 def markdown(meta, rows):
@@ -458,14 +480,15 @@ def markdown(meta, rows):
            f"{meta['headdim']}, ngroups {meta['ngroups']}, chunk {meta['chunk_size']}, bf16, D per head, dt_bias + "
            "softplus, no z.", "",
            "| dstate | seqlen | ours fwd | mamba_ssm fwd | fla fwd | SDPA fwd | ours/mamba | ours/fla | floor/ours "
-           "| ours f+b | mamba_ssm f+b | SDPA f+b | ours/mamba | floor/ours |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| ours f+b | mamba_ssm f+b | SDPA f+b | ours/mamba | floor/ours | kernels: ours/mamba fwd | f+b |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for w in rows:
         g = w.get
         out.append(f"| {w['dstate']} | {w['seqlen']} | {f(g('ours_fwd'))} | {f(g('mamba_fwd'))} | {f(g('fla_fwd'))} | "
                    f"{f(g('sdpa_fwd'))} | {r(g('ours_fwd'), g('mamba_fwd'))} | {r(g('ours_fwd'), g('fla_fwd'))} | "
                    f"{r(g('floor_fwd'), g('ours_fwd'))} | {f(g('ours_fb'))} | {f(g('mamba_fb'))} | {f(g('sdpa_fb'))} | "
-                   f"{r(g('ours_fb'), g('mamba_fb'))} | {r(g('floor_fb'), g('ours_fb'))} |")
+                   f"{r(g('ours_fb'), g('mamba_fb'))} | {r(g('floor_fb'), g('ours_fb'))} | "
+                   f"{r(g('ours_fwd_dev'), g('mamba_fwd_dev'))} | {r(g('ours_fb_dev'), g('mamba_fb_dev'))} |")
     return "\n".join(out)
 
 

@@ -914,7 +914,8 @@ CONFIG = dict(
     # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (L 4096 and 65536):
     # 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (as before at 64); register
     # caps (0: none): dx 168 at dstate <= 64 (-0.1 ms there, none above), dB/dC 128 at dstate <= 128 (-0.05 to
-    # -0.1 ms at both dstates; 2 programs of 8 warps per SM at dstate 128)
+    # -0.1 ms at both dstates; 2 programs of 8 warps per SM at dstate 128). At 128-position chunks (max_chunk) the
+    # dx cap pays at dstate 128 too (session 6 call 4, f+b ms at 4K / 64K: 2.983 / 3.456 -> 2.867 / 3.340)
     dcb_stages=2, bc_stages=None, dx_stages=None,
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,
     # dx warps (run 8: 128-position source blocks with 8 warps, several heads per program, dB / dC over 128
@@ -1268,7 +1269,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
             CS=cs, BM=BM, BP=BP, BN=BN, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
             HAS_SEQ=seq_idx is not None, USE_CB=use_cb, CB_T=cb_t, FOLD=_fold(N, seq_idx), HEADS_FASTEST=heads_fast,
             DOT_PREC=prec, DT=ddt_, num_warps=_warps(BN, "dx_warps"), num_stages=_stages(BP, BN, "dx_stages"),
-            **_maxnreg("dx_maxnreg", 168 if BN <= 64 else None))
+            **_maxnreg("dx_maxnreg", 168 if BN <= 64 or (BN <= 128 and cs <= 128) else None))
     # 4. dB and dC per group from dCB, with the state terms head by head
     dB = torch.empty_like(B)
     dC = torch.empty_like(C)
