@@ -337,7 +337,11 @@ SWEEP_SETS = {"default": (SWEEP, None, None), "fwd_out": (SWEEP_FWD_OUT, [4096],
               "bwd3": (SWEEP_BWD3, None, "fb"), "bwd4": (SWEEP_BWD4, [65536, 32768, 16384], "fb"),
               "c128": (SWEEP_C128, [4096, 65536], "fb"),
               "c128b": ([{}, {"stages": 2}, {"bwd_state_bk": 128}, {"stages": 2, "bwd_state_bk": 128}],
-                        [4096, 16384, 65536], "fb")}
+                        [4096, 16384, 65536], "fb"),
+              "c128s": ([{}, {"bwd_state_seg_below": 128}, {"bwd_state_seg_target": 256},
+                         {"bwd_state_seg_target": 1024}, {"bwd_state_seg_chunks": 16},
+                         {"fwd_state_min_programs": 128}, {"fwd_state_min_programs": 1024},
+                         {"state_seg_min_nc": 128}], [16384, 32768], "fb")}
 SWEPT = []  # every (dstate, seqlen, variant, fwd, fb) the sweep timed, saved to --sweep-out
 BEST = {}  # dstate -> the sweep's fastest variant (by --sweep-by), applied by bench() when --sweep ran
 
