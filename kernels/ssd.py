@@ -936,7 +936,9 @@ CONFIG = dict(
     # of every segment (dstate 64: 0.40-0.46 -> 0.29-0.30 at 16K-64K; dstate 128: 0.63-0.66 -> 0.51 at 32K-64K);
     # one walk still wins at dstate 128 with batch 2 (0.47 vs 0.51: the fix-up moves P × N per chunk, 0.13 ms
     # there, while one walk turns dstate blocks into programs), hence the dstate blocks counted twice
-    bwd_state_segments=None, bwd_state_seg_below=256, bwd_state_seg_target=512, bwd_state_seg_chunks=8,
+    # At 128-position chunks (max_chunk), about 256 programs instead of 512: fewer segments, a smaller fix-up
+    # (session 6, f+b kernel time, each twice: -0.03 to -0.05 ms at dstate 64 16K / 32K / 64K and dstate 128 64K)
+    bwd_state_segments=None, bwd_state_seg_below=256, bwd_state_seg_target=256, bwd_state_seg_chunks=8,
 )
 
 
