@@ -897,7 +897,10 @@ CONFIG = dict(
     # dstate 64 (call 2, 16K: 0.735 -> 0.693 ms; at dstate 128 64 / 128 / 256 chunks within 0.012 ms up to 32K).
     # At 128-position chunks (max_chunk) from 256 chunks (session 6 call 2, fwd ms at 16K = 128 chunks, 64 / 256
     # chunks: dstate 64 0.670 / 0.623, dstate 128 1.393 (0.883 at 128 chunks) / 0.758; 32K and 64K unchanged)
-    state_seg_programs=1024, state_seg_min_chunks=4, state_seg_min_nc=256,
+    # Then about 256 programs instead of 1024 (fewer segments: the fix-up touches fewer chunks, and more programs
+    # than the GPU holds at once only queue) and from 128 chunks (run 13 call 9, f+b kernel time, each twice: dstate
+    # 64 16K / 32K / 64K -0.02 / -0.03 / -0.03 ms, dstate 128 32K / 64K -0.08 / -0.05)
+    state_seg_programs=256, state_seg_min_chunks=4, state_seg_min_nc=128,
     # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
     # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys. Run 6 sweep (fwd
     # ms at 4096 / 65536): 256 positions per dot with 2 stages won at both dstates, 0.766 / 1.059 -> 0.752 / 1.034
@@ -937,8 +940,9 @@ CONFIG = dict(
     # one walk still wins at dstate 128 with batch 2 (0.47 vs 0.51: the fix-up moves P × N per chunk, 0.13 ms
     # there, while one walk turns dstate blocks into programs), hence the dstate blocks counted twice
     # At 128-position chunks (max_chunk), about 256 programs instead of 512: fewer segments, a smaller fix-up
-    # (session 6, f+b kernel time, each twice: -0.03 to -0.05 ms at dstate 64 16K / 32K / 64K and dstate 128 64K)
-    bwd_state_segments=None, bwd_state_seg_below=256, bwd_state_seg_target=256, bwd_state_seg_chunks=8,
+    # (run 13 call 7, f+b kernel time, each twice: -0.03 to -0.05 ms at dstate 64 16K / 32K / 64K and dstate 128
+    # 64K), and two-level below 512 (call 9: dstate 128 at 32K, one walk 0.61 ms -> walk + fix-up 0.41 + 0.14)
+    bwd_state_segments=None, bwd_state_seg_below=512, bwd_state_seg_target=256, bwd_state_seg_chunks=8,
 )
 
 

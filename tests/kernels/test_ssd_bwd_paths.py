@@ -92,13 +92,14 @@ def test_two_level_reverse_state_pass_documents_on_segment_edges(monkeypatch, cu
 
 
 def test_segments_are_chosen_when_batch_times_heads_is_small():
-    # batch 1 × 32 heads × 2 dstate blocks, 256 chunks: segmented; batch 16: one pass; batch 2 at dstate 128 (the
-    # fix-up's bytes grow with dstate): one pass, at dstate 64 segmented
+    # batch 1 × 32 heads × 2 dstate blocks, 256 chunks: segmented; batch 16: one pass; batch 4 at dstate 128 (the
+    # fix-up's bytes grow with dstate): one pass, batch 2 segmented; at dstate 64 batch 2 segmented
     nseg, seg_len = ssd_kernels._bwd_state_segments(1, 32, 64, 128, 256)
     assert nseg > 1 and seg_len >= ssd_kernels.CONFIG["bwd_state_seg_chunks"] and nseg * seg_len >= 256
     assert (nseg - 1) * seg_len < 256
     assert ssd_kernels._bwd_state_segments(16, 32, 64, 128, 16) == (1, 16)
-    assert ssd_kernels._bwd_state_segments(2, 32, 64, 128, 128) == (1, 128)
+    assert ssd_kernels._bwd_state_segments(4, 32, 64, 128, 128) == (1, 128)
+    assert ssd_kernels._bwd_state_segments(2, 32, 64, 128, 256)[0] > 1
     assert ssd_kernels._bwd_state_segments(2, 32, 64, 64, 128)[0] > 1
 
 

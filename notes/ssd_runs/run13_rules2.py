@@ -1,0 +1,42 @@
+# state-pass rules at 128-position chunks: device time (profiler kernel sum) of f+b per variant (session 6)
+import sys, math, json
+sys.path.insert(0, "benchmarks")
+import torch
+from torch.profiler import ProfilerActivity, profile
+import bench_ssd
+from lit_mamba2.kernels import ssd as kernels
+base = dict(kernels.CONFIG)
+CASES = {
+    (64, 16384): [{}, {"state_seg_min_nc": 128, "state_seg_programs": 256}, {"bwd_state_warps": 8}],
+    (64, 32768): [{}, {"state_seg_programs": 256}, {"state_seg_programs": 512}, {"bwd_state_warps": 8}],
+    (64, 65536): [{}, {"state_seg_programs": 256}, {"state_seg_programs": 512}],
+    (128, 32768): [{}, {"state_seg_programs": 256}, {"bwd_state_seg_below": 512},
+                   {"bwd_state_seg_below": 512, "state_seg_programs": 256}, {"bwd_state_warps": 8}],
+    (128, 65536): [{}, {"state_seg_programs": 256}, {"state_seg_programs": 512}, {"bwd_state_warps": 8}],
+}
+out = []
+for (n, L), variants in CASES.items():
+    inp = bench_ssd.make_inputs(65536 // L, L, 32, 64, 1, n)
+    gy = torch.randn_like(inp["x"])
+    leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
+    def fb():
+        y = kernels.ssd(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], 256, leaves["D"], None,
+                        leaves["dt_bias"], None, None, True, (0.0, math.inf), False)
+        torch.autograd.grad(y, list(leaves.values()), gy)
+    for i, v in enumerate(variants * 2):  # each variant twice, in order
+        kernels.CONFIG.clear(); kernels.CONFIG.update({**base, **v})
+        fb(); torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fb()
+            torch.cuda.synchronize()
+        ev = prof.key_averages()
+        tot = sum(e.device_time_total for e in ev) / 5e3
+        st = {e.key: round(e.device_time_total / 5e3, 3) for e in ev if "state" in e.key or "fix" in e.key or "seg" in e.key}
+        print(f"dstate {n} L {L} {v or 'default'}: f+b kernels {tot:.3f} ms  {st}", flush=True)
+        out.append(dict(dstate=n, seqlen=L, variant=v, fb_kernels=tot, state=st))
+    kernels.CONFIG.clear(); kernels.CONFIG.update(base)
+    del inp, leaves, gy
+    torch.cuda.empty_cache()
+import os
+json.dump(out, open(os.environ["OUT"] + "/rules.json", "w"), indent=1)
