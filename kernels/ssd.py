@@ -929,7 +929,9 @@ CONFIG = dict(
     # dx grid with heads fastest (a C·B tile read once from DRAM, then from L2 by each head) or blocks fastest; None:
     # heads fastest when a batch row's C·Bᵀ is at least dx_heads_fastest_bytes (run 5: heads fastest -0.06-0.1 ms
     # f+b at 65536 tokens per row (32 MB), +0.1 ms at 4096 (2 MB))
-    dx_heads_fastest=None, dx_heads_fastest_bytes=16 << 20,
+    # At 128-position chunks a row's C·Bᵀ is half as large: from 4 MB (16K tokens per row) on (run 13 call 13, f+b
+    # kernel time, each twice: dstate 64 16K / 32K -0.03 / -0.055 ms, dstate 128 32K -0.12; at 4K (1 MB) +0.03)
+    dx_heads_fastest=None, dx_heads_fastest_bytes=4 << 20,
     bwd_state_warps=None, bwd_state_stages=2, bwd_state_bn=None,
     bwd_state_bk=None,  # positions per dot in the reverse state pass (None: state_bk)
     bwd_state_dcl_rows=False,  # d cum_last as row sums per chunk (no cross-warp reduction in the sequential loop)
