@@ -37,6 +37,9 @@ import triton  # noqa: E402
 from lit_mamba2 import reference  # noqa: E402
 from lit_mamba2.kernels import conv1d, cross_entropy, rmsnorm_gated  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import device_ms  # noqa: E402
+
 DEV = "cpu" if SMOKE else "cuda"
 DT = torch.bfloat16
 ROWS = []  # (section, shape, impl, fwd_ms, fwdbwd_ms, fwd_gpu_ms, fwdbwd_gpu_ms, peak_mib)
@@ -52,21 +55,12 @@ def bench(fn):
 
 
 def gpu_ms(fn, n=10):
-    """GPU time alone: the summed duration of the kernels of n calls (torch.profiler), per call, so that the host's
-    launch overhead, which the eager timing includes when the GPU waits for it, drops out."""
+    """GPU time alone (`timing.device_ms`), so that the host's launch overhead, which the eager timing includes when
+    the GPU waits for it, drops out."""
     if SMOKE:
         return float("nan")
     try:
-        fn()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-        total = 0.0
-        for e in prof.key_averages():
-            total += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-        return total / 1e3 / n
+        return device_ms(fn, n)
     except Exception as e:  # noqa: BLE001 - report and go on
         print(f"profiling failed: {type(e).__name__}: {e}")
         return float("nan")

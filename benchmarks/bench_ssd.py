@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import device_ms, time_ms  # noqa: E402
 
 TOKENS = 65536
 
@@ -69,52 +71,6 @@ def make_inputs(b, L, h, p, g, n, dtype=torch.bfloat16, device="cuda", seed=0):
     return dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias)
 
 
-def time_ms(fn, warmup=25, rep=100, groups=5):
-    """Mean device time per call in ms: groups of back-to-back calls between two CUDA events, each group queued
-    behind a GPU sleep so that the host is already calls ahead when the first one starts (the launch cost of the
-    first call is not timed, as in a training loop where the host runs ahead); the median of the group means.
-    Session 6 (notes/ssd_kernels.md, run 13): do_bench's per-call medians of one forward+backward configuration
-    flipped between two levels ~0.4 ms apart, and groups of 2 calls without the head start read 0.2-0.4 ms over the
-    kernels' own time. Every input here is far larger than L2, so back-to-back calls do not run from cache."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    est = max((time.perf_counter() - t0) * 1e3 / 3, 1e-3)
-    for _ in range(max(1, int(warmup / est))):
-        fn()
-    n = max(5, int(rep / groups / est))
-    means = []
-    for _ in range(groups):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(2e6))  # ~1 ms at H100 clocks: time for the host to queue the first calls
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        means.append(start.elapsed_time(end) / n)
-    return sorted(means)[groups // 2]
-
-
-def device_ms(fn, calls=5):
-    """Device time per call in ms: every kernel (and memset / copy) the profiler sees over `calls` calls, summed. A
-    peer whose host side is slower than its kernels (mamba_ssm's forward+backward: ~6 ms of Python per call against
-    ~4.6-6 ms of kernels, session 6) reads slower by wall time than its kernels are; this column compares kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages()) / calls / 1e3
-
-
 def ceilings():
     n = 1 << 28  # 512 MiB of bf16
     a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -153,6 +109,9 @@ def bench(args):
     print(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     rows = []
     h, p, g, cs = args.nheads, args.headdim, 1, args.chunk_size
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                copy_TBps=bw / 1e12, matmul_TFLOPs=mm / 1e12, nheads=h, headdim=p, ngroups=g, chunk_size=cs,
+                tokens=TOKENS)
     from lit_mamba2.kernels import ssd as kernels
 
     base = dict(kernels.CONFIG)
@@ -237,15 +196,12 @@ def bench(args):
             row["floor_fb"] = max(fb_bytes[1] / bw, fb_bytes[3] / mm) * 1e3
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            if args.out:  # after every row: a call cut by its timeout keeps what it measured
+                Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
             del inp, leaves, gy
             torch.cuda.empty_cache()
     kernels.CONFIG.clear()
     kernels.CONFIG.update(base)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                copy_TBps=bw / 1e12, matmul_TFLOPs=mm / 1e12, nheads=h, headdim=p, ngroups=g, chunk_size=cs,
-                tokens=TOKENS)
-    if args.out:
-        Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print_table(meta, rows)
     if os.environ.get("LIT_MAMBA2_KERNEL_STATS") == "1":
         from lit_mamba2.kernels import ssd as kernels
