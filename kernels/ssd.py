@@ -464,11 +464,20 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
     c_lo = seg * SEG
     c_hi = tl.minimum(c_lo + SEG, NC)
     prod = tl.full((), 1.0, tl.float32)
+    # the chunk's cum_last and entering state are loaded one step ahead: nothing of the walk feeds them, and Triton
+    # 3.6's pipeliner leaves both loads in the loop (offline sm_90 TTGIR), where each step waited on them
+    cl_next = tl.load(cum_ptr + (b * H + hh) * Lp + (c_hi - 1) * CS + CS - 1)
+    h_next = tl.load(states_ptr + ((b * NC + c_hi - 1) * H + hh) * P * N + pn, mask=mpn, other=0.0)
     for ci in range(c_hi - c_lo):
         c = c_hi - 1 - ci
+        cum_last = cl_next
+        h_in = h_next.to(tl.float32)
+        cp = tl.maximum(c - 1, c_lo)  # the next chunk (the last step loads its own chunk again, unused)
+        cl_next = tl.load(cum_ptr + (b * H + hh) * Lp + cp * CS + CS - 1)
+        h_next = tl.load(states_ptr + ((b * NC + cp) * H + hh) * P * N + pn, mask=mpn, other=0.0)
         # gst: gradient of the state leaving chunk c
         tl.store(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, gst.to(dstates_ptr.dtype.element_ty), mask=mpn)
-        decay = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1))
+        decay = tl.exp(cum_last)
         if HAS_SEQ:
             hdoc = tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
@@ -479,7 +488,6 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
                 tl.store(tot_ptr + (b * H + hh) * NC + c, prod)
                 tl.store(totd_ptr + (b * H + hh) * NC + c, prod * decay)
             prod = prod * decay
-        h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
         if DCL_ROWS:
             tl.store(dcl_ptr + (((b * H + hh) * NC + c) * NPN + pid_pn) * BP + tl.arange(0, BP),
                      decay * tl.sum(gst * h_in, 1))
