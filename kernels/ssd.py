@@ -433,7 +433,7 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
                       seg_ptr, segdec_ptr, tot_ptr, totd_ptr, L, H, G, P, N, NC, NNB, SEG,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                       HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, TWO_LEVEL: tl.constexpr,
-                      DCL_ROWS: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr, PREFETCH: tl.constexpr):
+                      DCL_ROWS: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """The reverse state pass over the chunks of one segment (program_id 2; SEG chunks each), last to first: stores
     the gradient leaving every chunk and its d cum_last partial (decay · Σ gradient ⊙ h_in; DCL_ROWS: as BP row
     sums, summed later by `_bwd_dt_kernel`, so the sequential loop has no reduction across warps). One segment:
@@ -464,24 +464,11 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
     c_lo = seg * SEG
     c_hi = tl.minimum(c_lo + SEG, NC)
     prod = tl.full((), 1.0, tl.float32)
-    # the chunk's cum_last and entering state are loaded one step ahead: nothing of the walk feeds them, and Triton
-    # 3.6's pipeliner leaves both loads in the loop (offline sm_90 TTGIR), where each step waited on them
-    cl_next = tl.load(cum_ptr + (b * H + hh) * Lp + (c_hi - 1) * CS + CS - 1)
-    h_next = tl.load(states_ptr + ((b * NC + c_hi - 1) * H + hh) * P * N + pn, mask=mpn, other=0.0)
     for ci in range(c_hi - c_lo):
         c = c_hi - 1 - ci
-        if PREFETCH:
-            cum_last = cl_next
-            h_in = h_next.to(tl.float32)
-            cp = tl.maximum(c - 1, c_lo)  # the next chunk (the last step loads its own chunk again, unused)
-            cl_next = tl.load(cum_ptr + (b * H + hh) * Lp + cp * CS + CS - 1)
-            h_next = tl.load(states_ptr + ((b * NC + cp) * H + hh) * P * N + pn, mask=mpn, other=0.0)
-        else:
-            cum_last = tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1)
-            h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
         # gst: gradient of the state leaving chunk c
         tl.store(dstates_ptr + ((b * NC + c) * H + hh) * P * N + pn, gst.to(dstates_ptr.dtype.element_ty), mask=mpn)
-        decay = tl.exp(cum_last)
+        decay = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + c * CS + CS - 1))
         if HAS_SEQ:
             hdoc = tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
             doc_last = tl.load(seq_ptr + b * L + tl.minimum(c * CS + CS - 1, L - 1))
@@ -492,6 +479,7 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
                 tl.store(tot_ptr + (b * H + hh) * NC + c, prod)
                 tl.store(totd_ptr + (b * H + hh) * NC + c, prod * decay)
             prod = prod * decay
+        h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
         if DCL_ROWS:
             tl.store(dcl_ptr + (((b * H + hh) * NC + c) * NPN + pid_pn) * BP + tl.arange(0, BP),
                      decay * tl.sum(gst * h_in, 1))
@@ -695,8 +683,7 @@ def _dcb_cb_tile(C_ptr, B_ptr, cbt_ptr, b, g, c, i, j, L, G, N, NC, CS: tl.const
 def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_ptr, part_ptr, cbt_ptr,
                     L, H, G, P, N, NC,
                     CS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    HAS_SEQ: tl.constexpr, STORE_CBT: tl.constexpr, DOT_PREC: tl.constexpr, DT: tl.constexpr):
     """Gradient of C_t·B_s for one causal (t block i, s block j) tile of a chunk, summed over the group's heads:
     dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s. dB and dC then follow once per group (`_bwd_bc_kernel`) instead of
     once per head. Each head's d cum (t side: row sums of dCB_h ⊙ C·B, s side: minus the column sums) goes to
@@ -723,8 +710,9 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
     if HAS_SEQ:
         same_doc = _doc(seq_ptr, b, t, L)[:, None] == _doc(seq_ptr, b, s, L)[None, :]
     acc = tl.zeros((BM, BM), dtype=tl.float32)
-    # PREFETCH: the head's cum / dt vectors are loaded one head ahead (Triton 3.6 pipelines the dy and x tiles of
-    # this loop but leaves these five loads in it, ahead of the decay tile that the dot's epilogue waits on)
+    # the head's cum / dt vectors are loaded one head ahead: Triton 3.6 pipelines the dy and x tiles of this loop but
+    # leaves these five loads in it, ahead of the decay tile that the dot's epilogue waits on (offline sm_90 TTGIR;
+    # session 7 on the H100: dCB 0.39 instead of 0.45 ms per f+b at 65,536 tokens)
     base0 = (b * H + g * HPG) * Lp
     n_cum_t = tl.load(cum_ptr + base0 + t)
     n_cum_s = tl.load(cum_ptr + base0 + s)
@@ -734,20 +722,13 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
     for hi in range(HPG):
         hh = g * HPG + hi
         base = (b * H + hh) * Lp
-        if PREFETCH:
-            cum_t, cum_s, dt_s, cum_r, cum_e = n_cum_t, n_cum_s, n_dt_s, n_cum_r, n_cum_e
-            nbase = (b * H + g * HPG + tl.minimum(hi + 1, HPG - 1)) * Lp
-            n_cum_t = tl.load(cum_ptr + nbase + t)
-            n_cum_s = tl.load(cum_ptr + nbase + s)
-            n_dt_s = tl.load(dtp_ptr + nbase + s)
-            n_cum_r = tl.load(cum_ptr + nbase + c * CS + i * BM)
-            n_cum_e = tl.load(cum_ptr + nbase + c * CS + i * BM + BM - 1)
-        else:
-            cum_t = tl.load(cum_ptr + base + t)
-            cum_s = tl.load(cum_ptr + base + s)
-            dt_s = tl.load(dtp_ptr + base + s)
-            cum_r = tl.load(cum_ptr + base + c * CS + i * BM)  # reference: the t block's first position
-            cum_e = tl.load(cum_ptr + base + c * CS + i * BM + BM - 1)
+        cum_t, cum_s, dt_s, cum_r, cum_e = n_cum_t, n_cum_s, n_dt_s, n_cum_r, n_cum_e
+        nbase = (b * H + g * HPG + tl.minimum(hi + 1, HPG - 1)) * Lp  # the last head loads itself again, unused
+        n_cum_t = tl.load(cum_ptr + nbase + t)
+        n_cum_s = tl.load(cum_ptr + nbase + s)
+        n_dt_s = tl.load(dtp_ptr + nbase + s)
+        n_cum_r = tl.load(cum_ptr + nbase + c * CS + i * BM)  # reference: the t block's first position
+        n_cum_e = tl.load(cum_ptr + nbase + c * CS + i * BM + BM - 1)
         span = cum_r - cum_e
         Lm = _decay_tile(tl.exp(cum_t - cum_r), tl.exp(cum_r - cum_s) * dt_s, cum_t[:, None], cum_s[None, :],
                          causal, i == j, span)
@@ -965,10 +946,6 @@ CONFIG = dict(
     dx_heads_fastest=None, dx_heads_fastest_bytes=4 << 20,
     bwd_state_warps=None, bwd_state_stages=2, bwd_state_bn=None,
     bwd_state_bk=None,  # positions per dot in the reverse state pass (None: state_bk)
-    # loads that Triton 3.6's pipeliner leaves inside the loop, issued one iteration ahead by hand (session 6,
-    # offline sm_90 TTGIR; not yet timed on the GPU): the reverse walk's cum_last and entering state, the dCB
-    # kernel's per-head cum / dt vectors
-    bwd_state_prefetch=True, dcb_prefetch=True,
     bwd_state_dcl_rows=False,  # d cum_last as row sums per chunk (no cross-warp reduction in the sequential loop)
     # two-level reverse state pass (walk, scan, fix-up) when batch × heads × blocks × dstate blocks < seg_below:
     # segments of >= seg_chunks chunks, about seg_target programs; bwd_state_segments forces a number (1: one
@@ -1268,7 +1245,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
             L, H, G, P, N, NC, nnb, seg_len,
             CS=cs, BK=min(cs, CONFIG["bwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1,
             HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, TWO_LEVEL=two_level, DCL_ROWS=dcl_rows,
-            DOT_PREC=prec, DT=ddt_, PREFETCH=bool(CONFIG["bwd_state_prefetch"]), num_warps=_bwd_state_warps(),
+            DOT_PREC=prec, DT=ddt_, num_warps=_bwd_state_warps(),
             num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
     if two_level:
         # the segments were walked in parallel (each from zero, the last from dfinal): one scan chains them (and gives
@@ -1295,8 +1272,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
             x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
             CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
-            PREFETCH=bool(CONFIG["dcb_prefetch"]), num_warps=_warps(BN, "dcb_warps"),
-            num_stages=_stages(BP, BN, "dcb_stages"), **_maxnreg("dcb_maxnreg"))
+            num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"), **_maxnreg("dcb_maxnreg"))
     # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum
     dx = torch.empty_like(x)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)

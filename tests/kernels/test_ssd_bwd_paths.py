@@ -121,12 +121,3 @@ def test_dcum_last_as_row_sums(monkeypatch, nseg):
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_dcl_rows", True)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
     _check(16, (2, 100, 2, 16, 1, 32), torch.float32, docs=2)
-
-
-@pytest.mark.parametrize("walk,dcb,nseg", [(False, False, None), (True, False, 3), (False, True, 3)])
-def test_prefetch_switches(monkeypatch, walk, dcb, nseg):
-    # CONFIG bwd_state_prefetch / dcb_prefetch: loads issued one step ahead or in place give the same gradients
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_prefetch", walk)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "dcb_prefetch", dcb)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_state_segments", nseg)
-    _check(64, (1, 300, 4, 16, 2, 16), torch.float32, docs=2, init=True)
