@@ -1,7 +1,9 @@
 """The two timers every benchmark here uses, so that their numbers mean the same thing.
 
-- `device_ms`: the summed device time of every kernel (and memset / copy) the CUDA profiler sees over n calls, per
-  call. The host's launch overhead drops out; this is what a training loop pays when its host runs ahead of the GPU.
+- `device_ms`: the GPU's busy time over n calls, per call: the union of the device intervals of every kernel (and
+  memset / copy) the CUDA profiler sees. The host's launch overhead drops out; this is what a training loop pays
+  when its host runs ahead of the GPU. For kernels that run one after another it is their summed device time (what
+  it was until session 7); kernels on two streams that overlap count once.
 - `time_ms`: wall time per call between CUDA events over groups of back-to-back calls, each group queued behind a
   GPU sleep so that the host starts calls ahead; the median of the group means.
 
@@ -16,8 +18,27 @@ import time
 import torch
 
 
+def kernel_intervals(prof):
+    """(start, end) in µs of every device-side event of a finished torch.profiler run."""
+    dev = torch.autograd.DeviceType.CUDA
+    return [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == dev]
+
+
+def union_us(intervals) -> float:
+    """Total length of the union of (start, end) intervals."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + (cur_e - cur_s if cur_e is not None else 0.0)
+
+
 def device_ms(fn, n: int = 5) -> float:
-    """Device time per call in ms (fn is called once before, to compile and warm up)."""
+    """GPU busy time per call in ms over n calls (fn is called once before, to compile and warm up)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -26,9 +47,7 @@ def device_ms(fn, n: int = 5) -> float:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    total = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-                for e in prof.key_averages())
-    return total / 1e3 / n
+    return union_us(kernel_intervals(prof)) / 1e3 / n
 
 
 def time_ms(fn, warmup: float = 25, rep: float = 100, groups: int = 5) -> float:

@@ -43,6 +43,7 @@ documents the two factors can instead scale the operands and the sum (CONFIG fol
 register pressure, not tensor-core throughput or bandwidth, bound these kernels today (notes/ssd_kernels.md).
 """
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -780,9 +781,13 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
                       mask=mu[:, None] & mn[None, :], other=0.0)  # input dtype: fewer registers across the loop
         if HAS_SEQ:
             reach = _doc(seq_ptr, b, u, L) == tl.load(seq_ptr + b * L + tl.maximum(c * CS - 1, 0))
+        # each head's cum vector is loaded one head ahead: the pipeliner leaves it in the loop, where every head
+        # waited on it (the dCB kernel's case; session 7: -0.007 ms per f+b at 65,536 tokens, both dstates)
+        n_cum = tl.load(cum_ptr + (b * H + g * HPG) * Lp + u)
         for hi in range(HPG):
             hh = g * HPG + hi
-            e = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + u))
+            e = tl.exp(n_cum)
+            n_cum = tl.load(cum_ptr + (b * H + g * HPG + tl.minimum(hi + 1, HPG - 1)) * Lp + u)
             if HAS_SEQ:
                 e = tl.where(reach, e, 0.0)
             dy_u = tl.load(dy_ptr + ((b * L + u[:, None]) * H + hh) * P + offs_p[None, :],
@@ -930,8 +935,10 @@ CONFIG = dict(
     # 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (as before at 64); register
     # caps (0: none): dx 168 at dstate <= 64 (-0.1 ms there, none above), dB/dC 128 at dstate <= 128 (-0.05 to
     # -0.1 ms at both dstates; 2 programs of 8 warps per SM at dstate 128). At 128-position chunks (max_chunk) the
-    # dx cap pays at dstate 128 too (session 6 call 4, f+b ms at 4K / 64K: 2.983 / 3.456 -> 2.867 / 3.340)
-    dcb_stages=2, bc_stages=None, dx_stages=None,
+    # dx cap pays at dstate 128 too (session 6 call 4, f+b ms at 4K / 64K: 2.983 / 3.456 -> 2.867 / 3.340).
+    # dB / dC in 2 stages at dstate 128 as well (session 7, kernel time, each twice at 4K / 32K / 64K: the pair
+    # 0.607 -> 0.546 ms; dx or the output kernel in 2 stages +0.02 / +0.2 ms, dCB in 3 +0.006)
+    dcb_stages=2, bc_stages=2, dx_stages=None,
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,
     # dx warps (run 8: 128-position source blocks with 8 warps, several heads per program, dB / dC over 128
     # positions, a dCB kernel split into diagonal / off-diagonal launches, the s side of d cum moved to dx and dx's
@@ -957,6 +964,10 @@ CONFIG = dict(
     # (run 13 call 7, f+b kernel time, each twice: -0.03 to -0.05 ms at dstate 64 16K / 32K / 64K and dstate 128
     # 64K), and two-level below 512 (call 9: dstate 128 at 32K, one walk 0.61 ms -> walk + fix-up 0.41 + 0.14)
     bwd_state_segments=None, bwd_state_seg_below=512, bwd_state_seg_target=256, bwd_state_seg_chunks=8,
+    # after a two-level reverse walk, dCB on a side stream beside the scan and the fix-up (session 7, GPU busy time
+    # per f+b, each twice: -0.01 to -0.03 ms at 32K-64K, both dstates; the forward's output blocks of the first
+    # segment beside its scan and fix-up: a tie, not kept)
+    bwd_overlap=True,
 )
 
 
@@ -1085,6 +1096,19 @@ def _check_inputs(x, chunk_size):
 
 _STAT_KEYS = ("CS", "BN", "BP", "BM", "BK", "HPP", "DO_DC", "num_warps", "num_stages", "maxnreg")
 STATS: dict = {}  # kernel name -> (registers, spills, shared bytes), filled when LIT_MAMBA2_KERNEL_STATS=1
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_stream(x: Tensor):
+    """One extra stream per device for kernels that can run beside the current stream's (None off CUDA)."""
+    if not x.is_cuda:
+        return None
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if dev not in _SIDE_STREAMS:
+        _SIDE_STREAMS[dev] = torch.cuda.Stream(dev)
+    return _SIDE_STREAMS[dev]
 
 
 def _launch(kernel, grid, *args, **kw):
@@ -1247,17 +1271,10 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
             HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, TWO_LEVEL=two_level, DCL_ROWS=dcl_rows,
             DOT_PREC=prec, DT=ddt_, num_warps=_bwd_state_warps(),
             num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
-    if two_level:
-        # the segments were walked in parallel (each from zero, the last from dfinal): one scan chains them (and gives
-        # the initial state's gradient), then every chunk before the last segment gets its segment's exiting
-        # gradient's share, elementwise
-        segp = _pow2(nseg, 2)
-        seg_block = min(_pow2(P * N), max(16, 4096 // segp))  # all segments of the block in registers: ~4096 values
-        _launch(_bwd_seg_kernel, (triton.cdiv(P * N, seg_block), b * H), segbuf, segdec, dinit, P * N, nseg,
-                BLOCK=seg_block, SEGP=segp, num_warps=4)
-        _launch(_bwd_fix_kernel, ((nseg - 1) * seg_len * npb * nnb, b * H), dstates, states, segbuf, tot, totd, dcl,
-                H, P, N, NC, nseg, seg_len, npb * nnb, nnb, BP=BP1, BN=BN1, DCL_ROWS=dcl_rows, num_warps=4)
-    # 2. dCB per group and tile pair (heads summed; each head's quadratic d cum by tile), storing C·B^T for dx
+    # 2. dCB per group and tile pair (heads summed; each head's quadratic d cum by tile), storing C·B^T for dx.
+    # It reads no state, so after a two-level walk it runs on a side stream beside the scan and the fix-up
+    # (bandwidth-bound, light programs that fit beside dCB's): the GPU time of the pair is about dCB's alone.
+    # Its buffers are allocated here, on the current stream, which waits for the side stream before any reader.
     BP, BN = _pow2(P), _pow2(N)
     BM = _bm(cs, "bwd_bm", BP, BN)
     NM = cs // BM
@@ -1269,10 +1286,27 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
         cb = _cb(B, C, cs, NC, prec, ddt_) if use_cb else dummy
     dcb = torch.empty(b, NC, G, cs, cs, device=dev, dtype=x.dtype if x.dtype == torch.bfloat16 else f32)
     part = torch.empty(b, H, 2 * NM, Lp, device=dev, dtype=f32)
-    _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
-            x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
-            CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
-            num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"), **_maxnreg("dcb_maxnreg"))
+    side = _side_stream(x) if two_level and CONFIG["bwd_overlap"] else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        _launch(_bwd_dcb_kernel, (NC * (NM * (NM + 1) // 2), b * G),
+                x, B, C, dy, seq_idx if seq_idx is not None else dummy, dtp, cum, dcb, part, cb, L, H, G, P, N, NC,
+                CS=cs, BM=BM, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, STORE_CBT=cb_t, DOT_PREC=prec, DT=ddt_,
+                num_warps=_warps(BN, "dcb_warps"), num_stages=_stages(BP, BN, "dcb_stages"),
+                **_maxnreg("dcb_maxnreg"))
+    if two_level:
+        # the segments were walked in parallel (each from zero, the last from dfinal): one scan chains them (and gives
+        # the initial state's gradient), then every chunk before the last segment gets its segment's exiting
+        # gradient's share, elementwise
+        segp = _pow2(nseg, 2)
+        seg_block = min(_pow2(P * N), max(16, 4096 // segp))  # all segments of the block in registers: ~4096 values
+        _launch(_bwd_seg_kernel, (triton.cdiv(P * N, seg_block), b * H), segbuf, segdec, dinit, P * N, nseg,
+                BLOCK=seg_block, SEGP=segp, num_warps=4)
+        _launch(_bwd_fix_kernel, ((nseg - 1) * seg_len * npb * nnb, b * H), dstates, states, segbuf, tot, totd, dcl,
+                H, P, N, NC, nseg, seg_len, npb * nnb, nnb, BP=BP1, BN=BN1, DCL_ROWS=dcl_rows, num_warps=4)
+    if side is not None:  # everything after reads dCB's outputs
+        torch.cuda.current_stream(x.device).wait_stream(side)
     # 3. dx per head and block of source positions (one dot per tile), ddt's direct part, the state's d cum
     dx = torch.empty_like(x)
     ddt_direct = torch.empty(b, H, Lp, device=dev, dtype=f32)
