@@ -906,8 +906,9 @@ CONFIG = dict(
     out_bm=64, out_warps=4, out_bk=None, out_stages=1, out_maxnreg=None, out_cb_min_dstate=0, out_fold_decay=True,
     cb_causal=True,  # the forward's C·B kernel computes only the blocks on and below the diagonal
     state_maxnreg=None,  # register cap of the forward state kernel
-    # two-level forward state pass when batch × heads × blocks < state_seg_programs (0: always one sequential walk)
-    # and the walk would be at least state_seg_min_nc chunks, with at least state_seg_min_chunks chunks per segment:
+    # two-level forward state pass when batch × heads × blocks < state_seg_below (None: state_seg_programs; 0 there:
+    # always one sequential walk) and the walk would be at least state_seg_min_nc chunks: segments of at least
+    # state_seg_min_chunks chunks, enough for about state_seg_programs programs:
     # segments walked in parallel, chained by one scan, their chunks' entering states fixed up elementwise (x and B
     # read once). Run 5 (a second walk of each segment in place of the fix-up) won only at 256 chunks; run 8-fwd
     # (v7-fwd) with the fix-up and the scan: 1.097 -> 0.973 ms (call 1, dstate 128, 64K) and from 64 chunks at
@@ -917,12 +918,17 @@ CONFIG = dict(
     # Then about 256 programs instead of 1024 (fewer segments: the fix-up touches fewer chunks, and more programs
     # than the GPU holds at once only queue) and from 128 chunks (run 13 call 9, f+b kernel time, each twice: dstate
     # 64 16K / 32K / 64K -0.02 / -0.03 / -0.03 ms, dstate 128 32K / 64K -0.08 / -0.05)
-    state_seg_programs=256, state_seg_min_chunks=4, state_seg_min_nc=128,
+    # Session 7 (ncu at dstate 128 / 64K: the walk holds 3 programs per SM, 256 programs filled 0.65 of the GPU):
+    # about 384 programs, still only below 256 (f+b GPU time, each twice: dstate 128 32K / 64K -0.01 / -0.02 ms,
+    # dstate 64 -0.01; 384 from 256 programs made 16K two-level, +0.12 ms)
+    state_seg_programs=384, state_seg_below=256, state_seg_min_chunks=4, state_seg_min_nc=128,
     # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
     # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys. Run 6 sweep (fwd
     # ms at 4096 / 65536): 256 positions per dot with 2 stages won at both dstates, 0.766 / 1.059 -> 0.752 / 1.034
     # (dstate 64) and 0.922 / 1.289 -> 0.894 / 1.211 (dstate 128)
-    fwd_state_bk=256, fwd_state_bn=None, fwd_state_min_programs=None, fwd_state_stages=2,
+    # From 128 programs (session 7, f+b GPU time, each twice: dstate 128 16K -0.02 ms, one walk of 256 programs
+    # rather than 512 of half the headdim; other points unchanged)
+    fwd_state_bk=256, fwd_state_bn=None, fwd_state_min_programs=128, fwd_state_stages=2,
     bwd_bm=64,  # positions per block of the backward's dCB, dB and dC kernels, and dx's target blocks
     stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
@@ -1004,7 +1010,8 @@ def _fwd_state_plan(b: int, H: int, P: int, N: int, NC: int):
     BN = min(_pow2(N), CONFIG["fwd_state_bn"] or CONFIG["state_bn"])
     BP = min(_pow2(P), 64)
     base = b * H * triton.cdiv(P, BP) * triton.cdiv(N, BN)
-    if target and base < target and NC >= max(2 * min_chunks, CONFIG["state_seg_min_nc"]):
+    below = CONFIG["state_seg_below"] or target
+    if target and base < below and NC >= max(2 * min_chunks, CONFIG["state_seg_min_nc"]):
         nseg = min(triton.cdiv(target, base), NC // min_chunks)
         segc = triton.cdiv(NC, nseg)
         nseg = triton.cdiv(NC, segc)

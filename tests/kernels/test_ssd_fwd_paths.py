@@ -48,6 +48,7 @@ def _check_forward(cs, shape, **kw):
 ])
 def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw):
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 10**6)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_below", None)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", min_chunks)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 0)
     NC = -(-shape[1] // cs)
@@ -58,13 +59,27 @@ def test_two_level_state_pass(monkeypatch, cs, shape, min_chunks, kw):
 
 def test_two_level_state_pass_bfloat16(monkeypatch):
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 10**6)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_below", None)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", 2)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 0)
     _check(16, (1, 90, 2, 32, 1, 32), torch.bfloat16, docs=2)
 
 
+def test_two_level_plan_below_one_count_of_programs_towards_another(monkeypatch):
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 384)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_below", 256)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", 4)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 128)
+    # batch 4 x 32 heads x 2 dstate blocks = 256 programs: not below 256, one walk
+    assert ssd_kernels._fwd_state_plan(4, 32, 64, 128, 128)[3] == 1
+    # batch 2: 128 programs, 3 segments make 384; batch 1: 6 segments (of 86 chunks, the last 82)
+    assert ssd_kernels._fwd_state_plan(2, 32, 64, 128, 256)[2:] == (86, 3)
+    assert ssd_kernels._fwd_state_plan(1, 32, 64, 128, 512)[2:] == (86, 6)
+
+
 def test_two_level_plan_only_when_the_grid_is_small_and_the_walk_long(monkeypatch):
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_programs", 1024)
+    monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_below", None)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_chunks", 4)
     monkeypatch.setitem(ssd_kernels.CONFIG, "state_seg_min_nc", 256)
     # batch 16 x 32 heads x 2 dstate blocks = 1024 programs: one walk; batch 1 at 256 chunks: 16 segments of 16
@@ -125,7 +140,8 @@ def test_forward_never_reads_unwritten_memory(monkeypatch, bm, bk, dtype, fold):
         return t.fill_(math.nan) if t.is_floating_point() else t
 
     for key, v in dict(out_bm=bm, out_bk=bk, cb_min_heads_per_group=1, out_cb_min_dstate=0, out_fold_decay=fold,
-                       state_seg_programs=10**6, state_seg_min_chunks=1, state_seg_min_nc=0).items():
+                       state_seg_programs=10**6, state_seg_below=None, state_seg_min_chunks=1,
+                       state_seg_min_nc=0).items():
         monkeypatch.setitem(ssd_kernels.CONFIG, key, v)
     x, dt, A, B, C, D, z, bias, h0, seq = _inputs(1, 300, 2, 16, 1, 16, dtype)
     monkeypatch.setattr(torch, "empty", nan_empty)
