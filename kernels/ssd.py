@@ -969,7 +969,13 @@ CONFIG = dict(
     # At 128-position chunks (max_chunk), about 256 programs instead of 512: fewer segments, a smaller fix-up
     # (run 13 call 7, f+b kernel time, each twice: -0.03 to -0.05 ms at dstate 64 16K / 32K / 64K and dstate 128
     # 64K), and two-level below 512 (call 9: dstate 128 at 32K, one walk 0.61 ms -> walk + fix-up 0.41 + 0.14)
-    bwd_state_segments=None, bwd_state_seg_below=512, bwd_state_seg_target=256, bwd_state_seg_chunks=8,
+    # Session 7 (ncu at dstate 128 / 64K: 200 registers, 2 programs per SM): a register cap, None: 168 for the
+    # two-level walk, whose segments then make about 384 programs (3 per SM), and 128 for one walk of whole headdim
+    # blocks (4 per SM). f+b GPU time, each twice: dstate 128 512 / 2K / 4K / 8K -0.09 / -0.055 / -0.07 / -0.055 ms,
+    # 32K / 64K -0.03 / -0.05; dstate 64 within +-0.01. 168 on one walk +0.1 to +0.2 ms (spills); 16K at dstate
+    # 128 (one walk of half-headdim blocks) keeps no cap: 128 there +0.02
+    bwd_state_segments=None, bwd_state_seg_below=512, bwd_state_seg_target=384, bwd_state_seg_chunks=8,
+    bwd_state_maxnreg=None,
     # after a two-level reverse walk, dCB on a side stream beside the scan and the fix-up (session 7, GPU busy time
     # per f+b, each twice: -0.01 to -0.03 ms at 32K-64K, both dstates; the forward's output blocks of the first
     # segment beside its scan and fix-up: a tie, not kept)
@@ -1277,7 +1283,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
             CS=cs, BK=min(cs, CONFIG["bwd_state_bk"] or CONFIG["state_bk"]), BP=BP1, BN=BN1,
             HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, TWO_LEVEL=two_level, DCL_ROWS=dcl_rows,
             DOT_PREC=prec, DT=ddt_, num_warps=_bwd_state_warps(),
-            num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"))
+            num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"),
+            **_maxnreg("bwd_state_maxnreg", 168 if two_level else (128 if BP1 == 64 else None)))
     # 2. dCB per group and tile pair (heads summed; each head's quadratic d cum by tile), storing C·B^T for dx.
     # It reads no state, so after a two-level walk it runs on a side stream beside the scan and the fix-up
     # (bandwidth-bound, light programs that fit beside dCB's): the GPU time of the pair is about dCB's alone.
