@@ -480,12 +480,16 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
                 tl.store(tot_ptr + (b * H + hh) * NC + c, prod)
                 tl.store(totd_ptr + (b * H + hh) * NC + c, prod * decay)
             prod = prod * decay
-        h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+        h_in = tl.load(states_ptr + ((b * NC + c) * H + hh) * P * N + pn, mask=mpn, other=0.0)
+        # Σ_n gst ⊙ h_in per row as the diagonal of gst · h_inᵀ: h_in is then a dot operand, which Triton's pipeliner
+        # copies a step ahead. As an elementwise operand its load was where 33 % of this kernel's stall samples sat
+        # (ncu, run 14 call 15). The dot rounds gst to the input dtype, as dstates' bf16 copy is for every other term
+        gh = tl.dot(gst.to(DT), tl.trans(h_in.to(DT)), input_precision=DOT_PREC)
+        rows = tl.sum(tl.where(offs_p[:, None] == offs_p[None, :], gh, 0.0), 1)
         if DCL_ROWS:
-            tl.store(dcl_ptr + (((b * H + hh) * NC + c) * NPN + pid_pn) * BP + tl.arange(0, BP),
-                     decay * tl.sum(gst * h_in, 1))
+            tl.store(dcl_ptr + (((b * H + hh) * NC + c) * NPN + pid_pn) * BP + tl.arange(0, BP), decay * rows)
         else:
-            tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(tl.sum(gst * h_in, 1), 0))
+            tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(rows, 0))
         gst = gst * decay
         for k in tl.static_range(CS // BK):
             t = c * CS + k * BK + tl.arange(0, BK)
@@ -969,12 +973,11 @@ CONFIG = dict(
     # At 128-position chunks (max_chunk), about 256 programs instead of 512: fewer segments, a smaller fix-up
     # (run 13 call 7, f+b kernel time, each twice: -0.03 to -0.05 ms at dstate 64 16K / 32K / 64K and dstate 128
     # 64K), and two-level below 512 (call 9: dstate 128 at 32K, one walk 0.61 ms -> walk + fix-up 0.41 + 0.14)
-    # Session 7 (ncu at dstate 128 / 64K: 200 registers, 2 programs per SM): a register cap, None: 168 for the
-    # two-level walk, whose segments then make about 384 programs (3 per SM), and 128 for one walk of whole headdim
-    # blocks (4 per SM). f+b GPU time, each twice: dstate 128 512 / 2K / 4K / 8K -0.09 / -0.055 / -0.07 / -0.055 ms,
-    # 32K / 64K -0.03 / -0.05; dstate 64 within +-0.01. 168 on one walk +0.1 to +0.2 ms (spills); 16K at dstate
-    # 128 (one walk of half-headdim blocks) keeps no cap: 128 there +0.02
-    bwd_state_segments=None, bwd_state_seg_below=512, bwd_state_seg_target=384, bwd_state_seg_chunks=8,
+    # Session 7 (run 14 calls 9, 10, 16): register caps (168 on the two-level walk with segments for ~384 programs,
+    # 128 on one walk) won -0.03 to -0.09 ms at dstate 128 until d cum_last became a dot (its diagonal), whose
+    # accumulator they spill: uncapped with ~256 programs then wins (32K / 64K -0.046 / -0.03 ms at dstate 128,
+    # -0.02 at dstate 64; one walk within +-0.015)
+    bwd_state_segments=None, bwd_state_seg_below=512, bwd_state_seg_target=256, bwd_state_seg_chunks=8,
     bwd_state_maxnreg=None,
     # after a two-level reverse walk, dCB on a side stream beside the scan and the fix-up (session 7, GPU busy time
     # per f+b, each twice: -0.01 to -0.03 ms at 32K-64K, both dstates; the forward's output blocks of the first
@@ -1284,7 +1287,7 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
             HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, TWO_LEVEL=two_level, DCL_ROWS=dcl_rows,
             DOT_PREC=prec, DT=ddt_, num_warps=_bwd_state_warps(),
             num_stages=_stages(BP1, _pow2(N), "bwd_state_stages"),
-            **_maxnreg("bwd_state_maxnreg", 168 if two_level else (128 if BP1 == 64 else None)))
+            **_maxnreg("bwd_state_maxnreg"))
     # 2. dCB per group and tile pair (heads summed; each head's quadratic d cum by tile), storing C·B^T for dx.
     # It reads no state, so after a two-level walk it runs on a side stream beside the scan and the fix-up
     # (bandwidth-bound, light programs that fit beside dCB's): the GPU time of the pair is about dCB's alone.

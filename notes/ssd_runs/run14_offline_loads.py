@@ -45,7 +45,7 @@ KS = {
  "fstate": (K._fwd_state_kernel, dict(CS=128, BK=128, BP=64, BN=64, HAS_INIT=False, HAS_SEQ=False, TWO_LEVEL=True,
         DOT_PREC="tf32", DT=bf), 4, 2, None),
  "bstate": (K._bwd_state_kernel, dict(CS=128, BK=int(os.environ.get("BK","64")), BP=64, BN=64, HAS_DFINAL=True, HAS_SEQ=False, TWO_LEVEL=True,
-        DCL_ROWS=False, DOT_PREC="tf32", DT=bf), 4, 2, None),
+        DCL_ROWS=False, DOT_PREC="tf32", DT=bf), 4, 2, int(os.environ.get("MR","0")) or None),
  "dcb": (K._bwd_dcb_kernel, dict(CS=128, BM=64, BP=64, BN=128, HAS_SEQ=False, STORE_CBT=True, DOT_PREC="tf32", DT=bf), 8, 2, None),
 }
 for name in sys.argv[1:] or KS:
