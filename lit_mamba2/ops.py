@@ -18,16 +18,18 @@ IMPLS = (None, "torch", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check(cond: bool, msg: str):
+def _check(cond: bool, msg):
+    # msg: a string, or a function making one only on failure: under torch.compile with dynamic shapes an f-string
+    # of a symbolic size cannot be traced, and formatting messages that are never shown costs every call
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg() if callable(msg) else msg)
 
 
 def _check_tensor(name, t, shape, dtypes=_FLOATS, op="ssd"):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     _check(t.dim() == len(shape) and all(s is None or s == ts for s, ts in zip(shape, t.shape)),
-           f"{op}: {name} must have shape ({', '.join('*' if s is None else str(s) for s in shape)}), "
+           lambda: f"{op}: {name} must have shape ({', '.join('*' if s is None else str(s) for s in shape)}), "
            f"got {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{op}: {name} must have dtype in {[str(d).split('.')[-1] for d in dtypes]}, got {t.dtype}")
@@ -71,14 +73,15 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
     """
     _check_tensor("x", x, (None, None, None, None))
     b, L, h, p = x.shape
-    _check(L > 0 and b > 0, f"ssd: x must have batch and seqlen > 0, got {tuple(x.shape)}")
+    _check(L > 0 and b > 0, lambda: f"ssd: x must have batch and seqlen > 0, got {tuple(x.shape)}")
     _check_tensor("dt", dt, (b, L, h))
     _check_tensor("A", A, (h,))
     _check_tensor("B", B, (b, L, None, None))
     g, n = B.shape[2], B.shape[3]
-    _check(h % g == 0, f"ssd: nheads ({h}) must be divisible by ngroups ({g}, B's dim 2)")
+    _check(h % g == 0, lambda: f"ssd: nheads ({h}) must be divisible by ngroups ({g}, B's dim 2)")
     _check_tensor("C", C, (b, L, g, n))
-    _check(isinstance(chunk_size, int) and chunk_size > 0, f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
+    _check(isinstance(chunk_size, int) and chunk_size > 0,
+           lambda: f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
     if D is not None:
         _check_tensor("D", D, (h,) if D.dim() == 1 else (h, p))
     if z is not None:
@@ -92,7 +95,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
         if not torch.compiler.is_compiling() and seq_idx.device.type == "cpu" and L > 1:
             _check(bool((seq_idx[:, 1:] >= seq_idx[:, :-1]).all()), "ssd: seq_idx must be non-decreasing along each row")
     _check(len(dt_limit) == 2 and 0.0 <= dt_limit[0] < dt_limit[1],
-           f"ssd: dt_limit must be (low, high) with 0 <= low < high, got {dt_limit}")
+           lambda: f"ssd: dt_limit must be (low, high) with 0 <= low < high, got {dt_limit}")
     impl = _choose(impl, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, op="ssd")
     args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, tuple(dt_limit),
             return_final_states)
@@ -118,7 +121,7 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, retur
         _check_tensor("seq_idx", seq_idx, (b, L), dtypes=(torch.int32,), op=op)
     if initial_states is not None:
         _check_tensor("initial_states", initial_states, (b, d, w - 1), op=op)
-    _check(activation in (None, "silu"), f"{op}: activation must be 'silu' or None, got {activation!r}")
+    _check(activation in (None, "silu"), lambda: f"{op}: activation must be 'silu' or None, got {activation!r}")
     impl = _choose(impl, x, weight, bias, seq_idx, initial_states, op=op)
     args = (x, weight, bias, seq_idx, initial_states, return_final_states, activation)
     if impl == "triton":
@@ -135,9 +138,9 @@ def gated_rmsnorm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=Fals
     d = x.shape[-1]
     _check_tensor("weight", weight, (d,), op=op)
     if z is not None:
-        _check(z.shape == x.shape, f"{op}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
+        _check(z.shape == x.shape, lambda: f"{op}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
     gs = d if group_size is None else group_size
-    _check(gs > 0 and d % gs == 0, f"{op}: dim {d} is not divisible by group_size {gs}")
+    _check(gs > 0 and d % gs == 0, lambda: f"{op}: dim {d} is not divisible by group_size {gs}")
     impl = _choose(impl, x, z, weight, op=op)
     if impl == "triton":
         from lit_mamba2.kernels import rmsnorm_gated

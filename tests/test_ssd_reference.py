@@ -134,6 +134,23 @@ def test_public_op_matches_recurrence_in_low_precision():
     assert y_bf.dtype == torch.bfloat16 and torch.isfinite(y_bf.float()).all()
 
 
+def test_public_ops_trace_under_compile_with_dynamic_shapes():
+    # the argument checks run inside the traced graph; with symbolic sizes (dynamic=True, or a recompile after a
+    # shape change) their messages may only be formatted on failure, or fullgraph tracing breaks
+    def f(x, dt, A, B, C, w, nw):
+        y, fin = lit_mamba2.ssd(x, dt, A, B, C, 8, dt_softplus=True, return_final_states=True)
+        u = lit_mamba2.causal_conv1d(x.flatten(2), w, activation="silu")
+        v = lit_mamba2.gated_rmsnorm(u, u.sigmoid(), nw)
+        return y.sum() + fin.sum() + v.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for b, L in ((1, 16), (2, 24)):
+        inp = make_inputs(b=b, L=L, h=2, p=4, g=1, n=4, docs=())
+        args = [inp[k].float() for k in ("x", "dt", "A", "B", "C")]
+        w, nw = torch.randn(8, 4), torch.rand(8) + 0.5
+        assert torch.allclose(compiled(*args, w, nw), f(*args, w, nw), rtol=1e-4, atol=1e-4)
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------
 def _good():
     b, L, h, p, g, n = 1, 8, 4, 2, 2, 3
