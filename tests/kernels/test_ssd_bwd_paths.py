@@ -15,13 +15,10 @@ pytest.importorskip("triton")
 from lit_mamba2.kernels import ssd as ssd_kernels  # noqa: E402
 
 import test_ssd_triton  # noqa: E402  (pytest puts this folder on sys.path)
-from test_ssd_triton import _check  # noqa: E402
+from test_ssd_triton import _check, chunk_as_given  # noqa: E402,F401
 
-
-@pytest.fixture(autouse=True)
-def _chunk_as_given(monkeypatch):
-    # these paths are picked at the chunk size asked for (256 here): keep the kernels at it (CONFIG max_chunk)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "max_chunk", None)
+# these paths are picked at the chunk size asked for (256 here): the kernels stay at it (max_chunk)
+pytestmark = pytest.mark.usefixtures("chunk_as_given")
 
 
 @pytest.mark.parametrize("fold,cb_share,docs,A_scale,dtype", [

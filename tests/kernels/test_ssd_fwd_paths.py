@@ -18,13 +18,10 @@ pytest.importorskip("triton")
 from lit_mamba2.kernels import ssd as ssd_kernels  # noqa: E402
 
 from lit_mamba2 import reference  # noqa: E402
-from test_ssd_triton import _check, _inputs, _rel  # noqa: E402
+from test_ssd_triton import _check, _inputs, _rel, chunk_as_given  # noqa: E402,F401
 
-
-@pytest.fixture(autouse=True)
-def _chunk_as_given(monkeypatch):
-    # these paths are picked at the chunk size asked for (256 here): keep the kernels at it (CONFIG max_chunk)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "max_chunk", None)
+# these paths are picked at the chunk size asked for (256 here): the kernels stay at it (max_chunk)
+pytestmark = pytest.mark.usefixtures("chunk_as_given")
 
 
 def _check_forward(cs, shape, **kw):

@@ -55,6 +55,12 @@ def _inputs(b, L, h, p, g, n, dtype, *, D="head", z=True, dt_bias=True, init=Tru
     return x, dt, A, B, C, Dt, zt, bias, h0, seq
 
 
+@pytest.fixture
+def chunk_as_given(monkeypatch):
+    """The kernels at the chunk size a test asks for, not cut to CONFIG max_chunk (for tests of chunk-256 paths)."""
+    monkeypatch.setitem(ssd_kernels.CONFIG, "max_chunk", None)
+
+
 def _check(cs, shape, dtype, *, softplus=True, limit=(0.0, math.inf), final=True, tol=None, conditioning=False, **kw):
     """conditioning=True: a gradient that is a small difference of large terms (dA under strong decay) may miss by
     up to 10x what the float32 reference itself misses by; that is the problem's conditioning, not the kernel."""
@@ -231,7 +237,7 @@ def test_precomputed_and_recomputed_cb_paths(monkeypatch, cb_share):
 
 @pytest.mark.parametrize("fold,cb_share,docs,A_scale", [
     (True, 1, 3, 1.0), (True, 1, 0, 1.0), (True, 10**9, 0, 1.0), (False, 1, 0, 1.0), (True, 1, 0, 8.0), (False, 1, 3, 8.0)])
-def test_many_blocks_per_chunk(monkeypatch, fold, cb_share, docs, A_scale):
+def test_many_blocks_per_chunk(monkeypatch, chunk_as_given, fold, cb_share, docs, A_scale):
     # chunk 256 = 4 blocks of 64: off-diagonal tiles (decay folded into the operands or not, C·B loaded or
     # recomputed), the tile-pair order of the dCB kernel and its per-tile d cum slots, 2 heads per group;
     # documents cut inside and across blocks; A_scale 8: |A| dt large enough that diagonal blocks take the exact path
@@ -240,7 +246,6 @@ def test_many_blocks_per_chunk(monkeypatch, fold, cb_share, docs, A_scale):
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_heads_per_group", cb_share)
     monkeypatch.setitem(ssd_kernels.CONFIG, "cb_min_dstate", 0)
     monkeypatch.setitem(ssd_kernels.CONFIG, "bwd_cbt", False)
-    monkeypatch.setitem(ssd_kernels.CONFIG, "max_chunk", None)  # the kernels at chunk 256 itself
     _check(256, (1, 300, 4, 16, 2, 16), torch.float32, docs=docs, A_scale=A_scale, conditioning=A_scale > 1)
 
 
