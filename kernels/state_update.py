@@ -81,14 +81,12 @@ def _softplus_and_decay(dt, A, dt_min, dt_max, DT_SOFTPLUS: tl.constexpr, HAS_LI
 
 
 @triton.jit
-def _state_tile(state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n,
+def _state_tile(state_ptr, b, h, p_block, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n,
                 BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr):
-    """A step kernel's (batch, head, group), its headdim rows and dstate columns with their masks, and its state
-    tile in float32. The tile is the kernel's own (last written by this layer's previous step), so it loads before
-    the PDL wait; everything else a step kernel reads comes after it."""
-    b = tl.program_id(1) // nheads
-    h = tl.program_id(1) % nheads
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    """A step program's group, its headdim rows (block p_block of head h, batch row b) and dstate columns with
+    their masks, and its state tile in float32. The tile is the program's own (last written by this layer's
+    previous step), so it loads before the PDL wait; everything else a step kernel reads comes after it."""
+    offs_p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
@@ -96,21 +94,21 @@ def _state_tile(state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s
     mask = mask_p[:, None] & mask_n[None, :]
     st = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
     wait_and_release(USE_PDL)
-    return b, h, h // heads_per_group, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st
+    return h // heads_per_group, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st
 
 
 @triton.jit
-def _gate_and_store(y, z, out_ptr, o_off, nw_ptr, ss_ptr, h, headdim, offs_p, mask_p,
+def _gate_and_store(y, z, out_ptr, o_off, nw_ptr, ss_ptr, ss_slot, h, headdim, offs_p, mask_p,
                     HAS_Z: tl.constexpr, FOLD_NORM: tl.constexpr):
     """The step's output: y (this program's headdim rows, float32) gated by silu(z) and stored. FOLD_NORM: also
-    the partial sum of squares of the gated rows into this program's slot (ss_ptr, already at this batch row;
-    one slot per program along the row: head h, headdim block program_id(0)), and the norm's weight applied to
-    the stored value."""
+    the partial sum of squares of the gated rows into this program's slot ss_slot (ss_ptr, already at this batch
+    row; one slot per program along the row, in the order of heads, then headdim blocks), and the norm's weight
+    applied to the stored value."""
     if HAS_Z:
         y *= z * tl.sigmoid(z)
     if FOLD_NORM:
         y = tl.where(mask_p, y, 0.0)
-        tl.store(ss_ptr + h * tl.num_programs(0) + tl.program_id(0), tl.sum(y * y, axis=0))
+        tl.store(ss_ptr + ss_slot, tl.sum(y * y, axis=0))
         y *= tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=mask_p)
 
@@ -125,8 +123,11 @@ def _state_update_kernel(
     HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr,
 ):
-    b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, s = _state_tile(
-        state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, USE_PDL, EVICT)
+    b = tl.program_id(1) // nheads
+    h = tl.program_id(1) % nheads
+    g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, s = _state_tile(
+        state_ptr, b, h, tl.program_id(0), headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N,
+        USE_PDL, EVICT)
 
     dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
                               HAS_LIMIT, A_IS_LOG)
@@ -143,8 +144,8 @@ def _state_update_kernel(
     z = y
     if HAS_Z:
         z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
-    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b, h, headdim, offs_p,
-                    mask_p, HAS_Z, FOLD_NORM)
+    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b,
+                    h * tl.num_programs(0) + tl.program_id(0), h, headdim, offs_p, mask_p, HAS_Z, FOLD_NORM)
 
 
 def _fold_buffers(norm_weight, b, h, p, programs_per_head, device):
@@ -301,11 +302,35 @@ def _mixer_step_kernel(
     BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     release_early(USE_PDL)
+    b = tl.program_id(1) // nheads
+    h = tl.program_id(1) % nheads
+    mixer_tile(b, h, tl.program_id(0), h * tl.num_programs(0) + tl.program_id(0),
+               state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, z_ptr, dtb_ptr,
+               out_ptr, nw_ptr, ss_ptr, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
+               s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p,
+               o_b, o_h, o_p, ss_b, WIDTH, HAS_CONV_BIAS, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_LIMIT, FOLD_NORM, BLOCK_P,
+               BLOCK_N, USE_PDL)
+
+
+@triton.jit
+def mixer_tile(
+    b, h, p_block, ss_slot,
+    state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
+    nw_ptr, ss_ptr, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
+    s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p,
+    ss_b,
+    WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """One program's share of mixer_step: batch row b, head h, headdim block p_block (its folded-norm partial in
+    slot ss_slot of the row). Waits on the previous kernel (PDL) itself; the caller releases the next one."""
     # Before the PDL wait: the state tile, the parameters, and the ring's older inputs with their taps. None of
     # them is written by a kernel of this step: the ring's older slots and the slot index (advanced after the
     # step) were last written before it. After the wait: this token's x, B, C, dt and z (in_proj's outputs).
-    b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st = _state_tile(
-        state_ptr, nheads, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, False, "")
+    g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st = _state_tile(
+        state_ptr, b, h, p_block, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, False,
+        "")
     slot = tl.load(slot_ptr)  # the ring slot of this token's input; the older inputs sit in the slots before it
 
     # Causal conv (+ SiLU) of this head's x channels and its group's B and C channels. The ring holds WIDTH
@@ -359,7 +384,7 @@ def _mixer_step_kernel(
     Cv = tl.where(mask_n, Cv.to(C_new.dtype).to(tl.float32), 0.0)
     slot_slot = slot % WIDTH
     tl.store(ring + cx * r_c + slot_slot * r_w, x_new.to(ring_ptr.dtype.element_ty), mask=mask_p)
-    if (h % heads_per_group == 0) and (tl.program_id(0) == 0):  # one program per group writes B and C
+    if (h % heads_per_group == 0) and (p_block == 0):  # one program per group writes B and C
         tl.store(ring + cB * r_c + slot_slot * r_w, B_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
         tl.store(ring + cC * r_c + slot_slot * r_w, C_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
 
@@ -372,8 +397,8 @@ def _mixer_step_kernel(
     y = tl.sum(st * Cv[None, :], axis=1)
     if HAS_D:
         y += x * Dv
-    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b, h, headdim, offs_p,
-                    mask_p, HAS_Z, FOLD_NORM)
+    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b, ss_slot, h, headdim,
+                    offs_p, mask_p, HAS_Z, FOLD_NORM)
 
 
 def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=None, z=None, dt_bias=None,

@@ -100,11 +100,15 @@ class Decoder:
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
                  ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None, pdl: bool = True,
-                 fold_gated_norm: Optional[bool] = None):
+                 fold_gated_norm: Optional[bool] = None, row_groups: Optional[int] = None):
         self.model = model
         weight = model.lm_head.weight
         device = weight.device
         self.batch_size, self.max_len = batch_size, max_len
+        if row_groups is not None:  # the pipeline's state stage reads the conv state as a ring
+            if ring_conv is False or fuse_linear:
+                raise ValueError("Decoder: row_groups needs ring_conv and the unfused linears")
+            ring_conv, fuse_linear, fold_gated_norm = True, False, True
         if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
             ring_conv = batch_size < RING_CONV_BELOW
         if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md); an
@@ -143,6 +147,11 @@ class Decoder:
         self.pos = DecodePositions(self._advancing[0], self._advancing[1:], torch.zeros(batch_size, **zeros))
         self.token = torch.zeros(batch_size, **zeros)
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.row_pipeline = None
+        if row_groups is not None:
+            from lit_mamba2.row_pipeline import RowPipeline
+
+            self.row_pipeline = RowPipeline(model, self.states, self.pos.cache_pos, row_groups)
         self._fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
         self.graph, self.logits = None, None
         self.filled = 0
@@ -154,8 +163,11 @@ class Decoder:
 
             context = launching()
         with context:
-            logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear,
-                                     fold_gated_norm=self.fold_gated_norm)
+            if self.row_pipeline is not None:
+                logits = self.row_pipeline.step(self.token)
+            else:
+                logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear,
+                                         fold_gated_norm=self.fold_gated_norm)
         self._advancing.add_(1)  # = self.pos.advance()
         return logits
 

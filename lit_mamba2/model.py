@@ -233,12 +233,16 @@ class Mamba2Mixer(nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
 
-    def can_fold_norm(self, t: torch.Tensor) -> bool:
-        """Whether step(fold_norm=True) applies: Triton kernels, a gated norm of one group with the gate before the
-        norm, no channels beside the SSM, and an out_proj without bias (the norm's scale must commute with it)."""
+    def norm_commutes(self) -> bool:
+        """A gated norm of one group with the gate before the norm, no channels beside the SSM, and an out_proj
+        without bias: the norm's per-row scale commutes with out_proj (so it can fold, see step)."""
         n = self.norm
         return (n is not None and n.group_size == self.d_ssm and not n.norm_before_gate and self.d_mlp == 0
-                and self.out_proj.bias is None and _step_on_triton(t, self.impl))
+                and self.out_proj.bias is None)
+
+    def can_fold_norm(self, t: torch.Tensor) -> bool:
+        """Whether step(fold_norm=True) applies: Triton kernels and norm_commutes()."""
+        return self.norm_commutes() and _step_on_triton(t, self.impl)
 
     def step(self, u, state: Mamba2State, pos=None, fold_norm: bool = False):
         """One token per row, u: (batch, d_model) -> (batch, d_model), advancing `state` in place (so that a

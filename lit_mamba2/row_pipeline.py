@@ -1,0 +1,89 @@
+"""The decode step of a pure Mamba-2 model as a pipeline of row groups (kernels/decode_pipeline.py has the why):
+the schedule of stages over the model's layers, and the buffers they hand each other."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .model import Mamba2LMHeadModel, Mamba2Mixer, Mamba2State
+
+STAGES = 3  # I (norm + in_proj), S (conv + state update), O (out_proj + residual): one launch each
+
+
+def unsupported_reason(model: Mamba2LMHeadModel, states: list) -> Optional[str]:
+    """Why the pipelined step cannot run this model (None when it can)."""
+    for i, (layer, state) in enumerate(zip(model.backbone.layers, states)):
+        m = layer.mixer
+        if not isinstance(m, Mamba2Mixer):
+            return f"layer {i} is an attention layer (the pipeline runs pure Mamba-2 models)"
+        if layer.mlp is not None:
+            return f"layer {i} has an MLP"
+        if not m.norm_commutes():
+            return (f"layer {i}: the gated norm cannot fold (it needs one norm group with the gate before the "
+                    f"norm, no channels beside the SSM and no out_proj bias)")
+        if not (isinstance(state, Mamba2State) and state.ring):
+            return f"layer {i}: the conv state must be a ring (Decoder(ring_conv=True))"
+    return None
+
+
+class RowPipeline:
+    """Launch t runs, for each row group g, stage (t - g) % 3 of layer (t - g) // 3: with three groups every launch
+    has one group in each stage, so one group's states stream while the other two groups' products run.
+    `step` writes through fixed buffers and launches only, so a CUDA graph can capture it."""
+
+    def __init__(self, model: Mamba2LMHeadModel, states: list, slot: torch.Tensor, groups: int = 3):
+        from lit_mamba2.kernels.decode_pipeline import MixerWeights, PipelineBuffers
+
+        reason = unsupported_reason(model, states)
+        if reason is not None:
+            raise ValueError(f"row pipeline: {reason}")
+        if not 1 <= groups <= STAGES:
+            raise ValueError(f"row pipeline: groups must be 1..{STAGES}, got {groups}")
+        self.model = model
+        layers = model.backbone.layers
+        m0 = layers[0].mixer
+        batch = states[0].ssm.shape[0]
+        groups = min(groups, batch)
+        self.nheads, self.headdim, self.dstate = m0.nheads, m0.headdim, m0.d_state
+        weight = model.lm_head.weight
+        self.residual_dtype = torch.float32 if model.config.residual_in_fp32 else weight.dtype
+        self.bufs = PipelineBuffers.allocate(batch, m0.d_model, m0.d_ssm, m0.in_proj.out_features, m0.nheads,
+                                             m0.headdim, m0.d_state, weight.dtype, self.residual_dtype, weight.device)
+        mixer_weights = []
+        for layer in layers:
+            m = layer.mixer
+            mixer_weights.append(MixerWeights(
+                layer.norm.weight, layer.norm.eps, m.in_proj.weight, m.in_proj.bias, m.conv1d.weight[:, 0, :],
+                m.conv1d.bias, m.A_log, m.D.view(m.nheads, m.headdim) if m.cfg["D_has_hdim"] else m.D, m.dt_bias,
+                m.dt_limit, m.norm.weight, m.norm.eps, m.out_proj.weight, m.ngroups))
+        base, extra = divmod(batch, groups)
+        sizes = [base + (g < extra) for g in range(groups)]
+        starts = [sum(sizes[:g]) for g in range(groups)]
+        self.block_m = max(16, 1 << (max(sizes) - 1).bit_length())
+        first, st = mixer_weights[0], states[0]
+        self.launches = []
+        for t in range(STAGES * len(layers) + groups - 1):
+            roles = [(0, 0, first), (0, 0, first, st.ssm, st.conv, slot), (0, 0, first)]  # I, S, O: idle
+            for g in range(groups):
+                k = t - g
+                if 0 <= k < STAGES * len(layers):
+                    i, stage = divmod(k, STAGES)
+                    w = mixer_weights[i]
+                    roles[stage] = ((starts[g], sizes[g], w) if stage != 1 else
+                                    (starts[g], sizes[g], w, states[i].ssm, states[i].conv, slot))
+            self.launches.append((roles[0], roles[2], roles[1]))
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token (batch,) -> logits (batch, padded_vocab); the states advance in place."""
+        from lit_mamba2.kernels.decode_pipeline import embed_rows, pipeline_stage
+        from lit_mamba2.kernels.state_update import add_rmsnorm
+
+        bufs = self.bufs
+        embed_rows(token, self.model.backbone.embedding.weight, bufs)
+        for in_role, out_role, state_role in self.launches:
+            pipeline_stage(bufs, self.nheads, self.headdim, self.dstate, self.block_m, in_role, out_role, state_role)
+        norm = self.model.backbone.norm_f
+        normed = add_rmsnorm(bufs.residual, None, norm.weight, norm.eps, self.residual_dtype)[0]
+        return self.model.lm_head(normed)
