@@ -126,6 +126,19 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "state_4k_w2": (dict(), {"state_update.STATE_TILE": (4096, 2)}),
     # (run 13's `blocks*` variants, two launches per layer with one persistent kernel from out_proj to the next
     # conv, lost and were removed: benchmarks/results/decode_run13_notes.md)
+    # session 8: the row-group pipeline (kernels/decode_pipeline.py), its groups and tiles
+    "pipe3": (dict(row_groups=3), {}),
+    "pipe2": (dict(row_groups=2), {}),
+    "pipe1": (dict(row_groups=1), {}),
+    "pipe3_in32": (dict(row_groups=3), {"decode_pipeline.IN_TILE": (32, 128)}),
+    "pipe3_in128": (dict(row_groups=3), {"decode_pipeline.IN_TILE": (128, 64)}),
+    "pipe3_out16": (dict(row_groups=3), {"decode_pipeline.OUT_TILE": (16, 256)}),
+    "pipe3_out64": (dict(row_groups=3), {"decode_pipeline.OUT_TILE": (64, 64)}),
+    "pipe3_w8": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8}),
+    "pipe3_s2": (dict(row_groups=3), {"decode_pipeline.NUM_STAGES": 2}),
+    "pipe3_s4": (dict(row_groups=3), {"decode_pipeline.NUM_STAGES": 4}),
+    "pipe3_st2k": (dict(row_groups=3), {"state_update.STATE_TILE": (2048, 4)}),
+    "pipe3_st8k": (dict(row_groups=3), {"state_update.STATE_TILE": (8192, 4)}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
 # below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours

@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from .pdl import options as pdl_options, release_early, wait_and_release
-from .state_update import STATE_TILE, mixer_tile
+from . import state_update
+from .state_update import mixer_tile
 
 # the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): it gets float32 dot operands (the same
 # products: the operands are rounded to the weight's dtype first)
@@ -189,7 +190,8 @@ class PipelineBuffers:
 
 
 def _block_p(headdim, dstate):
-    return max(1, min(triton.next_power_of_2(headdim), max(16, STATE_TILE[0] // triton.next_power_of_2(dstate))))
+    elements = state_update.STATE_TILE[0]  # (read at call time: benchmarks patch it)
+    return max(1, min(triton.next_power_of_2(headdim), max(16, elements // triton.next_power_of_2(dstate))))
 
 
 @dataclass
