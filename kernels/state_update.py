@@ -331,14 +331,35 @@ def mixer_tile(
     g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st = _state_tile(
         state_ptr, b, h, p_block, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, False,
         "")
-    slot = tl.load(slot_ptr)  # the ring slot of this token's input; the older inputs sit in the slots before it
+    x, Bv, Cv, wx, wB, wC, A, dt_bias, Dv, slot = mixer_history(
+        b, h, g, offs_p, offs_n, mask_p, mask_n, ring_ptr, slot_ptr, cw_ptr, cb_ptr, A_log_ptr, D_ptr, dtb_ptr,
+        headdim, dstate, d_ssm, ngroups, r_b, r_c, r_w, cw_c, cw_w, D_h, D_p, BLOCK_P, BLOCK_N, WIDTH,
+        HAS_CONV_BIAS, HAS_D, HAS_DT_BIAS)
+    wait_and_release(USE_PDL)
+    mixer_update(st, s_ptrs, mask, b, h, g, p_block, ss_slot, offs_p, offs_n, mask_p, mask_n, x, Bv, Cv, wx, wB, wC,
+                 A, dt_bias, Dv, slot, ring_ptr, xbc_ptr, dt_ptr, z_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dstate,
+                 heads_per_group, d_ssm, ngroups, dt_min, dt_max, r_b, r_c, r_w, xbc_b, xbc_c, dt_b, dt_h, z_b, z_h,
+                 z_p, o_b, o_h, o_p, ss_b, WIDTH, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_LIMIT, FOLD_NORM, "")
 
+
+@triton.jit
+def _mixer_channels(h, g, offs_p, offs_n, headdim, dstate, d_ssm, ngroups):
+    """A mixer tile's conv channels: its x (head h's headdim rows), its group's B and C."""
+    return h * headdim + offs_p, d_ssm + g * dstate + offs_n, d_ssm + ngroups * dstate + g * dstate + offs_n
+
+
+@triton.jit
+def mixer_history(b, h, g, offs_p, offs_n, mask_p, mask_n, ring_ptr, slot_ptr, cw_ptr, cb_ptr, A_log_ptr, D_ptr,
+                  dtb_ptr, headdim, dstate, d_ssm, ngroups, r_b, r_c, r_w, cw_c, cw_w, D_h, D_p,
+                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+                  HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr):
+    """What a mixer tile reads that no kernel of the step writes: the conv of its x, B and C channels over the
+    ring's older inputs (bias + taps 0 .. WIDTH - 2), the last tap's weights, A, dt_bias, D and the ring slot."""
+    slot = tl.load(slot_ptr)  # the ring slot of this token's input; the older inputs sit in the slots before it
     # Causal conv (+ SiLU) of this head's x channels and its group's B and C channels. The ring holds WIDTH
     # inputs; this token's overwrites the oldest, which no program reads any more, so programs that share B and C
     # (every head of a group) never race: each reads only the other slots.
-    cx = h * headdim + offs_p
-    cB = d_ssm + g * dstate + offs_n
-    cC = d_ssm + ngroups * dstate + g * dstate + offs_n
+    cx, cB, cC = _mixer_channels(h, g, offs_p, offs_n, headdim, dstate, d_ssm, ngroups)
     x = tl.zeros([BLOCK_P], dtype=tl.float32)
     Bv = tl.zeros([BLOCK_N], dtype=tl.float32)
     Cv = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -359,12 +380,25 @@ def mixer_tile(
     wB = tl.load(cw_ptr + cB * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
     wC = tl.load(cw_ptr + cC * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
     A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
+    dt_bias = 0.0
     if HAS_DT_BIAS:
         dt_bias = tl.load(dtb_ptr + h).to(tl.float32)
+    Dv = tl.zeros([BLOCK_P], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-    wait_and_release(USE_PDL)
+    return x, Bv, Cv, wx, wB, wC, A, dt_bias, Dv, slot
 
+
+@triton.jit
+def mixer_update(st, s_ptrs, mask, b, h, g, p_block, ss_slot, offs_p, offs_n, mask_p, mask_n, x, Bv, Cv, wx, wB, wC,
+                 A, dt_bias, Dv, slot, ring_ptr, xbc_ptr, dt_ptr, z_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dstate,
+                 heads_per_group, d_ssm, ngroups, dt_min, dt_max, r_b, r_c, r_w, xbc_b, xbc_c, dt_b, dt_h, z_b, z_h,
+                 z_p, o_b, o_h, o_p, ss_b, WIDTH: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                 HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, FOLD_NORM: tl.constexpr, EVICT: tl.constexpr):
+    """A mixer tile after the PDL wait, given mixer_history's values: this token's x, B, C, dt and z (in_proj's
+    outputs), the conv's last tap (+ SiLU), the new input into the ring, the state update (st: the tile in
+    float32, stored back at s_ptrs) and the gated output."""
+    cx, cB, cC = _mixer_channels(h, g, offs_p, offs_n, headdim, dstate, d_ssm, ngroups)
     x_new = tl.load(xbc_ptr + b * xbc_b + cx * xbc_c, mask=mask_p, other=0.0)
     B_new = tl.load(xbc_ptr + b * xbc_b + cB * xbc_c, mask=mask_n, other=0.0)
     C_new = tl.load(xbc_ptr + b * xbc_b + cC * xbc_c, mask=mask_n, other=0.0)
@@ -382,6 +416,7 @@ def mixer_tile(
     x = x.to(x_new.dtype).to(tl.float32)
     Bv = tl.where(mask_n, Bv.to(B_new.dtype).to(tl.float32), 0.0)
     Cv = tl.where(mask_n, Cv.to(C_new.dtype).to(tl.float32), 0.0)
+    ring = ring_ptr + b * r_b
     slot_slot = slot % WIDTH
     tl.store(ring + cx * r_c + slot_slot * r_w, x_new.to(ring_ptr.dtype.element_ty), mask=mask_p)
     if (h % heads_per_group == 0) and (p_block == 0):  # one program per group writes B and C
@@ -389,11 +424,10 @@ def mixer_tile(
         tl.store(ring + cC * r_c + slot_slot * r_w, C_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
 
     # the SSM state update, as in _state_update_kernel
-    if HAS_DT_BIAS:
-        dt += dt_bias
+    dt += dt_bias
     dt, decay = _softplus_and_decay(dt, A, dt_min, dt_max, True, HAS_LIMIT)
     st = st * decay + (x * dt)[:, None] * Bv[None, :]
-    tl.store(s_ptrs, st.to(state_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptrs, st.to(s_ptrs.dtype.element_ty), mask=mask, eviction_policy=EVICT)
     y = tl.sum(st * Cv[None, :], axis=1)
     if HAS_D:
         y += x * Dv
