@@ -101,9 +101,9 @@ def _state_tile(state_ptr, b, h, p_block, headdim, dstate, heads_per_group, s_b,
 def _gate_and_store(y, z, out_ptr, o_off, nw_ptr, ss_ptr, ss_slot, h, headdim, offs_p, mask_p,
                     HAS_Z: tl.constexpr, FOLD_NORM: tl.constexpr):
     """The step's output: y (this program's headdim rows, float32) gated by silu(z) and stored. FOLD_NORM: also
-    the partial sum of squares of the gated rows into this program's slot ss_slot (ss_ptr, already at this batch
-    row; one slot per program along the row, in the order of heads, then headdim blocks), and the norm's weight
-    applied to the stored value."""
+    the partial sum of squares of the gated rows into slot ss_slot (ss_ptr, already at this batch row; one slot
+    per program along the row, in the order of heads, then headdim blocks), and the norm's weight applied to the
+    stored value."""
     if HAS_Z:
         y *= z * tl.sigmoid(z)
     if FOLD_NORM:
@@ -125,9 +125,28 @@ def _state_update_kernel(
 ):
     b = tl.program_id(1) // nheads
     h = tl.program_id(1) % nheads
+    state_tile_update(b, h, tl.program_id(0), h * tl.num_programs(0) + tl.program_id(0), state_ptr, x_ptr, dt_ptr,
+                      A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dstate,
+                      heads_per_group, dt_min, dt_max, s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n,
+                      C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p, ss_b, HAS_D, HAS_Z, HAS_DT_BIAS,
+                      DT_SOFTPLUS, HAS_LIMIT, A_IS_LOG, FOLD_NORM, BLOCK_P, BLOCK_N, USE_PDL, EVICT)
+
+
+@triton.jit
+def state_tile_update(
+    b, h, p_block, ss_slot, state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr, nw_ptr,
+    ss_ptr, headdim, dstate, heads_per_group, dt_min, dt_max,
+    s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p,
+    o_b, o_h, o_p, ss_b,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr,
+):
+    """One program of state_update: batch row b, head h, headdim block p_block (its folded-norm partial into slot
+    ss_slot of the row). Loads its state tile, waits on the previous kernel (PDL), and does the rest."""
     g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, s = _state_tile(
-        state_ptr, b, h, tl.program_id(0), headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N,
-        USE_PDL, EVICT)
+        state_ptr, b, h, p_block, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, USE_PDL,
+        EVICT)
 
     dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
                               HAS_LIMIT, A_IS_LOG)
@@ -144,8 +163,8 @@ def _state_update_kernel(
     z = y
     if HAS_Z:
         z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
-    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b,
-                    h * tl.num_programs(0) + tl.program_id(0), h, headdim, offs_p, mask_p, HAS_Z, FOLD_NORM)
+    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b, ss_slot, h, headdim,
+                    offs_p, mask_p, HAS_Z, FOLD_NORM)
 
 
 def _fold_buffers(norm_weight, b, h, p, programs_per_head, device):
@@ -302,64 +321,22 @@ def _mixer_step_kernel(
     BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     release_early(USE_PDL)
-    b = tl.program_id(1) // nheads
-    h = tl.program_id(1) % nheads
-    mixer_tile(b, h, tl.program_id(0), h * tl.num_programs(0) + tl.program_id(0),
-               state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, z_ptr, dtb_ptr,
-               out_ptr, nw_ptr, ss_ptr, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
-               s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p,
-               o_b, o_h, o_p, ss_b, WIDTH, HAS_CONV_BIAS, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_LIMIT, FOLD_NORM, BLOCK_P,
-               BLOCK_N, USE_PDL)
-
-
-@triton.jit
-def mixer_tile(
-    b, h, p_block, ss_slot,
-    state_ptr, ring_ptr, slot_ptr, xbc_ptr, cw_ptr, cb_ptr, dt_ptr, A_log_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
-    nw_ptr, ss_ptr, headdim, dstate, heads_per_group, d_ssm, ngroups, dt_min, dt_max,
-    s_b, s_h, s_p, s_n, r_b, r_c, r_w, xbc_b, xbc_c, cw_c, cw_w, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p,
-    ss_b,
-    WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """One program's share of mixer_step: batch row b, head h, headdim block p_block (its folded-norm partial in
-    slot ss_slot of the row). Waits on the previous kernel (PDL) itself; the caller releases the next one."""
     # Before the PDL wait: the state tile, the parameters, and the ring's older inputs with their taps. None of
     # them is written by a kernel of this step: the ring's older slots and the slot index (advanced after the
     # step) were last written before it. After the wait: this token's x, B, C, dt and z (in_proj's outputs).
+    b = tl.program_id(1) // nheads
+    h = tl.program_id(1) % nheads
     g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st = _state_tile(
-        state_ptr, b, h, p_block, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, False,
-        "")
-    x, Bv, Cv, wx, wB, wC, A, dt_bias, Dv, slot = mixer_history(
-        b, h, g, offs_p, offs_n, mask_p, mask_n, ring_ptr, slot_ptr, cw_ptr, cb_ptr, A_log_ptr, D_ptr, dtb_ptr,
-        headdim, dstate, d_ssm, ngroups, r_b, r_c, r_w, cw_c, cw_w, D_h, D_p, BLOCK_P, BLOCK_N, WIDTH,
-        HAS_CONV_BIAS, HAS_D, HAS_DT_BIAS)
-    wait_and_release(USE_PDL)
-    mixer_update(st, s_ptrs, mask, b, h, g, p_block, ss_slot, offs_p, offs_n, mask_p, mask_n, x, Bv, Cv, wx, wB, wC,
-                 A, dt_bias, Dv, slot, ring_ptr, xbc_ptr, dt_ptr, z_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dstate,
-                 heads_per_group, d_ssm, ngroups, dt_min, dt_max, r_b, r_c, r_w, xbc_b, xbc_c, dt_b, dt_h, z_b, z_h,
-                 z_p, o_b, o_h, o_p, ss_b, WIDTH, HAS_D, HAS_Z, HAS_DT_BIAS, HAS_LIMIT, FOLD_NORM, "")
-
-
-@triton.jit
-def _mixer_channels(h, g, offs_p, offs_n, headdim, dstate, d_ssm, ngroups):
-    """A mixer tile's conv channels: its x (head h's headdim rows), its group's B and C."""
-    return h * headdim + offs_p, d_ssm + g * dstate + offs_n, d_ssm + ngroups * dstate + g * dstate + offs_n
-
-
-@triton.jit
-def mixer_history(b, h, g, offs_p, offs_n, mask_p, mask_n, ring_ptr, slot_ptr, cw_ptr, cb_ptr, A_log_ptr, D_ptr,
-                  dtb_ptr, headdim, dstate, d_ssm, ngroups, r_b, r_c, r_w, cw_c, cw_w, D_h, D_p,
-                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-                  HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr):
-    """What a mixer tile reads that no kernel of the step writes: the conv of its x, B and C channels over the
-    ring's older inputs (bias + taps 0 .. WIDTH - 2), the last tap's weights, A, dt_bias, D and the ring slot."""
+        state_ptr, b, h, tl.program_id(0), headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N,
+        False, "")
     slot = tl.load(slot_ptr)  # the ring slot of this token's input; the older inputs sit in the slots before it
+
     # Causal conv (+ SiLU) of this head's x channels and its group's B and C channels. The ring holds WIDTH
     # inputs; this token's overwrites the oldest, which no program reads any more, so programs that share B and C
     # (every head of a group) never race: each reads only the other slots.
-    cx, cB, cC = _mixer_channels(h, g, offs_p, offs_n, headdim, dstate, d_ssm, ngroups)
+    cx = h * headdim + offs_p
+    cB = d_ssm + g * dstate + offs_n
+    cC = d_ssm + ngroups * dstate + g * dstate + offs_n
     x = tl.zeros([BLOCK_P], dtype=tl.float32)
     Bv = tl.zeros([BLOCK_N], dtype=tl.float32)
     Cv = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -380,25 +357,12 @@ def mixer_history(b, h, g, offs_p, offs_n, mask_p, mask_n, ring_ptr, slot_ptr, c
     wB = tl.load(cw_ptr + cB * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
     wC = tl.load(cw_ptr + cC * cw_c + (WIDTH - 1) * cw_w, mask=mask_n, other=0.0).to(tl.float32)
     A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
-    dt_bias = 0.0
     if HAS_DT_BIAS:
         dt_bias = tl.load(dtb_ptr + h).to(tl.float32)
-    Dv = tl.zeros([BLOCK_P], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-    return x, Bv, Cv, wx, wB, wC, A, dt_bias, Dv, slot
+    wait_and_release(USE_PDL)
 
-
-@triton.jit
-def mixer_update(st, s_ptrs, mask, b, h, g, p_block, ss_slot, offs_p, offs_n, mask_p, mask_n, x, Bv, Cv, wx, wB, wC,
-                 A, dt_bias, Dv, slot, ring_ptr, xbc_ptr, dt_ptr, z_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dstate,
-                 heads_per_group, d_ssm, ngroups, dt_min, dt_max, r_b, r_c, r_w, xbc_b, xbc_c, dt_b, dt_h, z_b, z_h,
-                 z_p, o_b, o_h, o_p, ss_b, WIDTH: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                 HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, FOLD_NORM: tl.constexpr, EVICT: tl.constexpr):
-    """A mixer tile after the PDL wait, given mixer_history's values: this token's x, B, C, dt and z (in_proj's
-    outputs), the conv's last tap (+ SiLU), the new input into the ring, the state update (st: the tile in
-    float32, stored back at s_ptrs) and the gated output."""
-    cx, cB, cC = _mixer_channels(h, g, offs_p, offs_n, headdim, dstate, d_ssm, ngroups)
     x_new = tl.load(xbc_ptr + b * xbc_b + cx * xbc_c, mask=mask_p, other=0.0)
     B_new = tl.load(xbc_ptr + b * xbc_b + cB * xbc_c, mask=mask_n, other=0.0)
     C_new = tl.load(xbc_ptr + b * xbc_b + cC * xbc_c, mask=mask_n, other=0.0)
@@ -416,23 +380,23 @@ def mixer_update(st, s_ptrs, mask, b, h, g, p_block, ss_slot, offs_p, offs_n, ma
     x = x.to(x_new.dtype).to(tl.float32)
     Bv = tl.where(mask_n, Bv.to(B_new.dtype).to(tl.float32), 0.0)
     Cv = tl.where(mask_n, Cv.to(C_new.dtype).to(tl.float32), 0.0)
-    ring = ring_ptr + b * r_b
     slot_slot = slot % WIDTH
     tl.store(ring + cx * r_c + slot_slot * r_w, x_new.to(ring_ptr.dtype.element_ty), mask=mask_p)
-    if (h % heads_per_group == 0) and (p_block == 0):  # one program per group writes B and C
+    if (h % heads_per_group == 0) and (tl.program_id(0) == 0):  # one program per group writes B and C
         tl.store(ring + cB * r_c + slot_slot * r_w, B_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
         tl.store(ring + cC * r_c + slot_slot * r_w, C_new.to(ring_ptr.dtype.element_ty), mask=mask_n)
 
     # the SSM state update, as in _state_update_kernel
-    dt += dt_bias
+    if HAS_DT_BIAS:
+        dt += dt_bias
     dt, decay = _softplus_and_decay(dt, A, dt_min, dt_max, True, HAS_LIMIT)
     st = st * decay + (x * dt)[:, None] * Bv[None, :]
-    tl.store(s_ptrs, st.to(s_ptrs.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+    tl.store(s_ptrs, st.to(state_ptr.dtype.element_ty), mask=mask)
     y = tl.sum(st * Cv[None, :], axis=1)
     if HAS_D:
         y += x * Dv
-    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b, ss_slot, h, headdim,
-                    offs_p, mask_p, HAS_Z, FOLD_NORM)
+    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b,
+                    h * tl.num_programs(0) + tl.program_id(0), h, headdim, offs_p, mask_p, HAS_Z, FOLD_NORM)
 
 
 def mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=None, z=None, dt_bias=None,

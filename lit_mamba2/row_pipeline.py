@@ -52,12 +52,13 @@ class RowPipeline:
         self.bufs = PipelineBuffers.allocate(batch, m0.d_model, m0.d_ssm, m0.in_proj.out_features, m0.nheads,
                                              m0.headdim, m0.d_state, weight.dtype, self.residual_dtype, weight.device)
         mixer_weights = []
-        for layer in layers:
+        for i, layer in enumerate(layers):
             m = layer.mixer
+            after = layers[i + 1].norm if i + 1 < len(layers) else model.backbone.norm_f
             mixer_weights.append(MixerWeights(
-                layer.norm.weight, layer.norm.eps, m.in_proj.weight, m.in_proj.bias, m.conv1d.weight[:, 0, :],
-                m.conv1d.bias, m.A_log, m.D.view(m.nheads, m.headdim) if m.cfg["D_has_hdim"] else m.D, m.dt_bias,
-                m.dt_limit, m.norm.weight, m.norm.eps, m.out_proj.weight, m.ngroups))
+                m.in_proj.weight, m.in_proj.bias, layer.norm.eps, m.conv1d.weight[:, 0, :], m.conv1d.bias, m.A_log,
+                m.D.view(m.nheads, m.headdim) if m.cfg["D_has_hdim"] else m.D, m.dt_bias, m.dt_limit, m.norm.weight,
+                m.norm.eps, m.out_proj.weight, m.ngroups, after.weight))
         base, extra = divmod(batch, groups)
         sizes = [base + (g < extra) for g in range(groups)]
         starts = [sum(sizes[:g]) for g in range(groups)]
@@ -65,15 +66,15 @@ class RowPipeline:
         first, st = mixer_weights[0], states[0]
         self.launches = []
         for t in range(STAGES * len(layers) + groups - 1):
-            roles = [(0, 0, first), (0, 0, first, st.ssm, st.conv, slot), (0, 0, first)]  # I, S, O: idle
+            roles = [(0, 0, first, st.conv, slot), (0, 0, first, st.ssm), (0, 0, first)]  # I, S, O: idle
             for g in range(groups):
                 k = t - g
                 if 0 <= k < STAGES * len(layers):
                     i, stage = divmod(k, STAGES)
-                    w = mixer_weights[i]
-                    roles[stage] = ((starts[g], sizes[g], w) if stage != 1 else
-                                    (starts[g], sizes[g], w, states[i].ssm, states[i].conv, slot))
+                    rows = (starts[g], sizes[g], mixer_weights[i])
+                    roles[stage] = rows + ((states[i].conv, slot), (states[i].ssm,), ())[stage]
             self.launches.append((roles[0], roles[2], roles[1]))
+        self.first_norm = layers[0].norm.weight
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token (batch,) -> logits (batch, padded_vocab); the states advance in place."""
@@ -81,7 +82,7 @@ class RowPipeline:
         from lit_mamba2.kernels.state_update import add_rmsnorm
 
         bufs = self.bufs
-        embed_rows(token, self.model.backbone.embedding.weight, bufs)
+        embed_rows(token, self.model.backbone.embedding.weight, self.first_norm, bufs)
         for in_role, out_role, state_role in self.launches:
             pipeline_stage(bufs, self.nheads, self.headdim, self.dstate, self.block_m, in_role, out_role, state_role)
         norm = self.model.backbone.norm_f
