@@ -49,6 +49,8 @@ IN_TILE = (64, 128)
 OUT_TILE = (32, 128)
 NUM_WARPS = 4
 NUM_STAGES = 3
+# register cap of the launch (None: Triton's choice): the state role's occupancy follows the product roles' needs
+MAXNREG = None
 
 
 @triton.jit
@@ -296,6 +298,7 @@ def pipeline_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
         DOT_F32=_INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **pdl_options(early=True),
+        **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)),
     )
 
 
