@@ -45,10 +45,13 @@ from .state_update import state_tile_update
 # products: the operands are rounded to the weight's dtype first)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K) of the in_proj and out_proj roles' tiles; num_warps and num_stages of the launch
-IN_TILE = (64, 128)
-OUT_TILE = (32, 128)
+IN_TILE = (32, 128)
+OUT_TILE = (16, 128)
 NUM_WARPS = 4
 NUM_STAGES = 3
+# the product roles' eviction hint for weight loads: the three row groups read a layer's weights in three
+# consecutive launches, with a third of the states streaming through L2 between them
+WEIGHT_EVICT = ""
 # register cap of the launch (None: Triton's choice): the state role's occupancy follows the product roles' needs
 MAXNREG = None
 
@@ -58,7 +61,7 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
                   K, N, n_part, inv_k, eps, d_ssm, conv_dim, a_b, ssr_b, w_n, o_b, r_b, r_c, r_w, cw_c, cw_w,
                   HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PART: tl.constexpr, DOT_F32: tl.constexpr,
-                  USE_PDL: tl.constexpr):
+                  W_EVICT: tl.constexpr, USE_PDL: tl.constexpr):
     """Stage I, output columns block j of [z, xBC, dt] for rows row0 .. row0 + rows: the norm's input a (the
     residual rounded to the norm weight's dtype, times that weight: what the O stage left) @ W_in^T, times the
     norm's rstd (from the O stage's partial sums), + bias; xBC columns then go through the conv step: this
@@ -90,7 +93,8 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < K
         a = tl.load(a_ptr + rws[:, None] * a_b + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * w_n + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * w_n + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0,
+                    eviction_policy=W_EVICT)
         if DOT_F32:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
         else:
@@ -109,7 +113,8 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
 @triton.jit
 def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr, ssr_ptr, K, N, n_gpart, inv_k,
                    eps, u_b, ssg_b, w_n, res_b, a_b, ssr_b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_GPART: tl.constexpr, DOT_F32: tl.constexpr, USE_PDL: tl.constexpr):
+                   BLOCK_K: tl.constexpr, BLOCK_GPART: tl.constexpr, DOT_F32: tl.constexpr, W_EVICT: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     """Stage O, residual columns block j: residual += rstd_gated * (u @ W_out^T), rstd_gated from the state
     stage's partial sums; then the next norm's input for these columns, a = residual (rounded to the norm weight's
     dtype) * the next norm's weight, and its partial sum of squares into slot j."""
@@ -128,7 +133,8 @@ def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr,
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < K
         a = tl.load(u_ptr + rws[:, None] * u_b + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * w_n + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * w_n + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0,
+                    eviction_policy=W_EVICT)
         if DOT_F32:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
         else:
@@ -168,7 +174,8 @@ def _pipeline_kernel(
     HAS_IN_BIAS: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, IN_N: tl.constexpr, IN_K: tl.constexpr, OUT_N: tl.constexpr,
     OUT_K: tl.constexpr, BLOCK_PART: tl.constexpr, BLOCK_GPART: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, EVICT: tl.constexpr, DOT_F32: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, EVICT: tl.constexpr, W_EVICT: tl.constexpr, DOT_F32: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # what a role reads before its wait (a state tile, the ring's older inputs, weights) is written by no launch
     # of this step, so the next launch may start at once (pdl.py)
@@ -178,11 +185,11 @@ def _pipeline_kernel(
         _in_proj_tile(pid, i_row0, i_rows, a_ptr, ssr_ptr, w_in_ptr, b_in_ptr, zx_ptr, ring_ptr, slot_ptr, cw_ptr,
                       cb_ptr, d_model, n_zx, n_res_part, inv_d_model, norm_eps, d_ssm, conv_dim, a_b, ssr_b, w_in_n,
                       zx_b, r_b, r_c, r_w, cw_c, cw_w, HAS_IN_BIAS, WIDTH, HAS_CONV_BIAS, BLOCK_M, IN_N, IN_K,
-                      BLOCK_PART, DOT_F32, USE_PDL)
+                      BLOCK_PART, DOT_F32, W_EVICT, USE_PDL)
     elif pid < n_in + n_out:
         _out_proj_tile(pid - n_in, o_row0, o_rows, u_ptr, ssg_ptr, w_out_ptr, res_ptr, nw_next_ptr, a_ptr, ssr_ptr,
                        d_ssm, d_model, n_g_part, inv_d_ssm, gnorm_eps, u_b, ssg_b, w_out_n, res_b, a_b, ssr_b,
-                       BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, USE_PDL)
+                       BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, W_EVICT, USE_PDL)
     else:
         q = pid - n_in - n_out
         slot = q % n_g_part  # = h * p_blocks + p_block: the tile's partial-sum slot in its row
@@ -297,6 +304,7 @@ def pipeline_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int
         BLOCK_M=block_m, IN_N=IN_N, IN_K=IN_K, OUT_N=OUT_N, OUT_K=OUT_K,
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
+        W_EVICT=WEIGHT_EVICT,
         DOT_F32=_INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **pdl_options(early=True),
         **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)),
     )
