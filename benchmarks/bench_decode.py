@@ -147,12 +147,7 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
                                            "decode_pipeline.WEIGHT_EVICT": "evict_last"}),
     "pipe3_el_o256": (dict(row_groups=3), {"decode_pipeline.OUT_TILE": (16, 256),
                                            "decode_pipeline.WEIGHT_EVICT": "evict_last"}),
-}),
-    "pipe3_t32_st8k": (dict(row_groups=3), {"decode_pipeline.IN_TILE": (32, 128),
-                                            "decode_pipeline.OUT_TILE": (16, 128),
-                                            "state_update.STATE_TILE": (8192, 4)}),
-    "pipe3_t32_r128": (dict(row_groups=3), {"decode_pipeline.IN_TILE": (32, 128),
-                                            "decode_pipeline.OUT_TILE": (16, 128), "decode_pipeline.MAXNREG": 128}),
+    "pipe3_r128": (dict(row_groups=3), {"decode_pipeline.MAXNREG": 128}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
 # below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours
