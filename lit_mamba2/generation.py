@@ -71,6 +71,11 @@ def pad_prompts(prompts: Prompts, device, pad_id: int = 0):
 # norms (fuse_linear) by default; measured on an H100 (BENCHMARKS.md, "Decoding").
 RING_CONV_BELOW = 16
 FUSE_LINEAR_BELOW = 8
+# Batch sizes (inclusive) at which Decoder steps pure Mamba-2 models as a pipeline of PIPELINE_GROUPS row groups by
+# default (lit_mamba2/row_pipeline.py): measured on an H100 at batch 64 (BENCHMARKS.md), with up to 32 rows per
+# group, the tile it was tuned with.
+PIPELINE_BATCHES = (64, 96)
+PIPELINE_GROUPS = 3
 
 
 class Decoder:
@@ -95,7 +100,13 @@ class Decoder:
     `fold_gated_norm` (default: wherever fuse_linear is off; True turns fuse_linear's default off) folds each
     Mamba-2 mixer's gated RMSNorm into its state kernel and the next residual add + norm (Mamba2Mixer.step: one
     launch less per layer and step, measured 1.4-2.8% less time per step at batch 64 and 7-13% at batch 8-16,
-    BENCHMARKS.md; layers where the fold cannot apply, e.g. norm groups > 1, keep the separate norm)."""
+    BENCHMARKS.md; layers where the fold cannot apply, e.g. norm groups > 1, keep the separate norm).
+
+    `row_groups` (default: PIPELINE_GROUPS for batch sizes in PIPELINE_BATCHES, on CUDA, for models whose every
+    layer is a Mamba-2 block whose gated norm folds; 0 = off) steps the batch as that many row groups in a
+    pipeline: three launches per layer, each running one group's state update beside the other groups' in_proj
+    and out_proj (lit_mamba2/row_pipeline.py, kernels/decode_pipeline.py; measured on an H100 at batch 64,
+    BENCHMARKS.md)."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
@@ -105,9 +116,17 @@ class Decoder:
         weight = model.lm_head.weight
         device = weight.device
         self.batch_size, self.max_len = batch_size, max_len
-        if row_groups is not None:  # the pipeline's state stage reads the conv state as a ring
-            if ring_conv is False or fuse_linear:
-                raise ValueError("Decoder: row_groups needs ring_conv and the unfused linears")
+        if row_groups is None:  # the default where it measured faster, if nothing asked otherwise
+            from lit_mamba2.row_pipeline import unsupported_reason
+
+            row_groups = (PIPELINE_GROUPS if PIPELINE_BATCHES[0] <= batch_size <= PIPELINE_BATCHES[1]
+                          and device.type == "cuda" and triton_available() and not compile and ring_conv is not False
+                          and not fuse_linear and fold_gated_norm is not False and unsupported_reason(model) is None
+                          else 0)
+        if row_groups:  # the pipeline's in_proj stage keeps the conv states as rings
+            if ring_conv is False or fuse_linear or fold_gated_norm is False or compile:
+                raise ValueError("Decoder: row_groups needs the ring conv, the unfused linears, the folded gated "
+                                 "norm and no compile")
             ring_conv, fuse_linear, fold_gated_norm = True, False, True
         if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
             ring_conv = batch_size < RING_CONV_BELOW
@@ -148,7 +167,7 @@ class Decoder:
         self.token = torch.zeros(batch_size, **zeros)
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.row_pipeline = None
-        if row_groups is not None:
+        if row_groups:
             from lit_mamba2.row_pipeline import RowPipeline
 
             self.row_pipeline = RowPipeline(model, self.states, self.pos.cache_pos, row_groups)

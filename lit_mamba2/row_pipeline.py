@@ -12,9 +12,9 @@ from .model import Mamba2LMHeadModel, Mamba2Mixer, Mamba2State
 STAGES = 3  # I (norm + in_proj), S (conv + state update), O (out_proj + residual): one launch each
 
 
-def unsupported_reason(model: Mamba2LMHeadModel, states: list) -> Optional[str]:
+def unsupported_reason(model: Mamba2LMHeadModel) -> Optional[str]:
     """Why the pipelined step cannot run this model (None when it can)."""
-    for i, (layer, state) in enumerate(zip(model.backbone.layers, states)):
+    for i, layer in enumerate(model.backbone.layers):
         m = layer.mixer
         if not isinstance(m, Mamba2Mixer):
             return f"layer {i} is an attention layer (the pipeline runs pure Mamba-2 models)"
@@ -23,8 +23,6 @@ def unsupported_reason(model: Mamba2LMHeadModel, states: list) -> Optional[str]:
         if not m.norm_commutes():
             return (f"layer {i}: the gated norm cannot fold (it needs one norm group with the gate before the "
                     f"norm, no channels beside the SSM and no out_proj bias)")
-        if not (isinstance(state, Mamba2State) and state.ring):
-            return f"layer {i}: the conv state must be a ring (Decoder(ring_conv=True))"
     return None
 
 
@@ -36,7 +34,9 @@ class RowPipeline:
     def __init__(self, model: Mamba2LMHeadModel, states: list, slot: torch.Tensor, groups: int = 3):
         from lit_mamba2.kernels.decode_pipeline import MixerWeights, PipelineBuffers
 
-        reason = unsupported_reason(model, states)
+        reason = unsupported_reason(model)
+        if reason is None and not all(isinstance(st, Mamba2State) and st.ring for st in states):
+            reason = "the conv states must be rings (Decoder(ring_conv=True))"
         if reason is not None:
             raise ValueError(f"row pipeline: {reason}")
         if not 1 <= groups <= STAGES:
