@@ -73,11 +73,12 @@ VARIANTS = {  # name: Decoder options (None: the Decoder's default)
     "ours_compiled": dict(fuse_linear=False, compile=True),
     "ours_no_pdl": dict(pdl=False),  # the Triton kernels without programmatic dependent launch
     "ours_no_gnfold": dict(fold_gated_norm=False),  # the gated norm as its own launch (not folded, batch >= 8)
+    "ours_no_pipe": dict(row_groups=0),  # batch 64-96: one launch per kernel for the whole batch, no row pipeline
 }
 # variants that equal the defaults (or make no sense) at a batch size: not timed there
 REDUNDANT = {"ours_ring": lambda b: b < 16, "ours_noring": lambda b: b >= 16,  # the ring is the default below 16
              "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8,
-             "ours_no_gnfold": lambda b: b < 8}  # below 8 the fused GEMVs carry the gated norm (no fold)
+             "ours_no_gnfold": lambda b: b < 8, "ours_no_pipe": lambda b: not 64 <= b <= 96}  # below 8 the fused GEMVs carry the gated norm (no fold)
 
 
 # ---------------------------------------------------------------------------------------------------------------
