@@ -150,7 +150,8 @@ def _compile_pdl_kernels_for_sm90():
     def compile_ptx(kernel, constexprs, ptr_types=(), use_pdl=True):
         ptr_types = dict(ptr_types)
         sig = {n: "constexpr" if n in constexprs else "*" + ptr_types.get(n, "bf16") if n.endswith("_ptr")
-               else "fp32" if n in ("eps", "dt_min", "dt_max", "inv_h_dim", "h_eps") else "i32" for n in kernel.arg_names}
+               else "fp32" if n in ("eps", "dt_min", "dt_max", "inv_h_dim", "h_eps", "norm_eps", "gnorm_eps",
+                                    "inv_d_model", "inv_d_ssm") else "i32" for n in kernel.arg_names}
         k = triton.compile(ASTSource(kernel, sig, constexprs=dict(constexprs, USE_PDL=use_pdl)),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, launch_pdl=True))
         return k.asm["ptx"]
@@ -190,6 +191,17 @@ def _compile_pdl_kernels_for_sm90():
     for name, ptx in early.items():
         assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 1, name
         assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait"), name
+    # the row pipeline's launch: released at its start, then one wait in each role's branch
+    from lit_mamba2.kernels import decode_pipeline as dp
+
+    ptx = compile_ptx(dp._pipeline_kernel, dict(
+        HAS_IN_BIAS=False, WIDTH=4, HAS_CONV_BIAS=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_M=32, IN_N=32,
+        IN_K=128, OUT_N=16, OUT_K=256, BLOCK_PART=64, BLOCK_GPART=64, BLOCK_P=32, BLOCK_N=128, EVICT="evict_first",
+        W_EVICT="evict_last", DOT_F32=False), {n: "fp32" for n in ("res_ptr", "ssr_ptr", "ssg_ptr", "A_log_ptr",
+                                                                   "D_ptr", "dtb_ptr")} | {"slot_ptr": "i64"},
+        use_pdl=2)
+    assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 3
+    assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
     print("compiled:", ", ".join(ptxs))
 
 
