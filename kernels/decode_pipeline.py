@@ -6,12 +6,14 @@ other kernel is latency-bound (2-5 µs each, whatever it computes), so the memor
 run and the SMs idle while the states stream (BENCHMARKS.md, "Decoding"). Rows are independent, so here the batch
 is split into up to three row groups and each group walks the layers in three stages:
 
-    I  in_proj of the RMSNorm of the residual (norm weight and rstd applied as the input tile loads; the rstd
-       from the partial sums of squares the previous O stage left)
-    S  conv (ring, kernels/state_update.mixer_tile) + SSM state update, the gated RMSNorm folded: u = y silu(z) w
-       and partial sums of squares of y silu(z)
-    O  out_proj of u, scaled by the gated norm's rstd, added to the residual in place, and the partial sums of
-       squares of the new residual (rounded as the next norm reads it) for the next I stage
+    I  in_proj of RMSNorm(residual): its input tile is a = residual * norm weight (left by the previous O
+       stage), the norm's rstd (from the O stage's partial sums of squares) scales the product afterwards; the
+       conv step + SiLU runs in its epilogue on the xBC columns (the conv states as rings: this token's input
+       goes to the oldest slot, which no one reads this step)
+    S  the SSM state update (state_update.state_tile_update), the gated RMSNorm folded: u = y silu(z) w and
+       partial sums of squares of y silu(z)
+    O  out_proj of u, scaled by the gated norm's rstd, added to the residual in place; then the next norm's input
+       a for its columns and their partial sums of squares (the residual rounded as that norm reads it)
 
 Launch t runs stage (t - g) mod 3 of layer (t - g) // 3 for each group g, so in the steady state every launch has
 one group in each role: the state programs of one group stream while the product programs of the other two run
@@ -20,11 +22,15 @@ beside them, in the same grid (roles by program id: I first, then O, then S), wi
 previous stage wrote one launch earlier. So a layer costs three launches, each about a third of the state stream,
 instead of a full state stream plus four latency-bound kernels.
 
-Rounding follows the unfused folded path (state_update.add_rmsnorm with hidden_rms): out_proj's product is rounded
-to the weight's dtype, then scaled by the gated norm's rstd and added to the residual (kept in its own dtype); the
-norm reads the residual rounded to its weight's dtype, and its output is rounded to the weight's dtype before
-in_proj. The partial sums add up in a fixed order (deterministic). Every role waits on the previous launch (PDL)
-before it reads activations; the state role loads its state tile and ring history before that wait.
+Rounding follows the unfused folded path (state_update.add_rmsnorm with hidden_rms) but for where the norm's rstd
+is applied: out_proj's product is rounded to the weight's dtype, then scaled by the gated norm's rstd and added to
+the residual (kept in its own dtype); the norm reads the residual rounded to its weight's dtype; in_proj multiplies
+(residual * weight) rounded to the weight's dtype and applies rstd to the float32 product (the unfused path rounds
+residual * rstd * weight). The partial sums add up in a fixed order (deterministic). Every role waits on the
+previous launch (PDL) before it reads activations; the state role loads its state tile, and in_proj its ring
+history, before that wait. Measured on an H100 (BENCHMARKS.md, decode run 19): 0.783 / 1.972 ms per step at batch
+64 for mamba2-130m / -370m against 0.896 / 2.158 for the unpipelined step; benchmarks/results/decode_run19_notes.md
+has the versions that lost and what each role costs.
 """
 
 from __future__ import annotations
@@ -61,6 +67,32 @@ MAXNREG = None
 
 
 @triton.jit
+def _rows_times_weight(a_ptr, a_b, rws, mask_m, w_ptr, w_n, offs_n, mask_n, K, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, W_EVICT: tl.constexpr):
+    """a[rws, :K] @ W[offs_n, :K]^T in float32, (BLOCK_M, BLOCK_N): W an nn.Linear weight (N, K), a in W's dtype."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mk = kk < K
+        a = tl.load(a_ptr + rws[:, None] * a_b + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * w_n + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0,
+                    eviction_policy=W_EVICT)
+        if DOT_F32:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+        else:
+            acc = tl.dot(a.to(w_ptr.dtype.element_ty), w, acc)
+    return acc
+
+
+@triton.jit
+def _row_partials(ss_ptr, ss_b, rws, mask_m, n_part, BLOCK_PART: tl.constexpr):
+    """The rows' partial sums of squares, (BLOCK_M, BLOCK_PART) float32 (zeros past n_part)."""
+    po = tl.arange(0, BLOCK_PART)
+    return tl.load(ss_ptr + rws[:, None] * ss_b + po[None, :], mask=mask_m[:, None] & (po < n_part)[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_ptr, slot_ptr, cw_ptr, cb_ptr,
                   K, N, n_part, inv_k, eps, d_ssm, conv_dim, a_b, ssr_b, w_n, o_b, r_b, r_c, r_w, cw_c, cw_w,
                   HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -89,20 +121,9 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
         conv += older * tl.load(cw_ptr + c * cw_c + k * cw_w, mask=is_conv, other=0.0).to(tl.float32)[None, :]
     w_last = tl.load(cw_ptr + c * cw_c + (WIDTH - 1) * cw_w, mask=is_conv, other=0.0).to(tl.float32)
     wait_and_release(USE_PDL)
-    po = tl.arange(0, BLOCK_PART)
-    part = tl.load(ssr_ptr + rws[:, None] * ssr_b + po[None, :], mask=mask_m[:, None] & (po < n_part)[None, :],
-                   other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        mk = kk < K
-        a = tl.load(a_ptr + rws[:, None] * a_b + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * w_n + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0,
-                    eviction_policy=W_EVICT)
-        if DOT_F32:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-        else:
-            acc = tl.dot(a, w, acc)
+    part = _row_partials(ssr_ptr, ssr_b, rws, mask_m, n_part, BLOCK_PART)  # (used after the product)
+    acc = _rows_times_weight(a_ptr, a_b, rws, mask_m, w_ptr, w_n, offs_n, mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                             DOT_F32, W_EVICT)
     acc *= (1.0 / tl.sqrt(tl.sum(part, axis=1) * inv_k + eps))[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -129,20 +150,9 @@ def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr,
     mask_n = offs_n < N
     nw = tl.load(nw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     wait_and_release(USE_PDL)
-    po = tl.arange(0, BLOCK_GPART)
-    part = tl.load(ssg_ptr + rws[:, None] * ssg_b + po[None, :], mask=mask_m[:, None] & (po < n_gpart)[None, :],
-                   other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        mk = kk < K
-        a = tl.load(u_ptr + rws[:, None] * u_b + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * w_n + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0,
-                    eviction_policy=W_EVICT)
-        if DOT_F32:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-        else:
-            acc = tl.dot(a.to(w_ptr.dtype.element_ty), w, acc)
+    part = _row_partials(ssg_ptr, ssg_b, rws, mask_m, n_gpart, BLOCK_GPART)  # (used after the product)
+    acc = _rows_times_weight(u_ptr, u_b, rws, mask_m, w_ptr, w_n, offs_n, mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                             DOT_F32, W_EVICT)
     mask = mask_m[:, None] & mask_n[None, :]
     rstd = 1.0 / tl.sqrt(tl.sum(part, axis=1) * inv_k + eps)
     out = acc.to(w_ptr.dtype.element_ty).to(tl.float32) * rstd[:, None]  # rounded as out_proj's output
