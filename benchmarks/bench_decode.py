@@ -149,15 +149,10 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "pipe3_el_o256": (dict(row_groups=3), {"decode_pipeline.OUT_TILE": (16, 256),
                                            "decode_pipeline.WEIGHT_EVICT": "evict_last"}),
     "pipe3_r128": (dict(row_groups=3), {"decode_pipeline.MAXNREG": 128}),
-    # the state role as programs walking tiles, the next one's loads in flight (per SM: 2, 3, 4 programs)
-    "ours_walk2": (dict(), {"decode_pipeline.STATE_WALK": 2}),
-    "ours_walk3": (dict(), {"decode_pipeline.STATE_WALK": 3}),
-    "ours_walk4": (dict(), {"decode_pipeline.STATE_WALK": 4}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
 # below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours
 REDUNDANT.update({k: (lambda b: b < 16) for k in BATCH_VARIANTS if k.startswith("ring_")})
-REDUNDANT.update({k: (lambda b: not 64 <= b <= 96) for k in BATCH_VARIANTS if k.startswith("ours_walk")})
 PATCHES = {**DEC1_VARIANTS, **{k: v[1] for k, v in BATCH_VARIANTS.items()}}
 
 

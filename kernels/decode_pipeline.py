@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .pdl import options as pdl_options, release_early, wait_and_release
 from . import state_update
-from .state_update import _gate_and_store, _softplus_and_decay, state_tile_update
+from .state_update import state_tile_update
 
 # the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): it gets float32 dot operands (the same
 # products: the operands are rounded to the weight's dtype first)
@@ -62,9 +62,6 @@ NUM_STAGES = 3
 # the product roles' eviction hint for weight loads: the three row groups read a layer's weights in three
 # consecutive launches, with a third of the states streaming through L2 between them
 WEIGHT_EVICT = "evict_last"
-# The state role: one program per tile (None), or STATE_WALK programs per SM, each walking tiles with the next
-# tile's loads (state and in_proj outputs) in flight while it computes one
-STATE_WALK = None
 # register cap of the launch (None: Triton's choice): the state role's occupancy follows the product roles' needs
 MAXNREG = None
 
@@ -175,77 +172,6 @@ def _next_norm_input(r, nw, rws, offs_n, j, mask, mask_m, nw_ptr, a_ptr, ssr_ptr
 
 
 @triton.jit
-def _walk_tile(t, n_tiles, s_row0, n_g_part, p_blocks, headdim, dstate, heads_per_group, BLOCK_P: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """Tile t of the state role: row, head, headdim block, group, offsets and masks (all off past the last)."""
-    b = s_row0 + t // n_g_part
-    slot = t % n_g_part
-    h = slot // p_blocks
-    offs_p = (slot % p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_p = (offs_p < headdim) & (offs_p * 0 + t < n_tiles)  # (tensors: the interpreter's masks must be)
-    mask_n = (offs_n < dstate) & (offs_n * 0 + t < n_tiles)
-    return b, slot, h, h // heads_per_group, offs_p, offs_n, mask_p, mask_n
-
-
-@triton.jit
-def _walk_loads(t, n_tiles, s_row0, n_g_part, p_blocks, state_ptr, zx_ptr, d_ssm, conv_dim, headdim, dstate,
-                heads_per_group, zx_b, s_b, s_h, s_p, s_n, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                EVICT: tl.constexpr):
-    """Tile t's state (its dtype) and this token's x, B, C, z (in_proj's outputs after the conv) and dt."""
-    b, slot, h, g, offs_p, offs_n, mask_p, mask_n = _walk_tile(t, n_tiles, s_row0, n_g_part, p_blocks, headdim,
-                                                               dstate, heads_per_group, BLOCK_P, BLOCK_N)
-    st = tl.load(state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n,
-                 mask=mask_p[:, None] & mask_n[None, :], other=0.0, eviction_policy=EVICT)
-    row = zx_ptr + tl.minimum(b, s_row0 + (n_tiles - 1) // n_g_part) * zx_b  # [z, x, B, C, dt]
-    x = tl.load(row + d_ssm + h * headdim + offs_p, mask=mask_p, other=0.0)
-    Bv = tl.load(row + 2 * d_ssm + g * dstate + offs_n, mask=mask_n, other=0.0)
-    Cv = tl.load(row + d_ssm + (conv_dim + d_ssm) // 2 + g * dstate + offs_n, mask=mask_n, other=0.0)
-    z = tl.load(row + h * headdim + offs_p, mask=mask_p, other=0.0)
-    dt = tl.load(row + d_ssm + conv_dim + tl.minimum(h, n_g_part // p_blocks - 1))
-    return st, x, Bv, Cv, z, dt
-
-
-@triton.jit
-def _state_walk(q, n_s, n_tiles, s_row0, n_g_part, state_ptr, zx_ptr, A_log_ptr, D_ptr, dtb_ptr, u_ptr, gnw_ptr,
-                ssg_ptr, d_ssm, conv_dim, headdim, dstate, heads_per_group, dt_min, dt_max, zx_b, u_b, ssg_b, s_b,
-                s_h, s_p, s_n, D_h, D_p, HAS_DT_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, EVICT: tl.constexpr, USE_PDL: tl.constexpr):
-    """Stage S as n_s programs, program q walking tiles q, q + n_s, ...: the next tile's loads are issued before
-    the current tile is computed (state_tile_update's arithmetic), so each program keeps two tiles in flight."""
-    p_blocks = tl.cdiv(headdim, BLOCK_P)
-    b, slot, h, g, offs_p, offs_n, mask_p, mask_n = _walk_tile(q, n_tiles, s_row0, n_g_part, p_blocks, headdim,
-                                                               dstate, heads_per_group, BLOCK_P, BLOCK_N)
-    st = tl.load(state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n,
-                 mask=mask_p[:, None] & mask_n[None, :], other=0.0, eviction_policy=EVICT)
-    wait_and_release(USE_PDL)  # the state tile above is the only load before it
-    _, x, Bv, Cv, z, dt = _walk_loads(q, n_tiles, s_row0, n_g_part, p_blocks, state_ptr, zx_ptr, d_ssm, conv_dim,
-                                      headdim, dstate, heads_per_group, zx_b, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N,
-                                      EVICT)
-    for t in range(q, n_tiles, n_s):
-        st_n, x_n, B_n, C_n, z_n, dt_n = _walk_loads(t + n_s, n_tiles, s_row0, n_g_part, p_blocks, state_ptr,
-                                                     zx_ptr, d_ssm, conv_dim, headdim, dstate, heads_per_group, zx_b,
-                                                     s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, EVICT)
-        b, slot, h, g, offs_p, offs_n, mask_p, mask_n = _walk_tile(t, n_tiles, s_row0, n_g_part, p_blocks,
-                                                                   headdim, dstate, heads_per_group, BLOCK_P,
-                                                                   BLOCK_N)
-        dtf = dt.to(tl.float32)
-        if HAS_DT_BIAS:
-            dtf += tl.load(dtb_ptr + h).to(tl.float32)
-        dtf, decay = _softplus_and_decay(dtf, -tl.exp(tl.load(A_log_ptr + h).to(tl.float32)), dt_min, dt_max, True,
-                                         HAS_LIMIT)
-        xf = x.to(tl.float32)
-        new = st.to(tl.float32) * decay + (xf * dtf)[:, None] * Bv.to(tl.float32)[None, :]
-        tl.store(state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n,
-                 new.to(state_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_n[None, :], eviction_policy=EVICT)
-        y = tl.sum(new * Cv.to(tl.float32)[None, :], axis=1)
-        y += xf * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-        _gate_and_store(y, z.to(tl.float32), u_ptr, b * u_b + h * headdim + offs_p, gnw_ptr, ssg_ptr + b * ssg_b,
-                        slot, h, headdim, offs_p, mask_p, True, True)
-        st, x, Bv, Cv, z, dt = st_n, x_n, B_n, C_n, z_n, dt_n
-
-
-@triton.jit
 def _pipeline_kernel(
     n_in, n_out,
     # stage I
@@ -253,7 +179,7 @@ def _pipeline_kernel(
     # stage O
     o_row0, o_rows, w_out_ptr, nw_next_ptr, gnorm_eps,
     # stage S
-    s_row0, s_tiles, state_ptr, A_log_ptr, D_ptr, dtb_ptr, gnw_ptr, dt_min, dt_max,
+    s_row0, state_ptr, A_log_ptr, D_ptr, dtb_ptr, gnw_ptr, dt_min, dt_max,
     # buffers shared by the stages
     res_ptr, a_ptr, ssr_ptr, zx_ptr, u_ptr, ssg_ptr,
     d_model, n_zx, d_ssm, conv_dim, nheads, headdim, dstate, heads_per_group, n_res_part, n_g_part, inv_d_model,
@@ -262,7 +188,7 @@ def _pipeline_kernel(
     HAS_IN_BIAS: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, IN_N: tl.constexpr, IN_K: tl.constexpr, OUT_N: tl.constexpr,
     OUT_K: tl.constexpr, BLOCK_PART: tl.constexpr, BLOCK_GPART: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, EVICT: tl.constexpr, W_EVICT: tl.constexpr, WALK: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, EVICT: tl.constexpr, W_EVICT: tl.constexpr, DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     # what a role reads before its wait (a state tile, the ring's older inputs, weights) is written by no launch
@@ -278,11 +204,6 @@ def _pipeline_kernel(
         _out_proj_tile(pid - n_in, o_row0, o_rows, u_ptr, ssg_ptr, w_out_ptr, res_ptr, nw_next_ptr, a_ptr, ssr_ptr,
                        d_ssm, d_model, n_g_part, inv_d_ssm, gnorm_eps, u_b, ssg_b, w_out_n, res_b, a_b, ssr_b,
                        BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, W_EVICT, USE_PDL)
-    elif WALK:
-        _state_walk(pid - n_in - n_out, tl.num_programs(0) - n_in - n_out, s_tiles, s_row0, n_g_part, state_ptr,
-                    zx_ptr, A_log_ptr, D_ptr, dtb_ptr, u_ptr, gnw_ptr, ssg_ptr, d_ssm, conv_dim, headdim, dstate,
-                    heads_per_group, dt_min, dt_max, zx_b, u_b, ssg_b, s_b, s_h, s_p, s_n, D_h, D_p, HAS_DT_BIAS,
-                    HAS_LIMIT, BLOCK_P, BLOCK_N, EVICT, USE_PDL)
     else:
         q = pid - n_in - n_out
         slot = q % n_g_part  # = h * p_blocks + p_block: the tile's partial-sum slot in its row
@@ -375,10 +296,7 @@ def pipeline_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int
                          f"channels)")
     n_in = triton.cdiv(n_zx, IN_N) if i_rows else 0
     n_out = triton.cdiv(d_model, OUT_N) if o_rows else 0
-    n_state = s_tiles = s_rows * n_g_part
-    if STATE_WALK and s_tiles:
-        sms = torch.cuda.get_device_properties(res.device).multi_processor_count if res.is_cuda else 2
-        n_state = min(s_tiles, STATE_WALK * sms)
+    n_state = s_rows * n_g_part
     D = sw.D
     D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
     dt_limit = tuple(sw.dt_limit)
@@ -387,7 +305,7 @@ def pipeline_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int
         i_row0, i_rows, iw.in_weight, iw.in_bias if iw.in_bias is not None else iw.in_weight, ring, slot,
         iw.conv_weight, iw.conv_bias if iw.conv_bias is not None else iw.conv_weight, float(iw.norm_eps),
         o_row0, o_rows, ow.out_weight, ow.next_norm_weight, float(ow.gnorm_eps),
-        s_row0, s_tiles, state, sw.A_log, D, sw.dt_bias if sw.dt_bias is not None else sw.A_log, sw.gnorm_weight,
+        s_row0, state, sw.A_log, D, sw.dt_bias if sw.dt_bias is not None else sw.A_log, sw.gnorm_weight,
         float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         res, bufs.norm_input, bufs.res_sumsq, zx, bufs.u, bufs.u_sumsq,
         d_model, n_zx, d_ssm, conv_dim, nheads, headdim, dstate, nheads // sw.ngroups, n_res_part, n_g_part,
@@ -400,7 +318,7 @@ def pipeline_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int
         BLOCK_M=block_m, IN_N=IN_N, IN_K=IN_K, OUT_N=OUT_N, OUT_K=OUT_K,
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
-        W_EVICT=WEIGHT_EVICT, WALK=bool(STATE_WALK),
+        W_EVICT=WEIGHT_EVICT,
         DOT_F32=_INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **pdl_options(early=True),
         **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)),
     )

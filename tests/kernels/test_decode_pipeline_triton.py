@@ -62,27 +62,18 @@ def decode(model, prompts, tokens, **options):
 REFERENCE = dict(ring_conv=False, fuse_linear=False, fold_gated_norm=False, row_groups=0)
 
 
-BOUNDARIES = {"d_state": 8, "D_has_hdim": True, "conv_bias": False, "dt_limit": (0.01, 0.5)}
-
-
-@pytest.mark.parametrize("dtype,residual_in_fp32,d_model,ssm,groups,batch,walk", [
-    (torch.float32, True, 64, {}, 3, 4, None),
+@pytest.mark.parametrize("dtype,residual_in_fp32,d_model,ssm,groups,batch", [
+    (torch.float32, True, 64, {}, 3, 4),
     # tiles straddle the z | xBC | dt and d_model boundaries (d_state 8, d_model 48), D per channel, no conv
     # bias, a dt limit, the residual in the model's dtype, uneven groups (2, 2, 1)
-    (torch.float32, False, 48, BOUNDARIES, 3, 5, None),
-    (torch.float32, True, 64, {}, 2, 3, None),
-    (torch.float32, True, 64, {}, 1, 2, None),
-    (torch.bfloat16, True, 64, {}, 3, 4, None),
-    # the state role as programs walking tiles (on CPU 2 "SMs": one or two programs walk all of a group's tiles)
-    (torch.float32, True, 64, {}, 3, 4, 1),
-    (torch.float32, False, 48, BOUNDARIES, 3, 5, 1),
+    (torch.float32, False, 48, {"d_state": 8, "D_has_hdim": True, "conv_bias": False, "dt_limit": (0.01, 0.5)},
+     3, 5),
+    (torch.float32, True, 64, {}, 2, 3),
+    (torch.float32, True, 64, {}, 1, 2),
+    (torch.bfloat16, True, 64, {}, 3, 4),
 ])
-def test_pipeline_step_equals_pytorch_step(dtype, residual_in_fp32, d_model, ssm, groups, batch, walk,
-                                           monkeypatch):
+def test_pipeline_step_equals_pytorch_step(dtype, residual_in_fp32, d_model, ssm, groups, batch):
     """Three steps of a left-padded batch, pipelined in `groups` row groups, against the eager PyTorch step."""
-    from lit_mamba2.kernels import decode_pipeline
-
-    monkeypatch.setattr(decode_pipeline, "STATE_WALK", walk)
     model = pipeline_model(dtype, residual_in_fp32, d_model, **ssm)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5], [9], [200, 100, 50, 25]][:batch]
     tokens = [torch.arange(batch) + t for t in (3, 40, 7)]
