@@ -1,5 +1,5 @@
-"""The decode step of a pure Mamba-2 model as a pipeline of row groups (kernels/decode_pipeline.py has the why):
-the schedule of stages over the model's layers, and the buffers they hand each other."""
+"""The decode step of a pure Mamba-2 model as a pipeline of row groups (kernels/decode_pipeline.py has the why and
+the kernel): which group runs which stage of which layer in each launch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from .model import Mamba2LMHeadModel, Mamba2Mixer, Mamba2State
 
-STAGES = 3  # I (norm + in_proj), S (conv + state update), O (out_proj + residual): one launch each
+STAGES = 3  # I (norm + in_proj + conv), S (state update), O (out_proj + residual): one launch each
 
 
 def unsupported_reason(model: Mamba2LMHeadModel) -> Optional[str]:
