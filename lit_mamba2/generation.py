@@ -182,13 +182,18 @@ class Decoder:
 
             context = launching()
         with context:
-            if self.row_pipeline is not None:
+            if self.row_pipeline is not None and self._pipeline_on_triton():
                 logits = self.row_pipeline.step(self.token)
             else:
                 logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear,
                                          fold_gated_norm=self.fold_gated_norm)
         self._advancing.add_(1)  # = self.pos.advance()
         return logits
+
+    def _pipeline_on_triton(self) -> bool:
+        """The row pipeline runs Triton kernels: where a mixer is set to PyTorch (model.set_impl("torch")), the
+        ordinary step runs instead (it reads the same states)."""
+        return all(layer.mixer.can_fold_norm(self.token) for layer in self.model.backbone.layers)
 
     def capture(self):
         """Warm up (compiles the kernels) on a side stream, then capture one step. The states it scribbles on are

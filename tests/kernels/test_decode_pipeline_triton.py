@@ -118,3 +118,30 @@ def test_pipeline_refuses_models_it_cannot_run():
         Decoder(model, 4, 8, cuda_graph=False, row_groups=3, ring_conv=False)
     with pytest.raises(ValueError, match="groups must be"):
         Decoder(model, 4, 8, cuda_graph=False, row_groups=4)
+
+
+def test_pipeline_decoder_follows_a_pytorch_impl(monkeypatch):
+    """A Decoder built with row groups whose model is set to PyTorch steps through the PyTorch path (the same ring
+    states; no pipeline launch), equal to the reference decoder's steps."""
+    from lit_mamba2.generation import Decoder, pad_prompts
+    from lit_mamba2.kernels import decode_pipeline
+
+    model = pipeline_model(torch.float32)
+    prompts = [[5, 6, 7], [10, 11], [3]]
+    tokens = [torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])]
+    ref = decode(model, prompts, tokens, **REFERENCE)
+    ids, seq_idx, lengths, pads = pad_prompts(prompts, DEVICE)
+
+    def launched(*args, **kwargs):
+        raise AssertionError("the pipeline launched under impl='torch'")
+
+    monkeypatch.setattr(decode_pipeline, "pipeline_stage", launched)
+    monkeypatch.setattr(decode_pipeline, "embed_rows", launched)
+    with torch.no_grad():
+        model.set_impl("torch")
+        dec = Decoder(model, 3, 16, cuda_graph=False, row_groups=3)
+        dec.prefill(ids, seq_idx, lengths, pads)
+        got = [dec.step(t.to(DEVICE)).float() for t in tokens]
+    model.set_impl(None)
+    for g, r in zip(got, ref):
+        assert rel(g, r) < 1e-5
