@@ -255,15 +255,17 @@ def stream(model: Mamba2LMHeadModel, prompts: Prompts, max_new_tokens: int, temp
            top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
            generator: Optional[torch.Generator] = None, pad_id: int = 0, cuda_graph: Optional[bool] = None,
            decoder: Optional[Decoder] = None, state_dtype: Optional[torch.dtype] = None,
-           pdl: bool = True) -> Iterator[torch.Tensor]:
+           pdl: bool = True, row_groups: Optional[int] = None) -> Iterator[torch.Tensor]:
     """Yields each new token (batch,) as it is sampled. prompts: (batch, L) ids, or a list of prompts of any
     lengths (left-padded here). Rows that produced a stop token yield pad_id afterwards; generation ends when every
-    row has stopped or after max_new_tokens. cuda_graph, state_dtype, pdl: the Decoder's (ignored with `decoder`)."""
+    row has stopped or after max_new_tokens. cuda_graph, state_dtype, pdl, row_groups: the Decoder's (ignored with
+    `decoder`)."""
     device = model.lm_head.weight.device
     ids, seq_idx, lengths, pads = pad_prompts(prompts, device, pad_id)
     b, L = ids.shape
     if decoder is None:
-        decoder = Decoder(model, b, L + max_new_tokens, cuda_graph, state_dtype=state_dtype, pdl=pdl)
+        decoder = Decoder(model, b, L + max_new_tokens, cuda_graph, state_dtype=state_dtype, pdl=pdl,
+                          row_groups=row_groups)
     logits = decoder.prefill(ids, seq_idx, lengths, pads)
     vocab = model.config.vocab_size
     stops = torch.tensor(list(stop_tokens), device=device, dtype=torch.long)
@@ -340,6 +342,9 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
                              "(float32: closer to exact over long outputs, slower at large batch)")
     parser.add_argument("--no-pdl", action="store_true",
                         help="launch the decode kernels without programmatic dependent launch (Hopper and later)")
+    parser.add_argument("--row-groups", type=int, choices=[0, 1, 2, 3], default=None,
+                        help="step the batch as that many row groups in a pipeline (pure Mamba-2 models, Triton); "
+                             "default: 3 at batch 64-96 on CUDA, else 0 (off)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
@@ -370,6 +375,12 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
                 stops.append(enc[0])
     if args.stop is None and getattr(tok, "eos_token_id", None) is not None:
         stops.append(int(tok.eos_token_id))
+    if args.row_groups:
+        from lit_mamba2.row_pipeline import unsupported_reason
+
+        reason = unsupported_reason(model)
+        if reason is not None:
+            parser.exit(2, f"lit-mamba2 generate: error: --row-groups: {reason}\n")
     prompts = [tok.encode(p, add_special_tokens=False) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):
         parser.error("every --prompt must encode to at least one token")
@@ -385,7 +396,8 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     for token in stream(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, stop_tokens=stops, generator=generator,
                         cuda_graph=False if args.no_cuda_graph else None,
-                        state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None, pdl=not args.no_pdl):
+                        state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None, pdl=not args.no_pdl,
+                        row_groups=args.row_groups):
         for r, t in zip(rows, token.tolist()):
             if not (r and r[-1] in stops):
                 r.append(t)

@@ -132,3 +132,7 @@ def test_generate_main_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate_main(["--checkpoint", str(tmp_path / "absent"), "--prompt", "w1"])
     assert "not a checkpoint folder" in capsys.readouterr().err
+    # the row pipeline asked for on a model it cannot run (two norm groups): a clear error, not a traceback
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--checkpoint", str(tmp_path), "--prompt", "w1", "--row-groups", "3"])
+    assert e.value.code == 2 and "--row-groups: layer 0: the gated norm cannot fold" in capsys.readouterr().err
