@@ -78,7 +78,8 @@ VARIANTS = {  # name: Decoder options (None: the Decoder's default)
 # variants that equal the defaults (or make no sense) at a batch size: not timed there
 REDUNDANT = {"ours_ring": lambda b: b < 16, "ours_noring": lambda b: b >= 16,  # the ring is the default below 16
              "ours_fused_linear": lambda b: b < 8, "ours_cublas": lambda b: b >= 8,
-             "ours_no_gnfold": lambda b: b < 8, "ours_no_pipe": lambda b: not 64 <= b <= 96}  # below 8 the fused GEMVs carry the gated norm (no fold)
+             "ours_no_gnfold": lambda b: b < 8,  # below 8 the fused GEMVs carry the gated norm (no fold)
+             "ours_no_pipe": lambda b: not 64 <= b <= 96}  # the row pipeline's default batch sizes
 
 
 # ---------------------------------------------------------------------------------------------------------------
