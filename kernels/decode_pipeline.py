@@ -244,8 +244,8 @@ class PipelineBuffers:
 
 
 def _block_p(headdim, dstate):
-    elements = state_update.STATE_TILE[0]  # (read at call time: benchmarks patch it)
-    return max(1, min(triton.next_power_of_2(headdim), max(16, elements // triton.next_power_of_2(dstate))))
+    # (state_update.STATE_TILE read at call time: benchmarks patch it)
+    return state_update.state_block_p(headdim, dstate, state_update.STATE_TILE[0])
 
 
 @dataclass
@@ -270,12 +270,13 @@ class MixerWeights:
     next_norm_weight: torch.Tensor
 
 
-def pipeline_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int, block_m: int,
-                   in_role, out_role, state_role):
-    """One launch: in_role = (row0, rows, MixerWeights, conv ring (batch, conv_dim, width), slot (0-dim int64: the
-    ring slot of this token)) runs stage I on those rows, out_role = (row0, rows, MixerWeights) stage O,
-    state_role = (row0, rows, MixerWeights, ssm_state (batch, nheads, headdim, dstate)) stage S. A role with 0 rows
-    has no programs (its tensors still set the launch's dtypes, so give a real layer's)."""
+def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int, block_m: int,
+                  in_role, out_role, state_role):
+    """The arguments of one launch, checked once here so that launch_stage does nothing else. in_role = (row0,
+    rows, MixerWeights, conv ring (batch, conv_dim, width), slot (0-dim int64: the ring slot of this token)) runs
+    stage I on those rows, out_role = (row0, rows, MixerWeights) stage O, state_role = (row0, rows, MixerWeights,
+    ssm_state (batch, nheads, headdim, dstate)) stage S. A role with 0 rows has no programs (its tensors still set
+    the launch's dtypes, so give a real layer's)."""
     res, zx = bufs.residual, bufs.zx
     batch, d_model = res.shape
     d_ssm = nheads * headdim
@@ -288,10 +289,10 @@ def pipeline_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int
     s_row0, s_rows, sw, state = state_role
     for row0, rows in ((i_row0, i_rows), (o_row0, o_rows), (s_row0, s_rows)):
         if rows > block_m or row0 + rows > batch:
-            raise ValueError(f"pipeline_stage: rows {row0}..{row0 + rows} do not fit (batch {batch}, tile {block_m})")
+            raise ValueError(f"prepare_stage: rows {row0}..{row0 + rows} do not fit (batch {batch}, tile {block_m})")
     conv_dim = n_zx - d_ssm - nheads
     if state.shape != (batch, nheads, headdim, dstate) or ring.shape[:2] != (batch, conv_dim):
-        raise ValueError(f"pipeline_stage: state {tuple(state.shape)} / ring {tuple(ring.shape)} disagree with "
+        raise ValueError(f"prepare_stage: state {tuple(state.shape)} / ring {tuple(ring.shape)} disagree with "
                          f"the buffers (batch {batch}, {nheads} heads x {headdim} x {dstate}, {conv_dim} conv "
                          f"channels)")
     n_in = triton.cdiv(n_zx, IN_N) if i_rows else 0
@@ -300,7 +301,7 @@ def pipeline_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int
     D = sw.D
     D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
     dt_limit = tuple(sw.dt_limit)
-    _pipeline_kernel[(n_in + n_out + n_state,)](
+    args = (
         n_in, n_out,
         i_row0, i_rows, iw.in_weight, iw.in_bias if iw.in_bias is not None else iw.in_weight, ring, slot,
         iw.conv_weight, iw.conv_bias if iw.conv_bias is not None else iw.conv_weight, float(iw.norm_eps),
@@ -312,16 +313,23 @@ def pipeline_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int
         1.0 / d_model, 1.0 / d_ssm,
         res.stride(0), bufs.norm_input.stride(0), bufs.res_sumsq.stride(0), zx.stride(0), bufs.u.stride(0),
         bufs.u_sumsq.stride(0), iw.in_weight.stride(0), ow.out_weight.stride(0), *state.stride(), *ring.stride(),
-        *iw.conv_weight.stride(), D_h, D_p,
+        *iw.conv_weight.stride(), D_h, D_p)
+    constexprs = dict(
         HAS_IN_BIAS=iw.in_bias is not None, WIDTH=iw.conv_weight.shape[1], HAS_CONV_BIAS=iw.conv_bias is not None,
         HAS_DT_BIAS=sw.dt_bias is not None, HAS_LIMIT=dt_limit != (0.0, float("inf")),
         BLOCK_M=block_m, IN_N=IN_N, IN_K=IN_K, OUT_N=OUT_N, OUT_K=OUT_K,
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
         W_EVICT=WEIGHT_EVICT,
-        DOT_F32=_INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **pdl_options(early=True),
-        **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)),
-    )
+        DOT_F32=_INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)))
+    return (n_in + n_out + n_state,), args, constexprs
+
+
+def launch_stage(stage):
+    """Launch a prepare_stage result (with PDL where kernels/pdl.py's launching() has it on)."""
+    grid, args, constexprs = stage
+    _pipeline_kernel[grid](*args, **constexprs, **pdl_options(early=True))
 
 
 @triton.jit

@@ -49,12 +49,14 @@ STATE_EVICT = "evict_first"
 CONV_TILE = (256, 4)
 
 
+def state_block_p(p, n, elements):
+    """Headdim rows per state tile of about `elements` values (all of dstate in each row)."""
+    return max(1, min(triton.next_power_of_2(p), max(16, elements // triton.next_power_of_2(n))))
+
+
 def _state_tiles(b, p, n, block_p=None, num_warps=None):
-    BLOCK_N = triton.next_power_of_2(n)
     elements, warps = STATE_TILE_SMALL_BATCH if b < 16 else STATE_TILE
-    if block_p is None:
-        block_p = max(1, min(triton.next_power_of_2(p), max(16, elements // BLOCK_N)))
-    return BLOCK_N, block_p, num_warps or warps
+    return triton.next_power_of_2(n), block_p or state_block_p(p, n, elements), num_warps or warps
 
 
 @triton.jit

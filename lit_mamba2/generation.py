@@ -116,15 +116,15 @@ class Decoder:
         weight = model.lm_head.weight
         device = weight.device
         self.batch_size, self.max_len = batch_size, max_len
+        conflict = ring_conv is False or fuse_linear or fold_gated_norm is False or compile  # with the pipeline
         if row_groups is None:  # the default where it measured faster, if nothing asked otherwise
             from lit_mamba2.row_pipeline import unsupported_reason
 
             row_groups = (PIPELINE_GROUPS if PIPELINE_BATCHES[0] <= batch_size <= PIPELINE_BATCHES[1]
-                          and device.type == "cuda" and triton_available() and not compile and ring_conv is not False
-                          and not fuse_linear and fold_gated_norm is not False and unsupported_reason(model) is None
-                          else 0)
+                          and device.type == "cuda" and triton_available() and not conflict
+                          and unsupported_reason(model) is None else 0)
         if row_groups:  # the pipeline's in_proj stage keeps the conv states as rings
-            if ring_conv is False or fuse_linear or fold_gated_norm is False or compile:
+            if conflict:
                 raise ValueError("Decoder: row_groups needs the ring conv, the unfused linears, the folded gated "
                                  "norm and no compile")
             ring_conv, fuse_linear, fold_gated_norm = True, False, True

@@ -32,7 +32,7 @@ class RowPipeline:
     `step` writes through fixed buffers and launches only, so a CUDA graph can capture it."""
 
     def __init__(self, model: Mamba2LMHeadModel, states: list, slot: torch.Tensor, groups: int = 3):
-        from lit_mamba2.kernels.decode_pipeline import MixerWeights, PipelineBuffers
+        from lit_mamba2.kernels.decode_pipeline import MixerWeights, PipelineBuffers, prepare_stage
 
         reason = unsupported_reason(model)
         if reason is None and not all(isinstance(st, Mamba2State) and st.ring for st in states):
@@ -46,7 +46,6 @@ class RowPipeline:
         m0 = layers[0].mixer
         batch = states[0].ssm.shape[0]
         groups = min(groups, batch)
-        self.nheads, self.headdim, self.dstate = m0.nheads, m0.headdim, m0.d_state
         weight = model.lm_head.weight
         self.residual_dtype = torch.float32 if model.config.residual_in_fp32 else weight.dtype
         self.bufs = PipelineBuffers.allocate(batch, m0.d_model, m0.d_ssm, m0.in_proj.out_features, m0.nheads,
@@ -62,9 +61,9 @@ class RowPipeline:
         base, extra = divmod(batch, groups)
         sizes = [base + (g < extra) for g in range(groups)]
         starts = [sum(sizes[:g]) for g in range(groups)]
-        self.block_m = max(16, 1 << (max(sizes) - 1).bit_length())
+        block_m = max(16, 1 << (max(sizes) - 1).bit_length())
         first, st = mixer_weights[0], states[0]
-        self.launches = []
+        self.stages = []
         for t in range(STAGES * len(layers) + groups - 1):
             roles = [(0, 0, first, st.conv, slot), (0, 0, first, st.ssm), (0, 0, first)]  # I, S, O: idle
             for g in range(groups):
@@ -73,18 +72,19 @@ class RowPipeline:
                     i, stage = divmod(k, STAGES)
                     rows = (starts[g], sizes[g], mixer_weights[i])
                     roles[stage] = rows + ((states[i].conv, slot), (states[i].ssm,), ())[stage]
-            self.launches.append((roles[0], roles[2], roles[1]))
+            self.stages.append(prepare_stage(self.bufs, m0.nheads, m0.headdim, m0.d_state, block_m, roles[0],
+                                             roles[2], roles[1]))
         self.first_norm = layers[0].norm.weight
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token (batch,) -> logits (batch, padded_vocab); the states advance in place."""
-        from lit_mamba2.kernels.decode_pipeline import embed_rows, pipeline_stage
+        from lit_mamba2.kernels.decode_pipeline import embed_rows, launch_stage
         from lit_mamba2.kernels.state_update import add_rmsnorm
 
         bufs = self.bufs
         embed_rows(token, self.model.backbone.embedding.weight, self.first_norm, bufs)
-        for in_role, out_role, state_role in self.launches:
-            pipeline_stage(bufs, self.nheads, self.headdim, self.dstate, self.block_m, in_role, out_role, state_role)
+        for stage in self.stages:
+            launch_stage(stage)
         norm = self.model.backbone.norm_f
         normed = add_rmsnorm(bufs.residual, None, norm.weight, norm.eps, self.residual_dtype)[0]
         return self.model.lm_head(normed)

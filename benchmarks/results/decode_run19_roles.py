@@ -1,4 +1,6 @@
-"""Per-role times of the pipeline kernel at batch 64 (130m / 370m shapes), back-to-back launches of one stage."""
+"""Per-role times of the pipeline kernel at batch 64 (130m / 370m shapes), back-to-back launches of one stage.
+A run record: it ran against commit 1e49ba4, where RowPipeline.launches held each launch's role tuples and
+decode_pipeline.pipeline_stage launched them (now prepare_stage + launch_stage)."""
 import sys, json, torch, itertools
 from lit_mamba2 import Mamba2Config
 from lit_mamba2.generation import Decoder

@@ -135,7 +135,7 @@ def test_pipeline_decoder_follows_a_pytorch_impl(monkeypatch):
     def launched(*args, **kwargs):
         raise AssertionError("the pipeline launched under impl='torch'")
 
-    monkeypatch.setattr(decode_pipeline, "pipeline_stage", launched)
+    monkeypatch.setattr(decode_pipeline, "launch_stage", launched)
     monkeypatch.setattr(decode_pipeline, "embed_rows", launched)
     with torch.no_grad():
         model.set_impl("torch")
