@@ -154,6 +154,8 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "pipe3_grid": (dict(row_groups=3), {"decode_pipeline.SYNC": "grid", "decode_pipeline.ROLE_ORDER": "IOS"}),
     "pipe3_flags": (dict(row_groups=3), {"decode_pipeline.SYNC": "flags", "decode_pipeline.ROLE_ORDER": "SIO"}),
     "pipe3_flags_ios": (dict(row_groups=3), {"decode_pipeline.SYNC": "flags", "decode_pipeline.ROLE_ORDER": "IOS"}),
+    "pipe3_mixed": (dict(row_groups=3), {"decode_pipeline.SYNC": "mixed", "decode_pipeline.ROLE_ORDER": "IOS"}),
+    "pipe3_mixed_sio": (dict(row_groups=3), {"decode_pipeline.SYNC": "mixed", "decode_pipeline.ROLE_ORDER": "SIO"}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
 # below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours

@@ -69,6 +69,10 @@ MAXNREG = None
 # stage's programs wait on (acquire) until the group's earlier stages are all counted. With flags a launch waits
 # for no other group: the state programs of the next launch start streaming while this launch's tail still runs.
 SYNC = "grid"
+# "mixed": in_proj and the state update wait on counts (in_proj and out_proj count themselves), out_proj on the
+# previous launch (PDL): the many state programs then never fence, and each launch with an out_proj role still
+# completes after the one before it (so no join)
+SYNC_MODES = ("grid", "flags", "mixed")
 # Role order by program id (the order the GPU dispatches them): "IOS" products first, "SIO" states first
 ROLE_ORDER = "IOS"
 MAX_GROUPS = 3  # counts[MAX_GROUPS] counts waits that gave up (SPIN_LIMIT): a broken plan, never a hang
@@ -139,7 +143,8 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
                   cnt_ptr, group, expect,
                   HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PART: tl.constexpr, DOT_F32: tl.constexpr,
-                  W_EVICT: tl.constexpr, FLAGS: tl.constexpr, USE_PDL: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+                  W_EVICT: tl.constexpr, WAIT_FLAGS: tl.constexpr, SIGNAL: tl.constexpr, USE_PDL: tl.constexpr,
+                  SPIN_LIMIT: tl.constexpr):
     """Stage I, output columns block j of [z, xBC, dt] for rows row0 .. row0 + rows: the norm's input a (the
     residual rounded to the norm weight's dtype, times that weight: what the O stage left) @ W_in^T, times the
     norm's rstd (from the O stage's partial sums), + bias; xBC columns then go through the conv step: this
@@ -162,7 +167,7 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
         older = tl.load(ring + ((slot + 1 + k) % WIDTH) * r_w, mask=mc, other=0.0).to(tl.float32)
         conv += older * tl.load(cw_ptr + c * cw_c + k * cw_w, mask=is_conv, other=0.0).to(tl.float32)[None, :]
     w_last = tl.load(cw_ptr + c * cw_c + (WIDTH - 1) * cw_w, mask=is_conv, other=0.0).to(tl.float32)
-    _wait_inputs(cnt_ptr, group, expect, FLAGS, USE_PDL, SPIN_LIMIT)
+    _wait_inputs(cnt_ptr, group, expect, WAIT_FLAGS, USE_PDL, SPIN_LIMIT)
     part = _row_partials(ssr_ptr, ssr_b, rws, mask_m, n_part, BLOCK_PART)  # (used after the product)
     acc = _rows_times_weight(a_ptr, a_b, rws, mask_m, w_ptr, w_n, offs_n, mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
                              DOT_F32, W_EVICT)
@@ -175,14 +180,15 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
     conv = conv * tl.sigmoid(conv)
     out = tl.where(is_conv[None, :], conv.to(out_ptr.dtype.element_ty), raw)
     tl.store(out_ptr + rws[:, None] * o_b + offs_n[None, :], out, mask=mask_m[:, None] & mask_n[None, :])
-    _signal_done(cnt_ptr, group, FLAGS)
+    _signal_done(cnt_ptr, group, SIGNAL)
 
 
 @triton.jit
 def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr, ssr_ptr, K, N, n_gpart, inv_k,
                    eps, u_b, ssg_b, w_n, res_b, a_b, ssr_b, cnt_ptr, group, expect, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_GPART: tl.constexpr, DOT_F32: tl.constexpr,
-                   W_EVICT: tl.constexpr, FLAGS: tl.constexpr, USE_PDL: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+                   W_EVICT: tl.constexpr, WAIT_FLAGS: tl.constexpr, SIGNAL: tl.constexpr, USE_PDL: tl.constexpr,
+                   SPIN_LIMIT: tl.constexpr):
     """Stage O, residual columns block j: residual += rstd_gated * (u @ W_out^T), rstd_gated from the state
     stage's partial sums; then the next norm's input for these columns, a = residual (rounded to the norm weight's
     dtype) * the next norm's weight, and its partial sum of squares into slot j."""
@@ -192,7 +198,7 @@ def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr,
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     nw = tl.load(nw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    _wait_inputs(cnt_ptr, group, expect, FLAGS, USE_PDL, SPIN_LIMIT)
+    _wait_inputs(cnt_ptr, group, expect, WAIT_FLAGS, USE_PDL, SPIN_LIMIT)
     part = _row_partials(ssg_ptr, ssg_b, rws, mask_m, n_gpart, BLOCK_GPART)  # (used after the product)
     acc = _rows_times_weight(u_ptr, u_b, rws, mask_m, w_ptr, w_n, offs_n, mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
                              DOT_F32, W_EVICT)
@@ -203,7 +209,7 @@ def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr,
     r = (tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32) + out).to(res_ptr.dtype.element_ty)
     tl.store(r_ptrs, r, mask=mask)
     _next_norm_input(r, nw, rws, offs_n, j, mask, mask_m, nw_ptr, a_ptr, ssr_ptr, a_b, ssr_b)
-    _signal_done(cnt_ptr, group, FLAGS)
+    _signal_done(cnt_ptr, group, SIGNAL)
 
 
 @triton.jit
@@ -215,7 +221,13 @@ def _next_norm_input(r, nw, rws, offs_n, j, mask, mask_m, nw_ptr, a_ptr, ssr_ptr
     tl.store(a_ptr + rws[:, None] * a_b + offs_n[None, :], (rn * nw[None, :]).to(a_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# The launches differ in these numbers only: not specialised (on divisibility by 16), so that the step's launches
+# share a few compiled kernels
+_PER_LAUNCH = ["n_in", "n_out", "n_state", "i_row0", "i_rows", "o_row0", "o_rows", "s_row0", "i_group", "i_expect",
+               "o_group", "o_expect", "s_group", "s_expect", "total0", "total1", "total2"]
+
+
+@triton.jit(do_not_specialize=_PER_LAUNCH)
 def _pipeline_kernel(
     n_in, n_out, n_state,
     # stage I
@@ -235,27 +247,30 @@ def _pipeline_kernel(
     HAS_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, IN_N: tl.constexpr, IN_K: tl.constexpr, OUT_N: tl.constexpr,
     OUT_K: tl.constexpr, BLOCK_PART: tl.constexpr, BLOCK_GPART: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, EVICT: tl.constexpr, W_EVICT: tl.constexpr, DOT_F32: tl.constexpr,
-    FLAGS: tl.constexpr, STATES_FIRST: tl.constexpr, SPIN_LIMIT: tl.constexpr, USE_PDL: tl.constexpr,
+    SYNC_MODE: tl.constexpr, STATES_FIRST: tl.constexpr, SPIN_LIMIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # what a role reads before its wait (a state tile, the ring's older inputs, weights) is written by no launch
     # of this step, so the next launch may start at once (pdl.py)
     release_early(USE_PDL)
-    pid = tl.program_id(0)
-    q = pid - n_in - n_out  # the state role's program (ROLE_ORDER "IOS")
+    pid = tl.program_id(0)  # as in ROLE_ORDER "IOS": in_proj, out_proj, state, join
     if STATES_FIRST:
-        q = pid
-        pid -= n_state
-    if (pid >= 0) & (pid < n_in):
+        if pid < n_state:
+            pid += n_in + n_out
+        elif pid < n_state + n_in + n_out:
+            pid -= n_state
+    if pid < n_in:
         _in_proj_tile(pid, i_row0, i_rows, a_ptr, ssr_ptr, w_in_ptr, b_in_ptr, zx_ptr, ring_ptr, slot_ptr, cw_ptr,
                       cb_ptr, d_model, n_zx, n_res_part, inv_d_model, norm_eps, d_ssm, conv_dim, a_b, ssr_b, w_in_n,
                       zx_b, r_b, r_c, r_w, cw_c, cw_w, cnt_ptr, i_group, i_expect, HAS_IN_BIAS, WIDTH,
-                      HAS_CONV_BIAS, BLOCK_M, IN_N, IN_K, BLOCK_PART, DOT_F32, W_EVICT, FLAGS, USE_PDL, SPIN_LIMIT)
-    elif (pid >= n_in) & (pid < n_in + n_out):
+                      HAS_CONV_BIAS, BLOCK_M, IN_N, IN_K, BLOCK_PART, DOT_F32, W_EVICT, SYNC_MODE >= 1,
+                      SYNC_MODE >= 1, USE_PDL, SPIN_LIMIT)
+    elif pid < n_in + n_out:
         _out_proj_tile(pid - n_in, o_row0, o_rows, u_ptr, ssg_ptr, w_out_ptr, res_ptr, nw_next_ptr, a_ptr, ssr_ptr,
                        d_ssm, d_model, n_g_part, inv_d_ssm, gnorm_eps, u_b, ssg_b, w_out_n, res_b, a_b, ssr_b,
-                       cnt_ptr, o_group, o_expect, BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, W_EVICT, FLAGS,
-                       USE_PDL, SPIN_LIMIT)
-    elif (q >= 0) & (q < n_state):
+                       cnt_ptr, o_group, o_expect, BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, W_EVICT,
+                       SYNC_MODE == 1, SYNC_MODE >= 1, USE_PDL, SPIN_LIMIT)
+    elif pid < n_in + n_out + n_state:
+        q = pid - n_in - n_out
         slot = q % n_g_part  # = h * p_blocks + p_block: the tile's partial-sum slot in its row
         p_blocks = n_g_part // nheads
         xbc = zx_ptr + d_ssm  # zx rows hold [z, xBC (after the conv), dt]
@@ -264,14 +279,14 @@ def _pipeline_kernel(
         g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st = _state_tile(
             state_ptr, b, h, slot % p_blocks, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P,
             BLOCK_N, 0, EVICT)
-        _wait_inputs(cnt_ptr, s_group, s_expect, FLAGS, USE_PDL, SPIN_LIMIT)
+        _wait_inputs(cnt_ptr, s_group, s_expect, SYNC_MODE >= 1, USE_PDL, SPIN_LIMIT)
         state_tile_step(b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st, slot, state_ptr, xbc,
                         xbc + conv_dim, A_log_ptr, xbc + d_ssm, xbc + d_ssm + (conv_dim - d_ssm) // 2, D_ptr, zx_ptr,
                         dtb_ptr, u_ptr, gnw_ptr, ssg_ptr, headdim, dt_min, dt_max, zx_b, headdim, 1, zx_b, 1, zx_b,
                         dstate, 1, zx_b, dstate, 1, D_h, D_p, zx_b, headdim, 1, u_b, headdim, 1, ssg_b, True, True,
                         HAS_DT_BIAS, True, HAS_LIMIT, True, True, EVICT)
-        _signal_done(cnt_ptr, s_group, FLAGS)
-    elif FLAGS:
+        _signal_done(cnt_ptr, s_group, SYNC_MODE == 1)
+    elif SYNC_MODE == 1:
         # the join (last launch): the launch ends only once every group's last stage is done, so that the kernels
         # after the pipeline, which wait on this launch alone, see all of it
         _wait_count(cnt_ptr, 0, total0, SPIN_LIMIT)
@@ -332,6 +347,11 @@ class MixerWeights:
     next_norm_weight: torch.Tensor
 
 
+def counted_roles() -> str:
+    """The roles whose programs count themselves (I, O, S) under SYNC."""
+    return {"grid": "", "flags": "IOS", "mixed": "IO"}[SYNC]
+
+
 def role_programs(bufs: PipelineBuffers, i_rows: int, o_rows: int, s_rows: int):
     """Programs of each role (I, O, S) in a launch with those rows."""
     return (triton.cdiv(bufs.zx.shape[1], IN_TILE[0]) if i_rows else 0,
@@ -367,13 +387,13 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
                          f"the buffers (batch {batch}, {nheads} heads x {headdim} x {dstate}, {conv_dim} conv "
                          f"channels)")
     n_in, n_out, n_state = role_programs(bufs, i_rows, o_rows, s_rows)
-    flags = SYNC == "flags"
-    if SYNC not in ("flags", "grid") or ROLE_ORDER not in ("IOS", "SIO"):
+    flags = SYNC != "grid"
+    if SYNC not in SYNC_MODES or ROLE_ORDER not in ("IOS", "SIO"):
         raise ValueError(f"prepare_stage: SYNC {SYNC!r} / ROLE_ORDER {ROLE_ORDER!r} unknown")
     if flags and (counts is None or counts.dtype != torch.int32 or counts.numel() != MAX_GROUPS + 1):
-        raise ValueError(f"prepare_stage: SYNC 'flags' needs counts, an int32 tensor of {MAX_GROUPS + 1}")
+        raise ValueError(f"prepare_stage: SYNC {SYNC!r} needs counts, an int32 tensor of {MAX_GROUPS + 1}")
     join = tuple(join or ()) + (0,) * (MAX_GROUPS - len(join or ()))
-    n_join = 1 if flags and any(join) else 0
+    n_join = 1 if SYNC == "flags" and any(join) else 0
     D = sw.D
     D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
     dt_limit = tuple(sw.dt_limit)
@@ -397,7 +417,7 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         BLOCK_M=block_m, IN_N=IN_N, IN_K=IN_K, OUT_N=OUT_N, OUT_K=OUT_K,
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
-        W_EVICT=WEIGHT_EVICT, FLAGS=flags, STATES_FIRST=ROLE_ORDER == "SIO", SPIN_LIMIT=SPIN_LIMIT,
+        W_EVICT=WEIGHT_EVICT, SYNC_MODE=SYNC_MODES.index(SYNC), STATES_FIRST=ROLE_ORDER == "SIO", SPIN_LIMIT=SPIN_LIMIT,
         DOT_F32=_INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)))
     return (n_in + n_out + n_state + n_join,), args, constexprs

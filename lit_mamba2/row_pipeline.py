@@ -67,7 +67,7 @@ class RowPipeline:
         # SYNC "flags": a group's stage waits until its group has counted its embedding rows and every program of
         # its earlier stages (kernels/decode_pipeline.py)
         self.counts, self.row_group = None, None
-        if dp.SYNC == "flags":
+        if dp.SYNC != "grid":
             self.counts = torch.zeros(dp.MAX_GROUPS + 1, dtype=torch.int32, device=weight.device)
             self.row_group = torch.tensor([g for g in range(groups) for _ in range(sizes[g])], dtype=torch.int32,
                                           device=weight.device)
@@ -85,7 +85,8 @@ class RowPipeline:
                     roles[stage] = rows + ((states[i].conv, slot), (states[i].ssm,), ())[stage]
                     waits[stage] = (g, done[g])
                     n_in, n_out, n_state = role_programs(self.bufs, *(sizes[g] * (stage == s) for s in (0, 2, 1)))
-                    done[g] += n_in + n_out + n_state
+                    counted = dp.counted_roles()
+                    done[g] += n_in * ("I" in counted) + n_out * ("O" in counted) + n_state * ("S" in counted)
             join = done if t == launches - 1 else None
             self.stages.append(prepare_stage(self.bufs, m0.nheads, m0.headdim, m0.d_state, block_m, roles[0],
                                              roles[2], roles[1], self.counts, (waits[0], waits[2], waits[1]), join))

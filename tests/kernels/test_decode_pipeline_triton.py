@@ -72,11 +72,11 @@ REFERENCE = dict(ring_conv=False, fuse_linear=False, fold_gated_norm=False, row_
     (torch.float32, True, 64, {}, 1, 2),
     (torch.bfloat16, True, 64, {}, 3, 4),
 ])
-@pytest.mark.parametrize("sync,order", [("flags", "SIO"), ("grid", "IOS")])
+@pytest.mark.parametrize("sync,order", [("flags", "SIO"), ("grid", "IOS"), ("mixed", "IOS")])
 def test_pipeline_step_equals_pytorch_step(dtype, residual_in_fp32, d_model, ssm, groups, batch, sync, order,
                                            monkeypatch):
     """Three steps of a left-padded batch, pipelined in `groups` row groups, against the eager PyTorch step, with
-    the stages synchronised by group counts (states first) or by whole launches (products first)."""
+    the stages synchronised by group counts (states first), by whole launches (products first), or mixed."""
     from lit_mamba2.kernels import decode_pipeline
 
     monkeypatch.setattr(decode_pipeline, "SYNC", sync)
@@ -165,13 +165,13 @@ def _pipeline_decoder(model, prompts, groups):
     return dec
 
 
-@pytest.mark.parametrize("groups,batch", [(3, 5), (2, 4)])
-def test_pipeline_counts_every_program_once(groups, batch, monkeypatch):
-    """SYNC "flags": after a step each group's count is the plan's total, built from the launches' program counts
-    (each program counted exactly once, by one thread), and no wait gave up."""
+@pytest.mark.parametrize("groups,batch,sync", [(3, 5, "flags"), (2, 4, "flags"), (3, 4, "mixed")])
+def test_pipeline_counts_every_program_once(groups, batch, sync, monkeypatch):
+    """SYNC "flags" / "mixed": after a step each group's count is the plan's total, built from the launches'
+    program counts (each counted program counted exactly once, by one thread), and no wait gave up."""
     from lit_mamba2.kernels import decode_pipeline as dp
 
-    monkeypatch.setattr(dp, "SYNC", "flags")
+    monkeypatch.setattr(dp, "SYNC", sync)
     model = pipeline_model(torch.float32)
     with torch.no_grad():
         dec = _pipeline_decoder(model, [[5, 6, 7], [10, 11], [3], [4, 4], [9]][:batch], groups)
@@ -181,11 +181,12 @@ def test_pipeline_counts_every_program_once(groups, batch, monkeypatch):
             counts = pipe.counts.tolist()
             assert counts[:groups] == pipe.totals and counts[groups:] == [0] * (dp.MAX_GROUPS + 1 - groups)
     model.set_impl(None)
-    # the totals: each group's embedding rows, then per layer its in_proj tiles, state tiles and out_proj tiles
+    # the totals: each group's embedding rows, then per layer its in_proj tiles, out_proj tiles and (flags) state
+    # tiles
     n_layer, zx, d_model = len(model.backbone.layers), pipe.bufs.zx.shape[1], pipe.bufs.residual.shape[1]
     sizes = torch.bincount(pipe.row_group.cpu(), minlength=groups).tolist()
-    per_layer = [-(-zx // dp.IN_TILE[0]) + -(-d_model // dp.OUT_TILE[0]) + n * pipe.bufs.u_sumsq.shape[1]
-                 for n in sizes]
+    per_layer = [-(-zx // dp.IN_TILE[0]) + -(-d_model // dp.OUT_TILE[0])
+                 + (sync == "flags") * n * pipe.bufs.u_sumsq.shape[1] for n in sizes]
     assert pipe.totals == [n + n_layer * p for n, p in zip(sizes, per_layer)]
 
 
