@@ -150,12 +150,6 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "pipe3_el_o256": (dict(row_groups=3), {"decode_pipeline.OUT_TILE": (16, 256),
                                            "decode_pipeline.WEIGHT_EVICT": "evict_last"}),
     "pipe3_r128": (dict(row_groups=3), {"decode_pipeline.MAXNREG": 128}),
-    # session 9: stages synchronised by row-group counts (SYNC "flags") or by whole launches
-    "pipe3_grid": (dict(row_groups=3), {"decode_pipeline.SYNC": "grid", "decode_pipeline.ROLE_ORDER": "IOS"}),
-    "pipe3_flags": (dict(row_groups=3), {"decode_pipeline.SYNC": "flags", "decode_pipeline.ROLE_ORDER": "SIO"}),
-    "pipe3_flags_ios": (dict(row_groups=3), {"decode_pipeline.SYNC": "flags", "decode_pipeline.ROLE_ORDER": "IOS"}),
-    "pipe3_mixed": (dict(row_groups=3), {"decode_pipeline.SYNC": "mixed", "decode_pipeline.ROLE_ORDER": "IOS"}),
-    "pipe3_mixed_sio": (dict(row_groups=3), {"decode_pipeline.SYNC": "mixed", "decode_pipeline.ROLE_ORDER": "SIO"}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
 # below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours
@@ -324,13 +318,9 @@ def _ours(name, batch, args, variant):
             e = eager.step(token).float()
             errs.append(((g - e).norm() / e.norm()).item())
             token = e.argmax(-1)
-        pipe = dec.row_pipeline
-        # SYNC "flags": waits that gave up (a broken plan or a lost count: the step's result is wrong)
-        gave_up = pipe.counts[-1].item() if pipe is not None and pipe.counts is not None else None
     del model, dec, eager
     torch.cuda.empty_cache()
     return dict(step_ms=step_ms, gen_ms=gen_ms, capture_s=capture_s, max_rel_err_vs_torch=max(errs),
-                pipeline_waits_given_up=gave_up,
                 state_dtype=dec_flags["state_dtype"],
                 ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"], pdl=dec_flags["pdl"],
                 fold_gated_norm=dec_flags["gnfold"],

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .pdl import options as pdl_options, release_early, wait_and_release
 from . import state_update
-from .state_update import _state_tile, state_tile_step
+from .state_update import state_tile_update
 
 # the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): it gets float32 dot operands (the same
 # products: the operands are rounded to the weight's dtype first)
@@ -64,51 +64,6 @@ NUM_STAGES = 3
 WEIGHT_EVICT = "evict_last"
 # register cap of the launch (None: Triton's choice): the state role's occupancy follows the product roles' needs
 MAXNREG = None
-# How a stage waits for its group's previous stage: "grid", the PDL wait (the whole previous launch finished), or
-# "flags", a count per row group in global memory that each program bumps (release) once its writes are done and a
-# stage's programs wait on (acquire) until the group's earlier stages are all counted. With flags a launch waits
-# for no other group: the state programs of the next launch start streaming while this launch's tail still runs.
-SYNC = "grid"
-# "mixed": in_proj and the state update wait on counts (in_proj and out_proj count themselves), out_proj on the
-# previous launch (PDL): the many state programs then never fence, and each launch with an out_proj role still
-# completes after the one before it (so no join)
-SYNC_MODES = ("grid", "flags", "mixed")
-# Role order by program id (the order the GPU dispatches them): "IOS" products first, "SIO" states first
-ROLE_ORDER = "IOS"
-MAX_GROUPS = 3  # counts[MAX_GROUPS] counts waits that gave up (SPIN_LIMIT): a broken plan, never a hang
-SPIN_LIMIT = 1 << 24
-
-
-@triton.jit
-def _wait_count(cnt_ptr, group, expect, SPIN_LIMIT: tl.constexpr):
-    """Spin until counts[group] >= expect (acquire: the counted programs' writes are visible after it)."""
-    seen = tl.atomic_add(cnt_ptr + group, 0, sem="acquire", scope="gpu")
-    spins = 0
-    while (seen < expect) & (spins < SPIN_LIMIT):
-        seen = tl.atomic_add(cnt_ptr + group, 0, sem="acquire", scope="gpu")
-        spins += 1
-    if seen < expect:
-        tl.atomic_add(cnt_ptr + 3, 1)  # (MAX_GROUPS) the step is wrong: tests and benchmarks read this slot
-    tl.debug_barrier()
-
-
-@triton.jit
-def _wait_inputs(cnt_ptr, group, expect, FLAGS: tl.constexpr, USE_PDL: tl.constexpr, SPIN_LIMIT: tl.constexpr):
-    """Before a role reads what an earlier stage wrote: its group's count (FLAGS) or the previous grid (PDL)."""
-    if FLAGS:
-        _wait_count(cnt_ptr, group, expect, SPIN_LIMIT)
-        if USE_PDL == 1:
-            tl.extra.cuda.gdc_launch_dependents()
-    else:
-        wait_and_release(USE_PDL)
-
-
-@triton.jit
-def _signal_done(cnt_ptr, group, FLAGS: tl.constexpr):
-    """After a program's last write: count it in its group (release, after every thread's stores)."""
-    if FLAGS:
-        tl.debug_barrier()
-        tl.atomic_add(cnt_ptr + group, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -140,11 +95,9 @@ def _row_partials(ss_ptr, ss_b, rws, mask_m, n_part, BLOCK_PART: tl.constexpr):
 @triton.jit
 def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_ptr, slot_ptr, cw_ptr, cb_ptr,
                   K, N, n_part, inv_k, eps, d_ssm, conv_dim, a_b, ssr_b, w_n, o_b, r_b, r_c, r_w, cw_c, cw_w,
-                  cnt_ptr, group, expect,
                   HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PART: tl.constexpr, DOT_F32: tl.constexpr,
-                  W_EVICT: tl.constexpr, WAIT_FLAGS: tl.constexpr, SIGNAL: tl.constexpr, USE_PDL: tl.constexpr,
-                  SPIN_LIMIT: tl.constexpr):
+                  W_EVICT: tl.constexpr, USE_PDL: tl.constexpr):
     """Stage I, output columns block j of [z, xBC, dt] for rows row0 .. row0 + rows: the norm's input a (the
     residual rounded to the norm weight's dtype, times that weight: what the O stage left) @ W_in^T, times the
     norm's rstd (from the O stage's partial sums), + bias; xBC columns then go through the conv step: this
@@ -167,7 +120,7 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
         older = tl.load(ring + ((slot + 1 + k) % WIDTH) * r_w, mask=mc, other=0.0).to(tl.float32)
         conv += older * tl.load(cw_ptr + c * cw_c + k * cw_w, mask=is_conv, other=0.0).to(tl.float32)[None, :]
     w_last = tl.load(cw_ptr + c * cw_c + (WIDTH - 1) * cw_w, mask=is_conv, other=0.0).to(tl.float32)
-    _wait_inputs(cnt_ptr, group, expect, WAIT_FLAGS, USE_PDL, SPIN_LIMIT)
+    wait_and_release(USE_PDL)
     part = _row_partials(ssr_ptr, ssr_b, rws, mask_m, n_part, BLOCK_PART)  # (used after the product)
     acc = _rows_times_weight(a_ptr, a_b, rws, mask_m, w_ptr, w_n, offs_n, mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
                              DOT_F32, W_EVICT)
@@ -180,15 +133,13 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
     conv = conv * tl.sigmoid(conv)
     out = tl.where(is_conv[None, :], conv.to(out_ptr.dtype.element_ty), raw)
     tl.store(out_ptr + rws[:, None] * o_b + offs_n[None, :], out, mask=mask_m[:, None] & mask_n[None, :])
-    _signal_done(cnt_ptr, group, SIGNAL)
 
 
 @triton.jit
 def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr, ssr_ptr, K, N, n_gpart, inv_k,
-                   eps, u_b, ssg_b, w_n, res_b, a_b, ssr_b, cnt_ptr, group, expect, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_GPART: tl.constexpr, DOT_F32: tl.constexpr,
-                   W_EVICT: tl.constexpr, WAIT_FLAGS: tl.constexpr, SIGNAL: tl.constexpr, USE_PDL: tl.constexpr,
-                   SPIN_LIMIT: tl.constexpr):
+                   eps, u_b, ssg_b, w_n, res_b, a_b, ssr_b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_GPART: tl.constexpr, DOT_F32: tl.constexpr, W_EVICT: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     """Stage O, residual columns block j: residual += rstd_gated * (u @ W_out^T), rstd_gated from the state
     stage's partial sums; then the next norm's input for these columns, a = residual (rounded to the norm weight's
     dtype) * the next norm's weight, and its partial sum of squares into slot j."""
@@ -198,7 +149,7 @@ def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr,
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     nw = tl.load(nw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    _wait_inputs(cnt_ptr, group, expect, WAIT_FLAGS, USE_PDL, SPIN_LIMIT)
+    wait_and_release(USE_PDL)
     part = _row_partials(ssg_ptr, ssg_b, rws, mask_m, n_gpart, BLOCK_GPART)  # (used after the product)
     acc = _rows_times_weight(u_ptr, u_b, rws, mask_m, w_ptr, w_n, offs_n, mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
                              DOT_F32, W_EVICT)
@@ -209,7 +160,6 @@ def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr,
     r = (tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32) + out).to(res_ptr.dtype.element_ty)
     tl.store(r_ptrs, r, mask=mask)
     _next_norm_input(r, nw, rws, offs_n, j, mask, mask_m, nw_ptr, a_ptr, ssr_ptr, a_b, ssr_b)
-    _signal_done(cnt_ptr, group, SIGNAL)
 
 
 @triton.jit
@@ -221,15 +171,15 @@ def _next_norm_input(r, nw, rws, offs_n, j, mask, mask_m, nw_ptr, a_ptr, ssr_ptr
     tl.store(a_ptr + rws[:, None] * a_b + offs_n[None, :], (rn * nw[None, :]).to(a_ptr.dtype.element_ty), mask=mask)
 
 
-# The launches differ in these numbers only: not specialised (on divisibility by 16), so that the step's launches
-# share a few compiled kernels
-_PER_LAUNCH = ["n_in", "n_out", "n_state", "i_row0", "i_rows", "o_row0", "o_rows", "s_row0", "i_group", "i_expect",
-               "o_group", "o_expect", "s_group", "s_expect", "total0", "total1", "total2"]
+# The step's launches differ in these numbers only: not specialised (on divisibility by 16 or equality to 1), so
+# that they share a few compiled kernels. Measured on an H100 (session 9): capturing the batch-64 step took 1-4 s
+# instead of 22-28 s, same step time.
+_PER_LAUNCH = ["n_in", "n_out", "i_row0", "i_rows", "o_row0", "o_rows", "s_row0"]
 
 
 @triton.jit(do_not_specialize=_PER_LAUNCH)
 def _pipeline_kernel(
-    n_in, n_out, n_state,
+    n_in, n_out,
     # stage I
     i_row0, i_rows, w_in_ptr, b_in_ptr, ring_ptr, slot_ptr, cw_ptr, cb_ptr, norm_eps,
     # stage O
@@ -238,8 +188,6 @@ def _pipeline_kernel(
     s_row0, state_ptr, A_log_ptr, D_ptr, dtb_ptr, gnw_ptr, dt_min, dt_max,
     # buffers shared by the stages
     res_ptr, a_ptr, ssr_ptr, zx_ptr, u_ptr, ssg_ptr,
-    # SYNC = "flags": the counts, each role's group and the count it waits for; the join's totals per group
-    cnt_ptr, i_group, i_expect, o_group, o_expect, s_group, s_expect, total0, total1, total2,
     d_model, n_zx, d_ssm, conv_dim, nheads, headdim, dstate, heads_per_group, n_res_part, n_g_part, inv_d_model,
     inv_d_ssm,
     res_b, a_b, ssr_b, zx_b, u_b, ssg_b, w_in_n, w_out_n, s_b, s_h, s_p, s_n, r_b, r_c, r_w, cw_c, cw_w, D_h, D_p,
@@ -247,51 +195,32 @@ def _pipeline_kernel(
     HAS_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, IN_N: tl.constexpr, IN_K: tl.constexpr, OUT_N: tl.constexpr,
     OUT_K: tl.constexpr, BLOCK_PART: tl.constexpr, BLOCK_GPART: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, EVICT: tl.constexpr, W_EVICT: tl.constexpr, DOT_F32: tl.constexpr,
-    SYNC_MODE: tl.constexpr, STATES_FIRST: tl.constexpr, SPIN_LIMIT: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # what a role reads before its wait (a state tile, the ring's older inputs, weights) is written by no launch
     # of this step, so the next launch may start at once (pdl.py)
     release_early(USE_PDL)
-    pid = tl.program_id(0)  # as in ROLE_ORDER "IOS": in_proj, out_proj, state, join
-    if STATES_FIRST:
-        if pid < n_state:
-            pid += n_in + n_out
-        elif pid < n_state + n_in + n_out:
-            pid -= n_state
+    pid = tl.program_id(0)
     if pid < n_in:
         _in_proj_tile(pid, i_row0, i_rows, a_ptr, ssr_ptr, w_in_ptr, b_in_ptr, zx_ptr, ring_ptr, slot_ptr, cw_ptr,
                       cb_ptr, d_model, n_zx, n_res_part, inv_d_model, norm_eps, d_ssm, conv_dim, a_b, ssr_b, w_in_n,
-                      zx_b, r_b, r_c, r_w, cw_c, cw_w, cnt_ptr, i_group, i_expect, HAS_IN_BIAS, WIDTH,
-                      HAS_CONV_BIAS, BLOCK_M, IN_N, IN_K, BLOCK_PART, DOT_F32, W_EVICT, SYNC_MODE >= 1,
-                      SYNC_MODE >= 1, USE_PDL, SPIN_LIMIT)
+                      zx_b, r_b, r_c, r_w, cw_c, cw_w, HAS_IN_BIAS, WIDTH, HAS_CONV_BIAS, BLOCK_M, IN_N, IN_K,
+                      BLOCK_PART, DOT_F32, W_EVICT, USE_PDL)
     elif pid < n_in + n_out:
         _out_proj_tile(pid - n_in, o_row0, o_rows, u_ptr, ssg_ptr, w_out_ptr, res_ptr, nw_next_ptr, a_ptr, ssr_ptr,
                        d_ssm, d_model, n_g_part, inv_d_ssm, gnorm_eps, u_b, ssg_b, w_out_n, res_b, a_b, ssr_b,
-                       cnt_ptr, o_group, o_expect, BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, W_EVICT,
-                       SYNC_MODE == 1, SYNC_MODE >= 1, USE_PDL, SPIN_LIMIT)
-    elif pid < n_in + n_out + n_state:
+                       BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, W_EVICT, USE_PDL)
+    else:
         q = pid - n_in - n_out
         slot = q % n_g_part  # = h * p_blocks + p_block: the tile's partial-sum slot in its row
         p_blocks = n_g_part // nheads
         xbc = zx_ptr + d_ssm  # zx rows hold [z, xBC (after the conv), dt]
-        b = s_row0 + q // n_g_part
-        h = slot // p_blocks
-        g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st = _state_tile(
-            state_ptr, b, h, slot % p_blocks, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P,
-            BLOCK_N, 0, EVICT)
-        _wait_inputs(cnt_ptr, s_group, s_expect, SYNC_MODE >= 1, USE_PDL, SPIN_LIMIT)
-        state_tile_step(b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, st, slot, state_ptr, xbc,
-                        xbc + conv_dim, A_log_ptr, xbc + d_ssm, xbc + d_ssm + (conv_dim - d_ssm) // 2, D_ptr, zx_ptr,
-                        dtb_ptr, u_ptr, gnw_ptr, ssg_ptr, headdim, dt_min, dt_max, zx_b, headdim, 1, zx_b, 1, zx_b,
-                        dstate, 1, zx_b, dstate, 1, D_h, D_p, zx_b, headdim, 1, u_b, headdim, 1, ssg_b, True, True,
-                        HAS_DT_BIAS, True, HAS_LIMIT, True, True, EVICT)
-        _signal_done(cnt_ptr, s_group, SYNC_MODE == 1)
-    elif SYNC_MODE == 1:
-        # the join (last launch): the launch ends only once every group's last stage is done, so that the kernels
-        # after the pipeline, which wait on this launch alone, see all of it
-        _wait_count(cnt_ptr, 0, total0, SPIN_LIMIT)
-        _wait_count(cnt_ptr, 1, total1, SPIN_LIMIT)
-        _wait_count(cnt_ptr, 2, total2, SPIN_LIMIT)
+        state_tile_update(s_row0 + q // n_g_part, slot // p_blocks, slot % p_blocks, slot, state_ptr, xbc,
+                          xbc + conv_dim, A_log_ptr, xbc + d_ssm, xbc + d_ssm + (conv_dim - d_ssm) // 2, D_ptr,
+                          zx_ptr, dtb_ptr, u_ptr, gnw_ptr, ssg_ptr, headdim, dstate, heads_per_group, dt_min, dt_max,
+                          s_b, s_h, s_p, s_n, zx_b, headdim, 1, zx_b, 1, zx_b, dstate, 1, zx_b, dstate, 1, D_h, D_p,
+                          zx_b, headdim, 1, u_b, headdim, 1, ssg_b, True, True, HAS_DT_BIAS, True, HAS_LIMIT, True,
+                          True, BLOCK_P, BLOCK_N, USE_PDL, EVICT)
 
 
 @dataclass
@@ -347,27 +276,13 @@ class MixerWeights:
     next_norm_weight: torch.Tensor
 
 
-def counted_roles() -> str:
-    """The roles whose programs count themselves (I, O, S) under SYNC."""
-    return {"grid": "", "flags": "IOS", "mixed": "IO"}[SYNC]
-
-
-def role_programs(bufs: PipelineBuffers, i_rows: int, o_rows: int, s_rows: int):
-    """Programs of each role (I, O, S) in a launch with those rows."""
-    return (triton.cdiv(bufs.zx.shape[1], IN_TILE[0]) if i_rows else 0,
-            triton.cdiv(bufs.residual.shape[1], OUT_TILE[0]) if o_rows else 0, s_rows * bufs.u_sumsq.shape[1])
-
-
 def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int, block_m: int,
-                  in_role, out_role, state_role, counts=None, waits=((0, 0),) * 3, join=None):
+                  in_role, out_role, state_role):
     """The arguments of one launch, checked once here so that launch_stage does nothing else. in_role = (row0,
     rows, MixerWeights, conv ring (batch, conv_dim, width), slot (0-dim int64: the ring slot of this token)) runs
     stage I on those rows, out_role = (row0, rows, MixerWeights) stage O, state_role = (row0, rows, MixerWeights,
     ssm_state (batch, nheads, headdim, dstate)) stage S. A role with 0 rows has no programs (its tensors still set
-    the launch's dtypes, so give a real layer's).
-    counts (int32, MAX_GROUPS + 1), where SYNC is "flags": the row groups' counts of finished programs; waits =
-    ((group, count) for I, O, S): what each role waits for; join = the groups' final counts, in the last launch
-    only (an extra program that waits for all of them)."""
+    the launch's dtypes, so give a real layer's)."""
     res, zx = bufs.residual, bufs.zx
     batch, d_model = res.shape
     d_ssm = nheads * headdim
@@ -386,26 +301,20 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         raise ValueError(f"prepare_stage: state {tuple(state.shape)} / ring {tuple(ring.shape)} disagree with "
                          f"the buffers (batch {batch}, {nheads} heads x {headdim} x {dstate}, {conv_dim} conv "
                          f"channels)")
-    n_in, n_out, n_state = role_programs(bufs, i_rows, o_rows, s_rows)
-    flags = SYNC != "grid"
-    if SYNC not in SYNC_MODES or ROLE_ORDER not in ("IOS", "SIO"):
-        raise ValueError(f"prepare_stage: SYNC {SYNC!r} / ROLE_ORDER {ROLE_ORDER!r} unknown")
-    if flags and (counts is None or counts.dtype != torch.int32 or counts.numel() != MAX_GROUPS + 1):
-        raise ValueError(f"prepare_stage: SYNC {SYNC!r} needs counts, an int32 tensor of {MAX_GROUPS + 1}")
-    join = tuple(join or ()) + (0,) * (MAX_GROUPS - len(join or ()))
-    n_join = 1 if SYNC == "flags" and any(join) else 0
+    n_in = triton.cdiv(n_zx, IN_N) if i_rows else 0
+    n_out = triton.cdiv(d_model, OUT_N) if o_rows else 0
+    n_state = s_rows * n_g_part
     D = sw.D
     D_h, D_p = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
     dt_limit = tuple(sw.dt_limit)
     args = (
-        n_in, n_out, n_state,
+        n_in, n_out,
         i_row0, i_rows, iw.in_weight, iw.in_bias if iw.in_bias is not None else iw.in_weight, ring, slot,
         iw.conv_weight, iw.conv_bias if iw.conv_bias is not None else iw.conv_weight, float(iw.norm_eps),
         o_row0, o_rows, ow.out_weight, ow.next_norm_weight, float(ow.gnorm_eps),
         s_row0, state, sw.A_log, D, sw.dt_bias if sw.dt_bias is not None else sw.A_log, sw.gnorm_weight,
         float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         res, bufs.norm_input, bufs.res_sumsq, zx, bufs.u, bufs.u_sumsq,
-        counts if flags else res, *(v for role in waits for v in role), *join,
         d_model, n_zx, d_ssm, conv_dim, nheads, headdim, dstate, nheads // sw.ngroups, n_res_part, n_g_part,
         1.0 / d_model, 1.0 / d_ssm,
         res.stride(0), bufs.norm_input.stride(0), bufs.res_sumsq.stride(0), zx.stride(0), bufs.u.stride(0),
@@ -417,10 +326,10 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         BLOCK_M=block_m, IN_N=IN_N, IN_K=IN_K, OUT_N=OUT_N, OUT_K=OUT_K,
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
-        W_EVICT=WEIGHT_EVICT, SYNC_MODE=SYNC_MODES.index(SYNC), STATES_FIRST=ROLE_ORDER == "SIO", SPIN_LIMIT=SPIN_LIMIT,
+        W_EVICT=WEIGHT_EVICT,
         DOT_F32=_INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)))
-    return (n_in + n_out + n_state + n_join,), args, constexprs
+    return (n_in + n_out + n_state,), args, constexprs
 
 
 def launch_stage(stage):
@@ -430,12 +339,10 @@ def launch_stage(stage):
 
 
 @triton.jit
-def _embed_kernel(tok_ptr, emb_ptr, nw_ptr, res_ptr, a_ptr, ssr_ptr, cnt_ptr, group_ptr, d_model, n_part, emb_v,
-                  res_b, a_b, ssr_b, BLOCK: tl.constexpr, BLOCK_PART: tl.constexpr, FLAGS: tl.constexpr,
-                  USE_PDL: tl.constexpr):
+def _embed_kernel(tok_ptr, emb_ptr, nw_ptr, res_ptr, a_ptr, ssr_ptr, d_model, n_part, emb_v, res_b, a_b, ssr_b,
+                  BLOCK: tl.constexpr, BLOCK_PART: tl.constexpr, USE_PDL: tl.constexpr):
     """The first block's inputs: the residual (the token's embedding row, in the residual's dtype), the norm's
-    input a = residual * weight and its sum of squares in partial slot 0 (zeros in the others). FLAGS: each row
-    counts once in its group (group_ptr: the row's group)."""
+    input a = residual * weight and its sum of squares in partial slot 0 (zeros in the others)."""
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < d_model
@@ -448,19 +355,13 @@ def _embed_kernel(tok_ptr, emb_ptr, nw_ptr, res_ptr, a_ptr, ssr_ptr, cnt_ptr, gr
     tl.store(a_ptr + b * a_b + offs, (rn * nw).to(a_ptr.dtype.element_ty), mask=m)
     po = tl.arange(0, BLOCK_PART)
     tl.store(ssr_ptr + b * ssr_b + po, tl.where(po == 0, tl.sum(rn * rn, axis=0), 0.0), mask=po < n_part)
-    if FLAGS:
-        _signal_done(cnt_ptr, tl.load(group_ptr + b), FLAGS)
 
 
-def embed_rows(token: torch.Tensor, embedding: torch.Tensor, norm_weight: torch.Tensor, bufs: PipelineBuffers,
-               counts: Optional[torch.Tensor] = None, row_group: Optional[torch.Tensor] = None):
-    """The first I stage's inputs for token (batch,): bufs.residual = embedding[token], and the norm's input.
-    With counts (SYNC "flags"), each row is counted in its group, row_group (batch,) int32."""
+def embed_rows(token: torch.Tensor, embedding: torch.Tensor, norm_weight: torch.Tensor, bufs: PipelineBuffers):
+    """The first I stage's inputs for token (batch,): bufs.residual = embedding[token], and the norm's input."""
     batch, d_model = bufs.residual.shape
     n_part = bufs.res_sumsq.shape[1]
-    flags = counts is not None
-    _embed_kernel[(batch,)](token, embedding, norm_weight, bufs.residual, bufs.norm_input, bufs.res_sumsq,
-                            counts if flags else token, row_group if flags else token, d_model,
+    _embed_kernel[(batch,)](token, embedding, norm_weight, bufs.residual, bufs.norm_input, bufs.res_sumsq, d_model,
                             n_part, embedding.stride(0), bufs.residual.stride(0), bufs.norm_input.stride(0),
                             bufs.res_sumsq.stride(0), BLOCK=triton.next_power_of_2(d_model),
-                            BLOCK_PART=triton.next_power_of_2(n_part), FLAGS=flags, num_warps=4, **pdl_options())
+                            BLOCK_PART=triton.next_power_of_2(n_part), num_warps=4, **pdl_options())

@@ -149,22 +149,7 @@ def state_tile_update(
     g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, s = _state_tile(
         state_ptr, b, h, p_block, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, USE_PDL,
         EVICT)
-    state_tile_step(b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, s, ss_slot, state_ptr, x_ptr, dt_ptr,
-                    A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dt_min, dt_max,
-                    x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p,
-                    ss_b, HAS_D, HAS_Z, HAS_DT_BIAS, DT_SOFTPLUS, HAS_LIMIT, A_IS_LOG, FOLD_NORM, EVICT)
 
-
-@triton.jit
-def state_tile_step(
-    b, h, g, offs_p, offs_n, mask_p, mask_n, s_ptrs, mask, s, ss_slot, state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr,
-    D_ptr, z_ptr, dtb_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dt_min, dt_max,
-    x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p, ss_b,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, FOLD_NORM: tl.constexpr, EVICT: tl.constexpr,
-):
-    """The rest of a state program once its tile s (from _state_tile) is loaded and the step's inputs are ready:
-    the update, its store, the read-out y and the gated output."""
     dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
                               HAS_LIMIT, A_IS_LOG)
 

@@ -32,8 +32,7 @@ class RowPipeline:
     `step` writes through fixed buffers and launches only, so a CUDA graph can capture it."""
 
     def __init__(self, model: Mamba2LMHeadModel, states: list, slot: torch.Tensor, groups: int = 3):
-        from lit_mamba2.kernels import decode_pipeline as dp
-        from lit_mamba2.kernels.decode_pipeline import MixerWeights, PipelineBuffers, prepare_stage, role_programs
+        from lit_mamba2.kernels.decode_pipeline import MixerWeights, PipelineBuffers, prepare_stage
 
         reason = unsupported_reason(model)
         if reason is None and not all(isinstance(st, Mamba2State) and st.ring for st in states):
@@ -64,33 +63,17 @@ class RowPipeline:
         starts = [sum(sizes[:g]) for g in range(groups)]
         block_m = max(16, 1 << (max(sizes) - 1).bit_length())
         first, st = mixer_weights[0], states[0]
-        # SYNC "flags": a group's stage waits until its group has counted its embedding rows and every program of
-        # its earlier stages (kernels/decode_pipeline.py)
-        self.counts, self.row_group = None, None
-        if dp.SYNC != "grid":
-            self.counts = torch.zeros(dp.MAX_GROUPS + 1, dtype=torch.int32, device=weight.device)
-            self.row_group = torch.tensor([g for g in range(groups) for _ in range(sizes[g])], dtype=torch.int32,
-                                          device=weight.device)
-        done = list(sizes)  # per group: programs counted before the stage being planned
-        launches = STAGES * len(layers) + groups - 1
         self.stages = []
-        for t in range(launches):
+        for t in range(STAGES * len(layers) + groups - 1):
             roles = [(0, 0, first, st.conv, slot), (0, 0, first, st.ssm), (0, 0, first)]  # I, S, O: idle
-            waits = [(0, 0)] * STAGES
             for g in range(groups):
                 k = t - g
                 if 0 <= k < STAGES * len(layers):
                     i, stage = divmod(k, STAGES)
                     rows = (starts[g], sizes[g], mixer_weights[i])
                     roles[stage] = rows + ((states[i].conv, slot), (states[i].ssm,), ())[stage]
-                    waits[stage] = (g, done[g])
-                    n_in, n_out, n_state = role_programs(self.bufs, *(sizes[g] * (stage == s) for s in (0, 2, 1)))
-                    counted = dp.counted_roles()
-                    done[g] += n_in * ("I" in counted) + n_out * ("O" in counted) + n_state * ("S" in counted)
-            join = done if t == launches - 1 else None
             self.stages.append(prepare_stage(self.bufs, m0.nheads, m0.headdim, m0.d_state, block_m, roles[0],
-                                             roles[2], roles[1], self.counts, (waits[0], waits[2], waits[1]), join))
-        self.totals = done
+                                             roles[2], roles[1]))
         self.first_norm = layers[0].norm.weight
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -99,9 +82,7 @@ class RowPipeline:
         from lit_mamba2.kernels.state_update import add_rmsnorm
 
         bufs = self.bufs
-        if self.counts is not None:
-            self.counts.zero_()  # (a plain stream-ordered op: every earlier launch is done before it)
-        embed_rows(token, self.model.backbone.embedding.weight, self.first_norm, bufs, self.counts, self.row_group)
+        embed_rows(token, self.model.backbone.embedding.weight, self.first_norm, bufs)
         for stage in self.stages:
             launch_stage(stage)
         norm = self.model.backbone.norm_f

@@ -72,15 +72,8 @@ REFERENCE = dict(ring_conv=False, fuse_linear=False, fold_gated_norm=False, row_
     (torch.float32, True, 64, {}, 1, 2),
     (torch.bfloat16, True, 64, {}, 3, 4),
 ])
-@pytest.mark.parametrize("sync,order", [("flags", "SIO"), ("grid", "IOS"), ("mixed", "IOS")])
-def test_pipeline_step_equals_pytorch_step(dtype, residual_in_fp32, d_model, ssm, groups, batch, sync, order,
-                                           monkeypatch):
-    """Three steps of a left-padded batch, pipelined in `groups` row groups, against the eager PyTorch step, with
-    the stages synchronised by group counts (states first), by whole launches (products first), or mixed."""
-    from lit_mamba2.kernels import decode_pipeline
-
-    monkeypatch.setattr(decode_pipeline, "SYNC", sync)
-    monkeypatch.setattr(decode_pipeline, "ROLE_ORDER", order)
+def test_pipeline_step_equals_pytorch_step(dtype, residual_in_fp32, d_model, ssm, groups, batch):
+    """Three steps of a left-padded batch, pipelined in `groups` row groups, against the eager PyTorch step."""
     model = pipeline_model(dtype, residual_in_fp32, d_model, **ssm)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5], [9], [200, 100, 50, 25]][:batch]
     tokens = [torch.arange(batch) + t for t in (3, 40, 7)]
@@ -152,56 +145,3 @@ def test_pipeline_decoder_follows_a_pytorch_impl(monkeypatch):
     model.set_impl(None)
     for g, r in zip(got, ref):
         assert rel(g, r) < 1e-5
-
-
-def _pipeline_decoder(model, prompts, groups):
-    from lit_mamba2.generation import Decoder, pad_prompts
-
-    ids, seq_idx, lengths, pads = pad_prompts(prompts, DEVICE)
-    model.set_impl("torch")
-    dec = Decoder(model, len(prompts), 16, cuda_graph=False, row_groups=groups)
-    dec.prefill(ids, seq_idx, lengths, pads)
-    model.set_impl("triton")
-    return dec
-
-
-@pytest.mark.parametrize("groups,batch,sync", [(3, 5, "flags"), (2, 4, "flags"), (3, 4, "mixed")])
-def test_pipeline_counts_every_program_once(groups, batch, sync, monkeypatch):
-    """SYNC "flags" / "mixed": after a step each group's count is the plan's total, built from the launches'
-    program counts (each counted program counted exactly once, by one thread), and no wait gave up."""
-    from lit_mamba2.kernels import decode_pipeline as dp
-
-    monkeypatch.setattr(dp, "SYNC", sync)
-    model = pipeline_model(torch.float32)
-    with torch.no_grad():
-        dec = _pipeline_decoder(model, [[5, 6, 7], [10, 11], [3], [4, 4], [9]][:batch], groups)
-        pipe = dec.row_pipeline
-        for _ in range(2):  # the counts restart each step
-            dec.step(torch.arange(batch).to(DEVICE))
-            counts = pipe.counts.tolist()
-            assert counts[:groups] == pipe.totals and counts[groups:] == [0] * (dp.MAX_GROUPS + 1 - groups)
-    model.set_impl(None)
-    # the totals: each group's embedding rows, then per layer its in_proj tiles, out_proj tiles and (flags) state
-    # tiles
-    n_layer, zx, d_model = len(model.backbone.layers), pipe.bufs.zx.shape[1], pipe.bufs.residual.shape[1]
-    sizes = torch.bincount(pipe.row_group.cpu(), minlength=groups).tolist()
-    per_layer = [-(-zx // dp.IN_TILE[0]) + -(-d_model // dp.OUT_TILE[0])
-                 + (sync == "flags") * n * pipe.bufs.u_sumsq.shape[1] for n in sizes]
-    assert pipe.totals == [n + n_layer * p for n, p in zip(sizes, per_layer)]
-
-
-def test_pipeline_broken_plan_records_an_error_instead_of_hanging(monkeypatch):
-    """A stage whose count never comes (here: the embedding does not count its rows) gives up after SPIN_LIMIT
-    polls and counts the failure in counts[MAX_GROUPS], which tests and benchmarks check."""
-    from lit_mamba2.kernels import decode_pipeline as dp
-
-    monkeypatch.setattr(dp, "SYNC", "flags")
-    monkeypatch.setattr(dp, "SPIN_LIMIT", 4)
-    embed = dp.embed_rows
-    monkeypatch.setattr(dp, "embed_rows", lambda token, emb, nw, bufs, counts, row_group: embed(token, emb, nw, bufs))
-    model = pipeline_model(torch.float32)
-    with torch.no_grad():
-        dec = _pipeline_decoder(model, [[5, 6], [7], [8]], 3)
-        dec.step(torch.tensor([1, 2, 3]).to(DEVICE))
-    model.set_impl(None)
-    assert dec.row_pipeline.counts[dp.MAX_GROUPS].item() > 0
