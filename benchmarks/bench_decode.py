@@ -150,6 +150,11 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "pipe3_el_o256": (dict(row_groups=3), {"decode_pipeline.OUT_TILE": (16, 256),
                                            "decode_pipeline.WEIGHT_EVICT": "evict_last"}),
     "pipe3_r128": (dict(row_groups=3), {"decode_pipeline.MAXNREG": 128}),
+    # session 9: 8 warps per program with 8192-element state tiles (the same state elements per thread, twice the
+    # state bytes in flight per program; the shared-memory cap of 4 programs per SM unchanged)
+    "pipe3_w8_st8k": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "state_update.STATE_TILE": (8192, 8)}),
+    "pipe3_w8_st8k_s2": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "decode_pipeline.NUM_STAGES": 2,
+                                              "state_update.STATE_TILE": (8192, 8)}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
 # below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours
