@@ -152,11 +152,6 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "pipe3_r128": (dict(row_groups=3), {"decode_pipeline.MAXNREG": 128}),
     # session 9: 8 warps per program with 8192-element state tiles (the same state elements per thread, twice the
     # state bytes in flight per program; the shared-memory cap of 4 programs per SM unchanged)
-    # 2 groups, 2 launches per layer: S; then O with the next layer's I waiting on it inside the launch
-    "pipe2x2": (dict(row_groups=2), {"lit_mamba2.row_pipeline.LAUNCHES_PER_LAYER": 2}),
-    "pipe2x2_o128": (dict(row_groups=2), {"lit_mamba2.row_pipeline.LAUNCHES_PER_LAYER": 2,
-                                          "decode_pipeline.OUT_TILE": (16, 128)}),
-    "pipe1x2": (dict(row_groups=1), {"lit_mamba2.row_pipeline.LAUNCHES_PER_LAYER": 2}),
     "pipe3_w8_st8k": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "state_update.STATE_TILE": (8192, 8)}),
     "pipe3_w8_st8k_s2": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "decode_pipeline.NUM_STAGES": 2,
                                               "state_update.STATE_TILE": (8192, 8)}),
@@ -168,14 +163,13 @@ PATCHES = {**DEC1_VARIANTS, **{k: v[1] for k, v in BATCH_VARIANTS.items()}}
 
 
 def dec1_set(patches: dict) -> dict:
-    """Set constants of lit_mamba2.kernels modules ("module.ATTR") or of any lit_mamba2 module
-    ("lit_mamba2.module.ATTR"); returns the previous values."""
+    """Set lit_mamba2.kernels constants; returns the previous values."""
     import importlib
 
     before = {}
     for key, value in patches.items():
         mod, attr = key.rsplit(".", 1)
-        m = importlib.import_module(mod if mod.startswith("lit_mamba2.") else f"lit_mamba2.kernels.{mod}")
+        m = importlib.import_module(f"lit_mamba2.kernels.{mod}")
         before[key] = getattr(m, attr)
         setattr(m, attr, value)
     return before
@@ -329,12 +323,9 @@ def _ours(name, batch, args, variant):
             e = eager.step(token).float()
             errs.append(((g - e).norm() / e.norm()).item())
             token = e.argmax(-1)
-        pipe = dec.row_pipeline  # in-launch waits that gave up (a broken plan: the step's numbers are wrong)
-        gave_up = pipe.counts[-1].item() if pipe is not None else None
     del model, dec, eager
     torch.cuda.empty_cache()
     return dict(step_ms=step_ms, gen_ms=gen_ms, capture_s=capture_s, max_rel_err_vs_torch=max(errs),
-                pipeline_waits_given_up=gave_up,
                 state_dtype=dec_flags["state_dtype"],
                 ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"], pdl=dec_flags["pdl"],
                 fold_gated_norm=dec_flags["gnfold"],

@@ -64,30 +64,6 @@ NUM_STAGES = 3
 WEIGHT_EVICT = "evict_last"
 # register cap of the launch (None: Triton's choice): the state role's occupancy follows the product roles' needs
 MAXNREG = None
-# polls of a launch's count before an in_proj program gives up (and counts that in the error slot): a broken plan
-# then gives wrong numbers that tests see, never a hang
-SPIN_LIMIT = 1 << 24
-
-
-@triton.jit
-def _wait_for_out_proj(cnt_ptr, err_ptr, expect, SPIN_LIMIT: tl.constexpr):
-    """Spin until this launch's out_proj programs have all counted themselves (acquire: their writes are visible
-    to this program after it)."""
-    seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-    spins = 0
-    while (seen < expect) & (spins < SPIN_LIMIT):
-        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-        spins += 1
-    if seen < expect:
-        tl.atomic_add(err_ptr, 1)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _count_out_proj(cnt_ptr):
-    """After an out_proj program's last store: count it (one thread, release, after every thread's stores)."""
-    tl.debug_barrier()
-    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -119,7 +95,7 @@ def _row_partials(ss_ptr, ss_b, rws, mask_m, n_part, BLOCK_PART: tl.constexpr):
 @triton.jit
 def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_ptr, slot_ptr, cw_ptr, cb_ptr,
                   K, N, n_part, inv_k, eps, d_ssm, conv_dim, a_b, ssr_b, w_n, o_b, r_b, r_c, r_w, cw_c, cw_w,
-                  after_out, n_out, cnt_ptr, err_ptr, SPIN_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PART: tl.constexpr, DOT_F32: tl.constexpr,
                   W_EVICT: tl.constexpr, USE_PDL: tl.constexpr):
     """Stage I, output columns block j of [z, xBC, dt] for rows row0 .. row0 + rows: the norm's input a (the
@@ -145,8 +121,6 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
         conv += older * tl.load(cw_ptr + c * cw_c + k * cw_w, mask=is_conv, other=0.0).to(tl.float32)[None, :]
     w_last = tl.load(cw_ptr + c * cw_c + (WIDTH - 1) * cw_w, mask=is_conv, other=0.0).to(tl.float32)
     wait_and_release(USE_PDL)
-    if after_out:  # the norm's input comes from this launch's out_proj programs (the same rows)
-        _wait_for_out_proj(cnt_ptr, err_ptr, n_out, SPIN_LIMIT)
     part = _row_partials(ssr_ptr, ssr_b, rws, mask_m, n_part, BLOCK_PART)  # (used after the product)
     acc = _rows_times_weight(a_ptr, a_b, rws, mask_m, w_ptr, w_n, offs_n, mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
                              DOT_F32, W_EVICT)
@@ -163,7 +137,7 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
 
 @triton.jit
 def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr, ssr_ptr, K, N, n_gpart, inv_k,
-                   eps, u_b, ssg_b, w_n, res_b, a_b, ssr_b, counted, cnt_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   eps, u_b, ssg_b, w_n, res_b, a_b, ssr_b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_GPART: tl.constexpr, DOT_F32: tl.constexpr, W_EVICT: tl.constexpr,
                    USE_PDL: tl.constexpr):
     """Stage O, residual columns block j: residual += rstd_gated * (u @ W_out^T), rstd_gated from the state
@@ -186,8 +160,6 @@ def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr,
     r = (tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32) + out).to(res_ptr.dtype.element_ty)
     tl.store(r_ptrs, r, mask=mask)
     _next_norm_input(r, nw, rws, offs_n, j, mask, mask_m, nw_ptr, a_ptr, ssr_ptr, a_b, ssr_b)
-    if counted:
-        _count_out_proj(cnt_ptr)
 
 
 @triton.jit
@@ -202,7 +174,7 @@ def _next_norm_input(r, nw, rws, offs_n, j, mask, mask_m, nw_ptr, a_ptr, ssr_ptr
 # The step's launches differ in these numbers only: not specialised (on divisibility by 16 or equality to 1), so
 # that they share a few compiled kernels. Measured on an H100 (session 9): capturing the batch-64 step took 1-4 s
 # instead of 22-28 s, same step time.
-_PER_LAUNCH = ["n_in", "n_out", "i_row0", "i_rows", "o_row0", "o_rows", "s_row0", "i_after_o"]
+_PER_LAUNCH = ["n_in", "n_out", "i_row0", "i_rows", "o_row0", "o_rows", "s_row0"]
 
 
 @triton.jit(do_not_specialize=_PER_LAUNCH)
@@ -216,8 +188,6 @@ def _pipeline_kernel(
     s_row0, state_ptr, A_log_ptr, D_ptr, dtb_ptr, gnw_ptr, dt_min, dt_max,
     # buffers shared by the stages
     res_ptr, a_ptr, ssr_ptr, zx_ptr, u_ptr, ssg_ptr,
-    # in_proj after this launch's out_proj (the same rows): its count of finished programs, and of waits given up
-    i_after_o, cnt_ptr, err_ptr,
     d_model, n_zx, d_ssm, conv_dim, nheads, headdim, dstate, heads_per_group, n_res_part, n_g_part, inv_d_model,
     inv_d_ssm,
     res_b, a_b, ssr_b, zx_b, u_b, ssg_b, w_in_n, w_out_n, s_b, s_h, s_p, s_n, r_b, r_c, r_w, cw_c, cw_w, D_h, D_p,
@@ -225,24 +195,21 @@ def _pipeline_kernel(
     HAS_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, IN_N: tl.constexpr, IN_K: tl.constexpr, OUT_N: tl.constexpr,
     OUT_K: tl.constexpr, BLOCK_PART: tl.constexpr, BLOCK_GPART: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, EVICT: tl.constexpr, W_EVICT: tl.constexpr, DOT_F32: tl.constexpr,
-    SPIN_LIMIT: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # what a role reads before its wait (a state tile, the ring's older inputs, weights) is written by no launch
     # of this step, so the next launch may start at once (pdl.py)
     release_early(USE_PDL)
     pid = tl.program_id(0)
-    # products first (I, then O; O, then I where I waits on O), then the state programs
-    in_start = n_out * i_after_o
-    out_start = n_in * (1 - i_after_o)
-    if (pid >= in_start) & (pid < in_start + n_in):
-        _in_proj_tile(pid - in_start, i_row0, i_rows, a_ptr, ssr_ptr, w_in_ptr, b_in_ptr, zx_ptr, ring_ptr, slot_ptr,
-                      cw_ptr, cb_ptr, d_model, n_zx, n_res_part, inv_d_model, norm_eps, d_ssm, conv_dim, a_b, ssr_b,
-                      w_in_n, zx_b, r_b, r_c, r_w, cw_c, cw_w, i_after_o, n_out, cnt_ptr, err_ptr, SPIN_LIMIT,
-                      HAS_IN_BIAS, WIDTH, HAS_CONV_BIAS, BLOCK_M, IN_N, IN_K, BLOCK_PART, DOT_F32, W_EVICT, USE_PDL)
+    if pid < n_in:
+        _in_proj_tile(pid, i_row0, i_rows, a_ptr, ssr_ptr, w_in_ptr, b_in_ptr, zx_ptr, ring_ptr, slot_ptr, cw_ptr,
+                      cb_ptr, d_model, n_zx, n_res_part, inv_d_model, norm_eps, d_ssm, conv_dim, a_b, ssr_b, w_in_n,
+                      zx_b, r_b, r_c, r_w, cw_c, cw_w, HAS_IN_BIAS, WIDTH, HAS_CONV_BIAS, BLOCK_M, IN_N, IN_K,
+                      BLOCK_PART, DOT_F32, W_EVICT, USE_PDL)
     elif pid < n_in + n_out:
-        _out_proj_tile(pid - out_start, o_row0, o_rows, u_ptr, ssg_ptr, w_out_ptr, res_ptr, nw_next_ptr, a_ptr,
-                       ssr_ptr, d_ssm, d_model, n_g_part, inv_d_ssm, gnorm_eps, u_b, ssg_b, w_out_n, res_b, a_b,
-                       ssr_b, i_after_o, cnt_ptr, BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, W_EVICT, USE_PDL)
+        _out_proj_tile(pid - n_in, o_row0, o_rows, u_ptr, ssg_ptr, w_out_ptr, res_ptr, nw_next_ptr, a_ptr, ssr_ptr,
+                       d_ssm, d_model, n_g_part, inv_d_ssm, gnorm_eps, u_b, ssg_b, w_out_n, res_b, a_b, ssr_b,
+                       BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, W_EVICT, USE_PDL)
     else:
         q = pid - n_in - n_out
         slot = q % n_g_part  # = h * p_blocks + p_block: the tile's partial-sum slot in its row
@@ -310,15 +277,12 @@ class MixerWeights:
 
 
 def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int, block_m: int,
-                  in_role, out_role, state_role, count: torch.Tensor, errors: torch.Tensor, in_after_out=False):
+                  in_role, out_role, state_role):
     """The arguments of one launch, checked once here so that launch_stage does nothing else. in_role = (row0,
     rows, MixerWeights, conv ring (batch, conv_dim, width), slot (0-dim int64: the ring slot of this token)) runs
     stage I on those rows, out_role = (row0, rows, MixerWeights) stage O, state_role = (row0, rows, MixerWeights,
     ssm_state (batch, nheads, headdim, dstate)) stage S. A role with 0 rows has no programs (its tensors still set
-    the launch's dtypes, so give a real layer's).
-    in_after_out: the in_proj role reads the norm input that this launch's out_proj role writes (the same rows): its
-    programs wait until the out_proj programs have counted themselves in `count` (int32, one element, zero at the
-    launch); waits that give up add to `errors` (int32, one element)."""
+    the launch's dtypes, so give a real layer's)."""
     res, zx = bufs.residual, bufs.zx
     batch, d_model = res.shape
     d_ssm = nheads * headdim
@@ -332,11 +296,6 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
     for row0, rows in ((i_row0, i_rows), (o_row0, o_rows), (s_row0, s_rows)):
         if rows > block_m or row0 + rows > batch:
             raise ValueError(f"prepare_stage: rows {row0}..{row0 + rows} do not fit (batch {batch}, tile {block_m})")
-    if in_after_out and (i_row0, i_rows) != (o_row0, o_rows):
-        raise ValueError("prepare_stage: in_after_out needs the in_proj and out_proj roles on the same rows")
-    for t in (count, errors):
-        if t.dtype != torch.int32 or t.numel() != 1:
-            raise ValueError("prepare_stage: count and errors must be one-element int32 tensors")
     conv_dim = n_zx - d_ssm - nheads
     if state.shape != (batch, nheads, headdim, dstate) or ring.shape[:2] != (batch, conv_dim):
         raise ValueError(f"prepare_stage: state {tuple(state.shape)} / ring {tuple(ring.shape)} disagree with "
@@ -356,7 +315,6 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         s_row0, state, sw.A_log, D, sw.dt_bias if sw.dt_bias is not None else sw.A_log, sw.gnorm_weight,
         float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         res, bufs.norm_input, bufs.res_sumsq, zx, bufs.u, bufs.u_sumsq,
-        int(bool(in_after_out and i_rows and o_rows)), count, errors,
         d_model, n_zx, d_ssm, conv_dim, nheads, headdim, dstate, nheads // sw.ngroups, n_res_part, n_g_part,
         1.0 / d_model, 1.0 / d_ssm,
         res.stride(0), bufs.norm_input.stride(0), bufs.res_sumsq.stride(0), zx.stride(0), bufs.u.stride(0),
@@ -368,7 +326,7 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         BLOCK_M=block_m, IN_N=IN_N, IN_K=IN_K, OUT_N=OUT_N, OUT_K=OUT_K,
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
-        W_EVICT=WEIGHT_EVICT, SPIN_LIMIT=SPIN_LIMIT,
+        W_EVICT=WEIGHT_EVICT,
         DOT_F32=_INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)))
     return (n_in + n_out + n_state,), args, constexprs

@@ -9,9 +9,7 @@ import torch
 
 from .model import Mamba2LMHeadModel, Mamba2Mixer, Mamba2State
 
-# Launches per layer and group: 3 (I, S, O) or 2 (S, then O with the next layer's I in the same launch, its programs
-# waiting on the out_proj programs of the launch; for up to 2 groups)
-LAUNCHES_PER_LAYER = 3
+STAGES = 3  # I (norm + in_proj + conv), S (state update), O (out_proj + residual): one launch each
 
 
 def unsupported_reason(model: Mamba2LMHeadModel) -> Optional[str]:
@@ -33,8 +31,7 @@ class RowPipeline:
     has one group in each stage, so one group's states stream while the other two groups' products run.
     `step` writes through fixed buffers and launches only, so a CUDA graph can capture it."""
 
-    def __init__(self, model: Mamba2LMHeadModel, states: list, slot: torch.Tensor, groups: int = 3,
-                 launches_per_layer: Optional[int] = None):
+    def __init__(self, model: Mamba2LMHeadModel, states: list, slot: torch.Tensor, groups: int = 3):
         from lit_mamba2.kernels.decode_pipeline import MixerWeights, PipelineBuffers, prepare_stage
 
         reason = unsupported_reason(model)
@@ -42,10 +39,8 @@ class RowPipeline:
             reason = "the conv states must be rings (Decoder(ring_conv=True))"
         if reason is not None:
             raise ValueError(f"row pipeline: {reason}")
-        per_layer = LAUNCHES_PER_LAYER if launches_per_layer is None else launches_per_layer
-        if per_layer not in (2, 3) or not 1 <= groups <= per_layer:
-            raise ValueError(f"row pipeline: groups must be 1..{per_layer} with {per_layer} launches per layer "
-                             f"(2 or 3), got {groups}")
+        if not 1 <= groups <= STAGES:
+            raise ValueError(f"row pipeline: groups must be 1..{STAGES}, got {groups}")
         self.model = model
         layers = model.backbone.layers
         m0 = layers[0].mixer
@@ -68,31 +63,17 @@ class RowPipeline:
         starts = [sum(sizes[:g]) for g in range(groups)]
         block_m = max(16, 1 << (max(sizes) - 1).bit_length())
         first, st = mixer_weights[0], states[0]
-        n = len(layers)
-        if per_layer == 3:  # each group's steps, as {role: layer}
-            steps = [{role: i} for i in range(n) for role in "ISO"]
-        else:
-            steps = [{"I": 0}] + [step for i in range(n)
-                                  for step in ({"S": i}, {"O": i, **({"I": i + 1} if i + 1 < n else {})})]
-        launches = len(steps) + groups - 1
-        # counts[t]: launch t's finished out_proj programs, where its in_proj waits on them; counts[-1]: waits given up
-        self.counts = torch.zeros(launches + 1, dtype=torch.int32, device=weight.device)
-        self.stages, self.waits_in_launch = [], False
-        for t in range(launches):
-            roles = {"I": (0, 0, first, st.conv, slot), "S": (0, 0, first, st.ssm), "O": (0, 0, first)}  # idle
-            owner = {}
+        self.stages = []
+        for t in range(STAGES * len(layers) + groups - 1):
+            roles = [(0, 0, first, st.conv, slot), (0, 0, first, st.ssm), (0, 0, first)]  # I, S, O: idle
             for g in range(groups):
-                if 0 <= t - g < len(steps):
-                    for role, i in steps[t - g].items():
-                        assert role not in owner, "two groups in one role"  # (the plans above never do)
-                        owner[role] = g
-                        rows = (starts[g], sizes[g], mixer_weights[i])
-                        roles[role] = rows + {"I": (states[i].conv, slot), "S": (states[i].ssm,), "O": ()}[role]
-            after = "I" in owner and owner.get("O") == owner["I"]
-            self.waits_in_launch |= after
-            self.stages.append(prepare_stage(self.bufs, m0.nheads, m0.headdim, m0.d_state, block_m, roles["I"],
-                                             roles["O"], roles["S"], self.counts[t:t + 1], self.counts[-1:],
-                                             in_after_out=after))
+                k = t - g
+                if 0 <= k < STAGES * len(layers):
+                    i, stage = divmod(k, STAGES)
+                    rows = (starts[g], sizes[g], mixer_weights[i])
+                    roles[stage] = rows + ((states[i].conv, slot), (states[i].ssm,), ())[stage]
+            self.stages.append(prepare_stage(self.bufs, m0.nheads, m0.headdim, m0.d_state, block_m, roles[0],
+                                             roles[2], roles[1]))
         self.first_norm = layers[0].norm.weight
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -101,8 +82,6 @@ class RowPipeline:
         from lit_mamba2.kernels.state_update import add_rmsnorm
 
         bufs = self.bufs
-        if self.waits_in_launch:
-            self.counts.zero_()  # (stream-ordered: every launch of the previous step is done)
         embed_rows(token, self.model.backbone.embedding.weight, self.first_norm, bufs)
         for stage in self.stages:
             launch_stage(stage)

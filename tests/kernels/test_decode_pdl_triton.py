@@ -191,23 +191,17 @@ def _compile_pdl_kernels_for_sm90():
     for name, ptx in early.items():
         assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 1, name
         assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait"), name
-    # the row pipeline's launch: released at its start, then one wait in each role's branch; in_proj, where it
-    # follows this launch's out_proj, polls their count (acquire), which each out_proj program bumps (release), one
-    # thread per program (Triton lowers an add of 0 with acquire to ld.acquire, one whose result is unused to red)
+    # the row pipeline's launch: released at its start, then one wait in each role's branch
     from lit_mamba2.kernels import decode_pipeline as dp
 
     ptx = compile_ptx(dp._pipeline_kernel, dict(
         HAS_IN_BIAS=False, WIDTH=4, HAS_CONV_BIAS=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_M=32, IN_N=32,
         IN_K=128, OUT_N=16, OUT_K=256, BLOCK_PART=64, BLOCK_GPART=64, BLOCK_P=32, BLOCK_N=128, EVICT="evict_first",
-        W_EVICT="evict_last", DOT_F32=False, SPIN_LIMIT=1 << 24),
-        {n: "fp32" for n in ("res_ptr", "ssr_ptr", "ssg_ptr", "A_log_ptr", "D_ptr", "dtb_ptr")}
-        | {"slot_ptr": "i64", "cnt_ptr": "i32", "err_ptr": "i32"}, use_pdl=2)
+        W_EVICT="evict_last", DOT_F32=False), {n: "fp32" for n in ("res_ptr", "ssr_ptr", "ssg_ptr", "A_log_ptr",
+                                                                   "D_ptr", "dtb_ptr")} | {"slot_ptr": "i64"},
+        use_pdl=2)
     assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 3
     assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
-    syncs = [line.strip() for line in ptx.splitlines()
-             if any(op in line for op in ("atom.global", "red.global", "ld.global.gpu.acquire"))]
-    assert all(line.startswith("@") for line in syncs), syncs
-    assert sum(".release." in line for line in syncs) == 1 and sum(".acquire." in line for line in syncs) == 2
     print("compiled:", ", ".join(ptxs))
 
 
