@@ -155,6 +155,12 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     # session 9: eviction hints inside the pipeline (states evict_first and weights evict_last by default)
     "pipe3_state_nohint": (dict(row_groups=3), {"state_update.STATE_EVICT": ""}),
     "pipe3_nohints": (dict(row_groups=3), {"state_update.STATE_EVICT": "", "decode_pipeline.WEIGHT_EVICT": ""}),
+    # session 9: smaller product tiles (less shared memory per program, so more programs per SM), register caps
+    **{f"pipe3_i{ik}_o{ok}_s{st}" + (f"_r{r}" if r else ""): (
+        dict(row_groups=3), {"decode_pipeline.IN_TILE": (32, ik), "decode_pipeline.OUT_TILE": (16, ok),
+                             "decode_pipeline.NUM_STAGES": st, "decode_pipeline.MAXNREG": r})
+       for ik, ok, st, r in [(64, 128, 3, None), (64, 128, 3, 96), (64, 128, 3, 80), (64, 128, 4, 80),
+                             (128, 128, 3, 96), (64, 256, 3, 96)]},
     "pipe3_w8_st8k": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "state_update.STATE_TILE": (8192, 8)}),
     "pipe3_w8_st8k_s2": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "decode_pipeline.NUM_STAGES": 2,
                                               "state_update.STATE_TILE": (8192, 8)}),
