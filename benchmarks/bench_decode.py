@@ -161,7 +161,6 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
                              "decode_pipeline.NUM_STAGES": st, "decode_pipeline.MAXNREG": r})
        for ik, ok, st, r in [(64, 128, 3, None), (64, 128, 3, 96), (64, 128, 3, 80), (64, 128, 4, 80),
                              (128, 128, 3, 96), (64, 256, 3, 96)]},
-    "pipe3_no_prefetch": (dict(row_groups=3), {"decode_pipeline.WEIGHT_PREFETCH": False}),
     "pipe3_w8_st8k": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "state_update.STATE_TILE": (8192, 8)}),
     "pipe3_w8_st8k_s2": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "decode_pipeline.NUM_STAGES": 2,
                                               "state_update.STATE_TILE": (8192, 8)}),

@@ -64,21 +64,6 @@ NUM_STAGES = 3
 WEIGHT_EVICT = "evict_last"
 # register cap of the launch (None: Triton's choice): the state role's occupancy follows the product roles' needs
 MAXNREG = None
-# the product roles ask L2 for their weight rows before the PDL wait (prefetch.global.L2::evict_last), so that the
-# K loop after the wait finds them there instead of in DRAM (no-op under the interpreter)
-WEIGHT_PREFETCH = True
-
-
-@triton.jit
-def _prefetch_weights(w_ptr, w_n, offs_n, N, K, LINES: tl.constexpr):
-    """Ask L2 for W[offs_n, :K] (an nn.Linear weight), one prefetch per 128-byte line; LINES covers K (a power of
-    2, 0: nothing). Rows and lines past the end repeat the last one."""
-    if LINES > 0:
-        PER_LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
-        col = tl.minimum(tl.arange(0, LINES) * PER_LINE, K - 1)
-        ptrs = w_ptr + tl.minimum(offs_n, N - 1)[:, None] * w_n + col[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -112,7 +97,7 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
                   K, N, n_part, inv_k, eps, d_ssm, conv_dim, a_b, ssr_b, w_n, o_b, r_b, r_c, r_w, cw_c, cw_w,
                   HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PART: tl.constexpr, DOT_F32: tl.constexpr,
-                  W_EVICT: tl.constexpr, W_LINES: tl.constexpr, USE_PDL: tl.constexpr):
+                  W_EVICT: tl.constexpr, USE_PDL: tl.constexpr):
     """Stage I, output columns block j of [z, xBC, dt] for rows row0 .. row0 + rows: the norm's input a (the
     residual rounded to the norm weight's dtype, times that weight: what the O stage left) @ W_in^T, times the
     norm's rstd (from the O stage's partial sums), + bias; xBC columns then go through the conv step: this
@@ -122,7 +107,6 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
     rws = row0 + offs_m
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    _prefetch_weights(w_ptr, w_n, offs_n, N, K, W_LINES)
     c = offs_n - d_ssm  # conv channel of an xBC column
     is_conv = (c >= 0) & (c < conv_dim)
     mc = mask_m[:, None] & is_conv[None, :]
@@ -155,7 +139,7 @@ def _in_proj_tile(j, row0, rows, a_ptr, ssr_ptr, w_ptr, bias_ptr, out_ptr, ring_
 def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr, ssr_ptr, K, N, n_gpart, inv_k,
                    eps, u_b, ssg_b, w_n, res_b, a_b, ssr_b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_GPART: tl.constexpr, DOT_F32: tl.constexpr, W_EVICT: tl.constexpr,
-                   W_LINES: tl.constexpr, USE_PDL: tl.constexpr):
+                   USE_PDL: tl.constexpr):
     """Stage O, residual columns block j: residual += rstd_gated * (u @ W_out^T), rstd_gated from the state
     stage's partial sums; then the next norm's input for these columns, a = residual (rounded to the norm weight's
     dtype) * the next norm's weight, and its partial sum of squares into slot j."""
@@ -164,7 +148,6 @@ def _out_proj_tile(j, row0, rows, u_ptr, ssg_ptr, w_ptr, res_ptr, nw_ptr, a_ptr,
     rws = row0 + offs_m
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    _prefetch_weights(w_ptr, w_n, offs_n, N, K, W_LINES)
     nw = tl.load(nw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     wait_and_release(USE_PDL)
     part = _row_partials(ssg_ptr, ssg_b, rws, mask_m, n_gpart, BLOCK_GPART)  # (used after the product)
@@ -212,7 +195,7 @@ def _pipeline_kernel(
     HAS_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, IN_N: tl.constexpr, IN_K: tl.constexpr, OUT_N: tl.constexpr,
     OUT_K: tl.constexpr, BLOCK_PART: tl.constexpr, BLOCK_GPART: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, EVICT: tl.constexpr, W_EVICT: tl.constexpr, DOT_F32: tl.constexpr,
-    IN_LINES: tl.constexpr, OUT_LINES: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # what a role reads before its wait (a state tile, the ring's older inputs, weights) is written by no launch
     # of this step, so the next launch may start at once (pdl.py)
@@ -222,11 +205,11 @@ def _pipeline_kernel(
         _in_proj_tile(pid, i_row0, i_rows, a_ptr, ssr_ptr, w_in_ptr, b_in_ptr, zx_ptr, ring_ptr, slot_ptr, cw_ptr,
                       cb_ptr, d_model, n_zx, n_res_part, inv_d_model, norm_eps, d_ssm, conv_dim, a_b, ssr_b, w_in_n,
                       zx_b, r_b, r_c, r_w, cw_c, cw_w, HAS_IN_BIAS, WIDTH, HAS_CONV_BIAS, BLOCK_M, IN_N, IN_K,
-                      BLOCK_PART, DOT_F32, W_EVICT, IN_LINES, USE_PDL)
+                      BLOCK_PART, DOT_F32, W_EVICT, USE_PDL)
     elif pid < n_in + n_out:
         _out_proj_tile(pid - n_in, o_row0, o_rows, u_ptr, ssg_ptr, w_out_ptr, res_ptr, nw_next_ptr, a_ptr, ssr_ptr,
                        d_ssm, d_model, n_g_part, inv_d_ssm, gnorm_eps, u_b, ssg_b, w_out_n, res_b, a_b, ssr_b,
-                       BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, W_EVICT, OUT_LINES, USE_PDL)
+                       BLOCK_M, OUT_N, OUT_K, BLOCK_GPART, DOT_F32, W_EVICT, USE_PDL)
     else:
         q = pid - n_in - n_out
         slot = q % n_g_part  # = h * p_blocks + p_block: the tile's partial-sum slot in its row
@@ -343,17 +326,10 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         BLOCK_M=block_m, IN_N=IN_N, IN_K=IN_K, OUT_N=OUT_N, OUT_K=OUT_K,
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
-        W_EVICT=WEIGHT_EVICT, IN_LINES=_prefetch_lines(iw.in_weight), OUT_LINES=_prefetch_lines(ow.out_weight),
+        W_EVICT=WEIGHT_EVICT,
         DOT_F32=_INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)))
     return (n_in + n_out + n_state,), args, constexprs
-
-
-def _prefetch_lines(weight):
-    """Lines of 128 bytes per weight row the product role prefetches (a power of 2; 0 when off)."""
-    if not WEIGHT_PREFETCH or _INTERPRET:
-        return 0
-    return triton.next_power_of_2(triton.cdiv(weight.shape[1] * weight.element_size(), 128))
 
 
 def launch_stage(stage):

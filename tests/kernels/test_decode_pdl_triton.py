@@ -197,16 +197,11 @@ def _compile_pdl_kernels_for_sm90():
     ptx = compile_ptx(dp._pipeline_kernel, dict(
         HAS_IN_BIAS=False, WIDTH=4, HAS_CONV_BIAS=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_M=32, IN_N=32,
         IN_K=128, OUT_N=16, OUT_K=256, BLOCK_PART=64, BLOCK_GPART=64, BLOCK_P=32, BLOCK_N=128, EVICT="evict_first",
-        W_EVICT="evict_last", DOT_F32=False, IN_LINES=16, OUT_LINES=32), {n: "fp32" for n in ("res_ptr", "ssr_ptr", "ssg_ptr", "A_log_ptr",
+        W_EVICT="evict_last", DOT_F32=False), {n: "fp32" for n in ("res_ptr", "ssr_ptr", "ssg_ptr", "A_log_ptr",
                                                                    "D_ptr", "dtb_ptr")} | {"slot_ptr": "i64"},
         use_pdl=2)
     assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 3
     assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
-    # the product roles' weight rows prefetched into L2 before their wait: 32 x 16 lines over 128 threads (in_proj),
-    # 16 x 32 (out_proj), 4 each per thread
-    prefetches = [i for i, line in enumerate(ptx.splitlines()) if "prefetch.global.L2::evict_last" in line]
-    waits = [i for i, line in enumerate(ptx.splitlines()) if "griddepcontrol.wait" in line]
-    assert len(prefetches) == 8 and prefetches[3] < waits[0] < prefetches[4] < waits[1], (prefetches, waits)
     print("compiled:", ", ".join(ptxs))
 
 
