@@ -150,8 +150,6 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "pipe3_el_o256": (dict(row_groups=3), {"decode_pipeline.OUT_TILE": (16, 256),
                                            "decode_pipeline.WEIGHT_EVICT": "evict_last"}),
     "pipe3_r128": (dict(row_groups=3), {"decode_pipeline.MAXNREG": 128}),
-    # session 9: 8 warps per program with 8192-element state tiles (the same state elements per thread, twice the
-    # state bytes in flight per program; the shared-memory cap of 4 programs per SM unchanged)
     # session 9: eviction hints inside the pipeline (states evict_first and weights evict_last by default)
     "pipe3_state_nohint": (dict(row_groups=3), {"state_update.STATE_EVICT": ""}),
     "pipe3_nohints": (dict(row_groups=3), {"state_update.STATE_EVICT": "", "decode_pipeline.WEIGHT_EVICT": ""}),
@@ -161,6 +159,8 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
                              "decode_pipeline.NUM_STAGES": st, "decode_pipeline.MAXNREG": r})
        for ik, ok, st, r in [(64, 128, 3, None), (64, 128, 3, 96), (64, 128, 3, 80), (64, 128, 4, 80),
                              (128, 128, 3, 96), (64, 256, 3, 96)]},
+    # session 9: 8 warps per program with 8192-element state tiles (the same state elements per thread, twice the
+    # state bytes in flight per program; the shared-memory cap of 4 programs per SM unchanged)
     "pipe3_w8_st8k": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "state_update.STATE_TILE": (8192, 8)}),
     "pipe3_w8_st8k_s2": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "decode_pipeline.NUM_STAGES": 2,
                                               "state_update.STATE_TILE": (8192, 8)}),
