@@ -18,6 +18,18 @@ The state kernel then writes u = y * silu(z) * w and each program's partial sum 
 rows (float32, one slot per program: no atomics, deterministic); out_proj runs on u, and the next `add_rmsnorm`
 (`hidden_rms=`) sums the partials in a fixed order and scales its hidden input by rstd before the residual add.
 That saves the gated norm's launch (and its read and write of y) per layer and step.
+
+State windows (`state_window_tile_update`, the row pipeline's state role): at large batch a step's bytes are
+mostly the states, read and written once each. The state need not be written every step: with h the state before a
+window of tokens 0 .. k (a_s = dt_s A the log decays, T_s = a_0 + ... + a_s),
+
+    h_k = exp(T_k) h + sum_{s <= k} exp(T_k - T_s) dt_s x_s B_s^T
+    y_k = exp(T_k) (h C_k) + sum_{s <= k} exp(T_k - T_s) dt_s (B_s . C_k) x_s + D x_k
+
+which is SSD's quadratic form over the window on top of the recurrent state. So each step reads h, keeps its token's
+x, B and dt in a small window buffer, and writes h only when the window is full: per WINDOW tokens the state moves
+WINDOW + 1 times instead of 2 WINDOW times. The arithmetic is the same recurrence regrouped, in float32; the state
+is rounded to its dtype once per window instead of once per token.
 """
 
 from __future__ import annotations
@@ -160,6 +172,83 @@ def state_tile_update(
     tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
     y = tl.sum(s * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+    z = y
+    if HAS_Z:
+        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
+    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b, ss_slot, h, headdim,
+                    offs_p, mask_p, HAS_Z, FOLD_NORM)
+
+
+@triton.jit
+def state_window_tile_update(
+    k, wx_ptr, wB_ptr, wdt_ptr, wx_b, wx_w, wB_b, wB_w, wdt_b, wdt_w,
+    b, h, p_block, ss_slot, state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr, nw_ptr,
+    ss_ptr, headdim, dstate, heads_per_group, dt_min, dt_max,
+    s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p,
+    o_b, o_h, o_p, ss_b,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr, WINDOW: tl.constexpr,
+):
+    """state_tile_update with the state written once every WINDOW tokens (see "State windows" in the module
+    docstring). k: this token's slot in the window, 0 .. WINDOW - 1; slots 0 .. k - 1 hold the window's earlier
+    tokens (x in its dtype, B, dt after softplus and clamp); state_ptr holds the state from before slot 0. At
+    k = WINDOW - 1 the program writes the state after this token; otherwise it leaves this token's x (and, one
+    program per head and per group, dt and B) in slot k."""
+    sw = tl.arange(0, WINDOW)
+    earlier = sw < k
+    g = h // heads_per_group
+    offs_p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    # the window's earlier slots were written by this program's layer in earlier steps: loaded before the wait
+    wx = wx_ptr + b * wx_b + h * headdim
+    wB = wB_ptr + b * wB_b + g * dstate
+    wdt = wdt_ptr + b * wdt_b + h
+    dts = tl.load(wdt + sw * wdt_w, mask=earlier, other=0.0)
+    xs = tl.load(wx + sw[:, None] * wx_w + offs_p[None, :], mask=earlier[:, None] & mask_p[None, :],
+                 other=0.0).to(tl.float32)
+    Bs = tl.load(wB + sw[:, None] * wB_w + offs_n[None, :], mask=earlier[:, None] & mask_n[None, :],
+                 other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    _, _, _, _, _, s_ptrs, mask, st = _state_tile(
+        state_ptr, b, h, p_block, headdim, dstate, heads_per_group, s_b, s_h, s_p, s_n, BLOCK_P, BLOCK_N, USE_PDL,
+        EVICT)
+
+    dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
+                              HAS_LIMIT, A_IS_LOG)
+    x_in = tl.load(x_ptr + b * x_b + h * x_h + offs_p * x_p, mask=mask_p, other=0.0)
+    B_in = tl.load(B_ptr + b * B_b + g * B_g + offs_n * B_n, mask=mask_n, other=0.0)
+    x = x_in.to(tl.float32)
+    Bv = B_in.to(tl.float32)
+    Cv = tl.load(C_ptr + b * C_b + g * C_g + offs_n * C_n, mask=mask_n, other=0.0).to(tl.float32)
+    # log decays: a slot's own (0 for unused slots, whose dt is 0), from the window's start to now, and from each
+    # earlier slot to now
+    a = dts * A
+    to_now = tl.sum(a, axis=0) + A * dt
+    weights = tl.exp(to_now - tl.cumsum(a, axis=0)) * dts  # each earlier slot's x B^T in the state now
+    base_decay = tl.exp(to_now)
+    y = base_decay * tl.sum(st * Cv[None, :], axis=1) + tl.sum((weights * tl.sum(Bs * Cv[None, :], axis=1))[:, None]
+                                                             * xs, axis=0) + (dt * tl.sum(Bv * Cv, axis=0)) * x
+    if k == WINDOW - 1:  # the window is full: the state after this token, from the slots (read again: L1/L2)
+        st = st * base_decay + (x * dt)[:, None] * Bv[None, :]
+        for s in tl.static_range(WINDOW - 1):
+            w_s = tl.sum(tl.where(sw == s, weights, 0.0), axis=0)
+            x_s = tl.load(wx + s * wx_w + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+            B_s = tl.load(wB + s * wB_w + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            st += (x_s * w_s)[:, None] * B_s[None, :]
+        tl.store(s_ptrs, st.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+    else:
+        tl.store(wx + k * wx_w + offs_p, x_in.to(wx_ptr.dtype.element_ty), mask=mask_p)
+        if p_block == 0:  # one program per head writes dt, one per group B
+            tl.store(wdt + k * wdt_w, dt)
+            if h % heads_per_group == 0:
+                tl.store(wB + k * wB_w + offs_n, B_in.to(wB_ptr.dtype.element_ty), mask=mask_n)
     if HAS_D:
         y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
     z = y

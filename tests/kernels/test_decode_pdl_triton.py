@@ -194,14 +194,15 @@ def _compile_pdl_kernels_for_sm90():
     # the row pipeline's launch: released at its start, then one wait in each role's branch
     from lit_mamba2.kernels import decode_pipeline as dp
 
-    ptx = compile_ptx(dp._pipeline_kernel, dict(
-        HAS_IN_BIAS=False, WIDTH=4, HAS_CONV_BIAS=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_M=32, IN_N=32,
-        IN_K=128, OUT_N=16, OUT_K=256, BLOCK_PART=64, BLOCK_GPART=64, BLOCK_P=32, BLOCK_N=128, EVICT="evict_first",
-        W_EVICT="evict_last", DOT_F32=False), {n: "fp32" for n in ("res_ptr", "ssr_ptr", "ssg_ptr", "A_log_ptr",
-                                                                   "D_ptr", "dtb_ptr")} | {"slot_ptr": "i64"},
-        use_pdl=2)
-    assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 3
-    assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
+    for window in (1, 8):  # the states written every step, or once per 8 (state_window_tile_update)
+        ptx = compile_ptx(dp._pipeline_kernel, dict(
+            HAS_IN_BIAS=False, WIDTH=4, HAS_CONV_BIAS=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_M=32, IN_N=32,
+            IN_K=128, OUT_N=16, OUT_K=256, BLOCK_PART=64, BLOCK_GPART=64, BLOCK_P=32, BLOCK_N=128,
+            EVICT="evict_first", W_EVICT="evict_last", DOT_F32=False, WINDOW=window),
+            {n: "fp32" for n in ("res_ptr", "ssr_ptr", "ssg_ptr", "A_log_ptr", "D_ptr", "dtb_ptr", "wdt_ptr")}
+            | {"slot_ptr": "i64"}, use_pdl=2)
+        assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 3
+        assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
     print("compiled:", ", ".join(ptxs))
 
 
