@@ -167,6 +167,9 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     # session 10: the state windows (states written once per window, state_update.state_window_tile_update)
     **{f"pipe3_win{w}": (dict(row_groups=3, state_window=w), {}) for w in (1, 2, 4, 16, 32)},
     "pipe3_win8_st8k": (dict(row_groups=3), {"state_update.STATE_TILE": (8192, 4)}),
+    "pipe3_win8_r128": (dict(row_groups=3), {"decode_pipeline.MAXNREG": 128}),
+    "pipe3_win4_r128": (dict(row_groups=3, state_window=4), {"decode_pipeline.MAXNREG": 128}),
+    "pipe3_win8_r168": (dict(row_groups=3), {"decode_pipeline.MAXNREG": 168}),
     "pipe3_win16_st8k": (dict(row_groups=3, state_window=16), {"state_update.STATE_TILE": (8192, 4)}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .pdl import options as pdl_options, release_early, wait_and_release
 from . import state_update
-from .state_update import state_tile_update, state_window_tile_update
+from .state_update import StateWindow, state_tile_update, state_window_tile_update
 
 # the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): it gets float32 dot operands (the same
 # products: the operands are rounded to the weight's dtype first)
@@ -196,7 +196,7 @@ def _pipeline_kernel(
     HAS_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, IN_N: tl.constexpr, IN_K: tl.constexpr, OUT_N: tl.constexpr,
     OUT_K: tl.constexpr, BLOCK_PART: tl.constexpr, BLOCK_GPART: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, EVICT: tl.constexpr, W_EVICT: tl.constexpr, DOT_F32: tl.constexpr,
-    WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
+    WINDOW: tl.constexpr, FLUSH: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # what a role reads before its wait (a state tile, the ring's older inputs, weights) is written by no launch
     # of this step, so the next launch may start at once (pdl.py)
@@ -216,14 +216,14 @@ def _pipeline_kernel(
         slot = q % n_g_part  # = h * p_blocks + p_block: the tile's partial-sum slot in its row
         p_blocks = n_g_part // nheads
         xbc = zx_ptr + d_ssm  # zx rows hold [z, xBC (after the conv), dt]
-        if WINDOW > 1:  # (the token's slot in the window: the step's position, advanced after the step)
+        if WINDOW > 1:  # (the token's slot in the window: the step's position, advanced after the step, % WINDOW)
             state_window_tile_update(
-                tl.load(slot_ptr) % WINDOW, wx_ptr, wB_ptr, wdt_ptr, wx_b, wx_w, wB_b, wB_w, wdt_b, wdt_w,
+                slot_ptr, wx_ptr, wB_ptr, wdt_ptr, wx_b, wx_w, wB_b, wB_w, wdt_b, wdt_w,
                 s_row0 + q // n_g_part, slot // p_blocks, slot % p_blocks, slot, state_ptr, xbc, xbc + conv_dim,
                 A_log_ptr, xbc + d_ssm, xbc + d_ssm + (conv_dim - d_ssm) // 2, D_ptr, zx_ptr, dtb_ptr, u_ptr, gnw_ptr,
                 ssg_ptr, headdim, dstate, heads_per_group, dt_min, dt_max, s_b, s_h, s_p, s_n, zx_b, headdim, 1, zx_b,
                 1, zx_b, dstate, 1, zx_b, dstate, 1, D_h, D_p, zx_b, headdim, 1, u_b, headdim, 1, ssg_b, True, True,
-                HAS_DT_BIAS, True, HAS_LIMIT, True, True, BLOCK_P, BLOCK_N, USE_PDL, EVICT, WINDOW)
+                HAS_DT_BIAS, True, HAS_LIMIT, True, True, BLOCK_P, BLOCK_N, USE_PDL, EVICT, WINDOW, FLUSH)
         else:
             state_tile_update(s_row0 + q // n_g_part, slot // p_blocks, slot % p_blocks, slot, state_ptr, xbc,
                               xbc + conv_dim, A_log_ptr, xbc + d_ssm, xbc + d_ssm + (conv_dim - d_ssm) // 2, D_ptr,
@@ -257,47 +257,6 @@ class PipelineBuffers:
                    torch.zeros(batch, n_zx, dtype=dtype, device=device),
                    torch.zeros(batch, d_ssm, dtype=dtype, device=device),
                    torch.zeros(batch, nheads * p_blocks, **f32))
-
-
-@dataclass
-class StateWindow:
-    """One layer's window of tokens not yet in its SSM state (state_update.py, "State windows"): for each row and
-    slot, x (batch, window, nheads * headdim) and B (batch, window, ngroups * dstate) in the activations' dtype, dt
-    after softplus and clamp (batch, window, nheads) float32. A slot with dt = 0 is inert; slots at or past the
-    step's slot (its position modulo the window) are not read."""
-
-    x: torch.Tensor
-    B: torch.Tensor
-    dt: torch.Tensor
-
-    @classmethod
-    def allocate(cls, batch, window, nheads, headdim, ngroups, dstate, dtype, device):
-        return cls(torch.zeros(batch, window, nheads * headdim, dtype=dtype, device=device),
-                   torch.zeros(batch, window, ngroups * dstate, dtype=dtype, device=device),
-                   torch.zeros(batch, window, nheads, dtype=torch.float32, device=device))
-
-    @property
-    def size(self) -> int:
-        return self.dt.shape[1]
-
-    def clear(self):
-        """Every slot inert (after the state was set from elsewhere, e.g. a prefill)."""
-        self.dt.zero_()
-
-    def settle(self, state: torch.Tensor, A_log: torch.Tensor, position: torch.Tensor):
-        """Fold the slots before `position` modulo the window (a 0-dim tensor: no host sync, so a CUDA graph can
-        hold this) into state (batch, nheads, headdim, dstate) in place, and clear the window."""
-        b, h, p, n = state.shape
-        earlier = torch.arange(self.size, device=state.device) < position % self.size
-        dt = self.dt * earlier[None, :, None]
-        a = dt * -torch.exp(A_log.float())
-        after = a.flip(1).cumsum(1).flip(1) - a  # log decay from each slot to the window's last used slot
-        x = self.x.float().view(b, self.size, h, p)
-        B = self.B.float().view(b, self.size, -1, n).repeat_interleave(h // (self.B.shape[2] // n), dim=2)
-        folded = (torch.exp(a.sum(1))[:, :, None, None] * state.float()
-                  + torch.einsum("bwh,bwhp,bwhn->bhpn", torch.exp(after) * dt, x, B))
-        state.copy_(folded.to(state.dtype))
-        self.clear()
 
 
 def _block_p(headdim, dstate):
@@ -353,11 +312,8 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         raise ValueError(f"prepare_stage: state {tuple(state.shape)} / ring {tuple(ring.shape)} disagree with "
                          f"the buffers (batch {batch}, {nheads} heads x {headdim} x {dstate}, {conv_dim} conv "
                          f"channels)")
-    if window is not None and (window.x.shape != (batch, window.size, d_ssm) or window.size & (window.size - 1)
-                               or window.dt.shape != (batch, window.size, nheads)
-                               or window.B.shape != (batch, window.size, (conv_dim - d_ssm) // 2)):
-        raise ValueError(f"prepare_stage: state window x {tuple(window.x.shape)} / B {tuple(window.B.shape)} / dt "
-                         f"{tuple(window.dt.shape)} disagree with the buffers, or its size is not a power of 2")
+    if window is not None:
+        window.check(batch, nheads, headdim, sw.ngroups, dstate)
     win = window if window is not None else StateWindow(state, state, state)  # (placeholders: not read)
     n_in = triton.cdiv(n_zx, IN_N) if i_rows else 0
     n_out = triton.cdiv(d_model, OUT_N) if o_rows else 0
@@ -385,7 +341,8 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
         W_EVICT=WEIGHT_EVICT,
-        DOT_F32=_INTERPRET, WINDOW=window.size if window is not None else 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_F32=_INTERPRET, WINDOW=window.size if window is not None else 1,
+        FLUSH=state_update.window_flush(window.size if window is not None else 1), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)))
     return (n_in + n_out + n_state,), args, constexprs
 
