@@ -196,7 +196,7 @@ def _pipeline_kernel(
     HAS_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, IN_N: tl.constexpr, IN_K: tl.constexpr, OUT_N: tl.constexpr,
     OUT_K: tl.constexpr, BLOCK_PART: tl.constexpr, BLOCK_GPART: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, EVICT: tl.constexpr, W_EVICT: tl.constexpr, DOT_F32: tl.constexpr,
-    WINDOW: tl.constexpr, FLUSH: tl.constexpr, USE_PDL: tl.constexpr,
+    WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # what a role reads before its wait (a state tile, the ring's older inputs, weights) is written by no launch
     # of this step, so the next launch may start at once (pdl.py)
@@ -223,7 +223,7 @@ def _pipeline_kernel(
                 A_log_ptr, xbc + d_ssm, xbc + d_ssm + (conv_dim - d_ssm) // 2, D_ptr, zx_ptr, dtb_ptr, u_ptr, gnw_ptr,
                 ssg_ptr, headdim, dstate, heads_per_group, dt_min, dt_max, s_b, s_h, s_p, s_n, zx_b, headdim, 1, zx_b,
                 1, zx_b, dstate, 1, zx_b, dstate, 1, D_h, D_p, zx_b, headdim, 1, u_b, headdim, 1, ssg_b, True, True,
-                HAS_DT_BIAS, True, HAS_LIMIT, True, True, BLOCK_P, BLOCK_N, USE_PDL, EVICT, WINDOW, FLUSH)
+                HAS_DT_BIAS, True, HAS_LIMIT, True, True, BLOCK_P, BLOCK_N, USE_PDL, EVICT, WINDOW)
         else:
             state_tile_update(s_row0 + q // n_g_part, slot // p_blocks, slot % p_blocks, slot, state_ptr, xbc,
                               xbc + conv_dim, A_log_ptr, xbc + d_ssm, xbc + d_ssm + (conv_dim - d_ssm) // 2, D_ptr,
@@ -341,8 +341,7 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
         W_EVICT=WEIGHT_EVICT,
-        DOT_F32=_INTERPRET, WINDOW=window.size if window is not None else 1,
-        FLUSH=state_update.window_flush(window.size if window is not None else 1), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_F32=_INTERPRET, WINDOW=window.size if window is not None else 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)))
     return (n_in + n_out + n_state,), args, constexprs
 

@@ -58,9 +58,6 @@ STATE_TILE = (4096, 4)
 # on an H100 at batch 64 (decode runs 8, 9: benchmarks/results/decode_run8_*, decode_run9b_*): -0.3 to -1.5 % per
 # step for mamba2-130m, -2.4 % for mamba2-370m against no hint ("").
 STATE_EVICT = "evict_first"
-# how a window's last step folds the earlier slots into the state: "reload" (slot by slot) or "dot" (one
-# float32 product; windows of 16 or more)
-WINDOW_FLUSH = "reload"
 # conv_step's (channels per program, num_warps)
 CONV_TILE = (256, 4)
 
@@ -141,7 +138,6 @@ def _state_update_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr, WINDOW: tl.constexpr,
-    FLUSH: tl.constexpr,
 ):
     b = tl.program_id(1) // nheads
     h = tl.program_id(1) % nheads
@@ -152,7 +148,7 @@ def _state_update_kernel(
             dtb_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dstate, heads_per_group, dt_min, dt_max, s_b, s_h, s_p, s_n,
             x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p, ss_b,
             HAS_D, HAS_Z, HAS_DT_BIAS, DT_SOFTPLUS, HAS_LIMIT, A_IS_LOG, FOLD_NORM, BLOCK_P, BLOCK_N, USE_PDL, EVICT,
-            WINDOW, FLUSH)
+            WINDOW)
         return
     state_tile_update(b, h, tl.program_id(0), h * tl.num_programs(0) + tl.program_id(0), state_ptr, x_ptr, dt_ptr,
                       A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dstate,
@@ -206,34 +202,35 @@ def state_window_tile_update(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr, WINDOW: tl.constexpr,
-    FLUSH: tl.constexpr,
 ):
     """state_tile_update with the state written once every WINDOW tokens (see "State windows" in the module
     docstring). This token's slot in the window is k = slot_ptr's value % WINDOW; slots 0 .. k - 1 hold the
     window's earlier tokens (x in its dtype, B, dt after softplus and clamp); state_ptr holds the state from before
-    slot 0. At k = WINDOW - 1 the program writes the state after this token; otherwise it leaves this token's x
-    (and, one program per head and per group, dt and B) in slot k."""
-    sw = tl.arange(0, WINDOW)
+    slot 0. The program replays the earlier slots' recurrence on its tile in registers, then this token's, and
+    reads y out of the result; at k = WINDOW - 1 it writes the state, otherwise it leaves this token's x (and, one
+    program per head and per group, dt and B) in slot k."""
     g = h // heads_per_group
     offs_p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
-    # Before the wait: the state tile, then every slot of the window (all written by this layer's earlier steps;
-    # those at or past k are masked out below, through dt). No address depends on k, so no load waits for it.
     s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
     mask = mask_p[:, None] & mask_n[None, :]
-    st = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy=EVICT)
-    wx = wx_ptr + b * wx_b + h * headdim
-    wB = wB_ptr + b * wB_b + g * dstate
-    wdt = wdt_ptr + b * wdt_b + h
-    xs = tl.load(wx + sw[:, None] * wx_w + offs_p[None, :], mask=mask_p[None, :], other=0.0)
-    Bs = tl.load(wB + sw[:, None] * wB_w + offs_n[None, :], mask=mask_n[None, :], other=0.0)
-    dts = tl.load(wdt + sw * wdt_w)
+    # before the wait (the state tile first: the slots' loads wait for k): the tile and the slots, written by this
+    # layer in earlier steps
+    st = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
     k = tl.load(slot_ptr) % WINDOW
     A = tl.load(A_ptr + h).to(tl.float32)
     if A_IS_LOG:
         A = -tl.exp(A)
+    wx = wx_ptr + b * wx_b + h * headdim
+    wB = wB_ptr + b * wB_b + g * dstate
+    wdt = wdt_ptr + b * wdt_b + h
+    for s in tl.static_range(WINDOW - 1):  # slots at or past k: dt 0, so decay 1 and nothing added
+        dt_s = tl.where(s < k, tl.load(wdt + s * wdt_w), 0.0)
+        x_s = tl.load(wx + s * wx_w + offs_p, mask=mask_p & (offs_p * 0 + s < k), other=0.0).to(tl.float32)
+        B_s = tl.load(wB + s * wB_w + offs_n, mask=mask_n & (offs_n * 0 + s < k), other=0.0).to(tl.float32)
+        st = st * tl.exp(A * dt_s) + (x_s * dt_s)[:, None] * B_s[None, :]
     wait_and_release(USE_PDL)
 
     dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
@@ -241,30 +238,11 @@ def state_window_tile_update(
     x_in = tl.load(x_ptr + b * x_b + h * x_h + offs_p * x_p, mask=mask_p, other=0.0)
     B_in = tl.load(B_ptr + b * B_b + g * B_g + offs_n * B_n, mask=mask_n, other=0.0)
     x = x_in.to(tl.float32)
-    Bv = B_in.to(tl.float32)
     Cv = tl.load(C_ptr + b * C_b + g * C_g + offs_n * C_n, mask=mask_n, other=0.0).to(tl.float32)
-    # log decays: each earlier slot's own (0 for the slots not in use), from the window's start to now, and from
-    # each earlier slot to now
-    dts = tl.where(sw < k, dts, 0.0)
-    a = dts * A
-    to_now = tl.sum(a, axis=0) + A * dt
-    weights = tl.exp(to_now - tl.cumsum(a, axis=0)) * dts  # each earlier slot's x B^T in the state now
-    base_decay = tl.exp(to_now)
-    xs = xs.to(tl.float32) * weights[:, None]
-    Bs = Bs.to(tl.float32)
-    y = (base_decay * tl.sum(st.to(tl.float32) * Cv[None, :], axis=1)
-         + tl.sum(tl.sum(Bs * Cv[None, :], axis=1)[:, None] * xs, axis=0) + (dt * tl.sum(Bv * Cv, axis=0)) * x)
+    st = st * decay + (x * dt)[:, None] * B_in.to(tl.float32)[None, :]
+    y = tl.sum(st * Cv[None, :], axis=1)
     if k == WINDOW - 1:  # the window is full: the state after this token
-        new = st.to(tl.float32) * base_decay + (x * dt)[:, None] * Bv[None, :]
-        if FLUSH == "dot":  # (WINDOW >= 16) the earlier slots as one product, in float32 FMAs
-            new = tl.dot(tl.trans(xs), Bs, new, input_precision="ieee")
-        else:  # slot by slot, each slot's x and B loaded again (L1/L2)
-            for s in tl.static_range(WINDOW - 1):
-                w_s = tl.sum(tl.where(sw == s, weights, 0.0), axis=0)
-                x_s = tl.load(wx + s * wx_w + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-                B_s = tl.load(wB + s * wB_w + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                new += (x_s * w_s)[:, None] * B_s[None, :]
-        tl.store(s_ptrs, new.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+        tl.store(s_ptrs, st.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
     else:
         tl.store(wx + k * wx_w + offs_p, x_in.to(wx_ptr.dtype.element_ty), mask=mask_p)
         if p_block == 0:  # one program per head writes dt, one per group B
@@ -339,10 +317,6 @@ def _fold_buffers(norm_weight, b, h, p, programs_per_head, device):
     return torch.empty(b, h * programs_per_head, device=device, dtype=torch.float32)
 
 
-def window_flush(window: int) -> str:
-    return WINDOW_FLUSH if window >= 16 else "reload"
-
-
 def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                  dt_limit=(0.0, math.inf), out=None, A_is_log=False, norm_weight=None, block_p=None,
                  num_warps=None, window=None, position=None):
@@ -382,7 +356,7 @@ def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
         h, p, n, h // g, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), D_h, D_p, *zs, *out.stride(),
         sumsq.stride(0) if sumsq is not None else 0, *win.x.stride()[:2], *win.B.stride()[:2], *win.dt.stride()[:2],
-        WINDOW=win.size if window is not None else 1, FLUSH=window_flush(win.size if window is not None else 1),
+        WINDOW=win.size if window is not None else 1,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
         HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, FOLD_NORM=sumsq is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
         num_warps=num_warps, EVICT=STATE_EVICT, **pdl_options(),

@@ -70,17 +70,16 @@ def test_state_update_takes_A_log_and_bf16_inputs():
     assert rel(state.cpu(), state_ref) < 1e-5
 
 
-@pytest.mark.parametrize("window,flush,start,ngroups,state_dtype", [
-    (4, "reload", 2, 1, torch.float32), (2, "reload", 0, 2, torch.float32), (16, "dot", 5, 2, torch.float32),
-    (16, "reload", 12, 1, torch.float32), (4, "reload", 2, 1, torch.bfloat16)])
-def test_state_window_equals_the_recurrence(window, flush, start, ngroups, state_dtype, monkeypatch):
+@pytest.mark.parametrize("window,start,ngroups,state_dtype", [
+    (4, 2, 1, torch.float32), (2, 0, 2, torch.float32), (16, 5, 2, torch.float32), (16, 12, 1, torch.float32),
+    (4, 2, 1, torch.bfloat16)])
+def test_state_window_equals_the_recurrence(window, start, ngroups, state_dtype):
     """state_update with a state window (the state written once per `window` tokens, the tokens in between folded
     in by the window's quadratic form): each token's output against reference.ssd_recurrent over the whole
     sequence in float64, from positions `start` on (so the first window starts part-way), over more than two
     windows; then the settled state against the recurrence's final state."""
     from lit_mamba2.kernels import state_update as su
 
-    monkeypatch.setattr(su, "WINDOW_FLUSH", flush)
     g = torch.Generator().manual_seed(window + start)
     b, h, p, n, L = 3, 4, 8, 16, 2 * window + 3
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
