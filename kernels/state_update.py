@@ -206,9 +206,9 @@ def state_window_tile_update(
     """state_tile_update with the state written once every WINDOW tokens (see "State windows" in the module
     docstring). This token's slot in the window is k = slot_ptr's value % WINDOW; slots 0 .. k - 1 hold the
     window's earlier tokens (x in its dtype, B, dt after softplus and clamp); state_ptr holds the state from before
-    slot 0. The program replays the earlier slots' recurrence on its tile in registers, then this token's, and
-    reads y out of the result; at k = WINDOW - 1 it writes the state, otherwise it leaves this token's x (and, one
-    program per head and per group, dt and B) in slot k."""
+    slot 0. y comes from the window's quadratic form; at k = WINDOW - 1 the program also writes the state after
+    this token, otherwise it leaves this token's x (and, one program per head and per group, dt and B) in slot k."""
+    sw = tl.arange(0, WINDOW)
     g = h // heads_per_group
     offs_p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -216,21 +216,19 @@ def state_window_tile_update(
     mask_n = offs_n < dstate
     s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
     mask = mask_p[:, None] & mask_n[None, :]
-    # before the wait (the state tile first: the slots' loads wait for k): the tile and the slots, written by this
-    # layer in earlier steps
-    st = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    # Before the wait: the state tile first, then every slot of the window (written by this layer's earlier steps;
+    # those at or past k are masked out below, through dt): no address depends on k, so no load waits for it.
+    st = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy=EVICT)
+    wx = wx_ptr + b * wx_b + h * headdim
+    wB = wB_ptr + b * wB_b + g * dstate
+    wdt = wdt_ptr + b * wdt_b + h
+    xs = tl.load(wx + sw[:, None] * wx_w + offs_p[None, :], mask=mask_p[None, :], other=0.0)
+    Bs = tl.load(wB + sw[:, None] * wB_w + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+    dts = tl.load(wdt + sw * wdt_w)
     k = tl.load(slot_ptr) % WINDOW
     A = tl.load(A_ptr + h).to(tl.float32)
     if A_IS_LOG:
         A = -tl.exp(A)
-    wx = wx_ptr + b * wx_b + h * headdim
-    wB = wB_ptr + b * wB_b + g * dstate
-    wdt = wdt_ptr + b * wdt_b + h
-    for s in tl.static_range(WINDOW - 1):  # slots at or past k: dt 0, so decay 1 and nothing added
-        dt_s = tl.where(s < k, tl.load(wdt + s * wdt_w), 0.0)
-        x_s = tl.load(wx + s * wx_w + offs_p, mask=mask_p & (offs_p * 0 + s < k), other=0.0).to(tl.float32)
-        B_s = tl.load(wB + s * wB_w + offs_n, mask=mask_n & (offs_n * 0 + s < k), other=0.0).to(tl.float32)
-        st = st * tl.exp(A * dt_s) + (x_s * dt_s)[:, None] * B_s[None, :]
     wait_and_release(USE_PDL)
 
     dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
@@ -238,11 +236,30 @@ def state_window_tile_update(
     x_in = tl.load(x_ptr + b * x_b + h * x_h + offs_p * x_p, mask=mask_p, other=0.0)
     B_in = tl.load(B_ptr + b * B_b + g * B_g + offs_n * B_n, mask=mask_n, other=0.0)
     x = x_in.to(tl.float32)
+    Bv = B_in.to(tl.float32)
     Cv = tl.load(C_ptr + b * C_b + g * C_g + offs_n * C_n, mask=mask_n, other=0.0).to(tl.float32)
-    st = st * decay + (x * dt)[:, None] * B_in.to(tl.float32)[None, :]
-    y = tl.sum(st * Cv[None, :], axis=1)
-    if k == WINDOW - 1:  # the window is full: the state after this token
-        tl.store(s_ptrs, st.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+    # log decays: each earlier slot's (0 for slots not in use, whose dt is masked to 0), and from each earlier
+    # slot to now (the later slots' and this token's)
+    dts = tl.where(sw < k, dts, 0.0)
+    a = dts * A
+    after = tl.sum(tl.where(sw[None, :] > sw[:, None], a[None, :], 0.0), axis=1) + A * dt
+    to_now = tl.sum(a, axis=0) + A * dt
+    coef = tl.exp(after) * dts * tl.sum(Bs.to(tl.float32) * Cv[None, :], axis=1)  # dt_s e^(..) (B_s . C)
+    y = (tl.exp(to_now) * tl.sum(st.to(tl.float32) * Cv[None, :], axis=1)
+         + tl.sum(coef[:, None] * xs.to(tl.float32), axis=0) + (dt * tl.sum(Bv * Cv, axis=0)) * x)
+    if k == WINDOW - 1:  # the window is full: the state after this token, slot by slot from the newest (so each
+        # slot's decay is a running sum of scalars; its x and B are read again, from L1/L2)
+        new = (x * dt)[:, None] * Bv[None, :]
+        log_decay = A * dt
+        for i in tl.static_range(WINDOW - 1):
+            s = WINDOW - 2 - i
+            dt_s = tl.load(wdt + s * wdt_w)
+            x_s = tl.load(wx + s * wx_w + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+            B_s = tl.load(wB + s * wB_w + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            new += (x_s * (dt_s * tl.exp(log_decay)))[:, None] * B_s[None, :]
+            log_decay += A * dt_s
+        new += st.to(tl.float32) * tl.exp(log_decay)
+        tl.store(s_ptrs, new.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
     else:
         tl.store(wx + k * wx_w + offs_p, x_in.to(wx_ptr.dtype.element_ty), mask=mask_p)
         if p_block == 0:  # one program per head writes dt, one per group B
