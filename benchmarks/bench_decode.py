@@ -164,13 +164,6 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "pipe3_w8_st8k": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "state_update.STATE_TILE": (8192, 8)}),
     "pipe3_w8_st8k_s2": (dict(row_groups=3), {"decode_pipeline.NUM_WARPS": 8, "decode_pipeline.NUM_STAGES": 2,
                                               "state_update.STATE_TILE": (8192, 8)}),
-    # session 10: the state windows (states written once per window, state_update.state_window_tile_update)
-    **{f"pipe3_win{w}": (dict(row_groups=3, state_window=w), {}) for w in (1, 2, 4, 16, 32)},
-    "pipe3_win8_st8k": (dict(row_groups=3), {"state_update.STATE_TILE": (8192, 4)}),
-    "pipe3_win8_r128": (dict(row_groups=3), {"decode_pipeline.MAXNREG": 128}),
-    "pipe3_win4_r128": (dict(row_groups=3, state_window=4), {"decode_pipeline.MAXNREG": 128}),
-    "pipe3_win8_r168": (dict(row_groups=3), {"decode_pipeline.MAXNREG": 168}),
-    "pipe3_win16_st8k": (dict(row_groups=3, state_window=16), {"state_update.STATE_TILE": (8192, 4)}),
 }
 VARIANTS.update({k: v[0] for k, v in BATCH_VARIANTS.items()})
 # below batch 16 the ring is the default and its tiles are STATE_TILE_SMALL_BATCH: the ring variants equal ours
@@ -309,9 +302,7 @@ def _ours(name, batch, args, variant):
 
         dec_flags = dict(ring=any(getattr(st, "ring", False) for st in dec.states), fuse=dec.fuse_linear,
                          state_dtype=str(dec.state_dtype).replace("torch.", ""),
-                         pdl=bool(dec.pdl and pdl.supported()), gnfold=dec.fold_gated_norm,
-                         window=dec.row_pipeline.windows[0].size if dec.row_pipeline and dec.row_pipeline.windows[0]
-                         else 1)
+                         pdl=bool(dec.pdl and pdl.supported()), gnfold=dec.fold_gated_norm)
         use(prefill_impl, norm_impl)
         try:
             dec.prefill(prompt)
@@ -321,8 +312,7 @@ def _ours(name, batch, args, variant):
             use(prefill_impl, norm_impl)
             dec.prefill(prompt)
         token = torch.randint(1, 50000, (batch,), device="cuda")
-        # whole state windows per timing (a window's last step also writes the states)
-        step_ms = median_ms(lambda: dec.step(token), -(-args.iters // dec_flags["window"]) * dec_flags["window"])
+        step_ms = median_ms(lambda: dec.step(token), args.iters)
 
         def gen():
             for _ in stream(model, prompt, args.gen_len, temperature=0, decoder=dec):
@@ -330,15 +320,14 @@ def _ours(name, batch, args, variant):
 
         gen_ms = wall_ms(gen) / args.gen_len if args.gen_for is None or variant in args.gen_for else float("nan")
         # correctness guard: graph steps equal the eager PyTorch steps (states in the same dtype, shifted conv,
-        # cuBLAS linears) from the same prompt, over 12 tokens (with a state window of 8: steps that read the
-        # states a window's last step wrote)
+        # cuBLAS linears) from the same prompt, over 8 tokens
         dec.prefill(prompt)
         eager = Decoder(model, batch, args.prompt_len + 16, cuda_graph=False, ring_conv=False, fuse_linear=False,
                         state_dtype=dec.state_dtype)
         use("torch", "torch")
         eager.prefill(prompt)
         errs = []
-        for _ in range(12):
+        for _ in range(8):
             g = dec.step(token).float()
             e = eager.step(token).float()
             errs.append(((g - e).norm() / e.norm()).item())
@@ -348,7 +337,7 @@ def _ours(name, batch, args, variant):
     return dict(step_ms=step_ms, gen_ms=gen_ms, capture_s=capture_s, max_rel_err_vs_torch=max(errs),
                 state_dtype=dec_flags["state_dtype"],
                 ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"], pdl=dec_flags["pdl"],
-                fold_gated_norm=dec_flags["gnfold"], state_window=dec_flags["window"],
+                fold_gated_norm=dec_flags["gnfold"],
                 gated_norm="triton" if norm_impl is None else "torch",
                 prefill="triton" if prefill_impl is None else "torch")
 

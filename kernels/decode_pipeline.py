@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .pdl import options as pdl_options, release_early, wait_and_release
 from . import state_update
-from .state_update import StateWindow, state_tile_update, state_window_tile_update
+from .state_update import state_tile_update
 
 # the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): it gets float32 dot operands (the same
 # products: the operands are rounded to the weight's dtype first)
@@ -185,18 +185,17 @@ def _pipeline_kernel(
     # stage O
     o_row0, o_rows, w_out_ptr, nw_next_ptr, gnorm_eps,
     # stage S
-    s_row0, state_ptr, A_log_ptr, D_ptr, dtb_ptr, gnw_ptr, dt_min, dt_max, wx_ptr, wB_ptr, wdt_ptr,
+    s_row0, state_ptr, A_log_ptr, D_ptr, dtb_ptr, gnw_ptr, dt_min, dt_max,
     # buffers shared by the stages
     res_ptr, a_ptr, ssr_ptr, zx_ptr, u_ptr, ssg_ptr,
     d_model, n_zx, d_ssm, conv_dim, nheads, headdim, dstate, heads_per_group, n_res_part, n_g_part, inv_d_model,
     inv_d_ssm,
     res_b, a_b, ssr_b, zx_b, u_b, ssg_b, w_in_n, w_out_n, s_b, s_h, s_p, s_n, r_b, r_c, r_w, cw_c, cw_w, D_h, D_p,
-    wx_b, wx_w, wB_b, wB_w, wdt_b, wdt_w,
     HAS_IN_BIAS: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, IN_N: tl.constexpr, IN_K: tl.constexpr, OUT_N: tl.constexpr,
     OUT_K: tl.constexpr, BLOCK_PART: tl.constexpr, BLOCK_GPART: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, EVICT: tl.constexpr, W_EVICT: tl.constexpr, DOT_F32: tl.constexpr,
-    WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # what a role reads before its wait (a state tile, the ring's older inputs, weights) is written by no launch
     # of this step, so the next launch may start at once (pdl.py)
@@ -216,21 +215,12 @@ def _pipeline_kernel(
         slot = q % n_g_part  # = h * p_blocks + p_block: the tile's partial-sum slot in its row
         p_blocks = n_g_part // nheads
         xbc = zx_ptr + d_ssm  # zx rows hold [z, xBC (after the conv), dt]
-        if WINDOW > 1:  # (the token's slot in the window: the step's position, advanced after the step, % WINDOW)
-            state_window_tile_update(
-                slot_ptr, wx_ptr, wB_ptr, wdt_ptr, wx_b, wx_w, wB_b, wB_w, wdt_b, wdt_w,
-                s_row0 + q // n_g_part, slot // p_blocks, slot % p_blocks, slot, state_ptr, xbc, xbc + conv_dim,
-                A_log_ptr, xbc + d_ssm, xbc + d_ssm + (conv_dim - d_ssm) // 2, D_ptr, zx_ptr, dtb_ptr, u_ptr, gnw_ptr,
-                ssg_ptr, headdim, dstate, heads_per_group, dt_min, dt_max, s_b, s_h, s_p, s_n, zx_b, headdim, 1, zx_b,
-                1, zx_b, dstate, 1, zx_b, dstate, 1, D_h, D_p, zx_b, headdim, 1, u_b, headdim, 1, ssg_b, True, True,
-                HAS_DT_BIAS, True, HAS_LIMIT, True, True, BLOCK_P, BLOCK_N, USE_PDL, EVICT, WINDOW)
-        else:
-            state_tile_update(s_row0 + q // n_g_part, slot // p_blocks, slot % p_blocks, slot, state_ptr, xbc,
-                              xbc + conv_dim, A_log_ptr, xbc + d_ssm, xbc + d_ssm + (conv_dim - d_ssm) // 2, D_ptr,
-                              zx_ptr, dtb_ptr, u_ptr, gnw_ptr, ssg_ptr, headdim, dstate, heads_per_group, dt_min,
-                              dt_max, s_b, s_h, s_p, s_n, zx_b, headdim, 1, zx_b, 1, zx_b, dstate, 1, zx_b, dstate, 1,
-                              D_h, D_p, zx_b, headdim, 1, u_b, headdim, 1, ssg_b, True, True, HAS_DT_BIAS, True,
-                              HAS_LIMIT, True, True, BLOCK_P, BLOCK_N, USE_PDL, EVICT)
+        state_tile_update(s_row0 + q // n_g_part, slot // p_blocks, slot % p_blocks, slot, state_ptr, xbc,
+                          xbc + conv_dim, A_log_ptr, xbc + d_ssm, xbc + d_ssm + (conv_dim - d_ssm) // 2, D_ptr,
+                          zx_ptr, dtb_ptr, u_ptr, gnw_ptr, ssg_ptr, headdim, dstate, heads_per_group, dt_min, dt_max,
+                          s_b, s_h, s_p, s_n, zx_b, headdim, 1, zx_b, 1, zx_b, dstate, 1, zx_b, dstate, 1, D_h, D_p,
+                          zx_b, headdim, 1, u_b, headdim, 1, ssg_b, True, True, HAS_DT_BIAS, True, HAS_LIMIT, True,
+                          True, BLOCK_P, BLOCK_N, USE_PDL, EVICT)
 
 
 @dataclass
@@ -289,10 +279,9 @@ class MixerWeights:
 def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int, block_m: int,
                   in_role, out_role, state_role):
     """The arguments of one launch, checked once here so that launch_stage does nothing else. in_role = (row0,
-    rows, MixerWeights, conv ring (batch, conv_dim, width), slot (0-dim int64: the step's position, so this
-    token's ring slot and window slot)) runs stage I on those rows, out_role = (row0, rows, MixerWeights) stage O,
-    state_role = (row0, rows, MixerWeights, ssm_state (batch, nheads, headdim, dstate), StateWindow or None (the
-    state written every step)) stage S; the slot tensor must be the same for every launch of a step. A role with 0 rows has no programs (its tensors still set
+    rows, MixerWeights, conv ring (batch, conv_dim, width), slot (0-dim int64: the ring slot of this token)) runs
+    stage I on those rows, out_role = (row0, rows, MixerWeights) stage O, state_role = (row0, rows, MixerWeights,
+    ssm_state (batch, nheads, headdim, dstate)) stage S. A role with 0 rows has no programs (its tensors still set
     the launch's dtypes, so give a real layer's)."""
     res, zx = bufs.residual, bufs.zx
     batch, d_model = res.shape
@@ -303,7 +292,7 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
     OUT_N, OUT_K = OUT_TILE
     i_row0, i_rows, iw, ring, slot = in_role
     o_row0, o_rows, ow = out_role
-    s_row0, s_rows, sw, state, window = state_role
+    s_row0, s_rows, sw, state = state_role
     for row0, rows in ((i_row0, i_rows), (o_row0, o_rows), (s_row0, s_rows)):
         if rows > block_m or row0 + rows > batch:
             raise ValueError(f"prepare_stage: rows {row0}..{row0 + rows} do not fit (batch {batch}, tile {block_m})")
@@ -312,9 +301,6 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         raise ValueError(f"prepare_stage: state {tuple(state.shape)} / ring {tuple(ring.shape)} disagree with "
                          f"the buffers (batch {batch}, {nheads} heads x {headdim} x {dstate}, {conv_dim} conv "
                          f"channels)")
-    if window is not None:
-        window.check(batch, nheads, headdim, sw.ngroups, dstate)
-    win = window if window is not None else StateWindow(state, state, state)  # (placeholders: not read)
     n_in = triton.cdiv(n_zx, IN_N) if i_rows else 0
     n_out = triton.cdiv(d_model, OUT_N) if o_rows else 0
     n_state = s_rows * n_g_part
@@ -327,13 +313,13 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         iw.conv_weight, iw.conv_bias if iw.conv_bias is not None else iw.conv_weight, float(iw.norm_eps),
         o_row0, o_rows, ow.out_weight, ow.next_norm_weight, float(ow.gnorm_eps),
         s_row0, state, sw.A_log, D, sw.dt_bias if sw.dt_bias is not None else sw.A_log, sw.gnorm_weight,
-        float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)), win.x, win.B, win.dt,
+        float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         res, bufs.norm_input, bufs.res_sumsq, zx, bufs.u, bufs.u_sumsq,
         d_model, n_zx, d_ssm, conv_dim, nheads, headdim, dstate, nheads // sw.ngroups, n_res_part, n_g_part,
         1.0 / d_model, 1.0 / d_ssm,
         res.stride(0), bufs.norm_input.stride(0), bufs.res_sumsq.stride(0), zx.stride(0), bufs.u.stride(0),
         bufs.u_sumsq.stride(0), iw.in_weight.stride(0), ow.out_weight.stride(0), *state.stride(), *ring.stride(),
-        *iw.conv_weight.stride(), D_h, D_p, *win.x.stride()[:2], *win.B.stride()[:2], *win.dt.stride()[:2])
+        *iw.conv_weight.stride(), D_h, D_p)
     constexprs = dict(
         HAS_IN_BIAS=iw.in_bias is not None, WIDTH=iw.conv_weight.shape[1], HAS_CONV_BIAS=iw.conv_bias is not None,
         HAS_DT_BIAS=sw.dt_bias is not None, HAS_LIMIT=dt_limit != (0.0, float("inf")),
@@ -341,7 +327,7 @@ def prepare_stage(bufs: PipelineBuffers, nheads: int, headdim: int, dstate: int,
         BLOCK_PART=triton.next_power_of_2(n_res_part), BLOCK_GPART=triton.next_power_of_2(n_g_part),
         BLOCK_P=_block_p(headdim, dstate), BLOCK_N=triton.next_power_of_2(dstate), EVICT=state_update.STATE_EVICT,
         W_EVICT=WEIGHT_EVICT,
-        DOT_F32=_INTERPRET, WINDOW=window.size if window is not None else 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_F32=_INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **({} if MAXNREG is None or _INTERPRET else dict(maxnreg=MAXNREG)))
     return (n_in + n_out + n_state,), args, constexprs
 

@@ -18,24 +18,11 @@ The state kernel then writes u = y * silu(z) * w and each program's partial sum 
 rows (float32, one slot per program: no atomics, deterministic); out_proj runs on u, and the next `add_rmsnorm`
 (`hidden_rms=`) sums the partials in a fixed order and scales its hidden input by rstd before the residual add.
 That saves the gated norm's launch (and its read and write of y) per layer and step.
-
-State windows (`state_window_tile_update`, the row pipeline's state role): at large batch a step's bytes are
-mostly the states, read and written once each. The state need not be written every step: with h the state before a
-window of tokens 0 .. k (a_s = dt_s A the log decays, T_s = a_0 + ... + a_s),
-
-    h_k = exp(T_k) h + sum_{s <= k} exp(T_k - T_s) dt_s x_s B_s^T
-    y_k = exp(T_k) (h C_k) + sum_{s <= k} exp(T_k - T_s) dt_s (B_s . C_k) x_s + D x_k
-
-which is SSD's quadratic form over the window on top of the recurrent state. So each step reads h, keeps its token's
-x, B and dt in a small window buffer, and writes h only when the window is full: per WINDOW tokens the state moves
-WINDOW + 1 times instead of 2 WINDOW times. The arithmetic is the same recurrence regrouped, in float32; the state
-is rounded to its dtype once per window instead of once per token.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -131,25 +118,15 @@ def _gate_and_store(y, z, out_ptr, o_off, nw_ptr, ss_ptr, ss_slot, h, headdim, o
 @triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr, nw_ptr, ss_ptr,
-    slot_ptr, wx_ptr, wB_ptr, wdt_ptr,
     nheads, headdim, dstate, heads_per_group, dt_min, dt_max,
     s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p,
-    o_b, o_h, o_p, ss_b, wx_b, wx_w, wB_b, wB_w, wdt_b, wdt_w,
+    o_b, o_h, o_p, ss_b,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr,
 ):
     b = tl.program_id(1) // nheads
     h = tl.program_id(1) % nheads
-    if WINDOW > 1:
-        state_window_tile_update(
-            slot_ptr, wx_ptr, wB_ptr, wdt_ptr, wx_b, wx_w, wB_b, wB_w, wdt_b, wdt_w, b, h, tl.program_id(0),
-            h * tl.num_programs(0) + tl.program_id(0), state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
-            dtb_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dstate, heads_per_group, dt_min, dt_max, s_b, s_h, s_p, s_n,
-            x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p, o_b, o_h, o_p, ss_b,
-            HAS_D, HAS_Z, HAS_DT_BIAS, DT_SOFTPLUS, HAS_LIMIT, A_IS_LOG, FOLD_NORM, BLOCK_P, BLOCK_N, USE_PDL, EVICT,
-            WINDOW)
-        return
     state_tile_update(b, h, tl.program_id(0), h * tl.num_programs(0) + tl.program_id(0), state_ptr, x_ptr, dt_ptr,
                       A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr, nw_ptr, ss_ptr, headdim, dstate,
                       heads_per_group, dt_min, dt_max, s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n,
@@ -192,139 +169,6 @@ def state_tile_update(
                     offs_p, mask_p, HAS_Z, FOLD_NORM)
 
 
-@triton.jit
-def state_window_tile_update(
-    slot_ptr, wx_ptr, wB_ptr, wdt_ptr, wx_b, wx_w, wB_b, wB_w, wdt_b, wdt_w,
-    b, h, p_block, ss_slot, state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr, nw_ptr,
-    ss_ptr, headdim, dstate, heads_per_group, dt_min, dt_max,
-    s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, B_b, B_g, B_n, C_b, C_g, C_n, D_h, D_p, z_b, z_h, z_p,
-    o_b, o_h, o_p, ss_b,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, FOLD_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr, WINDOW: tl.constexpr,
-):
-    """state_tile_update with the state written once every WINDOW tokens (see "State windows" in the module
-    docstring). This token's slot in the window is k = slot_ptr's value % WINDOW; slots 0 .. k - 1 hold the
-    window's earlier tokens (x in its dtype, B, dt after softplus and clamp); state_ptr holds the state from before
-    slot 0. y comes from the window's quadratic form; at k = WINDOW - 1 the program also writes the state after
-    this token, otherwise it leaves this token's x (and, one program per head and per group, dt and B) in slot k."""
-    sw = tl.arange(0, WINDOW)
-    g = h // heads_per_group
-    offs_p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_p = offs_p < headdim
-    mask_n = offs_n < dstate
-    s_ptrs = state_ptr + b * s_b + h * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
-    mask = mask_p[:, None] & mask_n[None, :]
-    # Before the wait: the state tile first, then every slot of the window (written by this layer's earlier steps;
-    # those at or past k are masked out below, through dt): no address depends on k, so no load waits for it.
-    st = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy=EVICT)
-    wx = wx_ptr + b * wx_b + h * headdim
-    wB = wB_ptr + b * wB_b + g * dstate
-    wdt = wdt_ptr + b * wdt_b + h
-    xs = tl.load(wx + sw[:, None] * wx_w + offs_p[None, :], mask=mask_p[None, :], other=0.0)
-    Bs = tl.load(wB + sw[:, None] * wB_w + offs_n[None, :], mask=mask_n[None, :], other=0.0)
-    dts = tl.load(wdt + sw * wdt_w)
-    k = tl.load(slot_ptr) % WINDOW
-    A = tl.load(A_ptr + h).to(tl.float32)
-    if A_IS_LOG:
-        A = -tl.exp(A)
-    wait_and_release(USE_PDL)
-
-    dt, decay = _dt_and_decay(dt_ptr, dtb_ptr, A_ptr, b, h, dt_b, dt_h, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
-                              HAS_LIMIT, A_IS_LOG)
-    x_in = tl.load(x_ptr + b * x_b + h * x_h + offs_p * x_p, mask=mask_p, other=0.0)
-    B_in = tl.load(B_ptr + b * B_b + g * B_g + offs_n * B_n, mask=mask_n, other=0.0)
-    x = x_in.to(tl.float32)
-    Bv = B_in.to(tl.float32)
-    Cv = tl.load(C_ptr + b * C_b + g * C_g + offs_n * C_n, mask=mask_n, other=0.0).to(tl.float32)
-    # log decays: each earlier slot's (0 for slots not in use, whose dt is masked to 0), and from each earlier
-    # slot to now (the later slots' and this token's)
-    dts = tl.where(sw < k, dts, 0.0)
-    a = dts * A
-    after = tl.sum(tl.where(sw[None, :] > sw[:, None], a[None, :], 0.0), axis=1) + A * dt
-    to_now = tl.sum(a, axis=0) + A * dt
-    coef = tl.exp(after) * dts * tl.sum(Bs.to(tl.float32) * Cv[None, :], axis=1)  # dt_s e^(..) (B_s . C)
-    y = (tl.exp(to_now) * tl.sum(st.to(tl.float32) * Cv[None, :], axis=1)
-         + tl.sum(coef[:, None] * xs.to(tl.float32), axis=0) + (dt * tl.sum(Bv * Cv, axis=0)) * x)
-    if k == WINDOW - 1:  # the window is full: the state after this token, slot by slot from the newest (so each
-        # slot's decay is a running sum of scalars; its x and B are read again, from L1/L2)
-        new = (x * dt)[:, None] * Bv[None, :]
-        log_decay = A * dt
-        for i in tl.static_range(WINDOW - 1):
-            s = WINDOW - 2 - i
-            dt_s = tl.load(wdt + s * wdt_w)
-            x_s = tl.load(wx + s * wx_w + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-            B_s = tl.load(wB + s * wB_w + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            new += (x_s * (dt_s * tl.exp(log_decay)))[:, None] * B_s[None, :]
-            log_decay += A * dt_s
-        new += st.to(tl.float32) * tl.exp(log_decay)
-        tl.store(s_ptrs, new.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
-    else:
-        tl.store(wx + k * wx_w + offs_p, x_in.to(wx_ptr.dtype.element_ty), mask=mask_p)
-        if p_block == 0:  # one program per head writes dt, one per group B
-            tl.store(wdt + k * wdt_w, dt)
-            if h % heads_per_group == 0:
-                tl.store(wB + k * wB_w + offs_n, B_in.to(wB_ptr.dtype.element_ty), mask=mask_n)
-    if HAS_D:
-        y += x * tl.load(D_ptr + h * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
-    z = y
-    if HAS_Z:
-        z = tl.load(z_ptr + b * z_b + h * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
-    _gate_and_store(y, z, out_ptr, b * o_b + h * o_h + offs_p * o_p, nw_ptr, ss_ptr + b * ss_b, ss_slot, h, headdim,
-                    offs_p, mask_p, HAS_Z, FOLD_NORM)
-
-
-@dataclass
-class StateWindow:
-    """One layer's window of tokens not yet in its SSM state (state_update.py, "State windows"): for each row and
-    slot, x (batch, window, nheads * headdim) and B (batch, window, ngroups * dstate) in the activations' dtype, dt
-    after softplus and clamp (batch, window, nheads) float32. A slot with dt = 0 is inert; slots at or past the
-    step's slot (its position modulo the window) are not read."""
-
-    x: torch.Tensor
-    B: torch.Tensor
-    dt: torch.Tensor
-
-    @classmethod
-    def allocate(cls, batch, window, nheads, headdim, ngroups, dstate, dtype, device):
-        return cls(torch.zeros(batch, window, nheads * headdim, dtype=dtype, device=device),
-                   torch.zeros(batch, window, ngroups * dstate, dtype=dtype, device=device),
-                   torch.zeros(batch, window, nheads, dtype=torch.float32, device=device))
-
-    @property
-    def size(self) -> int:
-        return self.dt.shape[1]
-
-    def check(self, batch, nheads, headdim, ngroups, dstate):
-        """Raise unless the window fits states (batch, nheads, headdim, dstate) with ngroups B groups."""
-        w = self.size
-        if (w & (w - 1) or self.x.shape != (batch, w, nheads * headdim) or self.B.shape != (batch, w, ngroups * dstate)
-                or self.dt.shape != (batch, w, nheads) or self.dt.dtype != torch.float32):
-            raise ValueError(f"state window x {tuple(self.x.shape)} / B {tuple(self.B.shape)} / dt "
-                             f"{tuple(self.dt.shape)} {self.dt.dtype} do not fit states ({batch}, {nheads}, {headdim}, "
-                             f"{dstate}) with {ngroups} groups, or its size is not a power of 2")
-
-    def clear(self):
-        """Every slot inert (after the state was set from elsewhere, e.g. a prefill)."""
-        self.dt.zero_()
-
-    def settle(self, state: torch.Tensor, A_log: torch.Tensor, position: torch.Tensor):
-        """Fold the slots before `position` modulo the window (a 0-dim tensor: no host sync, so a CUDA graph can
-        hold this) into state (batch, nheads, headdim, dstate) in place, and clear the window."""
-        b, h, p, n = state.shape
-        earlier = torch.arange(self.size, device=state.device) < position % self.size
-        dt = self.dt * earlier[None, :, None]
-        a = dt * -torch.exp(A_log.float())
-        after = a.flip(1).cumsum(1).flip(1) - a  # log decay from each slot to the window's last used slot
-        x = self.x.float().view(b, self.size, h, p)
-        B = self.B.float().view(b, self.size, -1, n).repeat_interleave(h // (self.B.shape[2] // n), dim=2)
-        folded = (torch.exp(a.sum(1))[:, :, None, None] * state.float()
-                  + torch.einsum("bwh,bwhp,bwhn->bhpn", torch.exp(after) * dt, x, B))
-        state.copy_(folded.to(state.dtype))
-        self.clear()
-
-
 def _fold_buffers(norm_weight, b, h, p, programs_per_head, device):
     """The folded gated norm's weight check and its partial sums (batch, programs per row), float32."""
     if norm_weight is None:
@@ -336,16 +180,14 @@ def _fold_buffers(norm_weight, b, h, p, programs_per_head, device):
 
 def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                  dt_limit=(0.0, math.inf), out=None, A_is_log=False, norm_weight=None, block_p=None,
-                 num_warps=None, window=None, position=None):
+                 num_warps=None):
     """state: (batch, nheads, headdim, dstate), updated in place; x, z: (batch, nheads, headdim); dt: (batch,
     nheads); A, dt_bias: (nheads,); B, C: (batch, ngroups, dstate); D: (nheads,) or (nheads, headdim).
     A_is_log: A holds A_log, and A = -exp(A_log) is taken in the kernel.
     Returns y (batch, nheads, headdim) in x's dtype (or written into `out`).
     norm_weight (nheads * headdim,): the gated RMSNorm (one group) folded in (see the module docstring): returns
     (u, sumsq) with u = y * silu(z) * norm_weight in x's dtype and sumsq (batch, programs per row) float32 partial
-    sums of (y * silu(z))^2, which add up to the row's sum over all nheads * headdim channels.
-    window (StateWindow) and position (0-dim int64 tensor, this token's position): the state is written once per
-    window.size tokens (the module docstring's "State windows"); dt_softplus must then be on."""
+    sums of (y * silu(z))^2, which add up to the row's sum over all nheads * headdim channels."""
     b, h, p, n = state.shape
     g = B.shape[1]
     assert x.shape == (b, h, p) and dt.shape == (b, h) and A.shape == (h,), "state_update: shapes disagree"
@@ -361,19 +203,13 @@ def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
     zs = z.stride() if z is not None else (0, 0, 0)
     has_limit = tuple(dt_limit) != (0.0, math.inf)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
-    if window is not None:
-        window.check(b, h, p, g, n)
-        if position is None or position.dim() != 0 or not dt_softplus:
-            raise ValueError("state_update: a state window needs position (a 0-dim tensor) and dt_softplus=True")
-    win = window if window is not None else StateWindow(state, state, state)  # (placeholders: not read)
     _state_update_kernel[grid](
         state, x, dt, A, B, C, D if D is not None else A, z if z is not None else x,
         dt_bias if dt_bias is not None else A, out, norm_weight if sumsq is not None else A,
-        sumsq if sumsq is not None else A, position if window is not None else A, win.x, win.B, win.dt,
+        sumsq if sumsq is not None else A,
         h, p, n, h // g, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), D_h, D_p, *zs, *out.stride(),
-        sumsq.stride(0) if sumsq is not None else 0, *win.x.stride()[:2], *win.B.stride()[:2], *win.dt.stride()[:2],
-        WINDOW=win.size if window is not None else 1,
+        sumsq.stride(0) if sumsq is not None else 0,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
         HAS_LIMIT=has_limit, A_IS_LOG=A_is_log, FOLD_NORM=sumsq is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
         num_warps=num_warps, EVICT=STATE_EVICT, **pdl_options(),

@@ -106,16 +106,12 @@ class Decoder:
     layer is a Mamba-2 block whose gated norm folds; 0 = off) steps the batch as that many row groups in a
     pipeline: three launches per layer, each running one group's state update beside the other groups' in_proj
     and out_proj (lit_mamba2/row_pipeline.py, kernels/decode_pipeline.py; measured on an H100 at batch 64,
-    BENCHMARKS.md). `state_window` (row pipeline only; default row_pipeline.WINDOW, a power of 2; 1 = off) writes
-    each SSM state once per that many steps and keeps the tokens in between beside it (kernels/state_update.py,
-    "State windows"): the outputs are the same recurrence, and `states` hold the current position's SSM states
-    only after `settle_states()`."""
+    BENCHMARKS.md)."""
 
     def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
                  compile: bool = False, state_dtype: Optional[torch.dtype] = None,
                  ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None, pdl: bool = True,
-                 fold_gated_norm: Optional[bool] = None, row_groups: Optional[int] = None,
-                 state_window: Optional[int] = None):
+                 fold_gated_norm: Optional[bool] = None, row_groups: Optional[int] = None):
         self.model = model
         weight = model.lm_head.weight
         device = weight.device
@@ -174,10 +170,7 @@ class Decoder:
         if row_groups:
             from lit_mamba2.row_pipeline import RowPipeline
 
-            self.row_pipeline = RowPipeline(model, self.states, self.pos.cache_pos, row_groups,
-                                            **({} if state_window is None else dict(window=state_window)))
-        elif state_window not in (None, 1):
-            raise ValueError("Decoder: state_window needs the row pipeline (row_groups)")
+            self.row_pipeline = RowPipeline(model, self.states, self.pos.cache_pos, row_groups)
         self._fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
         self.graph, self.logits = None, None
         self.filled = 0
@@ -192,8 +185,6 @@ class Decoder:
             if self.row_pipeline is not None and self._pipeline_on_triton():
                 logits = self.row_pipeline.step(self.token)
             else:
-                if self.row_pipeline is not None:  # the ordinary step reads the states: fold the windows in
-                    self.row_pipeline.settle_states()
                 logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear,
                                          fold_gated_norm=self.fold_gated_norm)
         self._advancing.add_(1)  # = self.pos.advance()
@@ -241,19 +232,11 @@ class Decoder:
                 st.v[:, :, :L].copy_(new.v)
                 if st.conv is not None:
                     st.conv.copy_(new.conv)
-        if self.row_pipeline is not None:
-            self.row_pipeline.clear_windows()
         self.filled = L  # host-side count of KV slots used, so that step() needs no device sync to check it
         self.pos.cache_pos.fill_(L)
         self.pos.positions.copy_(lengths if lengths is not None else torch.full((b,), L))
         self.pos.kv_start.copy_(pads if pads is not None else torch.zeros(b))
         return logits
-
-    def settle_states(self):
-        """Make `states` the SSM states at the current position (with a state window they lag by up to
-        state_window - 1 tokens between steps; the next steps read them either way)."""
-        if self.row_pipeline is not None:
-            self.row_pipeline.settle_states()
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token (batch,) -> logits (batch, padded_vocab) for the next position."""

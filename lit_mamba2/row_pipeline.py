@@ -10,9 +10,6 @@ import torch
 from .model import Mamba2LMHeadModel, Mamba2Mixer, Mamba2State
 
 STAGES = 3  # I (norm + in_proj + conv), S (state update), O (out_proj + residual): one launch each
-# Tokens per state window (kernels/state_update.py, "State windows"): the SSM states are written once per WINDOW
-# steps, the tokens in between kept in a small buffer. Measured on an H100 at batch 64 (BENCHMARKS.md).
-WINDOW = 8
 
 
 def unsupported_reason(model: Mamba2LMHeadModel) -> Optional[str]:
@@ -32,16 +29,10 @@ def unsupported_reason(model: Mamba2LMHeadModel) -> Optional[str]:
 class RowPipeline:
     """Launch t runs, for each row group g, stage (t - g) % 3 of layer (t - g) // 3: with three groups every launch
     has one group in each stage, so one group's states stream while the other two groups' products run.
-    `step` writes through fixed buffers and launches only, so a CUDA graph can capture it.
+    `step` writes through fixed buffers and launches only, so a CUDA graph can capture it."""
 
-    `slot` is the step's position (a 0-dim int64 tensor the caller advances after each step). With window > 1
-    each layer's SSM state is written once every `window` steps (a power of 2), the tokens in between kept in a
-    StateWindow: `states[i].ssm` is then up to date only after `settle_states()`, and whoever sets the states
-    (a prefill) calls `clear_windows()`."""
-
-    def __init__(self, model: Mamba2LMHeadModel, states: list, slot: torch.Tensor, groups: int = 3,
-                 window: int = WINDOW):
-        from lit_mamba2.kernels.decode_pipeline import MixerWeights, PipelineBuffers, StateWindow, prepare_stage
+    def __init__(self, model: Mamba2LMHeadModel, states: list, slot: torch.Tensor, groups: int = 3):
+        from lit_mamba2.kernels.decode_pipeline import MixerWeights, PipelineBuffers, prepare_stage
 
         reason = unsupported_reason(model)
         if reason is None and not all(isinstance(st, Mamba2State) and st.ring for st in states):
@@ -50,10 +41,6 @@ class RowPipeline:
             raise ValueError(f"row pipeline: {reason}")
         if not 1 <= groups <= STAGES:
             raise ValueError(f"row pipeline: groups must be 1..{STAGES}, got {groups}")
-        if window < 1 or window & (window - 1):
-            raise ValueError(f"row pipeline: window must be a power of 2 (1: the states written every step), got "
-                             f"{window}")
-        self.states, self.slot = states, slot
         self.model = model
         layers = model.backbone.layers
         m0 = layers[0].mixer
@@ -75,33 +62,19 @@ class RowPipeline:
         sizes = [base + (g < extra) for g in range(groups)]
         starts = [sum(sizes[:g]) for g in range(groups)]
         block_m = max(16, 1 << (max(sizes) - 1).bit_length())
-        self.windows = [StateWindow.allocate(batch, window, m0.nheads, m0.headdim, m0.ngroups, m0.d_state,
-                                             weight.dtype, weight.device) if window > 1 else None for _ in layers]
         first, st = mixer_weights[0], states[0]
         self.stages = []
         for t in range(STAGES * len(layers) + groups - 1):
-            roles = [(0, 0, first, st.conv, slot), (0, 0, first, st.ssm, self.windows[0]), (0, 0, first)]  # idle
+            roles = [(0, 0, first, st.conv, slot), (0, 0, first, st.ssm), (0, 0, first)]  # I, S, O: idle
             for g in range(groups):
                 k = t - g
                 if 0 <= k < STAGES * len(layers):
                     i, stage = divmod(k, STAGES)
                     rows = (starts[g], sizes[g], mixer_weights[i])
-                    roles[stage] = rows + ((states[i].conv, slot), (states[i].ssm, self.windows[i]), ())[stage]
+                    roles[stage] = rows + ((states[i].conv, slot), (states[i].ssm,), ())[stage]
             self.stages.append(prepare_stage(self.bufs, m0.nheads, m0.headdim, m0.d_state, block_m, roles[0],
                                              roles[2], roles[1]))
         self.first_norm = layers[0].norm.weight
-
-    def settle_states(self):
-        """Bring every layer's SSM state up to the current position (the window's tokens folded in) and clear
-        the windows; no host sync."""
-        for st, win, layer in zip(self.states, self.windows, self.model.backbone.layers):
-            if win is not None:
-                win.settle(st.ssm, layer.mixer.A_log, self.slot)
-
-    def clear_windows(self):
-        for win in self.windows:
-            if win is not None:
-                win.clear()
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token (batch,) -> logits (batch, padded_vocab); the states advance in place."""

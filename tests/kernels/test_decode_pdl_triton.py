@@ -169,13 +169,7 @@ def _compile_pdl_kernels_for_sm90():
             BLOCK_P=16, BLOCK_N=128), {"slot_ptr": "i64", "A_log_ptr": "fp32"}),
         "state_update": compile_ptx(su._state_update_kernel, dict(
             HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_LIMIT=False, A_IS_LOG=True,
-            FOLD_NORM=True, BLOCK_P=64, BLOCK_N=128, EVICT="evict_first", WINDOW=1),
-            {"A_ptr": "fp32", "ss_ptr": "fp32", "slot_ptr": "i64", "wdt_ptr": "fp32"}),
-        # with a state window of 16
-        "state_update_window": compile_ptx(su._state_update_kernel, dict(
-            HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_LIMIT=False, A_IS_LOG=True,
-            FOLD_NORM=True, BLOCK_P=32, BLOCK_N=128, EVICT="evict_first", WINDOW=16),
-            {"A_ptr": "fp32", "ss_ptr": "fp32", "slot_ptr": "i64", "wdt_ptr": "fp32"}),
+            FOLD_NORM=True, BLOCK_P=64, BLOCK_N=128, EVICT="evict_first"), {"A_ptr": "fp32", "ss_ptr": "fp32"}),
         "conv_step": compile_ptx(su._conv_step_kernel, dict(WIDTH=4, HAS_BIAS=True, SILU=True, BLOCK_C=256)),
         "add_rmsnorm": compile_ptx(su._add_rmsnorm_kernel, dict(HAS_RESIDUAL=True, HAS_RMS=True, BLOCK=1024,
                                                                  BLOCK_PART=32),
@@ -200,15 +194,14 @@ def _compile_pdl_kernels_for_sm90():
     # the row pipeline's launch: released at its start, then one wait in each role's branch
     from lit_mamba2.kernels import decode_pipeline as dp
 
-    for window in (1, 8):  # the states written every step, or once per 8 (state_window_tile_update)
-        ptx = compile_ptx(dp._pipeline_kernel, dict(
-            HAS_IN_BIAS=False, WIDTH=4, HAS_CONV_BIAS=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_M=32, IN_N=32,
-            IN_K=128, OUT_N=16, OUT_K=256, BLOCK_PART=64, BLOCK_GPART=64, BLOCK_P=32, BLOCK_N=128,
-            EVICT="evict_first", W_EVICT="evict_last", DOT_F32=False, WINDOW=window),
-            {n: "fp32" for n in ("res_ptr", "ssr_ptr", "ssg_ptr", "A_log_ptr", "D_ptr", "dtb_ptr", "wdt_ptr")}
-            | {"slot_ptr": "i64"}, use_pdl=2)
-        assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 3
-        assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
+    ptx = compile_ptx(dp._pipeline_kernel, dict(
+        HAS_IN_BIAS=False, WIDTH=4, HAS_CONV_BIAS=True, HAS_DT_BIAS=True, HAS_LIMIT=False, BLOCK_M=32, IN_N=32,
+        IN_K=128, OUT_N=16, OUT_K=256, BLOCK_PART=64, BLOCK_GPART=64, BLOCK_P=32, BLOCK_N=128, EVICT="evict_first",
+        W_EVICT="evict_last", DOT_F32=False), {n: "fp32" for n in ("res_ptr", "ssr_ptr", "ssg_ptr", "A_log_ptr",
+                                                                   "D_ptr", "dtb_ptr")} | {"slot_ptr": "i64"},
+        use_pdl=2)
+    assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 3
+    assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
     print("compiled:", ", ".join(ptxs))
 
 
@@ -221,8 +214,7 @@ def test_pdl_kernels_compile_for_sm90_with_grid_dependency_control():
     env = dict(os.environ, TRITON_INTERPRET="0")
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert ("compiled: norm_linear, norm_gemv, mixer_step, state_update, state_update_window, conv_step, "
-            "add_rmsnorm") in done.stdout
+    assert "compiled: norm_linear, norm_gemv, mixer_step, state_update, conv_step, add_rmsnorm" in done.stdout
 
 
 if __name__ == "__main__":

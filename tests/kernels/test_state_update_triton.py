@@ -70,59 +70,6 @@ def test_state_update_takes_A_log_and_bf16_inputs():
     assert rel(state.cpu(), state_ref) < 1e-5
 
 
-@pytest.mark.parametrize("window,start,ngroups,state_dtype", [
-    (4, 2, 1, torch.float32), (2, 0, 2, torch.float32), (16, 5, 2, torch.float32), (16, 12, 1, torch.float32),
-    (4, 2, 1, torch.bfloat16)])
-def test_state_window_equals_the_recurrence(window, start, ngroups, state_dtype):
-    """state_update with a state window (the state written once per `window` tokens, the tokens in between folded
-    in by the window's quadratic form): each token's output against reference.ssd_recurrent over the whole
-    sequence in float64, from positions `start` on (so the first window starts part-way), over more than two
-    windows; then the settled state against the recurrence's final state."""
-    from lit_mamba2.kernels import state_update as su
-
-    g = torch.Generator().manual_seed(window + start)
-    b, h, p, n, L = 3, 4, 8, 16, 2 * window + 3
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    state0, x, dt, B, C, z = r(b, h, p, n), r(b, L, h, p), r(b, L, h), r(b, L, ngroups, n), r(b, L, ngroups, n), \
-        r(b, L, h, p)
-    A_log, dt_bias, D = torch.rand(h, generator=g) * 2 - 1, r(h), r(h)
-    window_bufs = su.StateWindow.allocate(b, window, h, p, ngroups, n, torch.float32, DEVICE)
-    state = state0.to(state_dtype).to(DEVICE, copy=True)
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    ys = []
-    for t in range(L):
-        position = torch.tensor(start + t, device=DEVICE)
-        ys.append(state_update(state, dev(x[:, t]), dev(dt[:, t]), dev(A_log), dev(B[:, t]), dev(C[:, t]), D=dev(D),
-                               z=dev(z[:, t]), dt_bias=dev(dt_bias), dt_softplus=True, A_is_log=True,
-                               window=window_bufs, position=position).cpu())
-    y_ref, state_ref = reference.ssd_recurrent(
-        x.double(), dt.double(), -torch.exp(A_log.double()), B.double(), C.double(), D=D.double(), z=z.double(),
-        dt_bias=dt_bias.double(), initial_states=state0.to(state_dtype).double(), dt_softplus=True,
-        return_final_states=True)
-    tol = 1e-5 if state_dtype == torch.float32 else 1e-2  # bf16: the state rounded once per window
-    for t in range(L):
-        assert rel(ys[t], y_ref[:, t]) < tol, (t, rel(ys[t], y_ref[:, t]))
-    assert rel(state.cpu(), state_ref) > 1e-3  # the last window's tokens are not in it yet
-    window_bufs.settle(state, dev(A_log), torch.tensor(start + L, device=DEVICE))
-    assert rel(state.cpu(), state_ref) < tol
-    assert int(window_bufs.dt.count_nonzero()) == 0
-
-
-def test_state_window_refuses_a_window_that_does_not_fit():
-    from lit_mamba2.kernels.state_update import StateWindow
-
-    b, h, p, n = 2, 4, 8, 16
-    state = torch.zeros(b, h, p, n, device=DEVICE)
-    x, dt, B = torch.zeros(b, h, p, device=DEVICE), torch.zeros(b, h, device=DEVICE), torch.zeros(b, 1, n, device=DEVICE)
-    A = torch.zeros(h, device=DEVICE)
-    with pytest.raises(ValueError, match="do not fit states"):
-        state_update(state, x, dt, A, B, B, dt_softplus=True, window=StateWindow.allocate(b, 4, h, p, 2, n,
-                     torch.float32, DEVICE), position=torch.tensor(0, device=DEVICE))
-    with pytest.raises(ValueError, match="needs position"):
-        state_update(state, x, dt, A, B, B, dt_softplus=True, window=StateWindow.allocate(b, 4, h, p, 1, n,
-                     torch.float32, DEVICE))
-
-
 @pytest.mark.parametrize("width,activation,bias", [(4, "silu", True), (2, None, False), (3, "silu", False)])
 def test_conv_step_equals_causal_conv1d_at_one_position(width, activation, bias):
     g = torch.Generator().manual_seed(width)
