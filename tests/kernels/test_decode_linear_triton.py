@@ -2,9 +2,7 @@
 add, RMSNorm (reference.rmsnorm) or gated RMSNorm (reference.gated_rmsnorm), then a plain matrix product, with the
 roundings the unfused bf16 path makes. And the model's fused decode step against its PyTorch step."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_testing import DEVICE, needs_interpreter_or_cuda, rel  # (first: it sets TRITON_INTERPRET)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -14,9 +12,7 @@ pytest.importorskip("triton")
 from lit_mamba2 import reference  # noqa: E402
 from lit_mamba2.kernels.decode_linear import add_norm_linear, gated_norm_linear  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = needs_interpreter_or_cuda
 # tiles small enough for several K chunks and N tiles at test sizes, with masked tails: one row per program (batch
 # below GEMV_BELOW) or blocks of rows through tl.dot
 def cfg(batch, single_pass):
@@ -25,10 +21,6 @@ def cfg(batch, single_pass):
     if batch < GEMV_BELOW:
         return (8, 32, 4, single_pass)  # BLOCK_N, BLOCK_K, warps
     return (16, 16, 32, 4, 1, single_pass)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def tol(dtype):

@@ -5,7 +5,7 @@ USE_PDL kernels are compiled for sm_90 (no GPU needed) with their PTX checked fo
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_testing import DEVICE, INTERPRETED, needs_interpreter_or_cuda, rel  # (first: it sets TRITON_INTERPRET)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -15,13 +15,7 @@ pytest.importorskip("triton")
 from lit_mamba2 import reference  # noqa: E402
 from lit_mamba2.kernels import pdl  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs CUDA or interpreter")
-DEVICE = "cpu" if INTERPRETED else "cuda"
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+pytestmark = needs_interpreter_or_cuda
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter")

@@ -2,22 +2,14 @@
 TRITON_INTERPRET=1 on CPU: whole steps against the eager PyTorch step (unfused conv, separate gated norm, PyTorch
 linears and norms) from the same prefilled states, rows that do not leak into each other, and clear refusals."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_testing import DEVICE, needs_interpreter_or_cuda, rel  # (first: it sets TRITON_INTERPRET)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+pytestmark = needs_interpreter_or_cuda
 
 
 def pipeline_model(dtype, residual_in_fp32=True, d_model=64, **ssm):

@@ -3,9 +3,7 @@ the state kernels' u = y * silu(z) * w and partial sums of (y * silu(z))^2 again
 add+norm that finishes the fold against the residual add of reference.gated_rmsnorm's output, and whole decode
 steps of tiny models against the eager PyTorch step (which runs the separate gated norm)."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_testing import DEVICE, needs_interpreter_or_cuda, rel  # (first: it sets TRITON_INTERPRET)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -15,14 +13,8 @@ pytest.importorskip("triton")
 from lit_mamba2 import reference  # noqa: E402
 from lit_mamba2.kernels.state_update import add_rmsnorm, mixer_step, state_update  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = needs_interpreter_or_cuda
 EPS = 1e-5
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def block_sums(v, block_p):

@@ -2,9 +2,8 @@
 float64: one step of `ssd_recurrent` from the same initial state, and one position of `causal_conv1d`."""
 
 import math
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_testing import DEVICE, needs_interpreter_or_cuda, rel  # (first: it sets TRITON_INTERPRET)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -14,13 +13,7 @@ pytest.importorskip("triton")
 from lit_mamba2 import reference  # noqa: E402
 from lit_mamba2.kernels.state_update import add_rmsnorm, conv_step, mixer_step, state_update  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+pytestmark = needs_interpreter_or_cuda
 
 
 @pytest.mark.parametrize("ngroups,headdim,dstate", [(1, 8, 16), (2, 12, 8)])  # 12, 8: masked tails

@@ -1,0 +1,20 @@
+"""What the kernel tests share. Import it before anything that imports triton: the kernels run under Triton's
+interpreter on CPU (TRITON_INTERPRET=1, the default here) or, with TRITON_INTERPRET=0, compiled on a GPU."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else "cuda"
+# for a module's pytestmark: compiled kernels need a GPU
+needs_interpreter_or_cuda = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                               reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def rel(a, b):
+    """||a - b|| / ||b||, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
