@@ -88,8 +88,8 @@ class Decoder:
     default: below batch FUSE_LINEAR_BELOW: at batch 1 it takes 0.41-0.47x the time of cuBLAS + separate norm
     kernels, at batch 4 they tie, at batch 64 cuBLAS wins).
     `state_dtype`: the SSM states' storage, by default the model's dtype as in mamba_ssm (bf16 for a bf16 model:
-    about 30% less time per step at batch 64 than float32); `state_dtype=torch.float32` keeps them in float32
-    (closer to exact over long outputs: BENCHMARKS.md measures the drift).
+    32-35% less time per step at batch 64 than float32, decode run 21); `state_dtype=torch.float32` keeps them in
+    float32 (closer to exact over long outputs: BENCHMARKS.md measures the drift).
 
     `pdl` (default on) launches the step's Triton kernels with programmatic dependent launch (kernels/pdl.py), so
     that each may start while the one before it finishes: measured on an H100 (BENCHMARKS.md) 18-22% less time per
