@@ -1,13 +1,12 @@
 """The Triton causal conv1d (under TRITON_INTERPRET=1 on CPU) against reference.causal_conv1d in float64."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_testing import interpreter_only, rel  # (first: it sets TRITON_INTERPRET)
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = interpreter_only
 
 import lit_mamba2
 from lit_mamba2 import reference
@@ -26,10 +25,6 @@ def _seq_idx(b, L, ndocs, gen):
             ids[c:] += 1
         rows.append(ids)
     return torch.stack(rows)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _run(b, L, D, W, dtype, bias, ndocs, init, final, silu, noncontig, seed):
@@ -58,19 +53,19 @@ def _run(b, L, D, W, dtype, bias, ndocs, init, final, silu, noncontig, seed):
     rout, rfin = rres if final else (rres, None)
 
     tol = TOL[dtype]
-    assert _rel(out, rout) < tol
+    assert rel(out, rout) < tol
     gout = torch.randn(b, L, D, generator=gen).to(dtype)
     loss, rloss = (out.float() * gout.float()).sum(), (rout * gout.double()).sum()
     if final:
         assert fin.shape == (b, D, W - 1) and fin.dtype == torch.float32
-        assert _rel(fin, rfin) == 0.0 or _rel(fin, rfin) < 1e-7  # a copy of inputs: exact
+        assert rel(fin, rfin) == 0.0 or rel(fin, rfin) < 1e-7  # a copy of inputs: exact
         gfin = torch.randn(b, D, W - 1, generator=gen)
         loss, rloss = loss + (fin * gfin).sum(), rloss + (rfin * gfin.double()).sum()
     grads = torch.autograd.grad(loss, leaves)
     rgrads = torch.autograd.grad(rloss, refs)
     for name, g, rg in zip(("x", "weight", "bias", "initial_states"), grads, rgrads):
         assert g.dtype == dtype
-        assert _rel(g, rg) < tol, name
+        assert rel(g, rg) < tol, name
 
 
 CASES = [

@@ -1,23 +1,18 @@
 """The fused LM-head cross-entropy (Triton under TRITON_INTERPRET=1 on CPU) against F.cross_entropy on float64
 logits."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_testing import interpreter_only, rel  # (first: it sets TRITON_INTERPRET)
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
+pytestmark = interpreter_only
 
 from lit_mamba2.kernels import cross_entropy
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 CASES = [
@@ -52,7 +47,7 @@ def test_linear_cross_entropy_matches_f_cross_entropy(case):
     if n_ignored == N:
         assert not gh.any() and not gw.any()
     else:
-        assert _rel(gh, rgh) < tol and _rel(gw, rgw) < tol
+        assert rel(gh, rgh) < tol and rel(gw, rgw) < tol
 
 
 def test_ignore_index_other_than_default_and_no_grad():
@@ -75,7 +70,7 @@ def test_tied_weight_gradients_accumulate():
     (g,) = torch.autograd.grad(loss, weight)
     rw = weight.detach().double().requires_grad_()
     (rg,) = torch.autograd.grad(F.cross_entropy((F.embedding(ids, rw) * 2) @ rw.t(), labels), rw)
-    assert _rel(g, rg) < 1e-5
+    assert rel(g, rg) < 1e-5
 
 
 def test_traces_under_compile():
@@ -124,7 +119,7 @@ def test_model_loss_routes_through_fused_cross_entropy(monkeypatch, reduction):
     assert len(calls) == 1
     assert abs(loss.item() - ref_loss.item()) < 1e-5 * max(1.0, abs(ref_loss.item()))
     for g, rg in zip(grads, ref_grads):
-        assert _rel(g, rg) < 1e-4
+        assert rel(g, rg) < 1e-4
 
 
 def test_autocast_runs_the_head_in_the_autocast_dtype():
@@ -139,4 +134,4 @@ def test_autocast_runs_the_head_in_the_autocast_dtype():
         ref = F.cross_entropy((hidden @ weight.t()).float(), labels)
     g, rg = torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))
     assert abs(loss.item() - ref.item()) < 1e-3
-    assert all(a.dtype == torch.float32 and _rel(a, b) < 2e-2 for a, b in zip(g, rg))
+    assert all(a.dtype == torch.float32 and rel(a, b) < 2e-2 for a, b in zip(g, rg))

@@ -1,13 +1,12 @@
 """kernels.partial_sums (under TRITON_INTERPRET=1 on CPU) against a float64 sum."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_testing import interpreter_only  # (first: it sets TRITON_INTERPRET)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+pytestmark = interpreter_only
 
 from lit_mamba2.kernels.partial_sums import sum_partials  # noqa: E402
 

@@ -1,23 +1,18 @@
 """The Triton gated RMSNorm (under TRITON_INTERPRET=1 on CPU) against reference.gated_rmsnorm in float64."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_testing import interpreter_only, rel  # (first: it sets TRITON_INTERPRET)
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = interpreter_only
 
 import lit_mamba2
 from lit_mamba2 import reference
 from lit_mamba2.kernels import rmsnorm_gated
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 CASES = [
@@ -49,13 +44,13 @@ def test_gated_rmsnorm_matches_reference(case):
     rz = refs[1] if has_z else None
     rout = reference.gated_rmsnorm(rx, rz, rw, 1e-5, gs, nbg)
     tol = TOL[dtype]
-    assert _rel(out, rout) < tol
+    assert rel(out, rout) < tol
     g = torch.randn(*lead, D, generator=gen).to(dtype)
     grads = torch.autograd.grad((out.float() * g.float()).sum(), leaves)
     rgrads = torch.autograd.grad((rout * g.double()).sum(), refs)
     for name, a, b in zip(("x", "z", "weight") if has_z else ("x", "weight"), grads, rgrads):
         assert a.dtype == dtype and a.shape == b.shape
-        assert _rel(a, b) < tol, name
+        assert rel(a, b) < tol, name
 
 
 # rmsnorm_gated.CONFIG variants: every launch path the GPU may take, each against float64 (the interpreter ignores
@@ -91,9 +86,9 @@ def _check_against_reference(M, D, gs, has_z, nbg, dtype, extra, seed):
     rout = reference.gated_rmsnorm(refs[0], refs[1] if has_z else None, refs[-1], 1e-5, gs, nbg)
     rgrads = torch.autograd.grad((rout * g.double()).sum(), refs)
     tol = TOL[dtype]
-    assert _rel(out, rout) < tol
+    assert rel(out, rout) < tol
     for a, b in zip(grads, rgrads):
-        assert a.dtype == dtype and _rel(a, b) < tol
+        assert a.dtype == dtype and rel(a, b) < tol
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -136,7 +131,7 @@ def test_gated_rmsnorm_many_rows_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     ref = [t.detach().double().requires_grad_() for t in (x, z, w)]
     rg = torch.autograd.grad((reference.gated_rmsnorm(*ref, 1e-5, 8) * g.double()).sum(), ref)
-    assert all(_rel(a, b) < 1e-5 for a, b in zip(runs[0], rg))
+    assert all(rel(a, b) < 1e-5 for a, b in zip(runs[0], rg))
 
 
 def test_ops_routes_to_triton(monkeypatch):
