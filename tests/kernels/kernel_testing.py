@@ -22,3 +22,13 @@ interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="CPU tensors: runs
 def rel(a, b):
     """||a - b|| / ||b||, in float64; 0 where both are zero (an all-zero reference otherwise gives a huge value)."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
+def spread_decays(model):
+    """Random offsets on every layer's dt_bias and A_log, so that the SSM state matters over the whole prompt (the
+    default init gives every head a similar, fast decay); returns the model."""
+    for name, p in model.named_parameters():
+        if name.endswith(("dt_bias", "A_log")):
+            p.add_(torch.randn_like(p))
+    return model

@@ -2,7 +2,7 @@
 add, RMSNorm (reference.rmsnorm) or gated RMSNorm (reference.gated_rmsnorm), then a plain matrix product, with the
 roundings the unfused bf16 path makes. And the model's fused decode step against its PyTorch step."""
 
-from kernel_testing import DEVICE, needs_interpreter_or_cuda, rel  # (first: it sets TRITON_INTERPRET)
+from kernel_testing import DEVICE, needs_interpreter_or_cuda, rel, spread_decays  # (first: it sets TRITON_INTERPRET)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -179,12 +179,7 @@ def test_model_fused_decode_step_equals_pytorch_step(preset, dtype, ring_conv, s
         monkeypatch.setattr(decode_linear, name, (32, 64, 4, single_pass))
     monkeypatch.setattr(decode_linear, "FULL_ROW", not single_pass)
     torch.manual_seed(0)
-    model = Mamba2LMHeadModel(Mamba2Config.from_name(preset)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("dt_bias", "A_log")):
-                p.add_(torch.randn_like(p))
-    model = model.to(dtype)
+    model = spread_decays(Mamba2LMHeadModel(Mamba2Config.from_name(preset)).eval()).to(dtype)
     ids, seq_idx, lengths, pads = pad_prompts([[5, 6, 7, 8, 9], [10, 11]], "cpu")
     outs = {}
     for impl, fuse in (("torch", False), ("triton", True)):

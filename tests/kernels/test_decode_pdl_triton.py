@@ -5,7 +5,8 @@ USE_PDL kernels are compiled for sm_90 (no GPU needed) with their PTX checked fo
 
 import os
 
-from kernel_testing import DEVICE, INTERPRETED, needs_interpreter_or_cuda, rel  # (first: it sets TRITON_INTERPRET)
+# (first: it sets TRITON_INTERPRET)
+from kernel_testing import DEVICE, INTERPRETED, needs_interpreter_or_cuda, rel, spread_decays
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -49,11 +50,7 @@ def test_pdl_step_equals_pytorch_step(preset, batch, ring_conv, fuse_linear):
     from lit_mamba2.model import Mamba2LMHeadModel
 
     torch.manual_seed(0)
-    model = Mamba2LMHeadModel(Mamba2Config.from_name(preset)).eval().to(DEVICE)
-    with torch.no_grad():  # spread dt and decays so that the state matters
-        for name, p in model.named_parameters():
-            if name.endswith(("dt_bias", "A_log")):
-                p.add_(torch.randn_like(p))
+    model = spread_decays(Mamba2LMHeadModel(Mamba2Config.from_name(preset)).eval().to(DEVICE))
     prompts = [[5, 6, 7, 8, 9], [10, 11]][:batch]
     ids, seq_idx, lengths, pads = pad_prompts(prompts, DEVICE)
     tokens = [torch.tensor([t, t + 1][:batch], device=DEVICE) for t in (3, 40, 7)]

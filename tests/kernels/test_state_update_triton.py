@@ -3,7 +3,7 @@ float64: one step of `ssd_recurrent` from the same initial state, and one positi
 
 import math
 
-from kernel_testing import DEVICE, needs_interpreter_or_cuda, rel  # (first: it sets TRITON_INTERPRET)
+from kernel_testing import DEVICE, needs_interpreter_or_cuda, rel, spread_decays  # (first: it sets TRITON_INTERPRET)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -91,11 +91,7 @@ def test_model_decode_step_through_kernels_equals_pytorch_step(preset, ring_conv
     from lit_mamba2.model import Mamba2LMHeadModel
 
     torch.manual_seed(0)
-    model = Mamba2LMHeadModel(Mamba2Config.from_name(preset)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("dt_bias", "A_log")):
-                p.add_(torch.randn_like(p))
+    model = spread_decays(Mamba2LMHeadModel(Mamba2Config.from_name(preset)).eval())
     ids, seq_idx, lengths, pads = pad_prompts([[5, 6, 7, 8, 9], [10, 11]], "cpu")
     outs = {}
     for impl in ("torch", "triton"):
