@@ -38,11 +38,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # The tokenizer every published state-spaces Mamba-2 checkpoint was trained with (vocabulary 50277).
 PUBLISHED_TOKENIZER = "EleutherAI/gpt-neox-20b"
 PUBLISHED_VOCAB_SIZE = 50277
+# ... and as transformers-format copies store it: padded to a multiple of 8 or 16
+_PUBLISHED_VOCAB_SIZES = (PUBLISHED_VOCAB_SIZE, 50280, 50288)
 FORMATS = ("hf", "mamba_ssm")
 # mamba_ssm's MambaConfig fields: the only keys its from_pretrained accepts
 _MAMBA_SSM_FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
                      "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")
 _MAMBA_SSM_PAD_DEFAULT = 8  # MambaConfig's default, not ours
+_MAMBA_SSM_RUNTIME_KEYS = ("use_mem_eff_path", "sequence_parallel")
 
 
 class CheckpointError(ValueError):
@@ -54,6 +57,8 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 def detect_format(config: dict, where: str = CONFIG_NAME) -> str:
     """"hf" for transformers' Mamba-2 config, "mamba_ssm" for mamba_ssm's (and ours, a superset of it)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: holds a JSON {type(config).__name__}, expected an object of config fields")
     if "model_type" in config:
         if config["model_type"] != "mamba2":
             raise CheckpointError(f"{where}: unknown model_type {config['model_type']!r}; only 'mamba2' "
@@ -88,7 +93,10 @@ def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> Mamba2Config:
                               f"= {int(expand * hidden)}")
     if get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (Mamba-2 uses 'silu')")
-    limit = tuple(_json_float(v, f"{where}: time_step_limit") for v in get("time_step_limit", (0.0, math.inf)))
+    limit = get("time_step_limit", (0.0, math.inf))
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+        raise CheckpointError(f"{where}: time_step_limit must be a pair [low, high], got {limit!r}")
+    limit = tuple(_json_float(v, f"{where}: time_step_limit") for v in limit)
     ssm_cfg = {"layer": "Mamba2", "d_state": get("state_size", 128), "d_conv": get("conv_kernel", 4),
                "expand": expand, "headdim": head_dim, "ngroups": get("n_groups", 8),
                "chunk_size": get("chunk_size", 256), "bias": get("use_bias", False),
@@ -107,8 +115,9 @@ def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> Mamba2Config:
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def config_to_hf(config: Mamba2Config, dtype: torch.dtype, eos_token_id: Optional[int] = None) -> dict:
-    """Ours -> transformers' Mamba2Config JSON; refuses what Mamba2ForCausalLM cannot express."""
+def config_to_hf(config: Mamba2Config, dtype: torch.dtype, tokenizer=None) -> dict:
+    """Ours -> transformers' Mamba2Config JSON; refuses what Mamba2ForCausalLM cannot express. The special token
+    ids are the tokenizer's (transformers' defaults 0 / 1 / 2 are not this vocabulary's); none without one."""
     s = config.ssm
     problems = []
     if config.attn_layer_idx:
@@ -129,20 +138,40 @@ def config_to_hf(config: Mamba2Config, dtype: torch.dtype, eos_token_id: Optiona
         "hidden_size": config.d_model, "num_hidden_layers": config.n_layer, "vocab_size": config.padded_vocab_size,
         "num_heads": config.nheads, "head_dim": s["headdim"], "state_size": s["d_state"], "n_groups": s["ngroups"],
         "expand": s["expand"], "conv_kernel": s["d_conv"], "chunk_size": s["chunk_size"],
-        "time_step_limit": list(s["dt_limit"]), "time_step_min": s["dt_min"], "time_step_max": s["dt_max"],
+        "time_step_min": s["dt_min"], "time_step_max": s["dt_max"],
         "time_step_floor": s["dt_init_floor"], "use_bias": s["bias"], "use_conv_bias": s["conv_bias"],
         "hidden_act": "silu", "layer_norm_epsilon": config.norm_epsilon, "residual_in_fp32": config.residual_in_fp32,
         "rms_norm": True, "norm_before_gate": False, "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.initializer_range, "dtype": str(dtype).removeprefix("torch."),
     }
-    if eos_token_id is not None:
-        hf["eos_token_id"] = hf["bos_token_id"] = eos_token_id
+    if tuple(s["dt_limit"]) != SSM_DEFAULTS["dt_limit"]:  # the default (0, inf) is transformers' too, and JSON
+        hf["time_step_limit"] = list(s["dt_limit"])  # has no infinity that every reader accepts
+    if tokenizer == "byte":
+        hf.update(eos_token_id=0, bos_token_id=None, pad_token_id=None)  # lit_mamba2.training.data's byte tokenizer
+    elif tokenizer is not None:
+        hf.update({f"{t}_token_id": getattr(tokenizer, f"{t}_token_id", None) for t in ("eos", "bos", "pad")})
     return hf
 
 
 def config_from_mamba_ssm(d: dict, where: str = CONFIG_NAME) -> Mamba2Config:
+    """mamba_ssm's MambaConfig (as JSON) -> ours, read as mamba_ssm reads it: a missing pad_vocab_size_multiple is
+    8, a missing ssm_cfg.layer means Mamba-1 (refused), a missing attn_cfg.causal means non-causal attention
+    (mamba_ssm's MHA default; loaded causal, with a warning)."""
     d = dict(d)
     d.setdefault("pad_vocab_size_multiple", _MAMBA_SSM_PAD_DEFAULT)
+    ssm_cfg = d.get("ssm_cfg") or {}
+    if not isinstance(ssm_cfg, dict):
+        raise CheckpointError(f"{where}: ssm_cfg must be an object, got {ssm_cfg!r}")
+    if "layer" not in ssm_cfg:
+        raise CheckpointError(f"{where}: ssm_cfg has no 'layer', which mamba_ssm reads as a Mamba-1 model; "
+                              "lit-mamba2 loads Mamba-2 models only (ssm_cfg.layer = 'Mamba2')")
+    # mamba_ssm's Mamba2 arguments that choose a code path or sharding, not the function
+    d["ssm_cfg"] = {k: v for k, v in ssm_cfg.items() if k not in _MAMBA_SSM_RUNTIME_KEYS}
+    attn_cfg = d.get("attn_cfg") or {}
+    if d.get("attn_layer_idx") and isinstance(attn_cfg, dict) and "causal" not in attn_cfg:
+        warnings.warn(f"{where}: attn_cfg has no 'causal' key, so mamba_ssm would build these attention layers "
+                      "non-causal (its MHA's default); they are loaded as causal attention, as a language model's "
+                      "must be")
     try:
         return Mamba2Config.from_dict(d)
     except (ConfigError, TypeError) as e:
@@ -158,6 +187,8 @@ def config_to_mamba_ssm(config: Mamba2Config) -> dict:
         ssm_cfg.pop("dt_limit", None)  # the default; JSON has no infinity that every reader accepts
     d = {k: getattr(config, k) for k in _MAMBA_SSM_FIELDS}
     d["ssm_cfg"] = ssm_cfg
+    if config.attn_layer_idx:  # explicit: mamba_ssm's MHA is non-causal unless told
+        d["attn_cfg"] = {**config.attn_cfg, "causal": True}
     return json.loads(json.dumps(d))
 
 
@@ -194,32 +225,59 @@ def _plain_tensors(sd: Any, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+# Which weight files each tool reads, in its order: transformers prefers safetensors, mamba_ssm reads
+# pytorch_model.bin (ours falls back to the other files). A folder holding several reads like its own tool would.
+_WEIGHT_ORDER = {"hf": (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, TORCH_NAME, TORCH_INDEX_NAME),
+                 "mamba_ssm": (TORCH_NAME, TORCH_INDEX_NAME, SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME)}
+
+
+def _shard_map(index: Path) -> dict[str, str]:
+    """An index file's weight_map: {tensor name: shard file name}."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    return weight_map
+
+
+def weight_files(folder: Path, fmt: str) -> list[str]:
+    """The files the load reads, index first for a sharded checkpoint ([] when there are none)."""
+    for name in _WEIGHT_ORDER[fmt]:
+        if (folder / name).exists():
+            if name.endswith(".index.json"):
+                return [name, *sorted(set(_shard_map(folder / name).values()))]
+            return [name]
+    return []
+
+
+def read_weights(folder: Path, fmt: str = "hf") -> tuple[dict[str, torch.Tensor], str]:
     """All tensors of a checkpoint folder, and the file (or index) they came from."""
-    for index_name, loader in ((SAFETENSORS_INDEX_NAME, _load_safetensors), (TORCH_INDEX_NAME, _load_torch)):
-        index = folder / index_name
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-            sd: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                if not (folder / shard).exists():
-                    raise CheckpointError(f"{index} names shard {shard!r}, which is missing from {folder}")
-                part = _plain_tensors(loader(folder / shard), folder / shard)
-                sd.update(part)
-            absent = [k for k in weight_map if k not in sd]
-            if absent:
-                raise CheckpointError(f"{index}: key {absent[0]!r} is listed for shard {weight_map[absent[0]]!r} "
-                                      "but that shard does not hold it")
-            return sd, str(index)
-    if (folder / SAFETENSORS_NAME).exists():
-        return _load_safetensors(folder / SAFETENSORS_NAME), str(folder / SAFETENSORS_NAME)
-    if (folder / TORCH_NAME).exists():
-        return _plain_tensors(_load_torch(folder / TORCH_NAME), folder / TORCH_NAME), str(folder / TORCH_NAME)
-    raise CheckpointError(f"{folder} has no weights: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or "
-                          f"{TORCH_NAME}")
+    files = weight_files(folder, fmt)
+    if not files:
+        raise CheckpointError(f"{folder} has no weights: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or "
+                              f"{TORCH_NAME}")
+    first = folder / files[0]
+    loader = _load_safetensors if ".safetensors" in files[0] else _load_torch
+    if len(files) == 1 and not files[0].endswith(".index.json"):
+        sd = loader(first)
+        return (sd if loader is _load_safetensors else _plain_tensors(sd, first)), str(first)
+    weight_map = _shard_map(first)
+    sd: dict[str, torch.Tensor] = {}
+    came_from: dict[str, str] = {}
+    for shard in files[1:]:
+        if not (folder / shard).exists():
+            raise CheckpointError(f"{first} names shard {shard!r}, which is missing from {folder}")
+        for k, v in _plain_tensors(loader(folder / shard), folder / shard).items():
+            if k in sd:
+                raise CheckpointError(f"{first}: key {k!r} is held by two shards, {came_from[k]!r} and {shard!r}")
+            sd[k], came_from[k] = v, shard
+    absent = [k for k in weight_map if k not in sd]
+    if absent:
+        raise CheckpointError(f"{first}: key {absent[0]!r} is listed for shard {weight_map[absent[0]]!r} "
+                              "but that shard does not hold it")
+    return sd, str(first)
 
 
 def hf_to_ours(name: str) -> str:
@@ -272,8 +330,8 @@ def build_model(config: Mamba2Config, state_dict: dict[str, torch.Tensor], sourc
     return model
 
 
-def load_folder(folder: str | os.PathLike, dtype=None, device=None) -> tuple[Mamba2LMHeadModel, str]:
-    folder = Path(folder)
+def read_config(folder: Path) -> tuple[Mamba2Config, str]:
+    """A checkpoint folder's model config and its format ("hf" or "mamba_ssm")."""
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.exists():
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
@@ -283,7 +341,13 @@ def load_folder(folder: str | os.PathLike, dtype=None, device=None) -> tuple[Mam
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
     fmt = detect_format(raw, str(cfg_path))
     config = config_from_hf(raw, str(cfg_path)) if fmt == "hf" else config_from_mamba_ssm(raw, str(cfg_path))
-    sd, source = read_weights(folder)
+    return config, fmt
+
+
+def load_folder(folder: str | os.PathLike, dtype=None, device=None) -> tuple[Mamba2LMHeadModel, str]:
+    folder = Path(folder)
+    config, fmt = read_config(folder)
+    sd, source = read_weights(folder, fmt)
     if fmt == "hf":
         sd = {hf_to_ours(k): v for k, v in sd.items()}
     return build_model(config, sd, source, dtype, device), fmt
@@ -340,7 +404,13 @@ def load_hf_tokenizer(name_or_path: str):
         from transformers import AutoTokenizer
     except ImportError:
         raise ImportError("loading a tokenizer needs transformers: pip install 'lit-mamba2[hf]'") from None
-    return AutoTokenizer.from_pretrained(str(name_or_path))
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, ... from transformers and tokenizers
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot load the tokenizer {str(name_or_path)!r} ({type(e).__name__}: {first}); "
+                              "name another (tokenizer=NAME, --tokenizer NAME) or load without one "
+                              "(tokenizer=False)") from None
 
 
 def tokenizer_from_checkpoint_state(state):
@@ -388,22 +458,54 @@ def resolve(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> 
     except ImportError:
         raise ImportError("loading from the Hub needs huggingface_hub: pip install huggingface-hub") from None
     offline = _env_flag("HF_HUB_OFFLINE")
-    patterns = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, "pytorch_model*.bin", TORCH_INDEX_NAME,
-                *TOKENIZER_FILES]
+
+    def download(patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(s, revision=revision, allow_patterns=patterns,
+                                          cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=offline,
+                                          token=os.environ.get("HF_TOKEN") or None))
+        except Exception as e:  # noqa: BLE001 - network, auth and cache errors come in many types
+            hint = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if offline else ""
+            raise CheckpointError(f"cannot fetch {s!r} (revision {revision or 'main'}) from the Hugging Face "
+                                  f"Hub{hint}: {type(e).__name__}: {e}") from None
+
+    # First the config, the indexes and the tokenizer; then only the weight files the load will read (repos often
+    # hold a format twice, e.g. pytorch_model.bin beside model.safetensors, or consolidated.safetensors beside
+    # shards), each matched by its exact name in the repo's root.
+    folder = download([CONFIG_NAME, SAFETENSORS_INDEX_NAME, TORCH_INDEX_NAME, *TOKENIZER_FILES])
+    if offline or not (folder / CONFIG_NAME).exists():
+        return folder  # offline: the cache holds what it holds; no config: load_folder says so
     try:
-        folder = snapshot_download(s, revision=revision, allow_patterns=patterns,
-                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=offline,
-                                   token=os.environ.get("HF_TOKEN") or None)
-    except Exception as e:  # noqa: BLE001 - network, auth and cache errors come in many types
-        hint = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if offline else ""
-        raise CheckpointError(f"cannot fetch {s!r} (revision {revision or 'main'}) from the Hugging Face Hub{hint}: "
-                              f"{type(e).__name__}: {e}") from None
-    return Path(folder)
+        fmt = detect_format(json.loads((folder / CONFIG_NAME).read_text()))
+    except (json.JSONDecodeError, CheckpointError):
+        return folder  # load_folder reports it, naming the file
+    for name in _WEIGHT_ORDER[fmt]:
+        if name.endswith(".index.json"):
+            if (folder / name).exists():
+                download(weight_files(folder, fmt))
+                break
+        else:
+            download([name])
+            if (folder / name).exists():
+                break
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # public entry points
 # ---------------------------------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(dtype) -> Optional[torch.dtype]:
+    """None, a torch.dtype, or its name ("bfloat16", "torch.bfloat16")."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise CheckpointError(f"dtype must be one of {sorted(DTYPES)} (or the torch.dtype), got {dtype!r}")
+
+
 def from_pretrained(name_or_path: str | os.PathLike, *, revision: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None, device=None, tokenizer=None) -> Mamba2LMHeadModel:
     """Load a mamba_ssm- or transformers-format checkpoint (folder or Hub repo id), or a Lightning .ckpt.
@@ -412,10 +514,13 @@ def from_pretrained(name_or_path: str | os.PathLike, *, revision: Optional[str] 
     default the folder's own tokenizer files, else for the published vocabulary the GPT-NeoX tokenizer.
     The result carries `.tokenizer` (a transformers tokenizer, "byte", or None) and `.source_format`.
     """
+    dtype = as_dtype(dtype)
     if str(name_or_path).endswith(".ckpt") and Path(name_or_path).is_file():
         model = load_training_checkpoint(name_or_path, dtype, device)
         model.source_format = "ckpt"
-        if tokenizer:
+        if tokenizer is False:
+            model.tokenizer = None
+        elif tokenizer:
             model.tokenizer = load_hf_tokenizer(tokenizer) if tokenizer != "byte" else "byte"
         return model
     folder = resolve(name_or_path, revision)
@@ -428,7 +533,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, revision: Optional[str] 
         model.tokenizer = "byte" if tokenizer == "byte" else load_hf_tokenizer(tokenizer)
     elif has_tokenizer_files(folder):
         model.tokenizer = load_hf_tokenizer(str(folder))
-    elif model.config.vocab_size == PUBLISHED_VOCAB_SIZE:
+    elif model.config.vocab_size in _PUBLISHED_VOCAB_SIZES:
         try:
             model.tokenizer = load_hf_tokenizer(PUBLISHED_TOKENIZER)
         except Exception as e:  # noqa: BLE001 - offline or not installed: the model is still usable
@@ -437,25 +542,34 @@ def from_pretrained(name_or_path: str | os.PathLike, *, revision: Optional[str] 
     return model
 
 
+def _weight_file_names(folder: Path) -> list[Path]:
+    names = [folder / n for n in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, TORCH_NAME, TORCH_INDEX_NAME)]
+    shards = [*folder.glob("model-*-of-*.safetensors"), *folder.glob("pytorch_model-*-of-*.bin")]
+    return [p for p in names if p.is_file()] + sorted(shards)
+
+
 def save_pretrained(model: Mamba2LMHeadModel, folder: str | os.PathLike, format: str = "hf",
                     tokenizer=None) -> Path:
     """Write `folder` for the other tool: "hf" = config.json + model.safetensors for transformers'
     Mamba2ForCausalLM (pure Mamba-2 only); "mamba_ssm" = config.json + pytorch_model.bin for mamba_ssm's
-    MambaLMHeadModel. The tokenizer (given, or the model's `.tokenizer`) is saved beside them."""
+    MambaLMHeadModel. The tokenizer (given, or the model's `.tokenizer`) is saved beside them. Weight files of
+    an earlier save in the folder (either format, sharded or not) are removed, so that no reader finds stale
+    weights before the new ones."""
     if format not in FORMATS:
         raise CheckpointError(f"format must be one of {FORMATS}, got {format!r}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: save the module it wraps
     config = model.config
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     dtype = model.lm_head.weight.dtype
     # Validate before writing anything, so that a refused format leaves no half-written folder.
-    if format == "hf":
-        eos = getattr(tok, "eos_token_id", None)
-        cfg = config_to_hf(config, dtype, eos)
-    else:
-        cfg = config_to_mamba_ssm(config)
+    cfg = config_to_hf(config, dtype, tok) if format == "hf" else config_to_mamba_ssm(config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in _weight_file_names(folder):
+        stale.unlink()
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if config.tie_embeddings:  # one tensor under both names: torch.save then stores it once
+        sd["lm_head.weight"] = sd["backbone.embedding.weight"]
     if format == "hf":
         from safetensors.torch import save_file
 
@@ -473,21 +587,26 @@ def save_pretrained(model: Mamba2LMHeadModel, folder: str | os.PathLike, format:
     return folder
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def convert(src: str, dst: str, to: str, dtype: Optional[torch.dtype] = None, tokenizer=None) -> Path:
     if to not in FORMATS:
         raise CheckpointError(f"--to must be one of {FORMATS}, got {to!r}")
-    if Path(dst).exists() and any(Path(dst).iterdir()):
+    out = Path(dst)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{dst} is a file; the output is a folder (new or empty)")
+    if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; choose a new folder")
-    # validate the target format before the (possibly long) load
-    model = from_pretrained(src, dtype=dtype, tokenizer=tokenizer if tokenizer is not None else None)
+    created = not out.exists()
+    is_ckpt = str(src).endswith(".ckpt") and Path(src).is_file()
+    if not is_ckpt:
+        src = resolve(src)
+        if to == "hf":  # refuse before the (possibly long) read of the weights
+            config_to_hf(read_config(Path(src))[0], torch.float32)
+    model = from_pretrained(src, dtype=dtype, tokenizer=tokenizer)
     try:
-        return save_pretrained(model, dst, to)
+        return save_pretrained(model, out, to)
     except CheckpointError:
-        if Path(dst).exists() and not any(Path(dst).iterdir()):
-            shutil.rmtree(dst)
+        if created and out.exists() and not any(out.iterdir()):
+            shutil.rmtree(out)
         raise
 
 

@@ -51,6 +51,8 @@ def write_mamba_ssm_folder(model: Mamba2LMHeadModel, folder: Path) -> Path:
                                       "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32",
                                       "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")}
     cfg["ssm_cfg"] = {"layer": "Mamba2", **{k: list(v) if isinstance(v, tuple) else v for k, v in c.ssm_cfg.items()}}
+    if c.attn_layer_idx:  # as state-spaces/mamba2attn-2.7b's config says it (mamba_ssm's MHA default is False)
+        cfg["attn_cfg"] = {**c.attn_cfg, "causal": True}
     (folder / "config.json").write_text(json.dumps(cfg))
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     return folder
@@ -140,12 +142,39 @@ def test_save_mamba_ssm_format_is_what_mamba_ssm_reads(tmp_path, preset):
                         "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
                         "tie_embeddings"}
     assert cfg["ssm_cfg"]["layer"] == "Mamba2"
+    if src.config.attn_layer_idx:  # mamba_ssm's MHA is non-causal unless told
+        assert cfg["attn_cfg"]["causal"] is True
     sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     assert set(sd) == set(src.state_dict())  # strict load in mamba_ssm: lm_head.weight included
+    # the tied embedding is stored once, as torch.save(model.state_dict()) would store it
+    head, emb = sd["lm_head.weight"], sd["backbone.embedding.weight"]
+    assert head.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr()
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     x = ids(256)
     with torch.no_grad():
         torch.testing.assert_close(from_pretrained(tmp_path, tokenizer=False)(x), src(x), rtol=0, atol=0)
+
+
+def test_mamba_ssm_config_read_as_mamba_ssm_reads_it(tmp_path):
+    """No ssm_cfg.layer is Mamba-1 to mamba_ssm (refused, saying so); no attn_cfg.causal is non-causal attention to
+    mamba_ssm (loaded causal, with a warning); use_mem_eff_path and sequence_parallel choose code paths only."""
+    folder = write_mamba_ssm_folder(randomise(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2attn-test"))),
+                                    tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+
+    def load_with(**edits):
+        c = json.loads(json.dumps(cfg))
+        for section, change in edits.items():
+            change(c[section])
+        (folder / "config.json").write_text(json.dumps(c))
+        return from_pretrained(folder, tokenizer=False)
+
+    with pytest.raises(CheckpointError, match=r"config\.json: ssm_cfg has no 'layer'.*Mamba-1"):
+        load_with(ssm_cfg=lambda s: s.pop("layer"))
+    with pytest.warns(UserWarning, match=r"no 'causal' key.*non-causal"):
+        load_with(attn_cfg=lambda a: a.pop("causal"))
+    model = load_with(ssm_cfg=lambda s: s.update(use_mem_eff_path=False, sequence_parallel=True))
+    assert "use_mem_eff_path" not in model.config.ssm_cfg
 
 
 def test_mamba_ssm_config_without_pad_multiple_uses_mamba_ssm_default(tmp_path):
@@ -349,3 +378,166 @@ def test_offline_load_from_prepopulated_hub_cache(tmp_path, monkeypatch):
 def test_local_path_that_is_not_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match=r"not a checkpoint folder"):
         from_pretrained(str(tmp_path / "nope"), tokenizer=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving over a folder, compiled models, the configs written, downloads, malformed files
+# ---------------------------------------------------------------------------------------------------------------
+def test_saving_over_an_older_checkpoint_removes_its_weight_files(tmp_path):
+    """An old shard index or the other format's file must not shadow the weights just written, for us or for
+    transformers."""
+    from transformers import Mamba2ForCausalLM
+
+    hf_model().save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, with an index
+    model = randomise(from_pretrained(tmp_path, tokenizer=False), seed=5)
+    x = ids(96)
+    with torch.no_grad():
+        want = model(x)
+        model.save_pretrained(tmp_path, format="hf")
+        assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
+        assert (from_pretrained(tmp_path, tokenizer=False)(x) - want).abs().max() < 1e-6
+        assert (Mamba2ForCausalLM.from_pretrained(tmp_path)(x).logits - want).abs().max() < 1e-4
+        model.save_pretrained(tmp_path, format="mamba_ssm")  # the other format into the same folder
+        assert not (tmp_path / "model.safetensors").exists()
+        torch.testing.assert_close(from_pretrained(tmp_path, tokenizer=False)(x), want, rtol=0, atol=0)
+
+
+def test_a_folder_with_both_files_reads_like_its_own_tool(tmp_path):
+    """mamba_ssm reads pytorch_model.bin and transformers model.safetensors: with both present, the config's
+    format decides which."""
+    from safetensors.torch import save_file
+
+    a = randomise(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")), seed=1)
+    b = randomise(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")), seed=2)
+    save_pretrained(a, tmp_path, format="mamba_ssm")
+    save_file({k: v.contiguous() for k, v in b.state_dict().items() if k != "lm_head.weight"},
+              str(tmp_path / "model.safetensors"))
+    x = ids(256)
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(tmp_path, tokenizer=False)(x), a(x), rtol=0, atol=0)
+
+
+def test_compiled_model_saves_the_module_it_wraps(tmp_path):
+    model = randomise(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")))
+    compiled = torch.compile(model)
+    x = ids(256)
+    for fmt in ("hf", "mamba_ssm"):
+        save_pretrained(compiled, tmp_path / fmt, format=fmt)
+        with torch.no_grad():
+            assert (from_pretrained(tmp_path / fmt, tokenizer=False)(x) - model(x)).abs().max() < 1e-6
+
+
+def test_hf_config_is_strict_json_with_the_tokenizers_ids(tmp_path):
+    from transformers import Mamba2Config as HFConfig
+
+    def strict(path):
+        def refuse(name):
+            raise ValueError(f"non-standard JSON constant {name}")
+        return json.loads(path.read_text(), parse_constant=refuse)
+
+    model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))  # dt_limit (0, inf): the default
+    tok = make_tokenizer()
+    tok.add_special_tokens({"bos_token": "w0", "pad_token": "w1"})
+    save_pretrained(model, tmp_path / "a", format="hf", tokenizer=tok)
+    cfg = strict(tmp_path / "a" / "config.json")
+    assert "time_step_limit" not in cfg
+    assert (cfg["eos_token_id"], cfg["bos_token_id"], cfg["pad_token_id"]) == (0, 2, 3)
+    theirs = HFConfig.from_pretrained(tmp_path / "a")
+    assert tuple(theirs.time_step_limit) == (0.0, math.inf) and theirs.pad_token_id == 3
+    save_pretrained(model, tmp_path / "b", format="hf", tokenizer="byte")
+    cfg = strict(tmp_path / "b" / "config.json")
+    assert cfg["eos_token_id"] == 0 and cfg["pad_token_id"] is None
+
+
+def _fake_hub(repo_files: dict[str, bytes], cache: Path, asked: list):
+    """snapshot_download over an in-memory repo: copies the files whose names match allow_patterns as
+    huggingface_hub matches them (fnmatch), and records each call's patterns."""
+    from fnmatch import fnmatch
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        asked.append(list(allow_patterns))
+        for name, data in repo_files.items():
+            if any(fnmatch(name, pat) for pat in allow_patterns):
+                (cache / name).parent.mkdir(parents=True, exist_ok=True)
+                (cache / name).write_bytes(data)
+        return str(cache)
+    return snapshot_download
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_hub_download_fetches_only_the_weights_the_load_reads(tmp_path, monkeypatch, sharded):
+    import huggingface_hub
+
+    src = tmp_path / "src"
+    ref = hf_model()
+    ref.save_pretrained(src, max_shard_size="20KB" if sharded else "5GB")
+    repo = {p.name: p.read_bytes() for p in src.iterdir()}
+    decoy = next(iter(v for k, v in repo.items() if k.endswith(".safetensors")))
+    repo.update({"consolidated.safetensors": decoy, "original/model.safetensors": decoy,
+                 "pytorch_model.bin": b"not read"})
+    cache, asked = tmp_path / "cache", []
+    cache.mkdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(repo, cache, asked))
+    model = from_pretrained("org/tiny", tokenizer=False)
+    got = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+    want = sorted(k for k in repo if k.startswith("model") or k == "config.json")
+    assert got == want, asked
+    x = ids(96)
+    with torch.no_grad():
+        assert (model(x) - ref(x).logits).abs().max() < 1e-4
+
+
+def test_convert_refuses_a_file_target_and_keeps_a_users_empty_folder(tmp_path, capsys):
+    src = write_mamba_ssm_folder(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2attn-test")), tmp_path / "src")
+    (tmp_path / "file").write_text("x")
+    for argv, message in [([str(src), str(tmp_path / "file"), "--to", "mamba_ssm"], "is a file"),
+                          ([str(src), str(tmp_path / "mine"), "--to", "hf"], "attention layers"),
+                          ([str(src), str(tmp_path / "t"), "--to", "mamba_ssm", "--tokenizer",
+                            str(tmp_path / "absent")], "cannot load the tokenizer")]:
+        (tmp_path / "mine").mkdir(exist_ok=True)  # made by the user beforehand: a refusal must not delete it
+        with pytest.raises(SystemExit) as e:
+            convert_main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert (tmp_path / "mine").is_dir()
+
+
+def test_ckpt_loaded_without_its_tokenizer(tmp_path):
+    src = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))
+    write_ckpt(tmp_path / "a.ckpt", src, tokenizer_state(make_tokenizer(), tmp_path), "top_level")
+    assert from_pretrained(tmp_path / "a.ckpt").tokenizer is not None
+    assert from_pretrained(tmp_path / "a.ckpt", tokenizer=False).tokenizer is None
+
+
+def test_malformed_files_are_named(tmp_path):
+    hf_model().save_pretrained(tmp_path / "s", max_shard_size="20KB")
+    index = tmp_path / "s" / "model.safetensors.index.json"
+    good = index.read_text()
+    index.write_text(json.dumps([1, 2]))
+    with pytest.raises(CheckpointError, match=r"index\.json: not a valid shard index"):
+        from_pretrained(tmp_path / "s", tokenizer=False)
+    # one key in two shards
+    from safetensors.torch import load_file, save_file
+
+    index.write_text(good)
+    shards = sorted((tmp_path / "s").glob("model-*.safetensors"))
+    first = load_file(str(shards[0]))
+    key = next(iter(first))
+    save_file({**load_file(str(shards[1])), key: first[key]}, str(shards[1]))
+    with pytest.raises(CheckpointError, match=rf"key '{key}' is held by two shards"):
+        from_pretrained(tmp_path / "s", tokenizer=False)
+    cfg = tmp_path / "s" / "config.json"
+    raw = json.loads(cfg.read_text())
+    cfg.write_text("7")
+    with pytest.raises(CheckpointError, match=r"config\.json: holds a JSON int"):
+        from_pretrained(tmp_path / "s", tokenizer=False)
+    cfg.write_text(json.dumps({**raw, "time_step_limit": None}))
+    with pytest.raises(CheckpointError, match=r"config\.json: time_step_limit must be a pair"):
+        from_pretrained(tmp_path / "s", tokenizer=False)
+
+
+def test_dtype_by_name(tmp_path):
+    hf_model().save_pretrained(tmp_path)
+    assert from_pretrained(tmp_path, dtype="bfloat16", tokenizer=False).lm_head.weight.dtype == torch.bfloat16
+    with pytest.raises(CheckpointError, match=r"dtype must be one of"):
+        from_pretrained(tmp_path, dtype="bf17", tokenizer=False)
