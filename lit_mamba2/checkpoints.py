@@ -132,7 +132,7 @@ def config_to_hf(config: Mamba2Config, dtype: torch.dtype, tokenizer=None) -> di
         problems.append("a mixer norm other than gate-then-RMSNorm (rmsnorm / norm_before_gate)")
     if problems:
         raise CheckpointError("format 'hf' (transformers' Mamba2ForCausalLM) cannot express this model: "
-                              + "; ".join(problems) + ". Save with format='mamba_ssm' instead")
+                              + "; ".join(problems) + ". Save with format='mamba_ssm' (lit-mamba2 convert --to mamba_ssm) instead")
     hf = {
         "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
         "hidden_size": config.d_model, "num_hidden_layers": config.n_layer, "vocab_size": config.padded_vocab_size,
@@ -319,6 +319,8 @@ def build_model(config: Mamba2Config, state_dict: dict[str, torch.Tensor], sourc
         if tuple(sd[k].shape) != tuple(shape):
             raise CheckpointError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)}, the config expects "
                                   f"{tuple(shape)}")
+        if not sd[k].is_floating_point():
+            raise CheckpointError(f"{source}: key {k!r} holds {sd[k].dtype} values; the model's weights are floats")
     dtype = dtype or torch.float32
     flags = {n: dict(p.__dict__) for n, p in model.named_parameters()}  # e.g. _no_weight_decay
     sd = {k: v.to(device=device or "cpu", dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
@@ -349,6 +351,10 @@ def load_folder(folder: str | os.PathLike, dtype=None, device=None) -> tuple[Mam
     config, fmt = read_config(folder)
     sd, source = read_weights(folder, fmt)
     if fmt == "hf":
+        ours = {hf_to_ours(k): k for k in sd}
+        if len(ours) < len(sd):
+            clash = next(k for k in sd if hf_to_ours(k) != k and hf_to_ours(k) in sd)
+            raise CheckpointError(f"{source}: holds both {clash!r} and {hf_to_ours(clash)!r}; one is unexpected")
         sd = {hf_to_ours(k): v for k, v in sd.items()}
     return build_model(config, sd, source, dtype, device), fmt
 
@@ -451,6 +457,8 @@ def resolve(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> 
     if p.is_dir():
         return p
     s = str(name_or_path)
+    if s.endswith(".ckpt") and not p.exists():
+        raise CheckpointError(f"{s}: no such file")
     if p.exists() or s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise CheckpointError(f"{s}: not a checkpoint folder (and not a Hub repo id 'org/name')")
     try:
@@ -466,8 +474,9 @@ def resolve(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> 
                                           token=os.environ.get("HF_TOKEN") or None))
         except Exception as e:  # noqa: BLE001 - network, auth and cache errors come in many types
             hint = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if offline else ""
-            raise CheckpointError(f"cannot fetch {s!r} (revision {revision or 'main'}) from the Hugging Face "
-                                  f"Hub{hint}: {type(e).__name__}: {e}") from None
+            raise CheckpointError(f"{s!r} is not a local folder, and cannot be fetched (revision "
+                                  f"{revision or 'main'}) from the Hugging Face Hub{hint}: {type(e).__name__}: "
+                                  f"{e}") from None
 
     # First the config, the indexes and the tokenizer; then only the weight files the load will read (repos often
     # hold a format twice, e.g. pytorch_model.bin beside model.safetensors, or consolidated.safetensors beside
@@ -506,6 +515,13 @@ def as_dtype(dtype) -> Optional[torch.dtype]:
     raise CheckpointError(f"dtype must be one of {sorted(DTYPES)} (or the torch.dtype), got {dtype!r}")
 
 
+def _check_tokenizer_fits(tok, config: Mamba2Config, name) -> None:
+    size = 256 if tok == "byte" else len(tok)
+    if size > config.padded_vocab_size:
+        raise CheckpointError(f"the tokenizer {str(name)!r} has {size} tokens but the model only "
+                              f"{config.padded_vocab_size} embedding rows; it cannot be this model's tokenizer")
+
+
 def from_pretrained(name_or_path: str | os.PathLike, *, revision: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None, device=None, tokenizer=None) -> Mamba2LMHeadModel:
     """Load a mamba_ssm- or transformers-format checkpoint (folder or Hub repo id), or a Lightning .ckpt.
@@ -522,6 +538,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, revision: Optional[str] 
             model.tokenizer = None
         elif tokenizer:
             model.tokenizer = load_hf_tokenizer(tokenizer) if tokenizer != "byte" else "byte"
+            _check_tokenizer_fits(model.tokenizer, model.config, tokenizer)
         return model
     folder = resolve(name_or_path, revision)
     model, fmt = load_folder(folder, dtype, device)
@@ -531,6 +548,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, revision: Optional[str] 
         return model
     if tokenizer:
         model.tokenizer = "byte" if tokenizer == "byte" else load_hf_tokenizer(tokenizer)
+        _check_tokenizer_fits(model.tokenizer, model.config, tokenizer)
     elif has_tokenizer_files(folder):
         model.tokenizer = load_hf_tokenizer(str(folder))
     elif model.config.vocab_size in _PUBLISHED_VOCAB_SIZES:

@@ -6,6 +6,7 @@ A verb is a function taking its own argument list; adding one (finetune, evaluat
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 from typing import Callable, Optional
 
@@ -16,7 +17,8 @@ def _recipe_parser(config_class, prog: str, description: str):
     """A jsonargparse parser whose keys are config_class's fields: --config <yaml> and dotted overrides."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=True)
+    # no abbreviations: a misspelled key (--trainer.max_step) must be an error, not a prefix of another
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=True, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a recipe YAML (see recipes/)")
     parser.add_class_arguments(config_class, fail_untyped=True)
     return parser
@@ -28,13 +30,20 @@ def parse_recipe(config_class, argv: list[str], prog: str, description: str = ""
     init = parser.instantiate(parser.parse_args(argv))
     return config_class(**{f.name: init[f.name] for f in dataclasses.fields(config_class)})
 
-def pretrain_command(argv: list[str]) -> None:
+def pretrain_command(argv: list[str]) -> Optional[int]:
     from lit_mamba2.training.pretrain import PretrainConfig, pretrain
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     cfg = parse_recipe(PretrainConfig, argv, "lit-mamba2 pretrain",
                        "Pretrain a Mamba-2 language model. With no arguments: the built-in default "
                        "(recipes/default.yaml): a small model on the Python standard library, on CPU, in minutes.")
-    pretrain(cfg)
+    try:
+        pretrain(cfg)
+    except SIGTERMException:  # (a SystemExit without a code: the shell would see success)
+        print(f"lit-mamba2 pretrain: stopped by SIGTERM; {cfg.trainer.out_dir}/checkpoints/last.ckpt holds the "
+              "last finished step (continue with --resume true)", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def convert_command(argv: list[str]) -> Optional[int]:
@@ -69,7 +78,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     if verb not in COMMANDS:
@@ -82,6 +91,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         return COMMANDS[verb][0](rest) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:  # bad input: the message names the field or file
+    except Exception as e:  # bad input: the message names the field or file
+        # (Lightning's MisconfigurationException: e.g. an accelerator this machine does not have)
+        if not isinstance(e, (ConfigError, FileNotFoundError, ValueError)) and \
+                type(e).__name__ != "MisconfigurationException":
+            raise
         print(f"lit-mamba2 {verb}: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import sys
 from typing import Iterator, Optional, Sequence, Union
 
@@ -313,6 +314,9 @@ class _ByteCodec:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", errors="replace")
 
+    def __len__(self) -> int:
+        return 256
+
 
 def generate_main(argv: Optional[list[str]] = None) -> int:
     from lit_mamba2.checkpoints import DTYPES, CheckpointError, from_pretrained, load_hf_tokenizer
@@ -350,7 +354,18 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
         parser.error("--max-new-tokens must be at least 1")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.top_k is not None and args.top_k < 1:
+        parser.error("--top-k must be at least 1 (leave it out for no limit)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error("--top-p must lie in (0, 1]")
+    if any(s == "" for s in args.stop or []):
+        parser.error("--stop needs a text or #ID")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine (or this torch build) has no CUDA device")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         model = from_pretrained(args.checkpoint, dtype=dtype, device=device,
@@ -364,10 +379,16 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
         tok = tok or load_hf_tokenizer(args.tokenizer)
     if tok is None:
         parser.exit(2, "lit-mamba2 generate: error: the checkpoint has no tokenizer; pass --tokenizer NAME\n")
+    vocab = model.config.padded_vocab_size
+    if len(tok) > vocab:
+        parser.exit(2, f"lit-mamba2 generate: error: the tokenizer has {len(tok)} tokens but the model only "
+                       f"{vocab} embedding rows; pass the tokenizer the model was trained with (--tokenizer)\n")
     model.eval()
     stops = []
     for s in args.stop or []:
         if s.startswith("#") and s[1:].isdigit():
+            if int(s[1:]) >= vocab:
+                parser.error(f"--stop {s}: the model's token ids end at {vocab - 1}")
             stops.append(int(s[1:]))
         else:
             enc = tok.encode(s, add_special_tokens=False)
@@ -393,11 +414,20 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     if single:
         sys.stdout.write(args.prompt[0])
         sys.stdout.flush()
-    for token in stream(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, stop_tokens=stops, generator=generator,
-                        cuda_graph=False if args.no_cuda_graph else None,
-                        state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None, pdl=not args.no_pdl,
-                        row_groups=args.row_groups):
+    tokens = stream(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, stop_tokens=stops, generator=generator,
+                    cuda_graph=False if args.no_cuda_graph else None,
+                    state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None, pdl=not args.no_pdl,
+                    row_groups=args.row_groups)
+    try:
+        first = next(tokens)  # the caches (a KV cache of the whole length for attention layers) exist from here
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        parser.exit(2, f"lit-mamba2 generate: error: out of memory for {len(prompts)} prompts of up to "
+                       f"{max(map(len, prompts))} tokens + --max-new-tokens {args.max_new_tokens} "
+                       f"({type(e).__name__}); ask for fewer new tokens or prompts\n")
+    for token in itertools.chain([first], tokens):
         for r, t in zip(rows, token.tolist()):
             if not (r and r[-1] in stops):
                 r.append(t)

@@ -541,3 +541,31 @@ def test_dtype_by_name(tmp_path):
     assert from_pretrained(tmp_path, dtype="bfloat16", tokenizer=False).lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(CheckpointError, match=r"dtype must be one of"):
         from_pretrained(tmp_path, dtype="bf17", tokenizer=False)
+
+
+def test_weights_of_the_wrong_kind_are_named(tmp_path, mamba_ssm_folder):
+    sd = torch.load(mamba_ssm_folder / "pytorch_model.bin", weights_only=True)
+    sd["backbone.norm_f.weight"] = sd["backbone.norm_f.weight"].long()
+    torch.save(sd, mamba_ssm_folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"key 'backbone\.norm_f\.weight' holds torch\.int64"):
+        from_pretrained(mamba_ssm_folder, tokenizer=False)
+    # an hf folder holding the embedding under both its names
+    from safetensors.torch import load_file, save_file
+
+    hf_model().save_pretrained(tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    w = load_file(str(f))
+    save_file({**w, "backbone.embedding.weight": w["backbone.embeddings.weight"].clone()}, str(f))
+    with pytest.raises(CheckpointError, match=r"holds both 'backbone\.embeddings\.weight' and"):
+        from_pretrained(tmp_path / "hf", tokenizer=False)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, mamba_ssm_folder):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    big = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {f"w{i}": i for i in range(300)}, unk_token="w0")), unk_token="w0")
+    big.save_pretrained(tmp_path / "big")
+    with pytest.raises(CheckpointError, match=r"has 300 tokens but the model only 256 embedding rows"):
+        from_pretrained(mamba_ssm_folder, tokenizer=str(tmp_path / "big"))

@@ -33,3 +33,26 @@ def test_convert_reports_a_missing_source(tmp_path, capsys):
         main(["convert", str(tmp_path / "nothing"), str(tmp_path / "out"), "--to", "hf"])
     assert e.value.code == 2
     assert "nothing: not a checkpoint folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-p", "1.5"], "--top-p must lie in (0, 1]"),
+    (["--stop", ""], "--stop needs a text or #ID"),
+    (["--stop", "#99999"], "--stop #99999: the model's token ids end at 255"),
+    (["--device", "tpu"], "--device:"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--top-k", "-3"], "--"),
+])
+def test_generate_refuses_bad_options(tmp_path, capsys, args, message):
+    Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")).save_pretrained(tmp_path / "ms", format="mamba_ssm")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--checkpoint", str(tmp_path / "ms"), "--tokenizer", "byte", "--prompt", "x",
+              "--max-new-tokens", "2", *(["--device", "cpu"] if "--device" not in args else []), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_names_a_missing_ckpt_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--checkpoint", str(tmp_path / "absent.ckpt"), "--prompt", "x"])
+    assert e.value.code == 2 and "absent.ckpt: no such file" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Callbacks: token throughput, and a checkpoint on SIGTERM."""
+"""Callbacks: token throughput, a checkpoint on SIGTERM, and the step of the last validation."""
 
 from __future__ import annotations
 
@@ -51,3 +51,15 @@ class CheckpointOnSigterm(L.Callback):
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path)
             rank_zero_info(f"SIGTERM: saved {self.path} at step {trainer.global_step}")
+
+
+class LastValidationStep(L.Callback):
+    """Remembers the global step at which validation last ran inside fit (-1: never), so that the end of a run
+    validates only if the final weights have not been validated yet."""
+
+    def __init__(self):
+        self.step = -1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step

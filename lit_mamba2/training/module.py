@@ -29,6 +29,11 @@ class OptimConfig:
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
 
     def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if not (self.weight_decay >= 0 and self.eps > 0 and self.warmup_steps >= 0):
+            raise ValueError(f"optim: weight_decay and warmup_steps must be >= 0 and eps > 0, got "
+                             f"{self.weight_decay}, {self.warmup_steps}, {self.eps}")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ValueError(f"optim.schedule must be 'cosine', 'wsd' or 'constant', got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -37,6 +37,10 @@ ModelArgs.__doc__ = "A preset name and/or Mamba2Config fields (given fields over
 def build_model_config(args) -> Mamba2Config:
     given = {k: v for k, v in asdict(args).items() if k != "name" and v is not None}
     if args.name is None:
+        absent = [k for k in ("d_model", "n_layer", "vocab_size") if k not in given]
+        if absent:  # Mamba2Config's own defaults are mamba_ssm's 2.7B-sized model: never what a recipe means
+            raise ValueError(f"model.name: null builds the model from its fields, but model.{absent[0]} is not "
+                             f"given (give d_model, n_layer and vocab_size, or a preset name)")
         return Mamba2Config.from_dict(given)
     base = Mamba2Config.from_name(args.name).to_dict()
     for key in ("ssm_cfg", "attn_cfg"):
@@ -99,12 +103,35 @@ def resolve_precision(precision: Optional[str], accelerator: str) -> str:
 
 
 def resume_path(resume: Union[bool, str], out_dir: str) -> Optional[str]:
+    """The checkpoint to resume from, or None for a fresh run; a fresh run refuses an out_dir that already holds a
+    run's last.ckpt (it would be overwritten)."""
+    last = Path(out_dir, "checkpoints", "last.ckpt")
     if resume is False or resume is None:
+        if last.exists():
+            raise ValueError(f"trainer.out_dir: {str(last)!r} exists from an earlier run; continue it with "
+                             "--resume true, or start a new run in another --trainer.out_dir (or delete that one)")
         return None
-    path = Path(out_dir, "checkpoints", "last.ckpt") if resume is True else Path(resume)
+    path = last if resume is True else Path(resume)
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
     return str(path)
+
+
+def check_resume_matches(path: str, model_config: Mamba2Config) -> None:
+    """A resumed run must build the model its checkpoint holds: compare the stored model config field by field."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways
+        raise ValueError(f"resume: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"resume: {path!r} is not a checkpoint written by lit-mamba2 pretrain (it has no "
+                         "'state_dict' and 'model_config'); to start from published weights, fine-tune instead")
+    stored, wanted = Mamba2Config.from_dict(dict(ckpt["model_config"])).to_dict(), model_config.to_dict()
+    differ = [k for k in wanted if stored.get(k) != wanted[k]]
+    if differ:
+        k = differ[0]
+        raise ValueError(f"resume: {path!r} holds a different model: model.{k} is {stored.get(k)!r} there and "
+                         f"{wanted[k]!r} in this recipe" + (f" (and {len(differ) - 1} more fields)" if differ[1:] else ""))
 
 
 def check_data_paths(data: DataConfig) -> None:
@@ -136,7 +163,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-    from lit_mamba2.training.callbacks import CheckpointOnSigterm, TokenThroughput
+    from lit_mamba2.training.callbacks import CheckpointOnSigterm, LastValidationStep, TokenThroughput
     from lit_mamba2.training.data import LMDataModule, unigram_entropy
     from lit_mamba2.training.module import LanguageModel
 
@@ -148,6 +175,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     L.seed_everything(tc.seed, verbose=False)
 
     model_config = build_model_config(cfg.model)
+    if ckpt_path is not None:
+        check_resume_matches(ckpt_path, model_config)
     tokenizer = None
     if cfg.data.kind == "mqar":
         if cfg.data.mqar.vocab_size > model_config.vocab_size:
@@ -163,6 +192,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     module = LanguageModel(model_config.to_dict(), asdict(cfg.optim), tokenizer, accuracy=cfg.data.kind == "mqar")
     ckpt_dir = Path(tc.out_dir, "checkpoints")
     batches = tc.max_steps * tc.accumulate_grad_batches
+    validated = LastValidationStep()
     trainer = L.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
         precision=resolve_precision(tc.precision, tc.accelerator), max_steps=tc.max_steps,
@@ -172,9 +202,10 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
         log_every_n_steps=tc.log_every_n_steps, use_distributed_sampler=False,
         enable_progress_bar=tc.progress_bar, enable_model_summary=tc.progress_bar,
         logger=default_loggers(tc.out_dir), default_root_dir=tc.out_dir,
+        # no version counter: last.ckpt is replaced, never joined by last-v1.ckpt (a resumed run writes it again)
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=tc.save_every_n_steps, save_top_k=0,
-                                   save_last=True),
-                   CheckpointOnSigterm(ckpt_dir / "last.ckpt"), TokenThroughput(),
+                                   save_last=True, enable_version_counter=False),
+                   CheckpointOnSigterm(ckpt_dir / "last.ckpt"), TokenThroughput(), validated,
                    LearningRateMonitor(logging_interval="step"),
                    *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
     )
@@ -185,10 +216,13 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     train_time = time.perf_counter() - start
-    if trainer.global_step % tc.val_every_n_steps != 0 and datamodule.val_set is not None:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-
+    if trainer.global_step % tc.save_every_n_steps != 0:  # the periodic saves missed the last steps
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if validated.step != trainer.global_step and datamodule.val_set is not None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # (it replaces callback_metrics)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+
     summary = {"step": trainer.global_step, "train_loss": metrics.get("train/loss"),
                "val_loss": metrics.get("val/loss"), "val_ppl": metrics.get("val/ppl"), "val_acc": metrics.get("val/acc"),
                "train_time_s": train_time, "checkpoint": str(ckpt_dir / "last.ckpt"),

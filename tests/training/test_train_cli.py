@@ -80,6 +80,31 @@ def test_missing_data_path_is_a_clear_error(tmp_path, capsys):
     assert missing in capsys.readouterr().err
 
 
+def test_recipe_mistakes_are_errors(tmp_path, capsys):
+    """A key that is only a prefix of a field, an optimizer setting out of range, and a model with no preset and
+    no size are refused naming the key (not run as something else)."""
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", *tiny_args(tmp_path), "--trainer.max_step", "5"])
+    assert e.value.code == 2 and "max_step" in capsys.readouterr().err
+    assert main(["pretrain", *tiny_args(tmp_path), "--optim.lr", "-1"]) == 2
+    assert "optim.lr must be positive" in capsys.readouterr().err
+    assert main(["pretrain", *tiny_args(tmp_path), "--model.name", "null"]) == 2
+    assert "model.d_model is not given" in capsys.readouterr().err
+
+
+def test_sigterm_exits_nonzero(monkeypatch, capsys):
+    """A stopped run must not look like a finished one to `pretrain && convert`."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import lit_mamba2.training.pretrain as pretrain_module
+
+    def stopped(cfg):
+        raise SIGTERMException()
+    monkeypatch.setattr(pretrain_module, "pretrain", stopped)
+    assert main(["pretrain", "--trainer.out_dir", "somewhere"]) == 128 + signal.SIGTERM
+    assert "somewhere/checkpoints/last.ckpt" in capsys.readouterr().err
+
+
 def test_launcher_environment_overrides():
     tc = TrainerConfig(accelerator="cpu", devices=1, num_nodes=1, precision="32-true", strategy="auto")
     assert apply_launcher_env(tc, {}) == tc
@@ -211,3 +236,42 @@ def test_fabric_run_two_processes(tmp_path):
                 *tiny_args(tmp_path, steps=2), "--trainer.devices", "1", "--trainer.precision", "32-true",
                 "--sample.max_new_tokens", "0"], tmp_path)
     assert "world size 2" in out and "precision 64-true" in out  # LT_DEVICES / LT_PRECISION beat the recipe
+
+
+def test_pretrain_checkpoint_bookkeeping(tmp_path, capsys):
+    """last.ckpt holds the final step even when max_steps is no multiple of save_every_n_steps; validation runs
+    once per step and the summary keeps the train loss; a fresh run refuses to overwrite an earlier run's
+    last.ckpt; a run stopped before its first periodic save resumes into last.ckpt itself (no last-v1.ckpt)."""
+    run = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "a", steps=6), "--sample.max_new_tokens", "0"], "t")
+    summary = pretrain(run)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6 and summary["train_loss"] is not None
+    rows = list(csv.DictReader(open(tmp_path / "a" / "logs" / "version_0" / "metrics.csv")))
+    val_steps = [r["step"] for r in rows if r.get("val/loss")]
+    assert len(val_steps) == len(set(val_steps)) == 2, val_steps  # steps 4 and 6, once each
+    with pytest.raises(ValueError, match=r"last\.ckpt' exists from an earlier run.*--resume true"):
+        pretrain(run)
+
+    stopped = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "b"), "--sample.max_new_tokens", "0"], "t")
+    with pytest.raises(SystemExit):
+        pretrain(stopped, callbacks=[SigtermAt(2)])
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stopped.resume = True
+    pretrain(stopped)
+    ckpts = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt"] and torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt",
+                                                 weights_only=True)["global_step"] == 8
+
+
+def test_resume_refuses_another_model_or_a_foreign_file(tmp_path):
+    run = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "a", steps=2), "--sample.max_new_tokens", "0"], "t")
+    pretrain(run)
+    other = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "a", steps=4), "--resume", "true",
+                                          "--model.n_layer", "3"], "t")
+    with pytest.raises(ValueError, match=r"holds a different model: model\.n_layer is 2 there and 3"):
+        pretrain(other)
+    torch.save({"x": torch.zeros(1)}, tmp_path / "weights.bin")
+    foreign = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "c"), "--resume", str(tmp_path / "weights.bin")],
+                           "t")
+    with pytest.raises(ValueError, match=r"not a checkpoint written by lit-mamba2 pretrain"):
+        pretrain(foreign)
