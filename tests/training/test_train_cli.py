@@ -90,6 +90,9 @@ def test_recipe_mistakes_are_errors(tmp_path, capsys):
     assert "optim.lr must be positive" in capsys.readouterr().err
     assert main(["pretrain", *tiny_args(tmp_path), "--model.name", "null"]) == 2
     assert "model.d_model is not given" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # Lightning's MisconfigurationException, as a one-line error
+        assert main(["pretrain", *tiny_args(tmp_path), "--trainer.accelerator", "gpu"]) == 2
+        assert "lit-mamba2 pretrain: error:" in capsys.readouterr().err
 
 
 def test_sigterm_exits_nonzero(monkeypatch, capsys):
