@@ -19,7 +19,8 @@ import hashlib
 import json
 import os
 import sysconfig
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterator, Optional
@@ -330,6 +331,24 @@ class LMDataModule(L.LightningDataModule):
         self.train_set = self.val_set = None
         if config.kind == "text" and tokenizer is None:
             raise ValueError("data.kind 'text' needs a tokenizer")
+
+    # what decides which rows a step trains on: a resumed run with other values no longer sees "exactly the
+    # batches an uninterrupted run would have" (it is allowed, e.g. to change the batch size on purpose, but said)
+    _ORDER_FIELDS = ("kind", "paths", "include", "exclude", "max_bytes", "seq_len", "batch_size", "val_fraction",
+                     "seed", "mqar")
+
+    def state_dict(self) -> dict:
+        order = {k: v for k, v in asdict(self.config).items() if k in self._ORDER_FIELDS}
+        return {"data": json.loads(json.dumps(order)), "accumulate_grad_batches": self.accumulate,
+                "world_size": self._rank_world()[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        now = self.state_dict()
+        changed = [f"data.{k}" for k, v in state.get("data", {}).items() if now["data"].get(k) != v]
+        changed += [k for k in ("accumulate_grad_batches", "world_size") if k in state and state[k] != now[k]]
+        if changed:
+            warnings.warn(f"resuming with other {', '.join(changed)} than the checkpoint's run: training goes on, "
+                          "but not over the batches the uninterrupted run would have seen")
 
     # text is tokenized once per node (rank 0 of each node; the others wait), into a cache keyed by content
     def prepare_data(self) -> None:
