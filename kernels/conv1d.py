@@ -321,5 +321,7 @@ _conv_fwd.register_autograd(_backward, setup_context=_setup)
 def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
                   activation="silu"):
     """`lit_mamba2.reference.causal_conv1d`'s semantics (arguments already checked by `lit_mamba2.ops`)."""
+    if not 1 <= weight.shape[1] <= 4:  # the backward keeps the taps in four tiles
+        raise ValueError(f"lit_mamba2.kernels.conv1d: width must be 1-4, got {weight.shape[1]}")
     out, final = _conv_fwd(x, weight, bias, seq_idx, initial_states, activation == "silu", bool(return_final_states))
     return (out, final) if return_final_states else out

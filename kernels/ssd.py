@@ -1413,9 +1413,12 @@ ssd_fwd.register_autograd(_backward, setup_context=_setup_context)
 def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
         dt_softplus=False, dt_limit=(0.0, INF), return_final_states=False):
     """`lit_mamba2.ssd` on the Triton kernels (arguments already checked by `lit_mamba2.ops.ssd`)."""
+    # chunk_size only decides how the work is cut (any value gives the same function): the kernels take a power
+    # of two from 16 to 256, so use the largest one within the asked size and max_chunk (16 at the least)
     chunk_size = int(chunk_size)
     if CONFIG["max_chunk"]:
         chunk_size = min(chunk_size, CONFIG["max_chunk"])
+    chunk_size = max(16, 1 << (min(chunk_size, 256).bit_length() - 1))
     out, final, *_ = torch.ops.lit_mamba2.ssd_fwd(
         x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, bool(dt_softplus),
         float(dt_limit[0]), float(dt_limit[1]))

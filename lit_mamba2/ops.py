@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -53,6 +54,22 @@ def _choose(impl, *tensors, op):
     return impl
 
 
+_warned: set = set()
+
+
+def _within_kernel_limits(chosen: str, asked, fits: bool, why: str) -> str:
+    """Shapes the Triton kernels do not take: an error if impl='triton' was asked for, else the PyTorch path (with
+    a warning, once: it is slower)."""
+    if chosen != "triton" or fits:
+        return chosen
+    if asked == "triton":
+        raise ValueError(why + "; use impl='torch'")
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(why + "; running the PyTorch path instead")
+    return "torch"
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -96,7 +113,8 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
             _check(bool((seq_idx[:, 1:] >= seq_idx[:, :-1]).all()), "ssd: seq_idx must be non-decreasing along each row")
     _check(len(dt_limit) == 2 and 0.0 <= dt_limit[0] < dt_limit[1],
            lambda: f"ssd: dt_limit must be (low, high) with 0 <= low < high, got {dt_limit}")
-    impl = _choose(impl, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, op="ssd")
+    impl = _within_kernel_limits(_choose(impl, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, op="ssd"),
+                                 impl, p <= 128, f"ssd: the Triton kernels take headdim <= 128, got {p}")
     args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, tuple(dt_limit),
             return_final_states)
     if impl == "triton":
@@ -122,7 +140,8 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, retur
     if initial_states is not None:
         _check_tensor("initial_states", initial_states, (b, d, w - 1), op=op)
     _check(activation in (None, "silu"), lambda: f"{op}: activation must be 'silu' or None, got {activation!r}")
-    impl = _choose(impl, x, weight, bias, seq_idx, initial_states, op=op)
+    impl = _within_kernel_limits(_choose(impl, x, weight, bias, seq_idx, initial_states, op=op), impl, w <= 4,
+                                 f"{op}: the Triton kernel takes widths 1-4, got {w}")
     args = (x, weight, bias, seq_idx, initial_states, return_final_states, activation)
     if impl == "triton":
         from lit_mamba2.kernels import conv1d

@@ -138,3 +138,22 @@ def test_conv1d_traces_under_compile():
     got = torch.autograd.grad(compiled(x, w, init), (x, w, init))
     want = torch.autograd.grad(f(x, w, init), (x, w, init))
     assert all(torch.allclose(a, b) for a, b in zip(got, want))
+
+
+def test_widths_past_four_take_the_pytorch_path(monkeypatch):
+    """The backward keeps four taps: a wider conv asked of Triton is refused; chosen by default (on CUDA), it runs
+    the PyTorch path with a warning, and its gradients are the reference's."""
+    from lit_mamba2 import ops
+
+    x = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="widths 1-4, got 5"):
+        lit_mamba2.causal_conv1d(x.float(), w.float(), impl="triton")
+    monkeypatch.setattr(ops, "_choose", lambda impl, *tensors, op: "triton")  # as on CUDA
+    monkeypatch.setattr(conv1d, "causal_conv1d", lambda *a: pytest.fail("the width-4 kernel ran"))
+    with pytest.warns(UserWarning, match="running the PyTorch path"):
+        out = lit_mamba2.causal_conv1d(x, w)
+    gx, gw = torch.autograd.grad(out.square().sum(), [x, w])
+    ref = reference.causal_conv1d(x, w, None, None, None, False, "silu")
+    rx, rw = torch.autograd.grad(ref.square().sum(), [x, w])
+    assert rel(out, ref) == 0 and rel(gx, rx) == 0 and rel(gw, rw) == 0

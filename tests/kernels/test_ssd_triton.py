@@ -264,3 +264,19 @@ def test_long_chunks_run_as_shorter_chunks(monkeypatch, max_chunk):
     monkeypatch.setattr(torch.ops.lit_mamba2, "ssd_fwd", spy)
     _check(256, (1, 300, 2, 16, 1, 16), torch.float32, docs=2)
     assert seen and set(seen) == {max_chunk or 256}
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 100, 512])
+def test_any_chunk_size_gives_the_same_function(chunk_size):
+    """chunk_size only cuts the work: sizes the kernels do not take run as the nearest power of two they do."""
+    x, dt, A, B, C, D, z, bias, h0, seq = _inputs(1, 40, 2, 16, 1, 16, torch.float32)
+    y = lit_mamba2.ssd(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=bias, dt_softplus=True, impl="triton")
+    yr = reference.ssd_recurrent(x.double(), dt.double(), A.double(), B.double(), C.double(), None, D.double(),
+                                 z.double(), bias.double(), None, None, True)
+    assert _rel(y, yr) < 1e-4
+
+
+def test_headdim_past_128_is_refused_by_the_kernels():
+    x, dt, A, B, C, *_ = _inputs(1, 16, 1, 160, 1, 16, torch.float32, D=None, z=False, dt_bias=False, init=False)
+    with pytest.raises(ValueError, match="headdim <= 128, got 160"):
+        lit_mamba2.ssd(x, dt, A, B, C, 16, impl="triton")
