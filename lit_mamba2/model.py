@@ -676,23 +676,32 @@ class Mamba2LMHeadModel(nn.Module):
 
     def loss(self, input_ids, labels, seq_idx=None, ignore_index: int = -100, reduction: str = "mean"):
         """Cross-entropy of the logits at each position against labels at the same position (labels are the
-        already-shifted next tokens; ignore_index marks positions that do not count). The one loss entry point."""
+        already-shifted next tokens; ignore_index marks positions that do not count). The one loss entry point.
+        reduction "mean" / "sum" take the fused LM head + loss kernel where Triton runs; "none" returns the
+        (batch, seqlen) losses (0 where ignored) through the unfused head."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         hidden = self.backbone(input_ids, seq_idx=seq_idx).to(self.lm_head.weight.dtype)
         # the LM head fused with the loss (never the full float32 logits) where the Triton kernels run; the
         # layers' impl (set_impl) forces either path
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         impl = next((m.impl for m in self.modules() if hasattr(m, "impl")), None)
-        if ops._choose(impl, hidden, op="loss") == "triton":
+        if reduction != "none" and ops._choose(impl, hidden, op="loss") == "triton":
             from lit_mamba2.kernels.cross_entropy import linear_cross_entropy
 
+            # the kernel reads the label's logit unchecked; F.cross_entropy refuses such labels (on a GPU with a
+            # device-side assert, as this is: no host sync)
+            V = self.lm_head.weight.shape[0]
+            torch._assert_async(((labels == ignore_index) | ((labels >= 0) & (labels < V))).all(),
+                                f"loss: a label is outside [0, {V}) and not ignore_index ({ignore_index})")
             return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
                                         ignore_index=ignore_index, reduction=reduction)
         logits = self.lm_head(hidden)
         if logits.dtype != torch.float64:
             logits = logits.float()
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
-                               reduction=reduction)
+        out = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction=reduction)
+        return out.view_as(labels) if reduction == "none" else out  # "none": one loss per position, (batch, seqlen)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

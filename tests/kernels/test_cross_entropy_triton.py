@@ -122,6 +122,30 @@ def test_model_loss_routes_through_fused_cross_entropy(monkeypatch, reduction):
         assert rel(g, rg) < 1e-4
 
 
+def test_model_loss_refuses_labels_outside_the_vocabulary_and_gives_per_position_losses():
+    """As F.cross_entropy does on either path: a label past the vocabulary (or negative, not ignore_index) is an
+    error, not another row's logit; reduction="none" is the (batch, seqlen) losses, the same on both paths."""
+    from lit_mamba2 import Mamba2Config
+    from lit_mamba2.model import Mamba2LMHeadModel
+
+    torch.manual_seed(0)
+    model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))
+    ids, labels = torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12))
+    labels[0, :3] = -100
+    for impl in ("triton", "torch"):
+        model.set_impl(impl)
+        for bad in (300, -5):
+            wrong = labels.clone()
+            wrong[1, 4] = bad
+            with pytest.raises((RuntimeError, IndexError)):
+                model.loss(ids, wrong)
+    per = {impl: model.set_impl(impl).loss(ids, labels, reduction="none") for impl in ("triton", "torch")}
+    assert per["triton"].shape == (2, 12) and (per["triton"][0, :3] == 0).all()
+    logits = model(ids).double()
+    expect = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    assert rel(per["triton"], expect.view(2, 12)) < 1e-5 and rel(per["torch"], per["triton"]) < 1e-5
+
+
 def test_autocast_runs_the_head_in_the_autocast_dtype():
     """Under autocast the fused path does what autocast does to the unfused one: a bf16 matmul, fp32 gradients
     for fp32 leaves."""
