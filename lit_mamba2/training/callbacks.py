@@ -42,15 +42,35 @@ class TokenThroughput(L.Callback):
 
 class CheckpointOnSigterm(L.Callback):
     """Lightning turns SIGTERM into a SIGTERMException after the current batch (on every rank); this saves the
-    state there, as `path`, so `--resume` continues from that batch. The save is atomic (written aside, then moved)."""
+    state there, as `path`, so `--resume` continues from that batch. The save is atomic (written aside, then moved).
+
+    With gradient accumulation the signal can come inside an optimizer step's window of batches, whose gradients
+    so far are not part of the state; the checkpoint then counts the batches back to the window's first, so that
+    the resumed run redoes the whole window (the weights are still those from before it)."""
 
     def __init__(self, path: str | Path):
         self.path = str(path)
+        self._saving = False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
+            self._saving = True
+            try:
+                trainer.save_checkpoint(self.path)
+            finally:
+                self._saving = False
             rank_zero_info(f"SIGTERM: saved {self.path} at step {trainer.global_step}")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        accumulate = trainer.accumulate_grad_batches
+        if not self._saving or accumulate == 1:
+            return
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        behind = progress["current"]["processed"] % accumulate  # batches of the unfinished window
+        for part in ("total", "current"):
+            start = progress[part]["processed"] - behind
+            for counter in ("ready", "started", "processed", "completed"):
+                progress[part][counter] = min(progress[part][counter], start)
 
 
 class LastValidationStep(L.Callback):

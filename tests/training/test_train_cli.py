@@ -190,6 +190,31 @@ def test_pretrain_default_checkpoint_sigterm_and_resume(tmp_path, capsys):
     assert_same_weights(summary["checkpoint"], resumed["checkpoint"])
 
 
+class SigtermAtBatch(L.Callback):
+    def __init__(self, batch_idx):
+        self.batch_idx = batch_idx
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch_idx:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_inside_an_accumulation_window_resumes_exactly(tmp_path):
+    """With 2 batches per optimizer step, a SIGTERM after the first batch of step 4: the resumed run redoes that
+    step's whole window and ends with the uninterrupted run's weights."""
+    args = ["--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "6", "--sample.max_new_tokens", "0"]
+    full = pretrain(parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "full"), *args], "t"))
+    part = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "part"), *args], "t")
+    with pytest.raises(SystemExit):
+        pretrain(part, callbacks=[SigtermAtBatch(6)])
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    part.resume = True
+    assert pretrain(part)["step"] == 6
+    assert_same_weights(full["checkpoint"], last)
+
+
 def test_pretrain_with_a_hf_tokenizer_keeps_it_in_the_checkpoint(tmp_path, hf_tokenizer_dir):
     path, vocab = hf_tokenizer_dir
     words = [w for w in vocab if not w.startswith("<")]
