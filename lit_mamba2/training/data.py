@@ -70,6 +70,8 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.max_bytes is not None and not (isinstance(self.max_bytes, int) and self.max_bytes > 0):
+            raise ValueError(f"data.max_bytes must be a positive integer or null (no limit), got {self.max_bytes!r}")
 
 
 # ---- token shards ---------------------------------------------------------------------------------------------------
@@ -84,15 +86,21 @@ def write_token_shard(directory: str | os.PathLike, name: str, ids, dtype: str, 
     if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(DTYPES[dtype]).max):
         raise ValueError(f"token ids in [{arr.min()}, {arr.max()}] do not fit {dtype}")
     path = directory / f"{name}.bin"
-    tmp = path.with_suffix(".bin.tmp")
+    tmp = _temp_name(path)
     arr.astype(DTYPES[dtype]).tofile(tmp)
     os.replace(tmp, path)
     _write_json_atomic(directory / "meta.json", {"dtype": dtype, "eos_id": int(eos_id)})
     return path
 
 
+def _temp_name(path: Path) -> Path:
+    """A name beside `path` that no other process writes: concurrent writers of one cache entry (runs sharing
+    the cache, every node's rank 0) each write their own file and move it into place whole."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = _temp_name(path)
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
@@ -121,6 +129,10 @@ class TokenStream:
             raise ValueError(f"token shards disagree on dtype/eos_id: {sorted(metas)}")
         (dtype, self.eos_id), = metas
         self.dtype = DTYPES[dtype]
+        for f, _ in shards:
+            if os.path.getsize(f) % self.dtype.itemsize:
+                raise ValueError(f"{str(f)!r}: {os.path.getsize(f)} bytes is not a whole number of {dtype} token ids "
+                                 "(truncated, or written with another dtype than meta.json says)")
         self.shards = [np.memmap(f, dtype=self.dtype, mode="r") for f, _ in shards if os.path.getsize(f) > 0]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
 
@@ -185,7 +197,8 @@ def unigram_entropy(ids: np.ndarray) -> float:
 # ---- raw text, tokenized once and cached ---------------------------------------------------------------------------
 
 def expand_path(p: str) -> Path:
-    return Path(os.path.expanduser(p.format(stdlib=sysconfig.get_paths()["stdlib"])))
+    """`{stdlib}` is Python's standard library; other braces are part of the path."""
+    return Path(os.path.expanduser(p.replace("{stdlib}", sysconfig.get_paths()["stdlib"])))
 
 
 def find_text_files(paths: list[str], include: str, exclude: list[str], max_bytes: Optional[int]) -> list[Path]:
@@ -388,6 +401,9 @@ class LMDataModule(L.LightningDataModule):
         # batches already trained when resuming ("processed": a checkpoint written in on_train_batch_end has not
         # counted its batch as completed yet; Lightning does that only after this loader is built)
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer is not None else 0
+        if c.batch_size * world > len(self.train_set):  # a batch would hold the same row twice
+            raise ValueError(f"data.batch_size = {c.batch_size} x {world} processes is more than the "
+                             f"{len(self.train_set)} training rows; add data, or lower data.batch_size or seq_len")
         sampler = ResumableSampler(len(self.train_set), batches * c.batch_size, c.seed, rank, world,
                                    start=done * c.batch_size)
         return DataLoader(self.train_set, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers,
@@ -397,6 +413,9 @@ class LMDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []
         rank, world = self._rank_world()
+        if len(self.val_set) < world:  # a process with no rows would stop the others' validation
+            raise ValueError(f"data.val_fraction gives {len(self.val_set)} validation rows for {world} processes; "
+                             "raise data.val_fraction (or set it to 0: no validation)")
         return DataLoader(self.val_set, batch_size=self.config.batch_size,
                           sampler=ShardSampler(len(self.val_set), rank, world), num_workers=self.config.num_workers)
 

@@ -184,3 +184,59 @@ def test_token_ids_outside_the_model_vocabulary_are_refused_clearly(tmp_path, wr
     assert dm.train_set[0]["input_ids"].max() < 256  # rows without the bad id pass
     with pytest.raises(ValueError, match=r"token id 300 at position 80 .*model\.vocab_size = 256"):
         dm.train_set[80 // 16]
+
+
+def test_bad_data_settings_are_named(tmp_path, write_raw_shard, monkeypatch):
+    with pytest.raises(ValueError, match=r"data\.max_bytes must be a positive integer"):
+        DataConfig(max_bytes=0)
+    ids = [1, 2, 3, 0] * 40
+    write_raw_shard(tmp_path / "tok", "s0", ids, "uint16", 0)
+    with open(tmp_path / "tok" / "s0.bin", "ab") as f:
+        f.write(b"\x07")  # half a uint16
+    with pytest.raises(ValueError, match=r"s0\.bin': 321 bytes is not a whole number of uint16 token ids"):
+        TokenStream([str(tmp_path / "tok")])
+    write_raw_shard(tmp_path / "tok", "s0", ids, "uint16", 0)  # 160 tokens: 9 rows of 16, 1 for validation
+    cfg = DataConfig(kind="tokens", paths=[str(tmp_path / "tok")], seq_len=16, batch_size=10, val_fraction=0.1)
+    dm = LMDataModule(cfg, tokenizer=None, max_steps=3)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"data\.batch_size = 10 x 1 processes is more than the 8 training rows"):
+        dm.train_dataloader()
+    monkeypatch.setattr(dm, "_rank_world", lambda: (1, 2))  # as rank 1 of 2
+    with pytest.raises(ValueError, match=r"gives 1 validation rows for 2 processes"):
+        dm.val_dataloader()
+    # braces other than {stdlib} are part of a path
+    (tmp_path / "a{x}").mkdir()
+    (tmp_path / "a{x}" / "m.py").write_text("x = 1\n")
+    assert find_text_files([str(tmp_path / "a{x}")], "*.py", [], None) == [tmp_path / "a{x}" / "m.py"]
+
+
+def test_concurrent_writers_of_one_cache_entry_leave_it_whole(tmp_path):
+    """Several processes tokenizing the same files into the same cache key at the same moment (runs sharing the
+    cache): each writes its own temporary file and moves it into place, so every one gets the whole stream."""
+    import multiprocessing as mp
+
+    files = [tmp_path / f"f{i}.py" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_text(f"print({i})\n" * 300000)
+    want = sum(f.stat().st_size + 1 for f in files)
+    ctx = mp.get_context("spawn")
+    n = 4
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_tokenize_and_count, args=(files, str(tmp_path / "cache"), barrier, results))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    outs = sorted(str(results.get(timeout=120)) for _ in procs)
+    for p in procs:
+        p.join()
+    assert outs == [str(want)] * n
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def _tokenize_and_count(files, cache, barrier, results):
+    barrier.wait()
+    try:
+        out = tokenize_text_files(files, ByteTokenizer(), cache, progress=False)
+        results.put(len(TokenStream([str(out)])))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(e).__name__}: {e}")
