@@ -221,9 +221,13 @@ class Mamba2Config:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "Mamba2Config":
+        """A preset, with fields overridden; ssm_cfg and attn_cfg overrides merge into the preset's."""
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
         d = copy.deepcopy(PRESETS[name])
+        for key in ("ssm_cfg", "attn_cfg"):  # merged key by key, as in recipes: the preset's other keys stay
+            if isinstance(overrides.get(key), dict):
+                overrides[key] = {**d.get(key, {}), **overrides[key]}
         d.update(overrides)
         return cls(**d)
 

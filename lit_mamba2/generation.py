@@ -26,7 +26,9 @@ Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits: (batch, vocab) -> (batch,) token ids. temperature 0 is greedy."""
+    """logits: (batch, vocab) -> (batch,) token ids. temperature 0 is greedy; top_k keeps the k largest logits
+    (and any tied with the k-th), top_p the smallest set of tokens whose probability reaches p."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -43,6 +45,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be a positive integer or None (no limit), got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p}")
+
+
 def pad_prompts(prompts: Prompts, device, pad_id: int = 0):
     """Left-pad prompts into (batch, L) ids. Returns ids, seq_idx (int32, or None when no row is padded),
     lengths (batch,) and pads (batch,) as int64 tensors."""
@@ -50,9 +61,14 @@ def pad_prompts(prompts: Prompts, device, pad_id: int = 0):
         prompts = prompts[None] if prompts.dim() == 1 else prompts
         rows = list(prompts)
     else:
-        rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+        if len(prompts) and not isinstance(prompts[0], (torch.Tensor, list, tuple)):
+            raise ValueError("prompts must be a (batch, L) tensor or a list of prompts, each a list of token ids "
+                             f"(got a list of {type(prompts[0]).__name__}: wrap a single prompt as [ids])")
+        rows = [torch.as_tensor(p) for p in prompts]
     if not rows:
         raise ValueError("no prompts given")
+    if any(r.is_floating_point() or r.is_complex() or r.dim() != 1 for r in rows):
+        raise ValueError("every prompt must be a 1-d sequence of integer token ids")
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     if int(lengths.min()) == 0:
         raise ValueError(f"prompt {int(lengths.argmin())} is empty; every prompt needs at least one token")
@@ -261,8 +277,13 @@ def stream(model: Mamba2LMHeadModel, prompts: Prompts, max_new_tokens: int, temp
     lengths (left-padded here). Rows that produced a stop token yield pad_id afterwards; generation ends when every
     row has stopped or after max_new_tokens. cuda_graph, state_dtype, pdl, row_groups: the Decoder's (ignored with
     `decoder`)."""
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, top_p)
     device = model.lm_head.weight.device
     ids, seq_idx, lengths, pads = pad_prompts(prompts, device, pad_id)
+    if max_new_tokens == 0:
+        return
     b, L = ids.shape
     if decoder is None:
         decoder = Decoder(model, b, L + max_new_tokens, cuda_graph, state_dtype=state_dtype, pdl=pdl,

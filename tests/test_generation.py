@@ -136,3 +136,22 @@ def test_generate_main_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         generate_main(["--checkpoint", str(tmp_path), "--prompt", "w1", "--row-groups", "3"])
     assert e.value.code == 2 and "--row-groups: layer 0: the gated norm cannot fold" in capsys.readouterr().err
+
+
+def test_generation_arguments_are_checked():
+    model = make_model("mamba2-test")
+    prompts = [[1, 2, 3], [4, 5]]
+    assert generate(model, prompts, 0) == [[], []]  # nothing new, no error
+    t = torch.tensor([[1, 2, 3]])
+    assert torch.equal(generate(model, t, 0), t)
+    for kwargs, match in [(dict(max_new_tokens=-1), "max_new_tokens must be a non-negative integer"),
+                          (dict(temperature=-1.0), "temperature must be >= 0"),
+                          (dict(top_p=-1.0), r"top_p must lie in \(0, 1\]"), (dict(top_p=1.5), "top_p"),
+                          (dict(top_k=0), "top_k must be a positive integer")]:
+        args = {"max_new_tokens": 2, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            generate(model, prompts, **args)
+    with pytest.raises(ValueError, match="wrap a single prompt"):
+        generate(model, [1, 2, 3], 2)
+    with pytest.raises(ValueError, match="integer token ids"):
+        generate(model, [[1.5, 2.0]], 2)

@@ -193,3 +193,11 @@ def test_reads_and_writes_mamba_ssm_config_json(tmp_path):
         Mamba2Config.from_dict({**published, "hidden_size": 3})
     with pytest.raises(FileNotFoundError, match="no model config"):
         Mamba2Config.load(tmp_path / "missing.json")
+
+
+def test_from_name_merges_ssm_cfg_into_the_presets():
+    preset = Mamba2Config.from_name("mamba2-tiny")
+    c = Mamba2Config.from_name("mamba2-tiny", ssm_cfg={"chunk_size": 32})
+    assert c.ssm["chunk_size"] == 32
+    assert {k: v for k, v in c.ssm.items() if k != "chunk_size"} == \
+        {k: v for k, v in preset.ssm.items() if k != "chunk_size"}
