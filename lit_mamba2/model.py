@@ -20,6 +20,11 @@ from lit_mamba2 import ops
 from lit_mamba2.config import Mamba2Config
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half precisions; float64 stays float64 (a float64 model computes in float64 throughout)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -30,7 +35,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(self.weight.dtype)
+        x32, w32 = at_least_fp32(x), at_least_fp32(self.weight)
+        return F.rms_norm(x32, (x.shape[-1],), w32, self.eps).to(self.weight.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -88,9 +94,9 @@ def conv_step(x, conv_state, weight, bias, activation, impl=None):
 
         return conv_step_triton(x, conv_state, weight, bias, activation)
     window = torch.cat([conv_state, x[:, :, None].to(conv_state.dtype)], dim=-1)
-    out = (window.float() * weight.float()).sum(-1)
+    out = (at_least_fp32(window) * at_least_fp32(weight)).sum(-1)
     if bias is not None:
-        out = out + bias.float()
+        out = out + at_least_fp32(bias)
     conv_state.copy_(window[:, :, 1:])
     return (F.silu(out) if activation == "silu" else out).to(x.dtype)
 
@@ -102,9 +108,9 @@ def ring_conv_step(x, ring, cache_pos, weight, bias):
     slot = cache_pos.view(1) % w
     older = ring.index_select(-1, (slot + 1 + torch.arange(w - 1, device=x.device)) % w)
     window = torch.cat([older, x[:, :, None].to(ring.dtype)], dim=-1)
-    out = (window.float() * weight.float()).sum(-1)
+    out = (at_least_fp32(window) * at_least_fp32(weight)).sum(-1)
     if bias is not None:
-        out = out + bias.float()
+        out = out + at_least_fp32(bias)
     ring.index_copy_(-1, slot, x[:, :, None].to(ring.dtype))
     return F.silu(out).to(x.dtype)
 
@@ -213,7 +219,7 @@ class Mamba2Mixer(nn.Module):
         else:
             xBC = conv_out
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(at_least_fp32(self.A_log))
         D = self.D.view(self.nheads, self.headdim) if self.cfg["D_has_hdim"] else self.D
         out = ops.ssd(
             x.view(b, L, self.nheads, self.headdim), dt, A,
@@ -507,9 +513,9 @@ class Block(nn.Module):
             return residual
         if isinstance(hidden, UnscaledHidden):
             dtype = self._residual_dtype(hidden, residual)
-            return (hidden.scaled() + (0 if residual is None else residual.float())).to(dtype)
+            return (hidden.scaled() + (0 if residual is None else at_least_fp32(residual))).to(dtype)
         residual = hidden if residual is None else residual + hidden
-        return residual.float() if self.residual_in_fp32 else residual
+        return at_least_fp32(residual) if self.residual_in_fp32 else residual
 
     def forward(self, hidden, residual=None, seq_idx=None, state=None):
         residual = self._add(hidden, residual)
@@ -523,7 +529,7 @@ class Block(nn.Module):
         if hidden is None:
             return residual.dtype
         raw = hidden.raw if isinstance(hidden, UnscaledHidden) else hidden
-        return torch.float32 if self.residual_in_fp32 else raw.dtype
+        return at_least_fp32(raw).dtype if self.residual_in_fp32 else raw.dtype
 
     def _add_norm(self, hidden, residual, norm):
         """residual += hidden (hidden None: already added; an UnscaledHidden: scaled first); norm(residual): one

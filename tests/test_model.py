@@ -201,3 +201,18 @@ def test_from_name_merges_ssm_cfg_into_the_presets():
     assert c.ssm["chunk_size"] == 32
     assert {k: v for k, v in c.ssm.items() if k != "chunk_size"} == \
         {k: v for k, v in preset.ssm.items() if k != "chunk_size"}
+
+
+def test_a_float64_model_computes_in_float64():
+    """No float32 step inside (the residual, the norms, A): autograd agrees with finite differences as float64
+    does, which a float32 detour breaks (the README uses float64 for checks)."""
+    cfg = Mamba2Config(d_model=16, n_layer=1, vocab_size=16, ssm_cfg={"d_state": 4, "headdim": 8, "chunk_size": 4})
+    torch.manual_seed(0)
+    model = Mamba2LMHeadModel(cfg).double()
+    ids = torch.randint(0, 16, (1, 6))
+    w = model.backbone.embedding.weight.detach().clone().requires_grad_()
+
+    def logits(w):
+        return torch.func.functional_call(model, {"backbone.embedding.weight": w, "lm_head.weight": w}, (ids,))
+    assert logits(w).dtype == torch.float64
+    assert torch.autograd.gradcheck(logits, (w,), eps=1e-6, atol=1e-7)
