@@ -438,7 +438,7 @@ class Attention(nn.Module):
                     raise NotImplementedError("seq_idx together with a non-empty KV cache is not supported")
                 mask = mask & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
             is_causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and L > 1,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              scale=self.softmax_scale,
                                              enable_gqa=self.num_heads != self.num_heads_kv)
         out = out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim)
