@@ -654,9 +654,14 @@ class Mamba2LMHeadModel(nn.Module):
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-        if seq_idx is not None and seq_idx.shape != input_ids.shape:
-            raise ValueError(f"seq_idx shape {tuple(seq_idx.shape)} must equal input_ids shape "
-                             f"{tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+        if seq_idx is not None:
+            if not isinstance(seq_idx, torch.Tensor) or seq_idx.shape != input_ids.shape:
+                raise ValueError(f"seq_idx shape {tuple(getattr(seq_idx, 'shape', ()))} must equal input_ids "
+                                 f"shape {tuple(input_ids.shape)}")
+            if seq_idx.dtype != torch.int32:
+                raise TypeError(f"seq_idx must be int32 (document ids), got {seq_idx.dtype}")
         hidden = self.backbone(input_ids, seq_idx=seq_idx, states=states)
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 

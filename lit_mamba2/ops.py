@@ -94,13 +94,15 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
     _check_tensor("dt", dt, (b, L, h))
     _check_tensor("A", A, (h,))
     _check_tensor("B", B, (b, L, None, None))
+    _check_tensor("C", C, (b, L, None, None))
+    _check(B.shape == C.shape, lambda: f"ssd: B and C must have one shape (batch, seqlen, ngroups, dstate), got "
+           f"{tuple(B.shape)} and {tuple(C.shape)}")
     g, n = B.shape[2], B.shape[3]
     _check(h % g == 0, lambda: f"ssd: nheads ({h}) must be divisible by ngroups ({g}, B's dim 2)")
-    _check_tensor("C", C, (b, L, g, n))
-    _check(isinstance(chunk_size, int) and chunk_size > 0,
+    _check(isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0,
            lambda: f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
     if D is not None:
-        _check_tensor("D", D, (h,) if D.dim() == 1 else (h, p))
+        _check_tensor("D", D, (h,) if getattr(D, "dim", lambda: 1)() == 1 else (h, p))
     if z is not None:
         _check_tensor("z", z, (b, L, h, p))
     if dt_bias is not None:
@@ -111,7 +113,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
         _check_tensor("seq_idx", seq_idx, (b, L), dtypes=(torch.int32,))
         if not torch.compiler.is_compiling() and seq_idx.device.type == "cpu" and L > 1:
             _check(bool((seq_idx[:, 1:] >= seq_idx[:, :-1]).all()), "ssd: seq_idx must be non-decreasing along each row")
-    _check(len(dt_limit) == 2 and 0.0 <= dt_limit[0] < dt_limit[1],
+    _check(isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2 and 0.0 <= dt_limit[0] < dt_limit[1],
            lambda: f"ssd: dt_limit must be (low, high) with 0 <= low < high, got {dt_limit}")
     impl = _within_kernel_limits(_choose(impl, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, op="ssd"),
                                  impl, p <= 128, f"ssd: the Triton kernels take headdim <= 128, got {p}")
@@ -157,7 +159,7 @@ def gated_rmsnorm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=Fals
     d = x.shape[-1]
     _check_tensor("weight", weight, (d,), op=op)
     if z is not None:
-        _check(z.shape == x.shape, lambda: f"{op}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
+        _check_tensor("z", z, tuple(x.shape), op=op)
     gs = d if group_size is None else group_size
     _check(gs > 0 and d % gs == 0, lambda: f"{op}: dim {d} is not divisible by group_size {gs}")
     impl = _choose(impl, x, z, weight, op=op)

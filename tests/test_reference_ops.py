@@ -70,3 +70,36 @@ def test_gated_rmsnorm_matches_formula(norm_before_gate, groups):
             v = v / torch.sqrt((v * v).mean() + 1e-5) * w[sl]
             expect[r, sl] = v * z[r, sl] * torch.sigmoid(z[r, sl]) if norm_before_gate else v
     torch.testing.assert_close(out, expect, rtol=0, atol=1e-12)
+
+
+def test_ops_name_the_argument_that_is_wrong():
+    import math
+
+    from lit_mamba2 import gated_rmsnorm, ssd
+
+    b, L, h, p, g, n = 2, 13, 2, 4, 2, 3
+    x, dt, A = torch.randn(b, L, h, p), torch.rand(b, L, h), -torch.rand(h)
+    B, C = torch.randn(b, L, g, n), torch.randn(b, L, g, n)
+    with pytest.raises(ValueError, match=r"ssd: B and C must have one shape"):
+        ssd(x, dt, A, B[..., :2], C, 4)
+    with pytest.raises(TypeError, match=r"ssd: D must be a torch\.Tensor"):
+        ssd(x, dt, A, B, C, 4, D=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"ssd: dt_limit must be \(low, high\)"):
+        ssd(x, dt, A, B, C, 4, dt_limit=None)
+    with pytest.raises(ValueError, match=r"ssd: chunk_size must be a positive int, got True"):
+        ssd(x, dt, A, B, C, True)
+    assert ssd(x, dt, A, B, C, 4, dt_limit=[0.0, math.inf]).shape == x.shape
+    with pytest.raises(TypeError, match=r"gated_rmsnorm: z must be a torch\.Tensor"):
+        gated_rmsnorm(x, [1], torch.ones(p))
+
+
+def test_model_names_bad_input_ids_and_seq_idx():
+    from lit_mamba2 import Mamba2Config
+    from lit_mamba2.model import Mamba2LMHeadModel
+
+    model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))
+    ids = torch.randint(0, 256, (2, 5))
+    with pytest.raises(ValueError, match=r"at least one token per row"):
+        model(ids[:, :0])
+    with pytest.raises(TypeError, match=r"seq_idx must be int32"):
+        model(ids, seq_idx=torch.zeros(2, 5, dtype=torch.long))
