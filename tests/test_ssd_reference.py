@@ -163,7 +163,7 @@ def _good():
     (dict(dt=torch.rand(1, 8, 3)), ValueError, "dt must have shape (1, 8, 4)"),
     (dict(A=-torch.rand(4, 1)), ValueError, "A must have shape (4)"),
     (dict(B=torch.randn(1, 8, 3, 3), C=torch.randn(1, 8, 3, 3)), ValueError, "divisible by ngroups"),
-    (dict(C=torch.randn(1, 8, 2, 5)), ValueError, "C must have shape (1, 8, 2, 3)"),
+    (dict(C=torch.randn(1, 8, 2, 5)), ValueError, "B and C must have one shape"),
     (dict(x=torch.randn(1, 8, 4, 2).to(torch.int64)), TypeError, "x must have dtype"),
     (dict(D=torch.randn(3)), ValueError, "D must have shape (4)"),
     (dict(z=torch.randn(1, 8, 4, 3)), ValueError, "z must have shape"),
