@@ -675,6 +675,9 @@ class Mamba2LMHeadModel(nn.Module):
         if fuse_linear and fold_gated_norm:
             raise ValueError("fuse_linear and fold_gated_norm exclude each other: the fused GEMVs carry the gated "
                              "norm in out_proj's prologue already")
+        if pos is None and self.config.attn_layer_idx:
+            raise ValueError("step: a model with attention layers needs `pos` (the decode positions) beside its "
+                             "KV caches; generation.Decoder prepares both")
         hidden, residual = self.backbone.step(input_ids, states, pos, fuse_linear, fold_gated_norm)
         last = self.backbone.layers[-1]
         if fuse_linear and _step_on_triton(residual, last.mixer.impl):

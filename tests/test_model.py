@@ -216,3 +216,10 @@ def test_a_float64_model_computes_in_float64():
         return torch.func.functional_call(model, {"backbone.embedding.weight": w, "lm_head.weight": w}, (ids,))
     assert logits(w).dtype == torch.float64
     assert torch.autograd.gradcheck(logits, (w,), eps=1e-6, atol=1e-7)
+
+
+def test_hybrid_step_without_positions_is_named():
+    model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2attn-test"))
+    states = model.allocate_states(1)
+    with pytest.raises(ValueError, match=r"needs `pos`"):
+        model.step(torch.tensor([3]), states)
