@@ -132,7 +132,8 @@ def config_to_hf(config: Mamba2Config, dtype: torch.dtype, tokenizer=None) -> di
         problems.append("a mixer norm other than gate-then-RMSNorm (rmsnorm / norm_before_gate)")
     if problems:
         raise CheckpointError("format 'hf' (transformers' Mamba2ForCausalLM) cannot express this model: "
-                              + "; ".join(problems) + ". Save with format='mamba_ssm' (lit-mamba2 convert --to mamba_ssm) instead")
+                              + "; ".join(problems)
+                              + ". Save with format='mamba_ssm' (lit-mamba2 convert --to mamba_ssm) instead")
     hf = {
         "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
         "hidden_size": config.d_model, "num_hidden_layers": config.n_layer, "vocab_size": config.padded_vocab_size,
@@ -351,11 +352,11 @@ def load_folder(folder: str | os.PathLike, dtype=None, device=None) -> tuple[Mam
     config, fmt = read_config(folder)
     sd, source = read_weights(folder, fmt)
     if fmt == "hf":
-        ours = {hf_to_ours(k): k for k in sd}
-        if len(ours) < len(sd):
+        renamed = {hf_to_ours(k): v for k, v in sd.items()}
+        if len(renamed) < len(sd):  # a name that transformers' and ours both spell, held twice
             clash = next(k for k in sd if hf_to_ours(k) != k and hf_to_ours(k) in sd)
             raise CheckpointError(f"{source}: holds both {clash!r} and {hf_to_ours(clash)!r}; one is unexpected")
-        sd = {hf_to_ours(k): v for k, v in sd.items()}
+        sd = renamed
     return build_model(config, sd, source, dtype, device), fmt
 
 
@@ -515,6 +516,10 @@ def as_dtype(dtype) -> Optional[torch.dtype]:
     raise CheckpointError(f"dtype must be one of {sorted(DTYPES)} (or the torch.dtype), got {dtype!r}")
 
 
+def _is_training_checkpoint(name_or_path) -> bool:
+    return str(name_or_path).endswith(".ckpt") and Path(name_or_path).is_file()
+
+
 def _check_tokenizer_fits(tok, config: Mamba2Config, name) -> None:
     size = 256 if tok == "byte" else len(tok)
     if size > config.padded_vocab_size:
@@ -531,7 +536,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, revision: Optional[str] 
     The result carries `.tokenizer` (a transformers tokenizer, "byte", or None) and `.source_format`.
     """
     dtype = as_dtype(dtype)
-    if str(name_or_path).endswith(".ckpt") and Path(name_or_path).is_file():
+    if _is_training_checkpoint(name_or_path):
         model = load_training_checkpoint(name_or_path, dtype, device)
         model.source_format = "ckpt"
         if tokenizer is False:
@@ -614,8 +619,7 @@ def convert(src: str, dst: str, to: str, dtype: Optional[torch.dtype] = None, to
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; choose a new folder")
     created = not out.exists()
-    is_ckpt = str(src).endswith(".ckpt") and Path(src).is_file()
-    if not is_ckpt:
+    if not _is_training_checkpoint(src):
         src = resolve(src)
         if to == "hf":  # refuse before the (possibly long) read of the weights
             config_to_hf(read_config(Path(src))[0], torch.float32)

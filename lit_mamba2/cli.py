@@ -31,15 +31,18 @@ def parse_recipe(config_class, argv: list[str], prog: str, description: str = ""
     return config_class(**{f.name: init[f.name] for f in dataclasses.fields(config_class)})
 
 def pretrain_command(argv: list[str]) -> Optional[int]:
-    from lit_mamba2.training.pretrain import PretrainConfig, pretrain
-
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lit_mamba2.training.pretrain import PretrainConfig, pretrain
 
     cfg = parse_recipe(PretrainConfig, argv, "lit-mamba2 pretrain",
                        "Pretrain a Mamba-2 language model. With no arguments: the built-in default "
                        "(recipes/default.yaml): a small model on the Python standard library, on CPU, in minutes.")
     try:
         pretrain(cfg)
+    except MisconfigurationException as e:  # e.g. an accelerator this machine does not have: bad input
+        raise ValueError(str(e)) from None
     except SIGTERMException:  # (a SystemExit without a code: the shell would see success)
         print(f"lit-mamba2 pretrain: stopped by SIGTERM; {cfg.trainer.out_dir}/checkpoints/last.ckpt holds the "
               "last finished step (continue with --resume true)", file=sys.stderr)
@@ -91,10 +94,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         return COMMANDS[verb][0](rest) or 0
-    except Exception as e:  # bad input: the message names the field or file
-        # (Lightning's MisconfigurationException: e.g. an accelerator this machine does not have)
-        if not isinstance(e, (ConfigError, FileNotFoundError, ValueError)) and \
-                type(e).__name__ != "MisconfigurationException":
-            raise
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # bad input: the message names the field or file
         print(f"lit-mamba2 {verb}: error: {e}", file=sys.stderr)
         return 2

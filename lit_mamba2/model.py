@@ -695,11 +695,11 @@ class Mamba2LMHeadModel(nn.Module):
         (batch, seqlen) losses (0 where ignored) through the unfused head."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         hidden = self.backbone(input_ids, seq_idx=seq_idx).to(self.lm_head.weight.dtype)
         # the LM head fused with the loss (never the full float32 logits) where the Triton kernels run; the
         # layers' impl (set_impl) forces either path
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         impl = next((m.impl for m in self.modules() if hasattr(m, "impl")), None)
         if reduction != "none" and ops._choose(impl, hidden, op="loss") == "triton":
             from lit_mamba2.kernels.cross_entropy import linear_cross_entropy

@@ -102,7 +102,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
     _check(isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0,
            lambda: f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
     if D is not None:
-        _check_tensor("D", D, (h,) if getattr(D, "dim", lambda: 1)() == 1 else (h, p))
+        _check_tensor("D", D, (h,) if not isinstance(D, torch.Tensor) or D.dim() == 1 else (h, p))
     if z is not None:
         _check_tensor("z", z, (b, L, h, p))
     if dt_bias is not None:

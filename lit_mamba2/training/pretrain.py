@@ -130,8 +130,9 @@ def check_resume_matches(path: str, model_config: Mamba2Config) -> None:
     differ = [k for k in wanted if stored.get(k) != wanted[k]]
     if differ:
         k = differ[0]
+        more = f" (and {len(differ) - 1} more fields)" if differ[1:] else ""
         raise ValueError(f"resume: {path!r} holds a different model: model.{k} is {stored.get(k)!r} there and "
-                         f"{wanted[k]!r} in this recipe" + (f" (and {len(differ) - 1} more fields)" if differ[1:] else ""))
+                         f"{wanted[k]!r} in this recipe{more}")
 
 
 def check_data_paths(data: DataConfig) -> None:
