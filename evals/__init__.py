@@ -1,1 +1,0 @@
-"""Zero-shot evaluation and Hub publishing (installed as lit_mamba2.evals)."""

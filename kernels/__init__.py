@@ -1,1 +1,0 @@
-"""Triton kernels (installed as lit_mamba2.kernels)."""
