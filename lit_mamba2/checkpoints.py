@@ -323,13 +323,10 @@ def build_model(config: Mamba2Config, state_dict: dict[str, torch.Tensor], sourc
         if not sd[k].is_floating_point():
             raise CheckpointError(f"{source}: key {k!r} holds {sd[k].dtype} values; the model's weights are floats")
     dtype = dtype or torch.float32
-    flags = {n: dict(p.__dict__) for n, p in model.named_parameters()}  # e.g. _no_weight_decay
     sd = {k: v.to(device=device or "cpu", dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embedding.weight
-    for n, p in model.named_parameters():
-        p.__dict__.update(flags.get(n, {}))
     return model
 
 

@@ -1,25 +1,23 @@
-"""Text generation with the recurrent state cache.
+"""Text generation with the recurrent state cache: sampling, prompts, `stream` / `generate` and the CLI verb.
 
 The prompts go through the chunked path once (prefill: SSD and conv return their final states, attention its keys
-and values); then each new token runs `model.step`, which advances every layer's conv/SSM state or KV cache in place.
-Prompts of different lengths are left-padded and the padding is its own document (seq_idx 0 before each row's
-prompt, 1 over it), so no pad token, conv tap or state reaches a prompt; attention masks the padded KV slots
-while decoding. On CUDA the step uses the Triton state-update kernels and is captured once as a CUDA graph over
-static buffers (states, token, positions), then replayed for each token.
+and values); then each new token runs the decode engine's step (lit_mamba2.inference.Decoder), which advances
+every layer's conv/SSM state or KV cache in place. Prompts of different lengths are left-padded and the padding is
+its own document (seq_idx 0 before each row's prompt, 1 over it), so no pad token, conv tap or state reaches a
+prompt; attention masks the padded KV slots while decoding.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import sys
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from lit_mamba2.model import DecodePositions, KVCache, Mamba2LMHeadModel, Mamba2State
-from lit_mamba2.ops import triton_available
+from lit_mamba2.inference import Decoder
+from lit_mamba2.model import Mamba2LMHeadModel
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
 
@@ -82,189 +80,6 @@ def pad_prompts(prompts: Prompts, device, pad_id: int = 0):
         seq_idx = (torch.arange(L)[None, :] >= pads[:, None]).to(torch.int32)
         seq_idx = seq_idx.to(device)
     return ids.to(device), seq_idx, lengths.to(device), pads.to(device)
-
-
-# Batch sizes below which Decoder uses the fused conv + state kernel (ring_conv) and the linear layers with fused
-# norms (fuse_linear) by default; measured on an H100 (BENCHMARKS.md, "Decoding").
-RING_CONV_BELOW = 16
-FUSE_LINEAR_BELOW = 8
-# Batch sizes (inclusive) at which Decoder steps pure Mamba-2 models as a pipeline of PIPELINE_GROUPS row groups by
-# default (lit_mamba2/row_pipeline.py): measured on an H100 at batch 64 (BENCHMARKS.md), with up to 32 rows per
-# group, the tile it was tuned with.
-PIPELINE_BATCHES = (64, 96)
-PIPELINE_GROUPS = 3
-
-
-class Decoder:
-    """Static decoding buffers for one batch size and maximum length: per-layer states (fixed-size KV caches for
-    attention), the input token and the positions; `step` is one token for every row, replayed from a CUDA graph
-    when `cuda_graph` (default: on CUDA). `compile=True` also runs the step through torch.compile. `ring_conv`
-    keeps Mamba-2 conv states as rings (see Mamba2State.ring), so that one kernel does conv and state update
-    (default: below batch RING_CONV_BELOW, where it measured faster). `fuse_linear` runs the linear layers as
-    Triton GEMVs with the norms before them fused in (three launches per Mamba-2 layer; Triton path only;
-    default: below batch FUSE_LINEAR_BELOW: at batch 1 it takes 0.41-0.47x the time of cuBLAS + separate norm
-    kernels, at batch 4 they tie, at batch 64 cuBLAS wins).
-    `state_dtype`: the SSM states' storage, by default the model's dtype as in mamba_ssm (bf16 for a bf16 model:
-    32-35% less time per step at batch 64 than float32, decode run 21); `state_dtype=torch.float32` keeps them in
-    float32 (closer to exact over long outputs: BENCHMARKS.md measures the drift).
-
-    `pdl` (default on) launches the step's Triton kernels with programmatic dependent launch (kernels/pdl.py), so
-    that each may start while the one before it finishes: measured on an H100 (BENCHMARKS.md) 18-22% less time per
-    step at batch 1 (decode run 4), another 11-12% from letting the GEMVs and the mixer kernel release the next
-    kernel at their start (decode run 6), about 1% at batch 64, with the same outputs. A no-op under
-    TRITON_INTERPRET, before compute capability 9 and on Tritons without the API.
-
-    `fold_gated_norm` (default: wherever fuse_linear is off; True turns fuse_linear's default off) folds each
-    Mamba-2 mixer's gated RMSNorm into its state kernel and the next residual add + norm (Mamba2Mixer.step: one
-    launch less per layer and step, measured 1.4-2.8% less time per step at batch 64 and 7-13% at batch 8-16,
-    BENCHMARKS.md; layers where the fold cannot apply, e.g. norm groups > 1, keep the separate norm).
-
-    `row_groups` (default: PIPELINE_GROUPS for batch sizes in PIPELINE_BATCHES, on CUDA, for models whose every
-    layer is a Mamba-2 block whose gated norm folds; 0 = off) steps the batch as that many row groups in a
-    pipeline: three launches per layer, each running one group's state update beside the other groups' in_proj
-    and out_proj (lit_mamba2/row_pipeline.py, kernels/decode_pipeline.py; measured on an H100 at batch 64,
-    BENCHMARKS.md)."""
-
-    def __init__(self, model: Mamba2LMHeadModel, batch_size: int, max_len: int, cuda_graph: Optional[bool] = None,
-                 compile: bool = False, state_dtype: Optional[torch.dtype] = None,
-                 ring_conv: Optional[bool] = None, fuse_linear: Optional[bool] = None, pdl: bool = True,
-                 fold_gated_norm: Optional[bool] = None, row_groups: Optional[int] = None):
-        self.model = model
-        weight = model.lm_head.weight
-        device = weight.device
-        self.batch_size, self.max_len = batch_size, max_len
-        conflict = ring_conv is False or fuse_linear or fold_gated_norm is False or compile  # with the pipeline
-        if row_groups is None:  # the default where it measured faster, if nothing asked otherwise
-            from lit_mamba2.row_pipeline import unsupported_reason
-
-            row_groups = (PIPELINE_GROUPS if PIPELINE_BATCHES[0] <= batch_size <= PIPELINE_BATCHES[1]
-                          and device.type == "cuda" and triton_available() and not conflict
-                          and unsupported_reason(model) is None else 0)
-        if row_groups:  # the pipeline's in_proj stage keeps the conv states as rings
-            if conflict:
-                raise ValueError("Decoder: row_groups needs the ring conv, the unfused linears, the folded gated "
-                                 "norm and no compile")
-            ring_conv, fuse_linear, fold_gated_norm = True, False, True
-        if ring_conv is None:  # measured on an H100 (BENCHMARKS.md): the fused kernel wins at small batch only
-            ring_conv = batch_size < RING_CONV_BELOW
-        if fuse_linear is None:  # the fused GEMVs win at batch 1; cuBLAS wins at batch 64 (BENCHMARKS.md); an
-            # explicit fold_gated_norm=True asks for the unfused linears
-            fuse_linear = batch_size < FUSE_LINEAR_BELOW and not fold_gated_norm
-        self.fuse_linear = fuse_linear
-        if fold_gated_norm is None:  # the fused GEMVs carry the gated norm in out_proj's prologue already
-            fold_gated_norm = not fuse_linear
-        if fold_gated_norm and fuse_linear:
-            raise ValueError("Decoder: fold_gated_norm=True needs fuse_linear=False (the fused GEMVs carry the "
-                             "gated norm in out_proj's prologue already)")
-        self.fold_gated_norm = fold_gated_norm
-        self.pdl = pdl and triton_available()  # (triton is an optional dependency)
-        self.states = model.allocate_states(batch_size, device=device)
-        # state_dtype: the SSM states' storage (the kernels compute in float32 either way). The default is the
-        # model's dtype, as mamba_ssm does: bf16 states for a bf16 model halve the bytes a step moves at large
-        # batch; float32 keeps long outputs closer to the float32-state recurrence (BENCHMARKS.md measures the drift).
-        self.state_dtype = state_dtype or weight.dtype
-        for st in self.states:
-            if isinstance(st, Mamba2State):
-                st.ssm = st.ssm.to(self.state_dtype)
-                if ring_conv:  # slot-major storage, (batch, width, conv_dim) seen as (batch, conv_dim, width): a
-                    # slot's channels are contiguous, so the kernel's loads of one slot coalesce
-                    b, c, w = st.conv.shape
-                    st.conv = torch.zeros(b, w + 1, c, device=device, dtype=st.conv.dtype).transpose(1, 2)
-                    st.ring = True
-        for st, layer in zip(self.states, model.backbone.layers):
-            if isinstance(st, KVCache):
-                m = layer.mixer
-                st.k = torch.zeros(batch_size, m.num_heads_kv, max_len, m.head_dim, device=device, dtype=weight.dtype)
-                st.v = torch.zeros_like(st.k)
-        self.has_attention = any(isinstance(st, KVCache) for st in self.states)
-        zeros = dict(device=device, dtype=torch.long)
-        # cache_pos and positions are views of one buffer, so that one launch advances both
-        self._advancing = torch.zeros(1 + batch_size, **zeros)
-        self.pos = DecodePositions(self._advancing[0], self._advancing[1:], torch.zeros(batch_size, **zeros))
-        self.token = torch.zeros(batch_size, **zeros)
-        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.row_pipeline = None
-        if row_groups:
-            from lit_mamba2.row_pipeline import RowPipeline
-
-            self.row_pipeline = RowPipeline(model, self.states, self.pos.cache_pos, row_groups)
-        self._fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
-        self.graph, self.logits = None, None
-        self.filled = 0
-
-    def _eager_step(self):
-        context = contextlib.nullcontext()
-        if self.pdl:  # (kernels.pdl imports triton, an optional dependency)
-            from lit_mamba2.kernels.pdl import launching
-
-            context = launching()
-        with context:
-            if self.row_pipeline is not None and self._pipeline_on_triton():
-                logits = self.row_pipeline.step(self.token)
-            else:
-                logits = self.model.step(self.token, self.states, self.pos, fuse_linear=self.fuse_linear,
-                                         fold_gated_norm=self.fold_gated_norm)
-        self._advancing.add_(1)  # = self.pos.advance()
-        return logits
-
-    def _pipeline_on_triton(self) -> bool:
-        """The row pipeline runs Triton kernels: where a mixer is set to PyTorch (model.set_impl("torch")), the
-        ordinary step runs instead (it reads the same states)."""
-        return all(layer.mixer.can_fold_norm(self.token) for layer in self.model.backbone.layers)
-
-    def capture(self):
-        """Warm up (compiles the kernels) on a side stream, then capture one step. The states it scribbles on are
-        overwritten by the next prefill."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._fn()
-        torch.cuda.synchronize()
-
-    def prefill(self, ids: torch.Tensor, seq_idx=None, lengths=None, pads=None) -> torch.Tensor:
-        """Run the prompts (left-padded, (batch, L)) through the chunked path; returns the last position's logits."""
-        b, L = ids.shape
-        if b != self.batch_size or L >= self.max_len:
-            raise ValueError(f"prefill: ids {tuple(ids.shape)} do not fit the decoder (batch {self.batch_size}, "
-                             f"max_len {self.max_len})")
-        if self.cuda_graph and self.graph is None:
-            self.capture()
-        fresh = self.model.allocate_states(b, device=ids.device)
-        logits = self.model(ids, seq_idx=seq_idx, states=fresh)[:, -1]
-        for st, new in zip(self.states, fresh):
-            if isinstance(st, Mamba2State):
-                if st.ring:  # oldest input (position L - width + 1) first: slots (L + 1 + k) % width
-                    w = st.conv.shape[-1]
-                    st.conv.index_copy_(-1, (L + 1 + torch.arange(w - 1, device=ids.device)) % w, new.conv)
-                else:
-                    st.conv.copy_(new.conv)
-                st.ssm.copy_(new.ssm)
-            else:
-                st.k[:, :, :L].copy_(new.k)
-                st.v[:, :, :L].copy_(new.v)
-                if st.conv is not None:
-                    st.conv.copy_(new.conv)
-        self.filled = L  # host-side count of KV slots used, so that step() needs no device sync to check it
-        self.pos.cache_pos.fill_(L)
-        self.pos.positions.copy_(lengths if lengths is not None else torch.full((b,), L))
-        self.pos.kv_start.copy_(pads if pads is not None else torch.zeros(b))
-        return logits
-
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """token (batch,) -> logits (batch, padded_vocab) for the next position."""
-        if self.filled >= self.max_len and self.has_attention:
-            raise ValueError(f"decoder is full: max_len {self.max_len} reached")
-        self.filled += 1
-        self.token.copy_(token)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits
-        return self._fn()
 
 
 @torch.inference_mode()
@@ -418,9 +233,9 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     if args.stop is None and getattr(tok, "eos_token_id", None) is not None:
         stops.append(int(tok.eos_token_id))
     if args.row_groups:
-        from lit_mamba2.row_pipeline import unsupported_reason
+        from lit_mamba2.inference import ModelWeights, pipeline_unsupported_reason
 
-        reason = unsupported_reason(model)
+        reason = pipeline_unsupported_reason(ModelWeights.of(model))
         if reason is not None:
             parser.exit(2, f"lit-mamba2 generate: error: --row-groups: {reason}\n")
     prompts = [tok.encode(p, add_special_tokens=False) for p in args.prompt]

@@ -168,3 +168,106 @@ def gated_rmsnorm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=Fals
 
         return rmsnorm_gated.gated_rmsnorm(x, z, weight, eps, gs, norm_before_gate)
     return reference.gated_rmsnorm(x, z, weight, eps, gs, norm_before_gate)
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", *, impl=None):
+    """Cross-entropy of the LM head's logits hidden @ weight.T against labels, without the full float32 logits
+    on the Triton path. hidden: (N, d); weight: (V, d); labels: (N,). reduction "mean" or "sum"."""
+    op = "linear_cross_entropy"
+    _check(reduction in ("mean", "sum"), lambda: f"{op}: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if _choose(impl, hidden, weight, labels, op=op) == "triton":
+        from lit_mamba2.kernels.cross_entropy import linear_cross_entropy as kernel
+
+        # the kernel reads the label's logit unchecked; F.cross_entropy refuses such labels (on a GPU with a
+        # device-side assert, as this is: no host sync)
+        V = weight.shape[0]
+        torch._assert_async(((labels == ignore_index) | ((labels >= 0) & (labels < V))).all(),
+                            f"{op}: a label is outside [0, {V}) and not ignore_index ({ignore_index})")
+        return kernel(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction)
+    return reference.linear_cross_entropy(hidden, weight, labels, ignore_index, reduction)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One token per row: the recurrent step (the model's reference step) and the fused decode forms
+# (lit_mamba2/inference). Shapes are checked by the callers, which build them; these run once per layer and token.
+# ---------------------------------------------------------------------------------------------------------------
+def conv_step(x, conv_state, weight, bias=None, activation="silu", *, impl=None):
+    """One input of a depthwise causal conv: x (batch, dim); conv_state (batch, dim, width - 1), oldest first,
+    shifted in place; weight (dim, width). Returns (batch, dim)."""
+    if _choose(impl, x, conv_state, weight, bias, op="conv_step") == "triton":
+        from lit_mamba2.kernels.state_update import conv_step as kernel
+
+        return kernel(x, conv_state, weight, bias, activation)
+    return reference.conv_step(x, conv_state, weight, bias, activation)
+
+
+def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, INF), *, norm_weight=None,
+             impl=None):
+    """One token of the SSD recurrence (A = -exp(A_log), dt through softplus); `state` advances in place.
+    See reference.ssm_step for the shapes and for norm_weight (the gated norm folded in)."""
+    if _choose(impl, state, x, dt, A_log, B, C, D, z, dt_bias, op="ssm_step") == "triton":
+        from lit_mamba2.kernels.state_update import state_update
+
+        return state_update(state, x, dt, A_log, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                            dt_limit=dt_limit, A_is_log=True, norm_weight=norm_weight)
+    return reference.ssm_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_limit, norm_weight)
+
+
+def ring_mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=None, z=None, dt_bias=None,
+                    dt_limit=(0.0, INF), ngroups=1, *, norm_weight=None, impl=None):
+    """A Mamba-2 mixer's conv (+ SiLU) on a ring of conv inputs and its SSM state update, for one token (one
+    launch on the Triton path). conv_ring (batch, conv_dim, width): slot `slot` (0-dim int64) takes this token.
+    Returns y (batch, nheads, headdim), or (u, sumsq) with norm_weight (see ssm_step)."""
+    if _choose(impl, state, conv_ring, xBC, conv_weight, dt, A_log, op="ring_mixer_step") == "triton":
+        from lit_mamba2.kernels.state_update import mixer_step
+
+        return mixer_step(state, conv_ring, slot, xBC, conv_weight, conv_bias, dt, A_log, D=D, z=z,
+                          dt_bias=dt_bias, dt_limit=dt_limit, ngroups=ngroups, norm_weight=norm_weight)
+    b, h, p, n = state.shape
+    xBC = reference.ring_conv_step(xBC, conv_ring, slot, conv_weight, conv_bias, "silu")
+    x, B, C = torch.split(xBC, [h * p, ngroups * n, ngroups * n], dim=-1)
+    return reference.ssm_step(state, x.view(b, h, p), dt, A_log, B.view(b, ngroups, n), C.view(b, ngroups, n), D,
+                              z, dt_bias, dt_limit, norm_weight)
+
+
+def add_rmsnorm(hidden, residual, weight, eps, residual_dtype, hidden_rms=None, *, impl=None):
+    """residual' = residual + hidden (hidden alone when residual is None) in residual_dtype; returns
+    (RMSNorm(residual'), residual'). hidden_rms = (sumsq, n, eps) scales a folded gated norm's output first."""
+    if _choose(impl, hidden, residual, weight, op="add_rmsnorm") == "triton":
+        from lit_mamba2.kernels.state_update import add_rmsnorm as kernel
+
+        return kernel(hidden, residual, weight, eps, residual_dtype, hidden_rms=hidden_rms)
+    return reference.add_rmsnorm(hidden, residual, weight, eps, residual_dtype, hidden_rms)
+
+
+def add_norm_linear(hidden, residual, norm_weight, eps, weight, bias=None, residual_dtype=None, *, impl=None):
+    """(linear(RMSNorm(residual + hidden)), residual + hidden) for one token per row, as one GEMV with the norm in
+    its prologue on the Triton path (see reference.add_norm_linear for None hidden / residual)."""
+    if _choose(impl, hidden, residual, weight, op="add_norm_linear") == "triton":
+        from lit_mamba2.kernels.decode_linear import add_norm_linear as kernel
+
+        return kernel(hidden, residual, norm_weight, eps, weight, bias, residual_dtype)
+    return reference.add_norm_linear(hidden, residual, norm_weight, eps, weight, bias, residual_dtype)
+
+
+def gated_norm_linear(y, z, norm_weight, eps, ngroups, norm_before_gate, weight, bias=None, residual=None, *,
+                      impl=None):
+    """linear(gated_rmsnorm(y, z)) for one token per row; with `residual`, residual += out in place."""
+    if _choose(impl, y, z, weight, op="gated_norm_linear") == "triton":
+        from lit_mamba2.kernels.decode_linear import gated_norm_linear as kernel
+
+        return kernel(y, z, norm_weight, eps, ngroups, norm_before_gate, weight, bias, residual=residual)
+    return reference.gated_norm_linear(y, z, norm_weight, eps, ngroups, norm_before_gate, weight, bias, residual)
+
+
+def on_triton(impl, t: torch.Tensor) -> bool:
+    """Whether ops called with `impl` on tensors like `t` run the Triton kernels (no argument checks)."""
+    return impl == "triton" or (impl is None and t.is_cuda and t.dtype != torch.float64 and triton_available())
+
+
+def attention(q, k, v, *, doc_q=None, doc_k=None, scale=None, impl=None):
+    """Causal attention of packed documents: q (batch, heads, Lq, head_dim), k, v (batch, heads_kv, Lk,
+    head_dim); the queries are the last Lq key positions; doc_q (batch, Lq) / doc_k (batch, Lk) int32 document
+    ids (a query sees keys of its own document only)."""
+    _choose(impl, q, k, v, doc_q, doc_k, op="attention")
+    return reference.attention(q, k, v, doc_q, doc_k, scale)

@@ -245,3 +245,113 @@ def gated_rmsnorm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=Fals
 
 def rmsnorm(x, weight, eps=1e-5):
     return gated_rmsnorm(x, None, weight, eps).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One token per row (decoding): the recurrence's step, and the fused forms the decode kernels compute
+# ---------------------------------------------------------------------------------------------------------------
+def conv_step(x, conv_state, weight, bias=None, activation: str | None = "silu"):
+    """One input of a depthwise causal conv: x (batch, dim); conv_state (batch, dim, width - 1), oldest first,
+    shifted in place; weight (dim, width). Returns the output (batch, dim) in x's dtype."""
+    window = torch.cat([conv_state, x[:, :, None].to(conv_state.dtype)], dim=-1)
+    out = _conv_window(window, weight, bias, activation)
+    conv_state.copy_(window[:, :, 1:])
+    return out.to(x.dtype)
+
+
+def ring_conv_step(x, ring, slot, weight, bias=None, activation: str | None = "silu"):
+    """conv_step on a ring of `width` slots: x (batch, dim) overwrites slot `slot` (0-dim int64 tensor, mod width);
+    the older inputs are the slots after it, oldest first."""
+    w = ring.shape[-1]
+    slot = slot.view(1) % w
+    older = ring.index_select(-1, (slot + 1 + torch.arange(w - 1, device=x.device)) % w)
+    out = _conv_window(torch.cat([older, x[:, :, None].to(ring.dtype)], dim=-1), weight, bias, activation)
+    ring.index_copy_(-1, slot, x[:, :, None].to(ring.dtype))
+    return out.to(x.dtype)
+
+
+def _conv_window(window, weight, bias, activation):
+    cdt = compute_dtype(window, weight)
+    out = (window.to(cdt) * weight.to(cdt)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(cdt)
+    return F.silu(out) if activation == "silu" else out
+
+
+def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, INF), norm_weight=None):
+    """One token of the SSD recurrence with A = -exp(A_log) and dt through softplus: state (batch, nheads, headdim,
+    dstate) updated in place; x, z (batch, nheads, headdim); dt (batch, nheads); B, C (batch, ngroups, dstate).
+    Returns y (batch, nheads, headdim) in x's dtype, gated by silu(z) when z is given.
+    norm_weight (nheads * headdim,): the gated RMSNorm's weight folded in (one norm group over all channels):
+    returns (y * norm_weight, sumsq) with sumsq (batch, 1) = sum of the gated y's squares, whose rsqrt(mean
+    + eps) the next add+norm applies (the norm's per-row scale commutes with out_proj)."""
+    cdt = compute_dtype(state, x)
+    h = state.shape[1]
+    A = -torch.exp(A_log.to(cdt))
+    dt = process_dt(dt, dt_bias, True, dt_limit, cdt)
+    xf = x.to(cdt)
+    new = (state.to(cdt) * torch.exp(dt * A)[..., None, None]
+           + (dt[..., None] * xf)[..., None] * _heads(B[:, None], h)[:, 0, :, None, :].to(cdt))
+    state.copy_(new)
+    y = torch.einsum("bhpn,bhn->bhp", new, _heads(C[:, None], h)[:, 0].to(cdt))
+    y = _skip_and_gate(y, xf, None if D is None else D.to(cdt), z)
+    if norm_weight is None:
+        return y.to(x.dtype)
+    sumsq = y.pow(2).flatten(1).sum(-1, keepdim=True)  # float32 (float64 for a float64 model)
+    return (y.flatten(1) * norm_weight.to(cdt)).view_as(y).to(x.dtype), sumsq
+
+
+def add_rmsnorm(hidden, residual, weight, eps, residual_dtype, hidden_rms=None):
+    """A pre-norm block's entry for one token per row: residual' = residual + hidden (hidden alone when residual is
+    None) in residual_dtype, and (RMSNorm(residual') in weight's dtype, residual'). hidden_rms = (sumsq, n, eps):
+    hidden is a folded gated norm's raw output, first scaled by rsqrt(sumsq.sum(-1) / n + eps)."""
+    cdt = compute_dtype(hidden, weight)
+    h = hidden.to(cdt)
+    if hidden_rms is not None:
+        sumsq, n, h_eps = hidden_rms
+        h = h * torch.rsqrt(sumsq.to(cdt).sum(-1, keepdim=True) / n + h_eps)
+    r = h if residual is None else residual.to(cdt) + h
+    r = r.to(residual_dtype)
+    return rmsnorm(r, weight, eps), r
+
+
+def add_norm_linear(hidden, residual, norm_weight, eps, weight, bias=None, residual_dtype=None):
+    """(linear(RMSNorm(residual + hidden)), residual + hidden): hidden None means it was already added to the
+    residual; residual None means hidden alone. The residual' is returned as None when residual_dtype is None and
+    hidden is given (the LM head needs only the output)."""
+    if hidden is None:
+        return F.linear(rmsnorm(residual, norm_weight, eps).to(weight.dtype), weight, bias), residual
+    normed, r = add_rmsnorm(hidden, residual, norm_weight, eps, residual_dtype or compute_dtype(hidden, residual))
+    return F.linear(normed.to(weight.dtype), weight, bias), r if residual_dtype is not None else None
+
+
+def gated_norm_linear(y, z, norm_weight, eps, ngroups, norm_before_gate, weight, bias=None, residual=None):
+    """linear(gated_rmsnorm(y, z)) over `ngroups` norm groups; with `residual`, also residual += out in place."""
+    out = F.linear(gated_rmsnorm(y, z, norm_weight, eps, y.shape[-1] // ngroups, norm_before_gate).to(weight.dtype),
+                   weight, bias)
+    if residual is not None:
+        residual.add_(out.to(residual.dtype))
+    return out
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean"):
+    """F.cross_entropy of the LM head's logits, computed in float32 (float64 for a float64 model)."""
+    logits = F.linear(hidden, weight)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention over packed documents
+# ---------------------------------------------------------------------------------------------------------------
+def attention(q, k, v, doc_q=None, doc_k=None, scale=None):
+    """Causal attention with the queries the last Lq of the Lk key positions; a query sees only keys of its own
+    document when doc ids are given. q: (b, heads, Lq, d); k, v: (b, heads_kv, Lk, d)."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if doc_q is None and Lq == Lk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=Lk - Lq)[None, None]
+    if doc_q is not None:
+        mask = mask & (doc_q[:, None, :, None] == doc_k[:, None, None, :])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -88,7 +88,6 @@ def test_initialisation_follows_mamba_ssm():
     w = mixer.out_proj.weight
     bound = 1 / math.sqrt(w.shape[1]) / math.sqrt(cfg.n_layer)
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
-    assert all(getattr(p, "_no_weight_decay", False) for p in (mixer.A_log, mixer.D, mixer.dt_bias))
 
 
 @pytest.mark.parametrize("name", ["mamba2-test", "mamba2attn-test"])
@@ -218,8 +217,135 @@ def test_a_float64_model_computes_in_float64():
     assert torch.autograd.gradcheck(logits, (w,), eps=1e-6, atol=1e-7)
 
 
-def test_hybrid_step_without_positions_is_named():
-    model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2attn-test"))
-    states = model.allocate_states(1)
-    with pytest.raises(ValueError, match=r"needs `pos`"):
-        model.step(torch.tensor([3]), states)
+@pytest.mark.parametrize("name", ["mamba2-test", "mamba2attn-test"])
+def test_plain_step_after_a_padded_prefill_equals_forward_on_each_prompt_alone(name):
+    """model.step (the recurrence; a growing KV cache whose keys remember their documents and positions) after a
+    left-padded prefill: each row's logits equal the full forward of its prompt and tokens alone."""
+    from lit_mamba2.generation import pad_prompts
+
+    torch.manual_seed(2)
+    model = Mamba2LMHeadModel(Mamba2Config.from_name(name)).double().eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    steps = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]]).T  # (3 steps, batch)
+    ids, seq_idx, _, _ = pad_prompts(prompts, "cpu")
+    with torch.no_grad():
+        states = model.allocate_states(3, dtype=torch.float64)
+        model(ids, seq_idx=seq_idx, states=states)
+        got = torch.stack([model.step(t, states) for t in steps], dim=1)  # (batch, 3, vocab)
+        for i, p in enumerate(prompts):
+            alone = model(torch.tensor([p + steps[:, i].tolist()]))[0, len(p):]
+            torch.testing.assert_close(got[i], alone, rtol=0, atol=1e-10)
+
+
+def test_positions_are_each_tokens_place_in_its_document_and_a_shard_gets_its_own():
+    """positions default to the place within each document (rotary restarts per document); a second half of the
+    row run alone with its states and its slice of the row's positions equals the second half of the whole."""
+    from lit_mamba2.model import document_positions
+
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]], dtype=torch.int32)
+    assert document_positions(seq_idx, 1, 9, "cpu").tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    torch.manual_seed(3)
+    model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2attn-test")).double().eval()
+    ids = torch.randint(0, 256, (2, 40))
+    seq_idx = torch.cat([torch.zeros(2, 13), torch.ones(2, 27)], dim=1).to(torch.int32)
+    positions = document_positions(seq_idx, 2, 40, "cpu")
+    with torch.no_grad():
+        whole = model(ids, seq_idx=seq_idx)
+        torch.testing.assert_close(model(ids, seq_idx=seq_idx, positions=positions), whole, rtol=0, atol=0)
+        states = model.allocate_states(2, dtype=torch.float64)
+        model(ids[:, :25], seq_idx=seq_idx[:, :25], positions=positions[:, :25], states=states)
+        second = model(ids[:, 25:], seq_idx=seq_idx[:, 25:], positions=positions[:, 25:], states=states)
+        torch.testing.assert_close(second, whole[:, 25:], rtol=0, atol=1e-10)
+        # positions restarted at the shard's start are wrong for attention: the shard's own positions matter
+        wrong = model(ids[:, 25:], seq_idx=seq_idx[:, 25:], positions=positions[:, :15],
+                      states=model.allocate_states(2, dtype=torch.float64))
+        assert (wrong - whole[:, 25:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name,overrides", [("mamba2-130m", {}), ("mamba2attn-test", {"n_layer": 12})])
+def test_meta_device_model_initialised_by_init_weights_matches_eager(name, overrides):
+    """Built on the meta device, materialised with to_empty and initialised by init_weights(): every parameter
+    group (the same parameter across layers) has the eager model's distribution, and A, dt keep their ranges."""
+    import collections
+    import re
+
+    cfg = Mamba2Config.from_name(name, **overrides)
+    torch.manual_seed(0)
+    eager = Mamba2LMHeadModel(cfg)
+    with torch.device("meta"):
+        meta = Mamba2LMHeadModel(cfg)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(1)
+    meta.init_weights()
+    assert (meta.lm_head.weight is meta.backbone.embedding.weight) == cfg.tie_embeddings
+
+    def groups(model):
+        out = collections.defaultdict(list)
+        for n, p in model.named_parameters():
+            out[re.sub(r"layers\.\d+\.", "layers.*.", n)].append(p.detach().flatten())
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    e, m = groups(eager), groups(meta)
+    assert e.keys() == m.keys()
+    for k in e:
+        if e[k].std() == 0:  # norm weights, D: constants
+            assert torch.equal(m[k], e[k]), k
+            continue
+        n = e[k].numel()  # five standard errors of the two samples' difference (std ratio: sqrt(1 / n) each)
+        assert abs(m[k].std() / e[k].std() - 1) < 5 * math.sqrt(2 / n), (k, m[k].std(), e[k].std())
+        assert abs(m[k].mean() - e[k].mean()) < 5 * e[k].std() * math.sqrt(2 / n), k
+        assert not torch.equal(m[k], e[k]), k  # drawn afresh
+    A_lo, A_hi = cfg.ssm["A_init_range"]
+    for n, p in meta.named_parameters():
+        if n.endswith("A_log"):
+            assert p.exp().min() >= A_lo - 1e-5 and p.exp().max() <= A_hi + 1e-4
+        if n.endswith("dt_bias"):
+            dt = torch.nn.functional.softplus(p)
+            assert dt.min() >= cfg.ssm["dt_init_floor"] - 1e-7 and dt.max() <= cfg.ssm["dt_max"] + 1e-6
+    assert abs(meta.backbone.embedding.weight.std() - cfg.initializer_range) < 0.001
+    out_proj = meta.backbone.layers[0].mixer.out_proj.weight
+    n_residuals = 1 if cfg.d_intermediate == 0 else 2
+    bound = 1 / math.sqrt(out_proj.shape[1]) / math.sqrt(n_residuals * cfg.n_layer)
+    assert 0.9 * bound < out_proj.abs().max() <= bound
+
+
+def test_mixer_takes_its_segment_sizes_from_its_own_attributes():
+    """A mixer cut by heads into two shards (the tensor-parallel layout: each shard one group of B/C, its heads'
+    rows of in_proj and channels of conv1d, out_proj's columns), with each shard's sizes set on its attributes:
+    the shards' outputs add up to the whole mixer's."""
+    import copy
+
+    from lit_mamba2.model import Mamba2Mixer
+
+    cfg = Mamba2Config.from_name("mamba2-test", ssm_cfg={"ngroups": 2, "D_has_hdim": True})
+    torch.manual_seed(4)
+    full = Mamba2Mixer(cfg).double()
+    with torch.no_grad():
+        full.norm.weight.uniform_(0.5, 1.5)
+        full.D.uniform_(0.5, 1.5)
+    h, p, n, d_ssm = full.nheads, full.headdim, full.d_state, full.d_ssm
+    assert full.d_mlp == 0
+    u = torch.randn(2, 21, cfg.d_model, dtype=torch.float64)
+
+    def shard(s):
+        heads = torch.arange(s * h // 2, (s + 1) * h // 2)
+        ch = (heads[:, None] * p + torch.arange(p)).flatten()  # this shard's channels of d_ssm
+        grp = torch.arange(s * n, (s + 1) * n)
+        xbc_rows = torch.cat([ch, d_ssm + grp, d_ssm + 2 * n + grp])  # within xBC: x | B (2 groups) | C (2 groups)
+        rows = torch.cat([ch, d_ssm + xbc_rows, d_ssm + full.conv_dim + heads])  # in_proj: z | xBC | dt
+        m = copy.deepcopy(full)
+        m.nheads, m.d_ssm, m.ngroups = h // 2, d_ssm // 2, 1
+        m.conv_dim = m.d_ssm + 2 * n
+        with torch.no_grad():
+            m.in_proj.weight = torch.nn.Parameter(full.in_proj.weight[rows])
+            m.conv1d.weight = torch.nn.Parameter(full.conv1d.weight[xbc_rows])
+            m.conv1d.bias = torch.nn.Parameter(full.conv1d.bias[xbc_rows])
+            for name in ("dt_bias", "A_log"):
+                setattr(m, name, torch.nn.Parameter(getattr(full, name)[heads]))
+            m.D = torch.nn.Parameter(full.D[ch])
+            m.norm.weight = torch.nn.Parameter(full.norm.weight[ch])
+            m.out_proj.weight = torch.nn.Parameter(full.out_proj.weight[:, ch])
+        return m
+
+    with torch.no_grad():
+        torch.testing.assert_close(shard(0)(u) + shard(1)(u), full(u), rtol=0, atol=1e-10)

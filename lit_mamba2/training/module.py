@@ -60,14 +60,23 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return 1 - (1 - lo) * progress
 
 
+# Parameters that weight decay would pull towards values they must not approach (A = -exp(A_log) -> -1, D -> 0,
+# dt -> softplus(0)): mamba_ssm's exceptions, by name, so that the rule survives FSDP2 / DTensor wrapping.
+NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """The weight decay rule: matrices decay (embeddings, linear and conv weights); vectors (norm weights,
+    biases) and the SSM's A_log, D and dt_bias do not."""
+    return p.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: parameters marked `_no_weight_decay` (A_log, D, dt_bias) and every 1-D
-    parameter (norm weights, biases) go to a group without it."""
+    """Two optimizer groups, with and without weight decay, by `decays`."""
     decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if getattr(p, "_no_weight_decay", False) or p.ndim < 2 else decay).append(p)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -165,11 +165,12 @@ def test_bad_shapes_are_named():
                                                                 ("mamba2-test", torch.bfloat16, True, True),
                                                                 ("mamba2attn-test", torch.bfloat16, True, False)])
 def test_model_fused_decode_step_equals_pytorch_step(preset, dtype, ring_conv, single_pass, monkeypatch):
-    """Mamba2LMHeadModel.step with the fused linear kernels (Decoder(fuse_linear=True), Triton) against the
+    """The decode step with the fused linear kernels (Decoder(fuse_linear=True), Triton) against the
     PyTorch step from the same prefilled states, over a few tokens of a left-padded batch (hybrid: attention
     layers keep the unfused path, the layers around them fuse)."""
     from lit_mamba2 import Mamba2Config
-    from lit_mamba2.generation import Decoder, pad_prompts
+    from lit_mamba2.generation import pad_prompts
+    from lit_mamba2.inference import Decoder
     from lit_mamba2.kernels import decode_linear
     from lit_mamba2.model import Mamba2LMHeadModel
 
@@ -186,9 +187,8 @@ def test_model_fused_decode_step_equals_pytorch_step(preset, dtype, ring_conv, s
         with torch.no_grad():
             model.set_impl("torch")  # prefill: the PyTorch chunked path
             dec = Decoder(model, 2, 12, cuda_graph=False, ring_conv=ring_conv, fuse_linear=fuse,
-                          state_dtype=torch.float32)
+                          state_dtype=torch.float32, impl=impl)
             dec.prefill(ids, seq_idx, lengths, pads)
-            model.set_impl(impl)
             outs[impl] = [dec.step(torch.tensor([t, t + 1])).clone() for t in (3, 40)]
     model.set_impl(None)
     for a, b in zip(outs["torch"], outs["triton"]):

@@ -43,10 +43,11 @@ def test_early_release_only_for_kernels_that_opt_in(monkeypatch):
     ("mamba2-test", 2, True, False), ("mamba2-test", 1, False, True),
     ("mamba2attn-test", 2, True, False), ("mamba2attn-test", 1, False, False)])
 def test_pdl_step_equals_pytorch_step(preset, batch, ring_conv, fuse_linear):
-    """Mamba2LMHeadModel.step through Decoder(pdl=True) (the default) with the Triton kernels against the PyTorch
+    """The decode step through Decoder(pdl=True) (the default) with the Triton kernels against the PyTorch
     step (shifted conv, cuBLAS-style linears) from the same prefilled state, float32 model, over a few tokens."""
     from lit_mamba2 import Mamba2Config
-    from lit_mamba2.generation import Decoder, pad_prompts
+    from lit_mamba2.generation import pad_prompts
+    from lit_mamba2.inference import Decoder
     from lit_mamba2.model import Mamba2LMHeadModel
 
     torch.manual_seed(0)
@@ -60,10 +61,9 @@ def test_pdl_step_equals_pytorch_step(preset, batch, ring_conv, fuse_linear):
             model.set_impl("torch")  # prefill: the PyTorch chunked path
             opts = (dict(ring_conv=ring_conv, fuse_linear=fuse_linear) if impl == "triton"
                     else dict(ring_conv=False, fuse_linear=False, pdl=False))
-            dec = Decoder(model, batch, 12, cuda_graph=False, **opts)
+            dec = Decoder(model, batch, 12, cuda_graph=False, impl=impl, **opts)
             assert dec.pdl is (impl == "triton")
             dec.prefill(ids, seq_idx, lengths, pads)
-            model.set_impl(impl)
             outs[impl] = [dec.step(t).clone() for t in tokens]
     model.set_impl(None)
     for a, b in zip(outs["torch"], outs["triton"]):

@@ -34,16 +34,17 @@ def pipeline_model(dtype, residual_in_fp32=True, d_model=64, **ssm):
 def decode(model, prompts, tokens, **options):
     """Prefill (PyTorch chunked path) the left-padded prompts, then step `tokens` (a list of (batch,) tensors)
     through a Decoder with `options`; impl "triton" for the pipeline, "torch" for the reference."""
-    from lit_mamba2.generation import Decoder, pad_prompts
+    from lit_mamba2.generation import pad_prompts
+    from lit_mamba2.inference import Decoder
 
     ids, seq_idx, lengths, pads = pad_prompts(prompts, DEVICE)
     pipelined = bool(options.get("row_groups"))
     with torch.no_grad():
-        model.set_impl("torch")
-        dec = Decoder(model, len(prompts), 16, cuda_graph=False, **options)
+        model.set_impl("torch")  # prefill: the PyTorch chunked path
+        dec = Decoder(model, len(prompts), 16, cuda_graph=False, impl="triton" if pipelined else "torch",
+                      **options)
         assert (dec.row_pipeline is not None) == pipelined
         dec.prefill(ids, seq_idx, lengths, pads)
-        model.set_impl("triton" if pipelined else "torch")
         out = [dec.step(t.to(DEVICE)).clone().float() for t in tokens]
     model.set_impl(None)
     return out
@@ -92,7 +93,7 @@ def test_pipeline_refuses_models_it_cannot_run():
     """An explicit row_groups on a model with attention layers, or with gated norms that cannot fold, is refused
     with the reason; by default such models keep the ordinary step."""
     from lit_mamba2 import Mamba2Config
-    from lit_mamba2.generation import Decoder
+    from lit_mamba2.inference import Decoder
     from lit_mamba2.model import Mamba2LMHeadModel
 
     hybrid = Mamba2LMHeadModel(Mamba2Config.from_name(
@@ -106,14 +107,15 @@ def test_pipeline_refuses_models_it_cannot_run():
     model = pipeline_model(torch.float32)
     with pytest.raises(ValueError, match="row_groups needs"):
         Decoder(model, 4, 8, cuda_graph=False, row_groups=3, ring_conv=False)
-    with pytest.raises(ValueError, match="groups must be"):
+    with pytest.raises(ValueError, match="row_groups must be 0-3"):
         Decoder(model, 4, 8, cuda_graph=False, row_groups=4)
 
 
 def test_pipeline_decoder_follows_a_pytorch_impl(monkeypatch):
-    """A Decoder built with row groups whose model is set to PyTorch steps through the PyTorch path (the same ring
-    states; no pipeline launch), equal to the reference decoder's steps."""
-    from lit_mamba2.generation import Decoder, pad_prompts
+    """A Decoder with row groups on the PyTorch path steps through the PyTorch forms of the pipeline's flags (ring
+    states, folded norm; no pipeline launch), equal to the reference decoder's steps."""
+    from lit_mamba2.generation import pad_prompts
+    from lit_mamba2.inference import Decoder
     from lit_mamba2.kernels import decode_pipeline
 
     model = pipeline_model(torch.float32)
@@ -130,6 +132,7 @@ def test_pipeline_decoder_follows_a_pytorch_impl(monkeypatch):
     with torch.no_grad():
         model.set_impl("torch")
         dec = Decoder(model, 3, 16, cuda_graph=False, row_groups=3)
+        assert dec.row_pipeline is None and dec.ring_conv and dec.fold_gated_norm
         dec.prefill(ids, seq_idx, lengths, pads)
         got = [dec.step(t.to(DEVICE)).float() for t in tokens]
     model.set_impl(None)

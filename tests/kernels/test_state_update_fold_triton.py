@@ -139,28 +139,26 @@ def fold_model(preset, residual_in_fp32, dtype, **overrides):
     ("mamba2attn-test", {}, False, torch.float32),  # Mamba-2 -> MLP's norm2, final norm
     ("mamba2attn-test", {"d_intermediate": 0}, True, torch.bfloat16),  # Mamba-2 -> attention block's norm
 ])
-def test_decode_step_with_folded_norm_equals_pytorch_step(preset, overrides, residual_in_fp32, dtype):
+def test_decode_step_with_folded_norm_equals_pytorch_step(preset, overrides, residual_in_fp32, dtype, monkeypatch):
     """Decoder(fold_gated_norm=True) steps through the Triton kernels (ring conv and shifted conv) against the
     eager PyTorch step (separate gated norm, PyTorch add+norm) from the same prefilled states, over 3 tokens of a
-    left-padded batch. The gated norm's module must not run in the folded steps."""
-    from lit_mamba2.generation import Decoder, pad_prompts
+    left-padded batch. The separate gated norm must not run in the folded steps."""
+    from lit_mamba2 import ops
+    from lit_mamba2.generation import pad_prompts
+    from lit_mamba2.inference import Decoder
 
     model = fold_model(preset, residual_in_fp32, dtype, **overrides)
     calls = []
-    for m in model.modules():
-        if type(m).__name__ == "GatedRMSNorm":
-            m.register_forward_hook(lambda *a: calls.append(1))
-    mixers = [layer.mixer for layer in model.backbone.layers if type(layer.mixer).__name__ == "Mamba2Mixer"]
+    gated_rmsnorm = ops.gated_rmsnorm
+    monkeypatch.setattr(ops, "gated_rmsnorm", lambda *a, **k: calls.append(1) or gated_rmsnorm(*a, **k))
     ids, seq_idx, lengths, pads = pad_prompts([[5, 6, 7, 8, 9], [10, 11]], DEVICE)
     outs = {}
     for impl, ring in (("torch", False), ("triton", True), ("triton", False)):
         with torch.no_grad():
             model.set_impl("torch")  # prefill: the PyTorch chunked path
             dec = Decoder(model, 2, 12, cuda_graph=False, ring_conv=ring, fuse_linear=False,
-                          fold_gated_norm=impl == "triton")
+                          fold_gated_norm=impl == "triton", impl=impl)
             dec.prefill(ids, seq_idx, lengths, pads)
-            model.set_impl(impl)
-            assert all(m.can_fold_norm(dec.token.float()) == (impl == "triton") for m in mixers)
             calls.clear()
             outs[impl, ring] = [dec.step(torch.tensor([t, t + 1], device=DEVICE)).clone().float()
                                 for t in (3, 40, 7)]
@@ -179,16 +177,14 @@ def test_decode_step_with_folded_norm_equals_pytorch_step(preset, overrides, res
 def test_fold_applies_only_where_the_norm_commutes_with_out_proj():
     """Two norm groups, norm_before_gate, an out_proj bias: the mixer keeps the separate gated norm."""
     from lit_mamba2 import Mamba2Config
+    from lit_mamba2.inference.weights import MixerWeights
     from lit_mamba2.model import Mamba2LMHeadModel
 
-    t = torch.zeros(1)
     base = {"d_state": 16, "headdim": 16, "chunk_size": 16}
     for ssm, ok in (({"ngroups": 1}, True), ({"ngroups": 2}, False), ({"ngroups": 1, "norm_before_gate": True}, False),
                     ({"ngroups": 1, "bias": True}, False), ({"ngroups": 1, "rmsnorm": False}, False)):
-        model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test", ssm_cfg={**base, **ssm})).set_impl("triton")
-        assert model.backbone.layers[0].mixer.can_fold_norm(t) == ok, ssm
-        model.set_impl("torch")
-        assert not model.backbone.layers[0].mixer.can_fold_norm(t)
+        model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test", ssm_cfg={**base, **ssm}))
+        assert MixerWeights.of(model.backbone.layers[0].mixer).norm_commutes == ok, ssm
 
 
 @pytest.mark.parametrize("preset,overrides,ring_conv", [("mamba2-test", {}, True),
@@ -196,12 +192,12 @@ def test_fold_applies_only_where_the_norm_commutes_with_out_proj():
 def test_batch8_greedy_decoding_through_kernels_equals_full_forward_greedy(preset, overrides, ring_conv):
     """Batch 8 with the Decoder's defaults there (cuBLAS-style linears, fold_gated_norm on) through the Triton step
     kernels: greedy tokens equal greedy decoding by full PyTorch forward passes over the growing sequence."""
-    from lit_mamba2.generation import Decoder
+    from lit_mamba2.inference import Decoder
 
     model = fold_model(preset, True, torch.float32, **overrides)
     b, L, new = 8, 19, 5  # 19 > one SSD chunk (16)
     prompt = torch.randint(1, 256, (b, L), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    dec = Decoder(model, b, L + new, cuda_graph=False, ring_conv=ring_conv)
+    dec = Decoder(model, b, L + new, cuda_graph=False, ring_conv=ring_conv, impl="triton")
     assert dec.fold_gated_norm and not dec.fuse_linear
     vocab = model.config.vocab_size
     with torch.no_grad():
@@ -222,15 +218,16 @@ def test_batch8_greedy_decoding_through_kernels_equals_full_forward_greedy(prese
 
 
 def test_decoder_fold_option_defaults_and_conflict():
-    """fold_gated_norm follows fuse_linear by default (on from batch 8), an explicit True turns the fused GEMVs
-    off, and asking for both is an error."""
-    from lit_mamba2.generation import Decoder
+    """On the Triton path fold_gated_norm follows fuse_linear by default (on from batch 8), an explicit True turns
+    the fused GEMVs off, and asking for both is an error; the PyTorch path defaults to the plain step."""
+    from lit_mamba2.inference import Decoder
 
     model = fold_model("mamba2-test", True, torch.float32)
     flags = lambda d: (d.fuse_linear, d.fold_gated_norm)  # noqa: E731
-    assert flags(Decoder(model, 1, 8, cuda_graph=False)) == (True, False)
-    assert flags(Decoder(model, 8, 8, cuda_graph=False)) == (False, True)
-    assert flags(Decoder(model, 1, 8, cuda_graph=False, fold_gated_norm=True)) == (False, True)
-    assert flags(Decoder(model, 8, 8, cuda_graph=False, fold_gated_norm=False)) == (False, False)
+    assert flags(Decoder(model, 1, 8, cuda_graph=False, impl="triton")) == (True, False)
+    assert flags(Decoder(model, 8, 8, cuda_graph=False, impl="triton")) == (False, True)
+    assert flags(Decoder(model, 1, 8, cuda_graph=False, fold_gated_norm=True, impl="triton")) == (False, True)
+    assert flags(Decoder(model, 8, 8, cuda_graph=False, fold_gated_norm=False, impl="triton")) == (False, False)
+    assert flags(Decoder(model, 1, 8, cuda_graph=False, impl="torch")) == (False, False)  # the plain step on CPU
     with pytest.raises(ValueError, match="fold_gated_norm"):
         Decoder(model, 8, 8, cuda_graph=False, fuse_linear=True, fold_gated_norm=True)
