@@ -100,19 +100,19 @@ DEC1_VARIANTS = {  # name: {"module.ATTRIBUTE": value}, modules of lit_mamba2.ke
     "dec1_early_tile2k": {"pdl.EARLY_RELEASE": True, "decode_linear.ROW_TILE": (2048, 4)},
     "dec1_ours_again": {},  # the defaults once more, last: the run's spread
     # call 2 (EARLY_RELEASE on by default since call 1); its dec1_mixer_out* variants (conv + state update inside
-    # out_proj's launch) measured slower and were removed with the kernel (decode_run6_dec1b_*)
+    # out_proj's launch) measured slower and were removed with the kernel (notes/decode.md; logs in commit ddfa3f2)
     "dec1_no_early": {"pdl.EARLY_RELEASE": False},
 }
 VARIANTS.update({k: dict() for k in DEC1_VARIANTS})
 REDUNDANT.update({k: (lambda b: b >= 8) for k in DEC1_VARIANTS})
 
 # batch 64: kernel constants patched as in DEC1_VARIANTS, with Decoder options. Runs 8 and 9 also timed, and
-# dropped (benchmarks/results/decode_run8_notes.md): an L2 prefetch of the next layer's state after each state
+# dropped (notes/decode.md; logs in commit c1e219d): an L2 prefetch of the next layer's state after each state
 # update, the batch as row groups on their own streams, a state kernel looping over tiles with fewer programs.
 BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "no_evict": (dict(), {"state_update.STATE_EVICT": ""}),  # the state's loads and stores without a hint
     # the conv inside the state kernel (ring) at batch 64, which would save the conv's launch (4.5-5.1 µs per
-    # layer): in run 11 (decode_run11_gnfold_notes.md) the ring step was +6.7 µs per layer slower than conv +
+    # layer): in run 11 (commit 78df6c1) the ring step was +6.7 µs per layer slower than conv +
     # state update with 8192-element tiles (ours_ring), +4.9 µs with 4096 (an eviction hint and early release off
     # changed nothing); smaller tiles (more, shorter programs) not measured yet
     "ring_tile4k": (dict(ring_conv=True), {"state_update.STATE_TILE": (4096, 4)}),
@@ -127,7 +127,7 @@ BATCH_VARIANTS = {  # name: (Decoder options, {"module.ATTRIBUTE": value})
     "state_2k": (dict(), {"state_update.STATE_TILE": (2048, 4)}),
     "state_4k_w2": (dict(), {"state_update.STATE_TILE": (4096, 2)}),
     # (run 13's `blocks*` variants, two launches per layer with one persistent kernel from out_proj to the next
-    # conv, lost and were removed: benchmarks/results/decode_run13_notes.md)
+    # conv, lost and were removed: notes/decode.md; the code and logs are in commit 63ccabe)
     # session 8: the row-group pipeline (kernels/decode_pipeline.py), its groups and tiles
     "pipe3": (dict(row_groups=3), {}),
     "pipe2": (dict(row_groups=2), {}),

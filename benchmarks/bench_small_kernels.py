@@ -163,7 +163,7 @@ def bench_conv(name, batch, L, d_inner, conv_dim, nheads, W=4):
 
 
 # --conv-sweep: conv1d constants per variant (runs 1-2: the one-kernel backward's tiles, then the two-pass
-# backward that replaced it: benchmarks/results/conv_bwd_sweep_run*.json)
+# backward that replaced it: notes/small_kernels.md; their JSON in commits bf9fdb6 and 6903ef0)
 CONV_SWEEP = []
 CONV_SWEEP_SET = [{}] + [{"BWD_TILES": tiles} for tiles in (
     ((32, 64, 4), (64, 128, 4)), ((64, 64, 8), (64, 128, 4)), ((64, 32, 4), (64, 128, 4)),

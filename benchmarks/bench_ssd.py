@@ -218,11 +218,11 @@ SWEEP = [  # launch-setting variants of our kernels compared by --sweep (keys of
     {"dcb_warps": 8},
     {"dx_warps": 8},
 ]
-# forward-only variants (kernel version v6-fwd of notes/ssd_kernels.md), timed by forward alone. fwd_out: the output
+# forward-only variants (kernel version v6 of notes/ssd_kernels.md), timed by forward alone. fwd_out: the output
 # kernel's position / source blocks (registers 168 -> 96-126 at source blocks of 32, Triton 3.6 sm_90), warps,
 # pipelining, register cap, heads per program, C·B source and decay folding; fwd_state: the state pass's
 # pipelining, dot length, grid and the two-level pass
-SWEEP_FWD_OUT = [  # run 5 call 1 compared 14 variants at 4096 (notes/ssd_runs/run5_fwd_call1_*); not yet run:
+SWEEP_FWD_OUT = [  # run 5 call 1 compared 14 variants at 4096 (logs in commit 86411de); not yet run:
     {},
     {"out_maxnreg": 112}, {"out_maxnreg": 96},
     {"out_bk": 32, "out_fold_decay": False},
@@ -251,8 +251,8 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
     {"bc_maxnreg": 0},
     {"bwd_state_seg_chunks": 16},
 ]
-# --- forward round 3 (helper fwd3; kernel version v7-fwd of notes/ssd_kernels.md), ranked by forward alone ---
-# Run 8-fwd's two device calls swept (logs: notes/ssd_runs/run8_fwd_call{1,2}_*): C·B stored in 16 bits, register
+# --- forward round 3 (helper fwd3; kernel version v7 of notes/ssd_kernels.md), ranked by forward alone ---
+# Run 8-fwd's two device calls swept (logs in commits 10d3f16, 98d8bcb): C·B stored in 16 bits, register
 # caps, 3 stages, 128-position blocks of 8 warps, the two-level state pass with an elementwise fix-up against a second
 # walk, its walk-length threshold, dstate blocks of 128 (call 1); folded 64 x 64 tiles at dstate 64, the diagonal
 # blocks' C·B recomputed in float32, 8-warp state programs (call 2). The losers' code is gone; these sets keep what
@@ -260,7 +260,7 @@ SWEEP_BWD = [  # run 5 kept the winners as defaults; these are the ones that wer
 # and from which walk length the two-level pass is on
 SWEEP_FWD3_OUT = [{}, {"out_fold_decay": False}, {"out_bk": 32}, {"out_bk": 32, "out_stages": 3}, {"out_stages": 2}]
 SWEEP_FWD3_STATE = [{}, {"state_seg_min_nc": 128}, {"state_seg_min_nc": 256}, {"state_seg_programs": 0}]
-# backward round 3 (run 8, versions v7-bwd of notes/ssd_kernels.md), ranked by forward+backward. Run 8 timed and
+# backward round 3 (run 8, version v7 of notes/ssd_kernels.md), ranked by forward+backward. Run 8 timed and
 # removed (slower or tied): 128-position dx / dB / dC blocks, heads looped inside dx programs, the dCB kernel split
 # into diagonal / off-diagonal launches, the s side of the quadratic d cum moved from the dCB kernel to dx, dx's own
 # fold choice. What is left to sweep are existing keys that were close: dx pipelining at dstate 128 and the reverse
@@ -269,7 +269,7 @@ SWEEP_BWD3 = [{}, {"dx_stages": 2}, {"bwd_state_bk": 256}, {"bwd_state_bn": 128}
 # backward round 4 (helper bwd4, v8-bwd): the two-level reverse state pass with a scan and an elementwise fix-up
 # (default) against one sequential walk (segments 1); then how many segments (target programs, chunks per segment)
 # and from which grid size (seg_below) it pays. Run 9 also timed v6-bwd b's second walk (removed: +0.10-0.16 ms f+b;
-# notes/ssd_runs/run9_bwd_*)
+# logs in commit 3eae7c2)
 SWEEP_BWD4 = [{}, {"bwd_state_segments": 1},
               {"bwd_state_seg_target": 2048, "bwd_state_seg_chunks": 4},
               {"bwd_state_seg_target": 4096, "bwd_state_seg_chunks": 4},
@@ -277,7 +277,7 @@ SWEEP_BWD4 = [{}, {"bwd_state_segments": 1},
 # backward round 6 (helper fixfold, v10-bwd, run 12): the two-level reverse pass without its fix-up pass over dstates
 # (dx and dB adding each chunk's segment term themselves, the d cum_last term in a small kernel or in the dC pass, the
 # segments' gradients in 16 or 32 bits, the term summed or as a second dot) lost or tied against the fix-up pass at
-# every point and was removed (notes/ssd_kernels.md v10-bwd; its sweep set "fixfold" is in commit 5da6e76)
+# every point and was removed (notes/ssd_kernels.md; its sweep set "fixfold" is in commit 5da6e76)
 # session 6: chunks of 256 computed as chunks of 128 (CONFIG max_chunk). The launch settings below were picked at
 # chunk 256 (runs 3-12); at 128 a chunk has 3 causal tile pairs instead of 10, so they are timed again
 SWEEP_C128 = [{}, {"stages": 2}, {"fold_decay": True}, {"fold_decay": False}, {"out_fold_decay": False},

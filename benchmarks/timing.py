@@ -7,7 +7,7 @@
 - `time_ms`: wall time per call between CUDA events over groups of back-to-back calls, each group queued behind a
   GPU sleep so that the host starts calls ahead; the median of the group means.
 
-Session 6 (notes/ssd_kernels.md, run 13) replaced `triton.testing.do_bench` where these are used. For one
+Session 6 (notes/ssd_kernels.md, "Timing") replaced `triton.testing.do_bench` where these are used. For one
 forward+backward configuration, do_bench's per-call medians flipped between two levels ~0.4 ms apart within one
 run. Groups of 2 calls without the head start read 0.2-0.4 ms over the kernels, because the host's launch of the
 first call was exposed. Every SSD input is far larger than L2, so back-to-back calls do not run from cache.

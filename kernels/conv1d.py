@@ -195,10 +195,11 @@ def _conv_bwd_dx_kernel(w_ptr, seq_ptr, g_ptr, dfinal_ptr, dx_ptr, dinit_ptr,
                  dxp.to(dinit_ptr.dtype.element_ty), mask=head[:, None] & dm[None, :])
 
 
-# The backward's tiles (BLOCK_L, BLOCK_D, num_warps): its first pass (g) and its second (dx). Measured on an H100
-# (benchmarks/results/conv_bwd_sweep_run2.json, fwd+bwd GPU ms at 130m / 2.7b shapes): 0.442 / 0.971 against
-# 0.670 / 1.280 for the one-kernel backward it replaced, which recomputed y at each of the W shifts from 2W - 1
-# shifted x tiles held in registers; (64, 128) first-pass tiles 0.614 / 1.456, (32, 128) 0.533 / 1.156.
+# The backward's tiles (BLOCK_L, BLOCK_D, num_warps): its first pass (g) and its second (dx). H100 (sm_90): 64 x 64
+# first-pass and 64 x 128 second-pass tiles of 4 warps, the fastest measured (fwd+bwd GPU ms at mamba2-130m /
+# 2.7b shapes: 0.442 / 0.971, against 0.614 / 1.456 with (64, 128) first-pass tiles and 0.533 / 1.156 with
+# (32, 128)). Two passes at all because one kernel that recomputed y at each of the W shifts from 2W - 1 shifted x
+# tiles held in registers was register-bound (0.670 / 1.280); notes/small_kernels.md.
 BWD_TILES = ((64, 64, 4), (64, 128, 4))
 
 

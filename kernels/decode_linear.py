@@ -38,10 +38,10 @@ from .pdl import options as pdl_options, release_early, wait_and_release
 # Below GEMV_BELOW rows: one row per program (_norm_linear_kernel, CONFIG = (BLOCK_N, BLOCK_K, num_warps,
 # single_pass)); from it on: blocks of rows through tl.dot (_norm_matmul_kernel, DOT_CONFIG = (BLOCK_M, BLOCK_N,
 # BLOCK_K, num_warps, num_stages, single_pass)). single_pass: the norm's rstd multiplied in after the product, so
-# the input row is read once instead of twice (not yet measured on the GPU, so off). The tiles are the winners of
-# benchmarks/bench_decode.py --sweep on an H100 (run 2, benchmarks/results/decode_run2_*): at batch 1, 4.1 µs for mamba2-130m's [add + norm + in_proj] (cuBLAS alone
-# 3.4, unfused 5.1) and 4.2 µs for [gated norm + out_proj + residual add] (unfused 9.3). The tl.dot kernel is
-# 4-7x slower than cuBLAS at batch 64 as it stands (too few programs, a serial two-pass prologue), so
+# the input row is read once instead of twice (not yet measured on the GPU, so off). H100 (sm_90): the tiles are
+# the fastest of benchmarks/bench_decode.py --sweep at batch 1: 4.1 µs for mamba2-130m's [add + norm + in_proj]
+# (cuBLAS alone 3.4, unfused 5.1) and 4.2 µs for [gated norm + out_proj + residual add] (unfused 9.3). The tl.dot
+# kernel is 4-7x slower than cuBLAS at batch 64 as it stands (too few programs, a serial two-pass prologue), so
 # generation.Decoder uses it only when asked (fuse_linear=True at batch >= GEMV_BELOW).
 GEMV_BELOW = 8
 # the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): it gets float32 dot operands (the same
@@ -54,10 +54,10 @@ DOT_CONFIG = (64, 32, 128, 4, 3, False)
 # Below GEMV_BELOW rows, where the padded row (next_power_of_2(K)) has at most ROW_MAX_K channels and the norm at
 # most ROW_MAX_GROUPS groups: _norm_gemv_kernel instead, whole weight rows per program, all loaded before the PDL
 # wait. ROW_TILE = (weight elements per program, num_warps); ROW_TILE_WIDE from WIDE_N outputs on (the LM head).
-# Measured on an H100 (decode run 6, benchmarks/results/decode_run6_dec1a_*, batch 1, whole captured steps):
-# 0.230 / 0.541 ms for mamba2-130m / -370m against 0.320 / 0.740 with the chunked kernel above; tiles of 2048
-# elements were slower (0.266 / 0.645), 8192 close (0.221 / 0.530; with early PDL release 0.246 / 0.483 against
-# 0.206 / 0.482), the LM head's tile did not matter (4096 to 16384: within 1 %).
+# H100 (sm_90), batch 1, whole captured steps: whole rows because a layer's weights then stream in while the kernel
+# before runs: 0.230 / 0.541 ms for mamba2-130m / -370m against 0.320 / 0.740 with the chunked kernel above; 4096
+# elements per program because 2048 were slower (0.266 / 0.645) and 8192 lose with early PDL release (0.246 /
+# 0.483 against 0.206 / 0.482); the LM head's tile does not matter (4096 to 16384: within 1 %).
 FULL_ROW = True
 ROW_TILE = (4096, 4)
 ROW_TILE_WIDE = (8192, 8)

@@ -50,8 +50,8 @@ from .state_update import state_tile_update
 # the interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): it gets float32 dot operands (the same
 # products: the operands are rounded to the weight's dtype first)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# (BLOCK_N, BLOCK_K) of the in_proj and out_proj roles' tiles; num_warps and num_stages of the launch. Measured on
-# an H100 at batch 64 (session 8, BENCHMARKS.md "Decoding"): whole captured steps of mamba2-130m / -370m took
+# (BLOCK_N, BLOCK_K) of the in_proj and out_proj roles' tiles; num_warps and num_stages of the launch. H100
+# (sm_90) at batch 64, the fastest measured: whole captured steps of mamba2-130m / -370m took
 # 0.957 / 2.118 ms with (64, 128) / (32, 128), 0.795 / 2.074 with (32, 128) / (16, 128) (smaller tiles: fewer
 # registers, so more state programs per SM), 1.02 / 2.17 with K tiles of 256 for both, and 0.784 / 1.971 with
 # out_proj's K tile 256 (its K loop is d_inner long) and the weights' evict_last hint (which alone changed nothing)

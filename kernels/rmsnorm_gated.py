@@ -21,13 +21,14 @@ import triton.language as tl
 from .partial_sums import sum_partials
 
 # Launch settings, fixed (no autotuning). None: the rule in `_launch`. benchmarks/bench_small_kernels.py --sweep
-# overrides them to compare variants in one run. Sweep run 1 (H100, Triton 3.6, 16384 rows of 1536 / 5120, GPU ms
-# of each kernel alone): backward loading rstd 0.117 / 0.420 vs recomputing it 0.141 / 0.452; 2 programs per SM
-# 0.117 / 0.420, 4: 0.119 / 0.422, 1: 0.167 / 0.420; a pipelined row loop (2 stages) 0.124 / 0.387; the dw partials
-# summed by one Triton kernel 0.117 / 0.420 vs torch's sum + cast 0.123 / 0.428; z's stride hint at 1536: forward
-# 0.0519 vs 0.0526. A group's columns as two power-of-2 blocks (1024 + 512, 4096 + 1024) instead of one padded block
-# (2048, 8192): forward 0.0524 vs 0.0518 / 0.1697 vs 0.1689 (no gain), backward 0.179 vs 0.117 / 0.497 vs 0.420
-# (lost). The three that lost (the split, recomputing rstd, torch's sum) were removed after the sweep.
+# overrides them to compare variants in one run. The rule's values are the fastest of a sweep on H100 (sm_90,
+# Triton 3.6, 16384 rows of 1536 / 5120, GPU ms of each kernel alone): backward loading rstd 0.117 / 0.420 vs
+# recomputing it 0.141 / 0.452; 2 programs per SM 0.117 / 0.420, 4: 0.119 / 0.422, 1: 0.167 / 0.420; a pipelined
+# row loop (2 stages) 0.124 / 0.387; the dw partials summed by one Triton kernel 0.117 / 0.420 vs torch's sum + cast
+# 0.123 / 0.428; z's stride hint at 1536: forward 0.0519 vs 0.0526. A group's columns as two power-of-2 blocks
+# (1024 + 512, 4096 + 1024) instead of one padded block (2048, 8192): forward 0.0524 vs 0.0518 / 0.1697 vs 0.1689
+# (no gain), backward 0.179 vs 0.117 / 0.497 vs 0.420 (lost). The three that lost (the split, recomputing rstd,
+# torch's sum) are not in the code.
 CONFIG = dict(
     fwd_rows=None, fwd_warps=None,  # rows per forward program, its warps
     bwd_rows=None, bwd_warps=None,  # rows per step of a backward program's loop, its warps

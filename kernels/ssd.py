@@ -888,100 +888,90 @@ def _bwd_dt_kernel(dt_ptr, dtb_ptr, A_ptr, dtp_ptr, ddt_ptr, dcuma_ptr, dcumb_pt
 # Launch configuration
 # ---------------------------------------------------------------------------------------------------------------
 # Launch settings, fixed (no autotuning: it is slow under the interpreter and in CI). benchmarks/bench_ssd.py --sweep
-# overrides them to compare variants in one run.
+# overrides them to compare variants in one run. The values are tuned on H100 (sm_90: 132 SMs, 64K registers and
+# 228 KB of shared memory per SM; Triton 3.6) and each comment says what the entry is and why it has that value there;
+# other GPUs run the same settings untuned. The measurements behind them: notes/ssd_kernels.md.
+# On H100 every big kernel here is latency-bound (dependent loads, short dots and per-head elementwise work at
+# 128-255 registers), not bound by bytes or tensor cores: settings that keep more small programs resident per SM,
+# or that take a dependent load out of a loop, win; bigger tiles, more warps and deeper pipelines mostly lose.
 CONFIG = dict(
     # chunks longer than this are computed as chunks of this length: the same function (states pass exactly through
-    # the extra boundaries; only rounding differs), with fewer causal tile pairs per position in the backward's dx and
-    # dCB and the forward's output kernel, for more state steps. Session 6 probe (H100, 65,536 tokens, f+b kernel time
-    # per call at 4K / 64K): dstate 64 2.62 / 2.73 ms at 256 -> 2.24 / 2.46 at 128; dstate 128 3.29 / 3.50 -> 2.97 / 3.39.
-    # The saved entering states double (bf16, one per chunk and head). None: chunk_size as given
+    # the extra boundaries; only rounding differs). H100: 128, because two 128-position chunks have 6 causal 64 x 64
+    # tile pairs where one 256-position chunk has 10, so the backward's dx and dCB and the forward's output kernel do
+    # 40 % less work for twice the state steps (forward+backward -0.1 to -0.4 ms per 65,536 tokens). Cost: twice the
+    # saved entering states (bf16, one per chunk and head). None: chunk_size as given
     max_chunk=128,
     state_bk=64,  # positions per tl.dot inside the sequential state kernels
     state_bn=64,  # dstate block of the sequential state kernels
-    state_min_programs=264,  # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this
+    # headdim blocks shrink (64 -> 32 -> 16) until batch*heads*blocks reaches this: 264 = two programs on each of
+    # H100's 132 SMs (the reverse walk's registers fit 2 per SM)
+    state_min_programs=264,
     # forward output kernel: positions per program, warps (None: 8 if dstate >= 128), source positions per tile of
     # its quadratic part (None: out_bm), pipelining depth (None: as `stages`), register cap (None: 128 for 64-position
     # blocks at headdim <= 64 and dstate <= 64 or 128, 4 programs per SM; 0: none), C·B precomputed per group from
     # this dstate on (for the backward: cb_min_dstate), off-diagonal blocks without documents with the decay folded
     # into the operands (the backward's dx has its own key, fold_decay). The C·B it reads is stored in bf16 for bf16
-    # inputs (the folded blocks cast it for the dot anyway). Run 8-fwd (H100, fwd ms at 4096, dstate 64 / 128):
-    # C·B in bf16 0.752 / 0.897 -> 0.758 / 0.776 (call 1, the dstate-64 blocks then masked), folded 64 x 64 tiles in
-    # 1 stage at dstate 64 0.746 (C·B float32) -> 0.630 (bf16) (call 2; run 7 settings 0.727 there)
+    # inputs (the folded blocks cast it for the dot anyway). H100: 64 x 64 tiles, 4 warps, 1 stage, 4 programs per
+    # SM, because the kernel is a short chain of dependent L2 reads and dots that more resident programs hide best
+    # (2 stages or 8 warps are 0.1-0.3 ms slower per call); bf16 C·B (half the bytes) and the folded tiles (no
+    # elementwise pass) took -13 % of the forward at dstate 128 and -16 % at dstate 64
     out_bm=64, out_warps=4, out_bk=None, out_stages=1, out_maxnreg=None, out_cb_min_dstate=0, out_fold_decay=True,
     cb_causal=True,  # the forward's C·B kernel computes only the blocks on and below the diagonal
     state_maxnreg=None,  # register cap of the forward state kernel
     # two-level forward state pass when batch × heads × blocks < state_seg_below (None: state_seg_programs; 0 there:
     # always one sequential walk) and the walk would be at least state_seg_min_nc chunks: segments of at least
-    # state_seg_min_chunks chunks, enough for about state_seg_programs programs:
-    # segments walked in parallel, chained by one scan, their chunks' entering states fixed up elementwise (x and B
-    # read once). Run 5 (a second walk of each segment in place of the fix-up) won only at 256 chunks; run 8-fwd
-    # (v7-fwd) with the fix-up and the scan: 1.097 -> 0.973 ms (call 1, dstate 128, 64K) and from 64 chunks at
-    # dstate 64 (call 2, 16K: 0.735 -> 0.693 ms; at dstate 128 64 / 128 / 256 chunks within 0.012 ms up to 32K).
-    # At 128-position chunks (max_chunk) from 256 chunks (session 6 call 2, fwd ms at 16K = 128 chunks, 64 / 256
-    # chunks: dstate 64 0.670 / 0.623, dstate 128 1.393 (0.883 at 128 chunks) / 0.758; 32K and 64K unchanged)
-    # Then about 256 programs instead of 1024 (fewer segments: the fix-up touches fewer chunks, and more programs
-    # than the GPU holds at once only queue) and from 128 chunks (run 13 call 9, f+b kernel time, each twice: dstate
-    # 64 16K / 32K / 64K -0.02 / -0.03 / -0.03 ms, dstate 128 32K / 64K -0.08 / -0.05)
-    # Session 7 (ncu at dstate 128 / 64K: the walk holds 3 programs per SM, 256 programs filled 0.65 of the GPU):
-    # about 384 programs, still only below 256 (f+b GPU time, each twice: dstate 128 32K / 64K -0.01 / -0.02 ms,
-    # dstate 64 -0.01; 384 from 256 programs made 16K two-level, +0.12 ms)
+    # state_seg_min_chunks chunks, enough for about state_seg_programs programs: segments walked in parallel,
+    # chained by one scan, their chunks' entering states fixed up elementwise (x and B read once). H100: the walk
+    # holds 3 programs per SM, so below 256 programs (0.65 of a wave) one walk leaves SMs idle, and ~384 programs
+    # (about one wave) pay for the fix-up; more programs than the GPU holds only queue and grow the fix-up. Only for
+    # walks of 128 chunks or more: shorter walks gain less than the fix-up costs
     state_seg_programs=384, state_seg_below=256, state_seg_min_chunks=4, state_seg_min_nc=128,
     # the forward state pass's own positions per dot, dstate block, grid target and pipelining (None: state_bk,
-    # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys. Run 6 sweep (fwd
-    # ms at 4096 / 65536): 256 positions per dot with 2 stages won at both dstates, 0.766 / 1.059 -> 0.752 / 1.034
-    # (dstate 64) and 0.922 / 1.289 -> 0.894 / 1.211 (dstate 128)
-    # From 128 programs (session 7, f+b GPU time, each twice: dstate 128 16K -0.02 ms, one walk of 256 programs
-    # rather than 512 of half the headdim; other points unchanged)
+    # state_bn, state_min_programs, `stages`); the backward's state pass keeps the shared keys. H100: 256 positions
+    # per dot in 2 stages (fewer, longer dots in the walk; float32 inputs are capped at 128, since two stages of 256
+    # would need 256 KB of shared memory), and one walk from 128 programs (256 programs of whole headdim blocks beat
+    # 512 of half blocks)
     fwd_state_bk=256, fwd_state_bn=None, fwd_state_min_programs=128, fwd_state_stages=2,
     bwd_bm=64,  # positions per block of the backward's dCB, dB and dC kernels, and dx's target blocks
     stages=None,  # software pipelining depth; None: 1 at dstate >= 128 (registers, shared memory), else 2
     cb_min_heads_per_group=4,  # precompute C·B once per group when at least this many heads share it...
     cb_min_dstate=128,  # ...and dstate is large enough that recomputing it per head costs more than loading it
-    # off-diagonal blocks without documents: decay folded into the operands (fwd out, bwd dx); None: at dstate >= 128
-    # only (run 4: -1 % f+b there; at dstate 64 the forward kernel's registers go 157 -> 228 and it is 8 % slower)
+    # off-diagonal blocks without documents: decay folded into the operands (bwd dx); None: at dstate >= 128 only
+    # (H100: at dstate 128 it saves an elementwise pass, -1 % forward+backward; at dstate 64 a folded kernel's
+    # registers went 157 -> 228 and it ran 8 % slower)
     fold_decay=None,
     dcb_warps=4, bc_warps=None,  # warps of _bwd_dcb_kernel and _bwd_bc_kernel (None: 8 if dstate >= 128)
-    # backward launch settings per kernel (v6); None: as `stages` / 4 warps / state_bn. Run 5 (L 4096 and 65536):
-    # 2 stages for the dCB kernel and the reverse state pass, -0.2 ms each at dstate 128 (as before at 64); register
-    # caps (0: none): dx 168 at dstate <= 64 (-0.1 ms there, none above), dB/dC 128 at dstate <= 128 (-0.05 to
-    # -0.1 ms at both dstates; 2 programs of 8 warps per SM at dstate 128). At 128-position chunks (max_chunk) the
-    # dx cap pays at dstate 128 too (session 6 call 4, f+b ms at 4K / 64K: 2.983 / 3.456 -> 2.867 / 3.340).
-    # dB / dC in 2 stages at dstate 128 as well (session 7, kernel time, each twice at 4K / 32K / 64K: the pair
-    # 0.607 -> 0.546 ms; dx or the output kernel in 2 stages +0.02 / +0.2 ms, dCB in 3 +0.006)
+    # backward launch settings per kernel; None: as `stages` / 4 warps / state_bn. H100: 2 stages for dCB and for
+    # dB / dC (their in-loop tiles do not grow with dstate, and a pipelined loop hides the next head's loads); dx in
+    # 1 stage at dstate 128 (2 stages lose 0.02-0.1 ms). Register caps (0: none; the defaults are rules at the
+    # launch): dx 168 at dstate <= 64, and at dstate 128 with 128-position chunks (3 programs per SM instead of 2,
+    # a few spills); dB / dC 128 at dstate <= 128 (2 programs of 8 warps per SM instead of 1); dCB uncapped (caps
+    # of 168 / 128 lose 0.2 / 1.0 ms)
     dcb_stages=2, bc_stages=2, dx_stages=None,
     dx_maxnreg=None, dcb_maxnreg=None, bc_maxnreg=None,
-    # dx warps (run 8: 128-position source blocks with 8 warps, several heads per program, dB / dC over 128
-    # positions, a dCB kernel split into diagonal / off-diagonal launches, the s side of d cum moved to dx and dx's
-    # own fold choice all lost or tied; notes/ssd_kernels.md v7-bwd)
+    # dx warps. H100: 4; 8 warps over 128-position blocks, several heads per program and other larger dx programs
+    # all lost to more resident 4-warp programs
     dx_warps=4,
     bwd_cbt=True,  # the dCB kernel stores C·B transposed (input dtype) for dx: no C·B launch in the backward
     # dx grid with heads fastest (a C·B tile read once from DRAM, then from L2 by each head) or blocks fastest; None:
-    # heads fastest when a batch row's C·Bᵀ is at least dx_heads_fastest_bytes (run 5: heads fastest -0.06-0.1 ms
-    # f+b at 65536 tokens per row (32 MB), +0.1 ms at 4096 (2 MB))
-    # At 128-position chunks a row's C·Bᵀ is half as large: from 4 MB (16K tokens per row) on (run 13 call 13, f+b
-    # kernel time, each twice: dstate 64 16K / 32K -0.03 / -0.055 ms, dstate 128 32K -0.12; at 4K (1 MB) +0.03)
+    # heads fastest when a batch row's C·Bᵀ is at least dx_heads_fastest_bytes. H100 (50 MB of L2): from 4 MB (16K
+    # tokens per row at 128-position chunks) the heads sharing a tile must run together for it to stay in L2; below
+    # that, blocks fastest (heads fastest costs ~0.03 ms at 4K tokens per row)
     dx_heads_fastest=None, dx_heads_fastest_bytes=4 << 20,
     bwd_state_warps=None, bwd_state_stages=2, bwd_state_bn=None,
     bwd_state_bk=None,  # positions per dot in the reverse state pass (None: state_bk)
     bwd_state_dcl_rows=False,  # d cum_last as row sums per chunk (no cross-warp reduction in the sequential loop)
     # two-level reverse state pass (walk, scan, fix-up) when batch × heads × blocks × dstate blocks < seg_below:
     # segments of >= seg_chunks chunks, about seg_target programs; bwd_state_segments forces a number (1: one
-    # sequential pass). Run 9 (v8-bwd, H100, 65,536 tokens, state pass ms per f+b): the fix-up replaced a second walk
-    # of every segment (dstate 64: 0.40-0.46 -> 0.29-0.30 at 16K-64K; dstate 128: 0.63-0.66 -> 0.51 at 32K-64K);
-    # one walk still wins at dstate 128 with batch 2 (0.47 vs 0.51: the fix-up moves P × N per chunk, 0.13 ms
-    # there, while one walk turns dstate blocks into programs), hence the dstate blocks counted twice
-    # At 128-position chunks (max_chunk), about 256 programs instead of 512: fewer segments, a smaller fix-up
-    # (run 13 call 7, f+b kernel time, each twice: -0.03 to -0.05 ms at dstate 64 16K / 32K / 64K and dstate 128
-    # 64K), and two-level below 512 (call 9: dstate 128 at 32K, one walk 0.61 ms -> walk + fix-up 0.41 + 0.14)
-    # Session 7 (run 14 calls 9, 10, 16): register caps (168 on the two-level walk with segments for ~384 programs,
-    # 128 on one walk) won -0.03 to -0.09 ms at dstate 128 until d cum_last became a dot (its diagonal), whose
-    # accumulator they spill: uncapped with ~256 programs then wins (32K / 64K -0.046 / -0.03 ms at dstate 128,
-    # -0.02 at dstate 64; one walk within +-0.015)
+    # sequential pass). The fix-up moves headdim × dstate per chunk, so the dstate blocks count twice in the rule:
+    # one walk turns dstate blocks into programs instead. H100: two-level below 512 (at 32 heads of headdim 64:
+    # dstate 128 at batch 2 and less, dstate 64 at batch 4 and less), towards ~256 programs (the walk holds 2
+    # programs per SM; fewer segments keep the fix-up small). The walk runs uncapped: its d cum_last dot's
+    # accumulator needs the registers
     bwd_state_segments=None, bwd_state_seg_below=512, bwd_state_seg_target=256, bwd_state_seg_chunks=8,
     bwd_state_maxnreg=None,
-    # after a two-level reverse walk, dCB on a side stream beside the scan and the fix-up (session 7, GPU busy time
-    # per f+b, each twice: -0.01 to -0.03 ms at 32K-64K, both dstates; the forward's output blocks of the first
-    # segment beside its scan and fix-up: a tie, not kept)
+    # after a two-level reverse walk, dCB on a side stream beside the scan and the fix-up (H100: the fix-up is
+    # bandwidth-bound and dCB latency-bound, so they overlap: -0.01 to -0.03 ms per call at 32K-64K tokens per row)
     bwd_overlap=True,
 )
 

@@ -32,18 +32,16 @@ from .pdl import options as pdl_options, release_early, wait_and_release
 
 
 # A program's state tile: BLOCK_P rows of headdim by all of dstate, as (elements per tile, num_warps), below batch
-# 16 (few programs: smaller tiles spread them over more SMs) and from it on (bandwidth-bound). The winners of
-# benchmarks/bench_decode.py --sweep on an H100 (run 2); at batch 64 the sweep's state stays in L2 between calls,
-# so it ranks tiles only roughly (32 and 64 rows tied): in a whole step the state update streams bf16 states at
-# ~2.7 TB/s, ~90% of a device copy. From batch 16 the tile was picked inside whole captured steps (decode run 16,
-# batch 64, two orders of the variants): 32 rows x dstate 128 (4096) against 64 rows (8192): -3.4 % per step at
-# mamba2-370m in both orders, ~-3 % at 130m.
+# 16 (few programs: smaller tiles spread them over more SMs) and from it on (bandwidth-bound). H100 (sm_90): below
+# batch 16 the fastest of benchmarks/bench_decode.py --sweep. From batch 16 picked inside whole captured steps at
+# batch 64 (a sweep keeps the state in L2 between calls, so it ranks tiles only roughly): 32 rows x dstate 128
+# (4096) against 64 rows (8192): -3.4 % per step at mamba2-370m, ~-3 % at 130m; the state update then streams
+# bf16 states at ~2.7 TB/s, ~90% of a device copy.
 STATE_TILE_SMALL_BATCH = (2048, 2)
 STATE_TILE = (4096, 4)
 # state_update's eviction hint for the state's load and store: a layer's state is next read a whole step later,
-# after every other layer's state has streamed through L2, so its lines are the ones to give up first. Measured
-# on an H100 at batch 64 (decode runs 8, 9: benchmarks/results/decode_run8_*, decode_run9b_*): -0.3 to -1.5 % per
-# step for mamba2-130m, -2.4 % for mamba2-370m against no hint ("").
+# after every other layer's state has streamed through L2, so its lines are the ones to give up first. H100
+# (sm_90) at batch 64: -0.3 to -1.5 % per step for mamba2-130m, -2.4 % for mamba2-370m against no hint ("").
 STATE_EVICT = "evict_first"
 # conv_step's (channels per program, num_warps)
 CONV_TILE = (256, 4)
