@@ -204,7 +204,7 @@ def graph_trace(args, variants):
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     from lit_mamba2 import Mamba2Config
-    from lit_mamba2.generation import Decoder
+    from lit_mamba2.inference import Decoder
     from lit_mamba2.model import Mamba2LMHeadModel
 
     out = {}
@@ -264,53 +264,22 @@ def graph_trace(args, variants):
 
 def _ours(name, batch, args, variant):
     from lit_mamba2 import Mamba2Config
-    from lit_mamba2.generation import Decoder, stream
-    from lit_mamba2.model import GatedRMSNorm, Mamba2LMHeadModel
+    from lit_mamba2.generation import stream
+    from lit_mamba2.inference import Decoder
+    from lit_mamba2.kernels import pdl
+    from lit_mamba2.model import Mamba2LMHeadModel
 
     opts = VARIANTS[variant]
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Mamba2LMHeadModel(Mamba2Config.from_name(name)).to(torch.bfloat16).eval()
-    # Ops whose kernels other parts of the project provide may be absent in this tree: use PyTorch for those.
-    have = {k: importlib.util.find_spec(f"lit_mamba2.kernels.{k}") is not None for k in ("ssd", "conv1d",
-                                                                                       "rmsnorm_gated")}
-    prefill_impl = None if have["ssd"] and have["conv1d"] else "torch"
-    norm_impl = None if have["rmsnorm_gated"] else "torch"
     prompt = torch.randint(1, 50000, (batch, args.prompt_len), device="cuda")
-
-    def use(impl, norm):
-        model.set_impl(impl)
-        for m in model.modules():
-            if isinstance(m, GatedRMSNorm):
-                m.impl = norm
-
     with torch.inference_mode():
         dec = Decoder(model, batch, args.prompt_len + args.gen_len + 8, cuda_graph=True, **opts)
-        use(None, norm_impl)  # the step: Triton kernels (fixed in the graph once captured)
         t0 = time.perf_counter()
-        try:
-            dec.capture()
-        except Exception as e:  # noqa: BLE001 - another part's kernel failing must not hide ours
-            print(f"  [{variant}] capture with gated norm impl={norm_impl} failed ({type(e).__name__}: {e}); "
-                  "retrying with the PyTorch gated norm")
-            norm_impl = "torch"
-            dec = Decoder(model, batch, args.prompt_len + args.gen_len + 8, cuda_graph=True, **opts)
-            use(None, norm_impl)
-            dec.capture()
+        dec.capture()
         capture_s = time.perf_counter() - t0
-        from lit_mamba2.kernels import pdl
-
-        dec_flags = dict(ring=any(getattr(st, "ring", False) for st in dec.states), fuse=dec.fuse_linear,
-                         state_dtype=str(dec.state_dtype).replace("torch.", ""),
-                         pdl=bool(dec.pdl and pdl.supported()), gnfold=dec.fold_gated_norm)
-        use(prefill_impl, norm_impl)
-        try:
-            dec.prefill(prompt)
-        except Exception as e:  # noqa: BLE001
-            print(f"  [{variant}] prefill with impl={prefill_impl} failed ({type(e).__name__}: {e}); using PyTorch")
-            prefill_impl = "torch"
-            use(prefill_impl, norm_impl)
-            dec.prefill(prompt)
+        dec.prefill(prompt)
         token = torch.randint(1, 50000, (batch,), device="cuda")
         step_ms = median_ms(lambda: dec.step(token), args.iters)
 
@@ -319,12 +288,11 @@ def _ours(name, batch, args, variant):
                 pass
 
         gen_ms = wall_ms(gen) / args.gen_len if args.gen_for is None or variant in args.gen_for else float("nan")
-        # correctness guard: graph steps equal the eager PyTorch steps (states in the same dtype, shifted conv,
-        # cuBLAS linears) from the same prompt, over 8 tokens
+        # correctness guard: graph steps equal the plain PyTorch steps (states in the same dtype, shifted conv,
+        # separate norms, cuBLAS linears) from the same prompt, over 8 tokens
         dec.prefill(prompt)
         eager = Decoder(model, batch, args.prompt_len + 16, cuda_graph=False, ring_conv=False, fuse_linear=False,
-                        state_dtype=dec.state_dtype)
-        use("torch", "torch")
+                        fold_gated_norm=False, state_dtype=dec.state_dtype, impl="torch")
         eager.prefill(prompt)
         errs = []
         for _ in range(8):
@@ -332,14 +300,13 @@ def _ours(name, batch, args, variant):
             e = eager.step(token).float()
             errs.append(((g - e).norm() / e.norm()).item())
             token = e.argmax(-1)
+    flags = dict(state_dtype=str(dec.state_dtype).replace("torch.", ""), ring_conv=dec.ring_conv,
+                 fuse_linear=dec.fuse_linear, pdl=bool(dec.pdl and pdl.supported()),
+                 fold_gated_norm=dec.fold_gated_norm, row_pipeline=dec.row_pipeline is not None)
     del model, dec, eager
     torch.cuda.empty_cache()
-    return dict(step_ms=step_ms, gen_ms=gen_ms, capture_s=capture_s, max_rel_err_vs_torch=max(errs),
-                state_dtype=dec_flags["state_dtype"],
-                ring_conv=dec_flags["ring"], fuse_linear=dec_flags["fuse"], pdl=dec_flags["pdl"],
-                fold_gated_norm=dec_flags["gnfold"],
-                gated_norm="triton" if norm_impl is None else "torch",
-                prefill="triton" if prefill_impl is None else "torch")
+    return dict(step_ms=step_ms, gen_ms=gen_ms, capture_s=capture_s, max_rel_err_vs_torch=max(errs), **flags,
+                gated_norm="triton", prefill="triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -579,7 +546,7 @@ def profile(args):
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     from lit_mamba2 import Mamba2Config
-    from lit_mamba2.generation import Decoder
+    from lit_mamba2.inference import Decoder
     from lit_mamba2.model import Mamba2LMHeadModel
 
     tables = {}
@@ -612,7 +579,8 @@ def drift(args, n_tokens: int):
     """bf16 against float32 SSM states, greedy, same prompts: free-running (first token where they part) and
     teacher-forced on the float32 run's tokens (logit differences and argmax agreement per window)."""
     from lit_mamba2 import Mamba2Config
-    from lit_mamba2.generation import Decoder, stream
+    from lit_mamba2.generation import stream
+    from lit_mamba2.inference import Decoder
     from lit_mamba2.model import Mamba2LMHeadModel
 
     res = []
