@@ -78,7 +78,7 @@ def block_mask(doc_q, doc_k, q_offset: int, batch: int, q_len: int, kv_len: int,
     full = (k_last[None, :] <= q_first[:, None])[None]  # every pair is
     whole = (((qb + 1) * block_size <= q_len)[:, None] & ((kb + 1) * block_size <= kv_len)[None, :])[None]
     full = full & whole  # ragged last blocks stay partial: the mask is evaluated there
-    offset = torch.tensor(q_offset, dtype=torch.int32, device=device)  # a tensor: no recompile per offset
+    offset = torch.full((), q_offset, dtype=torch.int32, device=device)  # a tensor: no recompile per offset
     if doc_q is None:
         some, full = some.expand(batch, nq, nk), full.expand(batch, nq, nk)
 
