@@ -198,7 +198,8 @@ def attention(q, k, v, *, doc_q=None, doc_k=None, q_offset=None, scale=None, imp
     - "triton": the GPU path (kernels/attention.py), under the name the model's impl switch uses for every op:
       SDPA's flash kernel where no documents are given and the mask is plain causal, else flex attention under
       torch.compile, which inductor turns into Triton kernels. On CPU tensors it needs TRITON_INTERPRET=1, as the
-      other ops do, and then runs flex attention eagerly.
+      other ops do, and then runs flex attention eagerly, or the reference (with a warning, once) where autograd
+      needs a backward: flex attention has none on CPU.
     - "flex": flex attention always, on any device: compiled on CUDA, eager elsewhere (tests, benchmarks).
     """
     op = "attention"
@@ -238,6 +239,13 @@ def attention(q, k, v, *, doc_q=None, doc_k=None, q_offset=None, scale=None, imp
         _one_device(q, k, v, doc_q, doc_k, op=op)
     else:
         impl = _choose(impl, q, k, v, doc_q, doc_k, op=op)
+    if (impl == "triton" and q.device.type != "cuda" and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (q, k, v))):
+        why = f"{op}: flex attention has no backward on {q.device.type}; running the reference (SDPA, dense mask)"
+        if why not in _warned:
+            _warned.add(why)
+            warnings.warn(why)
+        impl = "torch"
     if impl == "torch":
         return reference.attention(q, k, v, doc_q, doc_k, q_offset, scale)
     from lit_mamba2.kernels import attention as attention_kernels

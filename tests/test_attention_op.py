@@ -174,6 +174,22 @@ def test_half_dtypes_run_and_keep_their_dtype():
         torch.testing.assert_close(out.to(F64), expect, rtol=0, atol=3e-2)
 
 
+def test_triton_impl_on_cpu_runs_flex_eagerly_or_the_reference_under_autograd(monkeypatch):
+    from lit_mamba2 import ops
+
+    monkeypatch.setattr(ops, "triton_available", lambda: True)  # ops asks for the package, never imports Triton here
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(ops, "_warned", set())
+    q, k, v, kw = make("cache_docs", F32)
+    expect = naive(q, k, v, **kw).to(F32)
+    torch.testing.assert_close(attention(q, k, v, **kw, impl="triton"), expect, rtol=1e-5, atol=1e-5)
+    q.requires_grad_()
+    with pytest.warns(UserWarning, match=r"attention: flex attention has no backward on cpu; running the reference"):
+        out = attention(q, k, v, **kw, impl="triton")
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expect, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_names_the_argument_that_is_wrong():
     q, k, v = torch.randn(2, 6, 8, 4), torch.randn(2, 2, 12, 4), torch.randn(2, 2, 12, 4)
     doc_k = torch.zeros(2, 12, dtype=I32)
