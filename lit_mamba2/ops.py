@@ -1,7 +1,8 @@
 """The public ops: argument checks where input first enters, then the one place that picks an implementation.
 
 impl=None picks the Triton kernels for CUDA tensors and the PyTorch reference otherwise; impl="triton" forces the
-kernels (on CPU they need TRITON_INTERPRET=1), impl="torch" forces the reference.
+kernels (on CPU they need TRITON_INTERPRET=1), impl="torch" forces the reference. `attention` takes one more,
+impl="flex" (flex attention on any device); its "triton" is SDPA's flash kernel or flex attention compiled to Triton.
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ def _check_tensor(name, t, shape, dtypes=_FLOATS, op="ssd"):
         raise TypeError(f"{op}: {name} must have dtype in {[str(d).split('.')[-1] for d in dtypes]}, got {t.dtype}")
 
 
-def _choose(impl, *tensors, op):
-    if impl not in IMPLS:
-        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+def _one_device(*tensors, op):
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    return devices
+
+
+def _choose(impl, *tensors, op):
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    devices = _one_device(*tensors, op=op)
     if impl is None:  # the kernels compute in float32: float64 work (checks, oracles) stays on the reference
         float64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
         impl = "triton" if next(iter(devices)).type == "cuda" and not float64 and triton_available() else "torch"
@@ -265,9 +271,78 @@ def on_triton(impl, t: torch.Tensor) -> bool:
     return impl == "triton" or (impl is None and t.is_cuda and t.dtype != torch.float64 and triton_available())
 
 
-def attention(q, k, v, *, doc_q=None, doc_k=None, scale=None, impl=None):
-    """Causal attention of packed documents: q (batch, heads, Lq, head_dim), k, v (batch, heads_kv, Lk,
-    head_dim); the queries are the last Lq key positions; doc_q (batch, Lq) / doc_k (batch, Lk) int32 document
-    ids (a query sees keys of its own document only)."""
-    _choose(impl, q, k, v, doc_q, doc_k, op="attention")
-    return reference.attention(q, k, v, doc_q, doc_k, scale)
+ATTENTION_IMPLS = IMPLS + ("flex",)
+
+
+def attention(q, k, v, *, doc_q=None, doc_k=None, q_offset=None, scale=None, impl=None):
+    """Causal attention within packed documents.
+
+    q: (batch, heads, Lq, head_dim); k, v: (batch, heads_kv, Lk, head_dim) with heads % heads_kv == 0 (GQA) and
+    Lq <= Lk. Query i sits at key position q_offset + i, 0 <= q_offset <= Lk - Lq; the default Lk - Lq makes the
+    queries the last Lq keys (training: Lq == Lk; a prefill after a KV cache: Lk > Lq). A smaller offset is a slice of
+    a longer row (a context-parallel shard starting at q_offset, given the row's keys): keys past a query's position
+    are masked out. doc_q (batch, Lq), doc_k (batch, Lk): int32 document ids; query i sees key j iff
+    j <= q_offset + i and doc_q[:, i] == doc_k[:, j]. One of them is enough: doc_q defaults to the queries' slice of
+    doc_k, doc_k to doc_q when Lk == Lq; given both, they must agree there. Ids need not be sorted. Without either:
+    plain causal attention. scale: the scores' factor, 1/sqrt(head_dim) by default. Returns (batch, heads, Lq,
+    head_dim) in q's dtype.
+
+    impl (ATTENTION_IMPLS): None picks "triton" for CUDA tensors that are not float64, "torch" otherwise.
+    - "torch": the reference, SDPA with a dense boolean mask (is_causal where it is plain causal); any device, any
+      float dtype.
+    - "triton": the GPU path (kernels/attention.py), under the name the model's impl switch uses for every op:
+      SDPA's flash kernel where no documents are given and the mask is plain causal, else flex attention under
+      torch.compile, which inductor turns into Triton kernels. On CPU tensors it needs TRITON_INTERPRET=1, as the
+      other ops do, and then runs flex attention eagerly, or the reference (with a warning, once) where autograd
+      needs a backward: flex attention has none on CPU.
+    - "flex": flex attention always, on any device: compiled on CUDA, eager elsewhere (tests, benchmarks).
+    """
+    op = "attention"
+    _check_tensor("q", q, (None, None, None, None), op=op)
+    b, h, Lq, d = q.shape
+    _check_tensor("k", k, (b, None, None, d), op=op)
+    hk, Lk = k.shape[1], k.shape[2]
+    _check_tensor("v", v, (b, hk, Lk, d), op=op)
+    _check(q.dtype == k.dtype == v.dtype,
+           lambda: f"{op}: q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    _check(b > 0 and Lq > 0 and d > 0, lambda: f"{op}: q must have batch, Lq and head_dim > 0, got {tuple(q.shape)}")
+    _check(hk > 0 and h % hk == 0,
+           lambda: f"{op}: heads (q's dim 1, {h}) must be divisible by heads_kv (k's dim 1, {hk})")
+    _check(Lk >= Lq, lambda: f"{op}: k must have at least as many positions as q (Lk >= Lq), got Lk={Lk}, Lq={Lq}")
+    if q_offset is None:
+        q_offset = Lk - Lq
+    _check(isinstance(q_offset, int) and not isinstance(q_offset, bool) and 0 <= q_offset <= Lk - Lq,
+           lambda: f"{op}: q_offset must be an int in [0, Lk - Lq = {Lk - Lq}], got {q_offset!r}")
+    _check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool)),
+           lambda: f"{op}: scale must be a number or None, got {scale!r}")
+    if doc_q is not None:
+        _check_tensor("doc_q", doc_q, (b, Lq), dtypes=(torch.int32,), op=op)
+    if doc_k is not None:
+        _check_tensor("doc_k", doc_k, (b, Lk), dtypes=(torch.int32,), op=op)
+    if doc_k is None and doc_q is not None:
+        _check(Lk == Lq, lambda: f"{op}: doc_k is needed when Lk ({Lk}) > Lq ({Lq}): the documents of the keys "
+               "before the queries")
+        doc_k = doc_q
+    elif doc_q is None and doc_k is not None:
+        doc_q = doc_k[:, q_offset:q_offset + Lq]
+    elif doc_q is not None and not torch.compiler.is_compiling() and doc_q.device.type == "cpu":
+        _check(bool((doc_q == doc_k[:, q_offset:q_offset + Lq]).all()),
+               f"{op}: doc_q must equal doc_k at the queries' positions, doc_k[:, q_offset:q_offset + Lq]")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"{op}: impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "flex":
+        _one_device(q, k, v, doc_q, doc_k, op=op)
+    else:
+        impl = _choose(impl, q, k, v, doc_q, doc_k, op=op)
+    if (impl == "triton" and q.device.type != "cuda" and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (q, k, v))):
+        why = f"{op}: flex attention has no backward on {q.device.type}; running the reference (SDPA, dense mask)"
+        if why not in _warned:
+            _warned.add(why)
+            warnings.warn(why)
+        impl = "torch"
+    if impl == "torch":
+        return reference.attention(q, k, v, doc_q, doc_k, q_offset, scale)
+    from lit_mamba2.kernels import attention as attention_kernels
+
+    return attention_kernels.attention(q, k, v, doc_q, doc_k, q_offset, scale, always_flex=impl == "flex")

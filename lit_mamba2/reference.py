@@ -11,7 +11,8 @@ form y = (L ∘ C B^T) (dt x)) and `ssd_chunked` (quadratic inside chunks, the r
 is the one the model runs on CPU. Each takes `lit_mamba2.ssd`'s arguments; arguments are checked in `ops.py`.
 
 Arithmetic is float32 for half/float inputs and float64 for float64 inputs; outputs take x's dtype, states stay
-in the compute dtype.
+in the compute dtype. `attention` (causal attention within packed documents: SDPA with a dense boolean mask) is the
+exception: it computes in its inputs' dtype, as SDPA does.
 """
 
 from __future__ import annotations
@@ -341,17 +342,34 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="m
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
+# Causal attention within packed documents
 # ---------------------------------------------------------------------------------------------------------------
-# Attention over packed documents
-# ---------------------------------------------------------------------------------------------------------------
-def attention(q, k, v, doc_q=None, doc_k=None, scale=None):
-    """Causal attention with the queries the last Lq of the Lk key positions; a query sees only keys of its own
-    document when doc ids are given. q: (b, heads, Lq, d); k, v: (b, heads_kv, Lk, d)."""
-    Lq, Lk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if doc_q is None and Lq == Lk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=Lk - Lq)[None, None]
+def attention_mask(q_len, kv_len, doc_q=None, doc_k=None, q_offset=None, device=None):
+    """The boolean mask of `attention`, (batch or 1, 1, Lq, Lk): query i (at key position q_offset + i) sees key j
+    iff j <= q_offset + i and, given documents, doc_q[:, i] == doc_k[:, j]."""
+    q_offset = kv_len - q_len if q_offset is None else q_offset
+    qpos = torch.arange(q_len, device=device) + q_offset
+    mask = (torch.arange(kv_len, device=device)[None, :] <= qpos[:, None])[None, None]
     if doc_q is not None:
         mask = mask & (doc_q[:, None, :, None] == doc_k[:, None, None, :])
+    return mask
+
+
+def attention(q, k, v, doc_q=None, doc_k=None, q_offset=None, scale=None):
+    """Causal attention (`lit_mamba2.attention`'s arguments, checked there): SDPA with is_causal when there are no
+    documents and Lq == Lk, else with the dense boolean mask of `attention_mask`. q: (batch, heads, Lq, head_dim);
+    k, v: (batch, heads_kv, Lk, head_dim); doc_q defaults to doc_k's last Lq ids (or doc_k to doc_q, Lq == Lk).
+
+    Unlike the references above it computes in the inputs' dtype: SDPA accumulates half inputs in float32 itself, and
+    on CUDA this is the model's path without the fast kernels, which an upcast copy would slow down."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    q_offset = kv_len - q_len if q_offset is None else q_offset
+    if doc_q is None and doc_k is not None:
+        doc_q = doc_k[:, q_offset:q_offset + q_len]
+    elif doc_k is None and doc_q is not None:
+        doc_k = doc_q
+    gqa = q.shape[1] != k.shape[1]
+    if doc_q is None and q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = attention_mask(q_len, kv_len, doc_q, doc_k, q_offset, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
