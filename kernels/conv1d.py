@@ -297,7 +297,9 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 def _(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu):
     b, L, D = x.shape
     W = weight.shape[1]
-    return (x.new_empty(b, L, D), weight.new_empty(D, W),
+    # dw is the (W, D) sum of the partials, transposed: strides (1, D), not contiguous. The partials' (part, W, D)
+    # layout keeps the first pass's stores coalesced, and a contiguous copy would cost a launch: the fake says so.
+    return (x.new_empty(b, L, D), weight.new_empty_strided((D, W), (1, D)),
             bias.new_empty(D) if bias is not None else weight.new_empty(0),
             initial_states.new_empty(b, D, W - 1) if initial_states is not None else x.new_empty(0))
 

@@ -101,7 +101,10 @@ def _(hidden, weight, labels, ignore_index, mean, compute_grad, chunk_rows):
     loss = hidden.new_empty((), dtype=torch.float32)
     if not compute_grad:
         return loss, hidden.new_empty(0), weight.new_empty(0)
-    return loss, torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight)
+    # both gradients are allocated contiguous (torch.empty_like(weight) would keep a dense but transposed weight's
+    # strides)
+    return (loss, torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape))
 
 
 def _setup(ctx, inputs, output):

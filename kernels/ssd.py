@@ -1127,7 +1127,18 @@ def _launch(kernel, grid, *args, **kw):
 
 
 def _c(t):
-    return None if t is None else t.contiguous()
+    """t contiguous, with the contiguous strides on size-1 dimensions too (a view, no copy): is_contiguous ignores
+    those, and outputs made by empty_like or elementwise ops from an input would keep them where the fakes (and
+    torch.compile's stride checks) expect the contiguous ones."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    strides, s = [], 1
+    for n in reversed(t.shape):
+        strides.append(s)
+        s *= max(n, 1)
+    strides = tuple(reversed(strides))
+    return t if t.stride() == strides else t.as_strided(t.shape, strides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1218,9 +1229,11 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_sof
     NC = -(-L // chunk_size)
     Lp = NC * chunk_size
     f32 = torch.float32
-    return (torch.empty_like(x), x.new_empty(b, H, P, N, dtype=f32), x.new_empty(b, NC, H, P, N),
+    # every output is allocated contiguous (the inputs are made contiguous first): torch.empty_like(x) would keep a
+    # dense but permuted x's strides
+    return (x.new_empty(x.shape), x.new_empty(b, H, P, N, dtype=f32), x.new_empty(b, NC, H, P, N),
             x.new_empty(b, H, Lp, dtype=f32), x.new_empty(b, H, Lp, dtype=f32),
-            torch.empty_like(x) if z is not None else x.new_empty(0))
+            x.new_empty(x.shape) if z is not None else x.new_empty(0))
 
 
 @torch.library.custom_op("lit_mamba2::ssd_bwd", mutates_args=())
@@ -1230,8 +1243,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
             dt_hi: float, states: Tensor, dtp: Tensor, cum: Tensor, ypre: Tensor
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); empty tensors for absent inputs."""
-    dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx = map(
-        _c, (dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx))
+    dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre = map(
+        _c, (dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre))
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     cs = chunk_size
@@ -1367,11 +1380,12 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
 @ssd_bwd.register_fake
 def _(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_lo, dt_hi,
       states, dtp, cum, ypre):
-    e = x.new_empty(0)
-    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
-            torch.empty_like(D) if D is not None else e, torch.empty_like(z) if z is not None else e,
-            torch.empty_like(dt_bias) if dt_bias is not None else e,
-            torch.empty_like(initial_states) if initial_states is not None else e)
+    # the real gradients are contiguous whatever the inputs' layouts (torch.empty_like would keep dense strides), and
+    # an absent input's is a fresh empty tensor (one shared by several outputs would alias them)
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else x.new_empty(0)
+
+    return tuple(map(like, (x, dt, A, B, C, D, z, dt_bias, initial_states)))
 
 
 def _setup_context(ctx, inputs, output):
