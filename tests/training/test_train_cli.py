@@ -53,7 +53,7 @@ def test_overrides_apply_over_the_recipe_and_preset():
                                         "--model.name", "mamba2-test", "--model.ssm_cfg", "{d_state: 8}"], "t")
     assert cfg.trainer.max_steps == 20
     mc = build_model_config(cfg.model)
-    assert mc.d_model == 64 and mc.ssm["d_state"] == 8 and mc.ssm["headdim"] == 16  # preset's other keys kept
+    assert mc.d_model == 64 and mc.ssm.d_state == 8 and mc.ssm.headdim == 16  # preset's other keys kept
 
 
 def test_bad_yaml_key_names_the_key(tmp_path, capsys):
