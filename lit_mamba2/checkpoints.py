@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from lit_mamba2.config import SSM_DEFAULTS, ConfigError, Mamba2Config
+from lit_mamba2.config import ConfigError, Mamba2Config, SSMConfig
 from lit_mamba2.model import Mamba2LMHeadModel
 
 CONFIG_NAME = "config.json"
@@ -97,14 +97,12 @@ def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> Mamba2Config:
     if not isinstance(limit, (list, tuple)) or len(limit) != 2:
         raise CheckpointError(f"{where}: time_step_limit must be a pair [low, high], got {limit!r}")
     limit = tuple(_json_float(v, f"{where}: time_step_limit") for v in limit)
-    ssm_cfg = {"layer": "Mamba2", "d_state": get("state_size", 128), "d_conv": get("conv_kernel", 4),
-               "expand": expand, "headdim": head_dim, "ngroups": get("n_groups", 8),
-               "chunk_size": get("chunk_size", 256), "bias": get("use_bias", False),
-               "conv_bias": get("use_conv_bias", True), "dt_min": get("time_step_min", 0.001),
-               "dt_max": get("time_step_max", 0.1), "dt_init_floor": get("time_step_floor", 1e-4)}
-    if limit != (0.0, math.inf):
-        ssm_cfg["dt_limit"] = limit
     try:
+        ssm_cfg = SSMConfig(d_state=get("state_size", 128), d_conv=get("conv_kernel", 4), expand=expand,
+                            headdim=head_dim, ngroups=get("n_groups", 8), chunk_size=get("chunk_size", 256),
+                            bias=get("use_bias", False), conv_bias=get("use_conv_bias", True),
+                            dt_min=get("time_step_min", 0.001), dt_max=get("time_step_max", 0.1),
+                            dt_init_floor=get("time_step_floor", 1e-4), dt_limit=limit)
         # transformers always gates before a grouped norm, with D per head: the mamba_ssm defaults, kept as they are
         return Mamba2Config(d_model=hidden, n_layer=get("num_hidden_layers", 64), vocab_size=get("vocab_size", 32768),
                             d_intermediate=0, ssm_cfg=ssm_cfg, residual_in_fp32=get("residual_in_fp32", True),
@@ -126,9 +124,9 @@ def config_to_hf(config: Mamba2Config, dtype: torch.dtype, tokenizer=None) -> di
         problems.append(f"MLP blocks (d_intermediate = {config.d_intermediate})")
     if config.d_ssm != config.d_inner:
         problems.append(f"d_ssm = {config.d_ssm} < d_inner = {config.d_inner}")
-    if s["D_has_hdim"]:
+    if s.D_has_hdim:
         problems.append("D_has_hdim = True")
-    if not s["rmsnorm"] or s["norm_before_gate"]:
+    if not s.rmsnorm or s.norm_before_gate:
         problems.append("a mixer norm other than gate-then-RMSNorm (rmsnorm / norm_before_gate)")
     if problems:
         raise CheckpointError("format 'hf' (transformers' Mamba2ForCausalLM) cannot express this model: "
@@ -137,16 +135,16 @@ def config_to_hf(config: Mamba2Config, dtype: torch.dtype, tokenizer=None) -> di
     hf = {
         "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
         "hidden_size": config.d_model, "num_hidden_layers": config.n_layer, "vocab_size": config.padded_vocab_size,
-        "num_heads": config.nheads, "head_dim": s["headdim"], "state_size": s["d_state"], "n_groups": s["ngroups"],
-        "expand": s["expand"], "conv_kernel": s["d_conv"], "chunk_size": s["chunk_size"],
-        "time_step_min": s["dt_min"], "time_step_max": s["dt_max"],
-        "time_step_floor": s["dt_init_floor"], "use_bias": s["bias"], "use_conv_bias": s["conv_bias"],
+        "num_heads": config.nheads, "head_dim": s.headdim, "state_size": s.d_state, "n_groups": s.ngroups,
+        "expand": s.expand, "conv_kernel": s.d_conv, "chunk_size": s.chunk_size,
+        "time_step_min": s.dt_min, "time_step_max": s.dt_max,
+        "time_step_floor": s.dt_init_floor, "use_bias": s.bias, "use_conv_bias": s.conv_bias,
         "hidden_act": "silu", "layer_norm_epsilon": config.norm_epsilon, "residual_in_fp32": config.residual_in_fp32,
         "rms_norm": True, "norm_before_gate": False, "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.initializer_range, "dtype": str(dtype).removeprefix("torch."),
     }
-    if tuple(s["dt_limit"]) != SSM_DEFAULTS["dt_limit"]:  # the default (0, inf) is transformers' too, and JSON
-        hf["time_step_limit"] = list(s["dt_limit"])  # has no infinity that every reader accepts
+    if s.dt_limit != SSMConfig().dt_limit:  # the default (0, inf) is transformers' too, and JSON
+        hf["time_step_limit"] = list(s.dt_limit)  # has no infinity that every reader accepts
     if tokenizer == "byte":
         hf.update(eos_token_id=0, bos_token_id=None, pad_token_id=None)  # lit_mamba2.training.data's byte tokenizer
     elif tokenizer is not None:
@@ -183,14 +181,10 @@ def config_to_mamba_ssm(config: Mamba2Config) -> dict:
     if config.norm_epsilon != 1e-5:
         raise CheckpointError(f"format 'mamba_ssm' fixes the norm epsilon at 1e-5; this model has norm_epsilon = "
                               f"{config.norm_epsilon}")
-    ssm_cfg = {"layer": "Mamba2", **{k: list(v) if isinstance(v, tuple) else v for k, v in config.ssm_cfg.items()}}
-    if tuple(config.ssm["dt_limit"]) == SSM_DEFAULTS["dt_limit"]:
-        ssm_cfg.pop("dt_limit", None)  # the default; JSON has no infinity that every reader accepts
-    d = {k: getattr(config, k) for k in _MAMBA_SSM_FIELDS}
-    d["ssm_cfg"] = ssm_cfg
-    if config.attn_layer_idx:  # explicit: mamba_ssm's MHA is non-causal unless told
-        d["attn_cfg"] = {**config.attn_cfg, "causal": True}
-    return json.loads(json.dumps(d))
+    # ssm_cfg / attn_cfg as mamba_ssm reads them: what differs from its defaults, the layer and (for attention
+    # layers, non-causal in mamba_ssm unless told) causal always said; infinity as Python's json writes it
+    d = config.to_dict(inf=math.inf)
+    return json.loads(json.dumps({k: d[k] for k in _MAMBA_SSM_FIELDS}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

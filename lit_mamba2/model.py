@@ -112,25 +112,25 @@ class Mamba2Mixer(nn.Module):
         self.layer_idx = layer_idx
         self.d_model, self.d_ssm = config.d_model, config.d_ssm
         self.d_mlp = config.d_inner - config.d_ssm  # channels that skip the SSM (d_ssm < d_inner)
-        self.headdim, self.ngroups, self.d_state = s["headdim"], s["ngroups"], s["d_state"]
+        self.headdim, self.ngroups, self.d_state = s.headdim, s.ngroups, s.d_state
         self.nheads = config.nheads
-        self.d_conv, self.chunk_size = s["d_conv"], s["chunk_size"]
-        self.dt_limit = tuple(s["dt_limit"])
-        self.D_has_hdim = s["D_has_hdim"]
+        self.d_conv, self.chunk_size = s.d_conv, s.chunk_size
+        self.dt_limit = s.dt_limit
+        self.D_has_hdim = s.D_has_hdim
         self.conv_dim = self.d_ssm + 2 * self.ngroups * self.d_state
         # initialisation (reset_parameters)
-        self.dt_range, self.dt_init_floor = (s["dt_min"], s["dt_max"]), s["dt_init_floor"]
-        self.A_init_range, self.conv_init = tuple(s["A_init_range"]), s["conv_init"]
+        self.dt_range, self.dt_init_floor = (s.dt_min, s.dt_max), s.dt_init_floor
+        self.A_init_range, self.conv_init = s.A_init_range, s.conv_init
         self.in_proj = nn.Linear(self.d_model, 2 * self.d_mlp + self.d_ssm + self.conv_dim + self.nheads,
-                                 bias=s["bias"])
+                                 bias=s.bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim,
-                                padding=self.d_conv - 1, bias=s["conv_bias"])
+                                padding=self.d_conv - 1, bias=s.conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.empty(self.d_ssm if self.D_has_hdim else self.nheads))
-        self.norm = (GatedRMSNorm(self.d_ssm, config.norm_epsilon, self.d_ssm // self.ngroups, s["norm_before_gate"])
-                     if s["rmsnorm"] else None)
-        self.out_proj = nn.Linear(self.d_mlp + self.d_ssm, self.d_model, bias=s["bias"])
+        self.norm = (GatedRMSNorm(self.d_ssm, config.norm_epsilon, self.d_ssm // self.ngroups, s.norm_before_gate)
+                     if s.rmsnorm else None)
+        self.out_proj = nn.Linear(self.d_mlp + self.d_ssm, self.d_model, bias=s.bias)
         self.impl: Optional[str] = None
         self.reset_parameters()
 
@@ -224,17 +224,17 @@ class Attention(nn.Module):
         super().__init__()
         a = config.attn
         self.layer_idx = layer_idx
-        self.num_heads, self.num_heads_kv, self.head_dim = a["num_heads"], a["num_heads_kv"], a["head_dim"]
-        self.rotary_dim, self.rotary_base = a["rotary_emb_dim"], a["rotary_emb_base"]
-        self.softmax_scale, self.d_conv = a["softmax_scale"], a["d_conv"]
-        self.mlp_dim = math.ceil(a["mlp_dim"] / 256) * 256
+        self.num_heads, self.num_heads_kv, self.head_dim = a.num_heads, a.num_heads_kv, a.head_dim
+        self.rotary_dim, self.rotary_base = a.rotary_emb_dim, a.rotary_emb_base
+        self.softmax_scale, self.d_conv = a.softmax_scale, a.d_conv
+        self.mlp_dim = math.ceil(a.mlp_dim / 256) * 256
         self.qkv_dim = self.head_dim * (self.num_heads + 2 * self.num_heads_kv)
         out_dim = self.head_dim * self.num_heads
-        self.in_proj = nn.Linear(config.d_model, self.qkv_dim + self.mlp_dim, bias=a["qkv_proj_bias"])
+        self.in_proj = nn.Linear(config.d_model, self.qkv_dim + self.mlp_dim, bias=a.qkv_proj_bias)
         if self.d_conv > 0:
             self.conv1d = nn.Conv1d(self.qkv_dim, self.qkv_dim, self.d_conv, padding=self.d_conv - 1,
                                     groups=self.qkv_dim)
-        self.out_proj = nn.Linear(out_dim + self.mlp_dim // 2, config.d_model, bias=a["out_proj_bias"])
+        self.out_proj = nn.Linear(out_dim + self.mlp_dim // 2, config.d_model, bias=a.out_proj_bias)
         self.impl: Optional[str] = None
         self.reset_parameters()
 

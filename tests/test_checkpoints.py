@@ -46,13 +46,12 @@ def ids(vocab, b=2, L=21, seed=1):
 def write_mamba_ssm_folder(model: Mamba2LMHeadModel, folder: Path) -> Path:
     """mamba_ssm's own layout: config.json with MambaConfig's fields, pytorch_model.bin = state_dict()."""
     folder.mkdir(parents=True, exist_ok=True)
-    c = model.config
-    cfg = {k: getattr(c, k) for k in ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg",
-                                      "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32",
-                                      "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")}
-    cfg["ssm_cfg"] = {"layer": "Mamba2", **{k: list(v) if isinstance(v, tuple) else v for k, v in c.ssm_cfg.items()}}
-    if c.attn_layer_idx:  # as state-spaces/mamba2attn-2.7b's config says it (mamba_ssm's MHA default is False)
-        cfg["attn_cfg"] = {**c.attn_cfg, "causal": True}
+    c = model.config.to_dict()  # ssm_cfg / attn_cfg: the keys that differ from mamba_ssm's defaults, and the layer
+    cfg = {k: c[k] for k in ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg",
+                             "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32",
+                             "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")}
+    if c["attn_layer_idx"]:  # as state-spaces/mamba2attn-2.7b's config says it (mamba_ssm's MHA default is False)
+        cfg["attn_cfg"] = {**c["attn_cfg"], "causal": True}
     (folder / "config.json").write_text(json.dumps(cfg))
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     return folder
@@ -174,7 +173,7 @@ def test_mamba_ssm_config_read_as_mamba_ssm_reads_it(tmp_path):
     with pytest.warns(UserWarning, match=r"no 'causal' key.*non-causal"):
         load_with(attn_cfg=lambda a: a.pop("causal"))
     model = load_with(ssm_cfg=lambda s: s.update(use_mem_eff_path=False, sequence_parallel=True))
-    assert "use_mem_eff_path" not in model.config.ssm_cfg
+    assert "use_mem_eff_path" not in model.config.to_dict()["ssm_cfg"]
 
 
 def test_mamba_ssm_config_without_pad_multiple_uses_mamba_ssm_default(tmp_path):

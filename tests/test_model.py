@@ -1,5 +1,6 @@
 """Config presets and validation, parameter names and counts, initialisation, document isolation, state passing."""
 
+import dataclasses
 import json
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from lit_mamba2 import ConfigError, Mamba2Config
-from lit_mamba2.config import PRESETS
+from lit_mamba2.config import PRESETS, AttentionConfig, SSMConfig
 from lit_mamba2.model import Mamba2LMHeadModel
 
 # Parameter counts of the published state-spaces checkpoints (tied embeddings), from the issue / model cards.
@@ -46,7 +47,7 @@ def test_forward_on_every_preset_on_the_meta_device(name):
 
 def test_hybrid_preset_attention_shape():
     a = Mamba2Config.from_name("mamba2attn-2.7b").attn
-    assert (a["num_heads"], a["num_heads_kv"], a["head_dim"], a["rotary_emb_dim"]) == (30, 30, 128, 64)
+    assert (a.num_heads, a.num_heads_kv, a.head_dim, a.rotary_emb_dim) == (30, 30, 128, 64)
 
 
 def test_state_dict_uses_mamba_ssm_names():
@@ -179,15 +180,18 @@ def test_reads_and_writes_mamba_ssm_config_json(tmp_path):
     path.write_text(json.dumps(published))
     cfg = Mamba2Config.load(path)
     assert cfg == Mamba2Config.from_name("mamba2-130m")
-    assert cfg.ssm["d_state"] == 128 and cfg.ssm["chunk_size"] == 256 and cfg.nheads == 24
-    cfg.ssm_cfg["dt_limit"] = (0.0, math.inf)
+    assert cfg.ssm.d_state == 128 and cfg.ssm.chunk_size == 256 and cfg.nheads == 24
     cfg.save(tmp_path / "out.json")
     written = json.loads((tmp_path / "out.json").read_text())
-    assert written["ssm_cfg"]["layer"] == "Mamba2"
-    for key, value in published.items():
-        if key != "ssm_cfg":
-            assert written[key] == value
+    assert {k: written[k] for k in published} == published  # ssm_cfg included: {"layer": "Mamba2"}
+    assert set(written) - set(published) == {"norm_epsilon", "initializer_range"}
     assert Mamba2Config.load(tmp_path / "out.json") == cfg
+    # ssm_cfg holds what differs from the defaults; JSON has no infinity: 1e30 stands for it, both ways
+    cfg = cfg.merged(ssm_cfg={"dt_limit": (0.01, math.inf), "d_state": 64})
+    cfg.save(tmp_path / "out.json")
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["ssm_cfg"] == {"layer": "Mamba2", "d_state": 64, "dt_limit": [0.01, 1e30]}
+    assert Mamba2Config.load(tmp_path / "out.json") == cfg and cfg.ssm.dt_limit == (0.01, math.inf)
     with pytest.raises(ConfigError, match="unknown field"):
         Mamba2Config.from_dict({**published, "hidden_size": 3})
     with pytest.raises(FileNotFoundError, match="no model config"):
@@ -197,9 +201,51 @@ def test_reads_and_writes_mamba_ssm_config_json(tmp_path):
 def test_from_name_merges_ssm_cfg_into_the_presets():
     preset = Mamba2Config.from_name("mamba2-tiny")
     c = Mamba2Config.from_name("mamba2-tiny", ssm_cfg={"chunk_size": 32})
-    assert c.ssm["chunk_size"] == 32
-    assert {k: v for k, v in c.ssm.items() if k != "chunk_size"} == \
-        {k: v for k, v in preset.ssm.items() if k != "chunk_size"}
+    assert c.ssm.chunk_size == 32
+    assert dataclasses.replace(c.ssm_cfg, chunk_size=preset.ssm.chunk_size) == preset.ssm_cfg
+    # a value equal to mamba_ssm's default still overrides the preset's: given is given
+    assert Mamba2Config.from_name("mamba2-tiny", ssm_cfg={"d_state": 128}).ssm.d_state == 128
+    # attn_cfg likewise; head_dim, not given, follows the new d_model
+    h = Mamba2Config.from_name("mamba2attn-test", d_model=128, attn_cfg={"rotary_emb_dim": 16})
+    assert (h.attn.num_heads, h.attn.num_heads_kv, h.attn.head_dim, h.attn.rotary_emb_dim) == (4, 2, 32, 16)
+    # a complete SSMConfig replaces the preset's
+    assert Mamba2Config.from_name("mamba2-tiny", d_model=64, ssm_cfg=SSMConfig(headdim=32)).ssm.d_state == 128
+
+
+def test_config_sections_are_typed_with_the_derived_values_resolved_once():
+    cfg = Mamba2Config.from_name("mamba2attn-test")
+    assert isinstance(cfg.ssm_cfg, SSMConfig) and isinstance(cfg.attn_cfg, AttentionConfig)
+    assert (cfg.ssm.headdim, cfg.ssm.ngroups, cfg.ssm.d_state, cfg.ssm.chunk_size) == (16, 2, 16, 16)
+    assert cfg.ssm_cfg.d_ssm is None and cfg.ssm.d_ssm == cfg.d_ssm == cfg.d_inner == 128
+    assert cfg.ssm.dt_limit == (0.0, math.inf) and cfg.ssm.A_init_range == (1.0, 16.0)
+    assert (cfg.attn_cfg.head_dim, cfg.attn.head_dim) == (None, 16)  # d_model // num_heads
+    assert (cfg.attn_cfg.num_heads_kv, cfg.attn.num_heads_kv) == (2, 2)
+    mha = cfg.merged(attn_cfg=AttentionConfig(num_heads=8))
+    assert (mha.attn.num_heads_kv, mha.attn.head_dim) == (8, 8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.ssm_cfg.headdim = 32
+    # a dict sets the keys it names over the defaults; lists (JSON, YAML) become the typed pairs
+    c = Mamba2Config(d_model=64, n_layer=2, ssm_cfg={"headdim": 16, "A_init_range": [2, 8]})
+    assert c.ssm_cfg == SSMConfig(headdim=16, A_init_range=(2.0, 8.0))
+    assert Mamba2Config(d_model=64, n_layer=2, ssm_cfg=SSMConfig(headdim=16, A_init_range=(2.0, 8.0))) == c
+    # config.json: a hybrid's attn_cfg always says causal (mamba_ssm's MHA is non-causal unless told)
+    assert Mamba2Config.from_name("mamba2attn-test").to_dict()["attn_cfg"] == {
+        "num_heads": 4, "num_heads_kv": 2, "d_conv": 4, "rotary_emb_dim": 8, "causal": True}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ssm_cfg={"dstate": 64}), "Mamba2Config.ssm_cfg: unknown key 'dstate' (did you mean 'd_state'?)"),
+    (dict(ssm_cfg={"chunksize": 64}), "Mamba2Config.ssm_cfg: unknown key 'chunksize' (did you mean 'chunk_size'?)"),
+    (dict(attn_cfg={"num_head": 4}), "Mamba2Config.attn_cfg: unknown key 'num_head' (did you mean 'num_heads'?)"),
+    (dict(ssm_cfg=[64]), "Mamba2Config.ssm_cfg: must be a dict"),
+    (dict(ssm_cfg={"dt_limit": "wide"}), "Mamba2Config.ssm_cfg.dt_limit: must be a pair of numbers"),
+])
+def test_unknown_or_mistyped_section_keys_are_named(kwargs, message):
+    with pytest.raises(ConfigError) as e:
+        Mamba2Config(**{"d_model": 64, "n_layer": 2, **kwargs})
+    assert message in str(e.value)
+    with pytest.raises(ConfigError, match=r"Mamba2Config: unknown field 'nlayer' \(did you mean 'n_layer'\?\)"):
+        Mamba2Config.from_name("mamba2-test", nlayer=3)
 
 
 def test_a_float64_model_computes_in_float64():
@@ -295,13 +341,13 @@ def test_meta_device_model_initialised_by_init_weights_matches_eager(name, overr
         assert abs(m[k].std() / e[k].std() - 1) < 5 * math.sqrt(2 / n), (k, m[k].std(), e[k].std())
         assert abs(m[k].mean() - e[k].mean()) < 5 * e[k].std() * math.sqrt(2 / n), k
         assert not torch.equal(m[k], e[k]), k  # drawn afresh
-    A_lo, A_hi = cfg.ssm["A_init_range"]
+    A_lo, A_hi = cfg.ssm.A_init_range
     for n, p in meta.named_parameters():
         if n.endswith("A_log"):
             assert p.exp().min() >= A_lo - 1e-5 and p.exp().max() <= A_hi + 1e-4
         if n.endswith("dt_bias"):
             dt = torch.nn.functional.softplus(p)
-            assert dt.min() >= cfg.ssm["dt_init_floor"] - 1e-7 and dt.max() <= cfg.ssm["dt_max"] + 1e-6
+            assert dt.min() >= cfg.ssm.dt_init_floor - 1e-7 and dt.max() <= cfg.ssm.dt_max + 1e-6
     assert abs(meta.backbone.embedding.weight.std() - cfg.initializer_range) < 0.001
     out_proj = meta.backbone.layers[0].mixer.out_proj.weight
     n_residuals = 1 if cfg.d_intermediate == 0 else 2

@@ -11,11 +11,12 @@ import copy
 import time
 import typing
 import warnings
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, TypedDict, Union
 
 import torch
+from typing_extensions import Unpack
 
 from lit_mamba2.config import Mamba2Config
 from lit_mamba2.launch import apply_launcher_env
@@ -23,30 +24,52 @@ from lit_mamba2.training.data import DataConfig, TokenStream, find_text_files
 from lit_mamba2.training.module import OptimConfig
 from lit_mamba2.training.tokenizers import check_vocab_fits, load_tokenizer
 
-# model: a preset `name` (Mamba2Config.from_name), and/or any Mamba2Config field; given fields override the
-# preset's (ssm_cfg / attn_cfg are merged key by key). name: null builds the model from the fields alone.
-ModelArgs = make_dataclass(
-    "ModelArgs",
-    [("name", Optional[str], field(default="mamba2-tiny"))]
-    + [(f.name, Optional[typing.get_type_hints(Mamba2Config)[f.name]], field(default=None))
-       for f in fields(Mamba2Config)],
-)
-ModelArgs.__doc__ = "A preset name and/or Mamba2Config fields (given fields override the preset's)."
+def _partial(cls) -> type:
+    """The keys that may be given for the config dataclass `cls`, typed, none required, nested configs as their own
+    partials: what jsonargparse checks a recipe's `model` section against, passing on only the keys given."""
+    hints = typing.get_type_hints(cls)
+    return TypedDict(f"{cls.__name__}Fields", {
+        f.name: _partial(hints[f.name]) if is_dataclass(hints[f.name]) else hints[f.name] for f in fields(cls)},
+        total=False)
 
 
-def build_model_config(args) -> Mamba2Config:
-    given = {k: v for k, v in asdict(args).items() if k != "name" and v is not None}
-    if args.name is None:
-        absent = [k for k in ("d_model", "n_layer", "vocab_size") if k not in given]
+ModelFields = _partial(Mamba2Config)
+
+
+@dataclass(init=False)
+class ModelArgs:
+    """The model: a preset and the Mamba2Config fields given over it.
+
+    Args:
+        name: a preset (Mamba2Config.from_name); any Mamba2Config field given beside it overrides the preset's
+            (ssm_cfg / attn_cfg set only the keys they name). null: the model is the fields alone (d_model, n_layer
+            and vocab_size must be given).
+    """
+
+    name: Optional[str] = "mamba2-tiny"
+    overrides: dict = field(default_factory=dict)  # the fields given, as given
+
+    def __init__(self, name: Optional[str] = "mamba2-tiny", **given: Unpack[ModelFields]):
+        self.name, self.overrides = name, dict(given)
+        self.config  # noqa: B018 - a bad field fails here, while the recipe is read
+
+    @property
+    def config(self) -> Mamba2Config:
+        if self.name is not None:
+            return Mamba2Config.from_name(self.name, **self.overrides)
+        absent = [k for k in ("d_model", "n_layer", "vocab_size") if k not in self.overrides]
         if absent:  # Mamba2Config's own defaults are mamba_ssm's 2.7B-sized model: never what a recipe means
             raise ValueError(f"model.name: null builds the model from its fields, but model.{absent[0]} is not "
                              f"given (give d_model, n_layer and vocab_size, or a preset name)")
-        return Mamba2Config.from_dict(given)
-    base = Mamba2Config.from_name(args.name).to_dict()
-    for key in ("ssm_cfg", "attn_cfg"):
-        if key in given:
-            given[key] = {**base[key], **given[key]}
-    return Mamba2Config.from_dict({**base, **given})
+        return Mamba2Config(**self.overrides)
+
+
+# the object, not the postponed string (from __future__ import annotations): jsonargparse expands **given by it
+ModelArgs.__init__.__annotations__["given"] = Unpack[ModelFields]
+
+
+def build_model_config(args: ModelArgs) -> Mamba2Config:
+    return args.config
 
 
 @dataclass

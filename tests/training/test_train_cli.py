@@ -17,7 +17,8 @@ import lit_mamba2
 from lit_mamba2.cli import main, parse_recipe
 from lit_mamba2.launch import apply_launcher_env
 from lit_mamba2.training.module import load_model_from_checkpoint
-from lit_mamba2.training.pretrain import PretrainConfig, TrainerConfig, build_model_config, pretrain
+from lit_mamba2 import Mamba2Config
+from lit_mamba2.training.pretrain import ModelArgs, PretrainConfig, TrainerConfig, build_model_config, pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
@@ -53,7 +54,34 @@ def test_overrides_apply_over_the_recipe_and_preset():
                                         "--model.name", "mamba2-test", "--model.ssm_cfg", "{d_state: 8}"], "t")
     assert cfg.trainer.max_steps == 20
     mc = build_model_config(cfg.model)
-    assert mc.d_model == 64 and mc.ssm["d_state"] == 8 and mc.ssm["headdim"] == 16  # preset's other keys kept
+    assert mc.d_model == 64 and mc.ssm.d_state == 8 and mc.ssm.headdim == 16  # preset's other keys kept
+
+
+def test_model_section_is_a_preset_and_the_typed_fields_given_over_it(capsys):
+    """model: a preset name and Mamba2Config's fields, typed as the config's own (ssm_cfg / attn_cfg key by key,
+    dotted too); only the fields given reach the preset, so a value equal to mamba_ssm's default still overrides."""
+    def model(*argv, recipe="default.yaml"):
+        return parse_recipe(PretrainConfig, ["--config", str(RECIPES / recipe), *argv], "t").model
+
+    m = model("--model.name", "mamba2-test", "--model.ssm_cfg.d_state", "128", "--model.n_layer", "3")
+    assert m.overrides == {"ssm_cfg": {"d_state": 128}, "n_layer": 3}
+    assert (m.config.ssm.d_state, m.config.ssm.headdim, m.config.n_layer) == (128, 16, 3)
+    assert m.config == Mamba2Config.from_name("mamba2-test", n_layer=3, ssm_cfg={"d_state": 128})
+    mqar = model("--model.ssm_cfg.headdim", "16", recipe="mqar.yaml").config  # name: null, the recipe's fields
+    assert (mqar.d_model, mqar.ssm.d_state, mqar.ssm.headdim, mqar.ssm.chunk_size, mqar.ssm.ngroups) == (128, 64, 16,
+                                                                                                        64, 1)
+    hybrid = model("--model.name", "mamba2-test", "--model.n_layer", "3", "--model.attn_layer_idx", "[1]",
+                   "--model.attn_cfg", "{num_heads: 4, rotary_emb_dim: 8}").config
+    assert (hybrid.attn_layer_idx, hybrid.attn.num_heads_kv, hybrid.attn.head_dim) == ([1], 4, 16)
+    assert ModelArgs("mamba2-test", ssm_cfg={"d_state": 8}).config.ssm.d_state == 8  # the same in Python
+    for bad, named in ((["--model.ssm_cfg", "{dstate: 8}"], "dstate"), (["--model.ssm_cfg.dstate", "8"], "dstate"),
+                       (["--model.n_layr", "3"], "n_layr"), (["--model.n_layer", "three"], "model.n_layer")):
+        with pytest.raises(SystemExit) as e:
+            model(*bad)
+        assert e.value.code == 2 and named in capsys.readouterr().err
+    # an invalid model is refused while the recipe is read, naming the field
+    assert main(["pretrain", "--model.name", "mamba2-test", "--model.ssm_cfg.headdim", "100"]) == 2
+    assert "Mamba2Config.ssm_cfg.headdim: d_ssm = 128 is not divisible by headdim = 100" in capsys.readouterr().err
 
 
 def test_bad_yaml_key_names_the_key(tmp_path, capsys):
