@@ -28,9 +28,9 @@ the residual (kept in its own dtype); the norm reads the residual rounded to its
 (residual * weight) rounded to the weight's dtype and applies rstd to the float32 product (the unfused path rounds
 residual * rstd * weight). The partial sums add up in a fixed order (deterministic). Every role waits on the
 previous launch (PDL) before it reads activations; the state role loads its state tile, and in_proj its ring
-history, before that wait. Measured on an H100 (BENCHMARKS.md, decode run 19): 0.783 / 1.972 ms per step at batch
-64 for mamba2-130m / -370m against 0.896 / 2.158 for the unpipelined step; benchmarks/results/decode_run19_notes.md
-has the versions that lost and what each role costs.
+history, before that wait. Measured on an H100 (BENCHMARKS.md, "Decode step"): 0.783 / 1.972 ms per step at batch
+64 for mamba2-130m / -370m against 0.896 / 2.158 for the unpipelined step; notes/decode.md has the versions that lost
+and what each role costs.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ two. The backward is a grid of 2 programs per SM looping over rows; the weight g
 partials in a fixed order (deterministic) by one small kernel. z is usually a slice of in_proj's output whose row
 stride (e.g. 3352) is not a multiple of 16, which Triton does not learn from the argument; the launcher passes the
 stride's power-of-2 factor so that z's loads stay 16 bytes wide. Launch settings come from a sweep on an H100
-(benchmarks/results/norm_sweep_run1.log; BENCHMARKS.md, "Gated RMSNorm").
+(notes/small_kernels.md; BENCHMARKS.md, "Causal conv1d and gated RMSNorm").
 """
 
 import functools
