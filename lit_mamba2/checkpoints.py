@@ -558,12 +558,24 @@ def _weight_file_names(folder: Path) -> list[Path]:
     return [p for p in names if p.is_file()] + sorted(shards)
 
 
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """safetensors writes a temporary file and renames it, which leaves it 0600 whatever the umask; the file gets
+    the mode an ordinary open() would have given it (0644 under the usual umask 022)."""
+    from safetensors.torch import save_file
+
+    with open(path, "wb"):  # created as any file is: 0666 less the umask (and a folder's default ACL)
+        pass
+    mode = path.stat().st_mode & 0o777
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, mode)
+
+
 def save(model: torch.nn.Module, folder: str | os.PathLike, format: str = "hf", tokenizer=None) -> Path:
     """Write `folder` for the other tool: "hf" = config.json + model.safetensors for transformers'
     Mamba2ForCausalLM (pure Mamba-2 only); "mamba_ssm" = config.json + pytorch_model.bin for mamba_ssm's
     MambaLMHeadModel. A tokenizer ("byte", a name or folder, a Tokenizer or a transformers tokenizer) is saved
     beside them. Weight files of an earlier save in the folder (either format, sharded or not) are removed, so
-    that no reader finds stale weights before the new ones."""
+    that no reader finds stale weights before the new ones. Files get ordinary permissions (as open() gives)."""
     if format not in FORMATS:
         raise CheckpointError(f"format must be one of {FORMATS}, got {format!r}")
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: save the module it wraps
@@ -585,9 +597,7 @@ def save(model: torch.nn.Module, folder: str | os.PathLike, format: str = "hf", 
     if format == "hf":
         if config.tie_embeddings:
             sd.pop("lm_head.weight")  # transformers ties it back; safetensors refuses shared tensors
-        from safetensors.torch import save_file
-
-        save_file({ours_to_hf(k): v for k, v in sd.items()}, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
+        _save_safetensors({ours_to_hf(k): v for k, v in sd.items()}, folder / SAFETENSORS_NAME, {"format": "pt"})
     else:
         torch.save(sd, folder / TORCH_NAME)  # lm_head.weight included: mamba_ssm loads strictly
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))

@@ -2,6 +2,9 @@
 (--config file and --key value, parsed from the verb's dataclass) and config errors whose first line names the
 cause. (The verbs' own behaviour is tested in test_checkpoints.py and test_generation.py.)"""
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -163,3 +166,29 @@ def test_help_still_lists_every_option(capsys):
         with pytest.raises(SystemExit) as e:
             main([verb, "--help"])
         assert e.value.code == 0 and option in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files written for users
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_have_ordinary_permissions(tmp_path, umask, byte_model_dir):
+    """Every file save_pretrained and convert write gets the mode an ordinary open() gives under the umask
+    (safetensors alone would leave model.safetensors 0600)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model, ms = byte_model_dir
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<eos>": 0, "a": 1}, unk_token="a")),
+                                  eos_token="<eos>", unk_token="a")
+    old = os.umask(umask)
+    try:
+        for fmt in ("hf", "mamba_ssm"):
+            model.save_pretrained(tmp_path / fmt, format=fmt, tokenizer=tok)
+        assert main(["convert", "--src", str(ms), "--dst", str(tmp_path / "converted"), "--to", "hf"]) == 0
+    finally:
+        os.umask(old)
+    files = [p for d in ("hf", "mamba_ssm", "converted") for p in (tmp_path / d).iterdir()]
+    assert {"model.safetensors", "pytorch_model.bin", "config.json", "tokenizer.json"} <= {p.name for p in files}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
