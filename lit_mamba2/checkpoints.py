@@ -10,23 +10,28 @@ Formats, told apart by config.json:
 Weights are read by safetensors or `torch.load(weights_only=True)`: nothing arbitrary is unpickled. Every key is
 checked before any is used: a missing, unexpected or wrongly shaped tensor, or an unreadable file, stops the load
 with a message naming it.
+
+Entry points: `load(model_class, name_or_path)` returns what it read, explicitly: `Loaded(model, tokenizer, format,
+path)`; `save(model, folder, format, tokenizer)` writes a folder for transformers or mamba_ssm; `convert` is the two
+in a row. This module never imports lit_mamba2.model: the class to build is an argument (the model's
+`from_pretrained` / `save_pretrained` pass their own), so the dependency runs one way, model -> checkpoints.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
 from lit_mamba2.config import ConfigError, Mamba2Config, SSMConfig
-from lit_mamba2.model import Mamba2LMHeadModel
+from lit_mamba2.tokenizers import HFTokenizer, Tokenizer, check_vocab_fits, load_tokenizer, tokenizer_from_state
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -113,7 +118,7 @@ def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> Mamba2Config:
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def config_to_hf(config: Mamba2Config, dtype: torch.dtype, tokenizer=None) -> dict:
+def config_to_hf(config: Mamba2Config, dtype: torch.dtype, tokenizer: Optional[Tokenizer] = None) -> dict:
     """Ours -> transformers' Mamba2Config JSON; refuses what Mamba2ForCausalLM cannot express. The special token
     ids are the tokenizer's (transformers' defaults 0 / 1 / 2 are not this vocabulary's); none without one."""
     s = config.ssm
@@ -145,10 +150,8 @@ def config_to_hf(config: Mamba2Config, dtype: torch.dtype, tokenizer=None) -> di
     }
     if s.dt_limit != SSMConfig().dt_limit:  # the default (0, inf) is transformers' too, and JSON
         hf["time_step_limit"] = list(s.dt_limit)  # has no infinity that every reader accepts
-    if tokenizer == "byte":
-        hf.update(eos_token_id=0, bos_token_id=None, pad_token_id=None)  # lit_mamba2.training.data's byte tokenizer
-    elif tokenizer is not None:
-        hf.update({f"{t}_token_id": getattr(tokenizer, f"{t}_token_id", None) for t in ("eos", "bos", "pad")})
+    if tokenizer is not None:
+        hf.update(eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id)
     return hf
 
 
@@ -286,12 +289,12 @@ def ours_to_hf(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # building the model
 # ---------------------------------------------------------------------------------------------------------------
-def build_model(config: Mamba2Config, state_dict: dict[str, torch.Tensor], source: str,
-                dtype: Optional[torch.dtype] = None, device=None) -> Mamba2LMHeadModel:
-    """A model holding exactly `state_dict` (our names). Every key and shape is checked before anything is
-    assigned; a tied lm_head.weight may be absent (and is ignored when present)."""
+def build_model(model_class: type[torch.nn.Module], config: Mamba2Config, state_dict: dict[str, torch.Tensor],
+                source: str, dtype: Optional[torch.dtype] = None, device=None) -> torch.nn.Module:
+    """A `model_class(config)` holding exactly `state_dict` (our names), in eval mode. Every key and shape is
+    checked before anything is assigned; a tied lm_head.weight may be absent (and is ignored when present)."""
     with torch.device("meta"):
-        model = Mamba2LMHeadModel(config)
+        model = model_class(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     sd = dict(state_dict)
     if config.tie_embeddings:
@@ -321,7 +324,7 @@ def build_model(config: Mamba2Config, state_dict: dict[str, torch.Tensor], sourc
     model.load_state_dict(sd, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embedding.weight
-    return model
+    return model.eval()
 
 
 def read_config(folder: Path) -> tuple[Mamba2Config, str]:
@@ -338,7 +341,9 @@ def read_config(folder: Path) -> tuple[Mamba2Config, str]:
     return config, fmt
 
 
-def load_folder(folder: str | os.PathLike, dtype=None, device=None) -> tuple[Mamba2LMHeadModel, str]:
+def read_folder(folder: str | os.PathLike) -> tuple[Mamba2Config, dict[str, torch.Tensor], str, str]:
+    """A mamba_ssm or transformers folder: its config, its weights under our names, the format and the file the
+    weights came from."""
     folder = Path(folder)
     config, fmt = read_config(folder)
     sd, source = read_weights(folder, fmt)
@@ -348,15 +353,18 @@ def load_folder(folder: str | os.PathLike, dtype=None, device=None) -> tuple[Mam
             clash = next(k for k in sd if hf_to_ours(k) != k and hf_to_ours(k) in sd)
             raise CheckpointError(f"{source}: holds both {clash!r} and {hf_to_ours(clash)!r}; one is unexpected")
         sd = renamed
-    return build_model(config, sd, source, dtype, device), fmt
+    return config, sd, fmt, source
 
 
-def load_training_checkpoint(path: str | os.PathLike, dtype=None, device=None) -> Mamba2LMHeadModel:
-    """A Lightning .ckpt from training: the model config and tokenizer are stored in it as top-level
-    "model_config" and "tokenizer" entries (what `lit-mamba2 pretrain` writes), or under a "lit_mamba2" key or
-    "hyper_parameters" as {"model_config": dict, "tokenizer": ...}; the weights are `state_dict` with the
-    LightningModule's "model." prefix."""
+def read_training_checkpoint(path: str | os.PathLike) -> tuple[Mamba2Config, dict[str, torch.Tensor], Any]:
+    """The one reader of a Lightning .ckpt from training: its model config, the model's weights (our names) and
+    the stored tokenizer state (None if none). The config and tokenizer are top-level "model_config" and
+    "tokenizer" entries (what `lit-mamba2 pretrain` writes), or under a "lit_mamba2" key or "hyper_parameters" as
+    {"model_config": dict, "tokenizer": ...}; the weights are `state_dict` with the LightningModule's "model."
+    prefix."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
     ckpt = _load_torch(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
@@ -385,54 +393,23 @@ def load_training_checkpoint(path: str | os.PathLike, dtype=None, device=None) -
         sd[k[len("model."):].replace("_orig_mod.", "")] = v
     if not sd:
         raise CheckpointError(f"{path}: state_dict has no 'model.'-prefixed keys")
-    model = build_model(config, sd, str(path), dtype, device)
-    model.tokenizer = tokenizer_from_checkpoint_state(meta.get("tokenizer", ckpt.get("tokenizer")))
-    return model
+    return config, sd, meta.get("tokenizer", ckpt.get("tokenizer"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# tokenizers
+# tokenizers (lit_mamba2.tokenizers: one interface, one rebuild from a checkpoint's state)
 # ---------------------------------------------------------------------------------------------------------------
 def has_tokenizer_files(folder: Path) -> bool:
     return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
 
 
-def load_hf_tokenizer(name_or_path: str):
+def _tokenizer(make, what: str = "") -> Tokenizer:
+    """A tokenizer made by `make()`; a failure is a CheckpointError naming `what` and how to do without it."""
     try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ImportError("loading a tokenizer needs transformers: pip install 'lit-mamba2[hf]'") from None
-    try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
-    except Exception as e:  # noqa: BLE001 - OSError, ValueError, ... from transformers and tokenizers
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"cannot load the tokenizer {str(name_or_path)!r} ({type(e).__name__}: {first}); "
-                              "name another (tokenizer=NAME, --tokenizer NAME) or load without one "
-                              "(tokenizer=False)") from None
-
-
-def tokenizer_from_checkpoint_state(state):
-    """The tokenizer stored by training: None, a Hub name / folder (str), "byte", or a dict
-    {"kind": "byte"} / {"kind": "hf", "name": ..., "files": {filename: bytes}} (its files, no network needed)."""
-    if state is None:
-        return None
-    if isinstance(state, str):
-        return "byte" if state == "byte" else load_hf_tokenizer(state)
-    if isinstance(state, dict):
-        kind = state.get("kind")
-        if kind == "byte":
-            return "byte"
-        if kind == "hf" and state.get("files"):
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as d:
-                for fname, data in state["files"].items():
-                    Path(d, fname).write_bytes(data if isinstance(data, bytes) else str(data).encode())
-                return load_hf_tokenizer(d)
-        if kind == "hf" and state.get("name"):
-            return load_hf_tokenizer(state["name"])
-    warnings.warn(f"unrecognised tokenizer entry in the checkpoint ({type(state).__name__}); no tokenizer attached")
-    return None
+        return make()
+    except (ValueError, ImportError) as e:
+        raise CheckpointError(f"{what + ': ' if what else ''}{e}; name another (tokenizer=NAME, --tokenizer NAME) "
+                              "or load without one (tokenizer=False)") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -475,11 +452,11 @@ def resolve(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> 
     # shards), each matched by its exact name in the repo's root.
     folder = download([CONFIG_NAME, SAFETENSORS_INDEX_NAME, TORCH_INDEX_NAME, *TOKENIZER_FILES])
     if offline or not (folder / CONFIG_NAME).exists():
-        return folder  # offline: the cache holds what it holds; no config: load_folder says so
+        return folder  # offline: the cache holds what it holds; no config: read_folder says so
     try:
         fmt = detect_format(json.loads((folder / CONFIG_NAME).read_text()))
     except (json.JSONDecodeError, CheckpointError):
-        return folder  # load_folder reports it, naming the file
+        return folder  # read_folder reports it, naming the file
     for name in _WEIGHT_ORDER[fmt]:
         if name.endswith(".index.json"):
             if (folder / name).exists():
@@ -493,7 +470,7 @@ def resolve(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# public entry points
+# public entry points: load, save, convert
 # ---------------------------------------------------------------------------------------------------------------
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -511,49 +488,62 @@ def _is_training_checkpoint(name_or_path) -> bool:
     return str(name_or_path).endswith(".ckpt") and Path(name_or_path).is_file()
 
 
-def _check_tokenizer_fits(tok, config: Mamba2Config, name) -> None:
-    size = 256 if tok == "byte" else len(tok)
-    if size > config.padded_vocab_size:
-        raise CheckpointError(f"the tokenizer {str(name)!r} has {size} tokens but the model only "
-                              f"{config.padded_vocab_size} embedding rows; it cannot be this model's tokenizer")
+@dataclass(frozen=True)
+class Loaded:
+    """What `load` read: the model (eval mode), its tokenizer (None when there is none or none was asked for),
+    the format read ("hf", "mamba_ssm" or "ckpt") and the folder or .ckpt file it came from (for a Hub repo id,
+    its folder in the Hub cache)."""
+
+    model: torch.nn.Module
+    tokenizer: Optional[Tokenizer]
+    format: str
+    path: Path
 
 
-def from_pretrained(name_or_path: str | os.PathLike, *, revision: Optional[str] = None,
-                    dtype: Optional[torch.dtype] = None, device=None, tokenizer=None) -> Mamba2LMHeadModel:
-    """Load a mamba_ssm- or transformers-format checkpoint (folder or Hub repo id), or a Lightning .ckpt.
+def load(model_class: type[torch.nn.Module], name_or_path: str | os.PathLike, *, revision: Optional[str] = None,
+         dtype=None, device=None, tokenizer=None) -> Loaded:
+    """Build a `model_class` (Mamba2LMHeadModel) from a mamba_ssm- or transformers-format checkpoint (folder or Hub
+    repo id) or a `lit-mamba2 pretrain` .ckpt, and its tokenizer.
 
-    dtype: the parameters' dtype (default float32). tokenizer: a name or folder to attach, False for none; by
-    default the folder's own tokenizer files, else for the published vocabulary the GPT-NeoX tokenizer.
-    The result carries `.tokenizer` (a transformers tokenizer, "byte", or None) and `.source_format`.
+    dtype: the parameters' dtype (a torch.dtype or its name; default float32). tokenizer: None for the
+    checkpoint's own (a .ckpt's stored one, a folder's tokenizer files, else for the published vocabulary the
+    GPT-NeoX tokenizer), False for none, or one to use instead ("byte", a Hugging Face name or folder, a
+    Tokenizer or a transformers tokenizer); a tokenizer larger than the model's vocabulary is refused.
     """
     dtype = as_dtype(dtype)
+    stored = None
     if _is_training_checkpoint(name_or_path):
-        model = load_training_checkpoint(name_or_path, dtype, device)
-        model.source_format = "ckpt"
-        if tokenizer is False:
-            model.tokenizer = None
-        elif tokenizer:
-            model.tokenizer = load_hf_tokenizer(tokenizer) if tokenizer != "byte" else "byte"
-            _check_tokenizer_fits(model.tokenizer, model.config, tokenizer)
-        return model
-    folder = resolve(name_or_path, revision)
-    model, fmt = load_folder(folder, dtype, device)
-    model.source_format = fmt
-    model.tokenizer = None
+        path, fmt = Path(name_or_path), "ckpt"
+        config, sd, stored = read_training_checkpoint(path)
+        source = str(path)
+    else:
+        path = resolve(name_or_path, revision)
+        config, sd, fmt, source = read_folder(path)
+    model = build_model(model_class, config, sd, source, dtype, device)
+    del sd
+    tok = None
     if tokenizer is False:
-        return model
-    if tokenizer:
-        model.tokenizer = "byte" if tokenizer == "byte" else load_hf_tokenizer(tokenizer)
-        _check_tokenizer_fits(model.tokenizer, model.config, tokenizer)
-    elif has_tokenizer_files(folder):
-        model.tokenizer = load_hf_tokenizer(str(folder))
-    elif model.config.vocab_size in _PUBLISHED_VOCAB_SIZES:
+        pass
+    elif tokenizer is not None:
+        tok = _tokenizer(lambda: load_tokenizer(tokenizer))
+    elif fmt == "ckpt":
+        tok = _tokenizer(lambda: tokenizer_from_state(stored), f"{path}: its stored tokenizer")
+    elif has_tokenizer_files(path):
+        tok = _tokenizer(lambda: load_tokenizer(path), f"{path}: its tokenizer files")
+    elif config.vocab_size in _PUBLISHED_VOCAB_SIZES:
         try:
-            model.tokenizer = load_hf_tokenizer(PUBLISHED_TOKENIZER)
-        except Exception as e:  # noqa: BLE001 - offline or not installed: the model is still usable
-            warnings.warn(f"no tokenizer in {folder}, and {PUBLISHED_TOKENIZER} could not be loaded ({e}); "
+            tok = load_tokenizer(PUBLISHED_TOKENIZER)
+        except (ValueError, ImportError) as e:  # offline or not installed: the model is still usable
+            warnings.warn(f"no tokenizer in {path}, and {PUBLISHED_TOKENIZER} could not be loaded ({e}); "
                           "pass tokenizer=NAME")
-    return model
+    if tok is not None:
+        try:
+            check_vocab_fits(tok, config.padded_vocab_size, "the model's embedding rows",
+                             "it cannot be this model's tokenizer: pass the one the model was trained with "
+                             "(tokenizer=NAME, --tokenizer NAME)")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    return Loaded(model, tok, fmt, path)
 
 
 def _weight_file_names(folder: Path) -> list[Path]:
@@ -562,18 +552,32 @@ def _weight_file_names(folder: Path) -> list[Path]:
     return [p for p in names if p.is_file()] + sorted(shards)
 
 
-def save_pretrained(model: Mamba2LMHeadModel, folder: str | os.PathLike, format: str = "hf",
-                    tokenizer=None) -> Path:
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """safetensors writes a temporary file and renames it, which leaves it 0600 whatever the umask; the file gets
+    the mode an ordinary open() would have given it (0644 under the usual umask 022)."""
+    from safetensors.torch import save_file
+
+    with open(path, "wb"):  # created as any file is: 0666 less the umask (and a folder's default ACL)
+        pass
+    mode = path.stat().st_mode & 0o777
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, mode)
+
+
+def save(model: torch.nn.Module, folder: str | os.PathLike, format: str = "hf", tokenizer=None) -> Path:
     """Write `folder` for the other tool: "hf" = config.json + model.safetensors for transformers'
     Mamba2ForCausalLM (pure Mamba-2 only); "mamba_ssm" = config.json + pytorch_model.bin for mamba_ssm's
-    MambaLMHeadModel. The tokenizer (given, or the model's `.tokenizer`) is saved beside them. Weight files of
-    an earlier save in the folder (either format, sharded or not) are removed, so that no reader finds stale
-    weights before the new ones."""
+    MambaLMHeadModel. A tokenizer ("byte", a name or folder, a Tokenizer or a transformers tokenizer) is saved
+    beside them. Weight files of an earlier save in the folder (either format, sharded or not) are removed, so
+    that no reader finds stale weights before the new ones. Files get ordinary permissions (as open() gives)."""
     if format not in FORMATS:
         raise CheckpointError(f"format must be one of {FORMATS}, got {format!r}")
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: save the module it wraps
     config = model.config
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    try:
+        tok = None if tokenizer is None else load_tokenizer(tokenizer)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     dtype = model.lm_head.weight.dtype
     # Validate before writing anything, so that a refused format leaves no half-written folder.
     cfg = config_to_hf(config, dtype, tok) if format == "hf" else config_to_mamba_ssm(config)
@@ -585,23 +589,43 @@ def save_pretrained(model: Mamba2LMHeadModel, folder: str | os.PathLike, format:
     if config.tie_embeddings:  # one tensor under both names: torch.save then stores it once
         sd["lm_head.weight"] = sd["backbone.embedding.weight"]
     if format == "hf":
-        from safetensors.torch import save_file
-
         if config.tie_embeddings:
             sd.pop("lm_head.weight")  # transformers ties it back; safetensors refuses shared tensors
-        save_file({ours_to_hf(k): v for k, v in sd.items()}, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
+        _save_safetensors({ours_to_hf(k): v for k, v in sd.items()}, folder / SAFETENSORS_NAME, {"format": "pt"})
     else:
         torch.save(sd, folder / TORCH_NAME)  # lm_head.weight included: mamba_ssm loads strictly
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-    if tok is not None and hasattr(tok, "save_pretrained"):
-        tok.save_pretrained(str(folder))
-    elif tok == "byte":
-        warnings.warn("the model's tokenizer is the built-in byte tokenizer: no tokenizer files are written "
-                      "(generate with --tokenizer byte)")
+    if tok is not None:
+        tok.save_pretrained(folder)
+        if not isinstance(tok, HFTokenizer):
+            warnings.warn("the tokenizer is the built-in byte tokenizer: no tokenizer files are written "
+                          "(generate with --tokenizer byte)")
     return folder
 
 
-def convert(src: str, dst: str, to: str, dtype: Optional[torch.dtype] = None, tokenizer=None) -> Path:
+@dataclass
+class ConvertConfig:
+    """The options of `lit-mamba2 convert` (a checkpoint into a folder for transformers or mamba_ssm).
+
+    Args:
+        src: checkpoint folder, Hub repo id (org/name) or training .ckpt
+        dst: output folder (new or empty)
+        to: output format
+        dtype: parameter dtype to write (default: float32)
+        tokenizer: tokenizer name or folder to copy in, or 'byte' (default: the source's own)
+    """
+
+    src: str
+    dst: str
+    to: Literal["hf", "mamba_ssm"]
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    tokenizer: Optional[str] = None
+
+
+def convert(model_class: type[torch.nn.Module], src: str | os.PathLike, dst: str | os.PathLike, to: str,
+            dtype=None, tokenizer=None) -> Path:
+    """`load` then `save`: the checkpoint `src` as a new `dst` folder in format `to`, with src's tokenizer (or
+    `tokenizer`). Refuses a `dst` that is a file or a folder holding anything, before reading the weights."""
     if to not in FORMATS:
         raise CheckpointError(f"--to must be one of {FORMATS}, got {to!r}")
     out = Path(dst)
@@ -614,31 +638,10 @@ def convert(src: str, dst: str, to: str, dtype: Optional[torch.dtype] = None, to
         src = resolve(src)
         if to == "hf":  # refuse before the (possibly long) read of the weights
             config_to_hf(read_config(Path(src))[0], torch.float32)
-    model = from_pretrained(src, dtype=dtype, tokenizer=tokenizer)
+    loaded = load(model_class, src, dtype=dtype, tokenizer=tokenizer)
     try:
-        return save_pretrained(model, out, to)
+        return save(loaded.model, out, to, tokenizer=loaded.tokenizer)
     except CheckpointError:
         if created and out.exists() and not any(out.iterdir()):
             shutil.rmtree(out)
         raise
-
-
-def convert_main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lit-mamba2 convert",
-        description="Convert a checkpoint (mamba_ssm folder, transformers folder, Hub repo id or Lightning .ckpt) "
-                    "into a folder that transformers ('hf') or mamba_ssm ('mamba_ssm') loads as it is.")
-    parser.add_argument("src", help="checkpoint folder, Hub repo id (org/name) or training .ckpt")
-    parser.add_argument("dst", help="output folder (new or empty)")
-    parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="parameter dtype to write (default: float32)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer name or folder to copy in (default: the source's own)")
-    args = parser.parse_args(argv)
-    try:
-        out = convert(args.src, args.dst, args.to, DTYPES.get(args.dtype), args.tokenizer)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
-        parser.exit(2, f"lit-mamba2 convert: error: {e}\n")
-    print(f"wrote {args.to} checkpoint to {out}")
-    return 0

@@ -9,15 +9,16 @@ prompt; attention masks the padded KV slots while decoding.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
-from typing import Iterator, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
 from lit_mamba2.inference import Decoder
 from lit_mamba2.model import Mamba2LMHeadModel
+from lit_mamba2.tokenizers import Tokenizer
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
 
@@ -139,130 +140,129 @@ def generate(model: Mamba2LMHeadModel, prompts: Prompts, max_new_tokens: int, **
 # ---------------------------------------------------------------------------------------------------------------
 # lit-mamba2 generate
 # ---------------------------------------------------------------------------------------------------------------
-class _ByteCodec:
-    """The built-in byte tokenizer of training (id = UTF-8 byte, 0 ends a document)."""
+@dataclass
+class GenerateConfig:
+    """The options of `lit-mamba2 generate` (each prompt continued; a single prompt's tokens stream as they come).
 
-    eos_token_id = 0
+    Args:
+        checkpoint: checkpoint folder, Hub repo id or training .ckpt
+        prompt: prompt text; repeat --prompt for a batch of prompts (one batch); each is taken as it is
+        max_new_tokens: tokens to generate per prompt
+        temperature: 0 is greedy
+        top_k: sample among the k most likely tokens (default: no limit)
+        top_p: sample among the most likely tokens whose probability reaches p (default: no limit)
+        stop: stop text (its first token) or '#ID' for a token id; repeat for several; default: the tokenizer's eos
+        tokenizer: tokenizer name or folder, or 'byte' (default: the checkpoint's own)
+        dtype: parameter dtype; default: bfloat16 on CUDA, float32 on CPU
+        device: default: cuda when available, else cpu
+        seed: sampling seed
+        cuda_graph: run the decode step as a CUDA graph (false: eagerly)
+        state_dtype: storage of the SSM states while decoding; default: the model's dtype, as mamba_ssm
+            (float32: closer to exact over long outputs, slower at large batch)
+        pdl: launch the decode kernels with programmatic dependent launch (Hopper and later)
+        row_groups: step the batch as that many row groups in a pipeline, 0-3 (pure Mamba-2 models, Triton);
+            default: 3 at batch 64-96 on CUDA, else 0 (off)
+    """
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(text.encode("utf-8"))
+    checkpoint: str
+    prompt: Union[str, list[str]] = field(metadata={"repeatable": True})
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    stop: Union[str, list[str], None] = field(default=None, metadata={"repeatable": True})
+    tokenizer: Optional[str] = None
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    device: Optional[str] = None
+    seed: Optional[int] = None
+    cuda_graph: bool = True
+    state_dtype: Optional[Literal["float32", "bfloat16"]] = None
+    pdl: bool = True
+    row_groups: Optional[int] = None
 
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", errors="replace")
+    def __post_init__(self):
+        if isinstance(self.prompt, str):
+            self.prompt = [self.prompt]
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not self.prompt:
+            raise ValueError("--prompt: give at least one prompt")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"--top_k must be at least 1 (leave it out for no limit), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must lie in (0, 1], got {self.top_p}")
+        if any(s == "" for s in self.stop or []):
+            raise ValueError("--stop needs a text or #ID")
+        if self.row_groups is not None and self.row_groups not in (0, 1, 2, 3):
+            raise ValueError(f"--row_groups must be 0, 1, 2 or 3, got {self.row_groups}")
 
-    def __len__(self) -> int:
-        return 256
 
-
-def generate_main(argv: Optional[list[str]] = None) -> int:
-    from lit_mamba2.checkpoints import DTYPES, CheckpointError, from_pretrained, load_hf_tokenizer
-
-    parser = argparse.ArgumentParser(
-        prog="lit-mamba2 generate",
-        description="Generate text from a checkpoint (a mamba_ssm or transformers folder, a Hub repo id, or a "
-                    "training .ckpt), streaming tokens as they come.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, Hub repo id or training .ckpt")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="prompt text; repeat for a batch of prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--stop", action="append", default=None,
-                        help="stop text (its first token) or #ID for a token id; default: the tokenizer's eos")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer name or folder, or 'byte' (default: the "
-                        "checkpoint's own)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA")
-    parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default=None,
-                        help="storage of the SSM states while decoding; default: the model's dtype, as mamba_ssm "
-                             "(float32: closer to exact over long outputs, slower at large batch)")
-    parser.add_argument("--no-pdl", action="store_true",
-                        help="launch the decode kernels without programmatic dependent launch (Hopper and later)")
-    parser.add_argument("--row-groups", type=int, choices=[0, 1, 2, 3], default=None,
-                        help="step the batch as that many row groups in a pipeline (pure Mamba-2 models, Triton); "
-                             "default: 3 at batch 64-96 on CUDA, else 0 (off)")
-    args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        parser.error("--max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
-    if args.top_k is not None and args.top_k < 1:
-        parser.error("--top-k must be at least 1 (leave it out for no limit)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error("--top-p must lie in (0, 1]")
-    if any(s == "" for s in args.stop or []):
-        parser.error("--stop needs a text or #ID")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        parser.error(f"--device: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: this machine (or this torch build) has no CUDA device")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    try:
-        model = from_pretrained(args.checkpoint, dtype=dtype, device=device,
-                                tokenizer=args.tokenizer if args.tokenizer not in (None, "byte") else None)
-    except (CheckpointError, FileNotFoundError) as e:
-        parser.exit(2, f"lit-mamba2 generate: error: {e}\n")
-    tok = getattr(model, "tokenizer", None)
-    if args.tokenizer == "byte" or tok == "byte":
-        tok = _ByteCodec()
-    elif args.tokenizer:
-        tok = tok or load_hf_tokenizer(args.tokenizer)
-    if tok is None:
-        parser.exit(2, "lit-mamba2 generate: error: the checkpoint has no tokenizer; pass --tokenizer NAME\n")
-    vocab = model.config.padded_vocab_size
-    if len(tok) > vocab:
-        parser.exit(2, f"lit-mamba2 generate: error: the tokenizer has {len(tok)} tokens but the model only "
-                       f"{vocab} embedding rows; pass the tokenizer the model was trained with (--tokenizer)\n")
-    model.eval()
-    stops = []
-    for s in args.stop or []:
+def _stop_ids(stop: Optional[list[str]], tok: Tokenizer, vocab: int) -> list[int]:
+    if stop is None:
+        return [] if tok.eos_id is None else [tok.eos_id]
+    ids = []
+    for s in stop:
         if s.startswith("#") and s[1:].isdigit():
             if int(s[1:]) >= vocab:
-                parser.error(f"--stop {s}: the model's token ids end at {vocab - 1}")
-            stops.append(int(s[1:]))
-        else:
-            enc = tok.encode(s, add_special_tokens=False)
-            if enc:
-                stops.append(enc[0])
-    if args.stop is None and getattr(tok, "eos_token_id", None) is not None:
-        stops.append(int(tok.eos_token_id))
-    if args.row_groups:
+                raise ValueError(f"--stop {s}: the model's token ids end at {vocab - 1}")
+            ids.append(int(s[1:]))
+        elif tok.encode(s):
+            ids.append(tok.encode(s)[0])
+    return ids
+
+
+def generate_main(cfg: GenerateConfig) -> int:
+    """Run `lit-mamba2 generate`: print each prompt with its continuation. A bad option is a ValueError naming it."""
+    from lit_mamba2.checkpoints import DTYPES, load
+
+    try:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine (or this torch build) has no CUDA device")
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    loaded = load(Mamba2LMHeadModel, cfg.checkpoint, dtype=dtype, device=device, tokenizer=cfg.tokenizer)
+    model, tok = loaded.model, loaded.tokenizer
+    if tok is None:
+        raise ValueError(f"{cfg.checkpoint}: the checkpoint has no tokenizer; pass --tokenizer NAME (or byte)")
+    vocab = model.config.padded_vocab_size
+    stops = _stop_ids(cfg.stop, tok, vocab)
+    if cfg.row_groups:
         from lit_mamba2.inference import ModelWeights, pipeline_unsupported_reason
 
         reason = pipeline_unsupported_reason(ModelWeights.of(model))
         if reason is not None:
-            parser.exit(2, f"lit-mamba2 generate: error: --row-groups: {reason}\n")
-    prompts = [tok.encode(p, add_special_tokens=False) for p in args.prompt]
+            raise ValueError(f"--row_groups: {reason}")
+    prompts = [tok.encode(p) for p in cfg.prompt]
     if any(len(p) == 0 for p in prompts):
-        parser.error("every --prompt must encode to at least one token")
+        raise ValueError("every --prompt must encode to at least one token")
     generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
     single = len(prompts) == 1
     rows: list[list[int]] = [[] for _ in prompts]
     printed = ""
-    if single:
-        sys.stdout.write(args.prompt[0])
-        sys.stdout.flush()
-    tokens = stream(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, stop_tokens=stops, generator=generator,
-                    cuda_graph=False if args.no_cuda_graph else None,
-                    state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None, pdl=not args.no_pdl,
-                    row_groups=args.row_groups)
+    tokens = stream(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                    top_p=cfg.top_p, stop_tokens=stops, generator=generator,
+                    cuda_graph=None if cfg.cuda_graph else False,
+                    state_dtype=DTYPES[cfg.state_dtype] if cfg.state_dtype else None, pdl=cfg.pdl,
+                    row_groups=cfg.row_groups)
     try:
         first = next(tokens)  # the caches (a KV cache of the whole length for attention layers) exist from here
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
             raise
-        parser.exit(2, f"lit-mamba2 generate: error: out of memory for {len(prompts)} prompts of up to "
-                       f"{max(map(len, prompts))} tokens + --max-new-tokens {args.max_new_tokens} "
-                       f"({type(e).__name__}); ask for fewer new tokens or prompts\n")
+        raise ValueError(f"out of memory for {len(prompts)} prompts of up to {max(map(len, prompts))} tokens + "
+                         f"--max_new_tokens {cfg.max_new_tokens} ({type(e).__name__}); ask for fewer new tokens "
+                         "or prompts") from None
+    if single:
+        sys.stdout.write(cfg.prompt[0])
+        sys.stdout.flush()
     for token in itertools.chain([first], tokens):
         for r, t in zip(rows, token.tolist()):
             if not (r and r[-1] in stops):
@@ -275,6 +275,6 @@ def generate_main(argv: Optional[list[str]] = None) -> int:
     if single:
         sys.stdout.write("\n")
     else:
-        for p, r in zip(args.prompt, rows):
+        for p, r in zip(cfg.prompt, rows):
             print(f"--- {p!r}\n{p}{tok.decode([t for t in r if t not in stops])}")
     return 0

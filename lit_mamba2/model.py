@@ -490,15 +490,16 @@ class Mamba2LMHeadModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_pretrained(cls, name_or_path, *, revision=None, dtype=None, device=None,
-                        tokenizer=None) -> "Mamba2LMHeadModel":
-        """A mamba_ssm- or transformers-format folder, a Hub repo id, or a training .ckpt (see checkpoints.py)."""
-        from lit_mamba2.checkpoints import from_pretrained
+    def from_pretrained(cls, name_or_path, *, revision=None, dtype=None, device=None) -> "Mamba2LMHeadModel":
+        """The model of a mamba_ssm- or transformers-format folder, a Hub repo id, or a training .ckpt, in eval
+        mode. `lit_mamba2.checkpoints.load(Mamba2LMHeadModel, ...)` also returns its tokenizer and format."""
+        from lit_mamba2.checkpoints import load  # (checkpoints builds `cls` and never imports this module)
 
-        return from_pretrained(name_or_path, revision=revision, dtype=dtype, device=device, tokenizer=tokenizer)
+        return load(cls, name_or_path, revision=revision, dtype=dtype, device=device, tokenizer=False).model
 
     def save_pretrained(self, folder, format: str = "hf", tokenizer=None):
-        """Write a folder that transformers ("hf") or mamba_ssm ("mamba_ssm") loads as it is."""
-        from lit_mamba2.checkpoints import save_pretrained
+        """Write a folder that transformers ("hf") or mamba_ssm ("mamba_ssm") loads as it is, with `tokenizer`
+        ("byte", a name or folder, a Tokenizer or a transformers tokenizer) beside the weights if given."""
+        from lit_mamba2.checkpoints import save
 
-        return save_pretrained(self, folder, format=format, tokenizer=tokenizer)
+        return save(self, folder, format=format, tokenizer=tokenizer)

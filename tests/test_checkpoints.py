@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lit_mamba2 import Mamba2Config
-from lit_mamba2.checkpoints import CheckpointError, convert_main, from_pretrained, save_pretrained
+from lit_mamba2.checkpoints import CheckpointError, load, save
+from lit_mamba2.cli import main
 from lit_mamba2.model import Mamba2LMHeadModel
 
 transformers = pytest.importorskip("transformers")
@@ -77,8 +78,10 @@ def test_transformers_folder_loads_with_equal_logits(tmp_path, tie, limit):
     x = ids(96)
     with torch.no_grad():
         ref = ref_model(x).logits
-        model = Mamba2LMHeadModel.from_pretrained(tmp_path, tokenizer=False)
-        assert model.source_format == "hf"
+        loaded = load(Mamba2LMHeadModel, tmp_path, tokenizer=False)
+        assert loaded.format == "hf" and loaded.tokenizer is None and loaded.path == tmp_path
+        model = loaded.model
+        assert not hasattr(model, "tokenizer") and not hasattr(model, "source_format")  # nothing patched on
         out = model(x)
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() < 1e-4
@@ -90,7 +93,7 @@ def test_sharded_transformers_folder_loads(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     x = ids(96)
     with torch.no_grad():
-        diff = (from_pretrained(tmp_path, tokenizer=False)(x) - ref_model(x).logits).abs().max().item()
+        diff = (Mamba2LMHeadModel.from_pretrained(tmp_path)(x) - ref_model(x).logits).abs().max().item()
     assert diff < 1e-4
 
 
@@ -111,7 +114,7 @@ def test_our_hf_folder_loads_in_transformers_with_equal_logits(tmp_path, overrid
 def test_hf_format_refuses_attention_and_writes_nothing(tmp_path):
     model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2attn-test"))
     with pytest.raises(CheckpointError, match=r"cannot express.*attention layers.*mamba_ssm"):
-        save_pretrained(model, tmp_path / "out", format="hf")
+        save(model, tmp_path / "out", format="hf")
     assert not (tmp_path / "out").exists()
 
 
@@ -122,8 +125,10 @@ def test_hf_format_refuses_attention_and_writes_nothing(tmp_path):
 def test_mamba_ssm_folder_loads_and_matches(tmp_path, preset):
     src = randomise(Mamba2LMHeadModel(Mamba2Config.from_name(preset)))
     write_mamba_ssm_folder(src, tmp_path)
-    loaded = from_pretrained(tmp_path, tokenizer=False)
-    assert loaded.source_format == "mamba_ssm"
+    read = load(Mamba2LMHeadModel, tmp_path)
+    assert read.format == "mamba_ssm"
+    loaded = Mamba2LMHeadModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, Mamba2LMHeadModel) and not loaded.training
     assert loaded.config.attn_layer_idx == src.config.attn_layer_idx
     x = ids(256)
     with torch.no_grad():
@@ -134,7 +139,7 @@ def test_mamba_ssm_folder_loads_and_matches(tmp_path, preset):
 @pytest.mark.parametrize("preset", ["mamba2-test", "mamba2attn-test"])
 def test_save_mamba_ssm_format_is_what_mamba_ssm_reads(tmp_path, preset):
     src = randomise(Mamba2LMHeadModel(Mamba2Config.from_name(preset)))
-    save_pretrained(src, tmp_path, format="mamba_ssm")
+    save(src, tmp_path, format="mamba_ssm")
     cfg = json.loads((tmp_path / "config.json").read_text())
     # mamba_ssm builds MambaConfig(**config): no other keys may appear
     assert set(cfg) <= {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
@@ -151,7 +156,7 @@ def test_save_mamba_ssm_format_is_what_mamba_ssm_reads(tmp_path, preset):
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     x = ids(256)
     with torch.no_grad():
-        torch.testing.assert_close(from_pretrained(tmp_path, tokenizer=False)(x), src(x), rtol=0, atol=0)
+        torch.testing.assert_close(Mamba2LMHeadModel.from_pretrained(tmp_path)(x), src(x), rtol=0, atol=0)
 
 
 def test_mamba_ssm_config_read_as_mamba_ssm_reads_it(tmp_path):
@@ -166,7 +171,7 @@ def test_mamba_ssm_config_read_as_mamba_ssm_reads_it(tmp_path):
         for section, change in edits.items():
             change(c[section])
         (folder / "config.json").write_text(json.dumps(c))
-        return from_pretrained(folder, tokenizer=False)
+        return Mamba2LMHeadModel.from_pretrained(folder)
 
     with pytest.raises(CheckpointError, match=r"config\.json: ssm_cfg has no 'layer'.*Mamba-1"):
         load_with(ssm_cfg=lambda s: s.pop("layer"))
@@ -182,7 +187,7 @@ def test_mamba_ssm_config_without_pad_multiple_uses_mamba_ssm_default(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     del cfg["pad_vocab_size_multiple"]  # MambaConfig's default (8) applies, not ours (16)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert from_pretrained(tmp_path, tokenizer=False).config.padded_vocab_size == 256
+    assert Mamba2LMHeadModel.from_pretrained(tmp_path).config.padded_vocab_size == 256
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,24 +207,24 @@ def _edit_weights(folder, fn):
 def test_missing_key_is_named(mamba_ssm_folder):
     _edit_weights(mamba_ssm_folder, lambda sd: sd.pop("backbone.layers.1.mixer.A_log"))
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*missing key 'backbone\.layers\.1\.mixer\.A_log'"):
-        from_pretrained(mamba_ssm_folder, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(mamba_ssm_folder)
 
 
 def test_unexpected_key_is_named(mamba_ssm_folder):
     _edit_weights(mamba_ssm_folder, lambda sd: sd.__setitem__("backbone.layers.7.mixer.D", torch.ones(8)))
     with pytest.raises(CheckpointError, match=r"unexpected key 'backbone\.layers\.7\.mixer\.D'"):
-        from_pretrained(mamba_ssm_folder, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(mamba_ssm_folder)
 
 
 def test_shape_mismatch_is_named(mamba_ssm_folder):
     _edit_weights(mamba_ssm_folder, lambda sd: sd.__setitem__("backbone.norm_f.weight", torch.ones(65)))
     with pytest.raises(CheckpointError, match=r"'backbone\.norm_f\.weight' has shape \(65,\).*\(64,\)"):
-        from_pretrained(mamba_ssm_folder, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(mamba_ssm_folder)
 
 
 def test_tied_lm_head_may_be_absent(mamba_ssm_folder):
     _edit_weights(mamba_ssm_folder, lambda sd: sd.pop("lm_head.weight"))
-    model = from_pretrained(mamba_ssm_folder, tokenizer=False)
+    model = Mamba2LMHeadModel.from_pretrained(mamba_ssm_folder)
     assert model.lm_head.weight is model.backbone.embedding.weight
 
 
@@ -232,13 +237,13 @@ def test_untied_lm_head_must_be_present(tmp_path):
     del sd["lm_head.weight"]
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"missing key 'lm_head\.weight'"):
-        from_pretrained(tmp_path, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path)
 
 
 def test_unknown_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(CheckpointError, match=r"config\.json: unknown model_type 'llama'"):
-        from_pretrained(tmp_path, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path)
 
 
 def test_truncated_safetensors_is_named(tmp_path):
@@ -246,14 +251,14 @@ def test_truncated_safetensors_is_named(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"model\.safetensors \(truncated"):
-        from_pretrained(tmp_path, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path)
 
 
 def test_truncated_torch_file_is_named(mamba_ssm_folder):
     f = mamba_ssm_folder / "pytorch_model.bin"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin \(truncated"):
-        from_pretrained(mamba_ssm_folder, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(mamba_ssm_folder)
 
 
 def test_missing_shard_is_named(tmp_path):
@@ -261,22 +266,22 @@ def test_missing_shard_is_named(tmp_path):
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=rf"names shard '{shard.name}', which is missing"):
-        from_pretrained(tmp_path, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path)
 
 
 def test_pickled_objects_are_not_unpickled(mamba_ssm_folder):
     sd = torch.load(mamba_ssm_folder / "pytorch_model.bin", weights_only=True)
     torch.save({"weights": sd, "extra": Path("x")}, mamba_ssm_folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin holds Python objects"):
-        from_pretrained(mamba_ssm_folder, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(mamba_ssm_folder)
 
 
 def test_folder_without_weights_or_config(tmp_path):
     with pytest.raises(CheckpointError, match=r"has no config\.json"):
-        from_pretrained(tmp_path, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(Mamba2Config.from_name("mamba2-test").to_dict()))
     with pytest.raises(CheckpointError, match=r"has no weights"):
-        from_pretrained(tmp_path, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,23 +317,22 @@ def test_convert_training_checkpoint_to_both_formats(tmp_path, layout):
     x = ids(256)
     with torch.no_grad():
         want = src(x)
-    assert convert_main([str(tmp_path / "last.ckpt"), str(tmp_path / "hf"), "--to", "hf"]) == 0
-    assert convert_main([str(tmp_path / "last.ckpt"), str(tmp_path / "ms"), "--to", "mamba_ssm"]) == 0
+    assert main(["convert", "--src", str(tmp_path / "last.ckpt"), "--dst", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", "--src", str(tmp_path / "last.ckpt"), "--dst", str(tmp_path / "ms"),
+                 "--to", "mamba_ssm"]) == 0
     with torch.no_grad():
         assert (Mamba2ForCausalLM.from_pretrained(tmp_path / "hf")(x).logits - want).abs().max() < 1e-4
-        ms = from_pretrained(tmp_path / "ms")
-        torch.testing.assert_close(ms(x), want, rtol=0, atol=0)
+        ms = load(Mamba2LMHeadModel, tmp_path / "ms")
+        torch.testing.assert_close(ms.model(x), want, rtol=0, atol=0)
     # the tokenizer travelled into both folders and is found again
-    assert ms.tokenizer.encode("w3 w5", add_special_tokens=False) == tok.encode("w3 w5", add_special_tokens=False)
+    assert ms.tokenizer.encode("w3 w5") == tok.encode("w3 w5", add_special_tokens=False)
     assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
 def test_convert_hybrid_ckpt_to_hf_is_refused_clearly(tmp_path, capsys):
     src = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2attn-test"))
     write_ckpt(tmp_path / "a.ckpt", src, None, "lit_mamba2")
-    with pytest.raises(SystemExit) as e:
-        convert_main([str(tmp_path / "a.ckpt"), str(tmp_path / "hf"), "--to", "hf"])
-    assert e.value.code == 2
+    assert main(["convert", "--src", str(tmp_path / "a.ckpt"), "--dst", str(tmp_path / "hf"), "--to", "hf"]) == 2
     assert "attention layers" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
 
@@ -336,20 +340,21 @@ def test_convert_hybrid_ckpt_to_hf_is_refused_clearly(tmp_path, capsys):
 def test_ckpt_without_model_config_is_refused(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "x.ckpt")
     with pytest.raises(CheckpointError, match=r"x\.ckpt: no model config found"):
-        from_pretrained(tmp_path / "x.ckpt")
+        Mamba2LMHeadModel.from_pretrained(tmp_path / "x.ckpt")
 
 
 def test_tokenizer_files_are_found_and_copied(tmp_path):
     model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))
     tok = make_tokenizer()
-    save_pretrained(model, tmp_path / "a", format="mamba_ssm", tokenizer=tok)
-    loaded = from_pretrained(tmp_path / "a")
-    assert loaded.tokenizer is not None and loaded.tokenizer.eos_token == "<eos>"
-    save_pretrained(loaded, tmp_path / "b", format="hf")  # the model's own tokenizer goes along
+    save(model, tmp_path / "a", format="mamba_ssm", tokenizer=tok)
+    loaded = load(Mamba2LMHeadModel, tmp_path / "a")
+    assert loaded.tokenizer is not None and loaded.tokenizer.eos_id == 0
+    save(loaded.model, tmp_path / "b", format="hf", tokenizer=loaded.tokenizer)  # the loaded tokenizer goes along
     assert (tmp_path / "b" / "tokenizer.json").exists()
     assert json.loads((tmp_path / "b" / "config.json").read_text())["eos_token_id"] == 0
     # a named tokenizer (a folder here; a Hub name works the same) overrides
-    assert from_pretrained(tmp_path / "b", tokenizer=str(tmp_path / "a")).tokenizer.eos_token == "<eos>"
+    assert load(Mamba2LMHeadModel, tmp_path / "b", tokenizer=str(tmp_path / "a")).tokenizer.eos_id == 0
+    assert load(Mamba2LMHeadModel, tmp_path / "b", tokenizer="byte").tokenizer.vocab_size == 256
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,22 +366,22 @@ def test_offline_load_from_prepopulated_hub_cache(tmp_path, monkeypatch):
     repo = cache / "models--some-org--tiny-mamba2"
     rev = "0123456789abcdef0123456789abcdef01234567"
     snap = repo / "snapshots" / rev
-    save_pretrained(src, snap, format="hf")
+    save(src, snap, format="hf")
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(rev)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = from_pretrained("some-org/tiny-mamba2", tokenizer=False)
+    model = Mamba2LMHeadModel.from_pretrained("some-org/tiny-mamba2")
     x = ids(256)
     with torch.no_grad():
         assert (model(x) - src(x)).abs().max() < 1e-6
     with pytest.raises(CheckpointError, match=r"'some-org/absent'.*HF_HUB_OFFLINE=1"):
-        from_pretrained("some-org/absent", tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained("some-org/absent")
 
 
 def test_local_path_that_is_not_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match=r"not a checkpoint folder"):
-        from_pretrained(str(tmp_path / "nope"), tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(str(tmp_path / "nope"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,17 +393,17 @@ def test_saving_over_an_older_checkpoint_removes_its_weight_files(tmp_path):
     from transformers import Mamba2ForCausalLM
 
     hf_model().save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, with an index
-    model = randomise(from_pretrained(tmp_path, tokenizer=False), seed=5)
+    model = randomise(Mamba2LMHeadModel.from_pretrained(tmp_path), seed=5)
     x = ids(96)
     with torch.no_grad():
         want = model(x)
         model.save_pretrained(tmp_path, format="hf")
         assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
-        assert (from_pretrained(tmp_path, tokenizer=False)(x) - want).abs().max() < 1e-6
+        assert (Mamba2LMHeadModel.from_pretrained(tmp_path)(x) - want).abs().max() < 1e-6
         assert (Mamba2ForCausalLM.from_pretrained(tmp_path)(x).logits - want).abs().max() < 1e-4
         model.save_pretrained(tmp_path, format="mamba_ssm")  # the other format into the same folder
         assert not (tmp_path / "model.safetensors").exists()
-        torch.testing.assert_close(from_pretrained(tmp_path, tokenizer=False)(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(Mamba2LMHeadModel.from_pretrained(tmp_path)(x), want, rtol=0, atol=0)
 
 
 def test_a_folder_with_both_files_reads_like_its_own_tool(tmp_path):
@@ -408,12 +413,12 @@ def test_a_folder_with_both_files_reads_like_its_own_tool(tmp_path):
 
     a = randomise(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")), seed=1)
     b = randomise(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")), seed=2)
-    save_pretrained(a, tmp_path, format="mamba_ssm")
+    save(a, tmp_path, format="mamba_ssm")
     save_file({k: v.contiguous() for k, v in b.state_dict().items() if k != "lm_head.weight"},
               str(tmp_path / "model.safetensors"))
     x = ids(256)
     with torch.no_grad():
-        torch.testing.assert_close(from_pretrained(tmp_path, tokenizer=False)(x), a(x), rtol=0, atol=0)
+        torch.testing.assert_close(Mamba2LMHeadModel.from_pretrained(tmp_path)(x), a(x), rtol=0, atol=0)
 
 
 def test_compiled_model_saves_the_module_it_wraps(tmp_path):
@@ -421,9 +426,9 @@ def test_compiled_model_saves_the_module_it_wraps(tmp_path):
     compiled = torch.compile(model)
     x = ids(256)
     for fmt in ("hf", "mamba_ssm"):
-        save_pretrained(compiled, tmp_path / fmt, format=fmt)
+        save(compiled, tmp_path / fmt, format=fmt)
         with torch.no_grad():
-            assert (from_pretrained(tmp_path / fmt, tokenizer=False)(x) - model(x)).abs().max() < 1e-6
+            assert (Mamba2LMHeadModel.from_pretrained(tmp_path / fmt)(x) - model(x)).abs().max() < 1e-6
 
 
 def test_hf_config_is_strict_json_with_the_tokenizers_ids(tmp_path):
@@ -437,13 +442,13 @@ def test_hf_config_is_strict_json_with_the_tokenizers_ids(tmp_path):
     model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))  # dt_limit (0, inf): the default
     tok = make_tokenizer()
     tok.add_special_tokens({"bos_token": "w0", "pad_token": "w1"})
-    save_pretrained(model, tmp_path / "a", format="hf", tokenizer=tok)
+    save(model, tmp_path / "a", format="hf", tokenizer=tok)
     cfg = strict(tmp_path / "a" / "config.json")
     assert "time_step_limit" not in cfg
     assert (cfg["eos_token_id"], cfg["bos_token_id"], cfg["pad_token_id"]) == (0, 2, 3)
     theirs = HFConfig.from_pretrained(tmp_path / "a")
     assert tuple(theirs.time_step_limit) == (0.0, math.inf) and theirs.pad_token_id == 3
-    save_pretrained(model, tmp_path / "b", format="hf", tokenizer="byte")
+    save(model, tmp_path / "b", format="hf", tokenizer="byte")
     cfg = strict(tmp_path / "b" / "config.json")
     assert cfg["eos_token_id"] == 0 and cfg["pad_token_id"] is None
 
@@ -478,7 +483,7 @@ def test_hub_download_fetches_only_the_weights_the_load_reads(tmp_path, monkeypa
     cache.mkdir()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(repo, cache, asked))
-    model = from_pretrained("org/tiny", tokenizer=False)
+    model = Mamba2LMHeadModel.from_pretrained("org/tiny")
     got = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
     want = sorted(k for k in repo if k.startswith("model") or k == "config.json")
     assert got == want, asked
@@ -490,22 +495,20 @@ def test_hub_download_fetches_only_the_weights_the_load_reads(tmp_path, monkeypa
 def test_convert_refuses_a_file_target_and_keeps_a_users_empty_folder(tmp_path, capsys):
     src = write_mamba_ssm_folder(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2attn-test")), tmp_path / "src")
     (tmp_path / "file").write_text("x")
-    for argv, message in [([str(src), str(tmp_path / "file"), "--to", "mamba_ssm"], "is a file"),
-                          ([str(src), str(tmp_path / "mine"), "--to", "hf"], "attention layers"),
-                          ([str(src), str(tmp_path / "t"), "--to", "mamba_ssm", "--tokenizer",
+    for argv, message in [(["--src", str(src), "--dst", str(tmp_path / "file"), "--to", "mamba_ssm"], "is a file"),
+                          (["--src", str(src), "--dst", str(tmp_path / "mine"), "--to", "hf"], "attention layers"),
+                          (["--src", str(src), "--dst", str(tmp_path / "t"), "--to", "mamba_ssm", "--tokenizer",
                             str(tmp_path / "absent")], "cannot load the tokenizer")]:
         (tmp_path / "mine").mkdir(exist_ok=True)  # made by the user beforehand: a refusal must not delete it
-        with pytest.raises(SystemExit) as e:
-            convert_main(argv)
-        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert main(["convert", *argv]) == 2 and message in capsys.readouterr().err
         assert (tmp_path / "mine").is_dir()
 
 
 def test_ckpt_loaded_without_its_tokenizer(tmp_path):
     src = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))
     write_ckpt(tmp_path / "a.ckpt", src, tokenizer_state(make_tokenizer(), tmp_path), "top_level")
-    assert from_pretrained(tmp_path / "a.ckpt").tokenizer is not None
-    assert from_pretrained(tmp_path / "a.ckpt", tokenizer=False).tokenizer is None
+    assert load(Mamba2LMHeadModel, tmp_path / "a.ckpt").tokenizer is not None
+    assert load(Mamba2LMHeadModel, tmp_path / "a.ckpt", tokenizer=False).tokenizer is None
 
 
 def test_malformed_files_are_named(tmp_path):
@@ -514,7 +517,7 @@ def test_malformed_files_are_named(tmp_path):
     good = index.read_text()
     index.write_text(json.dumps([1, 2]))
     with pytest.raises(CheckpointError, match=r"index\.json: not a valid shard index"):
-        from_pretrained(tmp_path / "s", tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path / "s")
     # one key in two shards
     from safetensors.torch import load_file, save_file
 
@@ -524,22 +527,22 @@ def test_malformed_files_are_named(tmp_path):
     key = next(iter(first))
     save_file({**load_file(str(shards[1])), key: first[key]}, str(shards[1]))
     with pytest.raises(CheckpointError, match=rf"key '{key}' is held by two shards"):
-        from_pretrained(tmp_path / "s", tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path / "s")
     cfg = tmp_path / "s" / "config.json"
     raw = json.loads(cfg.read_text())
     cfg.write_text("7")
     with pytest.raises(CheckpointError, match=r"config\.json: holds a JSON int"):
-        from_pretrained(tmp_path / "s", tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path / "s")
     cfg.write_text(json.dumps({**raw, "time_step_limit": None}))
     with pytest.raises(CheckpointError, match=r"config\.json: time_step_limit must be a pair"):
-        from_pretrained(tmp_path / "s", tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path / "s")
 
 
 def test_dtype_by_name(tmp_path):
     hf_model().save_pretrained(tmp_path)
-    assert from_pretrained(tmp_path, dtype="bfloat16", tokenizer=False).lm_head.weight.dtype == torch.bfloat16
+    assert Mamba2LMHeadModel.from_pretrained(tmp_path, dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(CheckpointError, match=r"dtype must be one of"):
-        from_pretrained(tmp_path, dtype="bf17", tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path, dtype="bf17")
 
 
 def test_weights_of_the_wrong_kind_are_named(tmp_path, mamba_ssm_folder):
@@ -547,7 +550,7 @@ def test_weights_of_the_wrong_kind_are_named(tmp_path, mamba_ssm_folder):
     sd["backbone.norm_f.weight"] = sd["backbone.norm_f.weight"].long()
     torch.save(sd, mamba_ssm_folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"key 'backbone\.norm_f\.weight' holds torch\.int64"):
-        from_pretrained(mamba_ssm_folder, tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(mamba_ssm_folder)
     # an hf folder holding the embedding under both its names
     from safetensors.torch import load_file, save_file
 
@@ -556,7 +559,7 @@ def test_weights_of_the_wrong_kind_are_named(tmp_path, mamba_ssm_folder):
     w = load_file(str(f))
     save_file({**w, "backbone.embedding.weight": w["backbone.embeddings.weight"].clone()}, str(f))
     with pytest.raises(CheckpointError, match=r"holds both 'backbone\.embeddings\.weight' and"):
-        from_pretrained(tmp_path / "hf", tokenizer=False)
+        Mamba2LMHeadModel.from_pretrained(tmp_path / "hf")
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, mamba_ssm_folder):
@@ -566,5 +569,5 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, mamba_ssm_f
     big = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
         {f"w{i}": i for i in range(300)}, unk_token="w0")), unk_token="w0")
     big.save_pretrained(tmp_path / "big")
-    with pytest.raises(CheckpointError, match=r"has 300 tokens but the model only 256 embedding rows"):
-        from_pretrained(mamba_ssm_folder, tokenizer=str(tmp_path / "big"))
+    with pytest.raises(CheckpointError, match=r"embedding rows = 256 is smaller than the tokenizer's size 300"):
+        load(Mamba2LMHeadModel, mamba_ssm_folder, tokenizer=str(tmp_path / "big"))

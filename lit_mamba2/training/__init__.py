@@ -1,1 +1,1 @@
-"""Lightning training: the LightningModule, DataModules, tokenizers and callbacks."""
+"""Lightning training: the LightningModule, DataModules and callbacks (tokenizers: lit_mamba2.tokenizers)."""

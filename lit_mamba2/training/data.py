@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lit_mamba2.training.tokenizers import ByteTokenizer, Tokenizer
+from lit_mamba2.tokenizers import ByteTokenizer, Tokenizer
 
 IGNORE_INDEX = -100
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}

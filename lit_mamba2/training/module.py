@@ -1,9 +1,9 @@
-"""The LightningModule for causal-LM training of a Mamba2LMHeadModel, and loading a model back from a checkpoint."""
+"""The LightningModule for causal-LM training of a Mamba2LMHeadModel (a checkpoint it writes loads back with
+`lit_mamba2.checkpoints.load`)."""
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,8 +13,8 @@ import torchmetrics
 
 from lit_mamba2.config import Mamba2Config
 from lit_mamba2.model import Mamba2LMHeadModel
+from lit_mamba2.tokenizers import Tokenizer, tokenizer_from_state
 from lit_mamba2.training.data import IGNORE_INDEX
-from lit_mamba2.training.tokenizers import Tokenizer, tokenizer_from_state
 
 
 @dataclass
@@ -161,17 +161,3 @@ class LanguageModel(L.LightningModule):
         if self.tokenizer is None and "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
 
-
-def load_model_from_checkpoint(path: str, map_location="cpu") -> tuple[Mamba2LMHeadModel, Optional[Tokenizer]]:
-    """(model, tokenizer) from a training checkpoint alone; the model is in eval mode on `map_location`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)  # tensors, numbers, strings, bytes only
-    if "model_config" not in ckpt:
-        raise ValueError(f"{path!r} is not a lit-mamba2 training checkpoint (it has no 'model_config')")
-    model = Mamba2LMHeadModel(Mamba2Config.from_dict(ckpt["model_config"]))
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if "tokenizer" in ckpt else None
-    return model.to(map_location).eval(), tokenizer

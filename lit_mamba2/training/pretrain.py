@@ -8,6 +8,7 @@ with the byte tokenizer on the Python standard library's own sources, on CPU in 
 from __future__ import annotations
 
 import copy
+import re
 import time
 import typing
 import warnings
@@ -20,9 +21,9 @@ from typing_extensions import Unpack
 
 from lit_mamba2.config import Mamba2Config
 from lit_mamba2.launch import apply_launcher_env
+from lit_mamba2.tokenizers import check_vocab_fits, load_tokenizer
 from lit_mamba2.training.data import DataConfig, TokenStream, find_text_files
 from lit_mamba2.training.module import OptimConfig
-from lit_mamba2.training.tokenizers import check_vocab_fits, load_tokenizer
 
 def _partial(cls) -> type:
     """The keys that may be given for the config dataclass `cls`, typed, none required, nested configs as their own
@@ -95,6 +96,10 @@ class TrainerConfig:
                      "log_every_n_steps", "num_nodes"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(f"trainer.{name} must be a positive integer, got {getattr(self, name)!r}")
+        d = self.devices
+        if not (isinstance(d, int) or d == "auto" or re.fullmatch(r"\s*-?\d+\s*|\s*\d+\s*(,\s*\d+\s*)*,?", d)):
+            raise ValueError(f"trainer.devices must be a number of devices, 'auto', or device indices such as "
+                             f"'0,1', got {d!r}")
 
 
 @dataclass
@@ -208,6 +213,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
                              f"{cfg.data.mqar.vocab_size}")
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
+        if tokenizer.eos_id is None:
+            raise ValueError(f"tokenizer {cfg.tokenizer!r} has no eos token; documents need one to mark their end")
         check_vocab_fits(tokenizer, model_config.vocab_size)
     check_data_paths(cfg.data)
 
@@ -262,13 +269,15 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
 
 def sample_from_checkpoint(path: str, sc: SampleConfig) -> str:
     """Load the checkpoint alone (model config and tokenizer are inside) and continue sc.prompt."""
+    from lit_mamba2.checkpoints import load
     from lit_mamba2.generation import generate
-    from lit_mamba2.training.module import load_model_from_checkpoint
+    from lit_mamba2.model import Mamba2LMHeadModel
 
-    model, tokenizer = load_model_from_checkpoint(path)
+    loaded = load(Mamba2LMHeadModel, path)
+    tokenizer = loaded.tokenizer
     prompt = torch.tensor([tokenizer.encode(sc.prompt)], dtype=torch.long)
     gen = torch.Generator().manual_seed(0)
-    out = generate(model, prompt, sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k,
+    out = generate(loaded.model, prompt, sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k,
                    stop_tokens=(tokenizer.eos_id,), generator=gen)
     return tokenizer.decode(out[0].tolist())
 

@@ -70,7 +70,7 @@ def test_pdl_step_equals_pytorch_step(preset, batch, ring_conv, fuse_linear):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_generate_main_passes_no_pdl_to_the_decoder(tmp_path, monkeypatch, capsys):
+def test_generate_verb_passes_pdl_false_to_the_decoder(tmp_path, monkeypatch, capsys):
     from lit_mamba2 import Mamba2Config, generation
     from lit_mamba2.model import Mamba2LMHeadModel
 
@@ -84,10 +84,12 @@ def test_generate_main_passes_no_pdl_to_the_decoder(tmp_path, monkeypatch, capsy
     torch.manual_seed(0)
     Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")).save_pretrained(tmp_path, format="mamba_ssm")
     monkeypatch.setattr(generation, "Decoder", Spy)
-    argv = ["--checkpoint", str(tmp_path), "--tokenizer", "byte", "--prompt", "ab", "--max-new-tokens", "2",
-            "--temperature", "0", "--device", "cpu"]
-    assert generation.generate_main(argv) == 0
-    assert generation.generate_main(argv + ["--no-pdl"]) == 0
+    from lit_mamba2.cli import main
+
+    argv = ["generate", "--checkpoint", str(tmp_path), "--tokenizer", "byte", "--prompt", "ab", "--max_new_tokens",
+            "2", "--temperature", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    assert main(argv + ["--pdl", "false"]) == 0
     assert seen == [True, False]
 
 

@@ -9,7 +9,7 @@ from lit_mamba2.training.data import (
     DataConfig, LMDataModule, MQARConfig, MQARDataset, PackedRows, ResumableSampler, TokenStream, find_text_files,
     split_rows, tokenize_text_files,
 )
-from lit_mamba2.training.tokenizers import ByteTokenizer, load_tokenizer
+from lit_mamba2.tokenizers import ByteTokenizer, load_tokenizer
 
 
 def naive_rows(stream, L, eos):

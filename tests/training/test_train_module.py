@@ -9,7 +9,7 @@ from lit_mamba2.config import Mamba2Config
 from lit_mamba2.model import Mamba2LMHeadModel
 from lit_mamba2.training.data import DataConfig, LMDataModule, MQARConfig
 from lit_mamba2.training.module import LanguageModel, OptimConfig, lr_factor, param_groups
-from lit_mamba2.training.tokenizers import ByteTokenizer, check_vocab_fits, load_tokenizer, tokenizer_from_state
+from lit_mamba2.tokenizers import ByteTokenizer, check_vocab_fits, load_tokenizer, tokenizer_from_state
 
 
 def test_no_weight_decay_on_A_log_D_dt_bias_norms_and_biases():
@@ -111,5 +111,5 @@ def test_hf_tokenizer_by_path_and_from_checkpoint_state(hf_tokenizer_dir):
     check_vocab_fits(tok, 16)
     with pytest.raises(ValueError, match="model.vocab_size"):
         check_vocab_fits(tok, 8)
-    with pytest.raises(ValueError, match="cannot load tokenizer"):
+    with pytest.raises(ValueError, match="cannot load the tokenizer"):
         load_tokenizer(str(hf_tokenizer_dir[0]) + "-missing")
