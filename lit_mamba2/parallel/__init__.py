@@ -1,0 +1,6 @@
+"""Parallelism applied to the model from outside: the layout and its mesh (dims.py), FSDP2 (fsdp.py)."""
+
+from lit_mamba2.parallel.dims import LayoutError, ParallelDims
+from lit_mamba2.parallel.fsdp import apply_fsdp
+
+__all__ = ["LayoutError", "ParallelDims", "apply_fsdp"]
