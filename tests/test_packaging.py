@@ -82,6 +82,8 @@ def test_built_wheel_holds_and_imports_kernels_and_evals(tmp_path):
     for module in sorted(p.name for p in (ROOT / "kernels").glob("*.py")):
         assert f"lit_mamba2/kernels/{module}" in names
     assert "lit_mamba2/evals/paper.py" in names
+    for package in sorted(p.parent.name for p in (ROOT / "lit_mamba2").glob("*/__init__.py")):
+        assert f"lit_mamba2/{package}/__init__.py" in names, f"subpackage lit_mamba2.{package} is not in the wheel"
     assert not any(n.startswith(("kernels/", "evals/", "tests/")) for n in names), "a root folder is top-level"
 
     target = tmp_path / "site"
