@@ -391,8 +391,14 @@ class LMDataModule(L.LightningDataModule):
                         if len(val_rows) else None)
 
     def _rank_world(self) -> tuple[int, int]:
+        """This process's data-parallel rank and degree (ranks of one cp or tp group read the same samples)."""
         trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None:
+            return 0, 1
+        mesh = getattr(trainer.strategy, "parallel_mesh", None)
+        if mesh is not None:
+            return mesh.dp.get_local_rank(), mesh.dp.size()
+        return trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -115,8 +115,16 @@ class LanguageModel(L.LightningModule):
         self.val_acc = torchmetrics.MeanMetric()
 
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = Mamba2LMHeadModel(self.config)
+        if self.model is not None:
+            return
+        model = Mamba2LMHeadModel(self.config)  # whole, from the seed: every layout starts from the same weights
+        mesh = getattr(self._trainer.strategy, "parallel_mesh", None) if self._trainer is not None else None
+        if mesh is not None:  # trainer.strategy: fsdp
+            from lit_mamba2.parallel import apply_fsdp
+
+            bf16 = self.trainer.precision in ("bf16-mixed", "bf16-true")
+            model = apply_fsdp(model, mesh.fsdp, param_dtype=torch.bfloat16 if bf16 else None)
+        self.model = model
 
     def forward(self, input_ids, seq_idx=None):
         return self.model(input_ids, seq_idx=seq_idx)
@@ -124,7 +132,13 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"),
                                ignore_index=IGNORE_INDEX)
-        self.log("train/loss", loss, prog_bar=True)
+        # logged: the token-weighted mean over every data-parallel rank's batch (what one process with the whole
+        # global batch logs); the gradients are the ranks' mean (equal token counts: the same)
+        counted = (batch["labels"] != IGNORE_INDEX).sum()
+        stats = torch.stack([loss.detach().float() * counted, counted.float()])
+        if self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        self.log("train/loss", stats[0] / stats[1].clamp(min=1), prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -113,6 +113,17 @@ class SampleConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The parallel layout under trainer.strategy: fsdp: dp_replicate × dp_shard × cp × tp = the world size; -1
+    takes what is left. batch_size is per data-parallel rank (dp_replicate × dp_shard of them)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+
+
+@dataclass
 class PretrainConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     tokenizer: str = "byte"  # "byte", or a Hugging Face tokenizer name or directory (unused for MQAR)
@@ -120,7 +131,22 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     resume: Union[bool, str] = False  # true: <out_dir>/checkpoints/last.ckpt; or a checkpoint path
+
+
+def build_strategy(tc: TrainerConfig, parallel: ParallelConfig):
+    """trainer.strategy: "fsdp" is our FSDP2 strategy over the parallel layout (Lightning's own "fsdp" is FSDP1);
+    any other name is Lightning's."""
+    if tc.strategy == "fsdp":
+        from lit_mamba2.parallel.strategy import FSDP2Strategy
+
+        return FSDP2Strategy(**asdict(parallel))
+    others = {k: v for k, v in asdict(parallel).items() if k != "dp_shard" and v != 1}
+    if others:
+        raise ValueError(f"parallel.{next(iter(others))} = {next(iter(others.values()))} needs trainer.strategy: "
+                         f"fsdp (got {tc.strategy!r})")
+    return tc.strategy
 
 
 def resolve_precision(precision: Optional[str], accelerator: str) -> str:
@@ -225,7 +251,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     batches = tc.max_steps * tc.accumulate_grad_batches
     validated = LastValidationStep()
     trainer = L.Trainer(
-        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, cfg.parallel),
         precision=resolve_precision(tc.precision, tc.accelerator), max_steps=tc.max_steps,
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         val_check_interval=min(tc.val_every_n_steps * tc.accumulate_grad_batches, batches),
