@@ -363,9 +363,12 @@ def read_training_checkpoint(path: str | os.PathLike) -> tuple[Mamba2Config, dic
     {"model_config": dict, "tokenizer": ...}; the weights are `state_dict` with the LightningModule's "model."
     prefix."""
     path = Path(path)
-    if not path.is_file():
+    if is_sharded_checkpoint(path):
+        ckpt = _read_sharded_checkpoint(path)
+    elif not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    ckpt = _load_torch(path)
+    else:
+        ckpt = _load_torch(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
     meta = ckpt if "model_config" in ckpt else None  # what LanguageModel.on_save_checkpoint writes
@@ -485,7 +488,27 @@ def as_dtype(dtype) -> Optional[torch.dtype]:
 
 
 def _is_training_checkpoint(name_or_path) -> bool:
-    return str(name_or_path).endswith(".ckpt") and Path(name_or_path).is_file()
+    path = Path(name_or_path)
+    return str(name_or_path).endswith(".ckpt") and (path.is_file() or is_sharded_checkpoint(path))
+
+
+def is_sharded_checkpoint(path) -> bool:
+    """A checkpoint folder written under trainer.strategy fsdp: torch.distributed.checkpoint's shards and
+    .metadata, and Lightning's meta.pt with everything else (loops, model config, tokenizer)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def _read_sharded_checkpoint(path: Path) -> dict:
+    """A sharded checkpoint read whole in this one process (any number of ranks wrote it)."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    try:
+        ckpt = _load_distributed_checkpoint(path)
+        ckpt.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - missing or truncated shards fail in many ways
+        raise CheckpointError(f"{path}: cannot read the sharded checkpoint ({type(e).__name__}: {e})") from None
+    return ckpt
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from lit_mamba2.parallel.dims import ParallelDims, ParallelMesh
 
 class FSDP2Strategy(ModelParallelStrategy):
     def __init__(self, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, tp: int = 1, **kwargs):
-        super().__init__(save_distributed_checkpoint=False, **kwargs)
+        super().__init__(save_distributed_checkpoint=True, **kwargs)
         self.degrees = dict(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
         self.parallel_mesh: ParallelMesh | None = None
 

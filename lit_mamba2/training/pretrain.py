@@ -19,6 +19,7 @@ from typing import Optional, Sequence, TypedDict, Union
 import torch
 from typing_extensions import Unpack
 
+from lit_mamba2.checkpoints import is_sharded_checkpoint
 from lit_mamba2.config import Mamba2Config
 from lit_mamba2.launch import apply_launcher_env
 from lit_mamba2.tokenizers import check_vocab_fits, load_tokenizer
@@ -166,15 +167,21 @@ def resume_path(resume: Union[bool, str], out_dir: str) -> Optional[str]:
                              "--resume true, or start a new run in another --trainer.out_dir (or delete that one)")
         return None
     path = last if resume is True else Path(resume)
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
     return str(path)
+
+
+
 
 
 def check_resume_matches(path: str, model_config: Mamba2Config) -> None:
     """A resumed run must build the model its checkpoint holds: compare the stored model config field by field."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if is_sharded_checkpoint(path):  # its state_dict lives in the shards
+            ckpt = {**torch.load(Path(path, "meta.pt"), map_location="cpu", weights_only=True), "state_dict": None}
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways
         raise ValueError(f"resume: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_config" not in ckpt:
