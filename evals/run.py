@@ -133,7 +133,13 @@ def evaluate_main(cfg: EvaluateConfig) -> int:
     lm = LitMamba2LM(cfg.checkpoint, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
                      batch_size=cfg.batch_size, tokenizer=cfg.tokenizer)
     tasks = cfg.tasks or list(TASK_METRICS)
-    manager = TaskManager(include_path=os.path.expanduser(cfg.include_path) if cfg.include_path else None)
+    include = os.path.expanduser(cfg.include_path) if cfg.include_path else None
+    manager = None
+    if include and cfg.tasks:  # every task in the folder: skip indexing lm-eval's thousands of built-in ones
+        manager = TaskManager(include_path=include, include_defaults=False)
+        if any(t not in manager.all_tasks for t in tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=include)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)} (add task YAML files with --include_path)")
