@@ -2,9 +2,9 @@
 
 Importing this module (`import lit_mamba2.evals.harness`) registers it; `lit-mamba2 evaluate` imports it. Then
 
-    lm_eval.simple_evaluate(model="lit_mamba2",
-                            model_args="pretrained=<folder, Hub id or .ckpt>,dtype=bfloat16,device=cuda,max_length=2048",
-                            tasks=[...], batch_size=16)
+    lm_eval.simple_evaluate(
+        model="lit_mamba2", tasks=[...], batch_size=16,
+        model_args="pretrained=<folder, Hub id or .ckpt>,dtype=bfloat16,device=cuda,max_length=2048")
 
 The checkpoint is read by `lit_mamba2.checkpoints.load` (both folder formats, safetensors or torch files, a training
 .ckpt) with its own tokenizer (`tokenizer=NAME` or `byte` names another). Contexts are encoded as the tokenizer gives

@@ -119,7 +119,8 @@ def test_simple_evaluate_numbers_equal_direct_computation(setup):
     out = lm_eval.simple_evaluate(
         model="lit_mamba2", model_args=f"pretrained={root / 'hf'},tokenizer=byte,dtype=float32,device=cpu,"
                                        "max_length=2048",
-        tasks=["toy_mc", "toy_lastword"], batch_size=3, task_manager=TaskManager(include_path=str(setup["tasks"]), include_defaults=False),
+        tasks=["toy_mc", "toy_lastword"], batch_size=3,
+        task_manager=TaskManager(include_path=str(setup["tasks"]), include_defaults=False),
         log_samples=True)
     # every loglikelihood lm-eval received is the direct one
     correct = []
@@ -250,3 +251,28 @@ def test_paper_table_matches_the_published_size():
     assert "| lambada_openai | perplexity | 12.00 | 0.50 | 16.86 |" in table
     assert "| hellaswag | acc_norm | 36.0 | 0.4 | 35.3 |" in table
     assert "| hellaswag | acc |" not in table
+
+
+@pytest.mark.parametrize("fmt", ["mamba_ssm", "hf"])
+def test_folder_with_its_own_hf_tokenizer(tmp_path, fmt):
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(40)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]")
+    model = make_model(1)
+    model.save_pretrained(tmp_path, format=fmt, tokenizer=hf_tok)
+    lm = lm_eval.api.registry.get_model("lit_mamba2").create_from_arg_string(
+        f"pretrained={tmp_path},device=cpu,dtype=float32", {"batch_size": 2})
+    pairs = [("w1 w2 w3", " w4"), ("w5", " w6 w7"), ("", "w8 w9")]
+    got = lm.loglikelihood(reqs("loglikelihood", pairs), disable_tqdm=True)
+    for (ctx, cont), (x, g) in zip(pairs, got):
+        def enc(text):
+            return hf_tok.encode(text, add_special_tokens=False)
+
+        ctx_ids, cont_ids = enc(ctx) or [0], enc(ctx + cont)[len(enc(ctx)):]  # an empty context is eos
+        want, greedy = direct_loglikelihood(model, ctx_ids, cont_ids)
+        assert math.isclose(x, want, rel_tol=1e-5, abs_tol=1e-4) and g == greedy
