@@ -142,6 +142,12 @@ def build_strategy(tc: TrainerConfig, parallel: ParallelConfig):
     if tc.strategy == "fsdp":
         from lit_mamba2.parallel.strategy import FSDP2Strategy
 
+        for name in ("cp", "tp"):  # the mesh has their dimensions; the layers that use them are not built yet
+            if getattr(parallel, name) != 1:
+                raise ValueError(f"parallel.{name} = {getattr(parallel, name)}: "
+                                 f"{'context' if name == 'cp' else 'tensor'} parallelism is not available yet; "
+                                 "use dp_shard / dp_replicate")
+
         return FSDP2Strategy(**asdict(parallel))
     others = {k: v for k, v in asdict(parallel).items() if k != "dp_shard" and v != 1}
     if others:
