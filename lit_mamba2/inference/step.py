@@ -75,10 +75,13 @@ def add_norm(hidden, residual, norm: Norm, residual_in_fp32: bool, impl):
     rms = None
     if isinstance(hidden, UnscaledHidden):
         hidden, rms = hidden.raw, (hidden.sumsq, hidden.dim, hidden.eps)
-    rdt = hidden.dtype
-    if residual_in_fp32 and rdt != torch.float64:
-        rdt = torch.float32
-    return ops.add_rmsnorm(hidden, residual, norm.weight, norm.eps, rdt, rms, impl=impl)
+    return ops.add_rmsnorm(hidden, residual, norm.weight, norm.eps, residual_dtype(hidden, residual_in_fp32), rms,
+                           impl=impl)
+
+
+def residual_dtype(hidden, residual_in_fp32: bool) -> torch.dtype:
+    """The residual stream's dtype after adding `hidden`: float32 with residual_in_fp32 (float64 stays)."""
+    return torch.float32 if residual_in_fp32 and hidden.dtype != torch.float64 else hidden.dtype
 
 
 def _conv_and_state(w: MixerWeights, z, xBC, dt, cache: MixerCache, slot, norm_weight, impl):
@@ -123,9 +126,7 @@ def fused_mixer_step(w: MixerWeights, hidden, residual, norm: Norm, cache: Mixer
     """A whole pre-norm Mamba-2 block in three launches; hidden may be None (already in residual). Returns the
     residual, which then includes this layer's output."""
     b = residual.shape[0] if hidden is None else hidden.shape[0]
-    rdt = None
-    if hidden is not None:
-        rdt = torch.float32 if residual_in_fp32 and hidden.dtype != torch.float64 else hidden.dtype
+    rdt = None if hidden is None else residual_dtype(hidden, residual_in_fp32)
     zxbcdt, residual = ops.add_norm_linear(hidden, residual, norm.weight, norm.eps, w.in_proj, w.in_proj_bias,
                                            rdt, impl=impl)
     z, xBC, dt = torch.split(zxbcdt, [w.d_ssm, w.conv_dim, w.nheads], dim=-1)
