@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 NAMES = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
@@ -92,6 +90,3 @@ class ParallelMesh:
     dp: object
     fsdp: object
 
-
-def device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
