@@ -221,6 +221,32 @@ def _store_walk_end(seg_ptr, segdec_ptr, end_ptr, b, hh, H, seg, NSEG, P, N, pn,
 
 
 @triton.jit
+def _chunk_outer(acc, a_ptr, v_ptr, seq_ptr, cum_ptr, dtp_ptr, b, hh, g, c, L, H, G, P, N, Lp, offs_p, offs_n, mp, mn,
+                 cum_last, doc_ref, CS: tl.constexpr, BK: tl.constexpr, TO_END: tl.constexpr, HAS_SEQ: tl.constexpr,
+                 DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """The state walks' chunk term: acc + Σ_t w_t a_tᵀ v_t over chunk c's positions t, BK per dot, with a the
+    head's (t, P) rows at offs_p and v the group's (t, N) rows at offs_n. TO_END (forward: a = x, v = B, the
+    chunk's share of the state leaving it): w_t = exp(cum_last - cum_t) dt_t; else (backward: a = dy, v = C, the
+    outputs' share of the gradient of the state entering it): w_t = exp(cum_t). HAS_SEQ: w_t = 0 outside document
+    doc_ref."""
+    for k in tl.static_range(CS // BK):
+        t = c * CS + k * BK + tl.arange(0, BK)
+        valid = t < L
+        if TO_END:
+            w = tl.exp(cum_last - tl.load(cum_ptr + (b * H + hh) * Lp + t)) * tl.load(dtp_ptr + (b * H + hh) * Lp + t)
+        else:
+            w = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t))
+        if HAS_SEQ:
+            w = tl.where(_doc(seq_ptr, b, t, L) == doc_ref, w, 0.0)
+        a = tl.load(a_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                    mask=valid[:, None] & mp[None, :], other=0.0)
+        v = tl.load(v_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                    mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
+        acc += tl.dot(tl.trans((a * w[:, None]).to(DT)), v, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr, seg_ptr, segdec_ptr,
                       tot_ptr, L, H, G, P, N, NC, NNB, SEGC,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -265,18 +291,9 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
                 tl.store(tot_ptr + (b * H + hh) * NC + c, total)
         total = total * decay
         state = state * decay
-        for k in tl.static_range(CS // BK):
-            t = c * CS + k * BK + tl.arange(0, BK)
-            valid = t < L
-            w = tl.exp(cum_last - tl.load(cum_ptr + (b * H + hh) * Lp + t)) * tl.load(dtp_ptr + (b * H + hh) * Lp + t)
-            if HAS_SEQ:
-                w = tl.where(_doc(seq_ptr, b, t, L) == doc_last, w, 0.0)
-            x = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                        mask=valid[:, None] & mp[None, :], other=0.0)
-            Bt = tl.load(B_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                         mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
-            xw = (x * w[:, None]).to(DT)
-            state += tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
+        state = _chunk_outer(state, x_ptr, B_ptr, seq_ptr, cum_ptr, dtp_ptr, b, hh, g, c, L, H, G, P, N, Lp, offs_p,
+                             offs_n, mp, mn, cum_last, doc_last if HAS_SEQ else 0, CS, BK, True, HAS_SEQ, DOT_PREC,
+                             DT)
     _store_walk_end(seg_ptr, segdec_ptr, final_ptr, b, hh, H, seg, NSEG, P, N, pn, mpn, pid_pn, state, total,
                     TWO_LEVEL)
 
@@ -491,17 +508,8 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
         else:
             tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(rows, 0))
         gst = gst * decay
-        for k in tl.static_range(CS // BK):
-            t = c * CS + k * BK + tl.arange(0, BK)
-            valid = t < L
-            e = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t))
-            if HAS_SEQ:
-                e = tl.where(_doc(seq_ptr, b, t, L) == hdoc, e, 0.0)
-            dy = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                         mask=valid[:, None] & mp[None, :], other=0.0)
-            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                         mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
-            gst += tl.dot(tl.trans((dy * e[:, None]).to(DT)), Ct, input_precision=DOT_PREC)
+        gst = _chunk_outer(gst, dy_ptr, C_ptr, seq_ptr, cum_ptr, cum_ptr, b, hh, g, c, L, H, G, P, N, Lp, offs_p,
+                           offs_n, mp, mn, 0.0, hdoc if HAS_SEQ else 0, CS, BK, False, HAS_SEQ, DOT_PREC, DT)
     _store_walk_end(seg_ptr, segdec_ptr, dinit_ptr, b, hh, H, seg, NSEG, P, N, pn, mpn, pid_pn, gst, prod, TWO_LEVEL)
 
 
