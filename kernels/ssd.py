@@ -138,6 +138,15 @@ def _batch_head(pid_bh, H, G):
 
 
 @triton.jit
+def _group_program(H, G, NC, CS: tl.constexpr):
+    """A per-group backward program (grid: (blocks, batch × groups)): its block index, batch row, group, heads per
+    group and padded length."""
+    pid = tl.program_id(0)
+    b, g, _ = _batch_head(tl.program_id(1), G, G)
+    return pid, b, g, H // G, NC * CS
+
+
+@triton.jit
 def _position_block(pid_m, L, CS: tl.constexpr, BM: tl.constexpr):
     """Chunk, offset in the chunk, positions and their in-sequence mask of the BM-position block pid_m."""
     NM: tl.constexpr = CS // BM
@@ -701,11 +710,7 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
     dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s. dB and dC then follow once per group (`_bwd_bc_kernel`) instead of
     once per head. Each head's d cum (t side: row sums of dCB_h ⊙ C·B, s side: minus the column sums) goes to
     its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later."""
-    pid_c = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, g, _ = _batch_head(pid_bg, G, G)
-    HPG = H // G
-    Lp = NC * CS
+    pid_c, b, g, HPG, Lp = _group_program(H, G, NC, CS)
     NM: tl.constexpr = CS // BM
     NPAIR: tl.constexpr = NM * (NM + 1) // 2
     c = pid_c // NPAIR
@@ -772,11 +777,7 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
     """dC (DO_DC) or dB of one block of positions u, per group: the state terms head by head (dC: e_u dy_u h_in,
     also each head's d cum from it; dB: w_u dt_u x_u dstate_out), then the quadratic term once for all heads
     from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t)."""
-    pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, g, _ = _batch_head(pid_bg, G, G)
-    HPG = H // G
-    Lp = NC * CS
+    pid_m, b, g, HPG, Lp = _group_program(H, G, NC, CS)
     NM: tl.constexpr = CS // BM
     c = pid_m // NM
     mblk = pid_m % NM
@@ -1134,6 +1135,14 @@ def _launch(kernel, grid, *args, **kw):
     return handle
 
 
+def _sizes(x, B, chunk_size):
+    """(batch, seqlen, heads, headdim, groups, dstate, chunks, padded seqlen) of an ssd call (x: (b, L, H, P),
+    B: (b, L, G, N)); ceil division written out, so that it also takes the fakes' symbolic sizes."""
+    b, L, H, P = x.shape
+    NC = -(-L // chunk_size)
+    return b, L, H, P, B.shape[2], B.shape[3], NC, NC * chunk_size
+
+
 def _c(t):
     """t contiguous, with the contiguous strides on size-1 dimensions too (a view, no copy): is_contiguous ignores
     those, and outputs made by empty_like or elementwise ops from an input would keep them where the fakes (and
@@ -1161,11 +1170,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     _check_inputs(x, chunk_size)
     x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = map(
         _c, (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx))
-    b, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
+    b, L, H, P, G, N, NC, Lp = _sizes(x, B, chunk_size)
     cs = chunk_size
-    NC = triton.cdiv(L, cs)
-    Lp = NC * cs
     f32 = torch.float32
     dtp = torch.empty(b, H, Lp, device=x.device, dtype=f32)
     cum = torch.empty(b, H, Lp, device=x.device, dtype=f32)
@@ -1232,10 +1238,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
 
 @ssd_fwd.register_fake
 def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_lo, dt_hi):
-    b, L, H, P = x.shape
-    N = B.shape[3]
-    NC = -(-L // chunk_size)
-    Lp = NC * chunk_size
+    b, L, H, P, _, N, NC, Lp = _sizes(x, B, chunk_size)
     f32 = torch.float32
     # every output is allocated contiguous (the inputs are made contiguous first): torch.empty_like(x) would keep a
     # dense but permuted x's strides
@@ -1253,11 +1256,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     """Returns (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); empty tensors for absent inputs."""
     dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre = map(
         _c, (dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre))
-    b, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
+    b, L, H, P, G, N, NC, Lp = _sizes(x, B, chunk_size)
     cs = chunk_size
-    NC = triton.cdiv(L, cs)
-    Lp = NC * cs
     f32 = torch.float32
     dev = x.device
     prec = _dot_prec(x.dtype)
