@@ -58,7 +58,7 @@ def _preactivation(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, L, D, sxb, sxl, sx
                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """The output tile of program (batch row b, position block, channel block): its first position t0, positions
     t = t0 + r, channels d and mask, and the pre-activation y = bias + Σ_k w[k] xp[t + k] over the taps of t's own
-    document, with the W taps' inputs (for the weight gradient; unused ones stay zero)."""
+    document, with the W taps' inputs as a tuple, taps[k] = xp[t + k] (for the weight gradient)."""
     b = tl.program_id(0)
     t0 = tl.program_id(1) * BLOCK_L
     r = tl.arange(0, BLOCK_L)
@@ -74,8 +74,7 @@ def _preactivation(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, L, D, sxb, sxl, sx
     y = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-    x0 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    x1, x2, x3 = x0, x0, x0
+    taps = ()
     for k in tl.static_range(W):
         q = t + k
         keep = mask
@@ -83,15 +82,8 @@ def _preactivation(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, L, D, sxb, sxl, sx
             keep = keep & (_doc_p(sb, q, L, ssl, W) == doc_t)[:, None]
         xv = _load_xp(xb, ib, q[:, None], (r + k)[:, None], d[None, :], keep, L, sxl, sxd, sid, sik, W, HAS_INIT)
         y += xv * tl.load(w_ptr + d * swd + k * swk, mask=dm, other=0.0).to(tl.float32)[None, :]
-        if k == 0:
-            x0 = xv
-        if k == 1:
-            x1 = xv
-        if k == 2:
-            x2 = xv
-        if k == 3:
-            x3 = xv
-    return b, t0, r, d, dm, mask, y, x0, x1, x2, x3
+        taps = taps + (xv,)
+    return b, t0, r, d, dm, mask, y, taps
 
 
 @triton.jit
@@ -100,26 +92,13 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, out_ptr,
                      sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik, sob, sol, sod,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                      SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    b, t0, r, d, dm, mask, acc, _, _, _, _ = _preactivation(
+    b, t0, r, d, dm, mask, acc, _ = _preactivation(
         x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, L, D, sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik,
         W, HAS_BIAS, HAS_SEQ, HAS_INIT, BLOCK_L, BLOCK_D)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     ob = _base(out_ptr, b, t0, sob, sol)
     tl.store(ob + r[:, None] * sol + d[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _tap(k: tl.constexpr, x0, x1, x2, x3):
-    """The k-th of four tiles (a static choice)."""
-    r = x0
-    if k == 1:
-        r = x1
-    if k == 2:
-        r = x2
-    if k == 3:
-        r = x3
-    return r
 
 
 @triton.jit
@@ -133,7 +112,7 @@ def _conv_bwd_g_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, g_pt
     s_gl, channels contiguous), and the weight and bias gradients' partial sums of this tile (g[t] xp[t + k] over the
     taps k of t's own document)."""
     part = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    b, t0, r, d, dm, mask, y, x0, x1, x2, x3 = _preactivation(
+    b, t0, r, d, dm, mask, y, taps = _preactivation(
         x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, L, D, sxb, sxl, sxd, swd, swk, ssb, ssl, sib, sid, sik,
         W, HAS_BIAS, HAS_SEQ, HAS_INIT, BLOCK_L, BLOCK_D)
     gb = _base(dout_ptr, b, t0, sgb, sgl)
@@ -144,7 +123,7 @@ def _conv_bwd_g_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dout_ptr, g_pt
     tl.store(_base(g_ptr, b, t0, s_gb, s_gl) + r[:, None] * s_gl + d[None, :], g, mask=mask)
     pb = _row(dw_part_ptr, part, W * D)
     for k in tl.static_range(W):
-        tl.store(pb + k * D + d, tl.sum(g * _tap(k, x0, x1, x2, x3), axis=0), mask=dm)
+        tl.store(pb + k * D + d, tl.sum(g * taps[k], axis=0), mask=dm)
     if HAS_BIAS:
         tl.store(_row(db_part_ptr, part, D) + d, tl.sum(g, axis=0), mask=dm)
 
@@ -324,7 +303,7 @@ _conv_fwd.register_autograd(_backward, setup_context=_setup)
 def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
                   activation="silu"):
     """`lit_mamba2.reference.causal_conv1d`'s semantics (arguments already checked by `lit_mamba2.ops`)."""
-    if not 1 <= weight.shape[1] <= 4:  # the backward keeps the taps in four tiles
+    if not 1 <= weight.shape[1] <= 4:  # the backward holds the taps' tiles in registers, sized for four
         raise ValueError(f"lit_mamba2.kernels.conv1d: width must be 1-4, got {weight.shape[1]}")
     out, final = _conv_fwd(x, weight, bias, seq_idx, initial_states, activation == "silu", bool(return_final_states))
     return (out, final) if return_final_states else out

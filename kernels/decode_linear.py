@@ -95,6 +95,33 @@ def _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, ox, orr, oz, oro, mask, 
 
 
 @triton.jit
+def _group_chunk(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, rows, row_mask, x_b, r_b, z_b, ro_b, g, k0, group_size,
+                 store, ADD_RESIDUAL: tl.constexpr, WRITE_RESIDUAL: tl.constexpr, HAS_Z: tl.constexpr,
+                 NORM_BEFORE_GATE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Chunk k0 of norm group g for input rows `rows`: one batch row (row_mask True), or a (BLOCK_M, 1) block of
+    rows with their mask, the chunk's channels broadcast against it. Returns the chunk's channels, their mask, and
+    _norm_input's (u, gate)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    mk = kk < group_size
+    mask = row_mask & mk  # (before offs_k: the order the row kernel had, and its PTX, is kept)
+    offs_k = g * group_size + kk
+    u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, rows * x_b + offs_k, rows * r_b + offs_k,
+                          rows * z_b + offs_k, rows * ro_b + offs_k, mask, store, ADD_RESIDUAL, WRITE_RESIDUAL,
+                          HAS_Z, NORM_BEFORE_GATE)
+    return offs_k, mk, u, gate
+
+
+@triton.jit
+def _weighted(u, gate, nw_ptr, offs_k, mk, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+    """u (already scaled by rstd in the two-pass form) times the norm weight of channels offs_k, and gated when
+    the gate comes after the norm: the vector the linear weight multiplies, in float32."""
+    v = u * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+    if HAS_Z and NORM_BEFORE_GATE:
+        v = v * gate
+    return v
+
+
+@triton.jit
 def _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first, PRELOAD: tl.constexpr):
     """The (BLOCK_N, BLOCK_K) weight tile at group g, chunk k0 (the preloaded one for the first chunk)."""
     if PRELOAD:
@@ -136,17 +163,12 @@ def _norm_linear_kernel(
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, group_size, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            mk = kk < group_size
-            offs_k = g * group_size + kk
-            u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
-                                  b * z_b + offs_k, b * ro_b + offs_k, mk, pid_n == 0, ADD_RESIDUAL, WRITE_RESIDUAL,
-                                  HAS_Z, NORM_BEFORE_GATE)
+            offs_k, mk, u, gate = _group_chunk(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b, True, x_b, r_b, z_b, ro_b, g,
+                                               k0, group_size, pid_n == 0, ADD_RESIDUAL, WRITE_RESIDUAL, HAS_Z,
+                                               NORM_BEFORE_GATE, BLOCK_K)
             ss += u * u
             if SINGLE_PASS:
-                v = u * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
-                if HAS_Z and NORM_BEFORE_GATE:
-                    v = v * gate
+                v = _weighted(u, gate, nw_ptr, offs_k, mk, HAS_Z, NORM_BEFORE_GATE)
                 w = _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first, PRELOAD)
                 acc_g += w.to(tl.float32) * v[None, :]
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / group_size + eps)
@@ -155,15 +177,10 @@ def _norm_linear_kernel(
         else:
             # pass 2: normalise again chunk by chunk (the row is in cache) and multiply into the weight tile
             for k0 in range(0, group_size, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                mk = kk < group_size
-                offs_k = g * group_size + kk
-                u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b * x_b + offs_k, b * r_b + offs_k,
-                                      b * z_b + offs_k, b * ro_b + offs_k, mk, False, ADD_RESIDUAL, WRITE_RESIDUAL,
-                                      HAS_Z, NORM_BEFORE_GATE)
-                nrm = u * rstd * tl.load(nw_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
-                if HAS_Z and NORM_BEFORE_GATE:
-                    nrm = nrm * gate
+                offs_k, mk, u, gate = _group_chunk(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, b, True, x_b, r_b, z_b, ro_b,
+                                                   g, k0, group_size, False, ADD_RESIDUAL, WRITE_RESIDUAL, HAS_Z,
+                                                   NORM_BEFORE_GATE, BLOCK_K)
+                nrm = _weighted(u * rstd, gate, nw_ptr, offs_k, mk, HAS_Z, NORM_BEFORE_GATE)
                 nrm = nrm.to(w_ptr.dtype.element_ty).to(tl.float32)
                 w = _weight_chunk(w_ptr, offs_n, offs_k, w_n, mask_n, mk, g, k0, w_first, PRELOAD)
                 acc += w.to(tl.float32) * nrm[None, :]
@@ -258,19 +275,12 @@ def _norm_matmul_kernel(
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, group_size, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            offs_k = g * group_size + kk
-            mkk = kk < group_size
-            mk = mask_m[:, None] & mkk[None, :]
-            u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, offs_m[:, None] * x_b + offs_k[None, :],
-                                  offs_m[:, None] * r_b + offs_k[None, :], offs_m[:, None] * z_b + offs_k[None, :],
-                                  offs_m[:, None] * ro_b + offs_k[None, :], mk, pid_n == 0, ADD_RESIDUAL,
-                                  WRITE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE)
+            offs_k, mkk, u, gate = _group_chunk(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, offs_m[:, None],
+                                                mask_m[:, None], x_b, r_b, z_b, ro_b, g, k0, group_size, pid_n == 0,
+                                                ADD_RESIDUAL, WRITE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, BLOCK_K)
             ss += tl.sum(u * u, axis=1)
             if SINGLE_PASS:
-                v = u * tl.load(nw_ptr + offs_k, mask=mkk, other=0.0).to(tl.float32)[None, :]
-                if HAS_Z and NORM_BEFORE_GATE:
-                    v = v * gate
+                v = _weighted(u, gate, nw_ptr, offs_k, mkk, HAS_Z, NORM_BEFORE_GATE)
                 w = tl.load(w_ptr + offs_n[None, :] * w_n + offs_k[:, None], mask=mask_n[None, :] & mkk[:, None],
                             other=0.0)  # (BLOCK_K, BLOCK_N): the weight transposed
                 v = v.to(w_ptr.dtype.element_ty).to(DOT_DTYPE)
@@ -283,17 +293,10 @@ def _norm_matmul_kernel(
             acc += acc_g * rstd[:, None]
         else:
             for k0 in range(0, group_size, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                offs_k = g * group_size + kk
-                mkk = kk < group_size
-                mk = mask_m[:, None] & mkk[None, :]
-                u, gate = _norm_input(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr,
-                                      offs_m[:, None] * x_b + offs_k[None, :], offs_m[:, None] * r_b + offs_k[None, :],
-                                      offs_m[:, None] * z_b + offs_k[None, :], offs_m[:, None] * ro_b + offs_k[None, :],
-                                      mk, False, ADD_RESIDUAL, WRITE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE)
-                nrm = u * rstd[:, None] * tl.load(nw_ptr + offs_k, mask=mkk, other=0.0).to(tl.float32)[None, :]
-                if HAS_Z and NORM_BEFORE_GATE:
-                    nrm = nrm * gate
+                offs_k, mkk, u, gate = _group_chunk(x_ptr, r_ptr, z_ptr, r_out_ptr, nw_ptr, offs_m[:, None],
+                                                    mask_m[:, None], x_b, r_b, z_b, ro_b, g, k0, group_size, False,
+                                                    ADD_RESIDUAL, WRITE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, BLOCK_K)
+                nrm = _weighted(u * rstd[:, None], gate, nw_ptr, offs_k, mkk, HAS_Z, NORM_BEFORE_GATE)
                 w = tl.load(w_ptr + offs_n[None, :] * w_n + offs_k[:, None], mask=mask_n[None, :] & mkk[:, None],
                             other=0.0)
                 nrm = nrm.to(w_ptr.dtype.element_ty).to(DOT_DTYPE)

@@ -138,6 +138,15 @@ def _batch_head(pid_bh, H, G):
 
 
 @triton.jit
+def _group_program(H, G, NC, CS: tl.constexpr):
+    """A per-group backward program (grid: (blocks, batch × groups)): its block index, batch row, group, heads per
+    group and padded length."""
+    pid = tl.program_id(0)
+    b, g, _ = _batch_head(tl.program_id(1), G, G)
+    return pid, b, g, H // G, NC * CS
+
+
+@triton.jit
 def _position_block(pid_m, L, CS: tl.constexpr, BM: tl.constexpr):
     """Chunk, offset in the chunk, positions and their in-sequence mask of the BM-position block pid_m."""
     NM: tl.constexpr = CS // BM
@@ -221,6 +230,32 @@ def _store_walk_end(seg_ptr, segdec_ptr, end_ptr, b, hh, H, seg, NSEG, P, N, pn,
 
 
 @triton.jit
+def _chunk_outer(acc, a_ptr, v_ptr, seq_ptr, cum_ptr, dtp_ptr, b, hh, g, c, L, H, G, P, N, Lp, offs_p, offs_n, mp, mn,
+                 cum_last, doc_ref, CS: tl.constexpr, BK: tl.constexpr, TO_END: tl.constexpr, HAS_SEQ: tl.constexpr,
+                 DOT_PREC: tl.constexpr, DT: tl.constexpr):
+    """The state walks' chunk term: acc + Σ_t w_t a_tᵀ v_t over chunk c's positions t, BK per dot, with a the
+    head's (t, P) rows at offs_p and v the group's (t, N) rows at offs_n. TO_END (forward: a = x, v = B, the
+    chunk's share of the state leaving it): w_t = exp(cum_last - cum_t) dt_t; else (backward: a = dy, v = C, the
+    outputs' share of the gradient of the state entering it): w_t = exp(cum_t). HAS_SEQ: w_t = 0 outside document
+    doc_ref."""
+    for k in tl.static_range(CS // BK):
+        t = c * CS + k * BK + tl.arange(0, BK)
+        valid = t < L
+        if TO_END:
+            w = tl.exp(cum_last - tl.load(cum_ptr + (b * H + hh) * Lp + t)) * tl.load(dtp_ptr + (b * H + hh) * Lp + t)
+        else:
+            w = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t))
+        if HAS_SEQ:
+            w = tl.where(_doc(seq_ptr, b, t, L) == doc_ref, w, 0.0)
+        a = tl.load(a_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
+                    mask=valid[:, None] & mp[None, :], other=0.0)
+        v = tl.load(v_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
+                    mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
+        acc += tl.dot(tl.trans((a * w[:, None]).to(DT)), v, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_ptr, final_ptr, seg_ptr, segdec_ptr,
                       tot_ptr, L, H, G, P, N, NC, NNB, SEGC,
                       CS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -265,18 +300,9 @@ def _fwd_state_kernel(x_ptr, B_ptr, init_ptr, seq_ptr, dtp_ptr, cum_ptr, states_
                 tl.store(tot_ptr + (b * H + hh) * NC + c, total)
         total = total * decay
         state = state * decay
-        for k in tl.static_range(CS // BK):
-            t = c * CS + k * BK + tl.arange(0, BK)
-            valid = t < L
-            w = tl.exp(cum_last - tl.load(cum_ptr + (b * H + hh) * Lp + t)) * tl.load(dtp_ptr + (b * H + hh) * Lp + t)
-            if HAS_SEQ:
-                w = tl.where(_doc(seq_ptr, b, t, L) == doc_last, w, 0.0)
-            x = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                        mask=valid[:, None] & mp[None, :], other=0.0)
-            Bt = tl.load(B_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                         mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
-            xw = (x * w[:, None]).to(DT)
-            state += tl.dot(tl.trans(xw), Bt, input_precision=DOT_PREC)
+        state = _chunk_outer(state, x_ptr, B_ptr, seq_ptr, cum_ptr, dtp_ptr, b, hh, g, c, L, H, G, P, N, Lp, offs_p,
+                             offs_n, mp, mn, cum_last, doc_last if HAS_SEQ else 0, CS, BK, True, HAS_SEQ, DOT_PREC,
+                             DT)
     _store_walk_end(seg_ptr, segdec_ptr, final_ptr, b, hh, H, seg, NSEG, P, N, pn, mpn, pid_pn, state, total,
                     TWO_LEVEL)
 
@@ -491,17 +517,8 @@ def _bwd_state_kernel(dy_ptr, C_ptr, seq_ptr, cum_ptr, states_ptr, dfinal_ptr, d
         else:
             tl.store(dcl_ptr + ((b * H + hh) * NC + c) * NPN + pid_pn, decay * tl.sum(rows, 0))
         gst = gst * decay
-        for k in tl.static_range(CS // BK):
-            t = c * CS + k * BK + tl.arange(0, BK)
-            valid = t < L
-            e = tl.exp(tl.load(cum_ptr + (b * H + hh) * Lp + t))
-            if HAS_SEQ:
-                e = tl.where(_doc(seq_ptr, b, t, L) == hdoc, e, 0.0)
-            dy = tl.load(dy_ptr + ((b * L + t[:, None]) * H + hh) * P + offs_p[None, :],
-                         mask=valid[:, None] & mp[None, :], other=0.0)
-            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + g) * N + offs_n[None, :],
-                         mask=valid[:, None] & mn[None, :], other=0.0).to(DT)
-            gst += tl.dot(tl.trans((dy * e[:, None]).to(DT)), Ct, input_precision=DOT_PREC)
+        gst = _chunk_outer(gst, dy_ptr, C_ptr, seq_ptr, cum_ptr, cum_ptr, b, hh, g, c, L, H, G, P, N, Lp, offs_p,
+                           offs_n, mp, mn, 0.0, hdoc if HAS_SEQ else 0, CS, BK, False, HAS_SEQ, DOT_PREC, DT)
     _store_walk_end(seg_ptr, segdec_ptr, dinit_ptr, b, hh, H, seg, NSEG, P, N, pn, mpn, pid_pn, gst, prod, TWO_LEVEL)
 
 
@@ -693,11 +710,7 @@ def _bwd_dcb_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, dcb_
     dCB[t, s] = Σ_h (dy_t·x_s) L_ts dt_s. dB and dC then follow once per group (`_bwd_bc_kernel`) instead of
     once per head. Each head's d cum (t side: row sums of dCB_h ⊙ C·B, s side: minus the column sums) goes to
     its own slot of `part` (slot j for the t side, NM + i for the s side), summed in fixed order later."""
-    pid_c = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, g, _ = _batch_head(pid_bg, G, G)
-    HPG = H // G
-    Lp = NC * CS
+    pid_c, b, g, HPG, Lp = _group_program(H, G, NC, CS)
     NM: tl.constexpr = CS // BM
     NPAIR: tl.constexpr = NM * (NM + 1) // 2
     c = pid_c // NPAIR
@@ -764,11 +777,7 @@ def _bwd_bc_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, seq_ptr, dtp_ptr, cum_ptr, state
     """dC (DO_DC) or dB of one block of positions u, per group: the state terms head by head (dC: e_u dy_u h_in,
     also each head's d cum from it; dB: w_u dt_u x_u dstate_out), then the quadratic term once for all heads
     from the head-summed dCB (dC_u = Σ_s dCB[u, s] B_s, dB_u = Σ_t dCB[t, u] C_t)."""
-    pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, g, _ = _batch_head(pid_bg, G, G)
-    HPG = H // G
-    Lp = NC * CS
+    pid_m, b, g, HPG, Lp = _group_program(H, G, NC, CS)
     NM: tl.constexpr = CS // BM
     c = pid_m // NM
     mblk = pid_m % NM
@@ -1126,6 +1135,14 @@ def _launch(kernel, grid, *args, **kw):
     return handle
 
 
+def _sizes(x, B, chunk_size):
+    """(batch, seqlen, heads, headdim, groups, dstate, chunks, padded seqlen) of an ssd call (x: (b, L, H, P),
+    B: (b, L, G, N)); ceil division written out, so that it also takes the fakes' symbolic sizes."""
+    b, L, H, P = x.shape
+    NC = -(-L // chunk_size)
+    return b, L, H, P, B.shape[2], B.shape[3], NC, NC * chunk_size
+
+
 def _c(t):
     """t contiguous, with the contiguous strides on size-1 dimensions too (a view, no copy): is_contiguous ignores
     those, and outputs made by empty_like or elementwise ops from an input would keep them where the fakes (and
@@ -1153,11 +1170,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     _check_inputs(x, chunk_size)
     x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = map(
         _c, (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx))
-    b, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
+    b, L, H, P, G, N, NC, Lp = _sizes(x, B, chunk_size)
     cs = chunk_size
-    NC = triton.cdiv(L, cs)
-    Lp = NC * cs
     f32 = torch.float32
     dtp = torch.empty(b, H, Lp, device=x.device, dtype=f32)
     cum = torch.empty(b, H, Lp, device=x.device, dtype=f32)
@@ -1224,10 +1238,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
 
 @ssd_fwd.register_fake
 def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_lo, dt_hi):
-    b, L, H, P = x.shape
-    N = B.shape[3]
-    NC = -(-L // chunk_size)
-    Lp = NC * chunk_size
+    b, L, H, P, _, N, NC, Lp = _sizes(x, B, chunk_size)
     f32 = torch.float32
     # every output is allocated contiguous (the inputs are made contiguous first): torch.empty_like(x) would keep a
     # dense but permuted x's strides
@@ -1245,11 +1256,8 @@ def ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Te
     """Returns (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); empty tensors for absent inputs."""
     dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre = map(
         _c, (dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre))
-    b, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
+    b, L, H, P, G, N, NC, Lp = _sizes(x, B, chunk_size)
     cs = chunk_size
-    NC = triton.cdiv(L, cs)
-    Lp = NC * cs
     f32 = torch.float32
     dev = x.device
     prec = _dot_prec(x.dtype)
