@@ -58,16 +58,6 @@ def write_mamba_ssm_folder(model: Mamba2LMHeadModel, folder: Path) -> Path:
     return folder
 
 
-def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(40)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # transformers' format
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,11 +298,11 @@ def tokenizer_state(tok, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["top_level", "hyper_parameters", "lit_mamba2"])
-def test_convert_training_checkpoint_to_both_formats(tmp_path, layout):
+def test_convert_training_checkpoint_to_both_formats(tmp_path, layout, word_tokenizer):
     from transformers import Mamba2ForCausalLM
 
     src = randomise(Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test")))
-    tok = make_tokenizer()
+    tok = word_tokenizer
     write_ckpt(tmp_path / "last.ckpt", src, tokenizer_state(tok, tmp_path), layout)
     x = ids(256)
     with torch.no_grad():
@@ -343,9 +333,9 @@ def test_ckpt_without_model_config_is_refused(tmp_path):
         Mamba2LMHeadModel.from_pretrained(tmp_path / "x.ckpt")
 
 
-def test_tokenizer_files_are_found_and_copied(tmp_path):
+def test_tokenizer_files_are_found_and_copied(tmp_path, word_tokenizer):
     model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))
-    tok = make_tokenizer()
+    tok = word_tokenizer
     save(model, tmp_path / "a", format="mamba_ssm", tokenizer=tok)
     loaded = load(Mamba2LMHeadModel, tmp_path / "a")
     assert loaded.tokenizer is not None and loaded.tokenizer.eos_id == 0
@@ -431,7 +421,7 @@ def test_compiled_model_saves_the_module_it_wraps(tmp_path):
             assert (Mamba2LMHeadModel.from_pretrained(tmp_path / fmt)(x) - model(x)).abs().max() < 1e-6
 
 
-def test_hf_config_is_strict_json_with_the_tokenizers_ids(tmp_path):
+def test_hf_config_is_strict_json_with_the_tokenizers_ids(tmp_path, word_tokenizer):
     from transformers import Mamba2Config as HFConfig
 
     def strict(path):
@@ -440,7 +430,7 @@ def test_hf_config_is_strict_json_with_the_tokenizers_ids(tmp_path):
         return json.loads(path.read_text(), parse_constant=refuse)
 
     model = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))  # dt_limit (0, inf): the default
-    tok = make_tokenizer()
+    tok = word_tokenizer
     tok.add_special_tokens({"bos_token": "w0", "pad_token": "w1"})
     save(model, tmp_path / "a", format="hf", tokenizer=tok)
     cfg = strict(tmp_path / "a" / "config.json")
@@ -504,9 +494,9 @@ def test_convert_refuses_a_file_target_and_keeps_a_users_empty_folder(tmp_path, 
         assert (tmp_path / "mine").is_dir()
 
 
-def test_ckpt_loaded_without_its_tokenizer(tmp_path):
+def test_ckpt_loaded_without_its_tokenizer(tmp_path, word_tokenizer):
     src = Mamba2LMHeadModel(Mamba2Config.from_name("mamba2-test"))
-    write_ckpt(tmp_path / "a.ckpt", src, tokenizer_state(make_tokenizer(), tmp_path), "top_level")
+    write_ckpt(tmp_path / "a.ckpt", src, tokenizer_state(word_tokenizer, tmp_path), "top_level")
     assert load(Mamba2LMHeadModel, tmp_path / "a.ckpt").tokenizer is not None
     assert load(Mamba2LMHeadModel, tmp_path / "a.ckpt", tokenizer=False).tokenizer is None
 

@@ -106,15 +106,8 @@ def test_seeded_sampling_is_reproducible_and_batched_like_alone():
     assert a == b
 
 
-def test_generate_verb_end_to_end(tmp_path, capsys):
-    pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(40)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]")
+def test_generate_verb_end_to_end(tmp_path, capsys, word_tokenizer):
+    hf_tok = word_tokenizer
     model = make_model("mamba2-test")
     model.save_pretrained(tmp_path, format="mamba_ssm", tokenizer=hf_tok)
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "w1 w2 w3", "--max_new_tokens", "5",

@@ -19,17 +19,6 @@ pytest.importorskip("transformers")
 TEXTS = ["w3 w5 w7", "w1 nope w2", "", "w39 w0 w0"]
 
 
-def word_tokenizer():
-    """A word-level Hugging Face tokenizer built here (no download): <eos> 0, [UNK] 1, w0..w39 = 2..41."""
-    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = RawTokenizer(models.WordLevel({"<eos>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(40)}},
-                                        unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="[UNK]")
-
-
 def through_a_checkpoint(state):
     """As a checkpoint stores it: torch.save, then torch.load(weights_only=True)."""
     buffer = io.BytesIO()
@@ -48,8 +37,8 @@ def assert_same_tokenizer(a: Tokenizer, b: Tokenizer, texts, identity=True):
 
 
 @pytest.mark.parametrize("kind", ["byte", "hf"])
-def test_rebuilt_from_its_state_it_encodes_as_the_original(kind):
-    tok = ByteTokenizer() if kind == "byte" else HFTokenizer.wrap(word_tokenizer(), "words")
+def test_rebuilt_from_its_state_it_encodes_as_the_original(kind, word_tokenizer):
+    tok = ByteTokenizer() if kind == "byte" else HFTokenizer.wrap(word_tokenizer, "words")
     texts = TEXTS + ["héllo\n\tworld"] if kind == "byte" else TEXTS
     rebuilt = tokenizer_from_state(through_a_checkpoint(tok.state_dict()))
     assert type(rebuilt) is type(tok)
@@ -58,8 +47,8 @@ def test_rebuilt_from_its_state_it_encodes_as_the_original(kind):
         assert tok.encode("w3 w5 w7") == [5, 7, 9] and tok.eos_id == 0
 
 
-def test_one_interface_from_every_spelling(tmp_path):
-    hf = word_tokenizer()
+def test_one_interface_from_every_spelling(tmp_path, word_tokenizer):
+    hf = word_tokenizer
     hf.save_pretrained(tmp_path / "tok")
     wrapped = load_tokenizer(hf)  # a transformers object
     assert isinstance(wrapped, HFTokenizer)
@@ -78,12 +67,12 @@ def test_one_interface_from_every_spelling(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["byte", "hf"])
-def test_the_tokenizer_training_stores_comes_back_everywhere(tmp_path, capsys, kind):
+def test_the_tokenizer_training_stores_comes_back_everywhere(tmp_path, capsys, kind, word_tokenizer):
     """LanguageModel writes the checkpoint; its own resume path, checkpoints.load and the generate verb each get
     the tokenizer back from it alone, encoding as the original."""
     from lit_mamba2.training.module import LanguageModel
 
-    tok = ByteTokenizer() if kind == "byte" else HFTokenizer.wrap(word_tokenizer(), "words")
+    tok = ByteTokenizer() if kind == "byte" else HFTokenizer.wrap(word_tokenizer, "words")
     config = Mamba2Config.from_name("mamba2-test")
     module = LanguageModel(config.to_dict(), tokenizer=tok)
     module.configure_model()

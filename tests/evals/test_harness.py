@@ -254,15 +254,8 @@ def test_paper_table_matches_the_published_size():
 
 
 @pytest.mark.parametrize("fmt", ["mamba_ssm", "hf"])
-def test_folder_with_its_own_hf_tokenizer(tmp_path, fmt):
-    pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(40)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]")
+def test_folder_with_its_own_hf_tokenizer(tmp_path, fmt, word_tokenizer):
+    hf_tok = word_tokenizer
     model = make_model(1)
     model.save_pretrained(tmp_path, format=fmt, tokenizer=hf_tok)
     lm = lm_eval.api.registry.get_model("lit_mamba2").create_from_arg_string(
