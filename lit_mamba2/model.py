@@ -478,8 +478,10 @@ class Mamba2LMHeadModel(nn.Module):
             positions = document_positions(seq_idx, *input_ids.shape, input_ids.device)
         hidden = self.backbone(input_ids, seq_idx=seq_idx, positions=positions).to(self.lm_head.weight.dtype)
         if reduction != "none":
+            # (a tensor-parallel plan leaves the LM head a slice of the vocabulary and names its group)
             return ops.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
-                                            ignore_index=ignore_index, reduction=reduction, impl=self.impl)
+                                            ignore_index=ignore_index, reduction=reduction,
+                                            vocab_group=getattr(self.lm_head, "vocab_group", None), impl=self.impl)
         logits = self.lm_head(hidden)
         if logits.dtype != torch.float64:
             logits = logits.float()

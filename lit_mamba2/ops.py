@@ -176,11 +176,19 @@ def gated_rmsnorm(x, z, weight, eps=1e-5, group_size=None, norm_before_gate=Fals
     return reference.gated_rmsnorm(x, z, weight, eps, gs, norm_before_gate)
 
 
-def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", *, impl=None):
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", *, vocab_group=None,
+                         impl=None):
     """Cross-entropy of the LM head's logits hidden @ weight.T against labels, without the full float32 logits
-    on the Triton path. hidden: (N, d); weight: (V, d); labels: (N,). reduction "mean" or "sum"."""
+    on the Triton path. hidden: (N, d); weight: (V, d); labels: (N,). reduction "mean" or "sum".
+    vocab_group: weight is this rank's slice of the vocabulary rows, split in rank order over that process group
+    (tensor parallelism); the log-sum-exp is taken across the slices (lit_mamba2.parallel.tensor, in PyTorch on
+    every device), the loss is the same on every rank and hidden's gradient is summed over the group."""
     op = "linear_cross_entropy"
     _check(reduction in ("mean", "sum"), lambda: f"{op}: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if vocab_group is not None:
+        from lit_mamba2.parallel.tensor import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(hidden, weight, labels, ignore_index, reduction, vocab_group)
     if _choose(impl, hidden, weight, labels, op=op) == "triton":
         from lit_mamba2.kernels.cross_entropy import linear_cross_entropy as kernel
 

@@ -1,0 +1,108 @@
+"""Tensor parallelism (lit_mamba2.parallel.tensor) on several CPU processes (gloo), in float64: the logits, the loss
+and every parameter's gradient (made whole again) equal one process's, for ngroups % tp == 0 and tp % ngroups == 0
+(the gated norm's sum of squares shared), pure and hybrid models; the clipping norm counts every element once;
+layouts that cannot split the model are named."""
+
+import pytest
+import torch
+
+from lit_mamba2 import Mamba2Config
+from lit_mamba2.model import Mamba2LMHeadModel
+from lit_mamba2.parallel import LayoutError, ParallelDims
+from lit_mamba2.parallel.tensor import (apply_tensor_parallel, check_tensor_parallel, grad_norm,
+                                        sync_replicated_grads, to_whole)
+
+from .gloo import run
+
+CONFIGS = {
+    "pure, ngroups 2": ("mamba2-test", {}),
+    "pure, ngroups 1": ("mamba2-test", {"ssm_cfg": {"ngroups": 1}}),
+    "hybrid, ngroups 2": ("mamba2attn-test", {}),
+    # every segment at once: the channels beside the SSM (d_ssm < d_inner), biases, D per channel, the norm
+    # before the gate, the attention's MLP, an untied LM head
+    "hybrid, ngroups 1, all segments": ("mamba2attn-test", {
+        "ssm_cfg": {"ngroups": 1, "d_ssm": 64, "bias": True, "D_has_hdim": True, "norm_before_gate": True},
+        "attn_cfg": {"mlp_dim": 64, "qkv_proj_bias": True, "out_proj_bias": True}, "tie_embeddings": False}),
+}
+
+
+def build(name):
+    preset, overrides = CONFIGS[name]
+    torch.manual_seed(0)
+    model = Mamba2LMHeadModel(Mamba2Config.from_name(preset, **overrides)).double()
+    with torch.no_grad():  # D = 1, norms = 1 at init: perturb so that every gradient path carries its own values
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (2, 33), generator=g)
+    seq_idx = torch.tensor([[0] * 20 + [1] * 12, [0] * 32], dtype=torch.int32)
+    return ids[:, :-1], ids[:, 1:].clone().index_fill_(1, torch.tensor([5]), -100), seq_idx
+
+
+def outputs(model, whole=lambda name, t: t):
+    ids, labels, seq_idx = batch()
+    logits = model(ids, seq_idx=seq_idx).detach()
+    loss = model.loss(ids, labels, seq_idx=seq_idx)
+    loss.backward()
+    sync_replicated_grads(model)
+    grads = {n: whole(n, p.grad) for n, p in model.named_parameters()}
+    return logits, loss.detach(), grads, grad_norm(model)
+
+
+def _split(rank, world, names, out):
+    mesh = ParallelDims.resolve(world, dp_shard=1, tp=world).build_mesh("cpu")
+    results = {}
+    for name in names:
+        model = apply_tensor_parallel(build(name), mesh.world["tp"])
+        results[name] = outputs(model, lambda n, t: to_whole(model.tensor_parallel, n, t))
+    if rank == 0:
+        torch.save(results, out)
+
+
+def check(results, names):
+    for name in names:
+        ref_logits, ref_loss, ref_grads, _ = outputs(build(name))
+        logits, loss, grads, norm = results[name]
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-10, msg=name)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12, msg=name)
+        assert grads.keys() == ref_grads.keys(), name
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-9, atol=1e-11, msg=f"{name}: {n}")
+        # the global norm, against torch's over the one process's whole gradients
+        ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()]))
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-10, atol=0, msg=name)
+
+
+def test_tp2_equals_one_process(tmp_path):
+    run(2, _split, list(CONFIGS), str(tmp_path / "out.pt"))
+    check(torch.load(tmp_path / "out.pt"), list(CONFIGS))
+
+
+def test_tp4_shares_each_group_between_two_ranks(tmp_path):
+    # ngroups 2 over tp 4: ranks {0, 1} hold group 0, {2, 3} group 1 (the norm's sums and B/C gradients per pair)
+    names = ["pure, ngroups 2"]
+    run(4, _split, names, str(tmp_path / "out.pt"))
+    check(torch.load(tmp_path / "out.pt"), names)
+
+
+def test_layouts_that_cannot_split_the_model_are_named():
+    cfg = Mamba2Config.from_name
+    with pytest.raises(LayoutError, match=r"parallel.tp = 2 and ssm_cfg.ngroups = 3"):
+        check_tensor_parallel(cfg("mamba2-test", d_model=48, ssm_cfg={"ngroups": 3}), 2)
+    with pytest.raises(LayoutError, match=r"parallel.tp = 4 does not divide the attention heads: "
+                                          r"attn_cfg.num_heads = 30"):
+        check_tensor_parallel(cfg("mamba2attn-2.7b"), 4)
+    check_tensor_parallel(cfg("mamba2attn-2.7b"), 2)
+    check_tensor_parallel(cfg("mamba2-2.7b"), 8)  # ngroups 1: shared by the 8 ranks
+    with pytest.raises(LayoutError, match=r"attn_cfg.num_heads_kv = 2"):
+        check_tensor_parallel(cfg("mamba2attn-test"), 4)
+    with pytest.raises(LayoutError, match=r"parallel.tp = 16 does not divide the Mamba-2 heads \(nheads = 8\)"):
+        check_tensor_parallel(cfg("mamba2-test", ssm_cfg={"ngroups": 1}), 16)
+    with pytest.raises(LayoutError, match=r"parallel.tp = 16 does not divide the padded vocabulary \(264\)"):
+        check_tensor_parallel(cfg("mamba2-test", vocab_size=260, pad_vocab_size_multiple=8,
+                                  ssm_cfg={"ngroups": 1, "headdim": 8}), 16)
