@@ -2,13 +2,16 @@
 
 Lightning's ModelParallelStrategy (FSDP2, the model parallelised from outside in `configure_model`) with our mesh
 (dp_replicate × dp_shard × cp × tp) in place of its 2-D one; the LightningModule reads it as
-`trainer.strategy.parallel_mesh`. Checkpoints are gathered into one file on rank 0 for now, which every reader
-takes and which resumes on any layout.
+`trainer.strategy.parallel_mesh`. Checkpoints are torch.distributed.checkpoint folders of mamba_ssm's names and
+whole shapes, so that any layout resumes them and every reader takes them: under tensor parallelism each sharded
+parameter (and its optimizer state) is made whole and sharded over the data-parallel mesh only for the save, and cut
+back into this rank's pieces on load (`lit_mamba2.parallel.tensor.to_whole` / `from_whole`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -35,3 +38,75 @@ class FSDP2Strategy(ModelParallelStrategy):
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         dp = self.parallel_mesh.dp
         return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
+
+    def _tensor_parallel(self):
+        """The model's TensorParallel plan (None without tensor parallelism), and the prefix of its names in the
+        LightningModule's state dict."""
+        plan = getattr(getattr(self.lightning_module, "model", None), "tensor_parallel", None)
+        return plan, "model."
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        plan, prefix = self._tensor_parallel()
+        if plan is None:
+            return super().lightning_module_state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        from lit_mamba2.parallel.tensor import to_whole
+
+        state = get_model_state_dict(self.model)
+        return {k: to_whole(plan, k.removeprefix(prefix), v) for k, v in state.items()}
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        plan, prefix = self._tensor_parallel()
+        if plan is None:
+            return super().optimizer_state(optimizer)
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        from lit_mamba2.parallel.tensor import to_whole
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        state = get_optimizer_state_dict(self.model, optimizer)
+        state["state"] = {name: {k: to_whole(plan, name.removeprefix(prefix), v) for k, v in per_param.items()}
+                          for name, per_param in state["state"].items()}
+        return state
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        plan, prefix = self._tensor_parallel()
+        if plan is None:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        import torch
+        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+
+        from lit_mamba2.checkpoints import is_sharded_checkpoint
+        from lit_mamba2.parallel.tensor import from_whole, whole_placeholder
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not is_sharded_checkpoint(path):
+            raise ValueError(f"resume: {str(path)!r} is a single-file checkpoint; under parallel.tp > 1 resume from "
+                             "a sharded one (written under trainer.strategy: fsdp)")
+
+        def name(key):
+            return key.removeprefix(prefix)
+
+        like = get_model_state_dict(self.model)
+        # placeholders of the whole tensors for the checkpoint to fill, then this rank's pieces of them
+        state = {"state_dict": {k: whole_placeholder(plan, name(k), v) for k, v in like.items()}}
+        _distributed_checkpoint_load(state, path)
+        self.model.load_state_dict({k: from_whole(plan, name(k), state["state_dict"][k], v) for k, v in like.items()},
+                                   strict=self.lightning_module.strict_loading)
+        for idx, optimizer in enumerate(self.optimizers):
+            like = get_optimizer_state_dict(self.model, optimizer)
+            whole = {p: {k: whole_placeholder(plan, name(p), v) for k, v in per_param.items()}
+                     for p, per_param in like["state"].items()}
+            state = {f"optimizer_{idx}": {"state": whole, "param_groups": like["param_groups"]}}
+            _distributed_checkpoint_load(state, path)
+            filled = state[f"optimizer_{idx}"]
+            filled["state"] = {p: {k: from_whole(plan, name(p), filled["state"][p][k], v) for k, v in per_param.items()}
+                               for p, per_param in like["state"].items()}
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=filled)
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)

@@ -120,8 +120,10 @@ class LanguageModel(L.LightningModule):
         model = Mamba2LMHeadModel(self.config)  # whole, from the seed: every layout starts from the same weights
         mesh = getattr(self._trainer.strategy, "parallel_mesh", None) if self._trainer is not None else None
         if mesh is not None:  # trainer.strategy: fsdp
-            from lit_mamba2.parallel import apply_fsdp
+            from lit_mamba2.parallel import apply_fsdp, apply_tensor_parallel
 
+            if mesh.dims.tp > 1:  # tensor parallel first, then FSDP2 over the data-parallel mesh (2-D)
+                model = apply_tensor_parallel(model, mesh.world["tp"])
             bf16 = self.trainer.precision in ("bf16-mixed", "bf16-true")
             model = apply_fsdp(model, mesh.fsdp, param_dtype=torch.bfloat16 if bf16 else None)
         self.model = model
@@ -158,6 +160,23 @@ class LanguageModel(L.LightningModule):
         if self.accuracy:
             self.log("val/acc", self.val_acc.compute(), prog_bar=True)
             self.val_acc.reset()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if getattr(self.model, "tensor_parallel", None) is not None:
+            from lit_mamba2.parallel.tensor import sync_replicated_grads
+
+            sync_replicated_grads(self.model)  # before clipping, which reads them
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # under tensor parallelism each rank holds different pieces of the gradients: Lightning's clip (torch's
+        # clip_grad_norm_ over this rank's parameters) would take a different norm on each; one global norm instead
+        if getattr(self.model, "tensor_parallel", None) is None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"gradient clipping by {gradient_clip_algorithm!r} under tensor parallelism: only 'norm'")
+        from lit_mamba2.parallel.tensor import clip_grad_norm_
+
+        clip_grad_norm_(self.model, gradient_clip_val)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(param_groups(self.model, self.optim.weight_decay), lr=self.optim.lr,

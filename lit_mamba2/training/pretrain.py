@@ -142,11 +142,9 @@ def build_strategy(tc: TrainerConfig, parallel: ParallelConfig):
     if tc.strategy == "fsdp":
         from lit_mamba2.parallel.strategy import FSDP2Strategy
 
-        for name in ("cp", "tp"):  # the mesh has their dimensions; the layers that use them are not built yet
-            if getattr(parallel, name) != 1:
-                raise ValueError(f"parallel.{name} = {getattr(parallel, name)}: "
-                                 f"{'context' if name == 'cp' else 'tensor'} parallelism is not available yet; "
-                                 "use dp_shard / dp_replicate")
+        if parallel.cp != 1:  # the mesh has its dimension; the layers that use it are not built yet
+            raise ValueError(f"parallel.cp = {parallel.cp}: context parallelism is not available yet; "
+                             "use dp_shard / dp_replicate / tp")
 
         return FSDP2Strategy(**asdict(parallel))
     others = {k: v for k, v in asdict(parallel).items() if k != "dp_shard" and v != 1}
@@ -243,6 +241,10 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     L.seed_everything(tc.seed, verbose=False)
 
     model_config = build_model_config(cfg.model)
+    if cfg.parallel.tp > 1:
+        from lit_mamba2.parallel.tensor import check_tensor_parallel
+
+        check_tensor_parallel(model_config, cfg.parallel.tp)  # before any process group exists
     if ckpt_path is not None:
         check_resume_matches(ckpt_path, model_config)
     tokenizer = None
