@@ -298,7 +298,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     summary = {"step": trainer.global_step, "train_loss": metrics.get("train/loss"),
                "val_loss": metrics.get("val/loss"), "val_ppl": metrics.get("val/ppl"), "val_acc": metrics.get("val/acc"),
                "train_time_s": train_time, "checkpoint": str(ckpt_dir / "last.ckpt"),
-               "params": sum(p.numel() for p in module.model.parameters())}
+               "params": _num_parameters(model_config)}
     if cfg.data.kind != "mqar":
         summary["val_unigram_entropy"] = unigram_entropy(datamodule.val_tokens()) if datamodule.val_set else None
     if trainer.is_global_zero:
@@ -306,6 +306,14 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
             summary["sample"] = sample_from_checkpoint(summary["checkpoint"], cfg.sample)
         print_summary(summary)
     return summary
+
+
+def _num_parameters(config: Mamba2Config) -> int:
+    """The whole model's parameters (a rank's own may be a tensor-parallel slice): counted on the meta device."""
+    from lit_mamba2.model import Mamba2LMHeadModel
+
+    with torch.device("meta"):
+        return Mamba2LMHeadModel(config).num_parameters()
 
 
 def sample_from_checkpoint(path: str, sc: SampleConfig) -> str:

@@ -46,3 +46,20 @@ def test_tp2_logs_one_process_resumes_on_tp1_and_converts(tmp_path):
     for out in ("tp2", "tp2_to_1"):
         resumed = logged(tmp_path, out, 1)[0]
         assert sorted(resumed) == [3, 4] and resumed == pytest.approx({s: one[s] for s in resumed}, rel=1e-5), out
+
+
+def test_the_tp2_recipe_parses_and_splits_its_model():
+    from lit_mamba2.cli import parse_recipe
+    from lit_mamba2.parallel import ParallelDims
+    from lit_mamba2.parallel.tensor import check_tensor_parallel
+    from lit_mamba2.training.pretrain import PretrainConfig, build_model_config
+
+    from test_train_cli import RECIPES
+
+    cfg = parse_recipe(PretrainConfig, ["--config", str(RECIPES / "pretrain" / "mamba2-2.7b-tp2.yaml")], "t")
+    model_config = build_model_config(cfg.model)
+    assert model_config.n_layer == 64 and model_config.ssm.ngroups == 1 and cfg.trainer.strategy == "fsdp"
+    check_tensor_parallel(model_config, cfg.parallel.tp)
+    dims = ParallelDims.resolve(8 * cfg.trainer.num_nodes, **vars(cfg.parallel))
+    assert (dims.tp, dims.dp) == (2, 16)
+    assert dims.dp * cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches == 524_288
