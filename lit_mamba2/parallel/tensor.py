@@ -309,7 +309,8 @@ def apply_tensor_parallel(model: Mamba2LMHeadModel, tp_mesh) -> Mamba2LMHeadMode
     tied = head.weight is emb.weight
     vocab = _layout(0, tp, (V, tp))
     shard(emb, "weight", vocab, "backbone.embedding")
-    emb.__class__, emb.tp_group, emb.vocab_start, emb.num_embeddings = VocabParallelEmbedding, group, rank * V // tp, V // tp
+    emb.__class__, emb.tp_group = VocabParallelEmbedding, group
+    emb.vocab_start, emb.num_embeddings = rank * V // tp, V // tp
     if tied:
         head.weight = emb.weight
         plan.layouts["lm_head.weight"] = vocab

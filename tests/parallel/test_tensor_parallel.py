@@ -1,7 +1,7 @@
 """Tensor parallelism (lit_mamba2.parallel.tensor) on several CPU processes (gloo), in float64: the logits, the loss
 and every parameter's gradient (made whole again) equal one process's, for ngroups % tp == 0 and tp % ngroups == 0
 (the gated norm's sum of squares shared), pure and hybrid models; the clipping norm counts every element once;
-layouts that cannot split the model are named."""
+FSDP2 × tp = 2 × 2 trains as one process, clipping included; layouts that cannot split the model are named."""
 
 import pytest
 import torch
@@ -83,13 +83,6 @@ def test_tp2_equals_one_process(tmp_path):
     check(torch.load(tmp_path / "out.pt"), list(CONFIGS))
 
 
-def test_tp4_shares_each_group_between_two_ranks(tmp_path):
-    # ngroups 2 over tp 4: ranks {0, 1} hold group 0, {2, 3} group 1 (the norm's sums and B/C gradients per pair)
-    names = ["pure, ngroups 2"]
-    run(4, _split, names, str(tmp_path / "out.pt"))
-    check(torch.load(tmp_path / "out.pt"), names)
-
-
 def test_layouts_that_cannot_split_the_model_are_named():
     cfg = Mamba2Config.from_name
     with pytest.raises(LayoutError, match=r"parallel.tp = 2 and ssm_cfg.ngroups = 3"):
@@ -136,9 +129,12 @@ def train(model, dp_rank=0, dp=1, steps=3, max_norm=0.05):
     return losses
 
 
-def _fsdp_tp(rank, world, name, out):
+def _four_ranks(rank, world, name, out):
+    """Two layouts of 4 ranks in one launch: tp = 4 alone (ngroups 2: ranks {0, 1} hold group 0, {2, 3} group 1,
+    the norm's sums and the B/C gradients per pair), then dp_shard × tp = 2 × 2 under FSDP2 training `name`."""
     from lit_mamba2.parallel import apply_fsdp
 
+    _split(rank, world, ["pure, ngroups 2"], out + ".tp4")
     dims = ParallelDims.resolve(world, dp_shard=2, tp=2)
     mesh = dims.build_mesh("cpu")
     model = apply_fsdp(apply_tensor_parallel(build(name), mesh.world["tp"]), mesh.fsdp, param_dtype=None)
@@ -147,9 +143,10 @@ def _fsdp_tp(rank, world, name, out):
         torch.save(losses, out)
 
 
-def test_fsdp_by_tp_2x2_trains_as_one_process(tmp_path):
+def test_tp4_and_fsdp_by_tp_2x2_equal_one_process(tmp_path):
     name = "hybrid, ngroups 1, all segments"
-    run(4, _fsdp_tp, name, str(tmp_path / "out.pt"))
+    run(4, _four_ranks, name, str(tmp_path / "out.pt"))
+    check(torch.load(tmp_path / "out.pt.tp4"), ["pure, ngroups 2"])
     # (AdamW turns float64 rounding in tiny gradients into ~1e-9 of the loss; a wrong clipping norm, e.g. shared
     # rows counted twice, moves it by ~1e-5)
     assert torch.load(tmp_path / "out.pt") == pytest.approx(train(build(name)), rel=1e-8)
