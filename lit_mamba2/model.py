@@ -132,6 +132,7 @@ class Mamba2Mixer(nn.Module):
                      if s.rmsnorm else None)
         self.out_proj = nn.Linear(self.d_mlp + self.d_ssm, self.d_model, bias=s.bias)
         self.impl: Optional[str] = None
+        self.context = None  # context parallelism (lit_mamba2.parallel.context) runs the ops in place of `ops`
         self.reset_parameters()
 
     @torch.no_grad()
@@ -182,14 +183,15 @@ class Mamba2Mixer(nn.Module):
         if state is not None and L == 1:
             return self.step(u[:, 0], state)[:, None]
         z0, x0, z, xBC, dt = self._split(self.in_proj(u))
-        conv_out = ops.causal_conv1d(
+        run = ops if self.context is None else self.context
+        conv_out = run.causal_conv1d(
             xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx=seq_idx,
             initial_states=None if state is None else state.conv, return_final_states=state is not None,
             activation="silu", impl=self.impl)
         xBC, conv_state = conv_out if state is not None else (conv_out, None)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         A = -torch.exp(at_least_fp32(self.A_log))
-        out = ops.ssd(
+        out = run.ssd(
             x.view(b, L, self.nheads, self.headdim), dt, A,
             B.view(b, L, self.ngroups, self.d_state), C.view(b, L, self.ngroups, self.d_state),
             self.chunk_size, D=self._D(), z=None if self.norm is not None else z.view(b, L, self.nheads, self.headdim),
@@ -236,6 +238,7 @@ class Attention(nn.Module):
                                     groups=self.qkv_dim)
         self.out_proj = nn.Linear(out_dim + self.mlp_dim // 2, config.d_model, bias=a.out_proj_bias)
         self.impl: Optional[str] = None
+        self.context = None  # context parallelism (lit_mamba2.parallel.context) runs the ops in place of `ops`
         self.reset_parameters()
 
     @torch.no_grad()
@@ -261,12 +264,13 @@ class Attention(nn.Module):
         (None: from seq_idx); state: the keys and values before x, extended in place."""
         b, L, _ = x.shape
         qkv = self.in_proj(x)
+        run = ops if self.context is None else self.context
         if self.mlp_dim > 0:
             qkv, x_mlp = qkv.split([self.qkv_dim, self.mlp_dim], dim=-1)
             up, gate = x_mlp.chunk(2, dim=-1)
             x_mlp = up * F.silu(gate)
         if self.d_conv > 0:
-            conv_out = ops.causal_conv1d(
+            conv_out = run.causal_conv1d(
                 qkv, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx=seq_idx,
                 initial_states=None if state is None else state.conv, return_final_states=state is not None,
                 activation=None, impl=self.impl)
@@ -291,7 +295,7 @@ class Attention(nn.Module):
             doc_k = torch.cat([state.doc, doc_q], dim=1)
             state.k, state.v, state.doc = k, v, doc_k
             state.pos = torch.cat([state.pos, positions.to(state.pos.dtype)], dim=1)
-        out = ops.attention(q, k, v, doc_q=doc_q, doc_k=doc_k, scale=self.softmax_scale, impl=self.impl)
+        out = run.attention(q, k, v, doc_q=doc_q, doc_k=doc_k, scale=self.softmax_scale, impl=self.impl)
         out = out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim)
         if self.mlp_dim > 0:
             out = torch.cat([out, x_mlp], dim=-1)
