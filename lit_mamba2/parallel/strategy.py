@@ -17,9 +17,11 @@ from lit_mamba2.parallel.dims import ParallelDims, ParallelMesh
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    def __init__(self, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, tp: int = 1, **kwargs):
+    def __init__(self, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, tp: int = 1,
+                 seq_len: int | None = None, **kwargs):
         super().__init__(save_distributed_checkpoint=True, **kwargs)
         self.degrees = dict(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
+        self.seq_len = seq_len  # (for the layout line: the tokens each rank holds)
         self.parallel_mesh: ParallelMesh | None = None
 
     def setup_environment(self) -> None:
@@ -29,7 +31,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._device_mesh = self.parallel_mesh.world
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh  # (Lightning's LightningModule.device_mesh)
-        rank_zero_info(dims.describe())
+        rank_zero_info(dims.describe(self.seq_len))
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:

@@ -111,6 +111,7 @@ class LanguageModel(L.LightningModule):
         self.tokenizer = tokenizer
         self.accuracy = accuracy  # also log argmax accuracy on the labelled positions (MQAR recall)
         self.model: Optional[Mamba2LMHeadModel] = None
+        self.cp_rank, self.cp = 0, 1  # context parallelism: this rank holds slice cp_rank of cp of every row
         self.val_loss = TokenWeightedMeanLoss()
         self.val_acc = torchmetrics.MeanMetric()
 
@@ -120,8 +121,12 @@ class LanguageModel(L.LightningModule):
         model = Mamba2LMHeadModel(self.config)  # whole, from the seed: every layout starts from the same weights
         mesh = getattr(self._trainer.strategy, "parallel_mesh", None) if self._trainer is not None else None
         if mesh is not None:  # trainer.strategy: fsdp
-            from lit_mamba2.parallel import apply_fsdp
+            from lit_mamba2.parallel import apply_context_parallel, apply_fsdp
 
+            if mesh.dims.cp > 1:
+                cp = mesh.world["cp"]
+                model = apply_context_parallel(model, cp.get_group())
+                self.cp_rank, self.cp = cp.get_local_rank(), cp.size()
             bf16 = self.trainer.precision in ("bf16-mixed", "bf16-true")
             model = apply_fsdp(model, mesh.fsdp, param_dtype=torch.bfloat16 if bf16 else None)
         self.model = model
@@ -129,26 +134,43 @@ class LanguageModel(L.LightningModule):
     def forward(self, input_ids, seq_idx=None):
         return self.model(input_ids, seq_idx=seq_idx)
 
+    def _local(self, batch: dict) -> dict:
+        """This rank's part of the rows: under context parallelism its contiguous slice, with the positions
+        computed on the whole rows; else the rows as they are."""
+        if self.cp == 1:
+            return batch
+        from lit_mamba2.parallel import slice_batch
+
+        return slice_batch(batch, self.cp_rank, self.cp)
+
+    def _loss_sum(self, batch: dict) -> torch.Tensor:
+        return self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"),
+                               positions=batch.get("positions"), ignore_index=IGNORE_INDEX, reduction="sum")
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"),
-                               ignore_index=IGNORE_INDEX)
-        # logged: the token-weighted mean over every data-parallel rank's batch (what one process with the whole
-        # global batch logs); the gradients are the ranks' mean (equal token counts: the same)
+        rows_counted = (batch["labels"] != IGNORE_INDEX).sum()
+        batch = self._local(batch)
+        loss_sum = self._loss_sum(batch)
+        # the loss of this rank's rows is their token mean: each of their cp slices contributes its sum, and the
+        # gradients' mean over the cp ranks (FSDP averages over dp_shard × cp) undoes the factor cp
+        loss = loss_sum * (self.cp / rows_counted.clamp(min=1))
+        # logged: the token-weighted mean over every rank's tokens (what one process with the whole global batch
+        # logs); the gradients are the data-parallel ranks' mean (equal token counts: the same)
         counted = (batch["labels"] != IGNORE_INDEX).sum()
-        stats = torch.stack([loss.detach().float() * counted, counted.float()])
+        stats = torch.stack([loss_sum.detach().float(), counted.float()])
         if self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         self.log("train/loss", stats[0] / stats[1].clamp(min=1), prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        batch = self._local(batch)
         labels = batch["labels"]
-        loss_sum = self.model.loss(batch["input_ids"], labels, seq_idx=batch.get("seq_idx"),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
         counted = labels != IGNORE_INDEX
-        self.val_loss.update(loss_sum, counted.sum())
+        self.val_loss.update(self._loss_sum(batch), counted.sum())
         if self.accuracy:
-            pred = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx")).argmax(-1)
+            pred = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"),
+                              positions=batch.get("positions")).argmax(-1)
             self.val_acc.update((pred == labels)[counted].float())
 
     def on_validation_epoch_end(self) -> None:

@@ -116,7 +116,8 @@ class SampleConfig:
 @dataclass
 class ParallelConfig:
     """The parallel layout under trainer.strategy: fsdp: dp_replicate × dp_shard × cp × tp = the world size; -1
-    takes what is left. batch_size is per data-parallel rank (dp_replicate × dp_shard of them)."""
+    takes what is left. batch_size is per data-parallel rank (dp_replicate × dp_shard of them); cp ranks each hold a
+    contiguous slice (seq_len / cp tokens) of the same rows."""
 
     dp_replicate: int = 1
     dp_shard: int = -1
@@ -136,19 +137,19 @@ class PretrainConfig:
     resume: Union[bool, str] = False  # true: <out_dir>/checkpoints/last.ckpt; or a checkpoint path
 
 
-def build_strategy(tc: TrainerConfig, parallel: ParallelConfig):
+def build_strategy(tc: TrainerConfig, parallel: ParallelConfig, seq_len: Optional[int] = None):
     """trainer.strategy: "fsdp" is our FSDP2 strategy over the parallel layout (Lightning's own "fsdp" is FSDP1);
-    any other name is Lightning's."""
+    any other name is Lightning's. seq_len (data.seq_len): each row is cut into parallel.cp slices."""
     if tc.strategy == "fsdp":
         from lit_mamba2.parallel.strategy import FSDP2Strategy
 
-        for name in ("cp", "tp"):  # the mesh has their dimensions; the layers that use them are not built yet
-            if getattr(parallel, name) != 1:
-                raise ValueError(f"parallel.{name} = {getattr(parallel, name)}: "
-                                 f"{'context' if name == 'cp' else 'tensor'} parallelism is not available yet; "
-                                 "use dp_shard / dp_replicate")
-
-        return FSDP2Strategy(**asdict(parallel))
+        if parallel.tp != 1:  # the mesh has its dimension; the layers that use it are not built yet
+            raise ValueError(f"parallel.tp = {parallel.tp}: tensor parallelism is not available yet; use dp_shard / "
+                             "dp_replicate / cp")
+        if seq_len is not None and parallel.cp > 1 and seq_len % parallel.cp:
+            raise ValueError(f"data.seq_len = {seq_len} is not divisible by parallel.cp = {parallel.cp}: each rank "
+                             "of a context-parallel group holds an equal slice of every row")
+        return FSDP2Strategy(**asdict(parallel), seq_len=seq_len)
     others = {k: v for k, v in asdict(parallel).items() if k != "dp_shard" and v != 1}
     if others:
         raise ValueError(f"parallel.{next(iter(others))} = {next(iter(others.values()))} needs trainer.strategy: "
@@ -264,7 +265,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     batches = tc.max_steps * tc.accumulate_grad_batches
     validated = LastValidationStep()
     trainer = L.Trainer(
-        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, cfg.parallel),
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, cfg.parallel, cfg.data.seq_len),
         precision=resolve_precision(tc.precision, tc.accelerator), max_steps=tc.max_steps,
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         val_check_interval=min(tc.val_every_n_steps * tc.accumulate_grad_batches, batches),

@@ -71,5 +71,5 @@ def test_parallel_degrees_need_the_fsdp_strategy():
     with pytest.raises(ValueError, match=r"parallel.tp = 2 needs trainer.strategy: fsdp \(got 'ddp'\)"):
         build_strategy(TrainerConfig(strategy="ddp"), ParallelConfig(tp=2))
     assert build_strategy(TrainerConfig(strategy="ddp"), ParallelConfig()) == "ddp"
-    with pytest.raises(ValueError, match=r"parallel.cp = 2: context parallelism is not available yet"):
-        build_strategy(TrainerConfig(strategy="fsdp"), ParallelConfig(cp=2))
+    with pytest.raises(ValueError, match=r"parallel.tp = 2: tensor parallelism is not available yet"):
+        build_strategy(TrainerConfig(strategy="fsdp"), ParallelConfig(tp=2))
