@@ -26,6 +26,8 @@ rank; their gradients are each rank's share, summed (averaged) over dp_shard × 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Optional
 
@@ -46,16 +48,23 @@ def apply_context_parallel(model: Mamba2LMHeadModel, group=None) -> Mamba2LMHead
     for module in model.modules():
         if isinstance(module, (Mamba2Mixer, Attention)):
             module.context = context
-        if isinstance(module, Attention):
-            module.register_forward_pre_hook(_require_positions)
+    if model.config.attn_layer_idx:  # positions derived from a slice would restart the rotary phases at the slice
+        for name in ("forward", "loss"):
+            setattr(model, name, _requiring_positions(getattr(model, name)))
     return model
 
 
-def _require_positions(module, args):
-    # positions derived from a slice's seq_idx would restart the rotary phases at the slice
-    if len(args) < 3 or args[2] is None:
-        raise ValueError("context parallel: the model needs `positions` (each token's position in its document, "
-                         "computed on the whole row before slicing: lit_mamba2.parallel.context.slice_batch)")
+def _requiring_positions(method):
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def checked(*args, **kwargs):
+        if signature.bind(*args, **kwargs).arguments.get("positions") is None:
+            raise ValueError("context parallel: the model needs `positions` (each token's position in its "
+                             "document, computed on the whole row before slicing: "
+                             "lit_mamba2.parallel.context.slice_batch)")
+        return method(*args, **kwargs)
+    return checked
 
 
 def slice_batch(batch: dict, rank: int, size: int) -> dict:
@@ -247,16 +256,27 @@ def _readout(C, h_in):
     return u.reshape(b, L, h, p)
 
 
+def _no_autocast(fn):
+    """The state's products in its own dtype (float32) also under bf16 autocast."""
+    @functools.wraps(fn)
+    def wrapped(ctx, *args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(ctx, *args)
+    return wrapped
+
+
 class _AddIncomingState(torch.autograd.Function):
     """y + weight_t · (C_t · h_in), weight (b, L, h) = exp(Σ_{s≤t} dt_s A) where h_in reaches, else 0. Computed in
     h_in's dtype, rounded once to y's; the product is recomputed in backward rather than kept."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, y, C, h_in, weight):
         ctx.save_for_backward(C, h_in, weight)
         return (y.to(h_in.dtype) + _readout(C, h_in) * weight[..., None]).to(y.dtype)
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, grad):
         C, h_in, weight = ctx.saved_tensors
         b, L, g, n = C.shape

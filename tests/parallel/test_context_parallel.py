@@ -78,6 +78,9 @@ def _check(rank, world, n):
                 ref_grad = dict(ref.named_parameters())[pname].grad
                 assert ref_grad.abs().max() > 0, (case, pname)  # every parameter takes part
                 torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10, msg=f"{case}: {pname}")
+            if name == "hybrid":  # positions derived from a slice would restart the rotary phases there
+                with pytest.raises(ValueError, match="context parallel: the model needs `positions`"):
+                    model(mine["input_ids"], seq_idx=mine.get("seq_idx"))
 
 
 @pytest.mark.parametrize("cp,n", [(2, 21), (4, 11)])  # slices of 21 and 11 positions: chunks of 16 straddle them

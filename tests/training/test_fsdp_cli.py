@@ -73,3 +73,5 @@ def test_parallel_degrees_need_the_fsdp_strategy():
     assert build_strategy(TrainerConfig(strategy="ddp"), ParallelConfig()) == "ddp"
     with pytest.raises(ValueError, match=r"parallel.tp = 2: tensor parallelism is not available yet"):
         build_strategy(TrainerConfig(strategy="fsdp"), ParallelConfig(tp=2))
+    with pytest.raises(ValueError, match=r"data.seq_len = 100 is not divisible by parallel.cp = 8"):
+        build_strategy(TrainerConfig(strategy="fsdp"), ParallelConfig(cp=8), seq_len=100)

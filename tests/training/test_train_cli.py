@@ -19,7 +19,8 @@ from lit_mamba2.launch import apply_launcher_env
 from lit_mamba2 import Mamba2Config
 from lit_mamba2.checkpoints import load
 from lit_mamba2.model import Mamba2LMHeadModel
-from lit_mamba2.training.pretrain import ModelArgs, PretrainConfig, TrainerConfig, build_model_config, pretrain
+from lit_mamba2.training.pretrain import (ModelArgs, PretrainConfig, TrainerConfig, build_model_config,
+                                         build_strategy, pretrain)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
@@ -39,7 +40,8 @@ def test_default_recipe_is_the_builtin_default():
     assert parse_recipe(PretrainConfig, [], "t") == PretrainConfig()
 
 
-@pytest.mark.parametrize("recipe", ["default.yaml", "mqar.yaml", "pretrain/mamba2-130m.yaml"])
+@pytest.mark.parametrize("recipe", ["default.yaml", "mqar.yaml", "pretrain/mamba2-130m.yaml",
+                                    "pretrain/mamba2-370m-long.yaml", "pretrain/mamba2attn-2.7b-long.yaml"])
 def test_recipes_parse_and_build_their_model(recipe):
     cfg = parse_recipe(PretrainConfig, ["--config", str(RECIPES / recipe)], "t")
     model_config = build_model_config(cfg.model)
@@ -48,6 +50,9 @@ def test_recipes_parse_and_build_their_model(recipe):
     if recipe.endswith("130m.yaml"):
         assert model_config.d_model == 768 and model_config.n_layer == 24
         assert cfg.trainer.precision == "bf16-mixed" and cfg.tokenizer == "EleutherAI/gpt-neox-20b"
+    if recipe.endswith("-long.yaml"):  # 256K tokens per row, context-parallel over a node's 8 GPUs
+        assert cfg.data.seq_len == 262144 and cfg.parallel.cp == 8 and cfg.trainer.strategy == "fsdp"
+        assert build_strategy(cfg.trainer, cfg.parallel, cfg.data.seq_len).degrees["cp"] == 8
 
 
 def test_overrides_apply_over_the_recipe_and_preset():
