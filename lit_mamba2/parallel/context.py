@@ -138,7 +138,10 @@ class ContextParallel:
         y, final = ops.ssd(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx,
                            dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=True, impl=impl)
         cdt = final.dtype  # float32 (float64 for a float64 model)
-        log_decay = torch.cumsum(reference.process_dt(dt, dt_bias, dt_softplus, dt_limit, cdt) * A.to(cdt), dim=1)
+        # Σ_{s≤t} dt_s·A over up to 10^5 positions: summed in float64 (a float32 running sum would drift by
+        # ~sqrt(L)·ulp of the total; the op's kernels sum within chunks only)
+        log_decay = torch.cumsum(reference.process_dt(dt, dt_bias, dt_softplus, dt_limit, cdt) * A.to(cdt), dim=1,
+                                 dtype=torch.float64).to(cdt)
         last_docs = self._last_documents(seq_idx, L)
         # keep[j]: the state entering rank j's slice survives it (no document starts in the slice)
         keep = torch.ones(self.size, b, dtype=cdt, device=x.device)
