@@ -2,7 +2,7 @@
 slice of every row, and the logits and every parameter's gradient equal one process's run on the whole rows
 (float64), for a hybrid (Mamba-2 layers, an attention layer with its qkv conv) and a Mamba-2 model gated by z, with
 slices not aligned to the SSD's chunks and packed documents that start on, just before and just after rank
-boundaries, or span whole slices."""
+boundaries, or span whole slices; and on the Triton kernels (interpreted on CPU) against the reference."""
 
 import pytest
 import torch
@@ -98,3 +98,32 @@ def test_slice_batch_computes_positions_on_the_whole_row():
     assert torch.equal(torch.cat([h["labels"] for h in halves], 1), b["labels"])
     with pytest.raises(ValueError, match="sequence length 10 is not divisible by parallel.cp = 3"):
         slice_batch(b, 0, 3)
+
+
+def _check_kernels(rank, world, n):
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # (before triton is imported: the kernels on CPU tensors)
+    import torch.distributed as dist
+
+    whole = {k: v[2:] for k, v in batch(world, n).items()}  # the rows whose documents cross the boundaries
+    ref = build("hybrid").float()  # one process, the PyTorch reference ops
+    ref_logits = ref(whole["input_ids"], seq_idx=whole["seq_idx"])
+    loss_sum(ref, whole).backward()
+    model = apply_context_parallel(build("hybrid").float().set_impl("triton"))
+    mine = slice_batch(whole, rank, world)
+    logits = model(mine["input_ids"], seq_idx=mine["seq_idx"], positions=mine["positions"])
+    loss_sum(model, mine).backward()
+    every = [torch.empty_like(logits) for _ in range(world)]
+    dist.all_gather(every, logits.contiguous())
+    torch.testing.assert_close(torch.cat(every, dim=1), ref_logits, rtol=1e-4, atol=1e-5)
+    for pname, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad, dict(ref.named_parameters())[pname].grad, rtol=1e-4, atol=1e-5, msg=pname)
+
+
+def test_on_the_triton_kernels():
+    """The kernels' initial conv states, final SSD states and their gradients (what the GPU path runs), float32."""
+    pytest.importorskip("triton")
+    run(2, _check_kernels, 21)
