@@ -265,7 +265,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     batches = tc.max_steps * tc.accumulate_grad_batches
     validated = LastValidationStep()
     trainer = L.Trainer(
-        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, cfg.parallel, cfg.data.seq_len),
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+        strategy=build_strategy(tc, cfg.parallel, cfg.data.seq_len),
         precision=resolve_precision(tc.precision, tc.accelerator), max_steps=tc.max_steps,
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         val_check_interval=min(tc.val_every_n_steps * tc.accumulate_grad_batches, batches),
