@@ -1,6 +1,8 @@
-"""Parallelism applied to the model from outside: the layout and its mesh (dims.py), FSDP2 (fsdp.py)."""
+"""Parallelism applied to the model from outside: the layout and its mesh (dims.py), FSDP2 (fsdp.py), the model
+built for a layout (parallelize.py)."""
 
 from lit_mamba2.parallel.dims import LayoutError, ParallelDims
-from lit_mamba2.parallel.fsdp import apply_fsdp
+from lit_mamba2.parallel.fsdp import ShardingPolicy, apply_fsdp
+from lit_mamba2.parallel.parallelize import build_model
 
-__all__ = ["LayoutError", "ParallelDims", "apply_fsdp"]
+__all__ = ["LayoutError", "ParallelDims", "ShardingPolicy", "apply_fsdp", "build_model"]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import lightning as L
 import torch
 import torchmetrics
 
 from lit_mamba2.config import Mamba2Config
-from lit_mamba2.model import Mamba2LMHeadModel
+from lit_mamba2.model import Mamba2LMHeadModel  # noqa: F401 (the type of self.model)
 from lit_mamba2.tokenizers import Tokenizer, tokenizer_from_state
 from lit_mamba2.training.callbacks import count_batches_in_steps
 from lit_mamba2.training.data import IGNORE_INDEX
@@ -104,13 +104,15 @@ class LanguageModel(L.LightningModule):
     strategy can build it on its own devices; the config and the tokenizer travel inside every checkpoint."""
 
     def __init__(self, model_config: dict, optim: Optional[dict] = None, tokenizer: Optional[Tokenizer] = None,
-                 accuracy: bool = False):
+                 accuracy: bool = False, activation_checkpointing: bool = False,
+                 compile: Union[bool, str] = False):
         super().__init__()
         self.save_hyperparameters({"model_config": model_config, "optim": optim or {}, "accuracy": accuracy})
         self.config = Mamba2Config.from_dict(model_config)
         self.optim = OptimConfig(**(optim or {}))
         self.tokenizer = tokenizer
         self.accuracy = accuracy  # also log argmax accuracy on the labelled positions (MQAR recall)
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.model: Optional[Mamba2LMHeadModel] = None
         self._window, self._window_batches = None, 0  # train/loss over the micro-batches of one optimizer step
         self.val_loss = TokenWeightedMeanLoss()
@@ -119,14 +121,19 @@ class LanguageModel(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = Mamba2LMHeadModel(self.config)  # whole, from the seed: every layout starts from the same weights
-        mesh = getattr(self._trainer.strategy, "parallel_mesh", None) if self._trainer is not None else None
-        if mesh is not None:  # trainer.strategy: fsdp
-            from lit_mamba2.parallel import apply_fsdp
+        from lit_mamba2.parallel import ShardingPolicy, build_model
 
-            bf16 = self.trainer.precision in ("bf16-mixed", "bf16-true")
-            model = apply_fsdp(model, mesh.fsdp, param_dtype=torch.bfloat16 if bf16 else None)
-        self.model = model
+        mesh = getattr(self._trainer.strategy, "parallel_mesh", None) if self._trainer is not None else None
+        policy = None
+        if mesh is not None:  # trainer.strategy: fsdp
+            precision = self.trainer.precision
+            if precision not in ("bf16-mixed", "32-true", "32", "64-true"):
+                raise ValueError(f"trainer.precision {precision!r} under trainer.strategy fsdp: use bf16-mixed (float32 "
+                                 "sharded parameters and optimizer state, computed in bf16) or 32-true")
+            policy = ShardingPolicy(param_dtype=torch.bfloat16 if precision == "bf16-mixed" else None)
+        # every layout starts from the weights one process draws from the same seed (sharded: part by part)
+        self.model = build_model(self.config, None if mesh is None else mesh.fsdp, policy,
+                                 self.activation_checkpointing, self.compile_blocks)
 
     def forward(self, input_ids, seq_idx=None):
         return self.model(input_ids, seq_idx=seq_idx)

@@ -83,7 +83,9 @@ class TrainerConfig:
     precision: Optional[str] = None  # None: bf16-mixed on GPUs with bf16, else 32-true
     max_steps: int = 200  # optimizer steps
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: Optional[float] = 1.0  # by the global norm of all gradients (every rank's shards)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    compile: Union[bool, str] = False  # torch.compile each block: true (inductor) or a backend's name
     val_every_n_steps: int = 100
     limit_val_batches: int = 10  # per rank and validation
     log_every_n_steps: int = 10
@@ -286,7 +288,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
 
     datamodule = LMDataModule(cfg.data, tokenizer, tc.max_steps, tc.accumulate_grad_batches,
                               vocab_size=model_config.vocab_size)
-    module = LanguageModel(model_config.to_dict(), asdict(cfg.optim), tokenizer, accuracy=cfg.data.kind == "mqar")
+    module = LanguageModel(model_config.to_dict(), asdict(cfg.optim), tokenizer, accuracy=cfg.data.kind == "mqar",
+                           activation_checkpointing=tc.activation_checkpointing, compile=tc.compile)
     ckpt_dir = Path(tc.out_dir, "checkpoints")
     batches = tc.max_steps * tc.accumulate_grad_batches
     validated = LastValidationStep()

@@ -23,7 +23,7 @@ def args(tmp_path, out, steps, batch, *extra):
             "--trainer.max_steps", str(steps), "--trainer.val_every_n_steps", "3", "--trainer.limit_val_batches", "2",
             "--trainer.save_every_n_steps", "3", "--trainer.log_every_n_steps", "1", "--trainer.progress_bar",
             "false", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--optim.warmup_steps", "2",
-            "--trainer.out_dir", str(tmp_path / out), *extra]
+            "--trainer.gradient_clip_val", "0.05", "--trainer.out_dir", str(tmp_path / out), *extra]
 
 
 def pretrain(tmp_path, nproc, *argv):
@@ -41,7 +41,8 @@ def logged(tmp_path, out, version=0):
 def test_fsdp_logs_one_process_and_resumes_on_any_world_size(tmp_path):
     """One global batch of 4 rows: 2 ranks × 2 rows, 1 process × 2 rows × 2 accumulated (data.global_batch_size
     sets the accumulation), log the same losses; the 2-rank sharded checkpoint resumes on 2, 1 and 4 ranks as the
-    plain checkpoint resumes on 1 process."""
+    plain checkpoint resumes on 1 process (on 4 with activation checkpointing). Gradients are clipped by their
+    global norm in every run (gradient_clip_val below their norm)."""
     fsdp = ["--trainer.strategy", "fsdp", "--sample.max_new_tokens", "0"]
     global_batch = ["--data.global_batch_size", "4"]
     out = pretrain(tmp_path, 2, *args(tmp_path, "two", 3, 2, *fsdp, *global_batch, "--parallel.dp_shard", "2"))
@@ -65,7 +66,8 @@ def test_fsdp_logs_one_process_and_resumes_on_any_world_size(tmp_path):
         shutil.copytree(tmp_path / "two", tmp_path / out)
     pretrain(tmp_path, 2, *args(tmp_path, "two", 5, 2, *fsdp, *global_batch, "--resume", "true"))
     pretrain(tmp_path, 1, *args(tmp_path, "two_to_one", 5, 2, *fsdp, *global_batch, "--resume", "true"))
-    pretrain(tmp_path, 4, *args(tmp_path, "two_to_four", 5, 1, *fsdp, *global_batch, "--resume", "true"))
+    pretrain(tmp_path, 4, *args(tmp_path, "two_to_four", 5, 1, *fsdp, *global_batch, "--resume", "true",
+                                "--trainer.activation_checkpointing", "true"))
     pretrain(tmp_path, 1, *args(tmp_path, "one", 5, 2, *global_batch, "--resume", "true",
                                 "--sample.max_new_tokens", "0", "--trainer.limit_val_batches", "4"))
     plain = logged(tmp_path, "one", 1)[0]
