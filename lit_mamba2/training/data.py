@@ -31,9 +31,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lit_mamba2.tokenizers import ByteTokenizer, Tokenizer
+from lit_mamba2.training.shards import DTYPES, TokenStream, token_dtype, write_json_atomic, write_token_shard
 
 IGNORE_INDEX = -100
-DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 CACHE_FORMAT = 1
 
 
@@ -74,82 +74,7 @@ class DataConfig:
             raise ValueError(f"data.max_bytes must be a positive integer or null (no limit), got {self.max_bytes!r}")
 
 
-# ---- token shards ---------------------------------------------------------------------------------------------------
-
-def write_token_shard(directory: str | os.PathLike, name: str, ids, dtype: str, eos_id: int) -> Path:
-    """Write ids as one shard `<directory>/<name>.bin` (and meta.json). Atomic: a crash leaves no partial shard."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    arr = np.asarray(ids)
-    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(DTYPES[dtype]).max):
-        raise ValueError(f"token ids in [{arr.min()}, {arr.max()}] do not fit {dtype}")
-    path = directory / f"{name}.bin"
-    tmp = _temp_name(path)
-    arr.astype(DTYPES[dtype]).tofile(tmp)
-    os.replace(tmp, path)
-    _write_json_atomic(directory / "meta.json", {"dtype": dtype, "eos_id": int(eos_id)})
-    return path
-
-
-def _temp_name(path: Path) -> Path:
-    """A name beside `path` that no other process writes: concurrent writers of one cache entry (runs sharing
-    the cache, every node's rank 0) each write their own file and move it into place whole."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = _temp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-class TokenStream:
-    """Token shards read as one stream through np.memmap (nothing is loaded until it is sliced)."""
-
-    def __init__(self, paths: list[str | os.PathLike]):
-        shards, metas = [], set()
-        for p in map(lambda p: Path(os.path.expanduser(str(p))), paths):
-            if not p.exists():
-                raise FileNotFoundError(f"data path {str(p)!r} does not exist")
-            files = sorted(p.glob("*.bin")) if p.is_dir() else [p]
-            if not files:
-                raise FileNotFoundError(f"no token shards (*.bin) in {str(p)!r}")
-            meta_path = (p if p.is_dir() else p.parent) / "meta.json"
-            if not meta_path.exists():
-                raise FileNotFoundError(f"{str(meta_path)!r} is missing: token shards need a meta.json beside them "
-                                        f'giving {{"dtype": "uint16" or "uint32", "eos_id": <int>}}')
-            meta = json.loads(meta_path.read_text())
-            if meta.get("dtype") not in DTYPES or not isinstance(meta.get("eos_id"), int):
-                raise ValueError(f"{meta_path}: needs dtype in {sorted(DTYPES)} and an integer eos_id, got {meta}")
-            metas.add((meta["dtype"], meta["eos_id"]))
-            shards += [(f, meta["dtype"]) for f in files]
-        if len(metas) > 1:
-            raise ValueError(f"token shards disagree on dtype/eos_id: {sorted(metas)}")
-        (dtype, self.eos_id), = metas
-        self.dtype = DTYPES[dtype]
-        for f, _ in shards:
-            if os.path.getsize(f) % self.dtype.itemsize:
-                raise ValueError(f"{str(f)!r}: {os.path.getsize(f)} bytes is not a whole number of {dtype} token ids "
-                                 "(truncated, or written with another dtype than meta.json says)")
-        self.shards = [np.memmap(f, dtype=self.dtype, mode="r") for f, _ in shards if os.path.getsize(f) > 0]
-        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """stream[start:stop] as int64, across shard boundaries."""
-        parts = []
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        for k in range(first, len(self.shards)):
-            lo, hi = self.offsets[k], self.offsets[k + 1]
-            if lo >= stop:
-                break
-            parts.append(self.shards[k][max(start - lo, 0): min(stop, hi) - lo])
-        return np.concatenate(parts).astype(np.int64)
-
+# ---- packing ---------------------------------------------------------------------------------------------------------
 
 class PackedRows(Dataset):
     """Rows [row_start, row_stop) of a packed stream: {input_ids, labels, seq_idx}."""
@@ -247,7 +172,7 @@ def tokenize_text_files(files: list[Path], tokenizer: Tokenizer, cache_dir: str 
         return out
     from tqdm.auto import tqdm
 
-    dtype = "uint16" if tokenizer.vocab_size <= 2 ** 16 else "uint32"
+    dtype = token_dtype(tokenizer.vocab_size)
     chunks = []
     for f in tqdm(files, desc=f"tokenizing {len(files)} files", unit="file", disable=not progress):
         if isinstance(tokenizer, ByteTokenizer):
@@ -256,7 +181,7 @@ def tokenize_text_files(files: list[Path], tokenizer: Tokenizer, cache_dir: str 
             ids = np.asarray(tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
         chunks += [ids.astype(DTYPES[dtype]), np.array([tokenizer.eos_id], dtype=DTYPES[dtype])]
     write_token_shard(out, "tokens", np.concatenate(chunks), dtype, tokenizer.eos_id)
-    _write_json_atomic(out / "sources.json", {"tokenizer": tokenizer.identity, "files": [str(f) for f in files]})
+    write_json_atomic(out / "sources.json", {"tokenizer": tokenizer.identity, "files": [str(f) for f in files]})
     return out
 
 
