@@ -250,3 +250,22 @@ def test_a_named_dataset_through_datasets(tmp_path, monkeypatch):
     prepare(PrepareConfig(input=[f"hf:{folder}"], output=str(tmp_path / "out"), tokenizer="byte", text_key="body",
                           workers=1, val_docs=3, progress=False))
     check_round_trip(tmp_path / "out", docs, lambda t: list(t.encode()), 0, val_docs=3)
+
+
+def test_prepared_folders_train_as_a_blend_with_their_validation_sets(tmp_path, capsys):
+    """prepare, then pretrain on a blend of two prepared corpora, validated on their val/ folders (the CLI path)."""
+    for name, seed in (("web", 0), ("code", 1)):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "c.jsonl", make_docs(80, seed))
+        assert main(["prepare", "--input", str(tmp_path / name), "--output", str(tmp_path / f"{name}-tok"),
+                     "--tokenizer", "byte", "--val_docs", "20", "--workers", "1", "--progress", "false"]) == 0
+    blend = f"[{{path: {tmp_path}/web-tok/train, weight: 0.7}}, {{path: {tmp_path}/code-tok/train, weight: 0.3}}]"
+    code = main(["pretrain", "--model.name", "mamba2-test", "--tokenizer", "byte", "--data.kind", "tokens",
+                 "--data.paths", "[]", "--data.blend", blend,
+                 "--data.val_paths", f"[{tmp_path}/web-tok/val, {tmp_path}/code-tok/val]",
+                 "--data.seq_len", "32", "--data.batch_size", "2", "--trainer.max_steps", "2",
+                 "--trainer.val_every_n_steps", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.accelerator", "cpu", "--trainer.progress_bar", "false", "--sample.max_new_tokens", "0",
+                 "--trainer.out_dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0 and "finished at step 2" in out and "val loss n/a" not in out
