@@ -30,7 +30,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from lit_mamba2.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, tokenizer_from_state
+from lit_mamba2.tokenizers import ByteTokenizer, Tokenizer, _first_line, load_tokenizer, tokenizer_from_state
 from lit_mamba2.training.shards import DTYPES, ShardWriter, token_dtype, write_json_atomic, write_token_meta
 
 FORMAT = 1
@@ -128,7 +127,7 @@ def _dataset_units(spec: str, source: int) -> tuple[list[dict], str]:
             ds = datasets.load_dataset(name, config or None, split="train")
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds
             raise ValueError(f"--input {spec!r}: datasets.load_dataset({name!r}, {config or None!r}, split='train') "
-                             f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}") from None
+                             f"failed: {_first_line(e)}") from None
     else:
         ds = datasets.load_from_disk(spec)
         if isinstance(ds, datasets.DatasetDict):
@@ -454,7 +453,6 @@ class _Runner:
                 self.local[1] += tokens
                 tick()
 
-            _WORKER.update(tokenizer=self.tokenizer)
             for job in jobs:
                 if fn is _tokenize_job:
                     u, unit, val_local, out, plan = job

@@ -3,7 +3,6 @@ the result is the same for any number of workers and after a killed run; other t
 
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -207,9 +206,10 @@ def test_another_tokenizers_folder_and_other_settings_are_refused(tmp_path, word
     assert "already prepared" in capsys.readouterr().out
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    assert main(base[:3] + ["--workers", "1", "--progress", "false", "--output", str(tmp_path / "other"), "--tokenizer", "byte"]) == 2
+    fresh = base[:3] + ["--workers", "1", "--progress", "false", "--tokenizer", "byte"]
+    assert main(fresh + ["--output", str(tmp_path / "other")]) == 2
     assert "is not empty and holds no prepare run" in capsys.readouterr().err
-    assert main(base[:3] + ["--workers", "1", "--progress", "false", "--output", str(tmp_path / "o2"), "--tokenizer", "byte", "--val_docs", "20"]) == 2
+    assert main(fresh + ["--output", str(tmp_path / "o2"), "--val_docs", "20"]) == 2
     assert "--val_docs 20 is not less than the 20 documents" in capsys.readouterr().err
 
 
