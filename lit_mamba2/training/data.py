@@ -408,7 +408,6 @@ class LMDataModule(L.LightningDataModule):
             if rows < 1:
                 raise ValueError(f"data.val_paths hold {len(stream)} tokens: not one row of seq_len={c.seq_len}")
             val = [PackedRows(stream, c.seq_len, 0, rows, self.vocab_size)]
-        self.stream = streams[0]
         self.train_set = train[0] if len(train) == 1 else ConcatDataset(train)
         self.val_set = None if not val else val[0] if len(val) == 1 else ConcatDataset(val)
 

@@ -435,7 +435,10 @@ class _Runner:
         self.workers, self.tokenizer, self.pool = workers, tokenizer, None
         if workers > 1:
             ctx = mp.get_context("forkserver")  # not fork: the parent may hold threads (tokenizers, torch)
-            ctx.set_forkserver_preload(["lit_mamba2.training.prepare"])
+            # imported once, in the server the workers fork from (a failed import there is skipped)
+            hf = [] if isinstance(tokenizer, ByteTokenizer) else [
+                "transformers.models.auto.tokenization_auto", "transformers.tokenization_utils_fast"]
+            ctx.set_forkserver_preload(["lit_mamba2.training.prepare", *hf])
             self.counters = (ctx.Value("q", 0), ctx.Value("q", 0))
             self.pool = ctx.Pool(workers, _init_worker, (tokenizer.state_dict(), self.counters))
         else:
@@ -546,7 +549,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         print(f"{out} is already prepared ({earlier['total_docs']:,} documents)")
         return json.loads((out / "train" / "meta.json").read_text())
 
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     runner = _Runner(max(1, min(workers, len(units))), tokenizer)
     ok = False
     try:
