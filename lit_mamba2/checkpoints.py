@@ -499,6 +499,16 @@ def is_sharded_checkpoint(path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
 
 
+def partial_path(path: Path) -> Path:
+    """Where a checkpoint folder is written before it is complete."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def previous_path(path: Path) -> Path:
+    """Where the checkpoint it replaces waits while the new one is renamed into place."""
+    return path.with_name(f".{path.name}.previous")
+
+
 def _read_sharded_checkpoint(path: Path) -> dict:
     """A sharded checkpoint read whole in this one process (any number of ranks wrote it)."""
     from lightning.fabric.utilities.load import _load_distributed_checkpoint

@@ -73,6 +73,17 @@ class CheckpointOnSigterm(L.Callback):
                 progress[part][counter] = min(progress[part][counter], start)
 
 
+def count_batches_in_steps(checkpoint: dict, accumulate: int) -> None:
+    """Make a checkpoint's fit loop count its optimizer steps × `accumulate` batches as processed (its counters
+    moved together, so that Lightning sees the same point of a batch's life), for a run resumed with another
+    accumulation: the batches that the steps took on this layout."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    shift = checkpoint["global_step"] * accumulate - progress["total"]["processed"]
+    for part in ("total", "current"):
+        for counter in ("ready", "started", "processed", "completed"):
+            progress[part][counter] += shift
+
+
 class LastValidationStep(L.Callback):
     """Remembers the global step at which validation last ran inside fit (-1: never), so that the end of a run
     validates only if the final weights have not been validated yet."""

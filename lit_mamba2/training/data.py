@@ -70,7 +70,8 @@ class DataConfig:
     max_bytes: Optional[int] = 3_000_000  # text: read whole files in sorted order until this many bytes
     cache_dir: str = "~/.cache/lit-mamba2/tokens"
     seq_len: int = 256
-    batch_size: int = 8  # per device
+    batch_size: int = 8  # per data-parallel rank
+    global_batch_size: Optional[int] = None  # rows per optimizer step over all ranks: sets the gradient accumulation
     val_fraction: float = 0.02  # of the packed rows, taken from the end of the stream
     seed: int = 1234
     num_workers: int = 0
@@ -82,6 +83,10 @@ class DataConfig:
         for name in ("seq_len", "batch_size"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.global_batch_size is not None and not (isinstance(self.global_batch_size, int)
+                                                       and self.global_batch_size > 0):
+            raise ValueError(f"data.global_batch_size must be a positive integer or null, got "
+                             f"{self.global_batch_size!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.max_bytes is not None and not (isinstance(self.max_bytes, int) and self.max_bytes > 0):
@@ -357,18 +362,22 @@ class LMDataModule(L.LightningDataModule):
 
     # what decides which rows a step trains on: a resumed run with other values no longer sees "exactly the
     # batches an uninterrupted run would have" (it is allowed, e.g. to change the batch size on purpose, but said)
+    # (the rows per optimizer step count, not how they are split over ranks and micro-batches: the position in
+    # the sample sequence is steps × global batch on any layout)
     _ORDER_FIELDS = ("kind", "paths", "blend", "val_paths", "include", "exclude", "max_bytes", "seq_len",
-                     "batch_size", "val_fraction", "seed", "mqar")
+                     "val_fraction", "seed", "mqar")
 
     def state_dict(self) -> dict:
         order = {k: v for k, v in asdict(self.config).items() if k in self._ORDER_FIELDS}
-        return {"data": json.loads(json.dumps(order)), "accumulate_grad_batches": self.accumulate,
-                "world_size": self._rank_world()[1]}
+        return {"data": json.loads(json.dumps(order)),
+                "global_batch": self.config.batch_size * self._rank_world()[1] * self.accumulate}
 
     def load_state_dict(self, state: dict) -> None:
         now = self.state_dict()
-        changed = [f"data.{k}" for k, v in state.get("data", {}).items() if now["data"].get(k) != v]
-        changed += [k for k in ("accumulate_grad_batches", "world_size") if k in state and state[k] != now[k]]
+        changed = [f"data.{k}" for k, v in state.get("data", {}).items()
+                   if k in self._ORDER_FIELDS and now["data"].get(k) != v]
+        if state.get("global_batch", now["global_batch"]) != now["global_batch"]:
+            changed.append(f"global batch ({state['global_batch']} rows, now {now['global_batch']})")
         if changed:
             warnings.warn(f"resuming with other {', '.join(changed)} than the checkpoint's run: training goes on, "
                           "but not over the batches the uninterrupted run would have seen")

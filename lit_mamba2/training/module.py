@@ -14,6 +14,7 @@ import torchmetrics
 from lit_mamba2.config import Mamba2Config
 from lit_mamba2.model import Mamba2LMHeadModel
 from lit_mamba2.tokenizers import Tokenizer, tokenizer_from_state
+from lit_mamba2.training.callbacks import count_batches_in_steps
 from lit_mamba2.training.data import IGNORE_INDEX
 
 
@@ -111,6 +112,7 @@ class LanguageModel(L.LightningModule):
         self.tokenizer = tokenizer
         self.accuracy = accuracy  # also log argmax accuracy on the labelled positions (MQAR recall)
         self.model: Optional[Mamba2LMHeadModel] = None
+        self._window, self._window_batches = None, 0  # train/loss over the micro-batches of one optimizer step
         self.val_loss = TokenWeightedMeanLoss()
         self.val_acc = torchmetrics.MeanMetric()
 
@@ -134,11 +136,16 @@ class LanguageModel(L.LightningModule):
                                ignore_index=IGNORE_INDEX)
         # logged: the token-weighted mean over every data-parallel rank's batch (what one process with the whole
         # global batch logs); the gradients are the ranks' mean (equal token counts: the same)
+        # and over the micro-batches of an accumulation window (logged at its last)
         counted = (batch["labels"] != IGNORE_INDEX).sum()
-        stats = torch.stack([loss.detach().float() * counted, counted.float()])
-        if self.trainer.world_size > 1:
-            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        self.log("train/loss", stats[0] / stats[1].clamp(min=1), prog_bar=True)
+        stats = torch.stack([loss.detach().double() * counted, counted.double()])
+        self._window = stats if self._window is None else self._window + stats
+        self._window_batches += 1
+        if self._window_batches == self.trainer.accumulate_grad_batches:
+            window, self._window, self._window_batches = self._window, None, 0
+            if self.trainer.world_size > 1:
+                window = self.trainer.strategy.reduce(window, reduce_op="sum")
+            self.log("train/loss", (window[0] / window[1].clamp(min=1)).float(), prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -172,6 +179,8 @@ class LanguageModel(L.LightningModule):
             checkpoint["tokenizer"] = self.tokenizer.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and "loops" in checkpoint:  # (before Lightning restores its loops from it)
+            count_batches_in_steps(checkpoint, self.trainer.accumulate_grad_batches)
         if self.tokenizer is None and "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, TypedDict, Union
 import torch
 from typing_extensions import Unpack
 
-from lit_mamba2.checkpoints import is_sharded_checkpoint
+from lit_mamba2.checkpoints import is_sharded_checkpoint, previous_path
 from lit_mamba2.config import Mamba2Config
 from lit_mamba2.launch import apply_launcher_env
 from lit_mamba2.tokenizers import check_vocab_fits, load_tokenizer
@@ -156,6 +156,31 @@ def build_strategy(tc: TrainerConfig, parallel: ParallelConfig):
     return tc.strategy
 
 
+def data_parallel_degree(strategy: str, parallel: ParallelConfig, world_size: int) -> int:
+    """Ranks that read different samples: the layout's dp_replicate × dp_shard under fsdp, every rank otherwise."""
+    if strategy == "fsdp":
+        from lit_mamba2.parallel.dims import ParallelDims
+
+        return ParallelDims.resolve(world_size, **asdict(parallel)).dp
+    return world_size
+
+
+def gradient_accumulation(data: DataConfig, accumulate_grad_batches: int, dp: int) -> int:
+    """Batches per optimizer step on each rank: data.global_batch_size / (data.batch_size × dp) when the global
+    batch is given (so that a recipe keeps it on any number of GPUs), else trainer.accumulate_grad_batches."""
+    if data.global_batch_size is None:
+        return accumulate_grad_batches
+    if accumulate_grad_batches != 1:
+        raise ValueError(f"give data.global_batch_size or trainer.accumulate_grad_batches, not both (got "
+                         f"{data.global_batch_size} and {accumulate_grad_batches})")
+    per_step = data.batch_size * dp
+    if data.global_batch_size % per_step:
+        raise ValueError(f"data.global_batch_size = {data.global_batch_size} is not a whole number of data.batch_size "
+                         f"= {data.batch_size} × {dp} data-parallel ranks = {per_step} rows; choose a global batch "
+                         f"that {per_step} divides, or another batch_size")
+    return data.global_batch_size // per_step
+
+
 def resolve_precision(precision: Optional[str], accelerator: str) -> str:
     if precision is not None:
         return precision
@@ -173,6 +198,8 @@ def resume_path(resume: Union[bool, str], out_dir: str) -> Optional[str]:
                              "--resume true, or start a new run in another --trainer.out_dir (or delete that one)")
         return None
     path = last if resume is True else Path(resume)
+    if not path.exists() and is_sharded_checkpoint(previous_path(path)):
+        path = previous_path(path)  # a crash between the two renames of a sharded save left it there
     if not (path.is_file() or is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
     return str(path)
@@ -282,10 +309,17 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
                    LearningRateMonitor(logging_interval="step"),
                    *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
     )
+    # the world size is known once the Trainer has resolved devices and nodes: the accumulation follows from it
+    dp = data_parallel_degree(tc.strategy, cfg.parallel, trainer.world_size)
+    accumulate = gradient_accumulation(cfg.data, tc.accumulate_grad_batches, dp)
+    trainer.accumulate_grad_batches = datamodule.accumulate = accumulate
+    trainer.val_check_interval = min(tc.val_every_n_steps, tc.max_steps) * accumulate
     if trainer.is_global_zero:
         print(f"model: d_model={model_config.d_model} n_layer={model_config.n_layer} "
               f"vocab={model_config.padded_vocab_size}, tokenizer: {tokenizer!r}, data: {cfg.data.kind}, "
-              f"world size {trainer.world_size}, precision {trainer.precision}", flush=True)
+              f"world size {trainer.world_size}, precision {trainer.precision}, global batch "
+              f"{cfg.data.batch_size * dp * accumulate} rows ({cfg.data.batch_size} × {dp} data-parallel ranks × "
+              f"{accumulate} accumulated)", flush=True)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     train_time = time.perf_counter() - start

@@ -325,7 +325,7 @@ def test_resume_refuses_another_model_or_a_foreign_file(tmp_path):
         pretrain(other)
     smaller = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "a", steps=4), "--resume", "true",
                                             "--data.batch_size", "2", "--sample.max_new_tokens", "0"], "t")
-    with pytest.warns(UserWarning, match=r"resuming with other data\.batch_size than the checkpoint's run"):
+    with pytest.warns(UserWarning, match=r"resuming with other global batch \(4 rows, now 2\) than the checkpoint"):
         assert pretrain(smaller)["step"] == 4
     torch.save({"x": torch.zeros(1)}, tmp_path / "weights.bin")
     foreign = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "c"), "--resume", str(tmp_path / "weights.bin")],
