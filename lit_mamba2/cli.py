@@ -365,7 +365,18 @@ def evaluate_command(argv: list[str]) -> Optional[int]:
     return evaluate_main(cfg)
 
 
+def prepare_command(argv: list[str]) -> Optional[int]:
+    from lit_mamba2.training.prepare import PrepareConfig, prepare
+
+    cfg = parse_recipe(PrepareConfig, argv, "lit-mamba2 prepare",
+                       "Tokenize a corpus (JSONL, Parquet, text files, a Hugging Face dataset) into token shards: "
+                       "<output>/train and <output>/val, each a folder for data.kind: tokens.")
+    prepare(cfg)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], Optional[int]], str]] = {
+    "prepare": (prepare_command, "tokenize a corpus (JSONL, Parquet, text, HF dataset) into train/val token shards"),
     "pretrain": (pretrain_command, "pretrain a model from a recipe (no arguments: the built-in CPU default)"),
     "convert": (convert_command, "convert a checkpoint (folder, Hub id or .ckpt) to the hf or mamba_ssm format"),
     "generate": (generate_command, "generate text from a checkpoint (folder, Hub id or .ckpt)"),

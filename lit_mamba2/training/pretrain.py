@@ -236,7 +236,10 @@ def check_data_paths(data: DataConfig) -> None:
     if data.kind == "text":
         find_text_files(data.paths, data.include, data.exclude, data.max_bytes)
     elif data.kind == "tokens":
-        TokenStream(data.paths)
+        for paths in [[b.path] for b in data.blend] or [data.paths]:
+            TokenStream(paths)
+        if data.val_paths:
+            TokenStream(data.val_paths)
 
 
 def default_loggers(out_dir: str) -> list:
