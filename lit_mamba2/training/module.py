@@ -117,7 +117,7 @@ class LanguageModel(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = Mamba2LMHeadModel(self.config)  # whole, from the seed: every layout starts from the same weights
+        model = self.build_model()
         mesh = getattr(self._trainer.strategy, "parallel_mesh", None) if self._trainer is not None else None
         if mesh is not None:  # trainer.strategy: fsdp
             from lit_mamba2.parallel import apply_fsdp
@@ -125,6 +125,10 @@ class LanguageModel(L.LightningModule):
             bf16 = self.trainer.precision in ("bf16-mixed", "bf16-true")
             model = apply_fsdp(model, mesh.fsdp, param_dtype=torch.bfloat16 if bf16 else None)
         self.model = model
+
+    def build_model(self) -> Mamba2LMHeadModel:
+        """The model before parallelism is applied (a subclass starts from other weights: finetune)."""
+        return Mamba2LMHeadModel(self.config)  # whole, from the seed: every layout starts from the same weights
 
     def forward(self, input_ids, seq_idx=None):
         return self.model(input_ids, seq_idx=seq_idx)
