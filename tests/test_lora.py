@@ -88,13 +88,12 @@ def test_each_targeted_layer_changes_the_output():
     base = base_model()
     adapted = base_model_copy(base)
     names = apply_lora(adapted, LoRAConfig(rank=2, targets=ALL))
-    x = ids()
+    x = ids(L=8)
     with torch.no_grad():
         want = base(x)
         for name in names:
             randomise_adapters(adapted, only=name)
             assert (adapted(x) - want).abs().max() > 1e-4, name
-            assert (adapted.loss(x[:, :-1], x[:, 1:]) - base.loss(x[:, :-1], x[:, 1:])).abs() > 1e-7, name
             states = adapted.allocate_states(2)
             adapted(x[:, :4], states=states)
             assert (adapted.step(x[:, 4], states) - want[:, 4]).abs().max() > 1e-4, name
