@@ -83,7 +83,7 @@ class FinetuneModel(LanguageModel):
     def build_model(self) -> Mamba2LMHeadModel:
         from lit_mamba2.lora import apply_lora
 
-        model, self._base = self._base(), None
+        model, self._base = self._base().train(), None
         if self.lora is not None:
             apply_lora(model, LoRAConfig(**self.lora))
         return model
@@ -126,7 +126,7 @@ def finetune(cfg: FinetuneConfig, callbacks: Sequence = ()) -> dict:
     lora = asdict(cfg.lora) if cfg.method == "lora" else None
 
     datamodule = InstructionDataModule(cfg.data, tokenizer, tc.max_steps, tc.accumulate_grad_batches,
-                                       vocab_size=model_config.vocab_size, verbose=tc.progress_bar)
+                                       vocab_size=model_config.vocab_size, progress=tc.progress_bar)
     base = loaded.model
     module = FinetuneModel(model_config.to_dict(), asdict(cfg.optim), tokenizer, lambda: base, lora)
     ckpt_dir = checkpoint_dir(tc)

@@ -376,9 +376,10 @@ class InstructionDataModule(LMDataModule):
     _ORDER_FIELDS = ("train", "val", "val_fraction", "template", "seq_len", "batch_size", "pack", "overlong", "seed")
 
     def __init__(self, config: InstructionDataConfig, tokenizer: Tokenizer, max_steps: int = 1,
-                 accumulate_grad_batches: int = 1, vocab_size: Optional[int] = None, verbose: bool = True):
+                 accumulate_grad_batches: int = 1, vocab_size: Optional[int] = None, verbose: bool = True,
+                 progress: bool = True):
         super().__init__(config, tokenizer, max_steps, accumulate_grad_batches, vocab_size)
-        self.verbose = verbose
+        self.verbose, self.progress = verbose, progress  # the summary printed; a progress bar while tokenizing
         self.summary: Optional[str] = None
         if tokenizer.eos_id is None:
             raise ValueError(f"tokenizer {tokenizer!r} has no eos token; every response must end with one")
@@ -413,9 +414,9 @@ class InstructionDataModule(LMDataModule):
             val = [r for i, r in enumerate(train) if i in chosen]
             train = [r for i, r in enumerate(train) if i not in chosen]
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
-        progress = self.verbose and self._rank_world()[0] == 0
+        first = self._rank_world()[0] == 0
         train_items, train_counts = examples(train, self.tokenizer, c.seq_len, c.overlong, self.use_chat_template,
-                                             progress)
+                                             self.progress and first)
         if not train_items:
             raise ValueError(f"data.train: every record is longer than data.seq_len = {c.seq_len} and was dropped")
         self._check_ids(train_items)
@@ -429,7 +430,7 @@ class InstructionDataModule(LMDataModule):
                         f"of {c.seq_len} ({'packed' if c.pack else 'padded'}, {_share(self.train_set)} of positions "
                         f"trained); validation {val_counts.describe(c.seq_len, c.overlong)} -> {val_rows}; "
                         f"template: {template}")
-        if progress:
+        if self.verbose and first:
             print(self.summary, flush=True)
 
     def _check_ids(self, items) -> None:
