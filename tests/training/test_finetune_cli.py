@@ -143,6 +143,16 @@ def test_lora_on_out_proj_is_exported_merged_without_a_peft_adapter(setup, capsy
     assert "no PEFT adapter: PEFT accepts LoRA on in_proj only" in capsys.readouterr().out
     assert (tmp_path / "lora2" / "best" / "model.safetensors").is_file()
     assert not (tmp_path / "lora2" / "best-peft").exists()
+    # a fresh run refuses the folder; --resume continues the adapters from last.ckpt
+    assert main(args(tmp_path, base, "lora2", "--method", "lora")) == 2
+    assert "exists from an earlier run" in capsys.readouterr().err
+    first = torch.load(tmp_path / "lora2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert main(args(tmp_path, base, "lora2", "--method", "lora", "--lora.targets", "[in_proj, out_proj]",
+                     "--trainer.max_steps", "6", "--trainer.val_every_n_steps", "4", "--resume", "true")) == 0
+    second = torch.load(tmp_path / "lora2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (first["global_step"], second["global_step"]) == (4, 6)
+    for k, v in first["state_dict"].items():
+        assert torch.equal(second["state_dict"][k], v) != k.endswith(("lora_A", "lora_B")), k
 
 
 def test_a_malformed_record_stops_the_verb_before_training(setup, capsys):
