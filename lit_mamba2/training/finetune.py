@@ -107,10 +107,10 @@ def finetune(cfg: FinetuneConfig, callbacks: Sequence = ()) -> dict:
     tc = apply_launcher_env(cfg.trainer)
     ckpt_path = resume_path(cfg.resume, tc.out_dir)
     L.seed_everything(tc.seed, verbose=False)
-    for p in [*cfg.data.train, *cfg.data.val]:  # a malformed record fails before any weight is read
-        read_records(p)
     if not cfg.data.train:
         raise ValueError("data.train: no files given (JSON Lines or JSON files of Alpaca or chat records)")
+    for p in [*cfg.data.train, *cfg.data.val]:  # a malformed record fails before any weight is read
+        read_records(p)
 
     loaded = load(Mamba2LMHeadModel, cfg.checkpoint, tokenizer=cfg.tokenizer)
     model_config, tokenizer = loaded.model.config, loaded.tokenizer

@@ -393,11 +393,6 @@ class InstructionDataModule(LMDataModule):
     def prepare_data(self) -> None:
         pass  # every rank reads and tokenizes the records itself (in setup)
 
-    def check_files(self) -> None:
-        """Fail before any process group or model exists when a file is missing or a record is malformed."""
-        for p in [*self.config.train, *self.config.val]:
-            read_records(p)
-
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
