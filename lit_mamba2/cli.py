@@ -1,13 +1,13 @@
 """The `lit-mamba2` command: one verb per job, every verb's options parsed the same way.
 
-A verb's options are the fields of its dataclass config (PretrainConfig, GenerateConfig, ConvertConfig,
-EvaluateConfig), read by jsonargparse: `--config file.yaml` gives any of them as YAML, `--section.key value` sets
-one (in order: later wins), `--help` lists them all. A misspelled key or section, a stray word or a value of the
-wrong type is reported first, in one line naming it and the closest valid key. A field whose metadata has
-`repeatable` is a list of texts: each `--name TEXT` adds one, taken as it is (a prompt such as "- item" or "#5"
-is not read as YAML).
+A verb's options are the fields of its dataclass config (PretrainConfig, FinetuneConfig, GenerateConfig,
+ConvertConfig, EvaluateConfig), read by jsonargparse: `--config file.yaml` gives any of them as YAML,
+`--section.key value` sets one (in order: later wins), `--help` lists them all. A misspelled key or section, a
+stray word or a value of the wrong type is reported first, in one line naming it and the closest valid key. A
+field whose metadata has `repeatable` is a list of texts: each `--name TEXT` adds one, taken as it is (a prompt
+such as "- item" or "#5" is not read as YAML).
 
-Adding a verb (finetune, push, ...) is one entry in COMMANDS.
+Adding a verb (push, ...) is one entry in COMMANDS.
 """
 
 from __future__ import annotations
@@ -316,23 +316,38 @@ def parse_recipe(config_class, argv: list[str], prog: str, description: str = ""
 # ---------------------------------------------------------------------------------------------------------------
 # the verbs
 # ---------------------------------------------------------------------------------------------------------------
+def _train(verb: str, run: Callable, cfg) -> Optional[int]:
+    """A training verb's run: Lightning's errors for bad input as ours, SIGTERM as exit status 143."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        run(cfg)
+    except MisconfigurationException as e:  # e.g. an accelerator this machine does not have: bad input
+        raise ValueError(str(e)) from None
+    except SIGTERMException:  # (a SystemExit without a code: the shell would see success)
+        print(f"lit-mamba2 {verb}: stopped by SIGTERM; {cfg.trainer.out_dir}/checkpoints/last.ckpt holds the "
+              "last finished step (continue with --resume true)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
 def pretrain_command(argv: list[str]) -> Optional[int]:
     from lit_mamba2.training.pretrain import PretrainConfig, pretrain
 
     cfg = parse_recipe(PretrainConfig, argv, "lit-mamba2 pretrain",
                        "Pretrain a Mamba-2 language model. With no arguments: the built-in default "
                        "(recipes/default.yaml): a small model on the Python standard library, on CPU, in minutes.")
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    return _train("pretrain", pretrain, cfg)
 
-    try:
-        pretrain(cfg)
-    except MisconfigurationException as e:  # e.g. an accelerator this machine does not have: bad input
-        raise ValueError(str(e)) from None
-    except SIGTERMException:  # (a SystemExit without a code: the shell would see success)
-        print(f"lit-mamba2 pretrain: stopped by SIGTERM; {cfg.trainer.out_dir}/checkpoints/last.ckpt holds the "
-              "last finished step (continue with --resume true)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+
+def finetune_command(argv: list[str]) -> Optional[int]:
+    from lit_mamba2.training.finetune import FinetuneConfig, finetune
+
+    cfg = parse_recipe(FinetuneConfig, argv, "lit-mamba2 finetune",
+                       "Fine-tune a checkpoint (Hub id, mamba_ssm or transformers folder, or training .ckpt) on "
+                       "instruction data (Alpaca or chat records), fully or with LoRA; the checkpoint with the "
+                       "lowest validation loss is exported for transformers or mamba_ssm.")
+    return _train("finetune", finetune, cfg)
 
 
 def convert_command(argv: list[str]) -> Optional[int]:
@@ -378,6 +393,7 @@ def prepare_command(argv: list[str]) -> Optional[int]:
 COMMANDS: dict[str, tuple[Callable[[list[str]], Optional[int]], str]] = {
     "prepare": (prepare_command, "tokenize a corpus (JSONL, Parquet, text, HF dataset) into train/val token shards"),
     "pretrain": (pretrain_command, "pretrain a model from a recipe (no arguments: the built-in CPU default)"),
+    "finetune": (finetune_command, "fine-tune a checkpoint on instruction data (full or LoRA) from a recipe"),
     "convert": (convert_command, "convert a checkpoint (folder, Hub id or .ckpt) to the hf or mamba_ssm format"),
     "generate": (generate_command, "generate text from a checkpoint (folder, Hub id or .ckpt)"),
     "evaluate": (evaluate_command, "lm-evaluation-harness on a checkpoint (default: the paper's zero-shot suite)"),

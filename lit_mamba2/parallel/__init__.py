@@ -3,6 +3,6 @@ built for a layout (parallelize.py)."""
 
 from lit_mamba2.parallel.dims import LayoutError, ParallelDims
 from lit_mamba2.parallel.fsdp import ShardingPolicy, apply_fsdp
-from lit_mamba2.parallel.parallelize import build_model
+from lit_mamba2.parallel.parallelize import build_model, parallelize
 
-__all__ = ["LayoutError", "ParallelDims", "ShardingPolicy", "apply_fsdp", "build_model"]
+__all__ = ["LayoutError", "ParallelDims", "ShardingPolicy", "apply_fsdp", "build_model", "parallelize"]

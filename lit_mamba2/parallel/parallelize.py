@@ -32,10 +32,7 @@ def build_model(config: Mamba2Config, mesh=None, policy: Optional[ShardingPolicy
     """The model of `config` for training: whole on this process (mesh None), or sharded over the FSDP `mesh`.
     `compile`: True (inductor) or a torch.compile backend's name compiles each block."""
     if mesh is None:
-        model = Mamba2LMHeadModel(config)
-        for i, block in enumerate(model.backbone.layers):
-            model.backbone.layers[i] = _prepare(block, activation_checkpointing, compile)
-        return model
+        return parallelize(Mamba2LMHeadModel(config), None, None, activation_checkpointing, compile)
     policy = policy or ShardingPolicy()
     with torch.device("meta"):
         model = Mamba2LMHeadModel(config)  # (draws model.init_seed from torch's generator, as a whole build does)
@@ -48,6 +45,18 @@ def build_model(config: Mamba2Config, mesh=None, policy: Optional[ShardingPolicy
         part.to_empty(device="cpu")
     model.init_part(config.n_layer)  # (ties the LM head to the embedding again)
     policy.shard_root(model, mesh)
+    return model
+
+
+def parallelize(model: Mamba2LMHeadModel, mesh=None, policy: Optional[ShardingPolicy] = None,
+                activation_checkpointing: bool = False, compile: Union[bool, str] = False) -> Mamba2LMHeadModel:
+    """A whole model (given weights: fine-tuning) prepared for training as build_model prepares one, in place."""
+    for i, block in enumerate(model.backbone.layers):
+        block = model.backbone.layers[i] = _prepare(block, activation_checkpointing, compile)
+        if mesh is not None:
+            (policy or ShardingPolicy()).shard_block(block, mesh)
+    if mesh is not None:
+        (policy or ShardingPolicy()).shard_root(model, mesh)
     return model
 
 

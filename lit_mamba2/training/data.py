@@ -447,7 +447,7 @@ class LMDataModule(L.LightningDataModule):
         if c.batch_size * world > len(self.train_set):  # a batch would hold the same row twice
             raise ValueError(f"data.batch_size = {c.batch_size} x {world} processes is more than the "
                              f"{len(self.train_set)} training rows; add data, or lower data.batch_size or seq_len")
-        if c.blend:
+        if getattr(c, "blend", None):  # (a fine-tuning DataConfig has none)
             sampler = BlendSampler([len(d) for d in self.train_set.datasets] if isinstance(
                 self.train_set, ConcatDataset) else [len(self.train_set)], [b.weight for b in c.blend],
                 batches * c.batch_size, c.seed, rank, world, start=done * c.batch_size,
@@ -463,7 +463,7 @@ class LMDataModule(L.LightningDataModule):
             return []
         rank, world = self._rank_world()
         if len(self.val_set) < world:  # a process with no rows would stop the others' validation
-            what = "data.val_paths hold" if self.config.val_paths else "data.val_fraction gives"
+            what = "data.val_paths hold" if getattr(self.config, "val_paths", None) else "data.val_fraction gives"
             raise ValueError(f"{what} {len(self.val_set)} validation rows for {world} processes; "
                              "raise data.val_fraction (or set it to 0: no validation)")
         return DataLoader(self.val_set, batch_size=self.config.batch_size,

@@ -12,7 +12,7 @@ import torch
 import torchmetrics
 
 from lit_mamba2.config import Mamba2Config
-from lit_mamba2.model import Mamba2LMHeadModel  # noqa: F401 (the type of self.model)
+from lit_mamba2.model import Mamba2LMHeadModel
 from lit_mamba2.tokenizers import Tokenizer, tokenizer_from_state
 from lit_mamba2.training.callbacks import count_batches_in_steps
 from lit_mamba2.training.data import IGNORE_INDEX
@@ -121,7 +121,7 @@ class LanguageModel(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from lit_mamba2.parallel import ShardingPolicy, build_model
+        from lit_mamba2.parallel import ShardingPolicy, build_model, parallelize
 
         mesh = getattr(self._trainer.strategy, "parallel_mesh", None) if self._trainer is not None else None
         policy = None
@@ -131,9 +131,18 @@ class LanguageModel(L.LightningModule):
                 raise ValueError(f"trainer.precision {precision!r} under trainer.strategy fsdp: use bf16-mixed (float32 "
                                  "sharded parameters and optimizer state, computed in bf16) or 32-true")
             policy = ShardingPolicy(param_dtype=torch.bfloat16 if precision == "bf16-mixed" else None)
-        # every layout starts from the weights one process draws from the same seed (sharded: part by part)
-        self.model = build_model(self.config, None if mesh is None else mesh.fsdp, policy,
-                                 self.activation_checkpointing, self.compile_blocks)
+        fsdp_mesh = None if mesh is None else mesh.fsdp
+        given = self.initial_model()
+        if given is None:  # from the seed: every layout starts from one process's weights (sharded: part by part)
+            self.model = build_model(self.config, fsdp_mesh, policy, self.activation_checkpointing,
+                                     self.compile_blocks)
+        else:
+            self.model = parallelize(given, fsdp_mesh, policy, self.activation_checkpointing, self.compile_blocks)
+
+    def initial_model(self) -> Optional[Mamba2LMHeadModel]:
+        """The whole model to start from, or None: drawn from the seed (a subclass starts from other weights:
+        finetune)."""
+        return None
 
     def forward(self, input_ids, seq_idx=None):
         return self.model(input_ids, seq_idx=seq_idx)

@@ -170,7 +170,7 @@ def data_parallel_degree(strategy: str, parallel: ParallelConfig, world_size: in
 def gradient_accumulation(data: DataConfig, accumulate_grad_batches: int, dp: int) -> int:
     """Batches per optimizer step on each rank: data.global_batch_size / (data.batch_size × dp) when the global
     batch is given (so that a recipe keeps it on any number of GPUs), else trainer.accumulate_grad_batches."""
-    if data.global_batch_size is None:
+    if getattr(data, "global_batch_size", None) is None:
         return accumulate_grad_batches
     if accumulate_grad_batches != 1:
         raise ValueError(f"give data.global_batch_size or trainer.accumulate_grad_batches, not both (got "
@@ -257,13 +257,73 @@ def default_loggers(out_dir: str) -> list:
     return loggers
 
 
-def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
-    """Train as the config says (extra Lightning `callbacks` join the built-in ones); returns a summary: final
-    losses, time, checkpoint path, sample."""
+def checkpoint_dir(tc: TrainerConfig) -> Path:
+    return Path(tc.out_dir, "checkpoints")
+
+
+def build_trainer(tc: TrainerConfig, parallel: ParallelConfig, data, callbacks: Sequence = ()):
+    """The Lightning Trainer of a training verb (pretrain, finetune): checkpoints/last.ckpt every
+    save_every_n_steps and on SIGTERM, validation every val_every_n_steps, throughput, lr and loss logs; extra
+    `callbacks` join these; the gradient accumulation from `data` (batch_size, global_batch_size) and the layout.
+    Returns it and the callback that remembers the step of the last validation."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
     from lit_mamba2.training.callbacks import CheckpointOnSigterm, LastValidationStep, TokenThroughput
+
+    batches = tc.max_steps * tc.accumulate_grad_batches
+    ckpt_dir = checkpoint_dir(tc)
+    validated = LastValidationStep()
+    trainer = L.Trainer(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, parallel),
+        precision=resolve_precision(tc.precision, tc.accelerator), max_steps=tc.max_steps,
+        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
+        val_check_interval=min(tc.val_every_n_steps * tc.accumulate_grad_batches, batches),
+        check_val_every_n_epoch=None, limit_val_batches=tc.limit_val_batches, num_sanity_val_steps=0,
+        log_every_n_steps=tc.log_every_n_steps, use_distributed_sampler=False,
+        enable_progress_bar=tc.progress_bar, enable_model_summary=tc.progress_bar,
+        logger=default_loggers(tc.out_dir), default_root_dir=tc.out_dir,
+        # no version counter: last.ckpt is replaced, never joined by last-v1.ckpt (a resumed run writes it again)
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=tc.save_every_n_steps, save_top_k=0,
+                                   save_last=True, enable_version_counter=False),
+                   CheckpointOnSigterm(ckpt_dir / "last.ckpt"), TokenThroughput(), validated,
+                   LearningRateMonitor(logging_interval="step"),
+                   *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
+    )
+    # the world size is known once the Trainer has resolved devices and nodes: the accumulation follows from it
+    dp = data_parallel_degree(tc.strategy, parallel, trainer.world_size)
+    accumulate = gradient_accumulation(data, tc.accumulate_grad_batches, dp)
+    trainer.accumulate_grad_batches = accumulate
+    trainer.val_check_interval = min(tc.val_every_n_steps, tc.max_steps) * accumulate
+    return trainer, validated
+
+
+def describe_batch(trainer, tc: TrainerConfig, parallel: ParallelConfig, data) -> str:
+    dp, accumulate = data_parallel_degree(tc.strategy, parallel, trainer.world_size), trainer.accumulate_grad_batches
+    return (f"global batch {data.batch_size * dp * accumulate} rows ({data.batch_size} × {dp} data-parallel ranks × "
+            f"{accumulate} accumulated)")
+
+
+def fit(trainer, module, datamodule, tc: TrainerConfig, ckpt_path: Optional[str], validated) -> tuple[dict, float]:
+    """trainer.fit, then last.ckpt if the periodic saves missed the last steps, and a validation of the final
+    weights if fit did not end with one. Returns the final metrics and the training time (s)."""
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    train_time = time.perf_counter() - start
+    if trainer.global_step % tc.save_every_n_steps != 0:  # the periodic saves missed the last steps
+        trainer.save_checkpoint(checkpoint_dir(tc) / "last.ckpt")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if validated.step != trainer.global_step and datamodule.val_set is not None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # (it replaces callback_metrics)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    return metrics, train_time
+
+
+def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
+    """Train as the config says (extra Lightning `callbacks` join the built-in ones); returns a summary: final
+    losses, time, checkpoint path, sample."""
+    import lightning as L
+
     from lit_mamba2.training.data import LMDataModule, unigram_entropy
     from lit_mamba2.training.module import LanguageModel
 
@@ -293,45 +353,15 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
                               vocab_size=model_config.vocab_size)
     module = LanguageModel(model_config.to_dict(), asdict(cfg.optim), tokenizer, accuracy=cfg.data.kind == "mqar",
                            activation_checkpointing=tc.activation_checkpointing, compile=tc.compile)
-    ckpt_dir = Path(tc.out_dir, "checkpoints")
-    batches = tc.max_steps * tc.accumulate_grad_batches
-    validated = LastValidationStep()
-    trainer = L.Trainer(
-        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, cfg.parallel),
-        precision=resolve_precision(tc.precision, tc.accelerator), max_steps=tc.max_steps,
-        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
-        val_check_interval=min(tc.val_every_n_steps * tc.accumulate_grad_batches, batches),
-        check_val_every_n_epoch=None, limit_val_batches=tc.limit_val_batches, num_sanity_val_steps=0,
-        log_every_n_steps=tc.log_every_n_steps, use_distributed_sampler=False,
-        enable_progress_bar=tc.progress_bar, enable_model_summary=tc.progress_bar,
-        logger=default_loggers(tc.out_dir), default_root_dir=tc.out_dir,
-        # no version counter: last.ckpt is replaced, never joined by last-v1.ckpt (a resumed run writes it again)
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=tc.save_every_n_steps, save_top_k=0,
-                                   save_last=True, enable_version_counter=False),
-                   CheckpointOnSigterm(ckpt_dir / "last.ckpt"), TokenThroughput(), validated,
-                   LearningRateMonitor(logging_interval="step"),
-                   *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
-    )
-    # the world size is known once the Trainer has resolved devices and nodes: the accumulation follows from it
-    dp = data_parallel_degree(tc.strategy, cfg.parallel, trainer.world_size)
-    accumulate = gradient_accumulation(cfg.data, tc.accumulate_grad_batches, dp)
-    trainer.accumulate_grad_batches = datamodule.accumulate = accumulate
-    trainer.val_check_interval = min(tc.val_every_n_steps, tc.max_steps) * accumulate
+    ckpt_dir = checkpoint_dir(tc)
+    trainer, validated = build_trainer(tc, cfg.parallel, cfg.data, callbacks)
+    datamodule.accumulate = trainer.accumulate_grad_batches
     if trainer.is_global_zero:
         print(f"model: d_model={model_config.d_model} n_layer={model_config.n_layer} "
               f"vocab={model_config.padded_vocab_size}, tokenizer: {tokenizer!r}, data: {cfg.data.kind}, "
-              f"world size {trainer.world_size}, precision {trainer.precision}, global batch "
-              f"{cfg.data.batch_size * dp * accumulate} rows ({cfg.data.batch_size} × {dp} data-parallel ranks × "
-              f"{accumulate} accumulated)", flush=True)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    train_time = time.perf_counter() - start
-    if trainer.global_step % tc.save_every_n_steps != 0:  # the periodic saves missed the last steps
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if validated.step != trainer.global_step and datamodule.val_set is not None:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # (it replaces callback_metrics)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+              f"world size {trainer.world_size}, precision {trainer.precision}, {describe_batch(trainer, tc, cfg.parallel, cfg.data)}",
+              flush=True)
+    metrics, train_time = fit(trainer, module, datamodule, tc, ckpt_path, validated)
 
     summary = {"step": trainer.global_step, "train_loss": metrics.get("train/loss"),
                "val_loss": metrics.get("val/loss"), "val_ppl": metrics.get("val/ppl"), "val_acc": metrics.get("val/acc"),
