@@ -75,6 +75,8 @@ class FinetuneModel(LanguageModel):
     """LanguageModel starting from given weights (`base()` returns the model), with LoRA adapters when `lora` is
     given; a checkpoint holds the adapters' settings beside them (checkpoints.load merges them)."""
 
+    token_weighted_gradients = True  # prompts are masked: ranks count different numbers of response tokens
+
     def __init__(self, model_config: dict, optim: dict, tokenizer, base: Callable[[], Mamba2LMHeadModel],
                  lora: Optional[dict] = None, **training):
         super().__init__(model_config, optim, tokenizer, **training)

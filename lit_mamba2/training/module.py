@@ -103,6 +103,10 @@ class LanguageModel(L.LightningModule):
     """Next-token training of a Mamba2LMHeadModel. The model is built in `configure_model`, so that a sharding
     strategy can build it on its own devices; the config and the tokenizer travel inside every checkpoint."""
 
+    # the gradient of the mean over all the step's counted tokens when ranks count different numbers of tokens
+    # (fine-tuning: prompts masked); pretraining counts every position
+    token_weighted_gradients = False
+
     def __init__(self, model_config: dict, optim: Optional[dict] = None, tokenizer: Optional[Tokenizer] = None,
                  accuracy: bool = False, activation_checkpointing: bool = False,
                  compile: Union[bool, str] = False):
@@ -148,13 +152,22 @@ class LanguageModel(L.LightningModule):
         return self.model(input_ids, seq_idx=seq_idx)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"),
-                               ignore_index=IGNORE_INDEX)
-        # logged: the token-weighted mean over every data-parallel rank's batch (what one process with the whole
-        # global batch logs); the gradients are the ranks' mean (equal token counts: the same)
-        # and over the micro-batches of an accumulation window (logged at its last)
-        counted = (batch["labels"] != IGNORE_INDEX).sum()
-        stats = torch.stack([loss.detach().double() * counted, counted.double()])
+        labels = batch["labels"]
+        counted = (labels != IGNORE_INDEX).sum()
+        if self.token_weighted_gradients:
+            # the sum over this rank's tokens / the mean tokens per data-parallel rank: averaged over the ranks
+            # (as DDP and FSDP average gradients), the mean over every counted token of the step's micro-batch
+            loss_sum = self.model.loss(batch["input_ids"], labels, seq_idx=batch.get("seq_idx"),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            ranks, total = self._data_parallel_sum(counted)
+            loss = loss_sum * ranks / total.clamp(min=1)
+            mean = loss_sum.detach() / counted.clamp(min=1)
+        else:  # every position counts, on every rank alike: the per-rank mean is that already
+            loss = mean = self.model.loss(batch["input_ids"], labels, seq_idx=batch.get("seq_idx"),
+                                          ignore_index=IGNORE_INDEX)
+        # logged: the token-weighted mean over every data-parallel rank's batch and the micro-batches of an
+        # accumulation window (what one process with the whole global batch logs), at the window's last
+        stats = torch.stack([mean.detach().double() * counted, counted.double()])
         self._window = stats if self._window is None else self._window + stats
         self._window_batches += 1
         if self._window_batches == self.trainer.accumulate_grad_batches:
@@ -163,6 +176,19 @@ class LanguageModel(L.LightningModule):
                 window = self.trainer.strategy.reduce(window, reduce_op="sum")
             self.log("train/loss", (window[0] / window[1].clamp(min=1)).float(), prog_bar=True)
         return loss
+
+    def _data_parallel_sum(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(data-parallel ranks, the sum of x over them)."""
+        if self.trainer.world_size == 1:
+            return 1, x
+        mesh = getattr(self.trainer.strategy, "parallel_mesh", None)
+        if mesh is None:
+            return self.trainer.world_size, self.trainer.strategy.reduce(x, reduce_op="sum")
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x, group=mesh.dp.get_group())
+        return mesh.dp.size(), x
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         labels = batch["labels"]

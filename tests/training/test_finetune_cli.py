@@ -175,28 +175,30 @@ def test_recipes_parse(recipe):
 
 
 def test_lora_under_fsdp2_on_two_ranks(setup):
-    """torchrun, 2 ranks on gloo, trainer.strategy fsdp: the first step's loss is one process's with the same
-    global batch (later steps differ slightly: the gradient is the mean of the ranks' means, which weigh
-    response tokens per rank); the base weights stay frozen; the sharded best checkpoint exports merged and as
-    PEFT's adapter."""
+    """torchrun, 2 ranks on gloo, trainer.strategy fsdp: every step's loss is one process's with the same global
+    batch (the ranks count different numbers of response tokens: the gradient is still the mean over all of
+    them); the base weights stay frozen; the sharded best checkpoint exports merged and as PEFT's adapter."""
     import sys
 
     from test_train_cli import _free_port, _run
 
     tmp_path, base = setup
     common = args(tmp_path, base, "fsdp", "--method", "lora", "--lora.targets", "[in_proj]", "--lora.rank", "4",
-                  "--trainer.max_steps", "2", "--trainer.val_every_n_steps", "2", "--trainer.precision", "32-true")[1:]
+                  "--trainer.max_steps", "3", "--trainer.val_every_n_steps", "3", "--trainer.precision", "32-true")[1:]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
               str(_free_port()), "-m", "lit_mamba2", "finetune"]
     _run([*launch, *common, "--trainer.strategy", "fsdp", "--data.batch_size", "2"], tmp_path)
     assert main(["finetune", *common[:-2], "--trainer.out_dir", str(tmp_path / "one"), "--data.batch_size",
                  "4"]) == 0
 
-    def first_loss(out):
+    def losses(out):
         rows = list(csv.DictReader(open(next((tmp_path / out / "logs").rglob("metrics.csv")))))
-        return next(float(r["train/loss"]) for r in rows if r.get("train/loss"))
+        return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
-    assert first_loss("fsdp") == pytest.approx(first_loss("one"), rel=1e-5)
+    # (rel 1e-4 from the third step: LoRA's B starts at zero, so A's first gradients are float noise that Adam
+    # normalises to ±lr, and the two runs' noise differs)
+    assert len(losses("one")) == 3 and losses("fsdp") == pytest.approx(losses("one"), rel=1e-4)
+    assert losses("fsdp")[:2] == pytest.approx(losses("one")[:2], rel=1e-5)
     run = tmp_path / "fsdp"
     merged = load(Mamba2LMHeadModel, run / "best").model
     ours = load(Mamba2LMHeadModel, run / "checkpoints" / "best.ckpt").model  # sharded: read whole, merged
