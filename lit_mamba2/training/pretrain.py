@@ -135,7 +135,7 @@ class PretrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    resume: Union[bool, str] = False  # true: <out_dir>/checkpoints/last.ckpt; or a checkpoint path
+    resume: Union[bool, str] = False  # true: <out_dir>/checkpoints/last.ckpt; "auto": that if it exists; or a path
 
 
 def build_strategy(tc: TrainerConfig, parallel: ParallelConfig):
@@ -192,8 +192,10 @@ def resolve_precision(precision: Optional[str], accelerator: str) -> str:
 
 def resume_path(resume: Union[bool, str], out_dir: str) -> Optional[str]:
     """The checkpoint to resume from, or None for a fresh run; a fresh run refuses an out_dir that already holds a
-    run's last.ckpt (it would be overwritten)."""
+    run's last.ckpt (it would be overwritten). "auto": resume when <out_dir> holds last.ckpt, else start."""
     last = Path(out_dir, "checkpoints", "last.ckpt")
+    if resume == "auto":  # a job that may be requeued: continue if an earlier run of it saved, else start
+        resume = last.exists() or is_sharded_checkpoint(previous_path(last))
     if resume is False or resume is None:
         if last.exists():
             raise ValueError(f"trainer.out_dir: {str(last)!r} exists from an earlier run; continue it with "
@@ -205,8 +207,6 @@ def resume_path(resume: Union[bool, str], out_dir: str) -> Optional[str]:
     if not (path.is_file() or is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
     return str(path)
-
-
 
 
 
