@@ -1,13 +1,13 @@
 """The `lit-mamba2` command: one verb per job, every verb's options parsed the same way.
 
 A verb's options are the fields of its dataclass config (PretrainConfig, GenerateConfig, ConvertConfig,
-EvaluateConfig), read by jsonargparse: `--config file.yaml` gives any of them as YAML, `--section.key value` sets
+EvaluateConfig, PushConfig), read by jsonargparse: `--config file.yaml` gives any of them as YAML, `--section.key value` sets
 one (in order: later wins), `--help` lists them all. A misspelled key or section, a stray word or a value of the
 wrong type is reported first, in one line naming it and the closest valid key. A field whose metadata has
 `repeatable` is a list of texts: each `--name TEXT` adds one, taken as it is (a prompt such as "- item" or "#5"
 is not read as YAML).
 
-Adding a verb (finetune, push, ...) is one entry in COMMANDS.
+Adding a verb (finetune, ...) is one entry in COMMANDS.
 """
 
 from __future__ import annotations
@@ -375,12 +375,23 @@ def prepare_command(argv: list[str]) -> Optional[int]:
     return 0
 
 
+def push_command(argv: list[str]) -> Optional[int]:
+    from lit_mamba2.hub import PushConfig, push_main
+
+    cfg = parse_recipe(PushConfig, argv, "lit-mamba2 push",
+                       "Publish a checkpoint (folder, Hub repo id or training .ckpt) on the Hugging Face Hub: the "
+                       "weights in the hf or mamba_ssm format, its tokenizer, and a model card with the training "
+                       "recipe and the evaluation results of lit-mamba2 evaluate (--results).")
+    return push_main(cfg)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], Optional[int]], str]] = {
     "prepare": (prepare_command, "tokenize a corpus (JSONL, Parquet, text, HF dataset) into train/val token shards"),
     "pretrain": (pretrain_command, "pretrain a model from a recipe (no arguments: the built-in CPU default)"),
     "convert": (convert_command, "convert a checkpoint (folder, Hub id or .ckpt) to the hf or mamba_ssm format"),
     "generate": (generate_command, "generate text from a checkpoint (folder, Hub id or .ckpt)"),
     "evaluate": (evaluate_command, "lm-evaluation-harness on a checkpoint (default: the paper's zero-shot suite)"),
+    "push": (push_command, "publish a checkpoint on the Hugging Face Hub with a model card and its eval results"),
 }
 
 

@@ -94,7 +94,7 @@ def test_bad_yaml_key_names_the_key(tmp_path, capsys):
 def test_unknown_and_planned_commands(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
-    assert main(["push"]) == 2
+    assert main(["finetune"]) == 2
     assert "not implemented yet" in capsys.readouterr().err
 
 
