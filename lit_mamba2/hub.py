@@ -127,6 +127,35 @@ class PushConfig:
                 raise ValueError(f"--folder {self.folder}: exists and is not an empty folder")
 
 
+@dataclass
+class HubConfig:
+    """Publishing from training (the `hub:` section of a recipe): the trained model is pushed at the end of the
+    run, and with `checkpoints_branch` at every checkpoint too (training.callbacks.PushToHub).
+
+    Args:
+        repo_id: the Hub model repo, 'user/name'; null (the default): no push
+        private: create the repo private (an existing repo keeps its visibility)
+        revision: the branch the final model goes to (default main)
+        format: 'hf' (transformers' Mamba2ForCausalLM, pure Mamba-2 models) or 'mamba_ssm' (any model)
+        checkpoints_branch: also push the model at every checkpoint (trainer.save_every_n_steps) to this branch,
+            one commit per checkpoint, uploaded in the background while training goes on
+        card: what the model card says (base model, datasets, license, tags)
+    """
+
+    repo_id: Optional[str] = None
+    private: bool = False
+    revision: Optional[str] = None
+    format: Literal["hf", "mamba_ssm"] = "hf"
+    checkpoints_branch: Optional[str] = None
+    card: CardConfig = field(default_factory=CardConfig)
+
+    def __post_init__(self):
+        if self.repo_id is not None:
+            check_repo_id(self.repo_id, "hub.repo_id")
+        if self.checkpoints_branch is not None and self.repo_id is None:
+            raise ValueError("hub.checkpoints_branch needs hub.repo_id")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # evaluation results: lm-eval's results.json -> scores
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,6 +315,8 @@ def model_card(repo_id: str, config, fmt: str, card: CardConfig, *, tokenizer=No
                   f"`lit-mamba2 evaluate`{shots} (accuracies in percent)"
                   + (f", beside the paper's numbers for {paper}" if paper else "") + ":", "",
                   markdown_table(results["results"], paper).rstrip()]
+        if results.get("limit"):
+            parts += ["", f"(On the first {results['limit']} documents of each task, while training.)"]
     parts += ["", "## License", "", f"{card.license}", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
 
