@@ -4,7 +4,6 @@ card's metadata parsed back with huggingface_hub's own ModelCard / eval-results 
 loopback: any other connection fails the test."""
 
 import json
-import socket
 
 import pytest
 import torch
@@ -13,38 +12,12 @@ import yaml
 pytest.importorskip("huggingface_hub")
 from huggingface_hub import ModelCard, parse_eval_result_entries  # noqa: E402
 
-from fake_hub import TOKEN, FakeHub  # noqa: E402
+from fake_hub import TOKEN  # noqa: E402
 from lit_mamba2 import Mamba2Config  # noqa: E402
 from lit_mamba2.checkpoints import load  # noqa: E402
 from lit_mamba2.cli import main  # noqa: E402
 from lit_mamba2.model import Mamba2LMHeadModel  # noqa: E402
 from lit_mamba2.tokenizers import HFTokenizer  # noqa: E402
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fake Hub as HF_ENDPOINT, a token in HF_TOKEN, the legacy LFS upload (no Xet), and no connection
-    anywhere but 127.0.0.1."""
-    import huggingface_hub.constants
-
-    real_connect = socket.socket.connect
-
-    def loopback_only(sock, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
-            raise AssertionError(f"a connection outside loopback: {address}")
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", loopback_only)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no_stored_login"))
-    with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        yield server
-    assert server.unknown == [], f"endpoints the fake Hub does not serve were called: {server.unknown}"
 
 
 @pytest.fixture
@@ -83,20 +56,20 @@ def files_under(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_push_uploads_the_export_with_its_card_and_eval_results(tmp_path, hub, trained, capsys):
+def test_push_uploads_the_export_with_its_card_and_eval_results(tmp_path, fake_hub, trained, capsys):
     model, ckpt, recipe = trained
     export = tmp_path / "export"
     assert main(["push", "--checkpoint", str(ckpt), "--repo_id", "tester/tiny-mamba2", "--private", "true",
                  "--results", str(results_file(tmp_path)), "--card.datasets", "org/corpus",
                  "--card.base_model", "state-spaces/mamba2-130m", "--folder", str(export)]) == 0
-    assert f"pushed to {hub.url}/tester/tiny-mamba2" in capsys.readouterr().out
-    repo = hub.repos["tester/tiny-mamba2"]
+    assert f"pushed to {fake_hub.url}/tester/tiny-mamba2" in capsys.readouterr().out
+    repo = fake_hub.repos["tester/tiny-mamba2"]
     assert repo.private and len(repo.commits) == 1
     arrived, written = repo.branches["main"], files_under(export)
     assert arrived == written  # every file, byte for byte
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", ".eval_results/hellaswag.yaml"):
         assert name in arrived, name
-    assert any(b == arrived["model.safetensors"] for b in hub.lfs.values())  # through the LFS batch API
+    assert any(b == arrived["model.safetensors"] for b in fake_hub.lfs.values())  # through the LFS batch API
 
     # the weights that arrived are the model's: a forward of the folder read back equals the original's
     received = tmp_path / "received"
@@ -130,14 +103,14 @@ def test_push_uploads_the_export_with_its_card_and_eval_results(tmp_path, hub, t
     assert entry.notes.startswith("acc_norm, 0-shot")
 
 
-def test_push_to_a_branch_in_the_other_format_replaces_the_weights(tmp_path, hub, trained):
+def test_push_to_a_branch_in_the_other_format_replaces_the_weights(tmp_path, fake_hub, trained):
     model, ckpt, _ = trained
     assert main(["push", "--checkpoint", str(ckpt), "--repo_id", "tiny"]) == 0  # own namespace (whoami)
-    main_files = dict(hub.repos["tester/tiny"].branches["main"])
+    main_files = dict(fake_hub.repos["tester/tiny"].branches["main"])
     assert "model.safetensors" in main_files and "README.md" in main_files
     assert main(["push", "--checkpoint", str(ckpt), "--repo_id", "tester/tiny", "--revision", "dev",
                  "--format", "mamba_ssm", "--commit_message", "mamba_ssm weights"]) == 0
-    repo = hub.repos["tester/tiny"]
+    repo = fake_hub.repos["tester/tiny"]
     assert not repo.private and repo.branches["main"] == main_files  # main untouched
     dev = repo.branches["dev"]
     assert "pytorch_model.bin" in dev and "model.safetensors" not in dev  # the old format's weights deleted
@@ -153,7 +126,7 @@ def test_push_to_a_branch_in_the_other_format_replaces_the_weights(tmp_path, hub
     assert ModelCard(dev["README.md"].decode()).data.library_name is None
 
 
-def test_push_errors_are_one_line_before_any_upload(tmp_path, hub, trained, monkeypatch, capsys):
+def test_push_errors_are_one_line_before_any_upload(tmp_path, fake_hub, trained, monkeypatch, capsys):
     _, ckpt, _ = trained
     monkeypatch.delenv("HF_TOKEN")
     assert main(["push", "--checkpoint", str(ckpt), "--repo_id", "tester/x"]) == 2
@@ -170,4 +143,4 @@ def test_push_errors_are_one_line_before_any_upload(tmp_path, hub, trained, monk
     assert main(["push", "--checkpoint", str(tmp_path / "hybrid"), "--repo_id", "tester/x", "--tokenizer",
                  "byte"]) == 2  # format hf cannot hold attention layers
     assert "cannot express this model" in capsys.readouterr().err
-    assert hub.repos == {} and not hub.calls  # nothing reached the Hub
+    assert fake_hub.repos == {} and not fake_hub.calls  # nothing reached the Hub
