@@ -29,10 +29,13 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from lit_mamba2.checkpoints import CheckpointError, load, save
+from lit_mamba2.checkpoints import TOKENIZER_FILES, CheckpointError, load, save
 
-# what a push replaces: the weight files of either format (and their indexes), and the earlier results files
-WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", ".eval_results/*"]
+# what a push replaces (deleted unless the new folder holds them): the weight files of either format and their
+# indexes, the tokenizer's files (a byte-tokenizer model has none, and must not be read with an earlier one's), and
+# the earlier results
+REPLACED_PATTERNS = ["*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", *TOKENIZER_FILES,
+                     ".eval_results/*"]
 # a folder at least this large goes through upload_large_folder where huggingface_hub has it (resumable, several
 # commits); huggingface_hub 1.x+'s upload_folder is itself resumable and multi-commit with hf_xet
 LARGE_FOLDER_BYTES = 50 * 2**30
@@ -218,8 +221,16 @@ def _is_hub_dataset(name: Optional[str]) -> bool:
 def eval_result_files(found: list[Score], date: Optional[str] = None) -> dict[str, str]:
     """`.eval_results/<task>.yaml` for each task whose dataset is a Hub dataset: its main metric as one
     EvalResultEntry (the format names one value per benchmark task; the metric and setup go in `notes`)."""
+    import warnings
+
     import yaml
-    from huggingface_hub import EvalResultEntry, eval_result_entries_to_yaml
+
+    try:
+        from huggingface_hub import EvalResultEntry, eval_result_entries_to_yaml
+    except ImportError:
+        warnings.warn("this huggingface_hub has no EvalResultEntry: no .eval_results/ files are written (the card's "
+                      "model-index holds the results); pip install -U huggingface_hub")
+        return {}
 
     try:
         import lm_eval
@@ -386,8 +397,8 @@ def hub_api():
 
 def upload(folder: Union[str, os.PathLike], repo_id: str, *, private: bool = False, revision: Optional[str] = None,
            commit_message: str = "Upload with lit-mamba2", api=None, run_as_future: bool = False):
-    """Create the repo (and branch) if absent, then upload `folder` as one commit that also deletes weight files
-    the folder does not hold. Returns the commit info (a Future of it with run_as_future) and the repo id."""
+    """Create the repo (and branch) if absent, then upload `folder` as one commit that also deletes the weight,
+    tokenizer and results files the folder does not hold. Returns the commit info (a Future of it with run_as_future) and the repo id."""
     api = api or hub_api()
     if "/" not in repo_id:
         repo_id = f"{api.whoami()['name']}/{repo_id}"
@@ -397,9 +408,9 @@ def upload(folder: Union[str, os.PathLike], repo_id: str, *, private: bool = Fal
     folder = Path(folder)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     if size >= LARGE_FOLDER_BYTES and hasattr(api, "upload_large_folder") and not run_as_future:
-        # resumable, in several commits; it cannot delete files, so stale weights are deleted first
+        # resumable, in several commits; it cannot delete files, so stale ones are deleted first
         stale = [f for f in api.list_repo_files(repo_id, revision=revision)
-                 if _matches(f, WEIGHT_PATTERNS) and not (folder / f).exists()]
+                 if _matches(f, REPLACED_PATTERNS) and not (folder / f).exists()]
         if stale:
             from huggingface_hub import CommitOperationDelete
 
@@ -408,7 +419,7 @@ def upload(folder: Union[str, os.PathLike], repo_id: str, *, private: bool = Fal
         api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision)
         return None, repo_id
     info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message,
-                             delete_patterns=WEIGHT_PATTERNS, run_as_future=run_as_future)
+                             delete_patterns=REPLACED_PATTERNS, run_as_future=run_as_future)
     return info, repo_id
 
 

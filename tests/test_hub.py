@@ -109,13 +109,14 @@ def test_push_to_a_branch_in_the_other_format_replaces_the_weights(tmp_path, fak
     main_files = dict(fake_hub.repos["tester/tiny"].branches["main"])
     assert "model.safetensors" in main_files and "README.md" in main_files
     assert main(["push", "--checkpoint", str(ckpt), "--repo_id", "tester/tiny", "--revision", "dev",
-                 "--format", "mamba_ssm", "--commit_message", "mamba_ssm weights"]) == 0
+                 "--format", "mamba_ssm", "--commit_message", "mamba_ssm weights", "--tokenizer", "byte"]) == 0
     repo = fake_hub.repos["tester/tiny"]
     assert not repo.private and repo.branches["main"] == main_files  # main untouched
     dev = repo.branches["dev"]
     assert "pytorch_model.bin" in dev and "model.safetensors" not in dev  # the old format's weights deleted
-    assert repo.commits[-1] == {"branch": "dev", "summary": "mamba_ssm weights", "added": repo.commits[-1]["added"],
-                                "deleted": ["model.safetensors"]}
+    assert "tokenizer.json" in main_files and "tokenizer.json" not in dev  # ... and the old tokenizer's files
+    assert repo.commits[-1]["branch"] == "dev" and repo.commits[-1]["summary"] == "mamba_ssm weights"
+    assert "model.safetensors" in repo.commits[-1]["deleted"]
     received = tmp_path / "dev"
     received.mkdir()
     for name, data in dev.items():
