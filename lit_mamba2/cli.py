@@ -2,8 +2,8 @@
 
 A verb's options are the fields of its dataclass config (PretrainConfig, GenerateConfig, ConvertConfig,
 EvaluateConfig, PushConfig, ...), read by jsonargparse: `--config file.yaml` gives any of them as YAML,
-`--section.key value` sets one (in order: later wins), `--help` lists them all. A misspelled key or section, a stray word or a value of the
-wrong type is reported first, in one line naming it and the closest valid key. A field whose metadata has
+`--section.key value` sets one (in order: later wins), `--help` lists them all. A misspelled key or section, a
+stray word or a value of the wrong type is reported first, in one line naming it and the closest valid key. A field whose metadata has
 `repeatable` is a list of texts: each `--name TEXT` adds one, taken as it is (a prompt such as "- item" or "#5"
 is not read as YAML).
 
