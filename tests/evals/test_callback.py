@@ -155,8 +155,10 @@ def test_a_trained_model_scores_above_chance(alphabet, trained):
     before = cb.evaluate(untrained, ByteTokenizer(), "cpu")
     assert torch.equal(torch.get_rng_state(), rng) and untrained.training  # training's state is left as it was
     chance = 0.25  # four choices, all of them alphabet runs
-    assert before["eval/alpha_mc/acc"] <= chance + 0.2
-    assert trained_scores["eval/alpha_mc/acc"] >= 0.9
+    # (one random model on 24 documents lands anywhere near chance: 0.46 is 2.4 standard deviations above it)
+    assert before["eval/alpha_mc/acc"] < 0.6
+    assert trained_scores["eval/alpha_mc/acc"] >= 0.9 > chance + 0.5
+    assert trained_scores["eval/alpha_mc/acc"] >= before["eval/alpha_mc/acc"] + 0.3
     # the true continuation: near-uniform over 256 bytes before (3 bytes: ppl ~ 256), near-certain after
     assert before["eval/alpha_next/perplexity"] > 100 and trained_scores["eval/alpha_next/perplexity"] < 10
 
