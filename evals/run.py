@@ -13,6 +13,9 @@ from typing import Literal, Optional, Union
 
 from lit_mamba2.evals.paper import PAPER_RESULTS, TASK_METRICS
 
+# what results.json keeps of each task's lm-eval config: where its data came from (the model card links it)
+TASK_FIELDS = ("dataset_path", "dataset_name", "test_split", "validation_split", "num_fewshot", "output_type")
+
 
 @dataclass
 class EvaluateConfig:
@@ -154,6 +157,8 @@ def evaluate_main(cfg: EvaluateConfig) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": cfg.checkpoint, "paper_model": paper, "results": out["results"],
               "n-shot": out.get("n-shot"), "versions": out.get("versions"), "config": out.get("config"),
+              "configs": {task: {k: c.get(k) for k in TASK_FIELDS if c.get(k) is not None}
+                          for task, c in (out.get("configs") or {}).items()},
               "paper": PAPER_RESULTS.get(paper) if paper else None}
     (folder / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     (folder / "results.md").write_text(f"# {cfg.checkpoint}\n\n{table}")

@@ -1,13 +1,13 @@
 """The `lit-mamba2` command: one verb per job, every verb's options parsed the same way.
 
 A verb's options are the fields of its dataclass config (PretrainConfig, FinetuneConfig, GenerateConfig,
-ConvertConfig, EvaluateConfig), read by jsonargparse: `--config file.yaml` gives any of them as YAML,
-`--section.key value` sets one (in order: later wins), `--help` lists them all. A misspelled key or section, a
+ConvertConfig, EvaluateConfig, PushConfig, ...), read by jsonargparse: `--config file.yaml` gives any of them as
+YAML, `--section.key value` sets one (in order: later wins), `--help` lists them all. A misspelled key or section, a
 stray word or a value of the wrong type is reported first, in one line naming it and the closest valid key. A
 field whose metadata has `repeatable` is a list of texts: each `--name TEXT` adds one, taken as it is (a prompt
 such as "- item" or "#5" is not read as YAML).
 
-Adding a verb (push, ...) is one entry in COMMANDS.
+Adding a verb is one entry in COMMANDS.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from typing_extensions import Unpack
 
-PLANNED = ("finetune", "evaluate", "generate", "convert", "push")
 
 
 class UsageError(ValueError):
@@ -390,6 +389,16 @@ def prepare_command(argv: list[str]) -> Optional[int]:
     return 0
 
 
+def push_command(argv: list[str]) -> Optional[int]:
+    from lit_mamba2.hub import PushConfig, push_main
+
+    cfg = parse_recipe(PushConfig, argv, "lit-mamba2 push",
+                       "Publish a checkpoint (folder, Hub repo id or training .ckpt) on the Hugging Face Hub: the "
+                       "weights in the hf or mamba_ssm format, its tokenizer, and a model card with the training "
+                       "recipe and the evaluation results of lit-mamba2 evaluate (--results).")
+    return push_main(cfg)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], Optional[int]], str]] = {
     "prepare": (prepare_command, "tokenize a corpus (JSONL, Parquet, text, HF dataset) into train/val token shards"),
     "pretrain": (pretrain_command, "pretrain a model from a recipe (no arguments: the built-in CPU default)"),
@@ -397,14 +406,14 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], Optional[int]], str]] = {
     "convert": (convert_command, "convert a checkpoint (folder, Hub id or .ckpt) to the hf or mamba_ssm format"),
     "generate": (generate_command, "generate text from a checkpoint (folder, Hub id or .ckpt)"),
     "evaluate": (evaluate_command, "lm-evaluation-harness on a checkpoint (default: the paper's zero-shot suite)"),
+    "push": (push_command, "publish a checkpoint on the Hugging Face Hub with a model card and its eval results"),
 }
 
 
 def usage() -> str:
     lines = ["usage: lit-mamba2 <command> [--config file.yaml] [--section.key value ...]", "", "commands:"]
     lines += [f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items()]
-    lines += ["", f"planned: {', '.join(v for v in PLANNED if v not in COMMANDS)}",
-              "run `lit-mamba2 <command> --help` for a command's options"]
+    lines += ["", "run `lit-mamba2 <command> --help` for a command's options"]
     return "\n".join(lines)
 
 
@@ -417,14 +426,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     if verb not in COMMANDS:
-        if verb in PLANNED:
-            print(f"lit-mamba2: '{verb}' is not implemented yet; available now: {', '.join(COMMANDS)}",
-                  file=sys.stderr)
-        else:
-            guess = difflib.get_close_matches(verb, list(COMMANDS), n=1)
-            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
-            print(f"lit-mamba2: unknown command {verb!r}{hint}; available: {', '.join(COMMANDS)}\n\n{usage()}",
-                  file=sys.stderr)
+        guess = difflib.get_close_matches(verb, list(COMMANDS), n=1)
+        hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+        print(f"lit-mamba2: unknown command {verb!r}{hint}; available: {', '.join(COMMANDS)}\n\n{usage()}",
+              file=sys.stderr)
         return 2
     try:
         return COMMANDS[verb][0](rest) or 0

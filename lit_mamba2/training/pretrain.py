@@ -21,6 +21,8 @@ from typing_extensions import Unpack
 
 from lit_mamba2.checkpoints import is_sharded_checkpoint, previous_path
 from lit_mamba2.config import Mamba2Config
+from lit_mamba2.evals.callback import EvalConfig
+from lit_mamba2.hub import HubConfig
 from lit_mamba2.launch import apply_launcher_env
 from lit_mamba2.tokenizers import check_vocab_fits, load_tokenizer
 from lit_mamba2.training.data import DataConfig, TokenStream, find_text_files
@@ -135,7 +137,40 @@ class PretrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # lm-eval tasks scored every eval.every_n_steps
+    hub: HubConfig = field(default_factory=HubConfig)  # push the trained model to the Hugging Face Hub
     resume: Union[bool, str] = False  # true: <out_dir>/checkpoints/last.ckpt; "auto": that if it exists; or a path
+
+
+def recipe_dict(cfg: PretrainConfig) -> dict:
+    """The resolved recipe as YAML data (what --config reads back); every checkpoint stores it."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    out = asdict(cfg)
+    out["model"] = {"name": cfg.model.name, **cfg.model.overrides}
+    return plain(out)
+
+
+def extra_callbacks(cfg: PretrainConfig) -> list:
+    """The recipe in every checkpoint; the eval: and hub: sections' callbacks when they are set."""
+    from lit_mamba2.training.callbacks import PushToHub, RecipeInCheckpoint
+
+    recipe = recipe_dict(cfg)
+    out = [RecipeInCheckpoint(recipe)]
+    evaluator = None
+    if cfg.eval.tasks:
+        from lit_mamba2.evals.callback import EvalCallback
+
+        evaluator = EvalCallback(cfg.eval)
+        out.append(evaluator)
+    if cfg.hub.repo_id:
+        out.append(PushToHub(cfg.hub, recipe, evaluator))
+    return out
 
 
 def build_strategy(tc: TrainerConfig, parallel: ParallelConfig):
@@ -354,7 +389,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
     module = LanguageModel(model_config.to_dict(), asdict(cfg.optim), tokenizer, accuracy=cfg.data.kind == "mqar",
                            activation_checkpointing=tc.activation_checkpointing, compile=tc.compile)
     ckpt_dir = checkpoint_dir(tc)
-    trainer, validated = build_trainer(tc, cfg.parallel, cfg.data, callbacks)
+    trainer, validated = build_trainer(tc, cfg.parallel, cfg.data, [*extra_callbacks(cfg), *callbacks])
     datamodule.accumulate = trainer.accumulate_grad_batches
     if trainer.is_global_zero:
         print(f"model: d_model={model_config.d_model} n_layer={model_config.n_layer} "

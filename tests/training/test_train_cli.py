@@ -91,11 +91,11 @@ def test_bad_yaml_key_names_the_key(tmp_path, capsys):
     assert "max_stepz" in capsys.readouterr().err
 
 
-def test_unknown_and_planned_commands(capsys):
+def test_unknown_commands(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
-    assert main(["push"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["fintune"]) == 2
+    assert "unknown command 'fintune' (did you mean 'finetune'?)" in capsys.readouterr().err
 
 
 def test_missing_data_path_is_a_clear_error(tmp_path, capsys):
