@@ -332,3 +332,31 @@ def test_resume_refuses_another_model_or_a_foreign_file(tmp_path):
                            "t")
     with pytest.raises(ValueError, match=r"not a checkpoint written by lit-mamba2 pretrain"):
         pretrain(foreign)
+
+
+def test_slurm_script_starts_then_resumes_by_itself(tmp_path):
+    """recipes/slurm/pretrain.sbatch run twice (as a requeued job is), with srun and scontrol stand-ins: the first
+    run starts, the second continues from the first's last.ckpt (--resume auto)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"  # one task: drop srun's own options, run the command
+    srun.write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    srun.chmod(0o755)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("trainer: {progress_bar: false}\n")
+    script = Path(__file__).parents[2] / "recipes" / "slurm" / "pretrain.sbatch"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECIPE": str(recipe), "SLURM_JOB_ID": "1",
+           "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_CPUS_PER_TASK": "1"}
+    env.pop("SLURM_NTASKS", None)
+
+    def job(steps):
+        proc = subprocess.run(["bash", str(script), *tiny_args(tmp_path, steps=steps), "--sample.max_new_tokens", "0"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    job(4)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    out = job(6)
+    assert "Restoring states from the checkpoint" in out or "Restored all states" in out
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
