@@ -20,6 +20,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from lit_mamba2.evals.run import task_manager
+
 
 @dataclass
 class EvalConfig:
@@ -59,25 +61,6 @@ class EvalConfig:
             raise ValueError(f"eval.include_path {self.include_path}: no such folder")
 
 
-def task_manager(tasks: list[str], include_path: Optional[str] = None):
-    """lm-eval's TaskManager for these tasks (only the folder's when they are all there: indexing lm-eval's own
-    thousands of tasks takes seconds); an unknown task is an error naming it."""
-    from lm_eval.tasks import TaskManager
-
-    include = os.path.expanduser(include_path) if include_path else None
-    manager = None
-    if include:
-        manager = TaskManager(include_path=include, include_defaults=False)
-        if any(t not in manager.all_tasks for t in tasks):
-            manager = None
-    manager = manager or TaskManager(include_path=include)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise ValueError(f"eval.tasks: unknown task(s) {', '.join(unknown)} (add task YAML files with "
-                         "eval.include_path)")
-    return manager
-
-
 def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
     """lm-eval's results -> {"eval/<task>/<metric>": value} (filter "none" left out of the name, stderrs left out)."""
     out = {}
@@ -114,7 +97,7 @@ class EvalCallback(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.manager is None:
-            self.manager = task_manager(self.cfg.tasks, self.cfg.include_path)
+            self.manager = task_manager(self.cfg.tasks, self.cfg.include_path, "eval.tasks", "eval.include_path")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -138,7 +121,7 @@ class EvalCallback(L.Callback):
         if tokenizer is None:
             raise ValueError("eval.tasks: the model has no tokenizer (synthetic data); lm-eval tasks need one")
         if self.manager is None:
-            self.manager = task_manager(self.cfg.tasks, self.cfg.include_path)
+            self.manager = task_manager(self.cfg.tasks, self.cfg.include_path, "eval.tasks", "eval.include_path")
         if not self.checked and _is_sharded(model):
             loaded = self.manager.load(list(self.cfg.tasks))["tasks"]
             generating = [n for n, t in loaded.items() if t.config.output_type == "generate_until"]

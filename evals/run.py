@@ -127,25 +127,34 @@ def markdown_table(results: dict, paper: Optional[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_main(cfg: EvaluateConfig) -> int:
-    import lm_eval
+def task_manager(tasks: list[str], include_path: Optional[str], tasks_option: str, include_option: str):
+    """lm-eval's TaskManager for these tasks (only the folder's when they are all there: indexing lm-eval's own
+    thousands of tasks takes seconds); an unknown task is an error naming it and the options to fix it."""
     from lm_eval.tasks import TaskManager
 
-    from lit_mamba2.evals.harness import LitMamba2LM  # registers "lit_mamba2"
-
-    lm = LitMamba2LM(cfg.checkpoint, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
-                     batch_size=cfg.batch_size, tokenizer=cfg.tokenizer)
-    tasks = cfg.tasks or list(TASK_METRICS)
-    include = os.path.expanduser(cfg.include_path) if cfg.include_path else None
+    include = os.path.expanduser(include_path) if include_path else None
     manager = None
-    if include and cfg.tasks:  # every task in the folder: skip indexing lm-eval's thousands of built-in ones
+    if include:
         manager = TaskManager(include_path=include, include_defaults=False)
         if any(t not in manager.all_tasks for t in tasks):
             manager = None
     manager = manager or TaskManager(include_path=include)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)} (add task YAML files with --include_path)")
+        raise ValueError(f"{tasks_option}: unknown task(s) {', '.join(unknown)} (add task YAML files with "
+                         f"{include_option})")
+    return manager
+
+
+def evaluate_main(cfg: EvaluateConfig) -> int:
+    import lm_eval
+
+    from lit_mamba2.evals.harness import LitMamba2LM  # registers "lit_mamba2"
+
+    lm = LitMamba2LM(cfg.checkpoint, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
+                     batch_size=cfg.batch_size, tokenizer=cfg.tokenizer)
+    tasks = cfg.tasks or list(TASK_METRICS)
+    manager = task_manager(tasks, cfg.include_path, "--tasks", "--include_path")
     limit = cfg.limit if cfg.limit is None or cfg.limit < 1 else int(cfg.limit)
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=limit,
                                   batch_size=cfg.batch_size, task_manager=manager, log_samples=False,
