@@ -228,6 +228,9 @@ def _check_argv(config_class, schema: dict, argv: list[str]) -> None:
         has_inline = "=" in tok
         value = inline if has_inline else (argv[i + 1] if i + 1 < len(argv) else None)
         if name == "config":
+            if value is not None and os.path.isfile(os.path.expanduser(value)) and _yaml_mapping(value) is None:
+                raise UsageError(f"--config {value}: the file holds no YAML mapping of sections (it is empty, or "
+                                 "not YAML); a recipe looks like recipes/default.yaml")
             if value is not None:
                 mapping = _yaml_mapping(value)
                 if mapping is not None:
