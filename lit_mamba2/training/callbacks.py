@@ -16,7 +16,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 
 class TokenThroughput(L.Callback):
-    """Logs train/tokens (all ranks) and train/tokens_per_s over the last `window` batches.
+    """Logs train/tokens (the world's: every data-parallel rank's rows) and train/tokens_per_s over the last
+    `window` batches.
 
     Token counts come from batch shapes and times from the host clock, so nothing waits for the device; over a
     window of batches the host cannot run ahead of the device by more than the queue depth, so the rate is right."""
@@ -27,15 +28,18 @@ class TokenThroughput(L.Callback):
         self.tokens: deque = deque(maxlen=window + 1)
         self.total = 0
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.times.clear()  # the window measures training only
+        self.tokens.clear()
+
     def on_train_start(self, trainer, pl_module) -> None:
         self.times.clear()
         self.tokens.clear()
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self.on_train_start(trainer, pl_module)  # the window measures training only
+        mesh = getattr(trainer.strategy, "parallel_mesh", None)  # ranks of one cp or tp group share their rows
+        self.data_ranks = mesh.dp.size() if mesh is not None else trainer.world_size
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.total += batch["input_ids"].numel() * trainer.world_size
+        self.total += batch["input_ids"].numel() * self.data_ranks
         self.times.append(time.perf_counter())
         self.tokens.append(self.total)
         pl_module.log("train/tokens", float(self.total), on_step=True, on_epoch=False)

@@ -437,6 +437,11 @@ class LMDataModule(L.LightningDataModule):
             return mesh.dp.get_local_rank(), mesh.dp.size()
         return trainer.global_rank, trainer.world_size
 
+    def _generator(self) -> torch.Generator:
+        """A loader's own generator (for its workers' seeds): loaders are made at other points of a resumed run
+        than of an uninterrupted one, and must not draw from torch's global generator."""
+        return torch.Generator().manual_seed(self.config.seed)
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         c = self.config
@@ -456,7 +461,7 @@ class LMDataModule(L.LightningDataModule):
             sampler = ResumableSampler(len(self.train_set), batches * c.batch_size, c.seed, rank, world,
                                        start=done * c.batch_size)
         return DataLoader(self.train_set, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers,
-                          drop_last=True, persistent_workers=c.num_workers > 0)
+                          drop_last=True, persistent_workers=c.num_workers > 0, generator=self._generator())
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
@@ -466,7 +471,7 @@ class LMDataModule(L.LightningDataModule):
             what = "data.val_paths hold" if getattr(self.config, "val_paths", None) else "data.val_fraction gives"
             raise ValueError(f"{what} {len(self.val_set)} validation rows for {world} processes; "
                              "raise data.val_fraction (or set it to 0: no validation)")
-        return DataLoader(self.val_set, batch_size=self.config.batch_size,
+        return DataLoader(self.val_set, batch_size=self.config.batch_size, generator=self._generator(),
                           sampler=ShardSampler(len(self.val_set), rank, world), num_workers=self.config.num_workers)
 
     def val_tokens(self) -> np.ndarray:

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import lightning as L
+import numpy as np
 import torch
 import torchmetrics
 
@@ -79,6 +81,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_states() -> dict:
+    """torch's, CUDA's, numpy's and Python's generators, as tensors and plain values (a checkpoint read with
+    weights_only=True holds no numpy arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    out = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss], "python": [version, list(state), gauss_next]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = states["python"]
+    random.setstate((version, tuple(state), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 class TokenWeightedMeanLoss(torchmetrics.Metric):
@@ -217,12 +241,16 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["model_config"] = self.config.to_dict()
+        # the random generators (rank 0's, in a sharded checkpoint's meta.pt): every rank draws alike, from the seed
+        checkpoint["rng_states"] = rng_states()
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None and "loops" in checkpoint:  # (before Lightning restores its loops from it)
             count_batches_in_steps(checkpoint, self.trainer.accumulate_grad_batches)
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
         if self.tokenizer is None and "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
 

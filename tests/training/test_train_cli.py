@@ -360,3 +360,32 @@ def test_slurm_script_starts_then_resumes_by_itself(tmp_path):
     out = job(6)
     assert "Restoring states from the checkpoint" in out or "Restored all states" in out
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+class DrawEachBatch(L.Callback):
+    """Draws from torch's, numpy's and Python's generators at every batch (as dropout or a sampler would)."""
+
+    def __init__(self):
+        self.draws = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import random
+
+        import numpy as np
+
+        self.draws[trainer.global_step] = (torch.rand(1).item(), np.random.rand(), random.random())
+
+
+def test_a_resumed_run_draws_what_the_uninterrupted_run_draws(tmp_path):
+    """The checkpoint holds the random generators' states: after resuming at step 4, steps 4 and 5 draw the
+    numbers the uninterrupted run drew there."""
+    full, part = DrawEachBatch(), DrawEachBatch()
+    pretrain(parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "full", steps=6), "--sample.max_new_tokens", "0"],
+                          "t"), callbacks=[full])
+    cfg = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "part", steps=4), "--sample.max_new_tokens", "0"], "t")
+    pretrain(cfg, callbacks=[DrawEachBatch()])
+    cfg = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "part", steps=6), "--sample.max_new_tokens", "0",
+                                        "--resume", "true"], "t")
+    pretrain(cfg, callbacks=[part])
+    assert sorted(part.draws) == [4, 5]
+    assert [part.draws[s] for s in (4, 5)] == [full.draws[s] for s in (4, 5)]
