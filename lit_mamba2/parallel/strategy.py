@@ -2,17 +2,21 @@
 
 Lightning's ModelParallelStrategy (FSDP2, the model parallelised from outside in `configure_model`) with our mesh
 (dp_replicate × dp_shard × cp × tp) in place of its 2-D one; the LightningModule reads it as
-`trainer.strategy.parallel_mesh`. Checkpoints are gathered into one file on rank 0 for now, which every reader
-takes and which resumes on any layout.
+`trainer.strategy.parallel_mesh`. Checkpoints are sharded (torch.distributed.checkpoint: every rank writes its
+shards, rank 0 Lightning's meta.pt) into a folder that resumes on any layout, written aside and renamed when
+complete.
 """
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lit_mamba2.checkpoints import partial_path, previous_path
 from lit_mamba2.parallel.dims import ParallelDims, ParallelMesh
 
 
@@ -37,3 +41,22 @@ class FSDP2Strategy(ModelParallelStrategy):
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         dp = self.parallel_mesh.dp
         return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any = None) -> None:
+        """Every rank writes its shards into a partial folder; once all have, rank 0 puts it in place of the
+        previous checkpoint, so that a crash while writing leaves the previous one whole."""
+        path = Path(self.broadcast(str(filepath)))
+        partial, previous = partial_path(path), previous_path(path)
+        if self.global_rank == 0 and partial.exists():  # left by a crash
+            shutil.rmtree(partial)
+        self.barrier("checkpoint_partial_clean")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("checkpoint_written")
+        if self.global_rank == 0:
+            if path.is_dir():
+                path.rename(previous)
+            elif path.exists():  # a single-file checkpoint of an earlier strategy
+                path.unlink()
+            partial.rename(path)
+            shutil.rmtree(previous, ignore_errors=True)
+        self.barrier("checkpoint_in_place")
