@@ -49,17 +49,17 @@ def apply_context_parallel(model: Mamba2LMHeadModel, group=None) -> Mamba2LMHead
         if isinstance(module, (Mamba2Mixer, Attention)):
             module.context = context
     if model.config.attn_layer_idx:  # positions derived from a slice would restart the rotary phases at the slice
-        for name in ("forward", "loss"):
-            setattr(model, name, _requiring_positions(getattr(model, name)))
+        for name in ("forward", "loss"):  # (over FSDP's own wrappers of these methods, if applied)
+            setattr(model, name, _requiring_positions(getattr(model, name), getattr(Mamba2LMHeadModel, name)))
     return model
 
 
-def _requiring_positions(method):
-    signature = inspect.signature(method)
+def _requiring_positions(method, unbound):
+    signature = inspect.signature(unbound)
 
     @functools.wraps(method)
     def checked(*args, **kwargs):
-        if signature.bind(*args, **kwargs).arguments.get("positions") is None:
+        if signature.bind(None, *args, **kwargs).arguments.get("positions") is None:
             raise ValueError("context parallel: the model needs `positions` (each token's position in its "
                              "document, computed on the whole row before slicing: "
                              "lit_mamba2.parallel.context.slice_batch)")
