@@ -24,7 +24,8 @@ ids[rng.choice(n, size=n // 4000, replace=False)] = 0  # document ends (eos = 0)
 write_token_shard(sys.argv[1], "train0", ids, "uint16", 0)
 print(f"wrote {n:,} tokens")
 EOF
-common=(--config recipes/pretrain/mamba2-130m.yaml --tokenizer byte --data.paths "[$work/shards]"
+common=(--config recipes/pretrain/mamba2-130m.yaml --tokenizer byte --data.paths "[$work/shards]" --data.val_paths "[]"
+        --data.global_batch_size null --data.val_fraction 0.02 --trainer.devices 1 --trainer.num_nodes 1
         --data.batch_size 8 --trainer.accumulate_grad_batches 1 --optim.warmup_steps 10
         --trainer.val_every_n_steps 20 --trainer.limit_val_batches 4 --trainer.save_every_n_steps 20
         --trainer.log_every_n_steps 5 --trainer.out_dir "$work/run" --trainer.progress_bar false

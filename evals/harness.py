@@ -101,7 +101,7 @@ class LitMamba2LM(TemplateLM):
         return self.tok.decode(ids)
 
     # --- scoring ---------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # (not inference_mode: the model may be one in training, whose tensors must stay usable)
     def _logprobs(self, rows: list[list[int]]) -> torch.Tensor:
         """Right-padded rows -> log-probabilities (batch, L, vocab) in float32."""
         L = max(len(r) for r in rows)

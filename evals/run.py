@@ -13,6 +13,9 @@ from typing import Literal, Optional, Union
 
 from lit_mamba2.evals.paper import PAPER_RESULTS, TASK_METRICS
 
+# what results.json keeps of each task's lm-eval config: where its data came from (the model card links it)
+TASK_FIELDS = ("dataset_path", "dataset_name", "test_split", "validation_split", "num_fewshot", "output_type")
+
 
 @dataclass
 class EvaluateConfig:
@@ -124,25 +127,34 @@ def markdown_table(results: dict, paper: Optional[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_main(cfg: EvaluateConfig) -> int:
-    import lm_eval
+def task_manager(tasks: list[str], include_path: Optional[str], tasks_option: str, include_option: str):
+    """lm-eval's TaskManager for these tasks (only the folder's when they are all there: indexing lm-eval's own
+    thousands of tasks takes seconds); an unknown task is an error naming it and the options to fix it."""
     from lm_eval.tasks import TaskManager
 
-    from lit_mamba2.evals.harness import LitMamba2LM  # registers "lit_mamba2"
-
-    lm = LitMamba2LM(cfg.checkpoint, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
-                     batch_size=cfg.batch_size, tokenizer=cfg.tokenizer)
-    tasks = cfg.tasks or list(TASK_METRICS)
-    include = os.path.expanduser(cfg.include_path) if cfg.include_path else None
+    include = os.path.expanduser(include_path) if include_path else None
     manager = None
-    if include and cfg.tasks:  # every task in the folder: skip indexing lm-eval's thousands of built-in ones
+    if include:
         manager = TaskManager(include_path=include, include_defaults=False)
         if any(t not in manager.all_tasks for t in tasks):
             manager = None
     manager = manager or TaskManager(include_path=include)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)} (add task YAML files with --include_path)")
+        raise ValueError(f"{tasks_option}: unknown task(s) {', '.join(unknown)} (add task YAML files with "
+                         f"{include_option})")
+    return manager
+
+
+def evaluate_main(cfg: EvaluateConfig) -> int:
+    import lm_eval
+
+    from lit_mamba2.evals.harness import LitMamba2LM  # registers "lit_mamba2"
+
+    lm = LitMamba2LM(cfg.checkpoint, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
+                     batch_size=cfg.batch_size, tokenizer=cfg.tokenizer)
+    tasks = cfg.tasks or list(TASK_METRICS)
+    manager = task_manager(tasks, cfg.include_path, "--tasks", "--include_path")
     limit = cfg.limit if cfg.limit is None or cfg.limit < 1 else int(cfg.limit)
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=limit,
                                   batch_size=cfg.batch_size, task_manager=manager, log_samples=False,
@@ -154,6 +166,8 @@ def evaluate_main(cfg: EvaluateConfig) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": cfg.checkpoint, "paper_model": paper, "results": out["results"],
               "n-shot": out.get("n-shot"), "versions": out.get("versions"), "config": out.get("config"),
+              "configs": {task: {k: c.get(k) for k in TASK_FIELDS if c.get(k) is not None}
+                          for task, c in (out.get("configs") or {}).items()},
               "paper": PAPER_RESULTS.get(paper) if paper else None}
     (folder / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     (folder / "results.md").write_text(f"# {cfg.checkpoint}\n\n{table}")

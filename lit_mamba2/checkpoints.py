@@ -31,6 +31,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from lit_mamba2.config import ConfigError, Mamba2Config, SSMConfig
+from lit_mamba2.lora import is_adapter_key, merge_state_dict
 from lit_mamba2.tokenizers import HFTokenizer, Tokenizer, check_vocab_fits, load_tokenizer, tokenizer_from_state
 
 CONFIG_NAME = "config.json"
@@ -356,12 +357,14 @@ def read_folder(folder: str | os.PathLike) -> tuple[Mamba2Config, dict[str, torc
     return config, sd, fmt, source
 
 
-def read_training_checkpoint(path: str | os.PathLike) -> tuple[Mamba2Config, dict[str, torch.Tensor], Any]:
+def read_training_checkpoint(path: str | os.PathLike, merge_adapters: bool = True
+                             ) -> tuple[Mamba2Config, dict[str, torch.Tensor], Any]:
     """The one reader of a Lightning .ckpt from training: its model config, the model's weights (our names) and
     the stored tokenizer state (None if none). The config and tokenizer are top-level "model_config" and
     "tokenizer" entries (what `lit-mamba2 pretrain` writes), or under a "lit_mamba2" key or "hyper_parameters" as
     {"model_config": dict, "tokenizer": ...}; the weights are `state_dict` with the LightningModule's "model."
-    prefix."""
+    prefix. LoRA adapters (`lit-mamba2 finetune --method lora`, with their "lora" entry) are merged into the
+    weights, unless `merge_adapters` is False."""
     path = Path(path)
     if is_sharded_checkpoint(path):
         ckpt = _read_sharded_checkpoint(path)
@@ -396,6 +399,14 @@ def read_training_checkpoint(path: str | os.PathLike) -> tuple[Mamba2Config, dic
         sd[k[len("model."):].replace("_orig_mod.", "")] = v
     if not sd:
         raise CheckpointError(f"{path}: state_dict has no 'model.'-prefixed keys")
+    if merge_adapters and any(is_adapter_key(k) for k in sd):
+        lora = meta.get("lora")
+        if not isinstance(lora, dict) or not {"rank", "alpha"} <= set(lora):
+            raise CheckpointError(f"{path}: holds LoRA adapters but no 'lora' entry giving their rank and alpha")
+        try:
+            sd = merge_state_dict(sd, lora["alpha"] / lora["rank"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     return config, sd, meta.get("tokenizer", ckpt.get("tokenizer"))
 
 
@@ -497,6 +508,16 @@ def is_sharded_checkpoint(path) -> bool:
     .metadata, and Lightning's meta.pt with everything else (loops, model config, tokenizer)."""
     path = Path(path)
     return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def partial_path(path: Path) -> Path:
+    """Where a checkpoint folder is written before it is complete."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def previous_path(path: Path) -> Path:
+    """Where the checkpoint it replaces waits while the new one is renamed into place."""
+    return path.with_name(f".{path.name}.previous")
 
 
 def _read_sharded_checkpoint(path: Path) -> dict:

@@ -1,13 +1,13 @@
 """The `lit-mamba2` command: one verb per job, every verb's options parsed the same way.
 
-A verb's options are the fields of its dataclass config (PretrainConfig, GenerateConfig, ConvertConfig,
-EvaluateConfig), read by jsonargparse: `--config file.yaml` gives any of them as YAML, `--section.key value` sets
-one (in order: later wins), `--help` lists them all. A misspelled key or section, a stray word or a value of the
-wrong type is reported first, in one line naming it and the closest valid key. A field whose metadata has
-`repeatable` is a list of texts: each `--name TEXT` adds one, taken as it is (a prompt such as "- item" or "#5"
-is not read as YAML).
+A verb's options are the fields of its dataclass config (PretrainConfig, FinetuneConfig, GenerateConfig,
+ConvertConfig, EvaluateConfig, PushConfig, ...), read by jsonargparse: `--config file.yaml` gives any of them as
+YAML, `--section.key value` sets one (in order: later wins), `--help` lists them all. A misspelled key or section, a
+stray word or a value of the wrong type is reported first, in one line naming it and the closest valid key. A
+field whose metadata has `repeatable` is a list of texts: each `--name TEXT` adds one, taken as it is (a prompt
+such as "- item" or "#5" is not read as YAML).
 
-Adding a verb (finetune, push, ...) is one entry in COMMANDS.
+Adding a verb is one entry in COMMANDS.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from typing_extensions import Unpack
 
-PLANNED = ("finetune", "evaluate", "generate", "convert", "push")
 
 
 class UsageError(ValueError):
@@ -229,6 +228,9 @@ def _check_argv(config_class, schema: dict, argv: list[str]) -> None:
         has_inline = "=" in tok
         value = inline if has_inline else (argv[i + 1] if i + 1 < len(argv) else None)
         if name == "config":
+            if value is not None and os.path.isfile(os.path.expanduser(value)) and _yaml_mapping(value) is None:
+                raise UsageError(f"--config {value}: the file holds no YAML mapping of sections (it is empty, or "
+                                 "not YAML); a recipe looks like recipes/default.yaml")
             if value is not None:
                 mapping = _yaml_mapping(value)
                 if mapping is not None:
@@ -316,23 +318,38 @@ def parse_recipe(config_class, argv: list[str], prog: str, description: str = ""
 # ---------------------------------------------------------------------------------------------------------------
 # the verbs
 # ---------------------------------------------------------------------------------------------------------------
+def _train(verb: str, run: Callable, cfg) -> Optional[int]:
+    """A training verb's run: Lightning's errors for bad input as ours, SIGTERM as exit status 143."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        run(cfg)
+    except MisconfigurationException as e:  # e.g. an accelerator this machine does not have: bad input
+        raise ValueError(str(e)) from None
+    except SIGTERMException:  # (a SystemExit without a code: the shell would see success)
+        print(f"lit-mamba2 {verb}: stopped by SIGTERM; {cfg.trainer.out_dir}/checkpoints/last.ckpt holds the "
+              "last finished step (continue with --resume true)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
 def pretrain_command(argv: list[str]) -> Optional[int]:
     from lit_mamba2.training.pretrain import PretrainConfig, pretrain
 
     cfg = parse_recipe(PretrainConfig, argv, "lit-mamba2 pretrain",
                        "Pretrain a Mamba-2 language model. With no arguments: the built-in default "
                        "(recipes/default.yaml): a small model on the Python standard library, on CPU, in minutes.")
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    return _train("pretrain", pretrain, cfg)
 
-    try:
-        pretrain(cfg)
-    except MisconfigurationException as e:  # e.g. an accelerator this machine does not have: bad input
-        raise ValueError(str(e)) from None
-    except SIGTERMException:  # (a SystemExit without a code: the shell would see success)
-        print(f"lit-mamba2 pretrain: stopped by SIGTERM; {cfg.trainer.out_dir}/checkpoints/last.ckpt holds the "
-              "last finished step (continue with --resume true)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+
+def finetune_command(argv: list[str]) -> Optional[int]:
+    from lit_mamba2.training.finetune import FinetuneConfig, finetune
+
+    cfg = parse_recipe(FinetuneConfig, argv, "lit-mamba2 finetune",
+                       "Fine-tune a checkpoint (Hub id, mamba_ssm or transformers folder, or training .ckpt) on "
+                       "instruction data (Alpaca or chat records), fully or with LoRA; the checkpoint with the "
+                       "lowest validation loss is exported for transformers or mamba_ssm.")
+    return _train("finetune", finetune, cfg)
 
 
 def convert_command(argv: list[str]) -> Optional[int]:
@@ -365,19 +382,41 @@ def evaluate_command(argv: list[str]) -> Optional[int]:
     return evaluate_main(cfg)
 
 
+def prepare_command(argv: list[str]) -> Optional[int]:
+    from lit_mamba2.training.prepare import PrepareConfig, prepare
+
+    cfg = parse_recipe(PrepareConfig, argv, "lit-mamba2 prepare",
+                       "Tokenize a corpus (JSONL, Parquet, text files, a Hugging Face dataset) into token shards: "
+                       "<output>/train and <output>/val, each a folder for data.kind: tokens.")
+    prepare(cfg)
+    return 0
+
+
+def push_command(argv: list[str]) -> Optional[int]:
+    from lit_mamba2.hub import PushConfig, push_main
+
+    cfg = parse_recipe(PushConfig, argv, "lit-mamba2 push",
+                       "Publish a checkpoint (folder, Hub repo id or training .ckpt) on the Hugging Face Hub: the "
+                       "weights in the hf or mamba_ssm format, its tokenizer, and a model card with the training "
+                       "recipe and the evaluation results of lit-mamba2 evaluate (--results).")
+    return push_main(cfg)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], Optional[int]], str]] = {
+    "prepare": (prepare_command, "tokenize a corpus (JSONL, Parquet, text, HF dataset) into train/val token shards"),
     "pretrain": (pretrain_command, "pretrain a model from a recipe (no arguments: the built-in CPU default)"),
+    "finetune": (finetune_command, "fine-tune a checkpoint on instruction data (full or LoRA) from a recipe"),
     "convert": (convert_command, "convert a checkpoint (folder, Hub id or .ckpt) to the hf or mamba_ssm format"),
     "generate": (generate_command, "generate text from a checkpoint (folder, Hub id or .ckpt)"),
     "evaluate": (evaluate_command, "lm-evaluation-harness on a checkpoint (default: the paper's zero-shot suite)"),
+    "push": (push_command, "publish a checkpoint on the Hugging Face Hub with a model card and its eval results"),
 }
 
 
 def usage() -> str:
     lines = ["usage: lit-mamba2 <command> [--config file.yaml] [--section.key value ...]", "", "commands:"]
     lines += [f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items()]
-    lines += ["", f"planned: {', '.join(v for v in PLANNED if v not in COMMANDS)}",
-              "run `lit-mamba2 <command> --help` for a command's options"]
+    lines += ["", "run `lit-mamba2 <command> --help` for a command's options"]
     return "\n".join(lines)
 
 
@@ -390,14 +429,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     if verb not in COMMANDS:
-        if verb in PLANNED:
-            print(f"lit-mamba2: '{verb}' is not implemented yet; available now: {', '.join(COMMANDS)}",
-                  file=sys.stderr)
-        else:
-            guess = difflib.get_close_matches(verb, list(COMMANDS), n=1)
-            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
-            print(f"lit-mamba2: unknown command {verb!r}{hint}; available: {', '.join(COMMANDS)}\n\n{usage()}",
-                  file=sys.stderr)
+        guess = difflib.get_close_matches(verb, list(COMMANDS), n=1)
+        hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+        print(f"lit-mamba2: unknown command {verb!r}{hint}; available: {', '.join(COMMANDS)}\n\n{usage()}",
+              file=sys.stderr)
         return 2
     try:
         return COMMANDS[verb][0](rest) or 0

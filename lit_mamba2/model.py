@@ -132,6 +132,7 @@ class Mamba2Mixer(nn.Module):
                      if s.rmsnorm else None)
         self.out_proj = nn.Linear(self.d_mlp + self.d_ssm, self.d_model, bias=s.bias)
         self.impl: Optional[str] = None
+        self.context = None  # context parallelism (lit_mamba2.parallel.context) runs the ops in place of `ops`
         self.reset_parameters()
 
     @torch.no_grad()
@@ -182,14 +183,15 @@ class Mamba2Mixer(nn.Module):
         if state is not None and L == 1:
             return self.step(u[:, 0], state)[:, None]
         z0, x0, z, xBC, dt = self._split(self.in_proj(u))
-        conv_out = ops.causal_conv1d(
+        run = ops if self.context is None else self.context
+        conv_out = run.causal_conv1d(
             xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx=seq_idx,
             initial_states=None if state is None else state.conv, return_final_states=state is not None,
             activation="silu", impl=self.impl)
         xBC, conv_state = conv_out if state is not None else (conv_out, None)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         A = -torch.exp(at_least_fp32(self.A_log))
-        out = ops.ssd(
+        out = run.ssd(
             x.view(b, L, self.nheads, self.headdim), dt, A,
             B.view(b, L, self.ngroups, self.d_state), C.view(b, L, self.ngroups, self.d_state),
             self.chunk_size, D=self._D(), z=None if self.norm is not None else z.view(b, L, self.nheads, self.headdim),
@@ -236,6 +238,7 @@ class Attention(nn.Module):
                                     groups=self.qkv_dim)
         self.out_proj = nn.Linear(out_dim + self.mlp_dim // 2, config.d_model, bias=a.out_proj_bias)
         self.impl: Optional[str] = None
+        self.context = None  # context parallelism (lit_mamba2.parallel.context) runs the ops in place of `ops`
         self.reset_parameters()
 
     @torch.no_grad()
@@ -261,12 +264,13 @@ class Attention(nn.Module):
         (None: from seq_idx); state: the keys and values before x, extended in place."""
         b, L, _ = x.shape
         qkv = self.in_proj(x)
+        run = ops if self.context is None else self.context
         if self.mlp_dim > 0:
             qkv, x_mlp = qkv.split([self.qkv_dim, self.mlp_dim], dim=-1)
             up, gate = x_mlp.chunk(2, dim=-1)
             x_mlp = up * F.silu(gate)
         if self.d_conv > 0:
-            conv_out = ops.causal_conv1d(
+            conv_out = run.causal_conv1d(
                 qkv, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx=seq_idx,
                 initial_states=None if state is None else state.conv, return_final_states=state is not None,
                 activation=None, impl=self.impl)
@@ -291,7 +295,7 @@ class Attention(nn.Module):
             doc_k = torch.cat([state.doc, doc_q], dim=1)
             state.k, state.v, state.doc = k, v, doc_k
             state.pos = torch.cat([state.pos, positions.to(state.pos.dtype)], dim=1)
-        out = ops.attention(q, k, v, doc_q=doc_q, doc_k=doc_k, scale=self.softmax_scale, impl=self.impl)
+        out = run.attention(q, k, v, doc_q=doc_q, doc_k=doc_k, scale=self.softmax_scale, impl=self.impl)
         out = out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim)
         if self.mlp_dim > 0:
             out = torch.cat([out, x_mlp], dim=-1)
@@ -359,6 +363,11 @@ class Backbone(nn.Module):
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
 
+def _residual_outputs(block: Block) -> list[nn.Module]:
+    """The projections that write into the residual stream (rescaled at initialisation)."""
+    return [block.mixer.out_proj] + ([block.mlp.fc2] if block.mlp is not None else [])
+
+
 class Mamba2LMHeadModel(nn.Module):
     """A causal language model: embedding, n_layer blocks, final norm, LM head (tied to the embedding by default)."""
 
@@ -367,6 +376,8 @@ class Mamba2LMHeadModel(nn.Module):
         if not isinstance(config, Mamba2Config):
             raise TypeError(f"Mamba2LMHeadModel takes a Mamba2Config, got {type(config).__name__}")
         self.config = config
+        # the seed init_weights draws from (explicitly on the CPU generator: also under torch.device("meta"))
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
@@ -374,26 +385,46 @@ class Mamba2LMHeadModel(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self):
+    def init_weights(self, seed: Optional[int] = None):
         """mamba_ssm's initialisation of every parameter: each mixer, MLP and norm its own (A_log from
         A_init_range, dt_bias from a log-uniform dt, D = 1), the embedding N(0, initializer_range), out_proj and
-        fc2 kaiming-uniform rescaled by 1/sqrt(n_residuals · n_layer). For a model built on the meta device and
-        materialised with to_empty, which unties the LM head: it is tied again here (the model has no buffers to
-        recompute)."""
+        fc2 kaiming-uniform rescaled by 1/sqrt(n_residuals · n_layer). Each part (`init_part`) draws from its own
+        seed derived from `seed` (default `init_seed`, drawn from torch's generator when the model was built), so
+        that a build which materialises and initialises one part at a time (a sharded one) gets the weights of a
+        whole build on the same device type. For a model built on the meta device and materialised with
+        to_empty, which unties the LM head: it is tied again here."""
+        for part in range(self.config.n_layer + 1):
+            self.init_part(part, seed)
+
+    @torch.no_grad()
+    def init_part(self, part: int, seed: Optional[int] = None):
+        """Initialise part `part`: block `part` for part < n_layer; part n_layer is the rest (the embedding, the
+        final norm and the LM head, tied again if tied)."""
         cfg = self.config
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.backbone.embedding.weight
-        for module in self.modules():
-            if isinstance(module, (Mamba2Mixer, Attention, GatedMLP, RMSNorm, GatedRMSNorm)):
-                module.reset_parameters()
-        nn.init.normal_(self.backbone.embedding.weight, std=cfg.initializer_range)
-        if not cfg.tie_embeddings:
-            self.lm_head.reset_parameters()
-        n_residuals = 1 if cfg.d_intermediate == 0 else 2
-        for name, p in self.named_parameters():
-            if name.endswith("out_proj.weight") or name.endswith("fc2.weight"):
-                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-                p /= math.sqrt(n_residuals * cfg.n_layer)
+        seed = self.init_seed if seed is None else seed
+        if part < cfg.n_layer:
+            modules = list(self.backbone.layers[part].modules())
+        else:
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.backbone.embedding.weight
+            modules = [self.backbone.embedding, self.backbone.norm_f, self.lm_head]
+        device = next(p for m in modules for p in m.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            torch.manual_seed((seed + 1_000_003 * (part + 1)) % 2**63)
+            for module in modules:
+                if isinstance(module, (Mamba2Mixer, Attention, GatedMLP, RMSNorm, GatedRMSNorm)):
+                    module.reset_parameters()
+            if part == cfg.n_layer:
+                nn.init.normal_(self.backbone.embedding.weight, std=cfg.initializer_range)
+                if not cfg.tie_embeddings:
+                    self.lm_head.reset_parameters()
+                return
+            n_residuals = 1 if cfg.d_intermediate == 0 else 2
+            for module in modules:
+                for name, p in module.named_parameters(recurse=False):
+                    if name == "weight" and module in _residual_outputs(self.backbone.layers[part]):
+                        nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                        p /= math.sqrt(n_residuals * cfg.n_layer)
 
     def set_impl(self, impl: Optional[str]) -> "Mamba2LMHeadModel":
         """Force the ops' implementation ("torch", "triton") for every layer; None picks by device."""

@@ -2,7 +2,8 @@
 
 Training, checkpoints and generation all use these two classes. A tokenizer
 
-- turns text into ids and back: `encode(text) -> list[int]` (no special tokens added), `decode(ids) -> str`;
+- turns text into ids and back: `encode(text) -> list[int]` (no special tokens added), `decode(ids) -> str`,
+  `encode_batch(texts)` (encode of each);
 - has `vocab_size` (every id it can produce is below it), `eos_id` (the end-of-document id; None for a
   Hugging Face tokenizer without one) and `bos_id` / `pad_id` (None where it has none);
 - has an `identity` string that changes whenever its mapping could change (it keys the token cache);
@@ -40,6 +41,10 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode() of each text (a Hugging Face fast tokenizer does them in one call)."""
+        return [self.encode(t) for t in texts]
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -164,6 +169,12 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.hf(list(texts), add_special_tokens=False, return_attention_mask=False,
+                       return_token_type_ids=False)["input_ids"]
 
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids])

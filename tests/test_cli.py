@@ -139,14 +139,16 @@ def test_config_errors_name_the_cause_first(capsys, verb, args, first):
     ("trainr:\n  max_steps: 5\n", "unknown section 'trainr' (did you mean 'trainer'?)"),
     ("data:\n  mqr:\n    vocab_size: 5\n", "unknown section 'data.mqr' (did you mean 'data.mqar'?)"),
     ("trainer:\n  max_steps: many\n", "'trainer.max_steps': expected an integer, got 'many'"),
+    ("", "the file holds no YAML mapping of sections (it is empty, or not YAML)"),
+    ("- trainer\n", "the file holds no YAML mapping of sections (it is empty, or not YAML)"),
 ])
 def test_config_file_errors_name_the_cause_first(tmp_path, capsys, yaml_text, first):
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml_text)
     assert main(["pretrain", "--config", str(config)]) == 2
     err = capsys.readouterr().err.splitlines()
-    where = "" if "expected" in first else f"{config}: "
-    assert err[0] == f"lit-mamba2 pretrain: error: {where}{first}"
+    where = "" if "expected" in first else f"--config {config}: " if "no YAML" in first else f"{config}: "
+    assert err[0].startswith(f"lit-mamba2 pretrain: error: {where}{first}")
 
 
 def test_generate_and_convert_config_files_are_checked_too(tmp_path, capsys):

@@ -310,20 +310,26 @@ def test_positions_are_each_tokens_place_in_its_document_and_a_shard_gets_its_ow
 
 @pytest.mark.parametrize("name,overrides", [("mamba2-130m", {}), ("mamba2attn-test", {"n_layer": 12})])
 def test_meta_device_model_initialised_by_init_weights_matches_eager(name, overrides):
-    """Built on the meta device, materialised with to_empty and initialised by init_weights(): every parameter
-    group (the same parameter across layers) has the eager model's distribution, and A, dt keep their ranges."""
+    """Built on the meta device, materialised with to_empty and initialised by init_weights(): from the same
+    torch seed, the eager model's weights exactly, also when initialised part by part in any order (as a sharded
+    build does); from another init seed, every parameter group (the same parameter across layers) has the eager
+    model's distribution, and A, dt keep their ranges."""
     import collections
     import re
 
     cfg = Mamba2Config.from_name(name, **overrides)
     torch.manual_seed(0)
     eager = Mamba2LMHeadModel(cfg)
+    torch.manual_seed(0)
     with torch.device("meta"):
         meta = Mamba2LMHeadModel(cfg)
     meta.to_empty(device="cpu")
-    torch.manual_seed(1)
-    meta.init_weights()
+    for part in reversed(range(cfg.n_layer + 1)):
+        meta.init_part(part)
     assert (meta.lm_head.weight is meta.backbone.embedding.weight) == cfg.tie_embeddings
+    for (n, a), b in zip(eager.state_dict().items(), meta.state_dict().values()):
+        assert torch.equal(a, b), n
+    meta.init_weights(seed=eager.init_seed + 1)
 
     def groups(model):
         out = collections.defaultdict(list)

@@ -9,10 +9,21 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn as nn
 
 from lit_mamba2.model import Attention, Mamba2LMHeadModel, Mamba2Mixer, RMSNorm
 
 Tensor = torch.Tensor
+
+
+def _weight(module: nn.Module, name: str) -> Tensor:
+    """A linear layer's weight, which the decode engine multiplies by itself: right only for a layer whose forward
+    is nn.Linear's. A layer that adds to it (a LoRA adapter, lit_mamba2.lora) is refused, not silently skipped."""
+    if type(module).forward is not nn.Linear.forward:
+        raise ValueError(f"{name} is a {type(module).__name__}, whose output is not x @ weight.T + bias: the decode "
+                         "engine reads the weights directly; merge adapters into the weights first "
+                         "(lit_mamba2.lora.merge_lora(model))")
+    return module.weight
 
 
 @dataclass(frozen=True)
@@ -54,13 +65,14 @@ class MixerWeights:
                 and self.out_proj_bias is None)
 
     @classmethod
-    def of(cls, m: Mamba2Mixer) -> "MixerWeights":
+    def of(cls, m: Mamba2Mixer, name: str = "mixer") -> "MixerWeights":
         n = m.norm
-        return cls(m.in_proj.weight, m.in_proj.bias, m.conv1d.weight[:, 0, :], m.conv1d.bias, m.dt_bias, m.A_log,
-                   m.D.view(m.nheads, m.headdim) if m.D_has_hdim else m.D,
+        return cls(_weight(m.in_proj, f"{name}.in_proj"), m.in_proj.bias, m.conv1d.weight[:, 0, :], m.conv1d.bias,
+                   m.dt_bias, m.A_log, m.D.view(m.nheads, m.headdim) if m.D_has_hdim else m.D,
                    None if n is None else Norm(n.weight, n.eps), 1 if n is None else m.d_ssm // n.group_size,
-                   False if n is None else n.norm_before_gate, m.out_proj.weight, m.out_proj.bias, m.d_mlp, m.d_ssm,
-                   m.conv_dim, m.nheads, m.headdim, m.ngroups, m.d_state, tuple(m.dt_limit))
+                   False if n is None else n.norm_before_gate, _weight(m.out_proj, f"{name}.out_proj"),
+                   m.out_proj.bias, m.d_mlp, m.d_ssm, m.conv_dim, m.nheads, m.headdim, m.ngroups, m.d_state,
+                   tuple(m.dt_limit))
 
 
 @dataclass(frozen=True)
@@ -81,11 +93,12 @@ class AttentionWeights:
     scale: Optional[float]
 
     @classmethod
-    def of(cls, a: Attention) -> "AttentionWeights":
+    def of(cls, a: Attention, name: str = "mixer") -> "AttentionWeights":
         conv = a.conv1d if a.d_conv > 0 else None
-        return cls(a.in_proj.weight, a.in_proj.bias, None if conv is None else conv.weight[:, 0, :],
-                   None if conv is None else conv.bias, a.out_proj.weight, a.out_proj.bias, a.num_heads,
-                   a.num_heads_kv, a.head_dim, a.qkv_dim, a.mlp_dim, a.rotary_dim, a.rotary_base, a.softmax_scale)
+        return cls(_weight(a.in_proj, f"{name}.in_proj"), a.in_proj.bias,
+                   None if conv is None else conv.weight[:, 0, :], None if conv is None else conv.bias,
+                   _weight(a.out_proj, f"{name}.out_proj"), a.out_proj.bias, a.num_heads, a.num_heads_kv,
+                   a.head_dim, a.qkv_dim, a.mlp_dim, a.rotary_dim, a.rotary_base, a.softmax_scale)
 
 
 @dataclass(frozen=True)
@@ -112,11 +125,13 @@ class ModelWeights:
             return Norm(n.weight, n.eps)
 
         layers = []
-        for layer in model.backbone.layers:
-            m = layer.mixer
-            mixer = MixerWeights.of(m) if isinstance(m, Mamba2Mixer) else AttentionWeights.of(m)
-            mlp = () if layer.mlp is None else (norm(layer.norm2), layer.mlp.fc1.weight, layer.mlp.fc2.weight)
+        for i, layer in enumerate(model.backbone.layers):
+            m, name = layer.mixer, f"backbone.layers.{i}"
+            mixer = (MixerWeights.of(m, f"{name}.mixer") if isinstance(m, Mamba2Mixer)
+                     else AttentionWeights.of(m, f"{name}.mixer"))
+            mlp = () if layer.mlp is None else (norm(layer.norm2), _weight(layer.mlp.fc1, f"{name}.mlp.fc1"),
+                                                _weight(layer.mlp.fc2, f"{name}.mlp.fc2"))
             layers.append(LayerWeights(norm(layer.norm), mixer, *mlp))
         bb = model.backbone
-        return cls(bb.embedding.weight, tuple(layers), norm(bb.norm_f), model.lm_head.weight,
+        return cls(bb.embedding.weight, tuple(layers), norm(bb.norm_f), _weight(model.lm_head, "lm_head"),
                    model.config.residual_in_fp32, model.config.vocab_size)

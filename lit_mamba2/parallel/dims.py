@@ -53,9 +53,10 @@ class ParallelDims:
         """Data-parallel degree: ranks that read different samples."""
         return self.dp_replicate * self.dp_shard
 
-    def describe(self) -> str:
-        return (f"parallel layout: dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} "
+    def describe(self, seq_len: int | None = None) -> str:
+        line = (f"parallel layout: dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} "
                 f"tp={self.tp} (world {self.world_size})")
+        return line if seq_len is None else f"{line}, tokens per rank {seq_len // self.cp} of {seq_len} per row"
 
     def build_mesh(self, device_type: str) -> "ParallelMesh":
         """The 4-D mesh named dp_replicate, dp_shard, cp, tp, and the submeshes the layers use."""

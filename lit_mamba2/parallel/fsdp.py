@@ -10,6 +10,7 @@ remaining parameters (the scalars, the norms, the short conv's weights), gathers
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,25 +19,46 @@ import torch.nn as nn
 from lit_mamba2.model import Attention, GatedMLP, Mamba2LMHeadModel, Mamba2Mixer
 
 
+@dataclass(frozen=True)
+class ShardingPolicy:
+    """How apply_fsdp shards (see the module's docstring)."""
+
+    param_dtype: Optional[torch.dtype] = torch.bfloat16
+    reduce_dtype: torch.dtype = torch.float32
+    fp32_scalars: bool = True
+    reshard_after_forward: bool = True
+
+    def shard_block(self, block: nn.Module, mesh) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        low = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+        high = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=self.reduce_dtype)
+        split = self.fp32_scalars and self.param_dtype not in (None, torch.float32)
+        if split:
+            for matrix in _matrices(block):
+                fully_shard(matrix, mesh=mesh, mp_policy=low, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=high if split else low,
+                    reshard_after_forward=self.reshard_after_forward)
+
+    def shard_root(self, model: Mamba2LMHeadModel, mesh) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        # the root keeps the embedding (tied to the LM head) and the final norm; after the last block it stays
+        # gathered for the backward that follows at once
+        fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(self.param_dtype, self.reduce_dtype),
+                    reshard_after_forward=False)
+        for method in ("loss", "step"):  # entry points besides forward: they gather the root's parameters too
+            register_fsdp_forward_method(model, method)
+
+
 def apply_fsdp(model: Mamba2LMHeadModel, mesh, param_dtype: Optional[torch.dtype] = torch.bfloat16,
                reduce_dtype: torch.dtype = torch.float32, fp32_scalars: bool = True,
                reshard_after_forward: bool = True) -> Mamba2LMHeadModel:
-    """Shard `model` (float32 parameters, whole on every rank or on the meta device) over `mesh` in place."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    low = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    high = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce_dtype)
-    split = fp32_scalars and param_dtype not in (None, torch.float32)
+    """Shard `model` (float32 parameters, whole on every rank) over `mesh` in place."""
+    policy = ShardingPolicy(param_dtype, reduce_dtype, fp32_scalars, reshard_after_forward)
     for block in model.backbone.layers:
-        if split:
-            for matrix in _matrices(block):
-                fully_shard(matrix, mesh=mesh, mp_policy=low, reshard_after_forward=reshard_after_forward)
-        fully_shard(block, mesh=mesh, mp_policy=high if split else low, reshard_after_forward=reshard_after_forward)
-    # the root keeps the embedding (tied to the LM head) and the final norm; after the last block it stays
-    # gathered for the backward that follows at once
-    fully_shard(model, mesh=mesh, mp_policy=low, reshard_after_forward=False)
-    for method in ("loss", "step"):  # entry points besides forward: they gather the root's parameters too
-        register_fsdp_forward_method(model, method)
+        policy.shard_block(block, mesh)
+    policy.shard_root(model, mesh)
     return model
 
 

@@ -218,19 +218,6 @@ class GroupSplitGatedRMSNorm(GatedRMSNorm):
 # ---------------------------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class TensorParallel:
-    """What apply_tensor_parallel did: the group, this rank's place in it, and each sharded parameter's layout
-    (by its name in the model; parameters absent here are whole on every rank)."""
-
-    group: object
-    tp: int
-    rank: int
-    layouts: dict[str, Layout] = field(default_factory=dict)
-    # parameter name -> the process group of each rank set sharing a piece of it (tp % ngroups == 0)
-    shared_group: object = None
-
-
 def check_tensor_parallel(config: Mamba2Config, tp: int) -> None:
     """LayoutError naming the field and the degree when `tp` cannot split this model."""
     if tp == 1:
@@ -262,99 +249,122 @@ def check_tensor_parallel(config: Mamba2Config, tp: int) -> None:
                           "set pad_vocab_size_multiple to a multiple of it")
 
 
-def apply_tensor_parallel(model: Mamba2LMHeadModel, tp_mesh) -> Mamba2LMHeadModel:
-    """Split `model` (whole, the same on every rank of the group, not yet FSDP-sharded) over the 1-D `tp_mesh` in
-    place; returns it, with `model.tensor_parallel` the plan."""
-    tp, rank, group = tp_mesh.size(), tp_mesh.get_local_rank(), tp_mesh.get_group()
-    cfg = model.config
-    check_tensor_parallel(cfg, tp)
-    plan = TensorParallel(group, tp, rank)
-    g = cfg.ssm.ngroups
-    if tp % g == 0 and tp > g and cfg.n_layer > len(cfg.attn_layer_idx):
-        # the ranks of a group: neighbouring blocks of tp // g ranks of the tp group
-        shared = tp_mesh._unflatten(0, (g, tp // g), ("tp_groups", "tp_group_ranks"))
-        plan.shared_group = shared["tp_group_ranks"].get_group()
+@dataclass
+class TensorParallel:
+    """The split of one model over a tp group: the group, this rank's place in it, and each sharded parameter's
+    layout (by its name in the model; parameters absent here are whole on every rank). `split_block` and
+    `split_root` cut a part of the model (whole, as one process builds it) into this rank's pieces in place, so that
+    a model built part by part never exists whole (parallelize.build_model)."""
 
-    def shard(module: nn.Module, name: str, layout: Layout, fqn: str):
+    group: object
+    tp: int
+    rank: int
+    layouts: dict[str, Layout] = field(default_factory=dict)
+    shared_group: object = None  # the ranks sharing a B/C group (tp % ngroups == 0, tp > ngroups), else None
+
+    @classmethod
+    def for_model(cls, model: Mamba2LMHeadModel, tp_mesh) -> "TensorParallel":
+        """The plan of `model` (whole or on the meta device) over the 1-D `tp_mesh`, as `model.tensor_parallel`."""
+        cfg, tp = model.config, tp_mesh.size()
+        check_tensor_parallel(cfg, tp)
+        plan = cls(tp_mesh.get_group(), tp, tp_mesh.get_local_rank())
+        g = cfg.ssm.ngroups
+        if tp % g == 0 and tp > g and cfg.n_layer > len(cfg.attn_layer_idx):
+            # the ranks of a group: neighbouring blocks of tp // g ranks of the tp group
+            shared = tp_mesh._unflatten(0, (g, tp // g), ("tp_groups", "tp_group_ranks"))
+            plan.shared_group = shared["tp_group_ranks"].get_group()
+        model.tensor_parallel = plan
+        return plan
+
+    def split_block(self, block: nn.Module, i: int) -> None:
+        fqn, m, tp = f"backbone.layers.{i}.mixer", block.mixer, self.tp
+        if isinstance(m, Mamba2Mixer):
+            self._split_mamba(m, fqn)
+        elif isinstance(m, Attention):
+            self._split_attention(m, fqn)
+        else:
+            raise TypeError(f"tensor parallel: unknown mixer {type(m).__name__}")
+        if isinstance(block.mlp, GatedMLP):
+            h = block.mlp.fc2.in_features
+            self._column(block.mlp.fc1, _layout(0, tp, (h, tp), (h, tp)), f"backbone.layers.{i}.mlp.fc1")
+            self._row(block.mlp.fc2, _layout(1, tp, (h, tp)), f"backbone.layers.{i}.mlp.fc2")
+
+    def split_root(self, model: Mamba2LMHeadModel) -> None:
+        """The embedding and the LM head, by vocabulary rows."""
+        tp, V = self.tp, model.config.padded_vocab_size
+        emb, head = model.backbone.embedding, model.lm_head
+        tied = head.weight is emb.weight
+        vocab = _layout(0, tp, (V, tp))
+        self._shard(emb, "weight", vocab, "backbone.embedding")
+        emb.__class__, emb.tp_group = VocabParallelEmbedding, self.group
+        emb.vocab_start, emb.num_embeddings = self.rank * V // tp, V // tp
+        if tied:
+            head.weight = emb.weight
+            self.layouts["lm_head.weight"] = vocab
+        else:
+            self._shard(head, "weight", vocab, "lm_head")
+        head.__class__, head.vocab_group, head.out_features = VocabParallelLMHead, self.group, V // tp
+
+    def _shard(self, module: nn.Module, name: str, layout: Layout, fqn: str):
         p = getattr(module, name)
         if p is None:
             return
-        setattr(module, name, nn.Parameter(layout.shard(p.detach(), rank).clone(), requires_grad=p.requires_grad))
-        plan.layouts[f"{fqn}.{name}"] = layout
+        setattr(module, name, nn.Parameter(layout.shard(p.detach(), self.rank).clone(), requires_grad=p.requires_grad))
+        self.layouts[f"{fqn}.{name}"] = layout
 
-    def column(lin: nn.Linear, layout: Layout, fqn: str):
-        shard(lin, "weight", layout, fqn)
-        shard(lin, "bias", Layout(0, layout.segments, tp), fqn)
-        lin.__class__, lin.tp_group, lin.out_features = ColumnParallelLinear, group, layout.local_size
+    def _column(self, lin: nn.Linear, layout: Layout, fqn: str):
+        self._shard(lin, "weight", layout, fqn)
+        self._shard(lin, "bias", Layout(0, layout.segments, self.tp), fqn)
+        lin.__class__, lin.tp_group, lin.out_features = ColumnParallelLinear, self.group, layout.local_size
 
-    def row(lin: nn.Linear, layout: Layout, fqn: str):
-        shard(lin, "weight", layout, fqn)  # (the bias stays whole: it is added once, after the sum)
-        lin.__class__, lin.tp_group, lin.in_features = RowParallelLinear, group, layout.local_size
+    def _row(self, lin: nn.Linear, layout: Layout, fqn: str):
+        self._shard(lin, "weight", layout, fqn)  # (the bias stays whole: it is added once, after the sum)
+        lin.__class__, lin.tp_group, lin.in_features = RowParallelLinear, self.group, layout.local_size
 
+    def _split_mamba(self, m: Mamba2Mixer, fqn: str):
+        tp, g, n = self.tp, m.ngroups, m.d_state
+        bc = tp if g % tp == 0 else g  # B and C: split with the heads, or one group per set of tp // g ranks
+        self._column(m.in_proj, _layout(0, tp, (m.d_mlp, tp), (m.d_mlp, tp), (m.d_ssm, tp), (m.d_ssm, tp),
+                                        (g * n, bc), (g * n, bc), (m.nheads, tp)), f"{fqn}.in_proj")
+        conv = _layout(0, tp, (m.d_ssm, tp), (g * n, bc), (g * n, bc))
+        self._shard(m.conv1d, "weight", conv, f"{fqn}.conv1d")
+        self._shard(m.conv1d, "bias", conv, f"{fqn}.conv1d")
+        for name in ("dt_bias", "A_log", "D"):
+            self._shard(m, name, _layout(0, tp, (getattr(m, name).shape[0], tp)), fqn)
+        self._row(m.out_proj, _layout(1, tp, (m.d_mlp, tp), (m.d_ssm, tp)), f"{fqn}.out_proj")
+        if m.norm is not None:
+            self._shard(m.norm, "weight", _layout(0, tp, (m.d_ssm, tp)), f"{fqn}.norm")
+            if bc != tp:  # a group's channels on several ranks
+                m.norm.__class__, m.norm.tp_group = GroupSplitGatedRMSNorm, self.shared_group
+        m.d_ssm, m.d_mlp, m.nheads = m.d_ssm // tp, m.d_mlp // tp, m.nheads // tp
+        m.ngroups = g // tp if g % tp == 0 else 1
+        m.conv_dim = m.d_ssm + 2 * m.ngroups * n
+        m.conv1d.in_channels = m.conv1d.out_channels = m.conv1d.groups = m.conv_dim
+
+    def _split_attention(self, a: Attention, fqn: str):
+        tp, hd, half = self.tp, a.head_dim, a.mlp_dim // 2
+        q, kv = a.num_heads * hd, a.num_heads_kv * hd
+        self._column(a.in_proj, _layout(0, tp, (q, tp), (kv, tp), (kv, tp), (half, tp), (half, tp)),
+                     f"{fqn}.in_proj")
+        if a.d_conv > 0:
+            conv = _layout(0, tp, (q, tp), (kv, tp), (kv, tp))
+            self._shard(a.conv1d, "weight", conv, f"{fqn}.conv1d")
+            self._shard(a.conv1d, "bias", conv, f"{fqn}.conv1d")
+        self._row(a.out_proj, _layout(1, tp, (q, tp), (half, tp)), f"{fqn}.out_proj")
+        a.num_heads, a.num_heads_kv, a.mlp_dim = a.num_heads // tp, a.num_heads_kv // tp, a.mlp_dim // tp
+        a.qkv_dim = hd * (a.num_heads + 2 * a.num_heads_kv)
+        if a.d_conv > 0:
+            a.conv1d.in_channels = a.conv1d.out_channels = a.conv1d.groups = a.qkv_dim
+
+
+def apply_tensor_parallel(model: Mamba2LMHeadModel, tp_mesh) -> Mamba2LMHeadModel:
+    """Split `model` (whole, the same on every rank of the group, not yet FSDP-sharded) over the 1-D `tp_mesh` in
+    place; returns it, with `model.tensor_parallel` the plan."""
+    plan = TensorParallel.for_model(model, tp_mesh)
     for i, block in enumerate(model.backbone.layers):
-        fqn, m = f"backbone.layers.{i}.mixer", block.mixer
-        if isinstance(m, Mamba2Mixer):
-            _split_mamba(m, fqn, tp, plan, shard, column, row)
-        elif isinstance(m, Attention):
-            _split_attention(m, fqn, tp, shard, column, row)
-        else:
-            raise TypeError(f"apply_tensor_parallel: unknown mixer {type(m).__name__}")
-        if isinstance(block.mlp, GatedMLP):
-            h = block.mlp.fc2.in_features
-            column(block.mlp.fc1, _layout(0, tp, (h, tp), (h, tp)), f"backbone.layers.{i}.mlp.fc1")
-            row(block.mlp.fc2, _layout(1, tp, (h, tp)), f"backbone.layers.{i}.mlp.fc2")
-
-    V = cfg.padded_vocab_size
-    emb, head = model.backbone.embedding, model.lm_head
-    tied = head.weight is emb.weight
-    vocab = _layout(0, tp, (V, tp))
-    shard(emb, "weight", vocab, "backbone.embedding")
-    emb.__class__, emb.tp_group = VocabParallelEmbedding, group
-    emb.vocab_start, emb.num_embeddings = rank * V // tp, V // tp
-    if tied:
-        head.weight = emb.weight
-        plan.layouts["lm_head.weight"] = vocab
-    else:
-        shard(head, "weight", vocab, "lm_head")
-    head.__class__, head.vocab_group, head.out_features = VocabParallelLMHead, group, V // tp
-    model.tensor_parallel = plan
+        plan.split_block(block, i)
+    plan.split_root(model)
     return model
-
-
-def _split_mamba(m: Mamba2Mixer, fqn: str, tp: int, plan: TensorParallel, shard, column, row):
-    g, n = m.ngroups, m.d_state
-    bc = tp if g % tp == 0 else g  # B and C: split with the heads, or one group per set of tp // g ranks
-    column(m.in_proj, _layout(0, tp, (m.d_mlp, tp), (m.d_mlp, tp), (m.d_ssm, tp), (m.d_ssm, tp), (g * n, bc),
-                              (g * n, bc), (m.nheads, tp)), f"{fqn}.in_proj")
-    conv = _layout(0, tp, (m.d_ssm, tp), (g * n, bc), (g * n, bc))
-    shard(m.conv1d, "weight", conv, f"{fqn}.conv1d")
-    shard(m.conv1d, "bias", conv, f"{fqn}.conv1d")
-    for name in ("dt_bias", "A_log", "D"):
-        shard(m, name, _layout(0, tp, (getattr(m, name).shape[0], tp)), fqn)
-    row(m.out_proj, _layout(1, tp, (m.d_mlp, tp), (m.d_ssm, tp)), f"{fqn}.out_proj")
-    if m.norm is not None:
-        shard(m.norm, "weight", _layout(0, tp, (m.d_ssm, tp)), f"{fqn}.norm")
-        if bc != tp:  # a group's channels on several ranks
-            m.norm.__class__, m.norm.tp_group = GroupSplitGatedRMSNorm, plan.shared_group
-    m.d_ssm, m.d_mlp, m.nheads = m.d_ssm // tp, m.d_mlp // tp, m.nheads // tp
-    m.ngroups = g // tp if g % tp == 0 else 1
-    m.conv_dim = m.d_ssm + 2 * m.ngroups * n
-    m.conv1d.in_channels = m.conv1d.out_channels = m.conv1d.groups = m.conv_dim
-
-
-def _split_attention(a: Attention, fqn: str, tp: int, shard, column, row):
-    hd, half = a.head_dim, a.mlp_dim // 2
-    q, kv = a.num_heads * hd, a.num_heads_kv * hd
-    column(a.in_proj, _layout(0, tp, (q, tp), (kv, tp), (kv, tp), (half, tp), (half, tp)), f"{fqn}.in_proj")
-    if a.d_conv > 0:
-        conv = _layout(0, tp, (q, tp), (kv, tp), (kv, tp))
-        shard(a.conv1d, "weight", conv, f"{fqn}.conv1d")
-        shard(a.conv1d, "bias", conv, f"{fqn}.conv1d")
-    row(a.out_proj, _layout(1, tp, (q, tp), (half, tp)), f"{fqn}.out_proj")
-    a.num_heads, a.num_heads_kv, a.mlp_dim = a.num_heads // tp, a.num_heads_kv // tp, a.mlp_dim // tp
-    a.qkv_dim = hd * (a.num_heads + 2 * a.num_heads_kv)
-    if a.d_conv > 0:
-        a.conv1d.in_channels = a.conv1d.out_channels = a.conv1d.groups = a.qkv_dim
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,16 +1,18 @@
 """Data for causal-LM training: packed token streams (pre-tokenized shards or cached text) and synthetic MQAR.
 
-On-disk token format: a directory of shards `*.bin` holding raw little-endian uint16 or uint32 token ids (no header),
-and beside them one `meta.json`: {"dtype": "uint16" | "uint32", "eos_id": <int>}. Every document ends with eos_id.
-Shards are read by np.memmap and concatenated in name order into one stream.
+On-disk token format (training/shards.py): a folder of shards `*.bin` of raw little-endian uint16 or uint32 token
+ids and a `meta.json` ({"dtype", "eos_id"}, and from `lit-mamba2 prepare` the shards in order with their token
+counts); every document ends with eos_id. The shards are read as one stream, opened lazily.
 
 Packing: the stream is cut into rows of seq_len + 1 tokens that overlap by one: row i covers stream[i*L : i*L + L + 1],
 input_ids = its first L tokens, labels = its last L (so a row's last position takes the next token of the stream).
 seq_idx numbers the documents inside a row from 0: the position after an eos starts a new document. The last rows
-of the stream are the validation split.
+of the stream are the validation split, unless data.val_paths names a separate validation set.
 
 Training order: one seeded permutation of the training rows per pass, passes concatenated; rank r of w takes every
 w-th sample. The sampler starts where a resumed run left off, so a resumed run sees exactly the batches it would have.
+A blend (data.blend) draws the global samples from several token folders in proportion to their weights
+(BlendSampler); each source's last val_fraction of rows is held out for validation, as for a single stream.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from typing import Iterator, Optional
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from lit_mamba2.tokenizers import ByteTokenizer, Tokenizer
+from lit_mamba2.training.shards import DTYPES, TokenStream, token_dtype, write_json_atomic, write_token_shard
 
 IGNORE_INDEX = -100
-DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 CACHE_FORMAT = 1
 
 
@@ -48,15 +50,28 @@ class MQARConfig:
 
 
 @dataclass
+class BlendSource:
+    """One source of a blend: a token folder (e.g. `lit-mamba2 prepare`'s OUT/train) and its share of the rows."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     kind: str = "text"  # "text": raw text files, tokenized once and cached; "tokens": token shards; "mqar": synthetic
     paths: list = field(default_factory=lambda: ["{stdlib}"])  # files or directories; "{stdlib}" = Python's stdlib
+    # tokens: rows drawn from several token folders in proportion to their weights (instead of data.paths)
+    blend: list[BlendSource] = field(default_factory=list)
+    # tokens: a separate validation set (token folders, e.g. prepare's OUT/val): all its rows; val_fraction unused
+    val_paths: list = field(default_factory=list)
     include: str = "*.py"  # text: which files inside directories are read
     exclude: list = field(default_factory=lambda: ["site-packages/*", "test/*", "idlelib/*", "lib2to3/*"])
     max_bytes: Optional[int] = 3_000_000  # text: read whole files in sorted order until this many bytes
     cache_dir: str = "~/.cache/lit-mamba2/tokens"
     seq_len: int = 256
-    batch_size: int = 8  # per device
+    batch_size: int = 8  # per data-parallel rank
+    global_batch_size: Optional[int] = None  # rows per optimizer step over all ranks: sets the gradient accumulation
     val_fraction: float = 0.02  # of the packed rows, taken from the end of the stream
     seed: int = 1234
     num_workers: int = 0
@@ -68,88 +83,26 @@ class DataConfig:
         for name in ("seq_len", "batch_size"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.global_batch_size is not None and not (isinstance(self.global_batch_size, int)
+                                                       and self.global_batch_size > 0):
+            raise ValueError(f"data.global_batch_size must be a positive integer or null, got "
+                             f"{self.global_batch_size!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.max_bytes is not None and not (isinstance(self.max_bytes, int) and self.max_bytes > 0):
             raise ValueError(f"data.max_bytes must be a positive integer or null (no limit), got {self.max_bytes!r}")
+        self.blend = [b if isinstance(b, BlendSource) else BlendSource(**b) for b in self.blend]
+        if (self.blend or self.val_paths) and self.kind != "tokens":
+            raise ValueError(f"data.{'blend' if self.blend else 'val_paths'} needs data.kind: tokens "
+                             f"(got {self.kind!r})")
+        if self.blend and self.paths not in ([], ["{stdlib}"]):
+            raise ValueError("data.blend and data.paths both name training data: give one (data.paths: [])")
+        for i, b in enumerate(self.blend):
+            if not (isinstance(b.weight, (int, float)) and b.weight > 0):
+                raise ValueError(f"data.blend[{i}].weight must be a positive number, got {b.weight!r}")
 
 
-# ---- token shards ---------------------------------------------------------------------------------------------------
-
-def write_token_shard(directory: str | os.PathLike, name: str, ids, dtype: str, eos_id: int) -> Path:
-    """Write ids as one shard `<directory>/<name>.bin` (and meta.json). Atomic: a crash leaves no partial shard."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    arr = np.asarray(ids)
-    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(DTYPES[dtype]).max):
-        raise ValueError(f"token ids in [{arr.min()}, {arr.max()}] do not fit {dtype}")
-    path = directory / f"{name}.bin"
-    tmp = _temp_name(path)
-    arr.astype(DTYPES[dtype]).tofile(tmp)
-    os.replace(tmp, path)
-    _write_json_atomic(directory / "meta.json", {"dtype": dtype, "eos_id": int(eos_id)})
-    return path
-
-
-def _temp_name(path: Path) -> Path:
-    """A name beside `path` that no other process writes: concurrent writers of one cache entry (runs sharing
-    the cache, every node's rank 0) each write their own file and move it into place whole."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = _temp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-class TokenStream:
-    """Token shards read as one stream through np.memmap (nothing is loaded until it is sliced)."""
-
-    def __init__(self, paths: list[str | os.PathLike]):
-        shards, metas = [], set()
-        for p in map(lambda p: Path(os.path.expanduser(str(p))), paths):
-            if not p.exists():
-                raise FileNotFoundError(f"data path {str(p)!r} does not exist")
-            files = sorted(p.glob("*.bin")) if p.is_dir() else [p]
-            if not files:
-                raise FileNotFoundError(f"no token shards (*.bin) in {str(p)!r}")
-            meta_path = (p if p.is_dir() else p.parent) / "meta.json"
-            if not meta_path.exists():
-                raise FileNotFoundError(f"{str(meta_path)!r} is missing: token shards need a meta.json beside them "
-                                        f'giving {{"dtype": "uint16" or "uint32", "eos_id": <int>}}')
-            meta = json.loads(meta_path.read_text())
-            if meta.get("dtype") not in DTYPES or not isinstance(meta.get("eos_id"), int):
-                raise ValueError(f"{meta_path}: needs dtype in {sorted(DTYPES)} and an integer eos_id, got {meta}")
-            metas.add((meta["dtype"], meta["eos_id"]))
-            shards += [(f, meta["dtype"]) for f in files]
-        if len(metas) > 1:
-            raise ValueError(f"token shards disagree on dtype/eos_id: {sorted(metas)}")
-        (dtype, self.eos_id), = metas
-        self.dtype = DTYPES[dtype]
-        for f, _ in shards:
-            if os.path.getsize(f) % self.dtype.itemsize:
-                raise ValueError(f"{str(f)!r}: {os.path.getsize(f)} bytes is not a whole number of {dtype} token ids "
-                                 "(truncated, or written with another dtype than meta.json says)")
-        self.shards = [np.memmap(f, dtype=self.dtype, mode="r") for f, _ in shards if os.path.getsize(f) > 0]
-        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """stream[start:stop] as int64, across shard boundaries."""
-        parts = []
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        for k in range(first, len(self.shards)):
-            lo, hi = self.offsets[k], self.offsets[k + 1]
-            if lo >= stop:
-                break
-            parts.append(self.shards[k][max(start - lo, 0): min(stop, hi) - lo])
-        return np.concatenate(parts).astype(np.int64)
-
+# ---- packing ---------------------------------------------------------------------------------------------------------
 
 class PackedRows(Dataset):
     """Rows [row_start, row_stop) of a packed stream: {input_ids, labels, seq_idx}."""
@@ -247,7 +200,7 @@ def tokenize_text_files(files: list[Path], tokenizer: Tokenizer, cache_dir: str 
         return out
     from tqdm.auto import tqdm
 
-    dtype = "uint16" if tokenizer.vocab_size <= 2 ** 16 else "uint32"
+    dtype = token_dtype(tokenizer.vocab_size)
     chunks = []
     for f in tqdm(files, desc=f"tokenizing {len(files)} files", unit="file", disable=not progress):
         if isinstance(tokenizer, ByteTokenizer):
@@ -256,7 +209,7 @@ def tokenize_text_files(files: list[Path], tokenizer: Tokenizer, cache_dir: str 
             ids = np.asarray(tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
         chunks += [ids.astype(DTYPES[dtype]), np.array([tokenizer.eos_id], dtype=DTYPES[dtype])]
     write_token_shard(out, "tokens", np.concatenate(chunks), dtype, tokenizer.eos_id)
-    _write_json_atomic(out / "sources.json", {"tokenizer": tokenizer.identity, "files": [str(f) for f in files]})
+    write_json_atomic(out / "sources.json", {"tokenizer": tokenizer.identity, "files": [str(f) for f in files]})
     return out
 
 
@@ -311,13 +264,75 @@ class ResumableSampler(Sampler[int]):
             self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
         return self._perm_cache[epoch]
 
+    def _index(self, g: int) -> int:
+        """The dataset index of global sample g."""
+        return int(self._perm(g // self.n)[g % self.n])
+
     def __iter__(self) -> Iterator[int]:
         for p in range(self.start, self.length):
-            g = p * self.world_size + self.rank
-            yield int(self._perm(g // self.n)[g % self.n])
+            yield self._index(p * self.world_size + self.rank)
 
     def __len__(self) -> int:
         return self.length
+
+
+class BlendSampler(ResumableSampler):
+    """The global-sample sampler over several sources (a ConcatDataset of `sizes`) drawn in proportion to `weights`.
+
+    Global samples come in blocks of BLOCK: every block holds the same number of samples of each source (the
+    weights' shares of BLOCK, largest remainders first) at positions shuffled by (seed, block), so source s's j-th
+    sample is found from g alone. It is row j mod n_s of source s's pass j // n_s, a seeded permutation per pass: a
+    source that runs out starts a new, reshuffled pass. Like ResumableSampler, any (rank, world_size, start) that
+    reaches the same global samples reads the same rows."""
+
+    BLOCK = 8192
+
+    def __init__(self, sizes: list[int], weights: list[float], length: int, seed: int, rank: int = 0,
+                 world_size: int = 1, start: int = 0, names: Optional[list[str]] = None):
+        super().__init__(sum(sizes), length, seed, rank, world_size, start)
+        self.sizes, self.offsets = list(sizes), np.cumsum([0] + list(sizes))
+        self.names = names or [f"source {i}" for i in range(len(sizes))]
+        share = np.asarray(weights, dtype=np.float64) / sum(weights) * self.BLOCK
+        counts = np.floor(share).astype(np.int64)
+        counts[np.argsort(-(share - counts), kind="stable")[: self.BLOCK - counts.sum()]] += 1
+        if (counts == 0).any():
+            i = int(np.argmax(counts == 0))
+            raise ValueError(f"data.blend: {self.names[i]}'s weight is below 1/{self.BLOCK} of the total: it would "
+                             "never be drawn")
+        self.counts = counts
+        self._layout = np.repeat(np.arange(len(sizes)), counts)
+        self._block_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._pass_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._seen_pass: dict[int, int] = {}
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block b: each position's source, and how many samples of that source precede it in the block."""
+        if b not in self._block_cache:
+            source = self._layout[np.random.default_rng([self.seed, 1, b]).permutation(self.BLOCK)]
+            order = np.argsort(source, kind="stable")
+            within = np.empty(self.BLOCK, dtype=np.int64)
+            within[order] = np.arange(self.BLOCK) - np.repeat(np.cumsum(self.counts) - self.counts, self.counts)
+            self._block_cache = {b: (source, within)}
+        return self._block_cache[b]
+
+    def _source_pass(self, s: int, p: int) -> np.ndarray:
+        if (s, p) not in self._pass_cache:
+            self._pass_cache = {k: v for k, v in self._pass_cache.items() if k[0] != s}
+            self._pass_cache[(s, p)] = np.random.default_rng([self.seed, 2, s, p]).permutation(self.sizes[s])
+        if p > self._seen_pass.setdefault(s, p):
+            self._seen_pass[s] = p
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"data.blend: {self.names[s]} ran out of its {self.sizes[s]:,} rows; pass {p + 1} over "
+                           "them starts, reshuffled")
+        return self._pass_cache[(s, p)]
+
+    def _index(self, g: int) -> int:
+        b, i = divmod(g, self.BLOCK)
+        source, within = self._block(b)
+        s = int(source[i])
+        p, r = divmod(b * int(self.counts[s]) + int(within[i]), self.sizes[s])
+        return int(self.offsets[s] + self._source_pass(s, p)[r])
 
 
 class ShardSampler(Sampler[int]):
@@ -347,18 +362,22 @@ class LMDataModule(L.LightningDataModule):
 
     # what decides which rows a step trains on: a resumed run with other values no longer sees "exactly the
     # batches an uninterrupted run would have" (it is allowed, e.g. to change the batch size on purpose, but said)
-    _ORDER_FIELDS = ("kind", "paths", "include", "exclude", "max_bytes", "seq_len", "batch_size", "val_fraction",
-                     "seed", "mqar")
+    # (the rows per optimizer step count, not how they are split over ranks and micro-batches: the position in
+    # the sample sequence is steps × global batch on any layout)
+    _ORDER_FIELDS = ("kind", "paths", "blend", "val_paths", "include", "exclude", "max_bytes", "seq_len",
+                     "val_fraction", "seed", "mqar")
 
     def state_dict(self) -> dict:
         order = {k: v for k, v in asdict(self.config).items() if k in self._ORDER_FIELDS}
-        return {"data": json.loads(json.dumps(order)), "accumulate_grad_batches": self.accumulate,
-                "world_size": self._rank_world()[1]}
+        return {"data": json.loads(json.dumps(order)),
+                "global_batch": self.config.batch_size * self._rank_world()[1] * self.accumulate}
 
     def load_state_dict(self, state: dict) -> None:
         now = self.state_dict()
-        changed = [f"data.{k}" for k, v in state.get("data", {}).items() if now["data"].get(k) != v]
-        changed += [k for k in ("accumulate_grad_batches", "world_size") if k in state and state[k] != now[k]]
+        changed = [f"data.{k}" for k, v in state.get("data", {}).items()
+                   if k in self._ORDER_FIELDS and now["data"].get(k) != v]
+        if state.get("global_batch", now["global_batch"]) != now["global_batch"]:
+            changed.append(f"global batch ({state['global_batch']} rows, now {now['global_batch']})")
         if changed:
             warnings.warn(f"resuming with other {', '.join(changed)} than the checkpoint's run: training goes on, "
                           "but not over the batches the uninterrupted run would have seen")
@@ -381,14 +400,32 @@ class LMDataModule(L.LightningDataModule):
             self.train_set = MQARDataset(c.mqar.num_train, c.seq_len, c.mqar, c.seed, split=0)
             self.val_set = MQARDataset(c.mqar.num_val, c.seq_len, c.mqar, c.seed, split=1)
             return
-        self.stream = TokenStream([self.token_dir()] if c.kind == "text" else c.paths)
-        if self.tokenizer is not None and self.stream.eos_id != self.tokenizer.eos_id:
-            raise ValueError(f"token shards end documents with eos_id {self.stream.eos_id}, but the tokenizer's eos "
-                             f"is {self.tokenizer.eos_id}")
-        train_rows, val_rows = split_rows(len(self.stream), c.seq_len, c.val_fraction)
-        self.train_set = PackedRows(self.stream, c.seq_len, train_rows.start, train_rows.stop, self.vocab_size)
-        self.val_set = (PackedRows(self.stream, c.seq_len, val_rows.start, val_rows.stop, self.vocab_size)
-                        if len(val_rows) else None)
+        if c.blend:
+            streams = [self._stream([b.path], f"data.blend[{i}]") for i, b in enumerate(c.blend)]
+        else:
+            streams = [self._stream([self.token_dir()] if c.kind == "text" else c.paths, "data.paths")]
+        val_fraction = 0.0 if c.val_paths else c.val_fraction  # a separate validation set: train on every row
+        train, val = [], []
+        for stream in streams:
+            train_rows, val_rows = split_rows(len(stream), c.seq_len, val_fraction)
+            train.append(PackedRows(stream, c.seq_len, train_rows.start, train_rows.stop, self.vocab_size))
+            if len(val_rows):
+                val.append(PackedRows(stream, c.seq_len, val_rows.start, val_rows.stop, self.vocab_size))
+        if c.val_paths:
+            stream = self._stream(c.val_paths, "data.val_paths")
+            rows = (len(stream) - 1) // c.seq_len
+            if rows < 1:
+                raise ValueError(f"data.val_paths hold {len(stream)} tokens: not one row of seq_len={c.seq_len}")
+            val = [PackedRows(stream, c.seq_len, 0, rows, self.vocab_size)]
+        self.train_set = train[0] if len(train) == 1 else ConcatDataset(train)
+        self.val_set = None if not val else val[0] if len(val) == 1 else ConcatDataset(val)
+
+    def _stream(self, paths: list, what: str) -> TokenStream:
+        stream = TokenStream(paths)
+        if self.tokenizer is not None and stream.eos_id != self.tokenizer.eos_id:
+            raise ValueError(f"{what}: token shards end documents with eos_id {stream.eos_id}, but the tokenizer's "
+                             f"eos is {self.tokenizer.eos_id}")
+        return stream
 
     def _rank_world(self) -> tuple[int, int]:
         """This process's data-parallel rank and degree (ranks of one cp or tp group read the same samples)."""
@@ -400,6 +437,11 @@ class LMDataModule(L.LightningDataModule):
             return mesh.dp.get_local_rank(), mesh.dp.size()
         return trainer.global_rank, trainer.world_size
 
+    def _generator(self) -> torch.Generator:
+        """A loader's own generator (for its workers' seeds): loaders are made at other points of a resumed run
+        than of an uninterrupted one, and must not draw from torch's global generator."""
+        return torch.Generator().manual_seed(self.config.seed)
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         c = self.config
@@ -410,24 +452,32 @@ class LMDataModule(L.LightningDataModule):
         if c.batch_size * world > len(self.train_set):  # a batch would hold the same row twice
             raise ValueError(f"data.batch_size = {c.batch_size} x {world} processes is more than the "
                              f"{len(self.train_set)} training rows; add data, or lower data.batch_size or seq_len")
-        sampler = ResumableSampler(len(self.train_set), batches * c.batch_size, c.seed, rank, world,
-                                   start=done * c.batch_size)
+        if getattr(c, "blend", None):  # (a fine-tuning DataConfig has none)
+            sampler = BlendSampler([len(d) for d in self.train_set.datasets] if isinstance(
+                self.train_set, ConcatDataset) else [len(self.train_set)], [b.weight for b in c.blend],
+                batches * c.batch_size, c.seed, rank, world, start=done * c.batch_size,
+                names=[f"data.blend[{i}] ({b.path})" for i, b in enumerate(c.blend)])
+        else:
+            sampler = ResumableSampler(len(self.train_set), batches * c.batch_size, c.seed, rank, world,
+                                       start=done * c.batch_size)
         return DataLoader(self.train_set, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers,
-                          drop_last=True, persistent_workers=c.num_workers > 0)
+                          drop_last=True, persistent_workers=c.num_workers > 0, generator=self._generator())
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []
         rank, world = self._rank_world()
         if len(self.val_set) < world:  # a process with no rows would stop the others' validation
-            raise ValueError(f"data.val_fraction gives {len(self.val_set)} validation rows for {world} processes; "
+            what = "data.val_paths hold" if getattr(self.config, "val_paths", None) else "data.val_fraction gives"
+            raise ValueError(f"{what} {len(self.val_set)} validation rows for {world} processes; "
                              "raise data.val_fraction (or set it to 0: no validation)")
-        return DataLoader(self.val_set, batch_size=self.config.batch_size,
+        return DataLoader(self.val_set, batch_size=self.config.batch_size, generator=self._generator(),
                           sampler=ShardSampler(len(self.val_set), rank, world), num_workers=self.config.num_workers)
 
     def val_tokens(self) -> np.ndarray:
         """The validation split's input tokens (for the unigram-entropy baseline)."""
-        if self.val_set is None or not isinstance(self.val_set, PackedRows):
+        if self.val_set is None or isinstance(self.val_set, MQARDataset):
             return np.zeros(0, dtype=np.int64)
         L = self.config.seq_len
-        return self.stream.read(self.val_set.row_start * L, self.val_set.row_stop * L)
+        parts = self.val_set.datasets if isinstance(self.val_set, ConcatDataset) else [self.val_set]
+        return np.concatenate([d.stream.read(d.row_start * L, d.row_stop * L) for d in parts])

@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import lightning as L
+import numpy as np
 import torch
 import torchmetrics
 
 from lit_mamba2.config import Mamba2Config
 from lit_mamba2.model import Mamba2LMHeadModel
 from lit_mamba2.tokenizers import Tokenizer, tokenizer_from_state
+from lit_mamba2.training.callbacks import count_batches_in_steps
 from lit_mamba2.training.data import IGNORE_INDEX
 
 
@@ -80,6 +83,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def rng_states() -> dict:
+    """torch's, CUDA's, numpy's and Python's generators, as tensors and plain values (a checkpoint read with
+    weights_only=True holds no numpy arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    out = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss], "python": [version, list(state), gauss_next]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = states["python"]
+    random.setstate((version, tuple(state), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
 class TokenWeightedMeanLoss(torchmetrics.Metric):
     """Mean loss per counted token over all batches and ranks; `perplexity()` is its exp."""
 
@@ -102,55 +127,123 @@ class LanguageModel(L.LightningModule):
     """Next-token training of a Mamba2LMHeadModel. The model is built in `configure_model`, so that a sharding
     strategy can build it on its own devices; the config and the tokenizer travel inside every checkpoint."""
 
+    # the gradient of the mean over all the step's counted tokens when ranks count different numbers of tokens
+    # (fine-tuning: prompts masked); pretraining counts every position
+    token_weighted_gradients = False
+
     def __init__(self, model_config: dict, optim: Optional[dict] = None, tokenizer: Optional[Tokenizer] = None,
-                 accuracy: bool = False):
+                 accuracy: bool = False, activation_checkpointing: bool = False,
+                 compile: Union[bool, str] = False):
         super().__init__()
         self.save_hyperparameters({"model_config": model_config, "optim": optim or {}, "accuracy": accuracy})
         self.config = Mamba2Config.from_dict(model_config)
         self.optim = OptimConfig(**(optim or {}))
         self.tokenizer = tokenizer
         self.accuracy = accuracy  # also log argmax accuracy on the labelled positions (MQAR recall)
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.model: Optional[Mamba2LMHeadModel] = None
+        self.cp_rank, self.cp = 0, 1  # context parallelism: this rank holds slice cp_rank of cp of every row
+        self._window, self._window_batches = None, 0  # train/loss over the micro-batches of one optimizer step
         self.val_loss = TokenWeightedMeanLoss()
         self.val_acc = torchmetrics.MeanMetric()
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = Mamba2LMHeadModel(self.config)  # whole, from the seed: every layout starts from the same weights
-        mesh = getattr(self._trainer.strategy, "parallel_mesh", None) if self._trainer is not None else None
-        if mesh is not None:  # trainer.strategy: fsdp
-            from lit_mamba2.parallel import apply_fsdp, apply_tensor_parallel
+        from lit_mamba2.parallel import ShardingPolicy, build_model, parallelize
 
-            if mesh.dims.tp > 1:  # tensor parallel first, then FSDP2 over the data-parallel mesh (2-D)
-                model = apply_tensor_parallel(model, mesh.world["tp"])
-            bf16 = self.trainer.precision in ("bf16-mixed", "bf16-true")
-            model = apply_fsdp(model, mesh.fsdp, param_dtype=torch.bfloat16 if bf16 else None)
-        self.model = model
+        mesh = getattr(self._trainer.strategy, "parallel_mesh", None) if self._trainer is not None else None
+        policy = None
+        if mesh is not None:  # trainer.strategy: fsdp
+            precision = self.trainer.precision
+            if precision not in ("bf16-mixed", "32-true", "32", "64-true"):
+                raise ValueError(f"trainer.precision {precision!r} under trainer.strategy fsdp: use bf16-mixed (float32 "
+                                 "sharded parameters and optimizer state, computed in bf16) or 32-true")
+            policy = ShardingPolicy(param_dtype=torch.bfloat16 if precision == "bf16-mixed" else None)
+        fsdp_mesh = None if mesh is None else mesh.fsdp
+        # tensor parallel: each part split over the tp ranks before FSDP2 shards it over the data-parallel mesh
+        tp_mesh = mesh.world["tp"] if mesh is not None and mesh.dims.tp > 1 else None
+        given = self.initial_model()
+        if given is None:  # from the seed: every layout starts from one process's weights (sharded: part by part)
+            self.model = build_model(self.config, fsdp_mesh, policy, self.activation_checkpointing,
+                                     self.compile_blocks, tp_mesh)
+        else:
+            self.model = parallelize(given, fsdp_mesh, policy, self.activation_checkpointing, self.compile_blocks,
+                                     tp_mesh)
+        if mesh is not None and mesh.dims.cp > 1:  # each rank holds a contiguous slice of every row
+            from lit_mamba2.parallel import apply_context_parallel
+
+            cp = mesh.world["cp"]
+            apply_context_parallel(self.model, cp.get_group())
+            self.cp_rank, self.cp = cp.get_local_rank(), cp.size()
+
+    def initial_model(self) -> Optional[Mamba2LMHeadModel]:
+        """The whole model to start from, or None: drawn from the seed (a subclass starts from other weights:
+        finetune)."""
+        return None
 
     def forward(self, input_ids, seq_idx=None):
         return self.model(input_ids, seq_idx=seq_idx)
 
+    def _local(self, batch: dict) -> dict:
+        """This rank's part of the rows: under context parallelism its contiguous slice, with the positions
+        computed on the whole rows; else the rows as they are."""
+        if self.cp == 1:
+            return batch
+        from lit_mamba2.parallel import slice_batch
+
+        return slice_batch(batch, self.cp_rank, self.cp)
+
+    def _loss_sum(self, batch: dict) -> torch.Tensor:
+        return self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"),
+                               positions=batch.get("positions"), ignore_index=IGNORE_INDEX, reduction="sum")
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch.get("seq_idx"),
-                               ignore_index=IGNORE_INDEX)
-        # logged: the token-weighted mean over every data-parallel rank's batch (what one process with the whole
-        # global batch logs); the gradients are the ranks' mean (equal token counts: the same)
-        counted = (batch["labels"] != IGNORE_INDEX).sum()
-        stats = torch.stack([loss.detach().float() * counted, counted.float()])
-        if self.trainer.world_size > 1:
-            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        self.log("train/loss", stats[0] / stats[1].clamp(min=1), prog_bar=True)
+        rows_counted = (batch["labels"] != IGNORE_INDEX).sum()  # this data-parallel rank's rows, whole
+        batch = self._local(batch)
+        counted = (batch["labels"] != IGNORE_INDEX).sum()  # this rank's part of them
+        loss_sum = self._loss_sum(batch)
+        # the gradients are averaged over dp_shard × cp ranks (FSDP; DDP over the data-parallel ranks): the factor
+        # cp makes the cp slices' sums add up to their rows' loss
+        if self.token_weighted_gradients:
+            # the mean over every counted token of the step's micro-batch, when ranks count different numbers
+            ranks, total = self._data_parallel_sum(rows_counted)
+            loss = loss_sum * (ranks * self.cp) / total.clamp(min=1)
+        else:  # every position counts, on every rank alike: the mean over this rank's rows is that already
+            loss = loss_sum * self.cp / rows_counted.clamp(min=1)
+        # logged: the token-weighted mean over every rank's tokens and the micro-batches of an accumulation window
+        # (what one process with the whole global batch logs), at the window's last
+        stats = torch.stack([loss_sum.detach().double(), counted.double()])
+        self._window = stats if self._window is None else self._window + stats
+        self._window_batches += 1
+        if self._window_batches == self.trainer.accumulate_grad_batches:
+            window, self._window, self._window_batches = self._window, None, 0
+            if self.trainer.world_size > 1:
+                window = self.trainer.strategy.reduce(window, reduce_op="sum")
+            self.log("train/loss", (window[0] / window[1].clamp(min=1)).float(), prog_bar=True)
         return loss
 
+    def _data_parallel_sum(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(data-parallel ranks, the sum of x over them)."""
+        if self.trainer.world_size == 1:
+            return 1, x
+        mesh = getattr(self.trainer.strategy, "parallel_mesh", None)
+        if mesh is None:
+            return self.trainer.world_size, self.trainer.strategy.reduce(x, reduce_op="sum")
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x, group=mesh.dp.get_group())
+        return mesh.dp.size(), x
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        batch = self._local(batch)
         labels = batch["labels"]
-        loss_sum = self.model.loss(batch["input_ids"], labels, seq_idx=batch.get("seq_idx"),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
         counted = labels != IGNORE_INDEX
-        self.val_loss.update(loss_sum, counted.sum())
+        self.val_loss.update(self._loss_sum(batch), counted.sum())
         if self.accuracy:
-            pred = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx")).argmax(-1)
+            pred = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"),
+                              positions=batch.get("positions")).argmax(-1)
             self.val_acc.update((pred == labels)[counted].float())
 
     def on_validation_epoch_end(self) -> None:
@@ -187,10 +280,16 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["model_config"] = self.config.to_dict()
+        # the random generators (rank 0's, in a sharded checkpoint's meta.pt): every rank draws alike, from the seed
+        checkpoint["rng_states"] = rng_states()
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and "loops" in checkpoint:  # (before Lightning restores its loops from it)
+            count_batches_in_steps(checkpoint, self.trainer.accumulate_grad_batches)
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
         if self.tokenizer is None and "tokenizer" in checkpoint:
             self.tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
 

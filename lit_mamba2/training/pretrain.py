@@ -19,8 +19,10 @@ from typing import Optional, Sequence, TypedDict, Union
 import torch
 from typing_extensions import Unpack
 
-from lit_mamba2.checkpoints import is_sharded_checkpoint
+from lit_mamba2.checkpoints import is_sharded_checkpoint, previous_path
 from lit_mamba2.config import Mamba2Config
+from lit_mamba2.evals.callback import EvalConfig
+from lit_mamba2.hub import HubConfig
 from lit_mamba2.launch import apply_launcher_env
 from lit_mamba2.tokenizers import check_vocab_fits, load_tokenizer
 from lit_mamba2.training.data import DataConfig, TokenStream, find_text_files
@@ -83,7 +85,9 @@ class TrainerConfig:
     precision: Optional[str] = None  # None: bf16-mixed on GPUs with bf16, else 32-true
     max_steps: int = 200  # optimizer steps
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: Optional[float] = 1.0  # by the global norm of all gradients (every rank's shards)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    compile: Union[bool, str] = False  # torch.compile each block: true (inductor) or a backend's name
     val_every_n_steps: int = 100
     limit_val_batches: int = 10  # per rank and validation
     log_every_n_steps: int = 10
@@ -116,7 +120,8 @@ class SampleConfig:
 @dataclass
 class ParallelConfig:
     """The parallel layout under trainer.strategy: fsdp: dp_replicate × dp_shard × cp × tp = the world size; -1
-    takes what is left. batch_size is per data-parallel rank (dp_replicate × dp_shard of them)."""
+    takes what is left. batch_size is per data-parallel rank (dp_replicate × dp_shard of them); cp ranks each hold a
+    contiguous slice (seq_len / cp tokens) of the same rows."""
 
     dp_replicate: int = 1
     dp_shard: int = -1
@@ -133,25 +138,85 @@ class PretrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    resume: Union[bool, str] = False  # true: <out_dir>/checkpoints/last.ckpt; or a checkpoint path
+    eval: EvalConfig = field(default_factory=EvalConfig)  # lm-eval tasks scored every eval.every_n_steps
+    hub: HubConfig = field(default_factory=HubConfig)  # push the trained model to the Hugging Face Hub
+    resume: Union[bool, str] = False  # true: <out_dir>/checkpoints/last.ckpt; "auto": that if it exists; or a path
 
 
-def build_strategy(tc: TrainerConfig, parallel: ParallelConfig):
+def recipe_dict(cfg: PretrainConfig) -> dict:
+    """The resolved recipe as YAML data (what --config reads back); every checkpoint stores it."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    out = asdict(cfg)
+    out["model"] = {"name": cfg.model.name, **cfg.model.overrides}
+    return plain(out)
+
+
+def extra_callbacks(cfg: PretrainConfig) -> list:
+    """The recipe in every checkpoint; the eval: and hub: sections' callbacks when they are set."""
+    from lit_mamba2.training.callbacks import PushToHub, RecipeInCheckpoint
+
+    recipe = recipe_dict(cfg)
+    out = [RecipeInCheckpoint(recipe)]
+    evaluator = None
+    if cfg.eval.tasks:
+        if cfg.parallel.cp > 1:  # lm-eval's requests are whole rows; a context-parallel model takes slices
+            raise ValueError("eval.tasks: scoring during training is not available with parallel.cp > 1; evaluate "
+                             "a checkpoint instead (lit-mamba2 evaluate)")
+        from lit_mamba2.evals.callback import EvalCallback
+
+        evaluator = EvalCallback(cfg.eval)
+        out.append(evaluator)
+    if cfg.hub.repo_id:
+        out.append(PushToHub(cfg.hub, recipe, evaluator))
+    return out
+
+
+def build_strategy(tc: TrainerConfig, parallel: ParallelConfig, seq_len: Optional[int] = None):
     """trainer.strategy: "fsdp" is our FSDP2 strategy over the parallel layout (Lightning's own "fsdp" is FSDP1);
-    any other name is Lightning's."""
+    any other name is Lightning's. seq_len (data.seq_len): each row is cut into parallel.cp slices."""
     if tc.strategy == "fsdp":
         from lit_mamba2.parallel.strategy import FSDP2Strategy
 
-        if parallel.cp != 1:  # the mesh has its dimension; the layers that use it are not built yet
-            raise ValueError(f"parallel.cp = {parallel.cp}: context parallelism is not available yet; "
-                             "use dp_shard / dp_replicate / tp")
-
-        return FSDP2Strategy(**asdict(parallel))
+        if seq_len is not None and parallel.cp > 1 and seq_len % parallel.cp:
+            raise ValueError(f"data.seq_len = {seq_len} is not divisible by parallel.cp = {parallel.cp}: each rank "
+                             "of a context-parallel group holds an equal slice of every row")
+        return FSDP2Strategy(**asdict(parallel), seq_len=seq_len)
     others = {k: v for k, v in asdict(parallel).items() if k != "dp_shard" and v != 1}
     if others:
         raise ValueError(f"parallel.{next(iter(others))} = {next(iter(others.values()))} needs trainer.strategy: "
                          f"fsdp (got {tc.strategy!r})")
     return tc.strategy
+
+
+def data_parallel_degree(strategy: str, parallel: ParallelConfig, world_size: int) -> int:
+    """Ranks that read different samples: the layout's dp_replicate × dp_shard under fsdp, every rank otherwise."""
+    if strategy == "fsdp":
+        from lit_mamba2.parallel.dims import ParallelDims
+
+        return ParallelDims.resolve(world_size, **asdict(parallel)).dp
+    return world_size
+
+
+def gradient_accumulation(data: DataConfig, accumulate_grad_batches: int, dp: int) -> int:
+    """Batches per optimizer step on each rank: data.global_batch_size / (data.batch_size × dp) when the global
+    batch is given (so that a recipe keeps it on any number of GPUs), else trainer.accumulate_grad_batches."""
+    if getattr(data, "global_batch_size", None) is None:
+        return accumulate_grad_batches
+    if accumulate_grad_batches != 1:
+        raise ValueError(f"give data.global_batch_size or trainer.accumulate_grad_batches, not both (got "
+                         f"{data.global_batch_size} and {accumulate_grad_batches})")
+    per_step = data.batch_size * dp
+    if data.global_batch_size % per_step:
+        raise ValueError(f"data.global_batch_size = {data.global_batch_size} is not a whole number of data.batch_size "
+                         f"= {data.batch_size} × {dp} data-parallel ranks = {per_step} rows; choose a global batch "
+                         f"that {per_step} divides, or another batch_size")
+    return data.global_batch_size // per_step
 
 
 def resolve_precision(precision: Optional[str], accelerator: str) -> str:
@@ -163,19 +228,21 @@ def resolve_precision(precision: Optional[str], accelerator: str) -> str:
 
 def resume_path(resume: Union[bool, str], out_dir: str) -> Optional[str]:
     """The checkpoint to resume from, or None for a fresh run; a fresh run refuses an out_dir that already holds a
-    run's last.ckpt (it would be overwritten)."""
+    run's last.ckpt (it would be overwritten). "auto": resume when <out_dir> holds last.ckpt, else start."""
     last = Path(out_dir, "checkpoints", "last.ckpt")
+    if resume == "auto":  # a job that may be requeued: continue if an earlier run of it saved, else start
+        resume = last.exists() or is_sharded_checkpoint(previous_path(last))
     if resume is False or resume is None:
         if last.exists():
             raise ValueError(f"trainer.out_dir: {str(last)!r} exists from an earlier run; continue it with "
                              "--resume true, or start a new run in another --trainer.out_dir (or delete that one)")
         return None
     path = last if resume is True else Path(resume)
+    if not path.exists() and is_sharded_checkpoint(previous_path(path)):
+        path = previous_path(path)  # a crash between the two renames of a sharded save left it there
     if not (path.is_file() or is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
     return str(path)
-
-
 
 
 
@@ -205,7 +272,10 @@ def check_data_paths(data: DataConfig) -> None:
     if data.kind == "text":
         find_text_files(data.paths, data.include, data.exclude, data.max_bytes)
     elif data.kind == "tokens":
-        TokenStream(data.paths)
+        for paths in [[b.path] for b in data.blend] or [data.paths]:
+            TokenStream(paths)
+        if data.val_paths:
+            TokenStream(data.val_paths)
 
 
 def default_loggers(out_dir: str) -> list:
@@ -223,13 +293,74 @@ def default_loggers(out_dir: str) -> list:
     return loggers
 
 
-def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
-    """Train as the config says (extra Lightning `callbacks` join the built-in ones); returns a summary: final
-    losses, time, checkpoint path, sample."""
+def checkpoint_dir(tc: TrainerConfig) -> Path:
+    return Path(tc.out_dir, "checkpoints")
+
+
+def build_trainer(tc: TrainerConfig, parallel: ParallelConfig, data, callbacks: Sequence = ()):
+    """The Lightning Trainer of a training verb (pretrain, finetune): checkpoints/last.ckpt every
+    save_every_n_steps and on SIGTERM, validation every val_every_n_steps, throughput, lr and loss logs; extra
+    `callbacks` join these; the gradient accumulation from `data` (batch_size, global_batch_size) and the layout.
+    Returns it and the callback that remembers the step of the last validation."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
     from lit_mamba2.training.callbacks import CheckpointOnSigterm, LastValidationStep, TokenThroughput
+
+    batches = tc.max_steps * tc.accumulate_grad_batches
+    ckpt_dir = checkpoint_dir(tc)
+    validated = LastValidationStep()
+    trainer = L.Trainer(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+        strategy=build_strategy(tc, parallel, data.seq_len),
+        precision=resolve_precision(tc.precision, tc.accelerator), max_steps=tc.max_steps,
+        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
+        val_check_interval=min(tc.val_every_n_steps * tc.accumulate_grad_batches, batches),
+        check_val_every_n_epoch=None, limit_val_batches=tc.limit_val_batches, num_sanity_val_steps=0,
+        log_every_n_steps=tc.log_every_n_steps, use_distributed_sampler=False,
+        enable_progress_bar=tc.progress_bar, enable_model_summary=tc.progress_bar,
+        logger=default_loggers(tc.out_dir), default_root_dir=tc.out_dir,
+        # no version counter: last.ckpt is replaced, never joined by last-v1.ckpt (a resumed run writes it again)
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=tc.save_every_n_steps, save_top_k=0,
+                                   save_last=True, enable_version_counter=False),
+                   CheckpointOnSigterm(ckpt_dir / "last.ckpt"), TokenThroughput(), validated,
+                   LearningRateMonitor(logging_interval="step"),
+                   *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
+    )
+    # the world size is known once the Trainer has resolved devices and nodes: the accumulation follows from it
+    dp = data_parallel_degree(tc.strategy, parallel, trainer.world_size)
+    accumulate = gradient_accumulation(data, tc.accumulate_grad_batches, dp)
+    trainer.accumulate_grad_batches = accumulate
+    trainer.val_check_interval = min(tc.val_every_n_steps, tc.max_steps) * accumulate
+    return trainer, validated
+
+
+def describe_batch(trainer, tc: TrainerConfig, parallel: ParallelConfig, data) -> str:
+    dp, accumulate = data_parallel_degree(tc.strategy, parallel, trainer.world_size), trainer.accumulate_grad_batches
+    return (f"global batch {data.batch_size * dp * accumulate} rows ({data.batch_size} × {dp} data-parallel ranks × "
+            f"{accumulate} accumulated)")
+
+
+def fit(trainer, module, datamodule, tc: TrainerConfig, ckpt_path: Optional[str], validated) -> tuple[dict, float]:
+    """trainer.fit, then last.ckpt if the periodic saves missed the last steps, and a validation of the final
+    weights if fit did not end with one. Returns the final metrics and the training time (s)."""
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    train_time = time.perf_counter() - start
+    if trainer.global_step % tc.save_every_n_steps != 0:  # the periodic saves missed the last steps
+        trainer.save_checkpoint(checkpoint_dir(tc) / "last.ckpt")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if validated.step != trainer.global_step and datamodule.val_set is not None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # (it replaces callback_metrics)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    return metrics, train_time
+
+
+def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
+    """Train as the config says (extra Lightning `callbacks` join the built-in ones); returns a summary: final
+    losses, time, checkpoint path, sample."""
+    import lightning as L
+
     from lit_mamba2.training.data import LMDataModule, unigram_entropy
     from lit_mamba2.training.module import LanguageModel
 
@@ -261,39 +392,17 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence = ()) -> dict:
 
     datamodule = LMDataModule(cfg.data, tokenizer, tc.max_steps, tc.accumulate_grad_batches,
                               vocab_size=model_config.vocab_size)
-    module = LanguageModel(model_config.to_dict(), asdict(cfg.optim), tokenizer, accuracy=cfg.data.kind == "mqar")
-    ckpt_dir = Path(tc.out_dir, "checkpoints")
-    batches = tc.max_steps * tc.accumulate_grad_batches
-    validated = LastValidationStep()
-    trainer = L.Trainer(
-        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, cfg.parallel),
-        precision=resolve_precision(tc.precision, tc.accelerator), max_steps=tc.max_steps,
-        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
-        val_check_interval=min(tc.val_every_n_steps * tc.accumulate_grad_batches, batches),
-        check_val_every_n_epoch=None, limit_val_batches=tc.limit_val_batches, num_sanity_val_steps=0,
-        log_every_n_steps=tc.log_every_n_steps, use_distributed_sampler=False,
-        enable_progress_bar=tc.progress_bar, enable_model_summary=tc.progress_bar,
-        logger=default_loggers(tc.out_dir), default_root_dir=tc.out_dir,
-        # no version counter: last.ckpt is replaced, never joined by last-v1.ckpt (a resumed run writes it again)
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=tc.save_every_n_steps, save_top_k=0,
-                                   save_last=True, enable_version_counter=False),
-                   CheckpointOnSigterm(ckpt_dir / "last.ckpt"), TokenThroughput(), validated,
-                   LearningRateMonitor(logging_interval="step"),
-                   *([TQDMProgressBar()] if tc.progress_bar else []), *callbacks],
-    )
+    module = LanguageModel(model_config.to_dict(), asdict(cfg.optim), tokenizer, accuracy=cfg.data.kind == "mqar",
+                           activation_checkpointing=tc.activation_checkpointing, compile=tc.compile)
+    ckpt_dir = checkpoint_dir(tc)
+    trainer, validated = build_trainer(tc, cfg.parallel, cfg.data, [*extra_callbacks(cfg), *callbacks])
+    datamodule.accumulate = trainer.accumulate_grad_batches
     if trainer.is_global_zero:
         print(f"model: d_model={model_config.d_model} n_layer={model_config.n_layer} "
               f"vocab={model_config.padded_vocab_size}, tokenizer: {tokenizer!r}, data: {cfg.data.kind}, "
-              f"world size {trainer.world_size}, precision {trainer.precision}", flush=True)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    train_time = time.perf_counter() - start
-    if trainer.global_step % tc.save_every_n_steps != 0:  # the periodic saves missed the last steps
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if validated.step != trainer.global_step and datamodule.val_set is not None:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # (it replaces callback_metrics)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+              f"world size {trainer.world_size}, precision {trainer.precision}, {describe_batch(trainer, tc, cfg.parallel, cfg.data)}",
+              flush=True)
+    metrics, train_time = fit(trainer, module, datamodule, tc, ckpt_path, validated)
 
     summary = {"step": trainer.global_step, "train_loss": metrics.get("train/loss"),
                "val_loss": metrics.get("val/loss"), "val_ppl": metrics.get("val/ppl"), "val_acc": metrics.get("val/acc"),

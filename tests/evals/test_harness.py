@@ -224,6 +224,8 @@ def test_evaluate_verb_writes_results_and_table(setup, tmp_path, capsys):
     printed = capsys.readouterr().out
     record = json.loads((out / "results.json").read_text())
     assert set(record["results"]) == {"toy_mc", "toy_lastword"}
+    assert record["configs"]["toy_mc"]["dataset_path"] == "json"  # (the model card of push links the data)
+    assert record["configs"]["toy_mc"]["output_type"] == "multiple_choice"
     table = (out / "results.md").read_text()
     assert "| toy_mc | acc |" in table and "| toy_lastword | perplexity |" in table
     assert "| toy_mc | acc |" in printed

@@ -1,18 +1,21 @@
-"""FSDP2 over a device mesh (lit_mamba2.parallel) on several CPU processes (gloo): the same losses and gradients as
-one process with the same global batch, for dp_shard 2 and 4 and dp_replicate × dp_shard 2 × 2; float32 scalars
-under a bf16 policy; layouts that do not fit the world size are named."""
+"""FSDP2 over a device mesh (lit_mamba2.parallel) on several CPU processes (gloo): the model built part by part
+and sharded starts from one process's weights, and trains with the same losses and gradients as one process with the
+same global batch (gradients clipped by their global norm; with activation checkpointing too), for dp_shard 2 and 4
+and dp_replicate × dp_shard 2 × 2; float32 scalars under a bf16 policy; layouts that do not fit the world size are
+named."""
 
 import pytest
 import torch
 
 from lit_mamba2 import Mamba2Config
 from lit_mamba2.model import Mamba2LMHeadModel
-from lit_mamba2.parallel import LayoutError, ParallelDims, apply_fsdp
+from lit_mamba2.parallel import LayoutError, ParallelDims, ShardingPolicy, apply_fsdp, build_model
 from lit_mamba2.training.module import param_groups
 
 from .gloo import run
 
 PRESET, STEPS, BATCH, SEQ = "mamba2attn-test", 3, 8, 24
+CLIP = 0.05  # below the gradients' global norm: every step is clipped
 
 
 def batches():
@@ -36,6 +39,8 @@ def train(model, rows, dp_rank=0, dp=1):
         loss.backward()
         if grads is None:
             grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()}
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # as Lightning's gradient_clip_val
+        assert _full(norm) > 2 * CLIP
         opt.step()
         opt.zero_grad()
         losses.append(_mean_over_dp(loss.detach(), dp))
@@ -56,19 +61,27 @@ def _mean_over_dp(loss, dp):
     return loss.item() / dist.get_world_size()  # every rank holds dp_rank's equal-sized share
 
 
-def _sharded(rank, world, replicate, out):
+def _sharded(rank, world, replicate, checkpointing, out):
     dims = ParallelDims.resolve(world, dp_replicate=replicate, dp_shard=-1)
-    model = apply_fsdp(build(), dims.build_mesh("cpu").fsdp, param_dtype=None)
+    torch.manual_seed(0)  # build()'s seed: the part-by-part build must draw the same weights
+    model = build_model(Mamba2Config.from_name(PRESET), dims.build_mesh("cpu").fsdp, ShardingPolicy(param_dtype=None),
+                        activation_checkpointing=checkpointing)
+    start = {n: _full(p).detach().clone() for n, p in model.named_parameters()}
     losses, grads = train(model, batches(), dims.data_rank(rank), dims.dp)
     if rank == 0:
-        torch.save((losses, grads), out)
+        torch.save((start, losses, grads), out)
 
 
-@pytest.mark.parametrize("world,replicate", [(2, 1), (4, 1), (4, 2)])
-def test_sharded_training_equals_one_process(tmp_path, world, replicate):
-    ref_losses, ref_grads = train(build(), batches())
-    run(world, _sharded, replicate, str(tmp_path / "out.pt"))
-    losses, grads = torch.load(tmp_path / "out.pt")
+@pytest.mark.parametrize("world,replicate,checkpointing", [(2, 1, False), (4, 1, True), (4, 2, False)])
+def test_sharded_training_equals_one_process(tmp_path, world, replicate, checkpointing):
+    reference = build()
+    ref_start = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    ref_losses, ref_grads = train(reference, batches())
+    run(world, _sharded, replicate, checkpointing, str(tmp_path / "out.pt"))
+    start, losses, grads = torch.load(tmp_path / "out.pt")
+    assert start.keys() == ref_start.keys()
+    for n in start:  # the same start, although no rank built the model whole
+        assert torch.equal(start[n], ref_start[n]), n
     assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
     assert grads.keys() == ref_grads.keys()
     for n in grads:  # the gradients, not only the loss: a sum where a mean is due would show here

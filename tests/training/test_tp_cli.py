@@ -60,6 +60,6 @@ def test_the_tp2_recipe_parses_and_splits_its_model():
     model_config = build_model_config(cfg.model)
     assert model_config.n_layer == 64 and model_config.ssm.ngroups == 1 and cfg.trainer.strategy == "fsdp"
     check_tensor_parallel(model_config, cfg.parallel.tp)
-    dims = ParallelDims.resolve(8 * cfg.trainer.num_nodes, **vars(cfg.parallel))
-    assert (dims.tp, dims.dp) == (2, 16)
-    assert dims.dp * cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches == 524_288
+    dims = ParallelDims.resolve(cfg.trainer.devices * cfg.trainer.num_nodes, **vars(cfg.parallel))
+    assert (dims.tp, dims.dp) == (2, 32)
+    assert cfg.data.global_batch_size == 256 and 256 % (dims.dp * cfg.data.batch_size) == 0

@@ -19,7 +19,8 @@ from lit_mamba2.launch import apply_launcher_env
 from lit_mamba2 import Mamba2Config
 from lit_mamba2.checkpoints import load
 from lit_mamba2.model import Mamba2LMHeadModel
-from lit_mamba2.training.pretrain import ModelArgs, PretrainConfig, TrainerConfig, build_model_config, pretrain
+from lit_mamba2.training.pretrain import (ModelArgs, PretrainConfig, TrainerConfig, build_model_config,
+                                         build_strategy, pretrain)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
@@ -39,7 +40,8 @@ def test_default_recipe_is_the_builtin_default():
     assert parse_recipe(PretrainConfig, [], "t") == PretrainConfig()
 
 
-@pytest.mark.parametrize("recipe", ["default.yaml", "mqar.yaml", "pretrain/mamba2-130m.yaml"])
+@pytest.mark.parametrize("recipe", ["default.yaml", "mqar.yaml", "pretrain/mamba2-130m.yaml",
+                                    "pretrain/mamba2-370m-long.yaml", "pretrain/mamba2attn-2.7b-long.yaml"])
 def test_recipes_parse_and_build_their_model(recipe):
     cfg = parse_recipe(PretrainConfig, ["--config", str(RECIPES / recipe)], "t")
     model_config = build_model_config(cfg.model)
@@ -48,6 +50,9 @@ def test_recipes_parse_and_build_their_model(recipe):
     if recipe.endswith("130m.yaml"):
         assert model_config.d_model == 768 and model_config.n_layer == 24
         assert cfg.trainer.precision == "bf16-mixed" and cfg.tokenizer == "EleutherAI/gpt-neox-20b"
+    if recipe.endswith("-long.yaml"):  # 256K tokens per row, context-parallel over a node's 8 GPUs
+        assert cfg.data.seq_len == 262144 and cfg.parallel.cp == 8 and cfg.trainer.strategy == "fsdp"
+        assert build_strategy(cfg.trainer, cfg.parallel, cfg.data.seq_len).degrees["cp"] == 8
 
 
 def test_overrides_apply_over_the_recipe_and_preset():
@@ -91,11 +96,11 @@ def test_bad_yaml_key_names_the_key(tmp_path, capsys):
     assert "max_stepz" in capsys.readouterr().err
 
 
-def test_unknown_and_planned_commands(capsys):
+def test_unknown_commands(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
-    assert main(["push"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["fintune"]) == 2
+    assert "unknown command 'fintune' (did you mean 'finetune'?)" in capsys.readouterr().err
 
 
 def test_missing_data_path_is_a_clear_error(tmp_path, capsys):
@@ -325,10 +330,67 @@ def test_resume_refuses_another_model_or_a_foreign_file(tmp_path):
         pretrain(other)
     smaller = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "a", steps=4), "--resume", "true",
                                             "--data.batch_size", "2", "--sample.max_new_tokens", "0"], "t")
-    with pytest.warns(UserWarning, match=r"resuming with other data\.batch_size than the checkpoint's run"):
+    with pytest.warns(UserWarning, match=r"resuming with other global batch \(4 rows, now 2\) than the checkpoint"):
         assert pretrain(smaller)["step"] == 4
     torch.save({"x": torch.zeros(1)}, tmp_path / "weights.bin")
     foreign = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "c"), "--resume", str(tmp_path / "weights.bin")],
                            "t")
     with pytest.raises(ValueError, match=r"not a checkpoint written by lit-mamba2 pretrain"):
         pretrain(foreign)
+
+
+def test_slurm_script_starts_then_resumes_by_itself(tmp_path):
+    """recipes/slurm/pretrain.sbatch run twice (as a requeued job is), with srun and scontrol stand-ins: the first
+    run starts, the second continues from the first's last.ckpt (--resume auto)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"  # one task: drop srun's own options, run the command
+    srun.write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    srun.chmod(0o755)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("trainer: {progress_bar: false}\n")
+    script = Path(__file__).parents[2] / "recipes" / "slurm" / "pretrain.sbatch"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECIPE": str(recipe), "SLURM_JOB_ID": "1",
+           "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_CPUS_PER_TASK": "1"}
+    env.pop("SLURM_NTASKS", None)
+
+    def job(steps):
+        proc = subprocess.run(["bash", str(script), *tiny_args(tmp_path, steps=steps), "--sample.max_new_tokens", "0"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    job(4)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    out = job(6)
+    assert "Restoring states from the checkpoint" in out or "Restored all states" in out
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+class DrawEachBatch(L.Callback):
+    """Draws from torch's, numpy's and Python's generators at every batch (as dropout or a sampler would)."""
+
+    def __init__(self):
+        self.draws = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import random
+
+        import numpy as np
+
+        self.draws[trainer.global_step] = (torch.rand(1).item(), np.random.rand(), random.random())
+
+
+def test_a_resumed_run_draws_what_the_uninterrupted_run_draws(tmp_path):
+    """The checkpoint holds the random generators' states: after resuming at step 4, steps 4 and 5 draw the
+    numbers the uninterrupted run drew there."""
+    full, part = DrawEachBatch(), DrawEachBatch()
+    pretrain(parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "full", steps=6), "--sample.max_new_tokens", "0"],
+                          "t"), callbacks=[full])
+    cfg = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "part", steps=4), "--sample.max_new_tokens", "0"], "t")
+    pretrain(cfg, callbacks=[DrawEachBatch()])
+    cfg = parse_recipe(PretrainConfig, [*tiny_args(tmp_path, "part", steps=6), "--sample.max_new_tokens", "0",
+                                        "--resume", "true"], "t")
+    pretrain(cfg, callbacks=[part])
+    assert sorted(part.draws) == [4, 5]
+    assert [part.draws[s] for s in (4, 5)] == [full.draws[s] for s in (4, 5)]
