@@ -378,6 +378,14 @@ class LMDataModule(L.LightningDataModule):
             return self._accumulate
         return self.trainer.accumulate_grad_batches if self.trainer is not None else 1
 
+    @accumulate.setter
+    def accumulate(self, value: int) -> None:
+        self._accumulate = value
+
+    @max_steps.setter
+    def max_steps(self, value: int) -> None:
+        self._max_steps = value
+
     # what decides which rows a step trains on: a resumed run with other values no longer sees "exactly the
     # batches an uninterrupted run would have" (it is allowed, e.g. to change the batch size on purpose, but said)
     # (the rows per optimizer step count, not how they are split over ranks and micro-batches: the position in
