@@ -60,3 +60,19 @@ class FSDP2Strategy(ModelParallelStrategy):
             partial.rename(path)
             shutil.rmtree(previous, ignore_errors=True)
         self.barrier("checkpoint_in_place")
+
+
+# `L.Trainer(strategy="lit_mamba2_fsdp")` once this module is imported (`import lit_mamba2.lightning` imports it).
+# Only our own name: "fsdp2" may become a name of Lightning's own, and "fsdp" is Lightning's FSDP1 strategy.
+STRATEGY_NAME = "lit_mamba2_fsdp"
+
+
+def _register() -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if STRATEGY_NAME not in StrategyRegistry:
+        StrategyRegistry.register(STRATEGY_NAME, FSDP2Strategy,
+                                  description="lit-mamba2's FSDP2 over its dp_replicate × dp_shard × cp × tp mesh")
+
+
+_register()
