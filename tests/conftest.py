@@ -1,8 +1,13 @@
 import os
 import socket
 
-import pytest
-import torch
+# The Triton kernels' tests run them under the interpreter on CPU tensors (tests/kernels/kernel_testing.py). Triton
+# reads TRITON_INTERPRET when a kernel module is imported: set it before any test module imports one, whatever the
+# order in which pytest (and each xdist worker) collects them. TRITON_INTERPRET=0 on a GPU machine is kept.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Under pytest-xdist each worker gets one intra-op thread: two workers on two cores, instead of four threads
 # fighting over them (which made some training tests 30x slower).

@@ -63,6 +63,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             shutil.rmtree(previous, ignore_errors=True)
         self.barrier("checkpoint_in_place")
 
+
     def _tensor_parallel(self):
         """The model's TensorParallel plan (None without tensor parallelism), and the prefix of its names in the
         LightningModule's state dict."""
@@ -134,3 +135,19 @@ class FSDP2Strategy(ModelParallelStrategy):
                                for p, per_param in like["state"].items()}
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=filled)
         return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+
+
+# `L.Trainer(strategy="lit_mamba2_fsdp")` once this module is imported (`import lit_mamba2.lightning` imports it).
+# Only our own name: "fsdp2" may become a name of Lightning's own, and "fsdp" is Lightning's FSDP1 strategy.
+STRATEGY_NAME = "lit_mamba2_fsdp"
+
+
+def _register() -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if STRATEGY_NAME not in StrategyRegistry:
+        StrategyRegistry.register(STRATEGY_NAME, FSDP2Strategy,
+                                  description="lit-mamba2's FSDP2 over its dp_replicate × dp_shard × cp × tp mesh")
+
+
+_register()

@@ -351,14 +351,40 @@ class ShardSampler(Sampler[int]):
 class LMDataModule(L.LightningDataModule):
     """Text, token shards or MQAR, as DataConfig.kind says; batches of {input_ids, labels[, seq_idx]}."""
 
-    def __init__(self, config: DataConfig, tokenizer: Optional[Tokenizer] = None, max_steps: int = 1,
-                 accumulate_grad_batches: int = 1, vocab_size: Optional[int] = None):
+    def __init__(self, config: DataConfig, tokenizer: Optional[Tokenizer] = None, max_steps: Optional[int] = None,
+                 accumulate_grad_batches: Optional[int] = None, vocab_size: Optional[int] = None):
+        """max_steps, accumulate_grad_batches: the run's length, which the training loader's one pass covers;
+        None: the trainer's (a user's own L.Trainer or LightningCLI)."""
         super().__init__()
         self.config, self.tokenizer, self.vocab_size = config, tokenizer, vocab_size
-        self.max_steps, self.accumulate = max_steps, accumulate_grad_batches
+        self._max_steps, self._accumulate = max_steps, accumulate_grad_batches
         self.train_set = self.val_set = None
         if config.kind == "text" and tokenizer is None:
             raise ValueError("data.kind 'text' needs a tokenizer")
+
+    @property
+    def max_steps(self) -> int:
+        if self._max_steps is not None:
+            return self._max_steps
+        steps = self.trainer.max_steps if self.trainer is not None else 1
+        if steps is None or steps < 1:
+            raise ValueError("LMDataModule draws a run's rows in advance: give the trainer max_steps (or the "
+                             "data module max_steps)")
+        return steps
+
+    @property
+    def accumulate(self) -> int:
+        if self._accumulate is not None:
+            return self._accumulate
+        return self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+
+    @accumulate.setter
+    def accumulate(self, value: int) -> None:
+        self._accumulate = value
+
+    @max_steps.setter
+    def max_steps(self, value: int) -> None:
+        self._max_steps = value
 
     # what decides which rows a step trains on: a resumed run with other values no longer sees "exactly the
     # batches an uninterrupted run would have" (it is allowed, e.g. to change the batch size on purpose, but said)

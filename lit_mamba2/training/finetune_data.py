@@ -377,8 +377,8 @@ class InstructionDataModule(LMDataModule):
 
     _ORDER_FIELDS = ("train", "val", "val_fraction", "template", "seq_len", "batch_size", "pack", "overlong", "seed")
 
-    def __init__(self, config: InstructionDataConfig, tokenizer: Tokenizer, max_steps: int = 1,
-                 accumulate_grad_batches: int = 1, vocab_size: Optional[int] = None, verbose: bool = True,
+    def __init__(self, config: InstructionDataConfig, tokenizer: Tokenizer, max_steps: Optional[int] = None,
+                 accumulate_grad_batches: Optional[int] = None, vocab_size: Optional[int] = None, verbose: bool = True,
                  progress: bool = True):
         super().__init__(config, tokenizer, max_steps, accumulate_grad_batches, vocab_size)
         self.verbose, self.progress = verbose, progress  # the summary printed; a progress bar while tokenizing

@@ -123,6 +123,44 @@ class TokenWeightedMeanLoss(torchmetrics.Metric):
         return (self.loss_sum / self.tokens).float()
 
 
+def resolve_model_config(model_config: Union[Mamba2Config, str, dict, None]) -> Mamba2Config:
+    """A Mamba2Config from itself, a preset name or a config dict."""
+    if isinstance(model_config, Mamba2Config):
+        return model_config
+    if isinstance(model_config, str):
+        return Mamba2Config.from_name(model_config)
+    if isinstance(model_config, dict):
+        return Mamba2Config.from_dict(model_config)
+    raise TypeError(f"model_config must be a Mamba2Config, a preset name or a dict (or give pretrained), got "
+                    f"{type(model_config).__name__}")
+
+
+BATCH_KEYS = "input_ids (int64 rows × seq_len), labels (int64, input_ids' shape, -100 for positions not counted), " \
+             "optional seq_idx (int32, the document of each position) and positions (int, each position's index)"
+
+
+def check_batch(batch) -> None:
+    """A batch is a dict of tensors: input_ids and labels, of one (rows, seq_len) shape, optional seq_idx and
+    positions of that shape; shapes and dtypes only, so that nothing waits on the device."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"a batch must be a dict with keys {BATCH_KEYS}; got a {type(batch).__name__}")
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise KeyError(f"batch has no {key!r} (keys: {', '.join(map(str, batch))}); a batch holds {BATCH_KEYS}")
+    shape = batch["input_ids"].shape if isinstance(batch["input_ids"], torch.Tensor) else None
+    for key in ("input_ids", "labels", "seq_idx", "positions"):
+        value = batch.get(key)
+        if value is None and key in ("seq_idx", "positions"):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"batch[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"batch[{key!r}] must hold integers (token ids / indices), got {value.dtype}")
+        if value.ndim != 2 or value.shape != shape:
+            raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)}; it must be (rows, seq_len) like "
+                             f"input_ids {tuple(shape)}")
+
+
 class LanguageModel(L.LightningModule):
     """Next-token training of a Mamba2LMHeadModel. The model is built in `configure_model`, so that a sharding
     strategy can build it on its own devices; the config and the tokenizer travel inside every checkpoint."""
@@ -131,12 +169,27 @@ class LanguageModel(L.LightningModule):
     # (fine-tuning: prompts masked); pretraining counts every position
     token_weighted_gradients = False
 
-    def __init__(self, model_config: dict, optim: Optional[dict] = None, tokenizer: Optional[Tokenizer] = None,
-                 accuracy: bool = False, activation_checkpointing: bool = False,
-                 compile: Union[bool, str] = False):
+    def __init__(self, model_config: Union[Mamba2Config, str, dict, None] = None, optim: Optional[dict] = None,
+                 tokenizer: Optional[Tokenizer] = None, accuracy: bool = False,
+                 activation_checkpointing: bool = False, compile: Union[bool, str] = False,
+                 pretrained: Optional[str] = None):
+        """model_config: a Mamba2Config, a preset name ("mamba2-130m"), a config dict (what checkpoints store) or,
+        with `pretrained`, None for the checkpoint's own. pretrained: a Hub repo id, a folder or a .ckpt to start
+        from (read by `lit_mamba2.checkpoints.load`; its tokenizer too when none is given)."""
         super().__init__()
-        self.save_hyperparameters({"model_config": model_config, "optim": optim or {}, "accuracy": accuracy})
-        self.config = Mamba2Config.from_dict(model_config)
+        self._pretrained = None
+        if pretrained is not None:
+            from lit_mamba2.checkpoints import load
+
+            loaded = load(Mamba2LMHeadModel, pretrained)
+            self._pretrained = loaded.model
+            if model_config is None:
+                model_config = loaded.model.config
+            tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+        self.config = resolve_model_config(model_config)
+        if self._pretrained is not None and self._pretrained.config.to_dict() != self.config.to_dict():
+            raise ValueError(f"model_config differs from the config of pretrained={pretrained!r}: leave it out")
+        self.save_hyperparameters({"model_config": self.config.to_dict(), "optim": optim or {}, "accuracy": accuracy})
         self.optim = OptimConfig(**(optim or {}))
         self.tokenizer = tokenizer
         self.accuracy = accuracy  # also log argmax accuracy on the labelled positions (MQAR recall)
@@ -178,9 +231,10 @@ class LanguageModel(L.LightningModule):
             self.cp_rank, self.cp = cp.get_local_rank(), cp.size()
 
     def initial_model(self) -> Optional[Mamba2LMHeadModel]:
-        """The whole model to start from, or None: drawn from the seed (a subclass starts from other weights:
-        finetune)."""
-        return None
+        """The whole model to start from, or None: drawn from the seed; `pretrained`'s weights when given (a
+        subclass starts from other weights: finetune)."""
+        model, self._pretrained = self._pretrained, None
+        return None if model is None else model.train()
 
     def forward(self, input_ids, seq_idx=None):
         return self.model(input_ids, seq_idx=seq_idx)
@@ -199,6 +253,7 @@ class LanguageModel(L.LightningModule):
                                positions=batch.get("positions"), ignore_index=IGNORE_INDEX, reduction="sum")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        check_batch(batch)
         rows_counted = (batch["labels"] != IGNORE_INDEX).sum()  # this data-parallel rank's rows, whole
         batch = self._local(batch)
         counted = (batch["labels"] != IGNORE_INDEX).sum()  # this rank's part of them
@@ -237,6 +292,7 @@ class LanguageModel(L.LightningModule):
         return mesh.dp.size(), x
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        check_batch(batch)
         batch = self._local(batch)
         labels = batch["labels"]
         counted = labels != IGNORE_INDEX
