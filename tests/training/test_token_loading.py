@@ -67,7 +67,7 @@ def test_thousands_of_shards_open_lazily_through_a_bounded_cache(tmp_path, monke
 def stub_trainer(rank, world, done):
     """What LMDataModule reads of a Trainer: the data-parallel rank and size, and the batches already trained."""
     progress = SimpleNamespace(current=SimpleNamespace(processed=done))
-    return SimpleNamespace(strategy=SimpleNamespace(), global_rank=rank, world_size=world,
+    return SimpleNamespace(strategy=SimpleNamespace(), global_rank=rank, world_size=world, accumulate_grad_batches=1,
                            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
 
 
