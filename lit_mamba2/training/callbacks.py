@@ -14,6 +14,8 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lit_mamba2.training.data import data_parallel_rank_and_size
+
 
 class TokenThroughput(L.Callback):
     """Logs train/tokens (the world's: every data-parallel rank's rows) and train/tokens_per_s over the last
@@ -35,8 +37,7 @@ class TokenThroughput(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.times.clear()
         self.tokens.clear()
-        mesh = getattr(trainer.strategy, "parallel_mesh", None)  # ranks of one cp or tp group share their rows
-        self.data_ranks = mesh.dp.size() if mesh is not None else trainer.world_size
+        self.data_ranks = data_parallel_rank_and_size(trainer)[1]  # (cp and tp ranks share their rows)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.total += batch["input_ids"].numel() * self.data_ranks

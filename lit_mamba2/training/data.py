@@ -248,6 +248,17 @@ class MQARDataset(Dataset):
         return {"input_ids": torch.from_numpy(x[:L]), "labels": torch.from_numpy(labels)}
 
 
+def data_parallel_rank_and_size(trainer) -> tuple[int, int]:
+    """This process's data-parallel rank and the data-parallel degree (ranks of one cp or tp group read the same
+    samples): the FSDP2 strategy's dp mesh, else every rank of the trainer (no trainer: one process)."""
+    if trainer is None:
+        return 0, 1
+    mesh = getattr(trainer.strategy, "parallel_mesh", None)
+    if mesh is not None:
+        return mesh.dp.get_local_rank(), mesh.dp.size()
+    return trainer.global_rank, trainer.world_size
+
+
 # ---- sampling and the DataModule ------------------------------------------------------------------------------------
 
 class ResumableSampler(Sampler[int]):
@@ -454,14 +465,7 @@ class LMDataModule(L.LightningDataModule):
         return stream
 
     def _rank_world(self) -> tuple[int, int]:
-        """This process's data-parallel rank and degree (ranks of one cp or tp group read the same samples)."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        mesh = getattr(trainer.strategy, "parallel_mesh", None)
-        if mesh is not None:
-            return mesh.dp.get_local_rank(), mesh.dp.size()
-        return trainer.global_rank, trainer.world_size
+        return data_parallel_rank_and_size(self.trainer)
 
     def _generator(self) -> torch.Generator:
         """A loader's own generator (for its workers' seeds): loaders are made at other points of a resumed run

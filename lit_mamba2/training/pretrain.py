@@ -206,7 +206,7 @@ def data_parallel_degree(strategy: str, parallel: ParallelConfig, world_size: in
 def gradient_accumulation(data: DataConfig, accumulate_grad_batches: int, dp: int) -> int:
     """Batches per optimizer step on each rank: data.global_batch_size / (data.batch_size × dp) when the global
     batch is given (so that a recipe keeps it on any number of GPUs), else trainer.accumulate_grad_batches."""
-    if getattr(data, "global_batch_size", None) is None:
+    if data.global_batch_size is None:
         return accumulate_grad_batches
     if accumulate_grad_batches != 1:
         raise ValueError(f"give data.global_batch_size or trainer.accumulate_grad_batches, not both (got "
